@@ -1,0 +1,95 @@
+"""Every error audiosockets raises on purpose, in one shallow hierarchy.
+
+Lower layers' errors (OSError, ValueError from a parser, PortAudioError) are
+translated at the boundary with ``raise ... from``; the CLI prints ``str(err)``
+as one line and exits with the class's ``exit_code``.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """Codes carried by ERROR and GOODBYE frames (see PROTOCOL.md)."""
+
+    NORMAL = 0
+    MALFORMED_FRAME = 1
+    FRAME_TOO_LARGE = 2
+    UNSUPPORTED_VERSION = 3
+    HANDSHAKE_TIMEOUT = 4
+    HEARTBEAT_TIMEOUT = 5
+    UNAUTHORIZED = 6
+    UNKNOWN_STREAM = 7
+    BAD_FORMAT = 8
+    NAME_TOO_LONG = 9
+    UNEXPECTED_FRAME = 10
+    REPLACED = 11
+    SHUTTING_DOWN = 12
+    INTERNAL = 13
+
+
+class AudiosocketsError(Exception):
+    """Base class: something the user can act on, said in one sentence."""
+
+    exit_code = 1
+
+
+class ConfigError(AudiosocketsError):
+    """A flag, URL or environment variable has a value we cannot use."""
+
+    exit_code = 2
+
+
+class ProtocolError(AudiosocketsError):
+    """The wire protocol was broken; ``code`` says how."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.MALFORMED_FRAME) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol does not allow (our bug)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow (their bug)."""
+
+
+class ConnectionClosed(AudiosocketsError):
+    """The peer ended the session, with a GOODBYE/ERROR code or by vanishing."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.NORMAL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RelayUnreachable(AudiosocketsError):
+    """The relay could not be reached (refused, timed out, name not resolved)."""
+
+    exit_code = 3
+
+
+class AddressInUse(AudiosocketsError):
+    """The address to listen on is already taken by another program."""
+
+    exit_code = 4
+
+
+class DeviceError(AudiosocketsError):
+    """An audio device is missing, busy or cannot do the requested format."""
+
+    exit_code = 5
+
+
+class HandlerError(AudiosocketsError):
+    """A processor handler spec cannot be loaded, or the handler keeps failing."""
+
+    exit_code = 6
+
+
+class GateFailed(AudiosocketsError):
+    """A load-test gate (--max-loss, --max-p99-ms) was breached."""
+
+    exit_code = 7
