@@ -1,0 +1,596 @@
+"""Client library: ``Publisher`` and ``Subscriber``, reconnecting and resuming.
+
+Where the state lives:
+- ``Publisher``: per stream, a ``History`` of the last ``history_seconds`` of
+  chunks (sent or not). The history *is* the spool: while the relay is away,
+  ``send`` keeps appending and the oldest unsent chunks beyond the history are
+  dropped and counted (``reason="spool_full"``). On every (re)connect the relay
+  answers each OPEN_STREAM with the next sequence number it expects, and the
+  publisher re-sends from there, so a relay that crashed and came back empty
+  gets everything still in the history.
+- ``Subscriber``: ``received`` (last seq taken off the socket per stream) and
+  ``positions`` (last seq handed to the application). The bounded hand-off
+  queue survives reconnects, so a reconnect resumes after ``received`` and
+  duplicates (seq <= received) are suppressed and counted.
+
+Invariants:
+- ``PublishedStream.send`` never blocks and never raises for network trouble.
+- Subscribers apply backpressure, not loss: when the application stops
+  iterating, the reader stops reading, and the relay (which owns the bounded
+  queue) drops and counts. The heartbeat still runs, so the session survives.
+- Reconnects use tenacity: exponential backoff with jitter and a cap; every
+  retry is logged and counted in ``audiosockets_reconnects_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+
+from .audio import AudioFormat, Chunk
+from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
+from .metrics import Metrics
+from .protocol import (
+    Ack,
+    ChunkData,
+    CloseStream,
+    ErrorFrame,
+    Goodbye,
+    Hello,
+    Limits,
+    OpenStream,
+    Role,
+    StartPosition,
+    Status,
+    StatusRequest,
+    StreamAccepted,
+    Subscribe,
+)
+from .transport import Channel, connect
+from .urls import RelayAddress, parse_url
+
+log = logging.getLogger(__name__)
+
+StartName = Literal["live", "earliest"]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Reconnect backoff: ``initial`` doubling up to ``cap`` seconds, plus jitter."""
+
+    initial: float = 0.05
+    cap: float = 2.0
+    jitter: float = 0.1
+    connect_timeout: float = 3.0
+
+
+_RETRYABLE = (RelayUnreachable, ConnectionClosed, RemoteProtocolError, OSError)
+
+
+class _Client:
+    """Shared connect/reconnect machinery of Publisher and Subscriber."""
+
+    role: Role
+
+    def __init__(
+        self,
+        url: str | RelayAddress,
+        *,
+        name: str,
+        token: str,
+        metrics: Metrics | None,
+        retry: RetryPolicy,
+        limits: Limits | None,
+    ) -> None:
+        self.address = url if isinstance(url, RelayAddress) else parse_url(url)
+        self.name = name
+        self.token = token
+        self.metrics = metrics or Metrics()
+        self.retry = retry
+        self.limits = limits or Limits()
+        self.channel: Channel | None = None
+        self.connected = asyncio.Event()
+        self.attempts = 0
+        self.sessions = 0
+        self.last_error: str | None = None
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self.metrics.reconnects.labels(self.role.label)
+        self.metrics.connected.labels(self.role.label).set(0)
+
+    async def start(self) -> None:
+        """Start connecting in the background; returns at once."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"{self.role.label} {self.name}")
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self.connected.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _connect_once(self) -> Channel:
+        self.attempts += 1
+        if self.attempts > 1:
+            self.metrics.reconnects.labels(self.role.label).inc()
+        return await connect(
+            self.address,
+            Hello(self.role, self.name, self.token),
+            limits=self.limits,
+            connect_timeout=self.retry.connect_timeout,
+        )
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        self.last_error = str(exc)
+        log.warning(
+            "%s %r: %s; retry %d in %.2f s", self.role.label, self.name, exc, state.attempt_number, delay
+        )
+
+    async def _run(self) -> None:
+        retrying = AsyncRetrying(
+            wait=wait_exponential_jitter(
+                initial=self.retry.initial, max=self.retry.cap, jitter=self.retry.jitter
+            ),
+            retry=retry_if_exception_type(_RETRYABLE),
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        while not self._closing:
+            channel = await retrying(self._connect_once)
+            self.channel = channel
+            self.sessions += 1
+            try:
+                await self._session(channel)
+            except _RETRYABLE as exc:
+                if not self._closing:
+                    self.last_error = str(exc)
+                    log.warning("%s %r: session lost: %s", self.role.label, self.name, exc)
+                    if isinstance(exc, RemoteProtocolError):
+                        await channel.close(ErrorFrame(exc.code, str(exc)))
+            finally:
+                self.connected.clear()
+                self.metrics.connected.labels(self.role.label).set(0)
+                self.channel = None
+                self._session_ended()
+                if not channel.closed:
+                    channel.abort()
+
+    async def _session(self, channel: Channel) -> None:
+        raise NotImplementedError
+
+    def _session_ended(self) -> None:
+        pass
+
+    async def _stop_task(self, farewell: bool) -> None:
+        self._closing = True
+        channel = self.channel
+        if channel is not None and farewell:
+            await channel.close(Goodbye(ErrorCode.NORMAL, "bye"))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+
+# ---------------------------------------------------------------------------
+# Publisher
+# ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Entry:
+    seq: int
+    captured_ns: int
+    payload: bytes
+    seconds: float
+
+
+class PublishedStream:
+    """One stream of a Publisher: ``send`` appends to the history (spool)."""
+
+    def __init__(self, publisher: Publisher, stream_id: int, name: str, fmt: AudioFormat) -> None:
+        self.publisher = publisher
+        self.id = stream_id
+        self.name = name
+        self.format = fmt
+        self.history: deque[_Entry] = deque()
+        self.history_seconds = 0.0
+        self.unsent = 0  # entries at the right end of history not yet written
+        self.next_seq = 0
+        self.accepted = False  # the relay answered OPEN_STREAM on this session
+        self.dropped = 0
+        m = publisher.metrics
+        m.declare_stream(name)
+        self._sent = m.chunks_sent.labels(name)
+        self._bytes = m.bytes_sent.labels(name)
+        self._dropped = m.chunks_dropped.labels(name, "spool_full")
+        self._depth = m.queue_depth.labels(name)
+
+    def send(self, samples: np.ndarray[Any, Any] | bytes | memoryview, captured_ns: int | None = None) -> int:
+        """Queue one chunk; returns its sequence number. Never blocks."""
+        if isinstance(samples, np.ndarray):
+            if samples.dtype != self.format.dtype:
+                raise ValueError(f"samples are {samples.dtype}, stream {self.name!r} is {self.format.dtype}")
+            if samples.ndim == 2 and samples.shape[1] != self.format.channels:
+                raise ValueError(f"samples have {samples.shape[1]} channels, stream has {self.format.channels}")
+            payload = samples.tobytes()
+        else:
+            payload = bytes(samples)
+        if len(payload) % self.format.frame_bytes:
+            raise ValueError("payload is not a whole number of frames")
+        seq = self.next_seq
+        self.next_seq += 1
+        seconds = len(payload) / (self.format.frame_bytes * self.format.rate)
+        when = time.time_ns() if captured_ns is None else captured_ns
+        self.history.append(_Entry(seq, when, payload, seconds))
+        self.history_seconds += seconds
+        self.unsent += 1
+        self._trim()
+        self._depth.set(self.unsent)
+        self.publisher._wake.set()
+        return seq
+
+    def _trim(self) -> None:
+        limit = self.publisher.history_seconds
+        history = self.history
+        while len(history) > 1 and self.history_seconds - history[0].seconds >= limit:
+            entry = history.popleft()
+            self.history_seconds -= entry.seconds
+            if self.unsent > len(history):  # it was never sent: audio lost
+                self.unsent -= 1
+                self.dropped += 1
+                self._dropped.inc()
+
+    def resume_from(self, next_seq: int) -> None:
+        """The relay holds everything before ``next_seq``: send the rest."""
+        n = 0
+        for entry in reversed(self.history):
+            if entry.seq < next_seq:
+                break
+            n += 1
+        self.unsent = n
+        self.accepted = True
+
+    def take(self, budget: int) -> list[_Entry]:
+        out: list[_Entry] = []
+        if not self.accepted or not self.unsent:
+            return out
+        start = len(self.history) - self.unsent
+        for i in range(start, len(self.history)):
+            entry = self.history[i]
+            out.append(entry)
+            budget -= len(entry.payload)
+            if budget <= 0:
+                break
+        self.unsent -= len(out)
+        self._depth.set(self.unsent)
+        return out
+
+    @property
+    def spooled_seconds(self) -> float:
+        """Audio not yet sent, in seconds."""
+        if not self.unsent:
+            return 0.0
+        return sum(self.history[i].seconds for i in range(len(self.history) - self.unsent, len(self.history)))
+
+
+class Publisher(_Client):
+    """Publishes named streams to a relay. Start, declare streams, send."""
+
+    role = Role.PUBLISHER
+
+    def __init__(
+        self,
+        url: str | RelayAddress,
+        *,
+        name: str = "publisher",
+        history_seconds: float = 60.0,
+        token: str = "",
+        metrics: Metrics | None = None,
+        retry: RetryPolicy | None = None,
+        limits: Limits | None = None,
+        max_batch_bytes: int = 256 << 10,
+    ) -> None:
+        super().__init__(url, name=name, token=token, metrics=metrics, retry=retry or RetryPolicy(), limits=limits)
+        if history_seconds <= 0:
+            raise ValueError("history_seconds must be > 0")
+        self.history_seconds = history_seconds
+        self.max_batch_bytes = max_batch_bytes
+        self.streams: dict[str, PublishedStream] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+
+    def stream(self, name: str, fmt: AudioFormat) -> PublishedStream:
+        """Declare (or get) a stream. Its format is fixed for its lifetime."""
+        existing = self.streams.get(name)
+        if existing is not None:
+            if existing.format != fmt:
+                raise ValueError(f"stream {name!r} already declared as {existing.format}")
+            return existing
+        stream = PublishedStream(self, len(self.streams) + 1, name, fmt)
+        self.streams[name] = stream
+        channel = self.channel
+        if channel is not None and not channel.closed:
+            channel.send(OpenStream(stream.id, name, fmt))
+        return stream
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued chunk is written to the relay's socket."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._pending():
+                    self._idle.clear()
+                    self._wake.set()
+                    await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _pending(self) -> bool:
+        return any(s.unsent for s in self.streams.values())
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Flush what the relay can take within ``timeout``, say goodbye, stop."""
+        if self.channel is not None:
+            await self.flush(timeout)
+        await self._stop_task(farewell=True)
+
+    async def __aenter__(self) -> Publisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _session(self, channel: Channel) -> None:
+        for stream in self.streams.values():
+            stream.accepted = False
+            channel.send(OpenStream(stream.id, stream.name, stream.format))
+        reader = asyncio.create_task(self._read_loop(channel))
+        writer = asyncio.create_task(self._write_loop(channel))
+        try:
+            done, _ = await asyncio.wait([reader, writer], return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            reader.cancel()
+            writer.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(reader, writer, return_exceptions=True)
+
+    async def _read_loop(self, channel: Channel) -> None:
+        by_id = {s.id: s for s in self.streams.values()}
+        while True:
+            event = await channel.next_event()
+            if isinstance(event, StreamAccepted):
+                stream = by_id.get(event.stream_id) or next(
+                    (s for s in self.streams.values() if s.id == event.stream_id), None
+                )
+                if stream is None:
+                    continue
+                stream.resume_from(event.next_seq)
+                if all(s.accepted for s in self.streams.values()):
+                    self.connected.set()
+                    self.metrics.connected.labels(self.role.label).set(1)
+                self._wake.set()
+            elif isinstance(event, Goodbye | ErrorFrame):
+                raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
+            elif isinstance(event, CloseStream):
+                log.warning("relay closed stream id %d (%s)", event.stream_id, event.reason.name)
+            if not self.streams:
+                self.connected.set()
+                self.metrics.connected.labels(self.role.label).set(1)
+
+    async def _write_loop(self, channel: Channel) -> None:
+        if not self.streams:
+            self.connected.set()
+            self.metrics.connected.labels(self.role.label).set(1)
+        conn = channel.conn
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                frames: list[bytes] = []
+                for stream in list(self.streams.values()):
+                    entries = stream.take(self.max_batch_bytes)
+                    if not entries:
+                        continue
+                    nbytes = 0
+                    for e in entries:
+                        frames.append(conn.chunk_frame(stream.id, e.seq, e.captured_ns, e.payload))
+                        nbytes += len(e.payload)
+                    stream._sent.inc(len(entries))
+                    stream._bytes.inc(nbytes)
+                if not frames:
+                    break
+                channel.writelines(frames)
+                await channel.drain()
+            if not self._pending():
+                self._idle.set()
+
+    def _session_ended(self) -> None:
+        for stream in self.streams.values():
+            stream.accepted = False
+
+
+# ---------------------------------------------------------------------------
+# Subscriber
+# ---------------------------------------------------------------------------
+
+
+class Subscriber(_Client):
+    """Receives chunks of the streams matching ``pattern``; an async iterator.
+
+    With ``group``, the relay gives each stream to exactly one member of the
+    group; members ACK what they processed so a handover resumes there.
+    """
+
+    role = Role.SUBSCRIBER
+
+    def __init__(
+        self,
+        url: str | RelayAddress,
+        pattern: str = "*",
+        *,
+        group: str = "",
+        name: str = "subscriber",
+        start: StartName = "live",
+        token: str = "",
+        metrics: Metrics | None = None,
+        retry: RetryPolicy | None = None,
+        limits: Limits | None = None,
+        queue_chunks: int = 256,
+        on_stream_closed: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(url, name=name, token=token, metrics=metrics, retry=retry or RetryPolicy(), limits=limits)
+        self.pattern = pattern
+        self.group = group or ""
+        self.start_position = StartPosition.EARLIEST if start == "earliest" else StartPosition.LIVE
+        self.received: dict[str, int] = {}
+        self.positions: dict[str, int] = {}
+        self.formats: dict[str, AudioFormat] = {}
+        self.assigned: set[str] = set()
+        self.duplicates = 0
+        self.gaps = 0
+        self._ids: dict[str, int] = {}
+        self._queue: asyncio.Queue[Chunk] = asyncio.Queue(maxsize=queue_chunks)
+        self._unacked: Chunk | None = None
+        self._on_stream_closed = on_stream_closed
+        self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
+
+    async def __aenter__(self) -> Subscriber:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._ack_previous()
+        await self._stop_task(farewell=True)
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        self._ack_previous()
+        chunk = await self._queue.get()
+        self.positions[chunk.stream] = chunk.seq
+        self._unacked = chunk
+        return chunk
+
+    async def get(self, timeout: float | None = None) -> Chunk:
+        async with asyncio.timeout(timeout):
+            return await self.__anext__()
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def _ack_previous(self) -> None:
+        chunk, self._unacked = self._unacked, None
+        if chunk is None or not self.group:
+            return
+        channel = self.channel
+        stream_id = self._ids.get(chunk.stream)
+        if channel is not None and not channel.closed and stream_id is not None:
+            with contextlib.suppress(Exception):
+                channel.send(Ack(stream_id, chunk.seq))
+
+    def _child(self, stream: str) -> tuple[Any, Any, Any, Any]:
+        child = self._children.get(stream)
+        if child is None:
+            m = self.metrics
+            m.declare_stream(stream)
+            child = (
+                m.chunks_received.labels(stream),
+                m.bytes_received.labels(stream),
+                m.end_to_end_latency.labels(stream),
+                m.queue_depth.labels(stream),
+            )
+            self._children[stream] = child
+        return child
+
+    async def _session(self, channel: Channel) -> None:
+        resume = tuple(sorted(self.received.items()))
+        channel.send(Subscribe(self.pattern, self.group, self.start_position, resume))
+        self.connected.set()
+        self.metrics.connected.labels(self.role.label).set(1)
+        streams: dict[int, tuple[str, AudioFormat]] = {}
+        m = self.metrics
+        while True:
+            event = await channel.next_event()
+            if isinstance(event, ChunkData):
+                name, fmt = streams[event.stream_id]
+                last = self.received.get(name, -1)
+                if event.seq <= last:
+                    self.duplicates += 1
+                    m.duplicates_suppressed.labels(name).inc()
+                    continue
+                if last >= 0 and event.seq > last + 1:
+                    missing = event.seq - last - 1
+                    self.gaps += missing
+                    m.sequence_gaps.labels(name).inc(missing)
+                    log.warning("stream %r: %d chunks missing before seq %d", name, missing, event.seq)
+                self.received[name] = event.seq
+                now = time.time_ns()
+                chunk = Chunk(name, event.seq, event.captured_ns, fmt, event.payload, now)
+                received, nbytes, latency, depth = self._child(name)
+                received.inc()
+                nbytes.inc(len(event.payload))
+                latency.observe(max(0.0, (now - event.captured_ns) / 1e9))
+                if self._queue.full():
+                    depth.set(self._queue.qsize())
+                await self._queue.put(chunk)
+            elif isinstance(event, OpenStream):
+                streams[event.stream_id] = (event.name, event.format)
+                self._ids[event.name] = event.stream_id
+                self.formats[event.name] = event.format
+                self.assigned.add(event.name)
+                self._child(event.name)
+            elif isinstance(event, CloseStream):
+                entry = streams.get(event.stream_id)
+                if entry is not None:
+                    self.assigned.discard(entry[0])
+                    log.info("stream %r closed by relay (%s)", entry[0], event.reason.name.lower())
+                    if self._on_stream_closed is not None:
+                        self._on_stream_closed(entry[0])
+            elif isinstance(event, Goodbye | ErrorFrame):
+                raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
+
+    def _session_ended(self) -> None:
+        self.assigned.clear()
+        self._ids.clear()
+
+
+async def fetch_status(url: str | RelayAddress, *, timeout: float = 5.0, token: str = "") -> dict[str, Any]:
+    """Ask a relay for its status report (one attempt, no retries)."""
+    address = url if isinstance(url, RelayAddress) else parse_url(url)
+    channel = await connect(address, Hello(Role.OBSERVER, "status", token), connect_timeout=timeout)
+    try:
+        channel.send(StatusRequest())
+        async with asyncio.timeout(timeout):
+            event = await channel.next_event()
+    except TimeoutError:
+        raise RelayUnreachable(f"relay {address} did not answer the status request") from None
+    finally:
+        await channel.close(Goodbye(ErrorCode.NORMAL, "bye"))
+    if not isinstance(event, Status):
+        raise RelayUnreachable(f"relay {address} answered {type(event).__name__}, not STATUS")
+    result: dict[str, Any] = json.loads(event.document)
+    return result

@@ -1,0 +1,241 @@
+"""The one I/O adapter: protocol v1 over asyncio streams.
+
+``Channel`` owns a ``StreamReader``/``StreamWriter`` pair and a sans-I/O
+``protocol.Connection``. It reads bytes into the connection and yields
+events, answers PING with PONG, sends a PING when it has been quiet for a
+heartbeat interval, and declares the peer dead when nothing at all arrived for
+``heartbeat_timeout`` while it was waiting to read. Waiting to read is the
+only time the peer's silence counts: a consumer that stops reading on purpose
+(backpressure) does not time its peer out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+
+from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
+from .protocol import (
+    NEED_DATA,
+    Connection,
+    ErrorFrame,
+    Event,
+    Goodbye,
+    Hello,
+    Limits,
+    Ping,
+    Pong,
+    Welcome,
+)
+from .urls import RelayAddress
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 * 1024
+Clock = Callable[[], float]
+
+
+def tune_socket(writer: asyncio.StreamWriter) -> None:
+    """Small frames must leave at once: disable Nagle (the seed's 44 ms floor)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Channel:
+    """A framed, heartbeated session over one TCP connection."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: Connection,
+        *,
+        heartbeat_interval: float = 2.0,
+        heartbeat_timeout: float = 6.0,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = conn
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self._clock = clock
+        self._last_sent = clock()
+        self._nonce = itertools.count(1)
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.closed = False
+        self.rtt: float | None = None
+        self._ping_sent_at: dict[int, float] = {}
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    # -- sending -------------------------------------------------------------
+
+    def send(self, event: Event) -> None:
+        data = self.conn.send(event)
+        self.write(data)
+
+    def write(self, data: bytes) -> None:
+        """Write pre-encoded frames (must be valid for this session)."""
+        if self.closed:
+            return
+        self.writer.write(data)
+        self._last_sent = self._clock()
+
+    def writelines(self, frames: Iterable[bytes]) -> None:
+        if self.closed:
+            return
+        self.writer.writelines(frames)
+        self._last_sent = self._clock()
+
+    @property
+    def write_buffer_size(self) -> int:
+        transport = self.writer.transport
+        return 0 if transport.is_closing() else transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
+
+    # -- receiving -----------------------------------------------------------
+
+    async def next_event(self) -> Event:
+        """The next event from the peer. PING/PONG are handled here.
+
+        Raises ConnectionClosed on EOF or heartbeat timeout, and
+        RemoteProtocolError when the peer breaks the protocol.
+        """
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                await self._read()
+                continue
+            assert not isinstance(event, type(NEED_DATA))
+            if isinstance(event, Ping):
+                if not self.closed:
+                    self.send(Pong(event.nonce))
+                continue
+            if isinstance(event, Pong):
+                sent = self._ping_sent_at.pop(event.nonce, None)
+                if sent is not None:
+                    self.rtt = self._clock() - sent
+                continue
+            return event
+
+    async def _read(self) -> None:
+        try:
+            async with asyncio.timeout(self.heartbeat_timeout):
+                data = await self.reader.read(READ_SIZE)
+        except TimeoutError:
+            raise ConnectionClosed(
+                f"no data from {self.peer} for {self.heartbeat_timeout:g} s",
+                ErrorCode.HEARTBEAT_TIMEOUT,
+            ) from None
+        except (ConnectionError, OSError) as exc:
+            raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
+        if not data:
+            raise ConnectionClosed(f"{self.peer} closed the connection")
+        self.conn.receive_data(data)
+
+    # -- heartbeats ----------------------------------------------------------
+
+    def start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat {self.peer}")
+
+    async def _heartbeat_loop(self) -> None:
+        # A timer, not a poll: it sleeps for exactly the quiet time left.
+        while not self.closed:
+            quiet = self._clock() - self._last_sent
+            if quiet >= self.heartbeat_interval:
+                nonce = next(self._nonce) & 0xFFFF_FFFF_FFFF_FFFF
+                self._ping_sent_at = {nonce: self._clock()}
+                try:
+                    self.send(Ping(nonce))
+                except Exception:  # the session closed under us
+                    return
+                quiet = 0.0
+            await asyncio.sleep(self.heartbeat_interval - quiet)
+
+    # -- closing -------------------------------------------------------------
+
+    async def close(self, farewell: Goodbye | ErrorFrame | None = None, *, timeout: float = 1.0) -> None:
+        """Send ``farewell`` (if the session is still open), flush briefly, close."""
+        if self.closed:
+            return
+        if farewell is not None:
+            with contextlib.suppress(Exception):
+                self.writer.write(self.conn.send(farewell))
+        self.closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await self.writer.drain()
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await self.writer.wait_closed()
+
+    def abort(self) -> None:
+        """Drop the connection at once (no farewell)."""
+        self.closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        self.writer.transport.abort()
+
+
+async def connect(
+    address: RelayAddress,
+    hello: Hello,
+    *,
+    limits: Limits | None = None,
+    connect_timeout: float = 5.0,
+    clock: Clock = time.monotonic,
+) -> Channel:
+    """Open a session: TCP connect, HELLO, wait for WELCOME.
+
+    Raises RelayUnreachable when the relay cannot be reached, and
+    ConnectionClosed when it refuses the session (ERROR/GOODBYE in reply).
+    """
+    limits = limits or Limits()
+    try:
+        async with asyncio.timeout(connect_timeout):
+            reader, writer = await asyncio.open_connection(address.host, address.port, limit=READ_SIZE)
+    except TimeoutError:
+        raise RelayUnreachable(f"relay {address} did not answer within {connect_timeout:g} s") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise RelayUnreachable(f"cannot reach relay {address}: {reason}") from exc
+    tune_socket(writer)
+    channel = Channel(reader, writer, Connection("client", limits), clock=clock)
+    try:
+        channel.send(hello)
+        async with asyncio.timeout(limits.handshake_timeout):
+            event = await channel.next_event()
+    except TimeoutError:
+        channel.abort()
+        raise RelayUnreachable(
+            f"relay {address} did not complete the handshake within {limits.handshake_timeout:g} s"
+        ) from None
+    except (ConnectionClosed, RemoteProtocolError) as exc:
+        channel.abort()
+        raise RelayUnreachable(f"relay {address} broke off the handshake: {exc}") from exc
+    if isinstance(event, ErrorFrame | Goodbye):
+        channel.abort()
+        raise ConnectionClosed(f"relay {address} refused the session: {event.message}", event.code)
+    assert isinstance(event, Welcome)
+    interval = event.heartbeat_interval_ms / 1000
+    channel.heartbeat_interval = interval
+    channel.heartbeat_timeout = 3 * interval
+    channel.start_heartbeat()
+    return channel

@@ -1,0 +1,29 @@
+"""Fixtures shared by every test: an in-process relay on a free loopback port."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from audiosockets.metrics import Metrics  # noqa: E402
+from audiosockets.relay import Relay, RelayConfig  # noqa: E402
+
+
+@pytest.fixture
+def relay_config() -> RelayConfig:
+    return RelayConfig(host="127.0.0.1", port=0, replay_seconds=30.0, queue_seconds=2.0, heartbeat_interval=1.0)
+
+
+@pytest.fixture
+async def relay(relay_config: RelayConfig) -> AsyncIterator[Relay]:
+    r = Relay(relay_config, metrics=Metrics())
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.stop()
