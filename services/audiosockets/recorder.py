@@ -1,0 +1,422 @@
+"""The recorder: one source -> one ``Publisher`` stream, and capture never waits.
+
+Invariants:
+- The capture loop only awaits the source. ``stream.send`` never blocks and never
+  raises on network trouble: while the relay is away the Publisher keeps
+  ``spool_seconds`` of audio in its history (the spool) and re-sends it in order on
+  reconnect; beyond that it drops the oldest unsent chunks and counts them
+  (``reason="spool_full"``).
+- A device that vanishes is reopened with tenacity (backoff, no limit while running);
+  the silence in between is counted as a capture gap (count and seconds), never
+  filled in and never a crash. A bad source at start-up is an error, not a retry.
+- Source counters (PortAudio overflows, hand-off ring drops) are copied into
+  Prometheus by the capture loop, as deltas, so the audio callback never touches
+  a metric.
+- Stopping: ``stop()`` sets an event; ``run`` then cancels capture, flushes what the
+  relay takes within ``flush_timeout`` and closes the Publisher.
+
+State: the source, the Publisher and its stream handle live on the ``Recorder``;
+metrics live on ``RecorderMetrics`` (registered on the service's ``Metrics.registry``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+from .audio import AudioFormat, DTypeName, SampleType
+from .errors import ConfigError, DeviceError
+from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
+from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from prometheus_client.core import Metric
+
+log = logging.getLogger(__name__)
+
+
+class PublisherStream(Protocol):
+    """The part of the client library's stream handle the recorder uses."""
+
+    def send(self, samples: Any, *, captured_ns: int) -> int: ...
+
+
+class PublisherLike(Protocol):
+    """The part of ``client.Publisher`` the recorder uses (see ARCHITECTURE.md)."""
+
+    async def start(self) -> None: ...
+
+    def stream(self, name: str, fmt: AudioFormat) -> Any: ...
+
+    async def flush(self, timeout: float = ...) -> bool: ...  # noqa: ASYNC109
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RecorderConfig:
+    """Everything ``audiosockets record`` takes."""
+
+    relay: str = "tcp://127.0.0.1:7400"
+    stream: str = "mic-1"
+    source: str = "device"
+    rate: int = 16000
+    channels: int = 1
+    dtype: DTypeName = "int16"
+    block_ms: float = 20.0
+    spool_seconds: float = 60.0
+    name: str | None = None
+    token: str | None = None
+    flush_timeout: float = 2.0
+    #: Longest wait between two attempts to reopen a lost device.
+    retry_max_wait: float = 5.0
+
+    @property
+    def format(self) -> AudioFormat:
+        try:
+            return AudioFormat(self.rate, self.channels, SampleType.parse(self.dtype))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+    @property
+    def block_frames(self) -> int:
+        return block_frames_for(self.rate, self.block_ms)
+
+    def validate(self) -> None:
+        if not self.stream or len(self.stream) > 255:
+            raise ConfigError("--stream must be a name of 1 to 255 characters")
+        if self.spool_seconds < 0:
+            raise ConfigError(f"--spool-seconds must be zero or more, got {self.spool_seconds:g}")
+        self.format  # noqa: B018 - validates rate/channels/dtype
+        self.block_frames  # noqa: B018
+
+
+class RecorderMetrics:
+    """The recorder's own metrics (names in ARCHITECTURE.md), on the service registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.frames_captured = Counter(
+            "audiosockets_frames_captured",
+            "Audio frames (one sample per channel) taken from the source.",
+            ["stream"],
+            registry=registry,
+        )
+        self.input_overflows = Counter(
+            "audiosockets_input_overflows",
+            "Times PortAudio reported that input was lost before we could copy it.",
+            ["stream"],
+            registry=registry,
+        )
+        self.capture_to_send_latency = Histogram(
+            "audiosockets_capture_to_send_latency_seconds",
+            "From the end of a block's capture to its hand-off to the publisher.",
+            ["stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.capture_gaps = Counter(
+            "audiosockets_capture_gaps",
+            "Interruptions of capture (a device lost and reopened).",
+            ["stream"],
+            registry=registry,
+        )
+        self.capture_gap_seconds = Counter(
+            "audiosockets_capture_gap_seconds",
+            "Seconds of audio not captured because the device was away.",
+            ["stream"],
+            registry=registry,
+        )
+
+    def declare_stream(self, stream: str) -> None:
+        for family in (
+            self.frames_captured,
+            self.input_overflows,
+            self.capture_to_send_latency,
+            self.capture_gaps,
+            self.capture_gap_seconds,
+        ):
+            family.labels(stream)
+
+
+def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
+    from .client import Publisher
+
+    publisher: PublisherLike = Publisher(
+        config.relay,
+        name=config.name or f"recorder-{config.stream}",
+        history_seconds=config.spool_seconds,
+        metrics=metrics,
+        token=config.token,
+    )
+    return publisher
+
+
+class Recorder:
+    """Capture from a source and publish every block, whatever the relay does."""
+
+    def __init__(
+        self,
+        config: RecorderConfig,
+        *,
+        metrics: Metrics | None = None,
+        source: Source | None = None,
+        publisher: PublisherLike | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.format = config.format
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.recorder_metrics = RecorderMetrics(self.metrics.registry)
+        self.source = (
+            source
+            if source is not None
+            else parse_source(config.source, self.format, config.block_frames, clock=clock)
+        )
+        if self.source.format != self.format:
+            raise ConfigError(
+                f"source format {self.source.format} is not the stream's {self.format}"
+            )
+        self.publisher = (
+            publisher if publisher is not None else _make_publisher(config, self.metrics)
+        )
+        self._stream: Any = None
+        self._stopping = asyncio.Event()
+        self._capture: asyncio.Task[None] | None = None
+        self._seen_overflows = 0
+        self._seen_dropped = 0
+        self._last_end_ns: int | None = None
+        self._gap_pending = False
+        #: Blocks handed to the publisher so far, and the last seq it returned.
+        self.blocks_sent = 0
+        self.last_seq: int | None = None
+        name = config.stream
+        self.metrics.declare_stream(name)
+        self.recorder_metrics.declare_stream(name)
+        self.metrics.registry.register(CallbackCollector(self._spool_gauges))
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the source (errors are raised here), start publishing and capturing."""
+        await self.source.open()
+        try:
+            await self.publisher.start()
+            self._stream = self.publisher.stream(self.config.stream, self.format)
+        except BaseException:
+            await self.source.close()
+            raise
+        self._capture = asyncio.create_task(self._capture_loop(), name="recorder-capture")
+        log.info(
+            "recording %s -> %s as %r",
+            self.source.description,
+            self.config.relay,
+            self.config.stream,
+        )
+
+    def stop(self) -> None:
+        """Ask ``wait``/``run`` to finish (safe from a signal handler)."""
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        """Return when stopped or when a finite source has ended."""
+        assert self._capture is not None, "start() first"
+        stop = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({self._capture, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if self._capture.done() and not self._capture.cancelled():
+            self._capture.result()  # re-raise a capture failure
+
+    async def close(self) -> bool:
+        """Stop capturing, flush within ``flush_timeout``, close. True if all was taken."""
+        self._stopping.set()
+        if self._capture is not None and not self._capture.done():
+            self._capture.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._capture
+        await self.source.close()
+        flushed = False
+        try:
+            flushed = await self.publisher.flush(timeout=self.config.flush_timeout)
+        finally:
+            await self.publisher.close()
+        if not flushed:
+            log.warning("relay did not take everything within %gs", self.config.flush_timeout)
+        return flushed
+
+    async def run(self) -> bool:
+        """``start``, ``wait``, ``close``; returns whether the final flush completed."""
+        await self.start()
+        try:
+            await self.wait()
+        finally:
+            flushed = await self.close()
+        return flushed
+
+    # --- capture -----------------------------------------------------------------
+
+    async def _capture_loop(self) -> None:
+        source = self.source
+        while not self._stopping.is_set():
+            try:
+                block = await source.read()
+            except DeviceLost as err:
+                log.warning("%s; reopening", err)
+                self._account_source_counters()
+                await self._reopen()
+                continue
+            self._account_source_counters()
+            if block is None:
+                log.info("source %s ended", source.description)
+                return
+            self._publish(block.samples, block.captured_ns, block.frames)
+
+    def _publish(self, samples: Any, captured_ns: int, frames: int) -> None:
+        name = self.config.stream
+        m = self.recorder_metrics
+        block_ns = frames * 1_000_000_000 // self.format.rate
+        if self._gap_pending and self._last_end_ns is not None:
+            self._gap_pending = False
+            m.capture_gaps.labels(name).inc()
+            m.capture_gap_seconds.labels(name).inc(max(0, captured_ns - self._last_end_ns) / 1e9)
+        self._last_end_ns = captured_ns + block_ns
+        m.frames_captured.labels(name).inc(frames)
+        self.last_seq = self._stream.send(samples, captured_ns=captured_ns)
+        self.blocks_sent += 1
+        m.capture_to_send_latency.labels(name).observe(
+            max(0.0, (time.time_ns() - captured_ns - block_ns) / 1e9)
+        )
+
+    def _account_source_counters(self) -> None:
+        name = self.config.stream
+        overflows, dropped = self.source.overflows, self.source.dropped
+        if overflows != self._seen_overflows:
+            delta = overflows - self._seen_overflows
+            self.recorder_metrics.input_overflows.labels(name).inc(delta)
+            self.metrics.chunks_dropped.labels(name, "input_overflow").inc(delta)
+            self._seen_overflows = overflows
+        if dropped != self._seen_dropped:
+            self.metrics.chunks_dropped.labels(name, "capture_queue_full").inc(
+                dropped - self._seen_dropped
+            )
+            self._seen_dropped = dropped
+
+    async def _reopen(self) -> None:
+        await self.source.close()
+        self._gap_pending = True
+        # Counters restart with a reopened source.
+        self._seen_overflows = self._seen_dropped = 0
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(DeviceError),
+            wait=wait_exponential(multiplier=0.1, max=self.config.retry_max_wait),
+            reraise=True,
+        ):
+            with attempt:
+                if self._stopping.is_set():
+                    return
+                try:
+                    await self.source.open()
+                except DeviceError as err:
+                    log.warning("cannot reopen %s: %s", self.source.description, err)
+                    raise
+
+    # --- metrics ------------------------------------------------------------------
+
+    def _spool_gauges(self) -> Iterable[Metric]:
+        chunks = gauge_family(
+            "audiosockets_spool_depth_chunks",
+            "Chunks captured but not yet taken by the relay (the spool).",
+            ["stream"],
+        )
+        seconds = gauge_family(
+            "audiosockets_spool_depth_seconds",
+            "Seconds of audio captured but not yet taken by the relay.",
+            ["stream"],
+        )
+        depth = self.spool_depth()
+        chunks.add_metric([self.config.stream], float(depth))
+        block_seconds = self.config.block_frames / self.format.rate
+        seconds.add_metric([self.config.stream], depth * block_seconds)
+        return [chunks, seconds]
+
+    def spool_depth(self) -> int:
+        """Chunks the publisher holds that the relay has not taken yet."""
+        stream = self._stream
+        if stream is None:
+            return 0
+        for attr in ("unsent", "pending", "backlog"):
+            value = getattr(stream, attr, None)
+            if isinstance(value, int):
+                return value
+        return 0
+
+
+# --- entry points for the CLI ---------------------------------------------------
+
+
+async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
+    """Run a recorder until SIGTERM/SIGINT or the end of a finite source.
+
+    ``metrics_port`` 0 disables the metrics endpoint. Returns whether the final
+    flush completed; errors a user can cause raise ``AudiosocketsError``.
+    """
+    import signal
+
+    from .errors import AddressInUse
+    from .metrics import serve_metrics
+
+    metrics = Metrics()
+    recorder = Recorder(config, metrics=metrics)
+    if metrics_port > 0:
+        try:
+            serve_metrics(metrics_port, metrics.registry)
+        except OSError as err:
+            raise AddressInUse(
+                f"cannot serve metrics on port {metrics_port}: {err.strerror or err}"
+            ) from err
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, recorder.stop)
+            installed.append(sig)
+    try:
+        return await recorder.run()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def describe_input_devices() -> list[str]:
+    """Lines for ``audiosockets devices``: one per input device, ``*`` marks the default.
+
+    A machine without input devices gets one sentence instead of a table.
+    """
+    from .sources import list_input_devices
+
+    devices, default = list_input_devices()
+    if not devices:
+        return [
+            "No audio input devices found: PortAudio sees no sound card or sound server "
+            "(use --source synth:sine or file:PATH to record without one)."
+        ]
+    lines = [f"  {'index':>5}  {'name':<40} {'channels':>8} {'default rate':>12}"]
+    for dev in devices:
+        mark = "*" if dev.get("index") == default else " "
+        rate = f"{float(dev['default_samplerate']):.0f} Hz"
+        lines.append(
+            f"{mark} {dev['index']:>5}  {str(dev['name'])[:40]:<40} "
+            f"{dev['max_input_channels']:>8} {rate:>12}"
+        )
+    return lines

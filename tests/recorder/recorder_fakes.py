@@ -1,0 +1,128 @@
+"""Test doubles for the recorder: a clock that never really sleeps, WAV writers,
+a publisher that records what it is given, and the skip-or-fail rule for tools."""
+
+from __future__ import annotations
+
+import os
+import struct
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from audiosockets.audio import AudioFormat
+
+
+def require(condition: object, reason: str) -> None:
+    """Skip when a system component is missing, but fail under CI=true."""
+    if condition:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+class FakeClock:
+    """Monotonic time starts at 0; ``sleep_until`` jumps to the deadline."""
+
+    def __init__(self, wall_start_ns: int = 1_700_000_000_000_000_000) -> None:
+        self.now = 0
+        self.wall_start = wall_start_ns
+        self.deadlines: list[int] = []
+
+    def monotonic_ns(self) -> int:
+        return self.now
+
+    def time_ns(self) -> int:
+        return self.wall_start + self.now
+
+    async def sleep_until(self, monotonic_ns: int) -> None:
+        self.deadlines.append(monotonic_ns)
+        self.now = max(self.now, monotonic_ns)
+
+
+def write_pcm_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
+    """int16 PCM through the stdlib writer; ``samples`` shaped (frames, channels)."""
+    assert samples.dtype == np.int16
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(samples.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.astype("<i2").tobytes())
+    return path
+
+
+def write_raw_wav(
+    path: Path,
+    samples: np.ndarray,
+    rate: int,
+    *,
+    tag: int,
+    bits: int,
+    extensible: bool = False,
+    extra_chunk: bool = True,
+) -> Path:
+    """Hand-built RIFF: any tag/bit depth, optional WAVE_FORMAT_EXTENSIBLE and a LIST chunk."""
+    channels = samples.shape[1]
+    data = samples.tobytes()
+    align = channels * bits // 8
+    if extensible:
+        guid_tail = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+        fmt = struct.pack("<HHIIHH", 0xFFFE, channels, rate, rate * align, align, bits)
+        fmt += struct.pack("<HHI", 22, bits, 0) + struct.pack("<H", tag) + guid_tail
+    else:
+        fmt = struct.pack("<HHIIHH", tag, channels, rate, rate * align, align, bits)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    if extra_chunk:
+        body += b"LIST" + struct.pack("<I", 5) + b"INFO\x00\x00"  # odd size + pad byte
+    body += b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return path
+
+
+@dataclass
+class SentBlock:
+    samples: np.ndarray
+    captured_ns: int
+    seq: int
+
+
+@dataclass
+class FakeStream:
+    name: str
+    format: AudioFormat
+    sent: list[SentBlock] = field(default_factory=list)
+    unsent: int = 0
+
+    def send(self, samples: Any, *, captured_ns: int) -> int:
+        seq = len(self.sent)
+        self.sent.append(SentBlock(np.array(samples, copy=True), captured_ns, seq))
+        return seq
+
+
+class FakePublisher:
+    """Takes everything at once; remembers the calls the recorder made."""
+
+    def __init__(self, flush_result: bool = True) -> None:
+        self.streams: dict[str, FakeStream] = {}
+        self.started = False
+        self.closed = False
+        self.flush_timeouts: list[float] = []
+        self.flush_result = flush_result
+
+    async def start(self) -> None:
+        self.started = True
+
+    def stream(self, name: str, fmt: AudioFormat) -> FakeStream:
+        self.streams[name] = FakeStream(name, fmt)
+        return self.streams[name]
+
+    async def flush(self, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 - the contract's name
+        self.flush_timeouts.append(timeout)
+        return self.flush_result
+
+    async def close(self) -> None:
+        self.closed = True
