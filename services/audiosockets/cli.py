@@ -9,18 +9,198 @@ user can cause.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, ParamSpec, TypeVar
+
 import click
 
 from . import __version__
+from .errors import AudiosocketsError, ConfigError
+from .urls import parse_url
+
+P = ParamSpec("P")
+T = TypeVar("T")
+LoopName = Literal["auto", "asyncio", "uvloop"]
+
+#: Exit codes (beyond the error classes' own): 130 after Ctrl-C.
+EXIT_INTERRUPTED = 130
+
+
+def fail(message: str, code: int = 1) -> None:
+    """One clear line on stderr, then exit ``code``."""
+    click.echo(f"audiosockets: error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(func: Callable[P, T]) -> Callable[P, T]:
+    """Map our errors to one line and a named exit code; no tracebacks."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return func(*args, **kwargs)
+        except AudiosocketsError as exc:
+            fail(str(exc), exc.exit_code)
+        except ValueError as exc:  # config objects validate their fields
+            fail(str(exc), ConfigError.exit_code)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def run_async(coro: Coroutine[Any, Any, T], loop: LoopName = "auto") -> T:
+    """Run ``coro`` on uvloop when available (or asked for), else asyncio."""
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise ConfigError("--loop uvloop asked for, but uvloop is not installed") from None
+        else:
+            return uvloop.run(coro)  # type: ignore[no-any-return]
+    return asyncio.run(coro)
+
+
+def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    return click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        default=default,
+        help="Serve Prometheus metrics on this port (0 disables).",
+    )
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    address = parse_url(value)
+    return address.host, address.port
 
 
 @click.group(context_settings={"auto_envvar_prefix": "AUDIOSOCKETS", "show_default": True})
 @click.version_option(__version__, prog_name="audiosockets")
-def main() -> None:
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    help="How much to log (to stderr).",
+)
+def main(log_level: str) -> None:
     """Real-time audio over sockets: record, relay, process."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 # --- relay, status, loadtest (lead) -----------------------------------------
+
+
+@main.command()
+@click.option("--listen", default="tcp://0.0.0.0:7400", help="Address to accept clients on.")
+@metrics_port_option(9400)
+@click.option("--replay-seconds", type=click.FloatRange(0), default=30.0,
+              help="Audio kept per stream for resuming subscribers.")
+@click.option("--queue-seconds", type=click.FloatRange(0, min_open=True), default=2.0,
+              help="How far a subscriber may fall behind live audio before its oldest chunks drop.")
+@click.option("--heartbeat-seconds", type=click.FloatRange(0, min_open=True), default=2.0,
+              help="PING interval; a peer silent for 3 intervals is dead.")
+@click.option("--max-frame-bytes", type=click.IntRange(64), default=1 << 20, help="Largest frame accepted.")
+@click.option("--loop", "loop_name", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
+              help="Event loop implementation.")
+@user_errors
+def relay(
+    listen: str,
+    metrics_port: int,
+    replay_seconds: float,
+    queue_seconds: float,
+    heartbeat_seconds: float,
+    max_frame_bytes: int,
+    loop_name: LoopName,
+) -> None:
+    """Run the relay: publishers in, fan-out and groups out."""
+    from .metrics import Metrics, serve_metrics
+    from .protocol import Limits
+    from .relay import Relay, RelayConfig
+
+    host, port = listen_address(listen)
+    config = RelayConfig(
+        host=host,
+        port=port,
+        replay_seconds=replay_seconds,
+        queue_seconds=queue_seconds,
+        heartbeat_interval=heartbeat_seconds,
+        limits=Limits(max_frame_size=max_frame_bytes),
+    )
+    metrics = Metrics()
+
+    async def serve() -> None:
+        server = Relay(config, metrics=metrics)
+        await server.start()
+        if metrics_port:
+            serve_metrics(metrics_port, metrics.registry)
+        click.echo(f"relay listening on {server.url}", err=True)
+        await server.run()
+
+    run_async(serve(), loop_name)
+
+
+@main.command()
+@click.option("--relay", "relay_url", default="tcp://127.0.0.1:7400", help="Relay to ask.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw report as JSON.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait.")
+@user_errors
+def status(relay_url: str, as_json: bool, timeout: float) -> None:
+    """Show a relay's streams, clients, groups and drops."""
+    from .client import fetch_status
+
+    report = asyncio.run(fetch_status(relay_url, timeout=timeout))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(format_status(report))
+
+
+def format_status(report: dict[str, Any]) -> str:
+    lines = [
+        f"relay {report['server']} {report['version']}, up {report['uptime_s']} s, "
+        f"replay {report['replay_seconds']} s, queue {report['queue_seconds']} s",
+        "",
+        f"{'STREAM':<24} {'FORMAT':<22} {'PUBLISHER':<16} {'RATE/s':>8} {'LAST SEQ':>10} {'WINDOW s':>9}  SUBSCRIBERS",
+    ]
+    for s in report["streams"]:
+        fmt = s["format"]
+        fmt_text = f"{fmt['rate']} Hz {fmt['channels']}ch {fmt['sample_type']}"
+        lines.append(
+            f"{s['name']:<24} {fmt_text:<22} {s['publisher'] or '-':<16} {s['rate_chunks_per_s']:>8} "
+            f"{s['last_seq']:>10} {s['window_seconds']:>9}  {', '.join(s['subscribers']) or '-'}"
+        )
+    if not report["streams"]:
+        lines.append("(no streams)")
+    lines += ["", f"{'SUBSCRIBER':<24} {'PATTERN':<12} {'GROUP':<12} {'LAG':>6} {'DROPPED':>8}  STREAMS"]
+    for sub in report["subscribers"]:
+        lines.append(
+            f"{sub['name']:<24} {sub['pattern']:<12} {sub['group'] or '-':<12} {sub['lag_chunks']:>6} "
+            f"{sub['dropped']:>8}  {', '.join(sub['streams']) or '-'}"
+        )
+    if not report["subscribers"]:
+        lines.append("(no subscribers)")
+    for name, group in report["groups"].items():
+        lines.append("")
+        lines.append(f"group {name}: members {', '.join(group['members']) or '-'}")
+        for stream, member in group["assignment"].items():
+            lines.append(f"  {stream} -> {member}")
+    drops = report["drops"]
+    lines.append("")
+    lines.append("drops: " + (", ".join(f"{k}={int(v)}" for k, v in sorted(drops.items())) or "none"))
+    return "\n".join(lines)
+
 
 # --- record, devices (recorder) ---------------------------------------------
 

@@ -870,7 +870,8 @@ class Relay:
     async def run(self, *, signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM)) -> None:
         """Start, serve until SIGINT/SIGTERM, drain, return (exit code 0)."""
         loop = asyncio.get_running_loop()
-        await self.start()
+        if self._server is None:
+            await self.start()
         stop = asyncio.Event()
         installed = []
         for sig in signals:

@@ -213,6 +213,8 @@ async def connect(
             reader, writer = await asyncio.open_connection(address.host, address.port, limit=READ_SIZE)
     except TimeoutError:
         raise RelayUnreachable(f"relay {address} did not answer within {connect_timeout:g} s") from None
+    except ConnectionRefusedError as exc:
+        raise RelayUnreachable(f"cannot reach relay {address}: connection refused") from exc
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise RelayUnreachable(f"cannot reach relay {address}: {reason}") from exc
