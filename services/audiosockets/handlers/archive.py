@@ -1,0 +1,220 @@
+"""``archive:DIR``: gapless WAV segments per stream, written atomically.
+
+A segment holds consecutive chunks only: it is closed (and a new one opened)
+when adding the next chunk would pass ``--segment-seconds``, when the next
+chunk's seq is not the previous seq + 1 (a gap), when the format changes, and
+at shutdown. A gap is never papered over: it is logged, and the sidecar
+``<segment>.json`` of the segment before it says ``ended_by: "gap"`` with the
+missing seq range, the next one carries the same range as ``gap_before``.
+
+File names: ``<stream>_<UTC capture time of the first frame>_<first seq>.wav``
+with a fixed-width ``YYYYMMDDTHHMMSS.ffffffZ`` stamp, so names sort in
+capture order within a stream. While open, a segment is ``.<name>.part``
+(a dot file not ending in ``.wav``); closing patches the RIFF sizes, fsyncs
+and renames it, so a crash never leaves a half file under a final name.
+Duplicates (seq already written, e.g. after a group handover) are skipped.
+
+State (one instance per stream): the open segment's file object and counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from ..audio import AudioFormat, Chunk, SampleType
+from ..errors import HandlerError
+from . import HandlerContext
+
+log = logging.getLogger("audiosockets.handlers.archive")
+
+EndReason = Literal["rotation", "gap", "format_change", "shutdown"]
+#: RIFF sizes are 32-bit: rotate well before that whatever --segment-seconds says.
+MAX_DATA_BYTES = 2**32 - 1024
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def wav_header(fmt: AudioFormat, data_bytes: int) -> bytes:
+    """A canonical RIFF/WAVE header: PCM for ints, IEEE float (+ fact chunk) for float32."""
+    width = fmt.sample_type.width
+    block = fmt.channels * width
+    fmt_fields = struct.pack(
+        "<HHIIHH",
+        3 if fmt.sample_type is SampleType.FLOAT32 else 1,
+        fmt.channels,
+        fmt.rate,
+        fmt.rate * block,
+        block,
+        width * 8,
+    )
+    if fmt.sample_type is SampleType.FLOAT32:
+        fmt_chunk = b"fmt " + struct.pack("<I", 18) + fmt_fields + struct.pack("<H", 0)
+        fmt_chunk += b"fact" + struct.pack("<II", 4, data_bytes // block)
+    else:
+        fmt_chunk = b"fmt " + struct.pack("<I", 16) + fmt_fields
+    body = b"WAVE" + fmt_chunk + b"data" + struct.pack("<I", data_bytes)
+    return b"RIFF" + struct.pack("<I", len(body) + data_bytes) + body
+
+
+def segment_name(stream: str, captured_ns: int, seq: int) -> str:
+    stamp = datetime.fromtimestamp(captured_ns // 1_000_000_000, UTC).strftime("%Y%m%dT%H%M%S")
+    micros = (captured_ns % 1_000_000_000) // 1000
+    return f"{_UNSAFE.sub('_', stream)}_{stamp}.{micros:06d}Z_{seq:010d}.wav"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: Path
+    tmp: Path
+    file: BinaryIO
+    fmt: AudioFormat
+    first_seq: int
+    captured_ns: int
+    last_seq: int = -1
+    chunks: int = 0
+    data_bytes: int = 0
+    gap_before: dict[str, int] | None = None
+
+
+class Archive:
+    """Writes each stream to rotating WAV segments under ``DIR``."""
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.ctx = ctx
+        if not ctx.arg:
+            raise HandlerError("handler archive needs a directory: archive:DIR")
+        self.dir = Path(ctx.arg)
+        if ctx.options.segment_seconds <= 0:
+            raise HandlerError("--segment-seconds must be > 0")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HandlerError(f"archive directory {self.dir}: {exc.strerror or exc}") from exc
+        if not os.access(self.dir, os.W_OK):
+            raise HandlerError(f"archive directory {self.dir} is not writable")
+        self._seg: _Segment | None = None
+        self._next_seq: int | None = None
+        self._pending_gap: dict[str, int] | None = None
+
+    def setup(self, fmt: AudioFormat) -> None:
+        self.ctx.sink.inc("archive_segments", (self.ctx.stream,), 0)
+        self.ctx.sink.inc("archive_bytes", (self.ctx.stream,), 0)
+
+    def handle(self, chunk: Chunk) -> None:
+        if self._next_seq is not None and chunk.seq < self._next_seq:
+            return  # already written (at-least-once delivery after a handover)
+        seg = self._seg
+        if self._next_seq is not None and chunk.seq != self._next_seq:
+            gap = {
+                "expected_seq": self._next_seq,
+                "next_seq": chunk.seq,
+                "missing_chunks": chunk.seq - self._next_seq,
+            }
+            log.warning(
+                "archive %s: gap in sequence, %d chunk(s) missing (seq %d..%d); segment closed",
+                chunk.stream,
+                gap["missing_chunks"],
+                gap["expected_seq"],
+                chunk.seq - 1,
+            )
+            if seg is not None:
+                self._close(seg, "gap", gap_after=gap)
+                seg = None
+            self._pending_gap = gap
+        payload = chunk.payload
+        if seg is not None:
+            limit = min(
+                round(self.ctx.options.segment_seconds * seg.fmt.rate) * seg.fmt.frame_bytes,
+                MAX_DATA_BYTES,
+            )
+            if seg.fmt != chunk.format:
+                self._close(seg, "format_change")
+                seg = None
+            elif seg.data_bytes + len(payload) > limit and seg.data_bytes > 0:
+                self._close(seg, "rotation")
+                seg = None
+        if seg is None:
+            seg = self._open(chunk)
+        seg.file.write(payload)
+        seg.data_bytes += len(payload)
+        seg.chunks += 1
+        seg.last_seq = chunk.seq
+        self._next_seq = chunk.seq + 1
+        self.ctx.sink.inc("archive_bytes", (chunk.stream,), len(payload))
+
+    def _open(self, chunk: Chunk) -> _Segment:
+        name = segment_name(chunk.stream, chunk.captured_ns, chunk.seq)
+        path = self.dir / name
+        tmp = self.dir / f".{name}.part"
+        f = open(tmp, "wb")  # noqa: SIM115 - lives until the segment is closed
+        f.write(wav_header(chunk.format, 0))
+        seg = _Segment(path, tmp, f, chunk.format, chunk.seq, chunk.captured_ns)
+        seg.gap_before, self._pending_gap = self._pending_gap, None
+        self._seg = seg
+        return seg
+
+    def _close(
+        self, seg: _Segment, reason: EndReason, gap_after: dict[str, int] | None = None
+    ) -> None:
+        self._seg = None
+        f = seg.file
+        f.seek(0)
+        f.write(wav_header(seg.fmt, seg.data_bytes))
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(seg.tmp, seg.path)
+        fmt = seg.fmt
+        sidecar: dict[str, Any] = {
+            "stream": self.ctx.stream,
+            "file": seg.path.name,
+            "format": {
+                "rate": fmt.rate,
+                "channels": fmt.channels,
+                "sample_type": fmt.sample_type.label,
+            },
+            "first_seq": seg.first_seq,
+            "last_seq": seg.last_seq,
+            "chunks": seg.chunks,
+            "frames": seg.data_bytes // fmt.frame_bytes,
+            "seconds": fmt.seconds(seg.data_bytes),
+            "captured_ns": seg.captured_ns,
+            "captured_at": datetime.fromtimestamp(seg.captured_ns / 1e9, UTC).isoformat(),
+            "ended_by": reason,
+            "gap_before": seg.gap_before,
+            "gap_after": gap_after,
+        }
+        _write_atomic(seg.path.with_suffix(".json"), json.dumps(sidecar, indent=2).encode() + b"\n")
+        _fsync_dir(self.dir)
+        self.ctx.sink.inc("archive_segments", (self.ctx.stream,))
+
+    def teardown(self) -> None:
+        if self._seg is not None:
+            self._close(self._seg, "shutdown")
