@@ -204,4 +204,75 @@ def format_status(report: dict[str, Any]) -> str:
 
 # --- record, devices (recorder) ---------------------------------------------
 
+
+@main.command()
+@click.option("--relay", "relay_url", default="tcp://127.0.0.1:7400", help="Relay to publish to.")
+@click.option("--stream", default="mic-1", help="Stream name.")
+@click.option(
+    "--source",
+    default="device",
+    help="device, device:NAME_OR_INDEX, file:PATH.wav[?loop=1&convert=1], "
+    "synth:sine[:HZ], synth:noise, synth:silence or synth:speechlike.",
+)
+@click.option("--rate", type=click.IntRange(1, 768_000), default=16000, help="Sample rate (Hz).")
+@click.option("--channels", type=click.IntRange(1, 64), default=1, help="Channel count.")
+@click.option("--dtype", type=click.Choice(["int16", "int32", "float32"]), default="int16",
+              help="Sample type on the wire.")
+@click.option("--block-ms", type=click.FloatRange(1, 1000), default=20.0, help="Chunk length (ms).")
+@click.option("--spool-seconds", type=click.FloatRange(0, min_open=True), default=60.0,
+              help="Audio kept while the relay is unreachable; older unsent audio is dropped.")
+@click.option("--flush-seconds", type=click.FloatRange(0), default=2.0,
+              help="On SIGTERM, how long to wait for the relay to take the backlog.")
+@click.option("--name", default=None, help="Client name the relay shows (default recorder-STREAM).")
+@click.option("--token", default=None, help="Shared secret, if the relay requires one.")
+@metrics_port_option(9401)
+@click.option("--loop", "loop_name", type=click.Choice(["auto", "asyncio", "uvloop"]),
+              default="auto", help="Event loop implementation.")
+@user_errors
+def record(
+    relay_url: str,
+    stream: str,
+    source: str,
+    rate: int,
+    channels: int,
+    dtype: Literal["int16", "int32", "float32"],
+    block_ms: float,
+    spool_seconds: float,
+    flush_seconds: float,
+    name: str | None,
+    token: str | None,
+    metrics_port: int,
+    loop_name: LoopName,
+) -> None:
+    """Capture audio and publish it; keeps recording whatever the relay does."""
+    from .recorder import RecorderConfig
+    from .recorder import record as run_recorder
+
+    parse_url(relay_url)  # a malformed URL is an error before any device is opened
+    config = RecorderConfig(
+        relay=relay_url,
+        stream=stream,
+        source=source,
+        rate=rate,
+        channels=channels,
+        dtype=dtype,
+        block_ms=block_ms,
+        spool_seconds=spool_seconds,
+        flush_timeout=flush_seconds,
+        name=name,
+        token=token,
+    )
+    run_async(run_recorder(config, metrics_port=metrics_port), loop_name)
+
+
+@main.command()
+@user_errors
+def devices() -> None:
+    """List the audio input devices PortAudio sees; * marks the default."""
+    from .recorder import describe_input_devices
+
+    for line in describe_input_devices():
+        click.echo(line)
+
+
 # --- process, demo (processor) ----------------------------------------------

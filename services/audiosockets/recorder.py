@@ -59,7 +59,7 @@ class PublisherLike(Protocol):
 
     async def flush(self, timeout: float = ...) -> bool: ...  # noqa: ASYNC109
 
-    async def close(self) -> None: ...
+    async def close(self, timeout: float = ...) -> None: ...  # noqa: ASYNC109
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +94,8 @@ class RecorderConfig:
     def validate(self) -> None:
         if not self.stream or len(self.stream) > 255:
             raise ConfigError("--stream must be a name of 1 to 255 characters")
-        if self.spool_seconds < 0:
-            raise ConfigError(f"--spool-seconds must be zero or more, got {self.spool_seconds:g}")
+        if not self.spool_seconds > 0:
+            raise ConfigError(f"--spool-seconds must be positive, got {self.spool_seconds:g}")
         self.format  # noqa: B018 - validates rate/channels/dtype
         self.block_frames  # noqa: B018
 
@@ -155,7 +155,7 @@ def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
         name=config.name or f"recorder-{config.stream}",
         history_seconds=config.spool_seconds,
         metrics=metrics,
-        token=config.token,
+        token=config.token or "",
     )
     return publisher
 
@@ -247,10 +247,11 @@ class Recorder:
                 await self._capture
         await self.source.close()
         flushed = False
+        deadline = time.monotonic() + self.config.flush_timeout
         try:
             flushed = await self.publisher.flush(timeout=self.config.flush_timeout)
         finally:
-            await self.publisher.close()
+            await self.publisher.close(timeout=max(0.0, deadline - time.monotonic()))
         if not flushed:
             log.warning("relay did not take everything within %gs", self.config.flush_timeout)
         return flushed
@@ -344,22 +345,21 @@ class Recorder:
             "Seconds of audio captured but not yet taken by the relay.",
             ["stream"],
         )
-        depth = self.spool_depth()
+        depth, depth_seconds = self.spool_depth()
         chunks.add_metric([self.config.stream], float(depth))
-        block_seconds = self.config.block_frames / self.format.rate
-        seconds.add_metric([self.config.stream], depth * block_seconds)
+        seconds.add_metric([self.config.stream], depth_seconds)
         return [chunks, seconds]
 
-    def spool_depth(self) -> int:
-        """Chunks the publisher holds that the relay has not taken yet."""
+    def spool_depth(self) -> tuple[int, float]:
+        """Chunks (and seconds of audio) the publisher holds that the relay has not taken."""
         stream = self._stream
         if stream is None:
-            return 0
-        for attr in ("unsent", "pending", "backlog"):
-            value = getattr(stream, attr, None)
-            if isinstance(value, int):
-                return value
-        return 0
+            return 0, 0.0
+        chunks = int(getattr(stream, "unsent", 0))
+        seconds = getattr(stream, "spooled_seconds", None)
+        if not isinstance(seconds, float):
+            seconds = chunks * self.config.block_frames / self.format.rate
+        return chunks, seconds
 
 
 # --- entry points for the CLI ---------------------------------------------------

@@ -482,13 +482,17 @@ def list_input_devices() -> tuple[list[dict[str, Any]], int | None]:
         devices = [dict(d) for d in sd.query_devices() if d["max_input_channels"] > 0]
     except sd.PortAudioError as err:
         raise DeviceError(f"PortAudio cannot list devices: {err}") from err
+    return devices, _default_input(sd)
+
+
+def _default_input(sd: Any) -> int | None:
     default = sd.default.device[0]
     if default is None or default < 0:
         try:
             default = int(sd.query_hostapis(0)["default_input_device"])
         except (sd.PortAudioError, IndexError, KeyError):
-            default = -1
-    return devices, (default if default >= 0 else None)
+            return None
+    return int(default) if default >= 0 else None
 
 
 class DeviceSource(Source):
@@ -536,6 +540,11 @@ class DeviceSource(Source):
         self._finished = False
         self._wake = asyncio.Event()
         try:
+            if self.device is None and _default_input(sd) is None:
+                raise DeviceError(
+                    "no audio input device: PortAudio sees no sound card or sound server "
+                    "(use --source synth:sine or file:PATH to record without one)"
+                )
             info = sd.query_devices(self.device, kind="input")
             self.name = str(info["name"])
             sd.check_input_settings(

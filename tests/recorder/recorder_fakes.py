@@ -3,7 +3,6 @@ a publisher that records what it is given, and the skip-or-fail rule for tools."
 
 from __future__ import annotations
 
-import os
 import struct
 import wave
 from dataclasses import dataclass, field
@@ -11,18 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from audiosockets.audio import AudioFormat
-
-
-def require(condition: object, reason: str) -> None:
-    """Skip when a system component is missing, but fail under CI=true."""
-    if condition:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but {reason}")
-    pytest.skip(reason)
 
 
 class FakeClock:
@@ -124,5 +113,5 @@ class FakePublisher:
         self.flush_timeouts.append(timeout)
         return self.flush_result
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109
         self.closed = True
