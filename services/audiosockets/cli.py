@@ -140,15 +140,12 @@ def relay(
     )
     metrics = Metrics()
 
-    async def serve() -> None:
-        server = Relay(config, metrics=metrics)
-        await server.start()
+    def ready(server: Relay) -> None:
         if metrics_port:
             serve_metrics(metrics_port, metrics.registry)
         click.echo(f"relay listening on {server.url}", err=True)
-        await server.run()
 
-    run_async(serve(), loop_name)
+    run_async(Relay(config, metrics=metrics).run(ready=ready), loop_name)
 
 
 @main.command()

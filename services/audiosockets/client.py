@@ -98,6 +98,7 @@ class _Client:
         self.metrics = metrics or Metrics()
         self.retry = retry
         self.limits = limits or Limits()
+        self.rcvbuf = 0
         self.channel: Channel | None = None
         self.connected = asyncio.Event()
         self.attempts = 0
@@ -130,6 +131,7 @@ class _Client:
             Hello(self.role, self.name, self.token),
             limits=self.limits,
             connect_timeout=self.retry.connect_timeout,
+            rcvbuf=self.rcvbuf,
         )
 
     def _before_sleep(self, state: RetryCallState) -> None:
@@ -143,7 +145,7 @@ class _Client:
     async def _run(self) -> None:
         retrying = AsyncRetrying(
             wait=wait_exponential_jitter(
-                initial=self.retry.initial, max=self.retry.cap, jitter=self.retry.jitter
+                multiplier=self.retry.initial, max=self.retry.cap, jitter=self.retry.jitter
             ),
             retry=retry_if_exception_type(_RETRYABLE),
             before_sleep=self._before_sleep,
@@ -455,9 +457,11 @@ class Subscriber(_Client):
         retry: RetryPolicy | None = None,
         limits: Limits | None = None,
         queue_chunks: int = 256,
+        socket_buffer_bytes: int = 256 << 10,
         on_stream_closed: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(url, name=name, token=token, metrics=metrics, retry=retry or RetryPolicy(), limits=limits)
+        self.rcvbuf = socket_buffer_bytes
         self.pattern = pattern
         self.group = group or ""
         self.start_position = StartPosition.EARLIEST if start == "earliest" else StartPosition.LIVE

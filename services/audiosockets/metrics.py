@@ -209,7 +209,12 @@ def serve_metrics(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0")
     """
     from prometheus_client import start_http_server
 
+    from .errors import AddressInUse
+
     if port < 0:
         return 0
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    try:
+        server, _thread = start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        raise AddressInUse(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from exc
     return int(server.server_address[1])

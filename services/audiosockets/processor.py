@@ -192,6 +192,18 @@ def load_target(spec: HandlerSpec) -> Any:
     return obj
 
 
+def check_handler(spec: HandlerSpec, options: HandlerOptions) -> Any:
+    """Load the spec and, for a built-in, build one instance to validate its argument.
+
+    Returns the loaded target. Called before connecting, so a bad spec, option
+    or archive directory is one error line at startup, not a counted failure.
+    """
+    target = load_target(spec)
+    if spec.kind == "builtin":
+        target(HandlerContext("", spec.arg, options, MetricSink()))
+    return target
+
+
 # --- running a handler (inside the handler thread or a worker process) ----------
 
 
@@ -248,7 +260,7 @@ class HandlerRunner:
         self.spec = spec
         self.options = options
         self.sink = MetricSink()
-        self._target = load_target(spec)
+        self._target = check_handler(spec, options)
         self._instances: dict[str, tuple[AudioFormat, Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -635,6 +647,7 @@ class Processor:
         self._fatal: HandlerError | None = None
         self._runner: HandlerRunner | None = None
         self._executors: list[Executor] = []
+        self._source: object = None
         name = self.spec.name
         self.pm.handler_errors.labels(name)
         self.pm.handler_failing.labels(name).set(0)
@@ -734,6 +747,7 @@ class Processor:
     # -- receiving --
 
     async def _receive(self, chunks: AsyncIterable[Chunk]) -> None:
+        self._source = chunks
         async for chunk in chunks:
             self._accept(chunk)
 
@@ -745,6 +759,9 @@ class Processor:
             self.metrics.declare_stream(chunk.stream)
             self.pm.chunks_processed.labels(chunk.stream, self.spec.name)
             self.pm.assigned_streams.labels(self.spec.name).set(len(stats.streams))
+        assigned = getattr(self._source, "assigned", None)
+        if isinstance(assigned, set | frozenset):  # a group Subscriber knows its share
+            self.pm.assigned_streams.labels(self.spec.name).set(len(assigned))
         for old in self.backlog.push(chunk):
             self._count_drop(old)
         self.metrics.queue_depth.labels(chunk.stream).set(self.backlog.depth[chunk.stream])
@@ -870,7 +887,8 @@ async def serve(config: ProcessorConfig, *, metrics: Metrics | None = None) -> N
     from .metrics import serve_metrics
 
     spec = parse_spec(config.handler)
-    load_target(spec)  # a bad spec fails here, before any connection
+    options = HandlerOptions(segment_seconds=config.segment_seconds)
+    check_handler(spec, options)  # a bad spec fails here, before any connection
     metrics = metrics if metrics is not None else Metrics()
     with contextlib.ExitStack() as stack:
         events: IO[str] = sys.stdout
@@ -881,7 +899,7 @@ async def serve(config: ProcessorConfig, *, metrics: Metrics | None = None) -> N
                 raise ConfigError(f"--events {config.events}: {exc.strerror or exc}") from exc
         processor = Processor(
             spec,
-            options=HandlerOptions(segment_seconds=config.segment_seconds),
+            options=options,
             workers=config.workers,
             backlog_seconds=config.backlog_seconds,
             metrics=metrics,
@@ -897,15 +915,14 @@ async def serve(config: ProcessorConfig, *, metrics: Metrics | None = None) -> N
                 raise AddressInUse(
                     f"metrics port {config.metrics_port}: {exc.strerror or exc}"
                 ) from exc
-        kwargs: dict[str, Any] = {
-            "pattern": config.stream,
-            "group": config.group,
-            "name": config.name or f"process-{spec.name}",
-            "metrics": metrics,
-        }
-        if config.token is not None:
-            kwargs["token"] = config.token
-        sub = Subscriber(config.relay, **kwargs)
+        sub = Subscriber(
+            config.relay,
+            config.stream,
+            group=config.group or "",
+            name=config.name or f"process-{spec.name}",
+            token=config.token or "",
+            metrics=metrics,
+        )
         with _stop_on_signals(processor.stop):
             async with sub:
                 await processor.run(sub)
@@ -941,6 +958,7 @@ __all__ = [
     "ProcessorConfig",
     "ProcessorMetrics",
     "ProcessorStats",
+    "check_handler",
     "load_target",
     "parse_spec",
     "serve",

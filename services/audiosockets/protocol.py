@@ -671,6 +671,11 @@ class Connection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._decoder.receive_data(data)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return self._decoder.buffered
+
     def next_event(self) -> Event | _NeedData:
         if self.state is State.CLOSED:
             return NEED_DATA
@@ -686,8 +691,15 @@ class Connection:
     def _check_incoming_type(self, ftype: FrameType) -> None:
         if self.state is State.HANDSHAKE:
             expected = FrameType.HELLO if self.side == "relay" else FrameType.WELCOME
-            if ftype in (expected, FrameType.ERROR, FrameType.GOODBYE):
+            if ftype in (FrameType.ERROR, FrameType.GOODBYE):
                 return
+            if ftype is expected and (self.side == "relay" or self._sent_hello):
+                return
+            if self.side == "client" and not self._sent_hello:
+                # A WELCOME we did not ask for would open a session with no role.
+                raise RemoteProtocolError(
+                    f"{ftype.name} arrived before HELLO was sent", ErrorCode.UNEXPECTED_FRAME
+                )
             raise RemoteProtocolError(
                 f"expected {expected.name} first, got {ftype.name}", ErrorCode.UNEXPECTED_FRAME
             )

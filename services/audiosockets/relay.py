@@ -83,6 +83,7 @@ class RelayConfig:
     heartbeat_interval: float = 2.0
     max_window_bytes: int = 256 << 20  # per stream, on top of replay_seconds
     max_batch_bytes: int = 256 << 10  # per write to one subscriber
+    socket_buffer_bytes: int = 256 << 10  # kernel send buffer per connection
     server_name: str = "audiosockets-relay"
     token: str = ""  # reserved: authentication arrives with a later issue
     limits: Limits = field(default_factory=Limits)
@@ -541,7 +542,7 @@ class Relay:
             self._tasks.discard(task)
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tune_socket(writer)
+        tune_socket(writer, sndbuf=self.config.socket_buffer_bytes)
         writer.transport.set_write_buffer_limits(high=64 * 1024)
         cfg = self.config
         channel = Channel(
@@ -867,18 +868,30 @@ class Relay:
 
     # -- running as a service -------------------------------------------------
 
-    async def run(self, *, signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM)) -> None:
-        """Start, serve until SIGINT/SIGTERM, drain, return (exit code 0)."""
+    async def run(
+        self,
+        *,
+        ready: Callable[[Relay], None] | None = None,
+        signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+    ) -> None:
+        """Serve until SIGINT/SIGTERM (or ``stop()``), then drain and return.
+
+        Signal handlers go in before the socket is bound and ``ready`` is
+        called, so a signal sent as soon as we announce ourselves is handled;
+        the previous handlers are restored on the way out.
+        """
         loop = asyncio.get_running_loop()
-        if self._server is None:
-            await self.start()
         stop = asyncio.Event()
         installed = []
         for sig in signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, stop.set)
                 installed.append(sig)
         try:
+            if self._server is None:
+                await self.start()
+            if ready is not None:
+                ready(self)
             waiter = asyncio.ensure_future(stop.wait())
             stopped = asyncio.ensure_future(self._stopped.wait())
             await asyncio.wait([waiter, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -889,4 +902,3 @@ class Relay:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self.stop()
-

@@ -40,12 +40,21 @@ READ_SIZE = 256 * 1024
 Clock = Callable[[], float]
 
 
-def tune_socket(writer: asyncio.StreamWriter) -> None:
-    """Small frames must leave at once: disable Nagle (the seed's 44 ms floor)."""
+def tune_socket(writer: asyncio.StreamWriter, *, sndbuf: int = 0, rcvbuf: int = 0) -> None:
+    """Small frames must leave at once: disable Nagle (the seed's 44 ms floor).
+
+    ``sndbuf``/``rcvbuf`` cap the kernel buffers. Audio sitting in a kernel
+    buffer is invisible to our bounded queues and drop counters, and Linux
+    autotunes loopback buffers to megabytes, so real-time paths keep them small.
+    """
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sndbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            if rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
 
 
 class Channel:
@@ -143,6 +152,11 @@ class Channel:
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
         if not data:
+            if self.conn.buffered:
+                raise RemoteProtocolError(
+                    f"{self.peer} closed the connection in the middle of a frame "
+                    f"({self.conn.buffered} bytes of it arrived)"
+                )
             raise ConnectionClosed(f"{self.peer} closed the connection")
         self.conn.receive_data(data)
 
@@ -200,6 +214,7 @@ async def connect(
     *,
     limits: Limits | None = None,
     connect_timeout: float = 5.0,
+    rcvbuf: int = 0,
     clock: Clock = time.monotonic,
 ) -> Channel:
     """Open a session: TCP connect, HELLO, wait for WELCOME.
@@ -218,7 +233,7 @@ async def connect(
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise RelayUnreachable(f"cannot reach relay {address}: {reason}") from exc
-    tune_socket(writer)
+    tune_socket(writer, rcvbuf=rcvbuf)
     channel = Channel(reader, writer, Connection("client", limits), clock=clock)
     try:
         channel.send(hello)

@@ -1,0 +1,455 @@
+"""The relay over real loopback sockets: fan-out, groups, slow subscribers,
+restarts, and bad input that must close one connection and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from _support import wait_until
+
+from audiosockets.audio import AudioFormat, SampleType
+from audiosockets.client import Publisher, RetryPolicy, Subscriber
+from audiosockets.errors import ErrorCode
+from audiosockets.metrics import Metrics
+from audiosockets.protocol import (
+    HEADER,
+    MAGIC,
+    Connection,
+    ErrorFrame,
+    FrameType,
+    Hello,
+    Limits,
+    OpenStream,
+    Role,
+)
+from audiosockets.relay import Relay, RelayConfig
+
+FMT = AudioFormat(16000, 1, SampleType.INT16)
+BLOCK = 320  # 20 ms at 16 kHz
+FAST_RETRY = RetryPolicy(initial=0.02, cap=0.2, jitter=0.02, connect_timeout=1.0)
+
+
+def block(seq: int, frames: int = BLOCK, channels: int = 1) -> np.ndarray:
+    """A block whose samples encode its sequence number (checkable end to end)."""
+    return np.full((frames, channels), seq % 30000, dtype=np.int16)
+
+
+def sample(relay: Relay, name: str, **labels: str) -> float:
+    value = relay.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def collect(sub: Subscriber, want: dict[str, int], timeout: float = 10.0) -> dict[str, list[int]]:
+    """Iterate until every stream in ``want`` reached its last seq."""
+    got: dict[str, list[int]] = defaultdict(list)
+    async with asyncio.timeout(timeout):
+        async for chunk in sub:
+            got[chunk.stream].append(chunk.seq)
+            assert int(chunk.samples[0, 0]) == chunk.seq % 30000, "payload does not match seq"
+            if all(got[s] and got[s][-1] >= last for s, last in want.items()):
+                break
+    return got
+
+
+@pytest.fixture
+async def publisher(relay: Relay) -> AsyncIterator[Publisher]:
+    pub = Publisher(relay.url, name="rec", retry=FAST_RETRY, metrics=Metrics())
+    await pub.start()
+    yield pub
+    await pub.close(timeout=0.5)
+
+
+async def start_subscriber(relay: Relay, pattern: str = "*", **kw: object) -> Subscriber:
+    sub = Subscriber(relay.url, pattern, retry=FAST_RETRY, metrics=Metrics(), **kw)  # type: ignore[arg-type]
+    await sub.start()
+    assert await sub.wait_connected(5)
+    await wait_until(lambda: any(s.subscription for s in relay.subscribers if s.name == sub.name),
+                     what="relay to register the subscription")
+    return sub
+
+
+async def test_fanout_every_subscriber_gets_every_chunk(relay: Relay, publisher: Publisher) -> None:
+    subs = [await start_subscriber(relay, "mic-*", name=f"p{i}") for i in range(3)]
+    streams = [publisher.stream(f"mic-{i}", FMT) for i in range(2)]
+    other = publisher.stream("other", FMT)
+    n = 200
+    for seq in range(n):
+        for s in (*streams, other):
+            s.send(block(seq))
+    for sub in subs:
+        got = await collect(sub, {"mic-0": n - 1, "mic-1": n - 1})
+        assert set(got) == {"mic-0", "mic-1"}, "pattern mic-* must not match 'other'"
+        for name in ("mic-0", "mic-1"):
+            assert got[name] == list(range(n)), f"{sub.name}/{name} not contiguous"
+        assert sub.gaps == 0
+    assert sample(relay, "audiosockets_chunks_received_total", stream="mic-0") == n
+    assert sample(relay, "audiosockets_chunks_sent_total", stream="mic-0") == 3 * n
+    assert sample(relay, "audiosockets_connected_clients", role="subscriber") == 3
+    for sub in subs:
+        await sub.close()
+
+
+async def test_subscriber_sees_streams_that_appear_later(relay: Relay, publisher: Publisher) -> None:
+    sub = await start_subscriber(relay, "*", name="late")
+    await wait_until(lambda: publisher.connected.is_set(), what="publisher connected")
+    first = publisher.stream("a", FMT)
+    for seq in range(5):
+        first.send(block(seq))
+    await collect(sub, {"a": 4})
+    second = publisher.stream("b", FMT)
+    for seq in range(5):
+        second.send(block(seq))
+    got = await collect(sub, {"b": 4})
+    assert got["b"] == list(range(5))
+    await sub.close()
+
+
+async def test_earliest_start_replays_the_window(relay: Relay, publisher: Publisher) -> None:
+    s = publisher.stream("mic", FMT)
+    for seq in range(50):
+        s.send(block(seq))
+    assert await publisher.flush(5)
+    await wait_until(lambda: relay.streams.get("mic") is not None and relay.streams["mic"].last_seq == 49)
+    sub = await start_subscriber(relay, "mic", name="from-start", start="earliest")
+    got = await collect(sub, {"mic": 49})
+    assert got["mic"] == list(range(50))
+    await sub.close()
+
+
+async def test_group_gives_each_stream_to_exactly_one_member(relay: Relay, publisher: Publisher) -> None:
+    members = [await start_subscriber(relay, "s-*", group="g", name=f"m{i}") for i in range(3)]
+    streams = [publisher.stream(f"s-{i}", FMT) for i in range(6)]
+    await wait_until(lambda: len(relay.groups["g"].assignment) == 6, what="all streams assigned")
+    n = 100
+    for seq in range(n):
+        for s in streams:
+            s.send(block(seq))
+    owners: dict[str, list[str]] = defaultdict(list)
+    for m in members:
+        want = {name: n - 1 for name, owner in relay.groups["g"].assignment.items() if owner.name == m.name}
+        assert len(want) == 2, "six streams over three members: two each"
+        got = await collect(m, want)
+        for name, seqs in got.items():
+            owners[name].append(m.name)
+            assert seqs == list(range(n))
+    assert sorted(owners) == [f"s-{i}" for i in range(6)]
+    assert all(len(v) == 1 for v in owners.values()), owners
+    for m in members:
+        await m.close()
+
+
+async def test_group_handover_on_leave_loses_nothing(relay: Relay, publisher: Publisher) -> None:
+    a = await start_subscriber(relay, "*", group="g", name="a")
+    b = await start_subscriber(relay, "*", group="g", name="b")
+    streams = [publisher.stream(f"s-{i}", FMT) for i in range(2)]
+    await wait_until(lambda: len(relay.groups["g"].assignment) == 2)
+    owned_by_a = [n for n, m in relay.groups["g"].assignment.items() if m.name == "a"]
+    assert len(owned_by_a) == 1
+    processed: dict[str, set[int]] = defaultdict(set)
+    for seq in range(40):
+        for s in streams:
+            s.send(block(seq))
+    async with asyncio.timeout(10):
+        async for chunk in a:
+            processed[chunk.stream].add(chunk.seq)
+            if chunk.seq == 19:
+                break  # a has processed (and will ACK) up to seq 18/19, then dies
+    channel = a.channel
+    assert channel is not None
+    channel.abort()  # a crash, not a goodbye
+    await a._stop_task(farewell=False)
+    for seq in range(40, 80):
+        for s in streams:
+            s.send(block(seq))
+    got = await collect(b, {"s-0": 79, "s-1": 79})
+    for name, seqs in got.items():
+        processed[name].update(seqs)
+    for name in ("s-0", "s-1"):
+        assert processed[name] == set(range(80)), f"{name}: lost {set(range(80)) - processed[name]}"
+    assert relay.groups["g"].assignment[owned_by_a[0]].name == "b"
+    await b.close()
+
+
+async def test_group_rebalances_when_a_member_joins(relay: Relay, publisher: Publisher) -> None:
+    a = await start_subscriber(relay, "*", group="g", name="a")
+    for i in range(4):
+        publisher.stream(f"s-{i}", FMT)
+    await wait_until(lambda: len(relay.groups["g"].assignment) == 4)
+    b = await start_subscriber(relay, "*", group="g", name="b")
+    group = relay.groups["g"]
+    await wait_until(lambda: sorted(group.load(m) for m in group.members) == [2, 2], what="2/2 split")
+    await a.close()
+    await wait_until(lambda: [group.load(m) for m in group.members] == [4], what="b owns all four")
+    await b.close()
+
+
+@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, queue_seconds=0.3, replay_seconds=60)])
+async def test_stalled_subscriber_loses_only_its_own_chunks_counted_exactly(
+    relay: Relay, publisher: Publisher
+) -> None:
+    fmt = AudioFormat(48000, 2, SampleType.INT16)
+    frames = 4800  # 100 ms, 19.2 kB: a few hundred overflow any socket buffer
+    healthy = await start_subscriber(relay, "mic", name="healthy")
+    stalled = await start_subscriber(relay, "mic", name="stalled", queue_chunks=4)
+    stream = publisher.stream("mic", fmt)
+    await wait_until(lambda: publisher.connected.is_set())
+    n = 300
+    healthy_task = asyncio.create_task(collect(healthy, {"mic": n - 1}, timeout=30))
+    for seq in range(n):
+        stream.send(block(seq, frames, 2))
+        await asyncio.sleep(0.004)  # arrivals spread over > queue_seconds
+    got_healthy = await healthy_task
+    assert got_healthy["mic"] == list(range(n))
+    # Now the stalled one reads everything that is left.
+    got = await collect(stalled, {"mic": n - 1}, timeout=30)
+    received = len(got["mic"])
+    dropped = sample(relay, "audiosockets_chunks_dropped_total", stream="mic", reason="subscriber_slow")
+    assert dropped > 0, "the stall should have cost the stalled subscriber something"
+    assert received + dropped == n
+    assert stalled.gaps == dropped
+    assert got["mic"] == sorted(set(got["mic"]))
+    assert publisher.streams["mic"].dropped == 0
+    assert sample(relay, "audiosockets_chunks_dropped_total", stream="mic", reason="replay_window_exceeded") == 0
+    await healthy.close()
+    await stalled.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def stream_through_restart(url: str, restart: object, *, chunks: int = 150) -> None:
+    """Publish paced chunks, call ``restart()`` midway, check the subscriber
+    saw every seq exactly once, in order."""
+    pub = Publisher(url, name="rec", retry=FAST_RETRY, history_seconds=30)
+    sub = Subscriber(url, "mic", name="proc", retry=FAST_RETRY)
+    await pub.start()
+    await sub.start()
+    stream = pub.stream("mic", FMT)
+    assert await pub.wait_connected(5) and await sub.wait_connected(5)
+    await asyncio.sleep(0.2)  # the subscription must be registered before "live" starts
+    got: list[int] = []
+    duplicates_seen: list[int] = []
+
+    async def consume() -> None:
+        async for chunk in sub:
+            if got and chunk.seq <= got[-1]:
+                duplicates_seen.append(chunk.seq)
+            got.append(chunk.seq)
+            if chunk.seq == chunks - 1:
+                return
+
+    consumer = asyncio.create_task(consume())
+    for seq in range(chunks):
+        stream.send(block(seq))
+        if seq == chunks // 3:
+            await restart()  # type: ignore[operator]
+        await asyncio.sleep(0.01)
+    async with asyncio.timeout(20):
+        await consumer
+    assert duplicates_seen == []
+    assert got == list(range(chunks)), f"missing: {sorted(set(range(chunks)) - set(got))}"
+    assert pub.metrics.registry.get_sample_value("audiosockets_reconnects_total", {"role": "publisher"})
+    assert sub.metrics.registry.get_sample_value("audiosockets_reconnects_total", {"role": "subscriber"})
+    await pub.close(0.5)
+    await sub.close()
+
+
+async def test_graceful_relay_restart_no_gap_no_duplicate() -> None:
+    port = free_port()
+    config = RelayConfig(port=port, heartbeat_interval=0.5)
+    holder = {"relay": Relay(config)}
+    await holder["relay"].start()
+
+    async def restart() -> None:
+        await holder["relay"].stop()
+        holder["relay"] = Relay(config)
+        await holder["relay"].start()
+
+    try:
+        await stream_through_restart(f"tcp://127.0.0.1:{port}", restart)
+    finally:
+        await holder["relay"].stop()
+
+
+def spawn_relay(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audiosockets", "--log-level", "warning", "relay",
+         "--listen", f"tcp://127.0.0.1:{port}", "--metrics-port", "0", "--heartbeat-seconds", "0.5"],
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline()  # "relay listening on ..." once bound
+    assert b"listening" in line, line
+    return proc
+
+
+async def test_relay_sigkill_and_restart_no_gap_no_duplicate() -> None:
+    port = free_port()
+    holder = {"proc": await asyncio.to_thread(spawn_relay, port)}
+
+    async def crash_and_restart() -> None:
+        holder["proc"].send_signal(signal.SIGKILL)
+        await asyncio.to_thread(holder["proc"].wait)
+        await asyncio.sleep(0.5)  # the outage: chunks keep being produced
+        holder["proc"] = await asyncio.to_thread(spawn_relay, port)
+
+    try:
+        await stream_through_restart(f"tcp://127.0.0.1:{port}", crash_and_restart)
+    finally:
+        holder["proc"].kill()
+        holder["proc"].wait()
+
+
+async def test_relay_exits_zero_on_sigterm() -> None:
+    proc = await asyncio.to_thread(spawn_relay, free_port())
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 10) == 0
+
+
+# --- bad input --------------------------------------------------------------
+
+
+def frame(ftype: int, payload: bytes, *, version: int = 1, length: int | None = None) -> bytes:
+    n = len(payload) if length is None else length
+    return HEADER.pack(MAGIC, version, ftype, n) + payload
+
+
+def hello_bytes(role: Role = Role.PUBLISHER) -> bytes:
+    return Connection("client").send(Hello(role, "attacker"))
+
+
+def publisher_preamble() -> bytes:
+    conn = Connection("client")
+    data = conn.send(Hello(Role.PUBLISHER, "attacker"))
+    conn.state = conn.state.OPEN  # we do not wait for WELCOME on a raw socket
+    return data + conn.send(OpenStream(1, "evil", FMT))
+
+
+BAD_INPUTS = {
+    "garbage": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", ErrorCode.MALFORMED_FRAME),
+    "wrong_version": (frame(FrameType.HELLO, b"\x01\x00\x00\x00\x00\x00", version=9), ErrorCode.UNSUPPORTED_VERSION),
+    "oversized": (frame(FrameType.HELLO, b"", length=0xFFFF_FFF0), ErrorCode.FRAME_TOO_LARGE),
+    "truncated_payload": (frame(FrameType.HELLO, b"\x01"), ErrorCode.MALFORMED_FRAME),
+    "truncated_then_eof": (frame(FrameType.HELLO, b"\x01\x00", length=40), ErrorCode.MALFORMED_FRAME),
+    "chunk_before_hello": (frame(FrameType.CHUNK, bytes(20)), ErrorCode.UNEXPECTED_FRAME),
+    "unknown_stream": (
+        hello_bytes() + frame(FrameType.CHUNK, struct.pack(">IQq", 7, 0, 0) + b"\x00\x00"),
+        ErrorCode.UNKNOWN_STREAM,
+    ),
+    "odd_payload": (
+        publisher_preamble() + frame(FrameType.CHUNK, struct.pack(">IQq", 1, 0, 0) + b"\x00\x00\x00"),
+        ErrorCode.BAD_FORMAT,
+    ),
+}
+
+
+def read_reply(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """Read frames until the relay closes the socket."""
+    data = b""
+    sock.settimeout(10)
+    while True:
+        try:
+            part = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not part:
+            break
+        data += part
+    frames = []
+    while len(data) >= HEADER.size:
+        _magic, _v, ftype, n = HEADER.unpack_from(data)
+        frames.append((ftype, data[HEADER.size : HEADER.size + n]))
+        data = data[HEADER.size + n :]
+    return frames
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+async def test_bad_input_closes_only_that_connection(relay: Relay, publisher: Publisher, case: str) -> None:
+    payload, code = BAD_INPUTS[case]
+    sub = await start_subscriber(relay, "mic", name="bystander")
+    stream = publisher.stream("mic", FMT)
+    for seq in range(20):
+        stream.send(block(seq))
+    await collect(sub, {"mic": 19})
+
+    def attack() -> list[tuple[int, bytes]]:
+        with socket.create_connection(("127.0.0.1", relay.address.port)) as sock:  # type: ignore[union-attr]
+            sock.sendall(payload)
+            if case == "truncated_then_eof":
+                sock.shutdown(socket.SHUT_WR)
+            return read_reply(sock)
+
+    reply = await asyncio.to_thread(attack)
+    errors = [p for t, p in reply if t == FrameType.ERROR]
+    assert errors, f"no ERROR frame in reply {reply!r}"
+    got_code = struct.unpack(">H", errors[-1][:2])[0]
+    message = errors[-1][4:].decode()
+    assert got_code == code, message
+    assert message, "the error frame must say why"
+    assert sample(relay, "audiosockets_protocol_errors_total", reason=code.name.lower()) == 1
+    # Everything else carries on.
+    for seq in range(20, 40):
+        stream.send(block(seq))
+    got = await collect(sub, {"mic": 39})
+    assert got["mic"] == list(range(20, 40))
+    assert publisher.connected.is_set() and publisher.sessions == 1
+    await sub.close()
+
+
+@pytest.mark.parametrize(
+    "relay_config", [RelayConfig(port=0, limits=Limits(handshake_timeout=0.3), heartbeat_interval=0.2)]
+)
+async def test_handshake_timeout_and_half_open_peer(relay: Relay) -> None:
+    port = relay.address.port  # type: ignore[union-attr]
+
+    def silent() -> list[tuple[int, bytes]]:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            return read_reply(sock)
+
+    reply = await asyncio.to_thread(silent)
+    assert reply[-1][0] == FrameType.ERROR
+    assert struct.unpack(">H", reply[-1][1][:2])[0] == ErrorCode.HANDSHAKE_TIMEOUT
+    assert sample(relay, "audiosockets_protocol_errors_total", reason="handshake_timeout") == 1
+
+    def half_open() -> float:
+        # Completes the handshake, then never sends again: dead after 3 heartbeats.
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(hello_bytes(Role.SUBSCRIBER))
+            start = time.monotonic()
+            read_reply(sock)
+            return time.monotonic() - start
+
+    elapsed = await asyncio.to_thread(half_open)
+    assert elapsed >= 0.5, "closed before three heartbeat intervals"
+    await wait_until(lambda: sample(relay, "audiosockets_connected_clients", role="subscriber") == 0)
+
+
+async def test_error_frame_in_reply_is_decodable(relay: Relay) -> None:
+    """Clients get a frame they can decode, with a sentence, not just a reset."""
+    port = relay.address.port  # type: ignore[union-attr]
+
+    def attack() -> list[tuple[int, bytes]]:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"\x00" * 64)
+            return read_reply(sock)
+
+    reply = await asyncio.to_thread(attack)
+    client = Connection("client")
+    client.send(Hello(Role.SUBSCRIBER, "x"))
+    client.receive_data(b"".join(frame(t, p) for t, p in reply))
+    event = client.next_event()
+    assert isinstance(event, ErrorFrame)
+    assert "magic" in event.message
