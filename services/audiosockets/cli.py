@@ -273,3 +273,69 @@ def devices() -> None:
 
 
 # --- process, demo (processor) ----------------------------------------------
+
+
+@main.command()
+@click.option("--relay", "relay_url", default="tcp://127.0.0.1:7400", help="Relay to subscribe to.")
+@click.option("--stream", default="*", help="Streams to process (shell pattern, e.g. mic-*).")
+@click.option("--group", default=None, help="Share the streams with the other group members.")
+@click.option(
+    "--handler",
+    "handler_spec",
+    required=True,
+    help="level, vad, archive:DIR, spectrum, package.module:callable or path/file.py:callable.",
+)
+@click.option("--workers", type=click.IntRange(0, 256), default=0,
+              help="0: run the handler in a thread; N: in N worker processes (CPU-heavy handlers).")
+@click.option("--backlog-seconds", type=click.FloatRange(0, min_open=True), default=10.0,
+              help="Audio waiting for the handler; beyond it the oldest chunks are dropped.")
+@click.option("--events", type=click.Path(dir_okay=False), default=None,
+              help="Append handler events (JSON lines) to this file instead of stdout.")
+@click.option("--segment-seconds", type=click.FloatRange(0, min_open=True), default=60.0,
+              help="archive: length of one WAV segment.")
+@click.option("--max-failures", type=click.IntRange(0), default=100,
+              help="Exit with status 6 after this many handler failures in a row (0: never).")
+@click.option("--start", type=click.Choice(["live", "earliest"]), default="live",
+              help="live: from now; earliest: from the oldest audio the relay still holds.")
+@click.option("--name", default=None, help="Client name at the relay (default process-HANDLER).")
+@click.option("--token", default=None, help="Shared secret, if the relay requires one.")
+@metrics_port_option(9402)
+@user_errors
+def process(
+    relay_url: str,
+    stream: str,
+    group: str | None,
+    handler_spec: str,
+    workers: int,
+    backlog_seconds: float,
+    events: str | None,
+    segment_seconds: float,
+    max_failures: int,
+    start: Literal["live", "earliest"],
+    name: str | None,
+    token: str | None,
+    metrics_port: int,
+) -> None:
+    """Run a handler on every chunk of the matching streams."""
+    from .handlers import HandlerOptions
+    from .processor import ProcessorConfig, check_handler, parse_spec, serve
+
+    parse_url(relay_url)
+    # A bad spec is one line before anything connects.
+    check_handler(parse_spec(handler_spec), HandlerOptions(segment_seconds=segment_seconds))
+    config = ProcessorConfig(
+        handler=handler_spec,
+        relay=relay_url,
+        stream=stream,
+        group=group,
+        name=name,
+        workers=workers,
+        metrics_port=metrics_port,
+        backlog_seconds=backlog_seconds,
+        events=events,
+        segment_seconds=segment_seconds,
+        exit_after=max_failures,
+        start=start,
+        token=token,
+    )
+    asyncio.run(serve(config))

@@ -878,6 +878,7 @@ class ProcessorConfig:
     events: str | None = None  # path; None means stdout
     segment_seconds: float = 60.0
     exit_after: int = 100
+    start: Literal["live", "earliest"] = "live"
     token: str | None = None
 
 
@@ -920,6 +921,7 @@ async def serve(config: ProcessorConfig, *, metrics: Metrics | None = None) -> N
             config.stream,
             group=config.group or "",
             name=config.name or f"process-{spec.name}",
+            start=config.start,
             token=config.token or "",
             metrics=metrics,
         )
