@@ -1,0 +1,145 @@
+"""A private PulseAudio server with a null sink, so PortAudio captures real audio
+on a machine without a sound card.
+
+The daemon runs in the foreground as our child (never ``-D``), with no default
+script (``-n``): only the native protocol on a socket in a temp dir and one null
+sink, whose monitor is the default source. Clients find it through
+``PULSE_SERVER``; PortAudio reaches it through ALSA's ``pulse`` plugin
+(libasound2-plugins), which makes ALSA's ``default`` device PulseAudio whenever a
+server is reachable when the client process starts. So the recorder under test
+runs as a subprocess started with ``PulseServer.env``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _support import require
+
+SINK = "audiosockets_test"
+TOOLS = ("pulseaudio", "pactl", "paplay")
+
+
+def require_pulse() -> None:
+    for tool in TOOLS:
+        require(
+            shutil.which(tool) is not None,
+            f"{tool} is not installed (apt: pulseaudio, pulseaudio-utils)",
+        )
+    require(
+        Path("/usr/lib/x86_64-linux-gnu/alsa-lib/libasound_module_pcm_pulse.so").exists()
+        or any(Path("/usr/lib").glob("*/alsa-lib/libasound_module_pcm_pulse.so")),
+        "ALSA's pulse plugin is not installed (apt: libasound2-plugins)",
+    )
+
+
+@dataclass
+class PulseServer:
+    """A running daemon; ``env`` is what a client process needs to reach it."""
+
+    root: Path
+    process: subprocess.Popen[bytes]
+    env: dict[str, str] = field(default_factory=dict)
+    sink: str = SINK
+
+    @property
+    def log(self) -> str:
+        path = self.root / "pulseaudio.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def pactl(self, *args: str) -> str:
+        done = subprocess.run(
+            ["pactl", *args], env=self.env, capture_output=True, text=True, timeout=10, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"pactl {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def play(self, wav: Path) -> subprocess.Popen[bytes]:
+        """Start playing ``wav`` into the null sink (paplay paces it in real time)."""
+        return subprocess.Popen(
+            ["paplay", f"--device={self.sink}", str(wav)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_pulse(rate: int = 22050, channels: int = 1, timeout: float = 15.0) -> PulseServer:
+    """Start a daemon whose null sink runs at ``rate``/``channels`` (no resampling)."""
+    require_pulse()
+    # A short path: a unix socket path must fit in 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="as-pulse-"))
+    runtime = root / "run"
+    runtime.mkdir(mode=0o700)
+    socket = runtime / "native"
+    env = dict(os.environ)
+    env.update(
+        PULSE_SERVER=f"unix:{socket}",
+        XDG_RUNTIME_DIR=str(runtime),
+        PULSE_RUNTIME_PATH=str(runtime / "pulse"),
+        PULSE_STATE_PATH=str(root / "state"),
+        PULSE_COOKIE=str(root / "cookie"),
+        HOME=str(root),
+    )
+    env.pop("DISPLAY", None)
+    log = (root / "pulseaudio.log").open("wb")
+    process = subprocess.Popen(
+        [
+            "pulseaudio",
+            "--daemonize=no",
+            "-n",  # no default.pa: load exactly what we say
+            "--exit-idle-time=-1",
+            "--use-pid-file=no",
+            "--disable-shm=yes",
+            "--log-target=stderr",
+            "--log-level=warning",
+            "-L",
+            f"module-native-protocol-unix socket={socket} auth-anonymous=1",
+            "-L",
+            f"module-null-sink sink_name={SINK} rate={rate} channels={channels} "
+            "sink_properties=device.description=audiosockets-test",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    server = PulseServer(root, process, env)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            text = server.log
+            server.stop()
+            raise RuntimeError(f"pulseaudio exited with {process.returncode}: {text[-2000:]}")
+        try:
+            server.pactl("info")
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                text = server.log
+                server.stop()
+                raise RuntimeError(
+                    f"pulseaudio did not answer within {timeout:g} s: {text[-2000:]}"
+                ) from None
+            time.sleep(0.05)
+    server.pactl("set-default-sink", SINK)
+    server.pactl("set-default-source", f"{SINK}.monitor")
+    return server
