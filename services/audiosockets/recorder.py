@@ -9,9 +9,9 @@ Invariants:
 - A device that vanishes is reopened with tenacity (backoff, no limit while running);
   the silence in between is counted as a capture gap (count and seconds), never
   filled in and never a crash. A bad source at start-up is an error, not a retry.
-- Source counters (PortAudio overflows, hand-off ring drops) are copied into
-  Prometheus by the capture loop, as deltas, so the audio callback never touches
-  a metric.
+- Source counters (PortAudio overflows, hand-off ring drops) are cumulative over
+  the source's life, reopenings included; the capture loop copies their deltas
+  into Prometheus, so the audio callback never touches a metric.
 - Stopping: ``stop()`` sets an event; ``run`` then cancels capture, flushes what the
   relay takes within ``flush_timeout`` and closes the Publisher.
 
@@ -316,8 +316,6 @@ class Recorder:
     async def _reopen(self) -> None:
         await self.source.close()
         self._gap_pending = True
-        # Counters restart with a reopened source.
-        self._seen_overflows = self._seen_dropped = 0
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(DeviceError),
             wait=wait_exponential(multiplier=0.1, max=self.config.retry_max_wait),
