@@ -1,0 +1,141 @@
+"""``archive:DIR``: gapless, atomic, sample-exact WAV segments."""
+
+from __future__ import annotations
+
+import json
+import struct
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from processor_support import T0_NS, Harness, to_chunks
+
+from audiosockets.audio import Chunk, SampleType
+from audiosockets.errors import HandlerError
+from audiosockets.handlers import HandlerOptions
+
+RATE = 8000
+
+
+def random_chunks(
+    n: int, frames: int = 800, stream: str = "mic-1", channels: int = 1
+) -> list[Chunk]:
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-0.9, 0.9, size=(n * frames, channels))
+    return to_chunks(x, RATE, frames, stream=stream)
+
+
+def read_pcm(path: Path) -> bytes:
+    with wave.open(str(path)) as w:
+        assert w.getframerate() == RATE
+        return w.readframes(w.getnframes())
+
+
+def archive(tmp_path: Path, segment_seconds: float = 1.0) -> Harness:
+    return Harness(f"archive:{tmp_path}", HandlerOptions(segment_seconds=segment_seconds))
+
+
+def test_segments_concatenate_to_exactly_what_was_sent(tmp_path: Path) -> None:
+    chunks = random_chunks(35)  # 3.5 s in 0.1 s chunks, 1 s segments
+    h = archive(tmp_path)
+    h.feed(chunks)
+    h.close()
+    wavs = sorted(tmp_path.glob("*.wav"))
+    assert len(wavs) == 4
+    assert b"".join(read_pcm(p) for p in wavs) == b"".join(bytes(c.payload) for c in chunks)
+    assert [read_pcm(p).__len__() // 2 for p in wavs] == [8000, 8000, 8000, 4000]
+    sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in wavs]
+    assert [s["ended_by"] for s in sidecars] == ["rotation", "rotation", "rotation", "shutdown"]
+    assert [(s["first_seq"], s["last_seq"]) for s in sidecars] == [
+        (0, 9),
+        (10, 19),
+        (20, 29),
+        (30, 34),
+    ]
+    assert sidecars[1]["captured_ns"] == T0_NS + 1_000_000_000
+    assert h.value("audiosockets_archive_segments_total", stream="mic-1") == 4
+    assert h.value("audiosockets_archive_bytes_total", stream="mic-1") == 35 * 800 * 2
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_names_carry_stream_and_capture_time_and_sort_in_capture_order(tmp_path: Path) -> None:
+    h = archive(tmp_path, segment_seconds=0.5)
+    h.feed(random_chunks(30, stream="room/left"))
+    h.close()
+    names = [p.name for p in tmp_path.glob("*.wav")]
+    assert sorted(names) == sorted(
+        names,
+        key=lambda n: json.loads((tmp_path / n).with_suffix(".json").read_text())["captured_ns"],
+    )
+    assert sorted(names)[0] == "room_left_20231114T221320.000000Z_0000000000.wav"
+
+
+def test_a_gap_closes_the_segment_and_is_recorded_not_papered_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    chunks = random_chunks(20)
+    kept = chunks[:7] + chunks[12:]
+    h = archive(tmp_path, segment_seconds=60)
+    h.feed(kept)
+    h.close()
+    wavs = sorted(tmp_path.glob("*.wav"))
+    assert len(wavs) == 2
+    assert read_pcm(wavs[0]) == b"".join(bytes(c.payload) for c in chunks[:7])
+    assert read_pcm(wavs[1]) == b"".join(bytes(c.payload) for c in chunks[12:])
+    first, second = (json.loads(p.with_suffix(".json").read_text()) for p in wavs)
+    gap = {"expected_seq": 7, "next_seq": 12, "missing_chunks": 5}
+    assert first["ended_by"] == "gap"
+    assert first["gap_after"] == gap
+    assert second["gap_before"] == gap
+    assert second["first_seq"] == 12
+    assert "5 chunk(s) missing" in caplog.text
+
+
+def test_duplicates_are_not_written_twice(tmp_path: Path) -> None:
+    chunks = random_chunks(10)
+    h = archive(tmp_path, segment_seconds=60)
+    h.feed(chunks[:6] + chunks[4:])  # at-least-once redelivery of seq 4 and 5
+    h.close()
+    (wav,) = tmp_path.glob("*.wav")
+    assert read_pcm(wav) == b"".join(bytes(c.payload) for c in chunks)
+
+
+def test_an_open_segment_is_never_named_as_complete(tmp_path: Path) -> None:
+    h = archive(tmp_path, segment_seconds=60)
+    h.feed(random_chunks(5))  # no close(): as if the process died here
+    assert not list(tmp_path.glob("*.wav"))
+    (part,) = tmp_path.glob(".*.part")
+    assert part.name.endswith(".wav.part")
+    h.close()
+    assert len(list(tmp_path.glob("*.wav"))) == 1
+
+
+def test_float32_segments_have_an_ieee_float_header(tmp_path: Path) -> None:
+    x = np.linspace(-1, 1, 1600)
+    chunks = to_chunks(x, RATE, 400, sample_type=SampleType.FLOAT32)
+    h = archive(tmp_path)
+    h.feed(chunks)
+    h.close()
+    (wav,) = tmp_path.glob("*.wav")
+    data = wav.read_bytes()
+    assert data[:4] == b"RIFF"
+    assert struct.unpack("<I", data[4:8])[0] == len(data) - 8
+    assert struct.unpack("<HHI", data[20:28]) == (3, 1, RATE)
+    body = data.index(b"data")
+    size = struct.unpack("<I", data[body + 4 : body + 8])[0]
+    np.testing.assert_array_equal(
+        np.frombuffer(data[body + 8 : body + 8 + size], "<f4"), x.astype("<f4")
+    )
+
+
+def test_archive_without_directory_is_a_clear_error() -> None:
+    with pytest.raises(HandlerError, match=r"archive needs an argument: archive:DIR"):
+        Harness("archive")
+
+
+def test_unwritable_archive_directory_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(HandlerError, match="archive directory"):
+        Harness(f"archive:{blocker}/sub")
