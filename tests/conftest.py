@@ -10,13 +10,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from audiosockets.metrics import Metrics  # noqa: E402
-from audiosockets.relay import Relay, RelayConfig  # noqa: E402
+from audiosockets.metrics import Metrics
+from audiosockets.relay import Relay, RelayConfig
 
 
 @pytest.fixture
 def relay_config() -> RelayConfig:
-    return RelayConfig(host="127.0.0.1", port=0, replay_seconds=30.0, queue_seconds=2.0, heartbeat_interval=1.0)
+    return RelayConfig(
+        host="127.0.0.1", port=0, replay_seconds=30.0, queue_seconds=2.0, heartbeat_interval=1.0
+    )
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-from _support import wait_until
 
+from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import Publisher, RetryPolicy, Subscriber
 from audiosockets.errors import ErrorCode
@@ -49,7 +49,9 @@ def sample(relay: Relay, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-async def collect(sub: Subscriber, want: dict[str, int], timeout: float = 10.0) -> dict[str, list[int]]:
+async def collect(
+    sub: Subscriber, want: dict[str, int], timeout: float = 10.0
+) -> dict[str, list[int]]:
     """Iterate until every stream in ``want`` reached its last seq."""
     got: dict[str, list[int]] = defaultdict(list)
     async with asyncio.timeout(timeout):
@@ -73,8 +75,10 @@ async def start_subscriber(relay: Relay, pattern: str = "*", **kw: object) -> Su
     sub = Subscriber(relay.url, pattern, retry=FAST_RETRY, metrics=Metrics(), **kw)  # type: ignore[arg-type]
     await sub.start()
     assert await sub.wait_connected(5)
-    await wait_until(lambda: any(s.subscription for s in relay.subscribers if s.name == sub.name),
-                     what="relay to register the subscription")
+    await wait_until(
+        lambda: any(s.subscription for s in relay.subscribers if s.name == sub.name),
+        what="relay to register the subscription",
+    )
     return sub
 
 
@@ -99,7 +103,9 @@ async def test_fanout_every_subscriber_gets_every_chunk(relay: Relay, publisher:
         await sub.close()
 
 
-async def test_subscriber_sees_streams_that_appear_later(relay: Relay, publisher: Publisher) -> None:
+async def test_subscriber_sees_streams_that_appear_later(
+    relay: Relay, publisher: Publisher
+) -> None:
     sub = await start_subscriber(relay, "*", name="late")
     await wait_until(lambda: publisher.connected.is_set(), what="publisher connected")
     first = publisher.stream("a", FMT)
@@ -119,14 +125,18 @@ async def test_earliest_start_replays_the_window(relay: Relay, publisher: Publis
     for seq in range(50):
         s.send(block(seq))
     assert await publisher.flush(5)
-    await wait_until(lambda: relay.streams.get("mic") is not None and relay.streams["mic"].last_seq == 49)
+    await wait_until(
+        lambda: relay.streams.get("mic") is not None and relay.streams["mic"].last_seq == 49
+    )
     sub = await start_subscriber(relay, "mic", name="from-start", start="earliest")
     got = await collect(sub, {"mic": 49})
     assert got["mic"] == list(range(50))
     await sub.close()
 
 
-async def test_group_gives_each_stream_to_exactly_one_member(relay: Relay, publisher: Publisher) -> None:
+async def test_group_gives_each_stream_to_exactly_one_member(
+    relay: Relay, publisher: Publisher
+) -> None:
     members = [await start_subscriber(relay, "s-*", group="g", name=f"m{i}") for i in range(3)]
     streams = [publisher.stream(f"s-{i}", FMT) for i in range(6)]
     await wait_until(lambda: len(relay.groups["g"].assignment) == 6, what="all streams assigned")
@@ -136,7 +146,11 @@ async def test_group_gives_each_stream_to_exactly_one_member(relay: Relay, publi
             s.send(block(seq))
     owners: dict[str, list[str]] = defaultdict(list)
     for m in members:
-        want = {name: n - 1 for name, owner in relay.groups["g"].assignment.items() if owner.name == m.name}
+        want = {
+            name: n - 1
+            for name, owner in relay.groups["g"].assignment.items()
+            if owner.name == m.name
+        }
         assert len(want) == 2, "six streams over three members: two each"
         got = await collect(m, want)
         for name, seqs in got.items():
@@ -187,13 +201,17 @@ async def test_group_rebalances_when_a_member_joins(relay: Relay, publisher: Pub
     await wait_until(lambda: len(relay.groups["g"].assignment) == 4)
     b = await start_subscriber(relay, "*", group="g", name="b")
     group = relay.groups["g"]
-    await wait_until(lambda: sorted(group.load(m) for m in group.members) == [2, 2], what="2/2 split")
+    await wait_until(
+        lambda: sorted(group.load(m) for m in group.members) == [2, 2], what="2/2 split"
+    )
     await a.close()
     await wait_until(lambda: [group.load(m) for m in group.members] == [4], what="b owns all four")
     await b.close()
 
 
-@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, queue_seconds=0.3, replay_seconds=60)])
+@pytest.mark.parametrize(
+    "relay_config", [RelayConfig(port=0, queue_seconds=0.3, replay_seconds=60)]
+)
 async def test_stalled_subscriber_loses_only_its_own_chunks_counted_exactly(
     relay: Relay, publisher: Publisher
 ) -> None:
@@ -213,13 +231,23 @@ async def test_stalled_subscriber_loses_only_its_own_chunks_counted_exactly(
     # Now the stalled one reads everything that is left.
     got = await collect(stalled, {"mic": n - 1}, timeout=30)
     received = len(got["mic"])
-    dropped = sample(relay, "audiosockets_chunks_dropped_total", stream="mic", reason="subscriber_slow")
+    dropped = sample(
+        relay, "audiosockets_chunks_dropped_total", stream="mic", reason="subscriber_slow"
+    )
     assert dropped > 0, "the stall should have cost the stalled subscriber something"
     assert received + dropped == n
     assert stalled.gaps == dropped
     assert got["mic"] == sorted(set(got["mic"]))
     assert publisher.streams["mic"].dropped == 0
-    assert sample(relay, "audiosockets_chunks_dropped_total", stream="mic", reason="replay_window_exceeded") == 0
+    assert (
+        sample(
+            relay,
+            "audiosockets_chunks_dropped_total",
+            stream="mic",
+            reason="replay_window_exceeded",
+        )
+        == 0
+    )
     await healthy.close()
     await stalled.close()
 
@@ -238,7 +266,8 @@ async def stream_through_restart(url: str, restart: object, *, chunks: int = 150
     await pub.start()
     await sub.start()
     stream = pub.stream("mic", FMT)
-    assert await pub.wait_connected(5) and await sub.wait_connected(5)
+    assert await pub.wait_connected(5)
+    assert await sub.wait_connected(5)
     await asyncio.sleep(0.2)  # the subscription must be registered before "live" starts
     got: list[int] = []
     duplicates_seen: list[int] = []
@@ -261,8 +290,12 @@ async def stream_through_restart(url: str, restart: object, *, chunks: int = 150
         await consumer
     assert duplicates_seen == []
     assert got == list(range(chunks)), f"missing: {sorted(set(range(chunks)) - set(got))}"
-    assert pub.metrics.registry.get_sample_value("audiosockets_reconnects_total", {"role": "publisher"})
-    assert sub.metrics.registry.get_sample_value("audiosockets_reconnects_total", {"role": "subscriber"})
+    assert pub.metrics.registry.get_sample_value(
+        "audiosockets_reconnects_total", {"role": "publisher"}
+    )
+    assert sub.metrics.registry.get_sample_value(
+        "audiosockets_reconnects_total", {"role": "subscriber"}
+    )
     await pub.close(0.5)
     await sub.close()
 
@@ -286,8 +319,20 @@ async def test_graceful_relay_restart_no_gap_no_duplicate() -> None:
 
 def spawn_relay(port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "audiosockets", "--log-level", "warning", "relay",
-         "--listen", f"tcp://127.0.0.1:{port}", "--metrics-port", "0", "--heartbeat-seconds", "0.5"],
+        [
+            sys.executable,
+            "-m",
+            "audiosockets",
+            "--log-level",
+            "warning",
+            "relay",
+            "--listen",
+            f"tcp://127.0.0.1:{port}",
+            "--metrics-port",
+            "0",
+            "--heartbeat-seconds",
+            "0.5",
+        ],
         stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
@@ -340,17 +385,24 @@ def publisher_preamble() -> bytes:
 
 BAD_INPUTS = {
     "garbage": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", ErrorCode.MALFORMED_FRAME),
-    "wrong_version": (frame(FrameType.HELLO, b"\x01\x00\x00\x00\x00\x00", version=9), ErrorCode.UNSUPPORTED_VERSION),
+    "wrong_version": (
+        frame(FrameType.HELLO, b"\x01\x00\x00\x00\x00\x00", version=9),
+        ErrorCode.UNSUPPORTED_VERSION,
+    ),
     "oversized": (frame(FrameType.HELLO, b"", length=0xFFFF_FFF0), ErrorCode.FRAME_TOO_LARGE),
     "truncated_payload": (frame(FrameType.HELLO, b"\x01"), ErrorCode.MALFORMED_FRAME),
-    "truncated_then_eof": (frame(FrameType.HELLO, b"\x01\x00", length=40), ErrorCode.MALFORMED_FRAME),
+    "truncated_then_eof": (
+        frame(FrameType.HELLO, b"\x01\x00", length=40),
+        ErrorCode.MALFORMED_FRAME,
+    ),
     "chunk_before_hello": (frame(FrameType.CHUNK, bytes(20)), ErrorCode.UNEXPECTED_FRAME),
     "unknown_stream": (
         hello_bytes() + frame(FrameType.CHUNK, struct.pack(">IQq", 7, 0, 0) + b"\x00\x00"),
         ErrorCode.UNKNOWN_STREAM,
     ),
     "odd_payload": (
-        publisher_preamble() + frame(FrameType.CHUNK, struct.pack(">IQq", 1, 0, 0) + b"\x00\x00\x00"),
+        publisher_preamble()
+        + frame(FrameType.CHUNK, struct.pack(">IQq", 1, 0, 0) + b"\x00\x00\x00"),
         ErrorCode.BAD_FORMAT,
     ),
 }
@@ -377,7 +429,9 @@ def read_reply(sock: socket.socket) -> list[tuple[int, bytes]]:
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-async def test_bad_input_closes_only_that_connection(relay: Relay, publisher: Publisher, case: str) -> None:
+async def test_bad_input_closes_only_that_connection(
+    relay: Relay, publisher: Publisher, case: str
+) -> None:
     payload, code = BAD_INPUTS[case]
     sub = await start_subscriber(relay, "mic", name="bystander")
     stream = publisher.stream("mic", FMT)
@@ -405,12 +459,14 @@ async def test_bad_input_closes_only_that_connection(relay: Relay, publisher: Pu
         stream.send(block(seq))
     got = await collect(sub, {"mic": 39})
     assert got["mic"] == list(range(20, 40))
-    assert publisher.connected.is_set() and publisher.sessions == 1
+    assert publisher.connected.is_set()
+    assert publisher.sessions == 1
     await sub.close()
 
 
 @pytest.mark.parametrize(
-    "relay_config", [RelayConfig(port=0, limits=Limits(handshake_timeout=0.3), heartbeat_interval=0.2)]
+    "relay_config",
+    [RelayConfig(port=0, limits=Limits(handshake_timeout=0.3), heartbeat_interval=0.2)],
 )
 async def test_handshake_timeout_and_half_open_peer(relay: Relay) -> None:
     port = relay.address.port  # type: ignore[union-attr]
@@ -434,7 +490,9 @@ async def test_handshake_timeout_and_half_open_peer(relay: Relay) -> None:
 
     elapsed = await asyncio.to_thread(half_open)
     assert elapsed >= 0.5, "closed before three heartbeat intervals"
-    await wait_until(lambda: sample(relay, "audiosockets_connected_clients", role="subscriber") == 0)
+    await wait_until(
+        lambda: sample(relay, "audiosockets_connected_clients", role="subscriber") == 0
+    )
 
 
 async def test_error_frame_in_reply_is_decodable(relay: Relay) -> None:

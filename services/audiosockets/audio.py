@@ -61,7 +61,7 @@ _LABELS: dict[SampleType, DTypeName] = {
     SampleType.INT32: "int32",
     SampleType.FLOAT32: "float32",
 }
-_BY_NAME = {label: st for st, label in _LABELS.items()}
+_BY_NAME: dict[str, SampleType] = {label: st for st, label in _LABELS.items()}
 
 MAX_RATE = 768_000
 MAX_CHANNELS = 64

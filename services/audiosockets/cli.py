@@ -64,7 +64,7 @@ def run_async(coro: Coroutine[Any, Any, T], loop: LoopName = "auto") -> T:
             if loop == "uvloop":
                 raise ConfigError("--loop uvloop asked for, but uvloop is not installed") from None
         else:
-            return uvloop.run(coro)  # type: ignore[no-any-return]
+            return uvloop.run(coro)
     return asyncio.run(coro)
 
 
@@ -105,15 +105,34 @@ def main(log_level: str) -> None:
 @main.command()
 @click.option("--listen", default="tcp://0.0.0.0:7400", help="Address to accept clients on.")
 @metrics_port_option(9400)
-@click.option("--replay-seconds", type=click.FloatRange(0), default=30.0,
-              help="Audio kept per stream for resuming subscribers.")
-@click.option("--queue-seconds", type=click.FloatRange(0, min_open=True), default=2.0,
-              help="How far a subscriber may fall behind live audio before its oldest chunks drop.")
-@click.option("--heartbeat-seconds", type=click.FloatRange(0, min_open=True), default=2.0,
-              help="PING interval; a peer silent for 3 intervals is dead.")
-@click.option("--max-frame-bytes", type=click.IntRange(64), default=1 << 20, help="Largest frame accepted.")
-@click.option("--loop", "loop_name", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
-              help="Event loop implementation.")
+@click.option(
+    "--replay-seconds",
+    type=click.FloatRange(0),
+    default=30.0,
+    help="Audio kept per stream for resuming subscribers.",
+)
+@click.option(
+    "--queue-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=2.0,
+    help="How far a subscriber may fall behind live audio before its oldest chunks drop.",
+)
+@click.option(
+    "--heartbeat-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=2.0,
+    help="PING interval; a peer silent for 3 intervals is dead.",
+)
+@click.option(
+    "--max-frame-bytes", type=click.IntRange(64), default=1 << 20, help="Largest frame accepted."
+)
+@click.option(
+    "--loop",
+    "loop_name",
+    type=click.Choice(["auto", "asyncio", "uvloop"]),
+    default="auto",
+    help="Event loop implementation.",
+)
 @user_errors
 def relay(
     listen: str,
@@ -151,7 +170,9 @@ def relay(
 @main.command()
 @click.option("--relay", "relay_url", default="tcp://127.0.0.1:7400", help="Relay to ask.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw report as JSON.")
-@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait.")
+@click.option(
+    "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait."
+)
 @user_errors
 def status(relay_url: str, as_json: bool, timeout: float) -> None:
     """Show a relay's streams, clients, groups and drops."""
@@ -162,6 +183,98 @@ def status(relay_url: str, as_json: bool, timeout: float) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(format_status(report))
+
+
+@main.command()
+@click.option(
+    "--streams", type=click.IntRange(1), default=10, help="Synthetic publishers, one stream each."
+)
+@click.option(
+    "--subscribers", type=click.IntRange(1), default=2, help="Subscribers (all streams each)."
+)
+@click.option(
+    "--group", default="", help="Put the subscribers in this group (each stream to one member)."
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    help="Seconds of publishing.",
+)
+@click.option(
+    "--rate",
+    type=click.Choice(["realtime", "max"]),
+    default="realtime",
+    help="realtime: one chunk per chunk duration; max: as fast as the relay takes them.",
+)
+@click.option("--relay", "relay_url", default="", help="Use this relay instead of starting one.")
+@click.option(
+    "--sample-rate", type=click.IntRange(1), default=16000, help="Synthetic stream sample rate."
+)
+@click.option(
+    "--chunk-ms", type=click.FloatRange(0, min_open=True), default=20.0, help="Chunk duration."
+)
+@click.option(
+    "--subscriber-processes",
+    type=click.IntRange(1),
+    default=1,
+    help="Spread the subscribers over this many processes.",
+)
+@click.option(
+    "--max-loss",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Fail (exit 7) when the lost fraction exceeds this.",
+)
+@click.option(
+    "--max-p99-ms",
+    type=click.FloatRange(0),
+    default=None,
+    help="Fail (exit 7) when p99 latency exceeds this many ms.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@user_errors
+def loadtest(
+    streams: int,
+    subscribers: int,
+    group: str,
+    duration: float,
+    rate: Literal["realtime", "max"],
+    relay_url: str,
+    sample_rate: int,
+    chunk_ms: float,
+    subscriber_processes: int,
+    max_loss: float | None,
+    max_p99_ms: float | None,
+    as_json: bool,
+) -> None:
+    """Drive synthetic publishers and subscribers; report loss and latency."""
+    from .loadtest import LoadTestConfig, check_gates, format_report, run_loadtest
+
+    if relay_url:
+        parse_url(relay_url)
+    cfg = LoadTestConfig(
+        streams=streams,
+        subscribers=subscribers,
+        group=group,
+        duration=duration,
+        rate=rate,
+        relay_url=relay_url,
+        sample_rate=sample_rate,
+        chunk_ms=chunk_ms,
+        subscriber_processes=subscriber_processes,
+    )
+    show = sys.stderr.isatty()
+
+    def progress(line: str) -> None:
+        if show:
+            click.echo(f"\r{line}", nl=False, err=True)
+
+    report = run_loadtest(cfg, progress=progress)
+    if show:
+        click.echo("", err=True)
+    click.echo(report.to_json() if as_json else format_report(report))
+    check_gates(report, max_loss, max_p99_ms)
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -180,7 +293,10 @@ def format_status(report: dict[str, Any]) -> str:
         )
     if not report["streams"]:
         lines.append("(no streams)")
-    lines += ["", f"{'SUBSCRIBER':<24} {'PATTERN':<12} {'GROUP':<12} {'LAG':>6} {'DROPPED':>8}  STREAMS"]
+    lines += [
+        "",
+        f"{'SUBSCRIBER':<24} {'PATTERN':<12} {'GROUP':<12} {'LAG':>6} {'DROPPED':>8}  STREAMS",
+    ]
     for sub in report["subscribers"]:
         lines.append(
             f"{sub['name']:<24} {sub['pattern']:<12} {sub['group'] or '-':<12} {sub['lag_chunks']:>6} "
@@ -195,7 +311,9 @@ def format_status(report: dict[str, Any]) -> str:
             lines.append(f"  {stream} -> {member}")
     drops = report["drops"]
     lines.append("")
-    lines.append("drops: " + (", ".join(f"{k}={int(v)}" for k, v in sorted(drops.items())) or "none"))
+    lines.append(
+        "drops: " + (", ".join(f"{k}={int(v)}" for k, v in sorted(drops.items())) or "none")
+    )
     return "\n".join(lines)
 
 
@@ -213,18 +331,35 @@ def format_status(report: dict[str, Any]) -> str:
 )
 @click.option("--rate", type=click.IntRange(1, 768_000), default=16000, help="Sample rate (Hz).")
 @click.option("--channels", type=click.IntRange(1, 64), default=1, help="Channel count.")
-@click.option("--dtype", type=click.Choice(["int16", "int32", "float32"]), default="int16",
-              help="Sample type on the wire.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["int16", "int32", "float32"]),
+    default="int16",
+    help="Sample type on the wire.",
+)
 @click.option("--block-ms", type=click.FloatRange(1, 1000), default=20.0, help="Chunk length (ms).")
-@click.option("--spool-seconds", type=click.FloatRange(0, min_open=True), default=60.0,
-              help="Audio kept while the relay is unreachable; older unsent audio is dropped.")
-@click.option("--flush-seconds", type=click.FloatRange(0), default=2.0,
-              help="On SIGTERM, how long to wait for the relay to take the backlog.")
+@click.option(
+    "--spool-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=60.0,
+    help="Audio kept while the relay is unreachable; older unsent audio is dropped.",
+)
+@click.option(
+    "--flush-seconds",
+    type=click.FloatRange(0),
+    default=2.0,
+    help="On SIGTERM, how long to wait for the relay to take the backlog.",
+)
 @click.option("--name", default=None, help="Client name the relay shows (default recorder-STREAM).")
 @click.option("--token", default=None, help="Shared secret, if the relay requires one.")
 @metrics_port_option(9401)
-@click.option("--loop", "loop_name", type=click.Choice(["auto", "asyncio", "uvloop"]),
-              default="auto", help="Event loop implementation.")
+@click.option(
+    "--loop",
+    "loop_name",
+    type=click.Choice(["auto", "asyncio", "uvloop"]),
+    default="auto",
+    help="Event loop implementation.",
+)
 @user_errors
 def record(
     relay_url: str,
@@ -285,18 +420,42 @@ def devices() -> None:
     required=True,
     help="level, vad, archive:DIR, spectrum, package.module:callable or path/file.py:callable.",
 )
-@click.option("--workers", type=click.IntRange(0, 256), default=0,
-              help="0: run the handler in a thread; N: in N worker processes (CPU-heavy handlers).")
-@click.option("--backlog-seconds", type=click.FloatRange(0, min_open=True), default=10.0,
-              help="Audio waiting for the handler; beyond it the oldest chunks are dropped.")
-@click.option("--events", type=click.Path(dir_okay=False), default=None,
-              help="Append handler events (JSON lines) to this file instead of stdout.")
-@click.option("--segment-seconds", type=click.FloatRange(0, min_open=True), default=60.0,
-              help="archive: length of one WAV segment.")
-@click.option("--max-failures", type=click.IntRange(0), default=100,
-              help="Exit with status 6 after this many handler failures in a row (0: never).")
-@click.option("--start", type=click.Choice(["live", "earliest"]), default="live",
-              help="live: from now; earliest: from the oldest audio the relay still holds.")
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 256),
+    default=0,
+    help="0: run the handler in a thread; N: in N worker processes (CPU-heavy handlers).",
+)
+@click.option(
+    "--backlog-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    help="Audio waiting for the handler; beyond it the oldest chunks are dropped.",
+)
+@click.option(
+    "--events",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Append handler events (JSON lines) to this file instead of stdout.",
+)
+@click.option(
+    "--segment-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=60.0,
+    help="archive: length of one WAV segment.",
+)
+@click.option(
+    "--max-failures",
+    type=click.IntRange(0),
+    default=100,
+    help="Exit with status 6 after this many handler failures in a row (0: never).",
+)
+@click.option(
+    "--start",
+    type=click.Choice(["live", "earliest"]),
+    default="live",
+    help="live: from now; earliest: from the oldest audio the relay still holds.",
+)
 @click.option("--name", default=None, help="Client name at the relay (default process-HANDLER).")
 @click.option("--token", default=None, help="Shared secret, if the relay requires one.")
 @metrics_port_option(9402)

@@ -139,7 +139,12 @@ class _Client:
         delay = state.next_action.sleep if state.next_action else 0.0
         self.last_error = str(exc)
         log.warning(
-            "%s %r: %s; retry %d in %.2f s", self.role.label, self.name, exc, state.attempt_number, delay
+            "%s %r: %s; retry %d in %.2f s",
+            self.role.label,
+            self.name,
+            exc,
+            state.attempt_number,
+            delay,
         )
 
     async def _run(self) -> None:
@@ -152,7 +157,7 @@ class _Client:
             reraise=True,
         )
         while not self._closing:
-            channel = await retrying(self._connect_once)
+            channel: Channel = await retrying(self._connect_once)
             self.channel = channel
             self.sessions += 1
             try:
@@ -223,13 +228,19 @@ class PublishedStream:
         self._dropped = m.chunks_dropped.labels(name, "spool_full")
         self._depth = m.queue_depth.labels(name)
 
-    def send(self, samples: np.ndarray[Any, Any] | bytes | memoryview, captured_ns: int | None = None) -> int:
+    def send(
+        self, samples: np.ndarray[Any, Any] | bytes | memoryview, captured_ns: int | None = None
+    ) -> int:
         """Queue one chunk; returns its sequence number. Never blocks."""
         if isinstance(samples, np.ndarray):
             if samples.dtype != self.format.dtype:
-                raise ValueError(f"samples are {samples.dtype}, stream {self.name!r} is {self.format.dtype}")
+                raise ValueError(
+                    f"samples are {samples.dtype}, stream {self.name!r} is {self.format.dtype}"
+                )
             if samples.ndim == 2 and samples.shape[1] != self.format.channels:
-                raise ValueError(f"samples have {samples.shape[1]} channels, stream has {self.format.channels}")
+                raise ValueError(
+                    f"samples have {samples.shape[1]} channels, stream has {self.format.channels}"
+                )
             payload = samples.tobytes()
         else:
             payload = bytes(samples)
@@ -288,7 +299,10 @@ class PublishedStream:
         """Audio not yet sent, in seconds."""
         if not self.unsent:
             return 0.0
-        return sum(self.history[i].seconds for i in range(len(self.history) - self.unsent, len(self.history)))
+        return sum(
+            self.history[i].seconds
+            for i in range(len(self.history) - self.unsent, len(self.history))
+        )
 
 
 class Publisher(_Client):
@@ -308,7 +322,14 @@ class Publisher(_Client):
         limits: Limits | None = None,
         max_batch_bytes: int = 256 << 10,
     ) -> None:
-        super().__init__(url, name=name, token=token, metrics=metrics, retry=retry or RetryPolicy(), limits=limits)
+        super().__init__(
+            url,
+            name=name,
+            token=token,
+            metrics=metrics,
+            retry=retry or RetryPolicy(),
+            limits=limits,
+        )
         if history_seconds <= 0:
             raise ValueError("history_seconds must be > 0")
         self.history_seconds = history_seconds
@@ -460,7 +481,14 @@ class Subscriber(_Client):
         socket_buffer_bytes: int = 256 << 10,
         on_stream_closed: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__(url, name=name, token=token, metrics=metrics, retry=retry or RetryPolicy(), limits=limits)
+        super().__init__(
+            url,
+            name=name,
+            token=token,
+            metrics=metrics,
+            retry=retry or RetryPolicy(),
+            limits=limits,
+        )
         self.rcvbuf = socket_buffer_bytes
         self.pattern = pattern
         self.group = group or ""
@@ -476,6 +504,8 @@ class Subscriber(_Client):
         self._unacked: Chunk | None = None
         self._on_stream_closed = on_stream_closed
         self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._gap_logged: dict[str, float] = {}
+        self._gap_pending: dict[str, int] = {}
 
     async def __aenter__(self) -> Subscriber:
         await self.start()
@@ -550,7 +580,7 @@ class Subscriber(_Client):
                     missing = event.seq - last - 1
                     self.gaps += missing
                     m.sequence_gaps.labels(name).inc(missing)
-                    log.warning("stream %r: %d chunks missing before seq %d", name, missing, event.seq)
+                    self._log_gap(name, missing, event.seq)
                 self.received[name] = event.seq
                 now = time.time_ns()
                 chunk = Chunk(name, event.seq, event.captured_ns, fmt, event.payload, now)
@@ -577,12 +607,26 @@ class Subscriber(_Client):
             elif isinstance(event, Goodbye | ErrorFrame):
                 raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
 
+    def _log_gap(self, stream: str, missing: int, seq: int) -> None:
+        # Rate-limited: a slow consumer can see thousands of gaps a second;
+        # the counter has them all, the log says so once per interval.
+        now = time.monotonic()
+        pending = self._gap_pending.get(stream, 0) + missing
+        if now - self._gap_logged.get(stream, -1e9) < 5.0:
+            self._gap_pending[stream] = pending
+            return
+        self._gap_logged[stream] = now
+        self._gap_pending[stream] = 0
+        log.warning("stream %r: %d chunks missing (latest gap before seq %d)", stream, pending, seq)
+
     def _session_ended(self) -> None:
         self.assigned.clear()
         self._ids.clear()
 
 
-async def fetch_status(url: str | RelayAddress, *, timeout: float = 5.0, token: str = "") -> dict[str, Any]:
+async def fetch_status(
+    url: str | RelayAddress, *, timeout: float = 5.0, token: str = ""
+) -> dict[str, Any]:
     """Ask a relay for its status report (one attempt, no retries)."""
     address = url if isinstance(url, RelayAddress) else parse_url(url)
     channel = await connect(address, Hello(Role.OBSERVER, "status", token), connect_timeout=timeout)

@@ -293,14 +293,14 @@ Event = (
 )
 
 
-class _NeedData:
+class NeedData:
     __slots__ = ()
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = NeedData()
 
 # --------------------------------------------------------------------------
 # Codec: payload layouts. Big-endian integers, strings as u16 length + UTF-8,
@@ -360,7 +360,9 @@ def encode(event: Event) -> bytes:
             body = _HELLO.pack(role, 0) + _pack_str(client_name) + _pack_str(token)
             return _frame(FrameType.HELLO, body)
         case Welcome(server_name, hb, max_frame, window):
-            return _frame(FrameType.WELCOME, _WELCOME.pack(hb, max_frame, window) + _pack_str(server_name))
+            return _frame(
+                FrameType.WELCOME, _WELCOME.pack(hb, max_frame, window) + _pack_str(server_name)
+            )
         case OpenStream(stream_id, name, fmt):
             body = _OPEN.pack(stream_id, fmt.rate, fmt.channels, fmt.sample_type) + _pack_str(name)
             return _frame(FrameType.OPEN_STREAM, body)
@@ -397,7 +399,7 @@ def encode(event: Event) -> bytes:
 class _Reader:
     """Cursor over one frame's payload; every short read is the peer's fault."""
 
-    __slots__ = ("_buf", "_end", "_limits", "_pos", "_ftype")
+    __slots__ = ("_buf", "_end", "_ftype", "_limits", "_pos")
 
     def __init__(self, buf: bytes, limits: Limits, ftype: FrameType) -> None:
         self._buf = buf
@@ -439,7 +441,9 @@ class _Reader:
 
     def done(self) -> None:
         if self._pos != self._end:
-            raise RemoteProtocolError(f"{self._ftype.name} frame has {self._end - self._pos} extra bytes")
+            raise RemoteProtocolError(
+                f"{self._ftype.name} frame has {self._end - self._pos} extra bytes"
+            )
 
 
 def decode_payload(ftype: FrameType, payload: bytes, limits: Limits) -> Event:
@@ -625,15 +629,21 @@ class _Streams:
     limit: int
     by_id: dict[int, OpenStream] = field(default_factory=dict)
 
-    def declare(self, event: OpenStream, error: type[LocalProtocolError | RemoteProtocolError]) -> None:
+    def declare(
+        self, event: OpenStream, error: type[LocalProtocolError | RemoteProtocolError]
+    ) -> None:
         if event.stream_id not in self.by_id and len(self.by_id) >= self.limit:
             raise error(f"more than {self.limit} streams on one connection")
         self.by_id[event.stream_id] = event
 
-    def check_chunk(self, chunk: ChunkData, error: type[LocalProtocolError | RemoteProtocolError]) -> None:
+    def check_chunk(
+        self, chunk: ChunkData, error: type[LocalProtocolError | RemoteProtocolError]
+    ) -> None:
         opened = self.by_id.get(chunk.stream_id)
         if opened is None:
-            raise error(f"chunk for undeclared stream id {chunk.stream_id}", ErrorCode.UNKNOWN_STREAM)
+            raise error(
+                f"chunk for undeclared stream id {chunk.stream_id}", ErrorCode.UNKNOWN_STREAM
+            )
         frame_bytes = opened.format.frame_bytes
         if len(chunk.payload) % frame_bytes:
             raise error(
@@ -676,7 +686,7 @@ class Connection:
         """Bytes received but not yet part of a complete frame."""
         return self._decoder.buffered
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         if self.state is State.CLOSED:
             return NEED_DATA
         frame = self._decoder.next_frame()
@@ -750,7 +760,9 @@ class Connection:
             assert self.role is not None
             allowed = _FROM_RELAY[self.role] if self.side == "relay" else _FROM_CLIENT[self.role]
             if ftype not in allowed:
-                raise LocalProtocolError(f"{ftype.name} is not allowed in a {self.role.label} session")
+                raise LocalProtocolError(
+                    f"{ftype.name} is not allowed in a {self.role.label} session"
+                )
         if isinstance(event, ChunkData):
             self.our_streams.check_chunk(event, LocalProtocolError)
         elif isinstance(event, OpenStream):
@@ -771,7 +783,9 @@ class Connection:
             return
         raise LocalProtocolError(f"cannot send {ftype.name} before HELLO was received")
 
-    def chunk_frame(self, stream_id: int, seq: int, captured_ns: int, payload: bytes | memoryview) -> bytes:
+    def chunk_frame(
+        self, stream_id: int, seq: int, captured_ns: int, payload: bytes | memoryview
+    ) -> bytes:
         """Fast path for CHUNK: checks the stream is ours, skips the dataclass."""
         if self.state is not State.OPEN:
             raise LocalProtocolError("cannot send CHUNK: the session is not open")

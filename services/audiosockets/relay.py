@@ -105,7 +105,16 @@ class ReplayWindow:
     non-decreasing, so both can be searched with bisect.
     """
 
-    __slots__ = ("arrivals", "base", "durations", "frames", "head", "seqs", "total_bytes", "total_seconds")
+    __slots__ = (
+        "arrivals",
+        "base",
+        "durations",
+        "frames",
+        "head",
+        "seqs",
+        "total_bytes",
+        "total_seconds",
+    )
 
     def __init__(self) -> None:
         self.seqs: list[int] = []
@@ -289,7 +298,9 @@ class SubscriberSession(Session):
             self.relay.ack(self, event.stream_id, event.seq)
         elif isinstance(event, Subscribe):
             if self.subscription is not None:
-                raise RemoteProtocolError("only one SUBSCRIBE per session", ErrorCode.UNEXPECTED_FRAME)
+                raise RemoteProtocolError(
+                    "only one SUBSCRIBE per session", ErrorCode.UNEXPECTED_FRAME
+                )
             self.subscription = event
             self.resume = dict(event.resume)
             self.writer = asyncio.create_task(self._write_loop(), name=f"writer {self.name}")
@@ -317,7 +328,12 @@ class SubscriberSession(Session):
             start = window.ordinal_after_seq(after_seq)
             trimmed_from = window.base if len(window) else window.end
             first = window.first_seq()
-            if start == window.base and first is not None and first > after_seq + 1 and trimmed_from > 0:
+            if (
+                start == window.base
+                and first is not None
+                and first > after_seq + 1
+                and trimmed_from > 0
+            ):
                 # The chunks between the resume point and the window are gone.
                 missing = first - after_seq - 1
                 self.relay.count_drop(stream.name, "replay_window_exceeded", missing)
@@ -421,7 +437,9 @@ class SubscriberSession(Session):
     def _skip(self, cursor: Cursor, to_ord: int) -> int:
         window = cursor.stream.window
         skipped = 0
-        for i in range(cursor.next_ord - window.base + window.head, to_ord - window.base + window.head):
+        for i in range(
+            cursor.next_ord - window.base + window.head, to_ord - window.base + window.head
+        ):
             seq = window.seqs[i]
             if seq > cursor.after_seq:
                 skipped += 1
@@ -541,7 +559,9 @@ class Relay:
         finally:
             self._tasks.discard(task)
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         tune_socket(writer, sndbuf=self.config.socket_buffer_bytes)
         writer.transport.set_write_buffer_limits(high=64 * 1024)
         cfg = self.config
@@ -560,7 +580,8 @@ class Relay:
                     hello = await channel.next_event()
             except TimeoutError:
                 raise RemoteProtocolError(
-                    f"no HELLO within {cfg.limits.handshake_timeout:g} s", ErrorCode.HANDSHAKE_TIMEOUT
+                    f"no HELLO within {cfg.limits.handshake_timeout:g} s",
+                    ErrorCode.HANDSHAKE_TIMEOUT,
                 ) from None
             if not isinstance(hello, Hello):
                 return  # GOODBYE/ERROR before the handshake: just close
@@ -584,7 +605,9 @@ class Relay:
             while True:
                 event = await channel.next_event()
                 if isinstance(event, Goodbye | ErrorFrame):
-                    log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
+                    log.info(
+                        "%s %r said goodbye: %s", session.role.label, session.name, event.message
+                    )
                     break
                 await session.handle(event)
         except RemoteProtocolError as exc:
@@ -618,7 +641,9 @@ class Relay:
             self.metrics.declare_stream(name)
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
         elif stream.format != fmt:
-            log.warning("stream %r changed format %s -> %s; replay window cleared", name, stream.format, fmt)
+            log.warning(
+                "stream %r changed format %s -> %s; replay window cleared", name, stream.format, fmt
+            )
             stream.format = fmt
             stream.window.clear()
             for reader in list(stream.readers):
@@ -630,7 +655,9 @@ class Relay:
         if old is not None and old is not publisher:
             log.warning("stream %r taken over by %r from %r", name, publisher.name, old.name)
             asyncio.get_running_loop().create_task(
-                old.channel.close(Goodbye(ErrorCode.REPLACED, f"stream {name!r} taken over by another publisher"))
+                old.channel.close(
+                    Goodbye(ErrorCode.REPLACED, f"stream {name!r} taken over by another publisher")
+                )
             )
         stream.publisher = publisher
         self._offer(stream)
@@ -657,7 +684,9 @@ class Relay:
         stream.chunks_total += 1
         m.chunks_received.labels(name).inc()
         m.bytes_received.labels(name).inc(nbytes)
-        m.end_to_end_latency.labels(name).observe(max(0.0, (time.time_ns() - chunk.captured_ns) / 1e9))
+        m.end_to_end_latency.labels(name).observe(
+            max(0.0, (time.time_ns() - chunk.captured_ns) / 1e9)
+        )
         for reader in stream.readers:
             reader.wake.set()
 
@@ -694,7 +723,11 @@ class Relay:
     def _offer(self, stream: StreamState) -> None:
         """A stream appeared (or came back): attach it where it belongs."""
         for session in list(self.subscribers):
-            if session.group is None and session.matches(stream.name) and stream.name not in session.cursors:
+            if (
+                session.group is None
+                and session.matches(stream.name)
+                and stream.name not in session.cursors
+            ):
                 session.attach(stream, session.resume.get(stream.name))
         for group in list(self.groups.values()):
             self._rebalance(group)
@@ -733,7 +766,9 @@ class Relay:
             idlest = min(members, key=lambda m: loads[m])
             if loads[busiest] - loads[idlest] <= 1:
                 break
-            movable = [n for n, m in sorted(group.assignment.items()) if m is busiest and idlest.matches(n)]
+            movable = [
+                n for n, m in sorted(group.assignment.items()) if m is busiest and idlest.matches(n)
+            ]
             if not movable:
                 break
             name = movable[-1]
@@ -755,7 +790,9 @@ class Relay:
         after = group.acked.get(stream.name)
         if after is None:
             after = member.resume.get(stream.name)
-        log.info("group %r: stream %r -> %r (after seq %s)", group.name, stream.name, member.name, after)
+        log.info(
+            "group %r: stream %r -> %r (after seq %s)", group.name, stream.name, member.name, after
+        )
         member.attach(stream, after)
 
     # -- accounting ----------------------------------------------------------
@@ -775,7 +812,9 @@ class Relay:
             labels=["stream"],
         )
         window = GaugeMetricFamily(
-            "audiosockets_replay_window_seconds", "Audio held for replay, by stream.", labels=["stream"]
+            "audiosockets_replay_window_seconds",
+            "Audio held for replay, by stream.",
+            labels=["stream"],
         )
         last = GaugeMetricFamily(
             "audiosockets_last_chunk_timestamp_seconds",
@@ -783,16 +822,23 @@ class Relay:
             labels=["stream"],
         )
         for s in streams:
-            lag = sum(r.cursors[s.name].stream.window.end - r.cursors[s.name].next_ord
-                      for r in list(s.readers) if s.name in r.cursors)
+            lag = sum(
+                r.cursors[s.name].stream.window.end - r.cursors[s.name].next_ord
+                for r in list(s.readers)
+                if s.name in r.cursors
+            )
             depth.add_metric([s.name], lag)
             window.add_metric([s.name], s.window.total_seconds)
             last.add_metric([s.name], s.last_captured_ns / 1e9)
         count = GaugeMetricFamily("audiosockets_streams", "Streams known to the relay.")
         count.add_metric([], len(streams))
-        members = GaugeMetricFamily("audiosockets_group_members", "Members of each group.", labels=["group"])
+        members = GaugeMetricFamily(
+            "audiosockets_group_members", "Members of each group.", labels=["group"]
+        )
         assigned = GaugeMetricFamily(
-            "audiosockets_group_streams", "Streams assigned to each group member.", labels=["group", "member"]
+            "audiosockets_group_streams",
+            "Streams assigned to each group member.",
+            labels=["group", "member"],
         )
         for group in list(self.groups.values()):
             ms = list(group.members)
@@ -809,8 +855,11 @@ class Relay:
             streams.append(
                 {
                     "name": s.name,
-                    "format": {"rate": s.format.rate, "channels": s.format.channels,
-                               "sample_type": s.format.sample_type.label},
+                    "format": {
+                        "rate": s.format.rate,
+                        "channels": s.format.channels,
+                        "sample_type": s.format.sample_type.label,
+                    },
                     "publisher": s.publisher.name if s.publisher else None,
                     "last_seq": s.last_seq,
                     "chunks": s.chunks_total,
@@ -837,8 +886,11 @@ class Relay:
                 )
             elif isinstance(sess, PublisherSession):
                 publishers.append(
-                    {"name": sess.name, "peer": sess.channel.peer,
-                     "streams": sorted(s.name for s in sess.streams.values())}
+                    {
+                        "name": sess.name,
+                        "peer": sess.channel.peer,
+                        "streams": sorted(s.name for s in sess.streams.values()),
+                    }
                 )
         groups = {
             g.name: {

@@ -21,15 +21,16 @@ from collections.abc import Callable, Iterable
 
 from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
 from .protocol import (
-    NEED_DATA,
     Connection,
     ErrorFrame,
     Event,
     Goodbye,
     Hello,
     Limits,
+    NeedData,
     Ping,
     Pong,
+    State,
     Welcome,
 )
 from .urls import RelayAddress
@@ -125,10 +126,9 @@ class Channel:
         """
         while True:
             event = self.conn.next_event()
-            if event is NEED_DATA:
+            if isinstance(event, NeedData):
                 await self._read()
                 continue
-            assert not isinstance(event, type(NEED_DATA))
             if isinstance(event, Ping):
                 if not self.closed:
                     self.send(Pong(event.nonce))
@@ -152,7 +152,7 @@ class Channel:
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
         if not data:
-            if self.conn.buffered:
+            if self.conn.buffered and self.conn.state is not State.CLOSED:
                 raise RemoteProtocolError(
                     f"{self.peer} closed the connection in the middle of a frame "
                     f"({self.conn.buffered} bytes of it arrived)"
@@ -164,7 +164,9 @@ class Channel:
 
     def start_heartbeat(self) -> None:
         if self._heartbeat is None:
-            self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat {self.peer}")
+            self._heartbeat = asyncio.create_task(
+                self._heartbeat_loop(), name=f"heartbeat {self.peer}"
+            )
 
     async def _heartbeat_loop(self) -> None:
         # A timer, not a poll: it sleeps for exactly the quiet time left.
@@ -182,7 +184,9 @@ class Channel:
 
     # -- closing -------------------------------------------------------------
 
-    async def close(self, farewell: Goodbye | ErrorFrame | None = None, *, timeout: float = 1.0) -> None:
+    async def close(
+        self, farewell: Goodbye | ErrorFrame | None = None, *, timeout: float = 1.0
+    ) -> None:
         """Send ``farewell`` (if the session is still open), flush briefly, close."""
         if self.closed:
             return
@@ -225,9 +229,13 @@ async def connect(
     limits = limits or Limits()
     try:
         async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_connection(address.host, address.port, limit=READ_SIZE)
+            reader, writer = await asyncio.open_connection(
+                address.host, address.port, limit=READ_SIZE
+            )
     except TimeoutError:
-        raise RelayUnreachable(f"relay {address} did not answer within {connect_timeout:g} s") from None
+        raise RelayUnreachable(
+            f"relay {address} did not answer within {connect_timeout:g} s"
+        ) from None
     except ConnectionRefusedError as exc:
         raise RelayUnreachable(f"cannot reach relay {address}: connection refused") from exc
     except OSError as exc:
