@@ -57,9 +57,9 @@ class PublisherLike(Protocol):
 
     def stream(self, name: str, fmt: AudioFormat) -> Any: ...
 
-    async def flush(self, timeout: float = ...) -> bool: ...  # noqa: ASYNC109
+    async def flush(self, timeout: float = ...) -> bool: ...
 
-    async def close(self, timeout: float = ...) -> None: ...  # noqa: ASYNC109
+    async def close(self, timeout: float = ...) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,8 +252,16 @@ class Recorder:
             flushed = await self.publisher.flush(timeout=self.config.flush_timeout)
         finally:
             await self.publisher.close(timeout=max(0.0, deadline - time.monotonic()))
-        if not flushed:
-            log.warning("relay did not take everything within %gs", self.config.flush_timeout)
+        if flushed:
+            log.info(
+                "recorder stopped: %d chunks captured, all taken by the relay", self.blocks_sent
+            )
+        else:
+            log.warning(
+                "recorder stopped: %d chunks captured, the relay did not take all within %g s",
+                self.blocks_sent,
+                self.config.flush_timeout,
+            )
         return flushed
 
     async def run(self) -> bool:

@@ -109,9 +109,9 @@ class FakePublisher:
         self.streams[name] = FakeStream(name, fmt)
         return self.streams[name]
 
-    async def flush(self, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 - the contract's name
+    async def flush(self, timeout: float = 2.0) -> bool:
         self.flush_timeouts.append(timeout)
         return self.flush_result
 
-    async def close(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109
+    async def close(self, timeout: float = 2.0) -> None:
         self.closed = True

@@ -1,0 +1,237 @@
+"""``audiosockets record`` and ``audiosockets devices`` through click's runner (and,
+for signals, as a real process): one line per error, named exit codes, no traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from recorder_fakes import write_pcm_wav
+
+from _support import wait_until
+from audiosockets import sources
+from audiosockets.audio import Chunk
+from audiosockets.cli import main
+from audiosockets.client import Subscriber
+from audiosockets.errors import ConfigError, DeviceError
+from audiosockets.relay import Relay
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def assert_one_line_error(result: Result, code: int, text: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("audiosockets: error: ")
+    assert text in lines[0]
+    assert "Traceback" not in result.output
+
+
+# --- devices ---------------------------------------------------------------------------
+
+
+def fake_devices(
+    monkeypatch: pytest.MonkeyPatch, devices: list[dict[str, Any]], default: int | None
+) -> None:
+    monkeypatch.setattr(sources, "list_input_devices", lambda: (devices, default))
+
+
+def test_devices_lists_inputs_and_marks_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_devices(
+        monkeypatch,
+        [
+            {"index": 0, "name": "USB mic", "max_input_channels": 1, "default_samplerate": 48000.0},
+            {"index": 3, "name": "pulse", "max_input_channels": 32, "default_samplerate": 44100.0},
+        ],
+        default=3,
+    )
+    result = invoke("devices")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3  # header + two devices
+    usb = next(line for line in lines if "USB mic" in line)
+    pulse = next(line for line in lines if "pulse" in line)
+    assert usb.startswith(" ")
+    assert pulse.startswith("*")
+    assert "48000 Hz" in usb
+    assert "32" in pulse.split()
+
+
+def test_devices_on_a_machine_without_any_says_so_in_one_sentence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_devices(monkeypatch, [], default=None)
+    result = invoke("devices")
+    assert result.exit_code == 0
+    assert result.stdout.strip().startswith("No audio input devices found")
+    assert len(result.stdout.strip().splitlines()) == 1
+
+
+def test_devices_without_portaudio_is_one_error_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing() -> Any:
+        raise DeviceError("PortAudio is not available (library not found); install libportaudio2")
+
+    monkeypatch.setattr(sources, "_import_sounddevice", missing)
+    assert_one_line_error(invoke("devices"), DeviceError.exit_code, "install libportaudio2")
+
+
+# --- record: bad input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["--source", "mic"], "unknown source 'mic'"),
+        (["--source", "synth:sine:99999"], "Nyquist"),
+        (["--relay", "http://relay:7400", "--source", "synth:noise"], "must start with tcp://"),
+        (["--relay", "tcp://relay:notaport", "--source", "synth:noise"], "invalid port"),
+        (["--source", "file:/no/such/file.wav"], "cannot read /no/such/file.wav"),
+    ],
+)
+def test_record_config_errors(args: list[str], text: str) -> None:
+    assert_one_line_error(
+        invoke("record", "--metrics-port", "0", *args), ConfigError.exit_code, text
+    )
+
+
+def test_record_rate_mismatch_names_the_fix(tmp_path: Path) -> None:
+    wav = write_pcm_wav(tmp_path / "a.wav", np.zeros((100, 2), np.int16), 44100)
+    result = invoke("record", "--metrics-port", "0", "--source", f"file:{wav}")
+    assert_one_line_error(result, ConfigError.exit_code, "pass --rate 44100 --channels 2")
+
+
+def test_record_flags_are_environment_variables() -> None:
+    result = invoke(
+        "record",
+        env={"AUDIOSOCKETS_RECORD_SOURCE": "tape", "AUDIOSOCKETS_RECORD_METRICS_PORT": "0"},
+    )
+    assert_one_line_error(result, ConfigError.exit_code, "unknown source 'tape'")
+
+
+def test_record_unknown_device_is_a_device_error() -> None:
+    sd = pytest.importorskip("sounddevice", reason="PortAudio (libportaudio2) is not installed")
+    del sd
+    result = invoke("record", "--metrics-port", "0", "--source", "device:no-such-device-xyz")
+    assert_one_line_error(result, DeviceError.exit_code, "no-such-device-xyz")
+
+
+class FakePortAudioError(Exception):
+    pass
+
+
+def fake_sounddevice(*, settings_error: str | None = None, open_error: str | None = None) -> Any:
+    def check_input_settings(**_: Any) -> None:
+        if settings_error:
+            raise FakePortAudioError(settings_error, -9997)
+
+    def input_stream(**_: Any) -> Any:
+        raise FakePortAudioError(open_error or "no", -9985)
+
+    return SimpleNamespace(
+        PortAudioError=FakePortAudioError,
+        default=SimpleNamespace(device=[0, 0]),
+        query_devices=lambda device=None, kind=None: {"name": "Fake mic", "index": 0},
+        query_hostapis=lambda index: {"default_input_device": 0},
+        check_input_settings=check_input_settings,
+        InputStream=input_stream,
+    )
+
+
+def test_record_unsupported_format_is_a_device_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = fake_sounddevice(settings_error="Invalid sample rate")
+    monkeypatch.setattr(sources, "_import_sounddevice", lambda: fake)
+    result = invoke("record", "--metrics-port", "0", "--source", "device", "--rate", "12345")
+    assert_one_line_error(result, DeviceError.exit_code, "cannot capture 12345 Hz, 1 ch, int16")
+    assert "Invalid sample rate" in result.stderr
+
+
+def test_record_busy_device_is_a_device_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = fake_sounddevice(open_error="Device unavailable")
+    monkeypatch.setattr(sources, "_import_sounddevice", lambda: fake)
+    result = invoke("record", "--metrics-port", "0", "--source", "device:0")
+    assert_one_line_error(result, DeviceError.exit_code, "busy or gone?): Device unavailable")
+
+
+# --- record: signals, as a real process -------------------------------------------------------
+
+
+def spawn_record(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "audiosockets",
+            "record",
+            "--metrics-port",
+            "0",
+            "--loop",
+            "asyncio",
+            *args,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def test_sigterm_with_the_relay_away_exits_zero_within_the_flush_deadline() -> None:
+    process = spawn_record(
+        "--relay", "tcp://127.0.0.1:1", "--source", "synth:noise", "--flush-seconds", "0.5"
+    )
+    try:
+        # Started once it logs that it records (the relay being away is no reason to stop).
+        line = await asyncio.to_thread(process.stderr.readline)  # type: ignore[union-attr]
+        assert b"recording" in line, line
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(process.communicate, timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err.decode()
+    assert time.monotonic() - began < 5.0
+    assert b"Traceback" not in err
+
+
+async def test_sigterm_flushes_everything_captured_to_the_relay(relay: Relay) -> None:
+    received: list[Chunk] = []
+    async with Subscriber(relay.url, pattern="term-*", name="term-sub", start="earliest") as sub:
+
+        async def drain() -> None:
+            async for chunk in sub:
+                received.append(chunk)
+
+        reader = asyncio.create_task(drain())
+        process = spawn_record("--relay", relay.url, "--stream", "term-1", "--source", "synth:sine")
+        try:
+            await wait_until(lambda: len(received) >= 10, timeout=20, what="ten chunks")
+            process.send_signal(signal.SIGTERM)
+            _, err = await asyncio.to_thread(process.communicate, timeout=15)
+            assert process.returncode == 0, err.decode()
+            # The publisher says goodbye after its flush: the relay has the last chunk.
+            last = relay.metrics.registry.get_sample_value(
+                "audiosockets_chunks_received_total", {"stream": "term-1"}
+            )
+            await wait_until(lambda: len(received) >= (last or 0), timeout=10, what="the tail")
+        finally:
+            if process.poll() is None:
+                process.kill()
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+    assert last is not None
+    assert last >= 10
+    # Everything the recorder captured before SIGTERM reached the relay.
+    assert f"recorder stopped: {int(last)} chunks captured, all taken by the relay" in err.decode()
+    assert [c.seq for c in received] == list(range(int(last)))
