@@ -882,8 +882,17 @@ class ProcessorConfig:
     token: str | None = None
 
 
-async def serve(config: ProcessorConfig, *, metrics: Metrics | None = None) -> None:
-    """Run a processor against a relay until SIGINT/SIGTERM (or handler give-up)."""
+async def serve(
+    config: ProcessorConfig,
+    *,
+    metrics: Metrics | None = None,
+    started: Callable[[Processor], None] | None = None,
+) -> None:
+    """Run a processor against a relay until SIGINT/SIGTERM (or handler give-up).
+
+    ``started`` is called with the ``Processor`` before it runs (its ``stop()``
+    ends the run like a signal; the demo and tests use that).
+    """
     from .client import Subscriber
     from .metrics import serve_metrics
 
@@ -925,6 +934,8 @@ async def serve(config: ProcessorConfig, *, metrics: Metrics | None = None) -> N
             token=config.token or "",
             metrics=metrics,
         )
+        if started is not None:
+            started(processor)
         with _stop_on_signals(processor.stop):
             async with sub:
                 await processor.run(sub)

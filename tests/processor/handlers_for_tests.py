@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,11 @@ def reset() -> None:
 def record(chunk: Chunk) -> dict[str, Any]:
     SEEN.append(chunk.seq)
     return {"frames": chunk.frames}
+
+
+def sleepy(chunk: Chunk) -> None:
+    """Ten times slower than real time."""
+    time.sleep(10 * chunk.seconds)
 
 
 def blocking(chunk: Chunk) -> None:
