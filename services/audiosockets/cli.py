@@ -498,3 +498,19 @@ def process(
         token=token,
     )
     asyncio.run(serve(config))
+
+
+@main.command()
+@click.option("--listen", default="tcp://127.0.0.1:7400",
+              help="Where the demo's relay listens (port 0: any free port).")
+@click.option("--streams", type=click.IntRange(1, 16), default=2,
+              help="Synthetic streams: speech-like, 440 Hz sine, noise, silence, in turn.")
+@click.option("--seconds", type=click.FloatRange(0), default=0.0,
+              help="Stop after this many seconds (0: run until Ctrl-C).")
+@user_errors
+def demo(listen: str, streams: int, seconds: float) -> None:
+    """Relay, synthetic recorders and the level and vad processors, with a live table."""
+    from .demo import DemoConfig, run_demo
+
+    host, port = listen_address(listen)
+    asyncio.run(run_demo(DemoConfig(host=host, port=port, streams=streams, seconds=seconds)))

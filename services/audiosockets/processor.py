@@ -51,7 +51,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar, Final, Literal
+from typing import IO, Any, ClassVar, Final, Literal, Protocol
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
@@ -570,6 +570,14 @@ class ProcessorMetrics:
 # --- the processor --------------------------------------------------------------
 
 
+class EventSink(Protocol):
+    """Where event lines go: stdout, a file, or anything with ``write``/``flush``."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
 class _RateLimitedLog:
     def __init__(self, interval: float, clock: Callable[[], float]) -> None:
         self.interval = interval
@@ -612,7 +620,7 @@ class Processor:
         backlog_seconds: float | None = 10.0,
         backlog_chunks: int | None = None,
         metrics: Metrics | None = None,
-        events: IO[str] | None = None,
+        events: EventSink | None = None,
         failing_after: int = 10,
         exit_after: int = 100,
         drain_timeout: float = 5.0,
@@ -635,7 +643,7 @@ class Processor:
             raise ConfigError(f"backlog: {exc}") from exc
         self.metrics = metrics if metrics is not None else Metrics()
         self.pm = ProcessorMetrics.of(self.metrics)
-        self.events = events if events is not None else sys.stdout
+        self.events: EventSink = events if events is not None else sys.stdout
         self.failing_after = failing_after
         self.exit_after = exit_after
         self.drain_timeout = drain_timeout
@@ -964,6 +972,7 @@ def _stop_on_signals(stop: Callable[[], None]) -> Any:
 
 __all__ = [
     "ChunkBacklog",
+    "EventSink",
     "HandlerRunner",
     "HandlerSpec",
     "Outcome",
