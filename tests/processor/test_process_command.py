@@ -1,0 +1,69 @@
+"""``audiosockets process`` as a real subprocess: worker processes, events file, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from _support import wait_until
+from audiosockets.audio import AudioFormat, SampleType
+from audiosockets.client import Publisher, RetryPolicy
+from audiosockets.relay import Relay
+
+HANDLER = """
+import os
+
+
+def handle(chunk):
+    return {"pid": os.getpid(), "first": int(chunk.samples[0, 0]), "rate": chunk.format.rate}
+"""
+
+
+async def test_process_command_with_two_workers_stops_cleanly_on_sigterm(
+    relay: Relay, tmp_path: Path
+) -> None:
+    handler = tmp_path / "tagger.py"
+    handler.write_text(HANDLER)
+    events = tmp_path / "events.jsonl"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "audiosockets", "--log-level", "warning", "process",
+        "--relay", relay.url, "--stream", "mic", "--handler", f"{handler}:handle",
+        "--workers", "2", "--events", str(events), "--metrics-port", "0", "--start", "earliest",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    pub = Publisher(relay.url, name="rec", retry=RetryPolicy(initial=0.02, cap=0.2, jitter=0.02))
+    try:
+        await pub.start()
+        stream = pub.stream("mic", AudioFormat(16000, 1, SampleType.INT16))
+        n = 40
+        for seq in range(n):
+            stream.send(np.full((320, 1), seq, np.int16))
+        assert await pub.flush(5)
+
+        def lines() -> list[dict[str, int]]:
+            return (
+                [json.loads(x) for x in events.read_text().splitlines()] if events.exists() else []
+            )
+
+        await wait_until(lambda: len(lines()) == n, timeout=60, what="all events written")
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(proc.wait(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await pub.close(0.5)
+    assert proc.stderr is not None
+    stderr = (await proc.stderr.read()).decode()
+    assert rc == 0, stderr
+    got = lines()
+    assert sorted(e["first"] for e in got) == list(range(n))
+    assert {e["rate"] for e in got} == {16000}
+    assert len({e["pid"] for e in got}) == 2  # both worker processes took chunks
+    assert "Traceback" not in stderr
