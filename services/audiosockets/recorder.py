@@ -78,7 +78,7 @@ class RecorderConfig:
     token: str | None = None
     flush_timeout: float = 2.0
     #: Longest wait between two attempts to reopen a lost device.
-    retry_max_wait: float = 5.0
+    retry_max_wait: float = 2.0
 
     @property
     def format(self) -> AudioFormat:

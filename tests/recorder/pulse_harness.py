@@ -41,12 +41,18 @@ def require_pulse() -> None:
 
 @dataclass
 class PulseServer:
-    """A running daemon; ``env`` is what a client process needs to reach it."""
+    """A daemon we own; ``env`` is what a client process needs to reach it."""
 
     root: Path
-    process: subprocess.Popen[bytes]
+    rate: int
+    channels: int
     env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
     sink: str = SINK
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run" / "native"
 
     @property
     def log(self) -> str:
@@ -61,6 +67,49 @@ class PulseServer:
             raise RuntimeError(f"pactl {' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout
 
+    def launch(self, timeout: float = 15.0) -> None:
+        """Start the daemon (again, after ``kill``) and wait until it answers."""
+        with (self.root / "pulseaudio.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    "pulseaudio",
+                    "--daemonize=no",
+                    "-n",  # no default.pa: load exactly what we say
+                    "--exit-idle-time=-1",
+                    "--use-pid-file=no",
+                    "--disable-shm=yes",
+                    "--log-target=stderr",
+                    "--log-level=warning",
+                    "-L",
+                    f"module-native-protocol-unix socket={self.socket} auth-anonymous=1",
+                    "-L",
+                    f"module-null-sink sink_name={SINK} rate={self.rate} "
+                    f"channels={self.channels} sink_properties=device.description=audiosockets-test",
+                ],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        process = self.process
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"pulseaudio exited with {process.returncode}: {self.log[-2000:]}"
+                )
+            try:
+                self.pactl("info")
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"pulseaudio did not answer within {timeout:g} s: {self.log[-2000:]}"
+                    ) from None
+                time.sleep(0.05)
+        self.pactl("set-default-sink", SINK)
+        self.pactl("set-default-source", f"{SINK}.monitor")
+
     def play(self, wav: Path) -> subprocess.Popen[bytes]:
         """Start playing ``wav`` into the null sink (paplay paces it in real time)."""
         return subprocess.Popen(
@@ -70,14 +119,22 @@ class PulseServer:
             stderr=subprocess.PIPE,
         )
 
+    def kill(self) -> None:
+        """Vanish without warning, as a crashed sound server or an unplugged card."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        self.socket.unlink(missing_ok=True)
+
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
             try:
-                self.process.wait(timeout=5)
+                process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+                process.kill()
+                process.wait(timeout=5)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -88,10 +145,9 @@ def start_pulse(rate: int = 22050, channels: int = 1, timeout: float = 15.0) -> 
     root = Path(tempfile.mkdtemp(prefix="as-pulse-"))
     runtime = root / "run"
     runtime.mkdir(mode=0o700)
-    socket = runtime / "native"
     env = dict(os.environ)
     env.update(
-        PULSE_SERVER=f"unix:{socket}",
+        PULSE_SERVER=f"unix:{runtime / 'native'}",
         XDG_RUNTIME_DIR=str(runtime),
         PULSE_RUNTIME_PATH=str(runtime / "pulse"),
         PULSE_STATE_PATH=str(root / "state"),
@@ -99,47 +155,10 @@ def start_pulse(rate: int = 22050, channels: int = 1, timeout: float = 15.0) -> 
         HOME=str(root),
     )
     env.pop("DISPLAY", None)
-    log = (root / "pulseaudio.log").open("wb")
-    process = subprocess.Popen(
-        [
-            "pulseaudio",
-            "--daemonize=no",
-            "-n",  # no default.pa: load exactly what we say
-            "--exit-idle-time=-1",
-            "--use-pid-file=no",
-            "--disable-shm=yes",
-            "--log-target=stderr",
-            "--log-level=warning",
-            "-L",
-            f"module-native-protocol-unix socket={socket} auth-anonymous=1",
-            "-L",
-            f"module-null-sink sink_name={SINK} rate={rate} channels={channels} "
-            "sink_properties=device.description=audiosockets-test",
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    server = PulseServer(root, process, env)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            text = server.log
-            server.stop()
-            raise RuntimeError(f"pulseaudio exited with {process.returncode}: {text[-2000:]}")
-        try:
-            server.pactl("info")
-            break
-        except RuntimeError:
-            if time.monotonic() > deadline:
-                text = server.log
-                server.stop()
-                raise RuntimeError(
-                    f"pulseaudio did not answer within {timeout:g} s: {text[-2000:]}"
-                ) from None
-            time.sleep(0.05)
-    server.pactl("set-default-sink", SINK)
-    server.pactl("set-default-source", f"{SINK}.monitor")
+    server = PulseServer(root, rate, channels, env)
+    try:
+        server.launch(timeout)
+    except BaseException:
+        server.stop()
+        raise
     return server

@@ -106,7 +106,7 @@ def stop_recorder(process: subprocess.Popen[bytes]) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         process.kill()
         _, err = process.communicate()
-    return process.returncode, err.decode(errors="replace")
+    return process.returncode, (err or b"").decode(errors="replace")
 
 
 def free_port() -> int:
@@ -262,3 +262,66 @@ async def test_a_blocked_processor_costs_the_recorder_nothing(
     # The processor really was blocked while the recorder captured those 3 s.
     assert blocked_for
     assert blocked_for[0] >= 3.0
+
+
+def test_devices_lists_the_pulseaudio_input_as_default(pulse: PulseServer) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "audiosockets", "devices"],
+        env=pulse.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    defaults = [line for line in done.stdout.splitlines() if line.startswith("*")]
+    assert len(defaults) == 1, done.stdout
+    assert "Hz" in defaults[0]
+
+
+async def test_a_vanished_sound_server_is_a_counted_gap_not_a_crash(tmp_path: Path) -> None:
+    # Our own server, since this test kills it.
+    server = start_pulse(rate=RATE, channels=1)
+    metrics_port = free_port()
+    log = tmp_path / "recorder.log"
+    env = dict(server.env, PYTHONUNBUFFERED="1")
+    with log.open("wb") as out:
+        recorder = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+            [
+                sys.executable, "-m", "audiosockets", "record",
+                "--relay", "tcp://127.0.0.1:1", "--stream", "pulse-gone", "--source", "device",
+                "--rate", str(RATE), "--metrics-port", str(metrics_port), "--loop", "asyncio",
+                "--flush-seconds", "0",
+            ],
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+        )  # fmt: skip
+    stream = (("stream", "pulse-gone"),)
+    frames = ("audiosockets_frames_captured_total", stream)
+
+    def metric(key: tuple[str, tuple[tuple[str, str], ...]]) -> float:
+        try:
+            return scrape(metrics_port).get(key, 0.0)
+        except OSError:
+            return 0.0
+
+    try:
+        await wait_until(lambda: metric(frames) >= RATE // 2, timeout=30, what="half a second")
+        server.kill()
+        await wait_until(lambda: b"reopening" in log.read_bytes(), timeout=15, what="loss noticed")
+        assert recorder.poll() is None, log.read_text()
+        down_since = time.monotonic()
+        await wait_until(lambda: b"cannot reopen" in log.read_bytes(), timeout=15, what="a retry")
+        await asyncio.to_thread(server.launch)
+        down_for = time.monotonic() - down_since
+        gaps = ("audiosockets_capture_gaps_total", stream)
+        await wait_until(lambda: metric(gaps) == 1, timeout=30, what="capture to resume")
+        resumed_at = metric(frames)
+        await wait_until(
+            lambda: metric(frames) > resumed_at + RATE // 2, timeout=30, what="half a second more"
+        )
+        gap_seconds = metric(("audiosockets_capture_gap_seconds_total", stream))
+    finally:
+        code, _ = stop_recorder(recorder)
+        server.stop()
+    assert code == 0, log.read_text()
+    assert gap_seconds >= down_for
