@@ -168,8 +168,20 @@ def relay(
 
 
 @main.command()
-@click.option("--relay", "relay_url", default="tcp://127.0.0.1:7400", help="Relay to ask.")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw report as JSON.")
+@click.option(
+    "--relay",
+    "relay_url",
+    default="tcp://127.0.0.1:7400",
+    envvar="AUDIOSOCKETS_STATUS_RELAY",
+    help="Relay to ask.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    envvar="AUDIOSOCKETS_STATUS_JSON",
+    help="Print the report as JSON.",
+)
 @click.option(
     "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait."
 )
@@ -207,7 +219,13 @@ def status(relay_url: str, as_json: bool, timeout: float) -> None:
     default="realtime",
     help="realtime: one chunk per chunk duration; max: as fast as the relay takes them.",
 )
-@click.option("--relay", "relay_url", default="", help="Use this relay instead of starting one.")
+@click.option(
+    "--relay",
+    "relay_url",
+    default="",
+    envvar="AUDIOSOCKETS_LOADTEST_RELAY",
+    help="Use this relay instead of starting one.",
+)
 @click.option(
     "--sample-rate", type=click.IntRange(1), default=16000, help="Synthetic stream sample rate."
 )
@@ -232,7 +250,13 @@ def status(relay_url: str, as_json: bool, timeout: float) -> None:
     default=None,
     help="Fail (exit 7) when p99 latency exceeds this many ms.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    envvar="AUDIOSOCKETS_LOADTEST_JSON",
+    help="Print one JSON object on stdout.",
+)
 @user_errors
 def loadtest(
     streams: int,
@@ -501,12 +525,23 @@ def process(
 
 
 @main.command()
-@click.option("--listen", default="tcp://127.0.0.1:7400",
-              help="Where the demo's relay listens (port 0: any free port).")
-@click.option("--streams", type=click.IntRange(1, 16), default=2,
-              help="Synthetic streams: speech-like, 440 Hz sine, noise, silence, in turn.")
-@click.option("--seconds", type=click.FloatRange(0), default=0.0,
-              help="Stop after this many seconds (0: run until Ctrl-C).")
+@click.option(
+    "--listen",
+    default="tcp://127.0.0.1:7400",
+    help="Where the demo's relay listens (port 0: any free port).",
+)
+@click.option(
+    "--streams",
+    type=click.IntRange(1, 16),
+    default=2,
+    help="Synthetic streams: speech-like, 440 Hz sine, noise, silence, in turn.",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(0),
+    default=0.0,
+    help="Stop after this many seconds (0: run until Ctrl-C).",
+)
 @user_errors
 def demo(listen: str, streams: int, seconds: float) -> None:
     """Relay, synthetic recorders and the level and vad processors, with a live table."""
@@ -514,3 +549,27 @@ def demo(listen: str, streams: int, seconds: float) -> None:
 
     host, port = listen_address(listen)
     asyncio.run(run_demo(DemoConfig(host=host, port=port, streams=streams, seconds=seconds)))
+
+
+# --- env vars (keep last: runs after every command is registered) -----------
+
+
+def name_env_vars_after_flags(group: click.Group, prefix: str = "AUDIOSOCKETS") -> None:
+    """Give every option the env var ``PREFIX_COMMAND_FLAG``.
+
+    click's ``auto_envvar_prefix`` derives the name from the Python parameter
+    name, so ``--relay`` stored as ``relay_url`` would become ``..._RELAY_URL``;
+    users (and compose files) go by the flag. Options with an explicit
+    ``envvar`` keep it.
+    """
+    for name, command in group.commands.items():
+        for param in command.params:
+            if not isinstance(param, click.Option):
+                continue
+            if not param.envvar:
+                flag = max(param.opts, key=len).lstrip("-").replace("-", "_").upper()
+                param.envvar = f"{prefix}_{name.upper().replace('-', '_')}_{flag}"
+            param.show_envvar = True
+
+
+name_env_vars_after_flags(main)

@@ -144,7 +144,8 @@ class ReplayWindow:
 
     def trim(self, max_seconds: float, max_bytes: int) -> None:
         # Keep at least the newest chunk so a resume can always be answered.
-        while len(self) > 1 and (self.total_seconds > max_seconds or self.total_bytes > max_bytes):
+        limit = max_seconds + 1e-9  # sums of float durations drift by ulps
+        while len(self) > 1 and (self.total_seconds > limit or self.total_bytes > max_bytes):
             self.total_seconds -= self.durations[self.head]
             self.total_bytes -= len(self.frames[self.head])
             self.frames[self.head] = b""

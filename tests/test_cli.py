@@ -1,0 +1,247 @@
+"""The CLI as a user meets it: one clear line and a named exit code for every
+error a user can cause, env vars for every flag, status and loadtest reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from audiosockets.cli import format_status, main
+from audiosockets.errors import AddressInUse, ConfigError, GateFailed, RelayUnreachable
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "audiosockets", "--log-level", "warning", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("audiosockets: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["status", "--relay", "http://example"], ConfigError.exit_code, "tcp://"),
+        (["status", "--relay", "tcp://127.0.0.1:notaport"], ConfigError.exit_code, "port"),
+        (
+            ["status", "--relay", "tcp://127.0.0.1:1", "--timeout", "2"],
+            RelayUnreachable.exit_code,
+            "cannot reach",
+        ),
+        (["relay", "--listen", "udp://0.0.0.0:1"], ConfigError.exit_code, "tcp://"),
+    ],
+)
+def test_user_errors_are_one_line(args: list[str], code: int, words: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == code
+    assert words in one_error_line(result.stderr)
+
+
+def test_port_in_use_is_one_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("relay", "--listen", f"tcp://127.0.0.1:{port}", "--metrics-port", "0")
+    assert result.returncode == AddressInUse.exit_code
+    assert "already in use" in one_error_line(result.stderr)
+
+
+def test_every_flag_is_an_env_var() -> None:
+    # click's auto_envvar_prefix: AUDIOSOCKETS_<COMMAND>_<OPTION>
+    result = run_cli(
+        "status",
+        env={"AUDIOSOCKETS_STATUS_RELAY": "tcp://127.0.0.1:1", "AUDIOSOCKETS_STATUS_TIMEOUT": "1"},
+    )
+    assert result.returncode == RelayUnreachable.exit_code
+    assert "127.0.0.1:1" in result.stderr
+
+
+def test_env_var_names_match_the_flags() -> None:
+    """AUDIOSOCKETS_<COMMAND>_<FLAG> for every option of every command."""
+    assert isinstance(main, click.Group)
+    wrong = []
+    for name, command in main.commands.items():
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.hidden:
+                continue
+            flag = max(param.opts, key=len).lstrip("-").replace("-", "_").upper()
+            expected = f"AUDIOSOCKETS_{name.upper()}_{flag}"
+            if param.envvar != expected:
+                wrong.append(f"{name} {max(param.opts, key=len)}: {param.envvar} != {expected}")
+    assert not wrong, wrong
+
+
+def test_env_var_reaches_a_renamed_parameter() -> None:
+    # --relay is stored as relay_url; the env var still follows the flag.
+    result = CliRunner().invoke(main, ["status"], env={"AUDIOSOCKETS_STATUS_RELAY": "bogus://x"})
+    assert result.exit_code == ConfigError.exit_code
+    assert "bogus://x" in result.output
+
+
+def test_status_against_a_running_relay() -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "audiosockets",
+            "relay",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--metrics-port",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = ""
+        while "listening on" not in line:
+            line = proc.stderr.readline()
+            assert line, "relay exited before listening"
+        url = line.rsplit(" ", 1)[1].strip()
+        result = run_cli("status", "--relay", url, "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["streams"] == []
+        assert report["replay_seconds"] == 30.0
+        table = run_cli("status", "--relay", url)
+        assert "(no streams)" in table.stdout
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+def test_format_status_shows_groups_and_drops() -> None:
+    report = {
+        "server": "r",
+        "version": "0",
+        "uptime_s": 1.0,
+        "replay_seconds": 30.0,
+        "queue_seconds": 2.0,
+        "streams": [
+            {
+                "name": "mic-1",
+                "format": {"rate": 16000, "channels": 1, "sample_type": "int16"},
+                "publisher": "rec",
+                "rate_chunks_per_s": 50.0,
+                "last_seq": 99,
+                "window_seconds": 2.0,
+                "subscribers": ["a"],
+            }
+        ],
+        "subscribers": [
+            {
+                "name": "a",
+                "pattern": "*",
+                "group": "g",
+                "lag_chunks": 0,
+                "dropped": 3,
+                "streams": ["mic-1"],
+            }
+        ],
+        "groups": {"g": {"members": ["a"], "assignment": {"mic-1": "a"}}},
+        "drops": {"subscriber_slow": 3.0},
+    }
+    text = format_status(report)
+    assert "mic-1 -> a" in text
+    assert "subscriber_slow=3" in text
+    assert "16000 Hz 1ch int16" in text
+
+
+def test_loadtest_json_report_and_zero_loss() -> None:
+    result = run_cli(
+        "loadtest",
+        "--streams",
+        "4",
+        "--subscribers",
+        "2",
+        "--duration",
+        "1.5",
+        "--json",
+        "--max-loss",
+        "0",
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in (
+        "chunks_sent",
+        "chunks_received",
+        "chunks_lost",
+        "chunks_duplicated",
+        "chunks_out_of_order",
+        "latency_ms",
+        "throughput_chunks_per_s",
+        "relay_cpu_s",
+    ):
+        assert key in report
+    assert set(report["latency_ms"]) >= {"p50", "p95", "p99", "max"}
+    assert report["chunks_sent"] > 0
+    assert report["chunks_received"] == 2 * report["chunks_sent"]
+    assert report["chunks_lost"] == 0
+    assert report["relay_cpu_s"] > 0
+
+
+def test_loadtest_group_mode_delivers_each_chunk_once() -> None:
+    result = run_cli(
+        "loadtest",
+        "--streams",
+        "6",
+        "--subscribers",
+        "3",
+        "--group",
+        "g",
+        "--duration",
+        "1",
+        "--json",
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["chunks_received"] == report["chunks_sent"]
+    assert report["chunks_duplicated"] == 0
+
+
+def test_loadtest_gate_fails_with_its_exit_code() -> None:
+    result = run_cli(
+        "loadtest",
+        "--streams",
+        "1",
+        "--subscribers",
+        "1",
+        "--duration",
+        "0.5",
+        "--max-p99-ms",
+        "0",
+        timeout=120,
+    )
+    assert result.returncode == GateFailed.exit_code
+    assert "p99" in one_error_line(result.stderr)
+
+
+def test_help_lists_every_command() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("relay", "status", "loadtest", "record", "devices", "process"):
+        assert command in result.output
