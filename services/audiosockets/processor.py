@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -38,6 +39,7 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import re
 import signal
 import sys
@@ -47,11 +49,11 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar, Final, Literal, Protocol
+from typing import IO, Any, ClassVar, Final, Literal, ParamSpec, Protocol, TypeVar
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
@@ -71,6 +73,8 @@ from .handlers import (
 from .metrics import LATENCY_BUCKETS, Metrics
 
 log = logging.getLogger("audiosockets.processor")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: Seconds between two logged handler errors (the rest are counted, then summarised).
 LOG_INTERVAL: Final = 10.0
@@ -356,6 +360,41 @@ class HandlerRunner:
 
 async def _as_coroutine(value: Awaitable[Any]) -> Any:
     return await value
+
+
+class HandlerThread(Executor):
+    """One daemon thread running submitted calls in order.
+
+    Unlike ``ThreadPoolExecutor`` (whose threads the interpreter joins at exit),
+    a handler stuck forever in here cannot keep the process from exiting.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        future: Future[T] = Future()
+        self._calls.put((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def _main(self) -> None:
+        while (item := self._calls.get()) is not None:
+            future, call = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._calls.put(None)
+        if wait:
+            self._thread.join()
 
 
 # Worker-process side: one HandlerRunner per process, built by the initializer.
@@ -665,13 +704,13 @@ class Processor:
     # -- lifecycle --
 
     def stop(self) -> None:
-        """Stop receiving; what is in the backlog is still processed (``drain_timeout``)."""
+        """Stop receiving; the backlog is still processed for up to ``drain_timeout`` s."""
         self._stop.set()
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         if self.workers == 0:
-            pool = ThreadPoolExecutor(1, thread_name_prefix=f"handler-{self.spec.name}")
+            pool = HandlerThread(f"handler-{self.spec.name}")
             self._executors = [pool]
             self._runner = await loop.run_in_executor(pool, HandlerRunner, self.spec, self.options)
         else:
@@ -692,16 +731,21 @@ class Processor:
         try:
             await self._start()
         except HandlerError:
-            self._shutdown_executors()
+            await self._shutdown_executors()
             raise
         except BrokenProcessPool as exc:
-            self._shutdown_executors()
+            await self._shutdown_executors()
             raise HandlerError(f"handler {self.spec.name}: worker process failed to start") from exc
         consumers = [asyncio.create_task(self._consume(i)) for i in range(max(1, self.workers))]
         receiver = asyncio.create_task(self._receive(chunks))
         stopper = asyncio.create_task(self._stop.wait())
+        # The source ending by itself (a file, a test) means "process all of it";
+        # stop(), a give-up or a cancellation gives the backlog drain_timeout.
+        drain_timeout: float | None = self.drain_timeout
         try:
             await asyncio.wait({receiver, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if receiver.done() and not self._stop.is_set():
+                drain_timeout = None
         finally:
             stopper.cancel()
             receiver.cancel()
@@ -710,7 +754,7 @@ class Processor:
                 received_error = (await asyncio.gather(receiver, return_exceptions=True))[0]
             self._closing = True
             self._wake.set()
-            _done, pending = await asyncio.wait(consumers, timeout=self.drain_timeout)
+            _done, pending = await asyncio.wait(consumers, timeout=drain_timeout)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*consumers, return_exceptions=True)
@@ -721,7 +765,7 @@ class Processor:
             if left:
                 log.warning("%s: %d chunk(s) not processed before shutdown", self.spec.name, left)
             await self._close_runners()
-            self._shutdown_executors()
+            await self._shutdown_executors()
         if isinstance(received_error, Exception) and not isinstance(
             received_error, asyncio.CancelledError
         ):
@@ -736,7 +780,19 @@ class Processor:
             closers.append(loop.run_in_executor(self._executors[0], self._runner.close))
         elif self.workers:
             closers.extend(loop.run_in_executor(p, _worker_close) for p in self._executors)
-        for result in await asyncio.gather(*closers, return_exceptions=True):
+        if not closers:
+            return
+        tasks = [asyncio.ensure_future(c) for c in closers]
+        _done, pending = await asyncio.wait(tasks, timeout=self.drain_timeout)
+        for task in pending:
+            task.cancel()
+            log.warning(
+                "%s: teardown did not finish within %g s", self.spec.name, self.drain_timeout
+            )
+        for task in tasks:
+            if task.cancelled():
+                continue
+            result = task.exception() or task.result()
             if isinstance(result, BaseException):
                 log.warning("%s: teardown failed: %s", self.spec.name, _one_line(result))
                 continue
@@ -747,10 +803,22 @@ class Processor:
                 self.stats.errors += 1
                 log.error("%s: %s", self.spec.name, result.error)
 
-    def _shutdown_executors(self) -> None:
-        for pool in self._executors:
-            pool.shutdown(wait=True, cancel_futures=True)
-        self._executors = []
+    async def _shutdown_executors(self) -> None:
+        """Stop the handler thread/workers without waiting on a hung handler forever."""
+        pools, self._executors = self._executors, []
+        processes: list[Any] = []
+        for pool in pools:
+            # Private, but the only handle on a worker stuck in user code: we must be
+            # able to terminate it, or the interpreter would wait for it at exit.
+            processes.extend((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + self.drain_timeout
+        for proc in processes:
+            await asyncio.to_thread(proc.join, max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("%s: worker %d did not stop; terminating it", self.spec.name, proc.pid)
+                proc.terminate()
+                await asyncio.to_thread(proc.join, 5.0)
 
     # -- receiving --
 
@@ -816,6 +884,8 @@ class Processor:
             # The handler killed its worker (crash, os._exit): count it, start a new one.
             self._executors[index] = self._new_pool()
             return Outcome(error="worker process died while handling the chunk", pid=0)
+        except Exception as exc:  # e.g. a result that cannot be pickled back
+            return Outcome(error=_one_line(exc), trace=traceback.format_exc())
 
     def _apply(self, chunk: Chunk, out: Outcome) -> None:
         pm, name, stats = self.pm, self.spec.name, self.stats
