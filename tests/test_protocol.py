@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ast
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -191,7 +191,7 @@ def test_unknown_error_code_from_a_newer_peer_reads_as_internal() -> None:
 
 
 def test_events_reject_values_that_do_not_fit_the_wire() -> None:
-    bad = [
+    bad: list[Callable[[], object]] = [
         lambda: Ping(-1),
         lambda: Pong(2**64),
         lambda: StreamAccepted(2**32, 0),
@@ -262,7 +262,7 @@ def test_subscriber_session() -> None:
     assert transfer(client, relay, sub, StatusRequest()) == [sub, StatusRequest()]
     assert sub.matches("mic-7")
     assert not sub.matches("line-1")
-    frames = [
+    frames: list[Event] = [
         OpenStream(3, "mic-1", STEREO16),
         ChunkData(3, 42, 5, b"\x00" * 16),
         Status("{}"),
@@ -311,18 +311,16 @@ def test_a_closed_connection_ignores_input_and_refuses_to_send() -> None:
 # --------------------------------------------------------------------------
 
 PCM = bytes(range(256)) * 2
-PUBLISHER_BYTES = b"".join(
-    encode(e)
-    for e in [
-        Hello(Role.PUBLISHER, "rec-1"),
-        OpenStream(1, "mic-1", MONO16),
-        ChunkData(1, 0, 10, PCM),
-        Ping(5),
-        ChunkData(1, 1, 20, PCM[:2]),
-        CloseStream(1),
-        Goodbye(ErrorCode.NORMAL, "bye"),
-    ]
-)
+PUBLISHER_EVENTS: list[Event] = [
+    Hello(Role.PUBLISHER, "rec-1"),
+    OpenStream(1, "mic-1", MONO16),
+    ChunkData(1, 0, 10, PCM),
+    Ping(5),
+    ChunkData(1, 1, 20, PCM[:2]),
+    CloseStream(1),
+    Goodbye(ErrorCode.NORMAL, "bye"),
+]
+PUBLISHER_BYTES = b"".join(encode(e) for e in PUBLISHER_EVENTS)
 NEXT_FRAME = encode(ChunkData(1, 2, 30, PCM))
 
 
@@ -342,15 +340,7 @@ def relay_events(pieces: Iterable[bytes]) -> tuple[list[object], Connection]:
 
 def test_input_whole_byte_by_byte_and_split_anywhere_gives_the_same_events() -> None:
     whole, _ = relay_events([PUBLISHER_BYTES])
-    assert [type(e) for e in whole] == [
-        Hello,
-        OpenStream,
-        ChunkData,
-        Ping,
-        ChunkData,
-        CloseStream,
-        Goodbye,
-    ]
+    assert whole == PUBLISHER_EVENTS
     data = PUBLISHER_BYTES
     assert relay_events(data[i : i + 1] for i in range(len(data)))[0] == whole
     for cut in range(1, len(data)):
@@ -644,6 +634,23 @@ def test_redeclared_stream_checks_chunks_against_the_new_format() -> None:
     transfer(relay, client, OpenStream(1, "m", STEREO16))
     err = remote_error(client, encode(ChunkData(1, 0, 0, b"\x00\x00")))
     assert err.code is ErrorCode.BAD_FORMAT
+
+
+def test_protocol_page_matches_the_code() -> None:
+    # services/PROTOCOL.md is the spec humans read; keep it in step.
+    page = (Path(__file__).resolve().parents[1] / "services" / "PROTOCOL.md").read_text()
+    for ftype in FrameType:
+        assert f"| 0x{ftype:02X} | {ftype.name} |" in page, ftype
+    for code in ErrorCode:
+        assert f"| {code.value} | {code.name} |" in page, code
+    limits = Limits()
+    assert f"| `max_frame_size` | 1 MiB ({limits.max_frame_size}) of payload" in page
+    assert f"| `max_name_length` | {limits.max_name_length} UTF-8 bytes" in page
+    assert f"| `max_streams` | {limits.max_streams} " in page
+    assert f"| `max_resume_entries` | {limits.max_resume_entries} " in page
+    assert f"| `handshake_timeout` | {limits.handshake_timeout:g} s " in page
+    assert "| 3 | 1 | type |" in page
+    assert "| 4 | 4 | length |" in page
 
 
 # --------------------------------------------------------------------------
