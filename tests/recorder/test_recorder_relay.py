@@ -182,3 +182,35 @@ async def test_an_outage_longer_than_the_spool_drops_exactly_the_oldest(tmp_path
     assert [c.seq for c in received] == list(range(68, 100))
     assert np.array_equal(np.concatenate([c.samples for c in received]), data[68 * 250 :])
     assert get("audiosockets_chunks_dropped_total", {**labels, "reason": "spool_full"}) == 68
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="client.Publisher: a fresh publisher keeps seq 0.. while the relay expects "
+    "last_seq+1, so its first chunks are skipped silently (reported to the lead)",
+)
+async def test_a_restarted_recorder_continues_the_stream(relay: Relay, tmp_path: Path) -> None:
+    # A recorder that restarts (crash, new pod) while the relay keeps running must not
+    # lose its first chunks to the previous run's sequence numbers.
+    first = noise_wav(tmp_path / "first.wav", 20 * 320, seed=1)
+    second = noise_wav(tmp_path / "second.wav", 5 * 320, seed=2)
+    received: list[Chunk] = []
+    async with Subscriber(relay.url, pattern="again-*", name="again", start="earliest") as sub:
+        reader = asyncio.create_task(collect(sub, received))
+        try:
+            for wav in ("first.wav", "second.wav"):
+                recorder = Recorder(
+                    RecorderConfig(
+                        relay=relay.url, stream="again-1", source=f"file:{tmp_path / wav}"
+                    ),
+                    clock=FakeClock(),
+                )
+                assert await recorder.run()
+            await wait_until(lambda: len(received) >= 25, timeout=5, what="both runs' chunks")
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+    assert [c.seq for c in received] == list(range(25))
+    assert np.array_equal(
+        np.concatenate([c.samples for c in received]), np.concatenate([first, second])
+    )
