@@ -35,12 +35,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
 
 from .audio import AudioFormat, Chunk
 from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
 from .metrics import Metrics
 from .protocol import (
+    CHUNK_HEAD,
     Ack,
     ChunkData,
     CloseStream,
@@ -72,6 +78,7 @@ class RetryPolicy:
     cap: float = 2.0
     jitter: float = 0.1
     connect_timeout: float = 3.0
+    healthy_session: float = 5.0  # a session shorter than this counts as a failed attempt
 
 
 _RETRYABLE = (RelayUnreachable, ConnectionClosed, RemoteProtocolError, OSError)
@@ -156,10 +163,12 @@ class _Client:
             before_sleep=self._before_sleep,
             reraise=True,
         )
+        short_sessions = 0
         while not self._closing:
             channel: Channel = await retrying(self._connect_once)
             self.channel = channel
             self.sessions += 1
+            started = time.monotonic()
             try:
                 await self._session(channel)
             except _RETRYABLE as exc:
@@ -168,6 +177,11 @@ class _Client:
                     log.warning("%s %r: session lost: %s", self.role.label, self.name, exc)
                     if isinstance(exc, RemoteProtocolError):
                         await channel.close(ErrorFrame(exc.code, str(exc)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # our bug: end this session, never the client
+                self.last_error = f"internal error: {exc}"
+                log.exception("%s %r: session failed", self.role.label, self.name)
             finally:
                 self.connected.clear()
                 self.metrics.connected.labels(self.role.label).set(0)
@@ -175,6 +189,23 @@ class _Client:
                 self._session_ended()
                 if not channel.closed:
                     channel.abort()
+            # A session the relay ends right away (it refuses what we send)
+            # must not turn into a reconnect storm: back off as for a failed
+            # connect, with the same tenacity strategy, until one lasts.
+            if time.monotonic() - started < self.retry.healthy_session:
+                short_sessions += 1
+                state = RetryCallState(retrying, None, (), {})
+                state.attempt_number = short_sessions
+                delay = retrying.wait(state)
+                log.warning(
+                    "%s %r: session ended early; reconnecting in %.2f s",
+                    self.role.label,
+                    self.name,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            else:
+                short_sessions = 0
 
     async def _session(self, channel: Channel) -> None:
         raise NotImplementedError
@@ -246,6 +277,13 @@ class PublishedStream:
             payload = bytes(samples)
         if len(payload) % self.format.frame_bytes:
             raise ValueError("payload is not a whole number of frames")
+        limit = self.publisher.limits.max_frame_size - CHUNK_HEAD.size
+        if len(payload) > limit:
+            # The relay would refuse the frame; refusing here keeps one bad
+            # block from poisoning the history and the session.
+            raise ValueError(
+                f"chunk of {len(payload)} bytes is larger than the {limit}-byte frame limit"
+            )
         seq = self.next_seq
         self.next_seq += 1
         seconds = len(payload) / (self.format.frame_bytes * self.format.rate)
@@ -270,7 +308,20 @@ class PublishedStream:
                 self._dropped.inc()
 
     def resume_from(self, next_seq: int) -> None:
-        """The relay holds everything before ``next_seq``: send the rest."""
+        """The relay holds everything before ``next_seq``: send the rest.
+
+        When the relay expects more than we ever numbered, the stream had
+        an earlier life (this publisher restarted while the relay kept the
+        stream): continue its numbering at ``next_seq`` instead of sending
+        numbers the relay would take for duplicates.
+        """
+        if next_seq > self.next_seq:
+            first_unsent = self.history[-self.unsent].seq if self.unsent else self.next_seq
+            offset = next_seq - first_unsent
+            for entry in self.history:
+                entry.seq += offset
+            self.next_seq += offset
+            log.info("stream %r continues the relay's numbering at seq %d", self.name, next_seq)
         n = 0
         for entry in reversed(self.history):
             if entry.seq < next_seq:
@@ -340,6 +391,8 @@ class Publisher(_Client):
 
     def stream(self, name: str, fmt: AudioFormat) -> PublishedStream:
         """Declare (or get) a stream. Its format is fixed for its lifetime."""
+        if not name or len(name.encode("utf-8")) > self.limits.max_name_length:
+            raise ValueError(f"stream name must be 1..{self.limits.max_name_length} bytes of UTF-8")
         existing = self.streams.get(name)
         if existing is not None:
             if existing.format != fmt:

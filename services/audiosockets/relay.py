@@ -83,7 +83,7 @@ class RelayConfig:
     heartbeat_interval: float = 2.0
     max_window_bytes: int = 256 << 20  # per stream, on top of replay_seconds
     max_batch_bytes: int = 256 << 10  # per write to one subscriber
-    socket_buffer_bytes: int = 256 << 10  # kernel send buffer per connection
+    socket_buffer_bytes: int = 1 << 20  # kernel send buffer per connection (0: OS default)
     server_name: str = "audiosockets-relay"
     token: str = ""  # reserved: authentication arrives with a later issue
     limits: Limits = field(default_factory=Limits)
