@@ -1,0 +1,146 @@
+"""Publisher and Subscriber behaviour a user relies on, against a real relay."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from _support import wait_until
+from audiosockets.audio import AudioFormat, SampleType
+from audiosockets.client import Publisher, RetryPolicy, Subscriber
+from audiosockets.metrics import Metrics
+from audiosockets.protocol import Limits
+from audiosockets.relay import Relay, RelayConfig
+
+FMT = AudioFormat(16000, 1, SampleType.INT16)
+FAST = RetryPolicy(initial=0.02, cap=0.2, jitter=0.02, connect_timeout=1.0)
+
+
+def block(value: int) -> np.ndarray:
+    return np.full(320, value, dtype=np.int16)
+
+
+async def test_restarted_publisher_continues_the_relays_numbering(relay: Relay) -> None:
+    sub = Subscriber(relay.url, "mic", retry=FAST, start="earliest")
+    await sub.start()
+    first = Publisher(relay.url, name="rec", retry=FAST)
+    await first.start()
+    s1 = first.stream("mic", FMT)
+    for i in range(10):
+        s1.send(block(i))
+    assert await first.flush(5)
+    await first.close()
+    # A new process for the same stream: its own numbering starts at 0 again.
+    second = Publisher(relay.url, name="rec", retry=FAST)
+    s2 = second.stream("mic", FMT)
+    for i in range(10, 15):
+        s2.send(block(i))
+    await second.start()
+    assert await second.wait_connected(5)
+    assert await second.flush(5)
+    got = []
+    async with asyncio.timeout(5):
+        async for chunk in sub:
+            got.append((chunk.seq, int(chunk.samples[0, 0])))
+            if len(got) == 15:
+                break
+    assert got == [(i, i) for i in range(15)], (
+        "the second life must continue at seq 10, not vanish as duplicates"
+    )
+    assert s2.next_seq == 15
+    await second.close()
+    await sub.close()
+
+
+async def test_oversized_chunk_and_long_name_are_refused_locally(relay: Relay) -> None:
+    pub = Publisher(relay.url, retry=FAST)
+    stream = pub.stream("mic", FMT)
+    with pytest.raises(ValueError, match="frame limit"):
+        stream.send(np.zeros(700_000, dtype=np.int16))
+    with pytest.raises(ValueError, match="stream name"):
+        pub.stream("x" * 500, FMT)
+    with pytest.raises(ValueError, match="int16"):
+        stream.send(np.zeros(320, dtype=np.float32))
+    assert stream.next_seq == 0, "a refused chunk takes no sequence number"
+
+
+@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, limits=Limits(max_frame_size=256))])
+async def test_a_session_the_relay_refuses_backs_off(relay: Relay) -> None:
+    """A relay that ends every session at once must not see a reconnect storm."""
+    metrics = Metrics()
+    pub = Publisher(relay.url, retry=RetryPolicy(initial=0.2, cap=0.4, jitter=0.0), metrics=metrics)
+    stream = pub.stream("mic", FMT)
+    stream.send(block(1))  # 640 bytes: more than this relay accepts
+    await pub.start()
+    await asyncio.sleep(1.0)
+    reconnects = metrics.registry.get_sample_value(
+        "audiosockets_reconnects_total", {"role": "publisher"}
+    )
+    assert reconnects is not None
+    assert 1 <= reconnects <= 6, f"{reconnects} reconnects in 1 s: no backoff"
+    errors = relay.metrics.registry.get_sample_value(
+        "audiosockets_protocol_errors_total", {"reason": "frame_too_large"}
+    )
+    assert errors is not None
+    assert errors >= 1
+    assert "frame" in (pub.last_error or "")
+    await pub.close(0.1)
+
+
+async def test_subscriber_counts_gaps_and_suppresses_duplicates(relay: Relay) -> None:
+    sub = Subscriber(relay.url, "mic", retry=FAST, start="earliest")
+    await sub.start()
+    pub = Publisher(relay.url, retry=FAST)
+    stream = pub.stream("mic", FMT)
+    await pub.start()
+    stream.send(block(0))
+    stream.next_seq = 5  # the recorder lost 1..4 (say, a spool overflow)
+    stream.send(block(5))
+    async with asyncio.timeout(5):
+        seqs = [(await sub.get()).seq, (await sub.get()).seq]
+    assert seqs == [0, 5]
+    assert sub.gaps == 4
+    gaps = sub.metrics.registry.get_sample_value(
+        "audiosockets_sequence_gaps_total", {"stream": "mic"}
+    )
+    assert gaps == 4
+    await pub.close()
+    await sub.close()
+
+
+async def test_publisher_spool_drops_oldest_unsent_and_counts(relay: Relay) -> None:
+    metrics = Metrics()
+    # Nothing listens on port 1: every chunk stays unsent.
+    pub = Publisher("tcp://127.0.0.1:1", history_seconds=0.1, retry=FAST, metrics=metrics)
+    stream = pub.stream("mic", FMT)
+    for i in range(10):  # 10 x 20 ms = 200 ms into a 100 ms spool
+        stream.send(block(i))
+    assert stream.dropped == 5
+    assert [e.seq for e in stream.history] == [5, 6, 7, 8, 9]
+    value = metrics.registry.get_sample_value(
+        "audiosockets_chunks_dropped_total", {"stream": "mic", "reason": "spool_full"}
+    )
+    assert value == 5
+    assert abs(stream.spooled_seconds - 0.1) < 1e-9
+
+
+async def test_status_report_lists_publishers_and_subscribers(relay: Relay) -> None:
+    from audiosockets.client import fetch_status
+
+    pub = Publisher(relay.url, name="rec-1", retry=FAST)
+    pub.stream("mic", FMT)
+    await pub.start()
+    sub = Subscriber(relay.url, "mic", group="g", name="proc-1", retry=FAST)
+    await sub.start()
+    await wait_until(
+        lambda: "mic" in relay.groups.get("g", type("G", (), {"assignment": {}})()).assignment
+    )
+    report = await fetch_status(relay.url)
+    assert [p["name"] for p in report["publishers"]] == ["rec-1"]
+    assert report["subscribers"][0]["group"] == "g"
+    assert report["groups"]["g"]["assignment"] == {"mic": "proc-1"}
+    assert report["streams"][0]["publisher"] == "rec-1"
+    await pub.close()
+    await sub.close()
