@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from _support import require_binary
 
+from _support import require_binary
 from audiosockets.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
