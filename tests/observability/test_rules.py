@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from .promql import architecture_metrics, recorded_metrics, rule_expressions, unknown_metric_names
-from .support import PROMETHEUS_DIR, require_promtool
+from .support import PROMETHEUS_DIR, REPO, require_promtool
 
 pytestmark = pytest.mark.prometheus
 
@@ -103,3 +103,27 @@ def test_unit_tests_catch_an_alert_that_never_fires(alert: str, tmp_path: Path) 
     result = promtool("test", "rules", *tests, cwd=tmp_path / "prometheus")
     assert result.returncode != 0
     assert f"alertname: {alert}" in result.stdout + result.stderr
+
+
+def test_config_scrapes_every_compose_service_that_serves_metrics() -> None:
+    """DNS names are compose service names or aliases, on the services' metrics ports."""
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text(encoding="utf-8"))
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text(encoding="utf-8"))
+    scraped = {
+        dns_name: entry["port"]
+        for job in config["scrape_configs"]
+        for entry in job.get("dns_sd_configs", [])
+        for dns_name in entry["names"]
+    }
+    reachable: dict[str, int] = {}
+    for name, service in compose["services"].items():
+        env = service.get("environment") or {}
+        ports = {int(v) for k, v in env.items() if k.endswith("_METRICS_PORT")}
+        if not ports:
+            continue
+        (port,) = ports
+        network = (service.get("networks") or {}).get("default") or {}
+        names = [name, *network.get("aliases", [])]
+        assert any(scraped.get(n) == port for n in names), f"{name} is not scraped"
+        reachable.update(dict.fromkeys(names, port))
+    assert {n: p for n, p in scraped.items() if reachable.get(n) != p} == {}
