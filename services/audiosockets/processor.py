@@ -338,6 +338,20 @@ class HandlerRunner:
             return []
         return self.encode(stream, None, self._await(teardown()))
 
+    def release(self, stream: str) -> Outcome:
+        """Tear down the instance of one stream (the relay closed it for us)."""
+        out = Outcome(started_ns=time.time_ns(), pid=os.getpid())
+        known = self._instances.pop(stream, None)
+        if known is not None:
+            try:
+                out.events = self._teardown(stream, known[1])
+            except Exception as exc:
+                out.error = f"teardown for {stream}: {_one_line(exc)}"
+                out.trace = traceback.format_exc()
+        out.ops = self.sink.drain()
+        out.cpu_seconds = time.process_time()
+        return out
+
     def close(self) -> Outcome:
         """Tear down every instance (errors are reported, never raised)."""
         out = Outcome(started_ns=time.time_ns(), pid=os.getpid())
@@ -428,6 +442,11 @@ def _worker_process(
     return _WORKER_RUNNER.process(chunk)
 
 
+def _worker_release(stream: str) -> Outcome:
+    assert _WORKER_RUNNER is not None
+    return _WORKER_RUNNER.release(stream)
+
+
 def _worker_close() -> Outcome:
     assert _WORKER_RUNNER is not None
     return _WORKER_RUNNER.close()
@@ -436,11 +455,20 @@ def _worker_close() -> Outcome:
 # --- the bounded backlog --------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class StreamClosed:
+    """Backlog marker: the relay closed this stream for us; tear its handler down."""
+
+    stream: str
+
+
 class ChunkBacklog:
     """FIFO of chunks bounded by count and/or seconds of audio; drops the oldest.
 
     ``push`` never blocks and returns the chunks it evicted to make room, so
     the caller counts them. At least the newest chunk is always kept.
+    ``StreamClosed`` markers keep their place in the order, take no room and
+    are never evicted.
     """
 
     def __init__(self, max_chunks: int | None = None, max_seconds: float | None = 10.0) -> None:
@@ -452,7 +480,8 @@ class ChunkBacklog:
             raise ValueError("max_seconds must be > 0")
         self.max_chunks = max_chunks
         self.max_seconds = max_seconds
-        self._items: deque[Chunk] = deque()
+        self._items: deque[Chunk | StreamClosed] = deque()
+        self.chunks = 0
         self.seconds = 0.0
         self.depth: dict[str, int] = {}
 
@@ -460,27 +489,41 @@ class ChunkBacklog:
         return len(self._items)
 
     def _full(self) -> bool:
-        if self.max_chunks is not None and len(self._items) > self.max_chunks:
+        if self.max_chunks is not None and self.chunks > self.max_chunks:
             return True
         return self.max_seconds is not None and self.seconds > self.max_seconds + 1e-9
 
     def push(self, chunk: Chunk) -> list[Chunk]:
         self._items.append(chunk)
+        self.chunks += 1
         self.seconds += chunk.seconds
         self.depth[chunk.stream] = self.depth.get(chunk.stream, 0) + 1
         dropped = []
-        while len(self._items) > 1 and self._full():
-            dropped.append(self._take())
+        while self.chunks > 1 and self._full():
+            dropped.append(self._evict_oldest())
         return dropped
 
-    def _take(self) -> Chunk:
-        chunk = self._items.popleft()
-        self.seconds = max(0.0, self.seconds - chunk.seconds) if self._items else 0.0
+    def mark_closed(self, stream: str) -> None:
+        self._items.append(StreamClosed(stream))
+
+    def _evict_oldest(self) -> Chunk:
+        for i, item in enumerate(self._items):
+            if isinstance(item, Chunk):
+                del self._items[i]
+                return self._account(item)
+        raise AssertionError("no chunk to evict")
+
+    def _account(self, chunk: Chunk) -> Chunk:
+        self.chunks -= 1
+        self.seconds = max(0.0, self.seconds - chunk.seconds) if self.chunks else 0.0
         self.depth[chunk.stream] -= 1
         return chunk
 
-    def pop(self) -> Chunk | None:
-        return self._take() if self._items else None
+    def pop(self) -> Chunk | StreamClosed | None:
+        if not self._items:
+            return None
+        item = self._items.popleft()
+        return self._account(item) if isinstance(item, Chunk) else item
 
 
 # --- metrics --------------------------------------------------------------------
@@ -707,6 +750,14 @@ class Processor:
         """Stop receiving; the backlog is still processed for up to ``drain_timeout`` s."""
         self._stop.set()
 
+    def stream_closed(self, stream: str) -> None:
+        """The relay closed ``stream`` for us (publisher gone, moved to another group
+        member): once its queued chunks are handled, its handler instance is torn
+        down (``vad`` closes an open segment, ``archive`` completes its file). A new
+        instance is set up if the stream comes back."""
+        self.backlog.mark_closed(stream)
+        self._wake.set()
+
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         if self.workers == 0:
@@ -759,9 +810,10 @@ class Processor:
                 task.cancel()
             await asyncio.gather(*consumers, return_exceptions=True)
             left = 0
-            while (chunk := self.backlog.pop()) is not None:
-                self._count_drop(chunk)
-                left += 1
+            while (item := self.backlog.pop()) is not None:
+                if isinstance(item, Chunk):  # StreamClosed: teardown follows anyway
+                    self._count_drop(item)
+                    left += 1
             if left:
                 log.warning("%s: %d chunk(s) not processed before shutdown", self.spec.name, left)
             await self._close_runners()
@@ -861,9 +913,31 @@ class Processor:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if isinstance(chunk, StreamClosed):
+                await self._release(chunk.stream)
+                continue
             self.metrics.queue_depth.labels(chunk.stream).set(self.backlog.depth[chunk.stream])
             outcome = await self._execute(index, chunk)
             self._apply(chunk, outcome)
+
+    async def _release(self, stream: str) -> None:
+        loop = asyncio.get_running_loop()
+        if self._runner is not None:
+            calls = [loop.run_in_executor(self._executors[0], self._runner.release, stream)]
+        else:
+            calls = [loop.run_in_executor(p, _worker_release, stream) for p in self._executors]
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.warning(
+                    "%s: releasing %s failed: %s", self.spec.name, stream, _one_line(result)
+                )
+                continue
+            self.pm.apply(result.ops)
+            self._write_events(result.events)
+            if result.error:
+                self.pm.handler_errors.labels(self.spec.name).inc()
+                self.stats.errors += 1
+                log.error("%s: %s", self.spec.name, result.error)
 
     async def _execute(self, index: int, chunk: Chunk) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -1011,6 +1085,7 @@ async def serve(
             start=config.start,
             token=config.token or "",
             metrics=metrics,
+            on_stream_closed=processor.stream_closed,
         )
         if started is not None:
             started(processor)
@@ -1050,6 +1125,7 @@ __all__ = [
     "ProcessorConfig",
     "ProcessorMetrics",
     "ProcessorStats",
+    "StreamClosed",
     "check_handler",
     "load_target",
     "parse_spec",

@@ -46,7 +46,7 @@ def test_segments_concatenate_to_exactly_what_was_sent(tmp_path: Path) -> None:
     assert b"".join(read_pcm(p) for p in wavs) == b"".join(bytes(c.payload) for c in chunks)
     assert [read_pcm(p).__len__() // 2 for p in wavs] == [8000, 8000, 8000, 4000]
     sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in wavs]
-    assert [s["ended_by"] for s in sidecars] == ["rotation", "rotation", "rotation", "shutdown"]
+    assert [s["ended_by"] for s in sidecars] == ["rotation", "rotation", "rotation", "closed"]
     assert [(s["first_seq"], s["last_seq"]) for s in sidecars] == [
         (0, 9),
         (10, 19),
@@ -139,3 +139,33 @@ def test_unwritable_archive_directory_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(HandlerError, match="archive directory"):
         Harness(f"archive:{blocker}/sub")
+
+
+def test_a_restarted_archive_continues_skips_what_it_has_and_records_a_gap(tmp_path: Path) -> None:
+    chunks = random_chunks(30)
+    first = archive(tmp_path, segment_seconds=60)
+    first.feed(chunks[:10])
+    first.close()
+    again = archive(tmp_path, segment_seconds=60)  # a new process (or group member) on the same DIR
+    again.feed(chunks[8:20])  # seq 8 and 9 are replayed: already archived
+    again.close()
+    wavs = sorted(tmp_path.glob("*.wav"))
+    assert b"".join(read_pcm(p) for p in wavs) == b"".join(bytes(c.payload) for c in chunks[:20])
+    assert json.loads(wavs[1].with_suffix(".json").read_text())["gap_before"] is None
+    later = archive(tmp_path, segment_seconds=60)
+    later.feed(chunks[25:])  # 20..24 never arrived
+    later.close()
+    newest = json.loads(sorted(tmp_path.glob("*.json"))[-1].read_text())
+    assert newest["gap_before"] == {"expected_seq": 20, "next_seq": 25, "missing_chunks": 5}
+    assert newest["first_seq"] == 25
+
+
+def test_other_streams_segments_do_not_count_as_this_streams_past(tmp_path: Path) -> None:
+    other = archive(tmp_path, segment_seconds=60)
+    other.feed(random_chunks(10, stream="mic_2"))  # file names start "mic_2_", like "mic" + "_"
+    other.close()
+    h = archive(tmp_path, segment_seconds=60)
+    h.feed(random_chunks(3, stream="mic"))
+    h.close()
+    (mine,) = [p for p in tmp_path.glob("mic_2023*.json")]
+    assert json.loads(mine.read_text())["gap_before"] is None

@@ -409,3 +409,33 @@ async def test_a_hung_worker_process_is_terminated_at_shutdown(
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+async def test_a_stream_closed_by_the_relay_is_torn_down_after_its_queued_chunks() -> None:
+    out = io.StringIO()
+    proc = Processor("handlers_for_tests:PerStream", events=out)
+    a = chunks(6, stream="a")
+
+    async def source() -> AsyncIterator[Chunk]:
+        for chunk in a[:3]:
+            yield chunk
+        proc.stream_closed("a")  # e.g. moved to another group member
+        for chunk in a[3:]:
+            yield chunk  # ... and back again: a fresh instance
+            await asyncio.sleep(0)
+
+    await proc.run(source())
+    summaries = [e["chunks"] for e in events_of(out) if e.get("event") == "summary"]
+    assert summaries == [3, 3]
+    assert len(hft.PerStream.instances) == 2
+
+
+def test_stream_closed_markers_are_never_evicted() -> None:
+    backlog = ChunkBacklog(max_chunks=2, max_seconds=None)
+    a = chunks(4)
+    backlog.push(a[0])
+    backlog.mark_closed("mic-1")
+    dropped = [c.seq for chunk in a[1:] for c in backlog.push(chunk)]
+    assert dropped == [0, 1]
+    items = [backlog.pop() for _ in range(len(backlog))]
+    assert [getattr(i, "seq", "closed") for i in items] == ["closed", 2, 3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import socket
 import wave
 from pathlib import Path
@@ -108,9 +109,9 @@ async def test_slow_processor_drops_counted_exactly_fast_one_gets_everything(rel
     assert value(pub_m, "audiosockets_chunks_dropped_total", stream="mic", reason="spool_full") == 0
 
 
-def check_archive(directory: Path, sent: bytes) -> None:
+def check_archive(directory: Path, sent: bytes, segments: int = 4) -> None:
     wavs = sorted(directory.glob("*.wav"))
-    assert len(wavs) >= 4  # 1.2 s of audio in 0.25 s segments
+    assert len(wavs) >= segments
     written = b""
     for path in wavs:
         with wave.open(str(path)) as w:
@@ -157,7 +158,7 @@ async def test_archive_is_sample_exact_across_a_relay_restart(tmp_path: Path) ->
         await pub.close(0.5)
         await holder["relay"].stop()
 
-    check_archive(tmp_path, b"".join(data))
+    check_archive(tmp_path, b"".join(data))  # 1.2 s of audio in 0.25 s segments
 
 
 async def test_serve_runs_a_builtin_from_config_and_writes_events_to_a_file(
@@ -193,3 +194,56 @@ async def test_serve_runs_a_builtin_from_config_and_writes_events_to_a_file(
     lines = events.read_text().splitlines()
     assert [line.split('"event":"')[1].split('"')[0] for line in lines] == ["vad_start", "vad_end"]
     assert m.registry.get_sample_value("audiosockets_vad_segments_total", {"stream": "mic"}) == 1
+
+
+async def test_archive_completes_a_stream_handed_to_another_group_member(
+    relay: Relay, tmp_path: Path
+) -> None:
+    closed: list[str] = []
+    proc_a = Processor(f"archive:{tmp_path / 'a'}", events=io.StringIO())
+    proc_b = Processor(f"archive:{tmp_path / 'b'}", events=io.StringIO())
+
+    def on_closed(stream: str) -> None:
+        closed.append(stream)
+        proc_a.stream_closed(stream)
+
+    sub_a = Subscriber(
+        relay.url,
+        "mic-*",
+        group="arch",
+        name="a",
+        start="earliest",
+        retry=FAST_RETRY,
+        on_stream_closed=on_closed,
+    )
+    sub_b = Subscriber(relay.url, "mic-*", group="arch", name="b", retry=FAST_RETRY)
+    pub = Publisher(relay.url, name="rec", retry=FAST_RETRY)
+    data = {name: payloads(20) for name in ("mic-1", "mic-2")}
+    await pub.start()
+    streams = {name: pub.stream(name, FMT) for name in data}
+    async with sub_a:
+        run_a = asyncio.create_task(proc_a.run(sub_a))
+        for i in range(20):
+            for name, stream in streams.items():
+                stream.send(data[name][i])
+        assert await pub.flush(5)
+        await wait_until(
+            lambda: proc_a.stats.processed == 40, what="member a archived both streams"
+        )
+        async with sub_b:  # the relay moves one of a's two streams to b
+            run_b = asyncio.create_task(proc_b.run(sub_b))
+            await wait_until(lambda: bool(closed), what="a stream handed over")
+            moved = closed[0]
+            await wait_until(
+                lambda: any((tmp_path / "a").glob(f"{moved}_*.wav")), what="segment completed"
+            )
+            assert not run_a.done()
+            proc_b.stop()
+            await run_b
+        proc_a.stop()
+        await run_a
+    await pub.close(0.5)
+    (wav,) = (tmp_path / "a").glob(f"{moved}_*.wav")
+    with wave.open(str(wav)) as w:
+        assert w.readframes(w.getnframes()) == b"".join(data[moved])
+    assert json.loads(wav.with_suffix(".json").read_text())["ended_by"] == "closed"

@@ -3,9 +3,11 @@
 A segment holds consecutive chunks only: it is closed (and a new one opened)
 when adding the next chunk would pass ``--segment-seconds``, when the next
 chunk's seq is not the previous seq + 1 (a gap), when the format changes, and
-at shutdown. A gap is never papered over: it is logged, and the sidecar
-``<segment>.json`` of the segment before it says ``ended_by: "gap"`` with the
-missing seq range, the next one carries the same range as ``gap_before``.
+when the handler is torn down (processor shutdown, or the relay closed the
+stream for this processor). A gap is never papered over: it is logged, and
+the sidecar ``<segment>.json`` of the segment before it says
+``ended_by: "gap"`` with the missing seq range, the next one carries the same
+range as ``gap_before``.
 
 File names: ``<stream>_<UTC capture time of the first frame>_<first seq>.wav``
 with a fixed-width ``YYYYMMDDTHHMMSS.ffffffZ`` stamp, so names sort in
@@ -13,6 +15,11 @@ capture order within a stream. While open, a segment is ``.<name>.part``
 (a dot file not ending in ``.wav``); closing patches the RIFF sizes, fsyncs
 and renames it, so a crash never leaves a half file under a final name.
 Duplicates (seq already written, e.g. after a group handover) are skipped.
+
+Continuity: a new instance (processor restart, stream handed back) reads the
+newest sidecar of its stream in DIR; chunks that end before that segment's
+end are skipped as already archived, and the seq carries on from its
+``last_seq``, so chunks lost in between are a recorded gap like any other.
 
 State (one instance per stream): the open segment's file object and counters.
 """
@@ -35,7 +42,7 @@ from . import HandlerContext
 
 log = logging.getLogger("audiosockets.handlers.archive")
 
-EndReason = Literal["rotation", "gap", "format_change", "shutdown"]
+EndReason = Literal["rotation", "gap", "format_change", "closed"]
 #: RIFF sizes are 32-bit: rotate well before that whatever --segment-seconds says.
 MAX_DATA_BYTES = 2**32 - 1024
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -122,12 +129,50 @@ class Archive:
         self._seg: _Segment | None = None
         self._next_seq: int | None = None
         self._pending_gap: dict[str, int] | None = None
+        self._prior: tuple[int, int] | None = None
 
     def setup(self, fmt: AudioFormat) -> None:
         self.ctx.sink.inc("archive_segments", (self.ctx.stream,), 0)
         self.ctx.sink.inc("archive_bytes", (self.ctx.stream,), 0)
+        self._prior = self._last_archived()
+
+    def _last_archived(self) -> tuple[int, int] | None:
+        """(last seq, capture end ns) of this stream's newest complete segment in DIR."""
+        prefix = _UNSAFE.sub("_", self.ctx.stream) + "_"
+        pattern = re.compile(re.escape(prefix) + r"\d{8}T\d{6}\.\d{6}Z_\d{10}\.json")
+        try:
+            names = sorted(p.name for p in self.dir.iterdir() if pattern.fullmatch(p.name))
+        except OSError:
+            return None
+        for name in reversed(names):
+            try:
+                meta = json.loads((self.dir / name).read_text())
+                return int(meta["last_seq"]), int(meta["captured_ns"]) + round(
+                    meta["seconds"] * 1e9
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # an unreadable sidecar: try the one before
+        return None
+
+    def _continue_prior(self, chunk: Chunk) -> bool:
+        """First chunk after a restart or handover: skip what DIR already holds, and
+        carry the sequence on so a hole across the restart is still a recorded gap."""
+        assert self._prior is not None
+        last_seq, end_ns = self._prior
+        if chunk.captured_ns + round(chunk.seconds * 1e9) <= end_ns + 1_000_000:
+            return False  # ends before the archived audio does: already written
+        self._prior = None
+        if chunk.seq > last_seq:
+            self._next_seq = last_seq + 1  # a hole is handled as any other gap below
+        else:
+            log.info(
+                "archive %s: sequence restarted at %d (was %d)", chunk.stream, chunk.seq, last_seq
+            )
+        return True
 
     def handle(self, chunk: Chunk) -> None:
+        if self._prior is not None and not self._continue_prior(chunk):
+            return
         if self._next_seq is not None and chunk.seq < self._next_seq:
             return  # already written (at-least-once delivery after a handover)
         seg = self._seg
@@ -217,4 +262,4 @@ class Archive:
 
     def teardown(self) -> None:
         if self._seg is not None:
-            self._close(self._seg, "shutdown")
+            self._close(self._seg, "closed")
