@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
+import signal
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -39,3 +42,28 @@ def test_demo_command_runs_for_the_given_seconds() -> None:
     assert result.exit_code == 0, result.output
     assert "audiosockets demo: relay tcp://127.0.0.1:" in result.output
     assert "mic-2" in result.output
+
+
+async def test_demo_stops_on_ctrl_c_with_status_zero() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "audiosockets", "--log-level", "warning", "demo", "--listen", "tcp://127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            while b"mic-2" not in await proc.stdout.readline():  # the first table is out
+                pass
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            await proc.stdout.read()
+            rc = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    stderr = (await proc.stderr.read()).decode()
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr

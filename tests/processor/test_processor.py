@@ -7,11 +7,13 @@ import dataclasses
 import io
 import json
 import os
+import re
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import handlers_for_tests as hft
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from processor_support import paced, sine, to_chunks
@@ -439,3 +441,35 @@ def test_stream_closed_markers_are_never_evicted() -> None:
     assert dropped == [0, 1]
     items = [backlog.pop() for _ in range(len(backlog))]
     assert [getattr(i, "seq", "closed") for i in items] == ["closed", 2, 3]
+
+
+async def test_builtin_metrics_come_back_from_a_worker_process() -> None:
+    m = Metrics()
+    data = to_chunks(sine(1000, 0.5, RATE, 0.5), RATE, 800)
+    await Processor("level", workers=1, metrics=m, events=io.StringIO()).run(paced(data))
+    rms = value(m, "audiosockets_level_dbfs", stream="mic-1", channel="0", measure="rms")
+    assert rms == pytest.approx(20 * np.log10(0.5 / np.sqrt(2)), abs=0.1)
+    assert (
+        value(
+            m, "audiosockets_handler_start_latency_seconds_count", stream="mic-1", handler="level"
+        )
+        == 10
+    )
+
+
+ARCHITECTURE = Path(__file__).parents[2] / "services" / "ARCHITECTURE.md"
+
+
+async def test_every_processor_metric_in_the_architecture_note_is_exported() -> None:
+    text = ARCHITECTURE.read_text()
+    section = text[text.index("Processor: ") : text.index("Drop reasons")]
+    names = set(re.findall(r"`(audiosockets_[a-z_]+)", section))
+    assert len(names) == 14
+    m = Metrics()
+    x = sine(440, 0.5, RATE, 0.5)
+    for spec in ("level", "vad", "spectrum"):
+        await Processor(spec, metrics=m, events=io.StringIO()).run(paced(to_chunks(x, RATE, 800)))
+    exported = {metric.name for metric in m.registry.collect()}
+    # prometheus_client strips _total from counter family names
+    missing = {n for n in names if n not in exported and n.removesuffix("_total") not in exported}
+    assert not missing, missing
