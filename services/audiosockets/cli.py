@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
 import click
@@ -369,6 +370,13 @@ def format_status(report: dict[str, Any]) -> str:
     help="Audio kept while the relay is unreachable; older unsent audio is dropped.",
 )
 @click.option(
+    "--spool-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the spool on disk here (memory then holds at most 10 s); "
+    "audio left at exit is sent first by the next run.",
+)
+@click.option(
     "--flush-seconds",
     type=click.FloatRange(0),
     default=2.0,
@@ -394,6 +402,7 @@ def record(
     dtype: Literal["int16", "int32", "float32"],
     block_ms: float,
     spool_seconds: float,
+    spool_dir: Path | None,
     flush_seconds: float,
     name: str | None,
     token: str | None,
@@ -414,6 +423,7 @@ def record(
         dtype=dtype,
         block_ms=block_ms,
         spool_seconds=spool_seconds,
+        spool_dir=spool_dir,
         flush_timeout=flush_seconds,
         name=name,
         token=token,

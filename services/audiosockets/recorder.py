@@ -12,11 +12,16 @@ Invariants:
 - Source counters (PortAudio overflows, hand-off ring drops) are cumulative over
   the source's life, reopenings included; the capture loop copies their deltas
   into Prometheus, so the audio callback never touches a metric.
+- With ``spool_dir`` the Publisher keeps at most ``memory_seconds`` in memory and
+  the rest of the ``spool_seconds`` waits in a ``DiskSpool``: once anything is on
+  disk, new blocks go to disk too (order is kept), and a drain task moves them to
+  the Publisher a batch at a time, each batch after the relay took the previous
+  one. Audio still on disk at exit is sent first by the next run.
 - Stopping: ``stop()`` sets an event; ``run`` then cancels capture, flushes what the
   relay takes within ``flush_timeout`` and closes the Publisher.
 
-State: the source, the Publisher and its stream handle live on the ``Recorder``;
-metrics live on ``RecorderMetrics`` (registered on the service's ``Metrics.registry``).
+State: the source, the Publisher and its stream handle, the disk spool live on the
+``Recorder``; metrics live on ``RecorderMetrics`` (on the service's registry).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -35,6 +42,7 @@ from .audio import AudioFormat, DTypeName, SampleType
 from .errors import ConfigError, DeviceError
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
+from .spool import DiskSpool
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -57,7 +65,7 @@ class PublisherLike(Protocol):
 
     def stream(self, name: str, fmt: AudioFormat) -> Any: ...
 
-    async def flush(self, timeout: float = ...) -> bool: ...
+    async def flush(self, timeout: float | None = ...) -> bool: ...
 
     async def close(self, timeout: float = ...) -> None: ...
 
@@ -74,6 +82,10 @@ class RecorderConfig:
     dtype: DTypeName = "int16"
     block_ms: float = 20.0
     spool_seconds: float = 60.0
+    #: Optional directory for a disk spool (then ``spool_seconds`` is on disk).
+    spool_dir: Path | None = None
+    #: With ``spool_dir``: the most audio the Publisher keeps in memory.
+    memory_seconds: float = 10.0
     name: str | None = None
     token: str | None = None
     flush_timeout: float = 2.0
@@ -90,6 +102,13 @@ class RecorderConfig:
     @property
     def block_frames(self) -> int:
         return block_frames_for(self.rate, self.block_ms)
+
+    @property
+    def history_seconds(self) -> float:
+        """What the Publisher keeps in memory."""
+        if self.spool_dir is None:
+            return self.spool_seconds
+        return min(self.spool_seconds, self.memory_seconds)
 
     def validate(self) -> None:
         if not self.stream or len(self.stream) > 255:
@@ -153,7 +172,7 @@ def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
     publisher: PublisherLike = Publisher(
         config.relay,
         name=config.name or f"recorder-{config.stream}",
-        history_seconds=config.spool_seconds,
+        history_seconds=config.history_seconds,
         metrics=metrics,
         token=config.token or "",
     )
@@ -196,9 +215,20 @@ class Recorder:
         self._seen_dropped = 0
         self._last_end_ns: int | None = None
         self._gap_pending = False
-        #: Blocks handed to the publisher so far, and the last seq it returned.
-        self.blocks_sent = 0
+        #: Blocks captured and handed on (to the publisher or the disk spool).
+        self.blocks_captured = 0
+        #: The last seq the publisher returned.
         self.last_seq: int | None = None
+        self.disk: DiskSpool | None = None
+        self._disk_pending = asyncio.Event()
+        self._drain: asyncio.Task[None] | None = None
+        block_seconds = config.block_frames / self.format.rate
+        #: Most chunks the publisher may hold unsent before new ones go to disk.
+        self.high_water = max(1, int(config.history_seconds / 2 / block_seconds))
+        if config.spool_dir is not None:
+            self.disk = DiskSpool(
+                config.spool_dir / _safe_name(config.stream), self.format, config.spool_seconds
+            )
         name = config.stream
         self.metrics.declare_stream(name)
         self.recorder_metrics.declare_stream(name)
@@ -215,6 +245,14 @@ class Recorder:
         except BaseException:
             await self.source.close()
             raise
+        if self.disk is not None:
+            if self.disk.chunks:
+                log.info(
+                    "%.1f s of audio left on disk by an earlier run is sent first",
+                    self.disk.seconds,
+                )
+                self._disk_pending.set()
+            self._drain = asyncio.create_task(self._drain_disk(), name="recorder-disk-drain")
         self._capture = asyncio.create_task(self._capture_loop(), name="recorder-capture")
         log.info(
             "recording %s -> %s as %r",
@@ -246,23 +284,42 @@ class Recorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._capture
         await self.source.close()
+        if self._drain is not None:
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain
         flushed = False
         deadline = time.monotonic() + self.config.flush_timeout
         try:
-            flushed = await self.publisher.flush(timeout=self.config.flush_timeout)
+            flushed = await self._flush_all(deadline)
         finally:
             await self.publisher.close(timeout=max(0.0, deadline - time.monotonic()))
+            if self.disk is not None:
+                self._keep_unsent_on_disk(self.disk)
+                self.disk.close()
         if flushed:
             log.info(
-                "recorder stopped: %d chunks captured, all taken by the relay", self.blocks_sent
+                "recorder stopped: %d chunks captured, all taken by the relay",
+                self.blocks_captured,
             )
         else:
+            kept = f"; {self.disk.seconds:.1f} s stay on disk" if self.disk else ""
             log.warning(
-                "recorder stopped: %d chunks captured, the relay did not take all within %g s",
-                self.blocks_sent,
+                "recorder stopped: %d chunks captured, the relay did not take all within %g s%s",
+                self.blocks_captured,
                 self.config.flush_timeout,
+                kept,
             )
         return flushed
+
+    async def _flush_all(self, deadline: float) -> bool:
+        """Move the disk spool to the publisher and flush, until done or ``deadline``."""
+        while True:
+            self._feed_from_disk()
+            left = max(0.0, deadline - time.monotonic())
+            flushed = await self.publisher.flush(timeout=left)
+            if not flushed or self.disk is None or not self.disk.chunks:
+                return flushed and (self.disk is None or not self.disk.chunks)
 
     async def run(self) -> bool:
         """``start``, ``wait``, ``close``; returns whether the final flush completed."""
@@ -301,11 +358,56 @@ class Recorder:
             m.capture_gap_seconds.labels(name).inc(max(0, captured_ns - self._last_end_ns) / 1e9)
         self._last_end_ns = captured_ns + block_ns
         m.frames_captured.labels(name).inc(frames)
-        self.last_seq = self._stream.send(samples, captured_ns=captured_ns)
-        self.blocks_sent += 1
+        disk = self.disk
+        if disk is not None and (disk.chunks or self._stream.unsent >= self.high_water):
+            dropped = disk.append(samples, captured_ns)
+            if dropped:
+                self.metrics.chunks_dropped.labels(name, "spool_full").inc(dropped)
+            self._disk_pending.set()
+        else:
+            self.last_seq = self._stream.send(samples, captured_ns=captured_ns)
+        self.blocks_captured += 1
         m.capture_to_send_latency.labels(name).observe(
             max(0.0, (time.time_ns() - captured_ns - block_ns) / 1e9)
         )
+
+    # --- disk spool ---------------------------------------------------------------
+
+    def _feed_from_disk(self) -> None:
+        """Move the oldest chunks from disk to the publisher, up to ``high_water`` unsent."""
+        disk, stream = self.disk, self._stream
+        if disk is None or stream is None:
+            return
+        while disk.chunks and stream.unsent < self.high_water:
+            block = disk.pop()
+            if block is None:
+                break
+            self.last_seq = stream.send(block.samples, captured_ns=block.captured_ns)
+
+    def _keep_unsent_on_disk(self, disk: DiskSpool) -> None:
+        """Save what the closed Publisher never sent, ahead of the disk spool."""
+        stream = self._stream
+        unsent = int(getattr(stream, "unsent", 0) or 0)
+        history = getattr(stream, "history", None)
+        if not unsent or history is None:
+            return
+        entries = list(history)[-unsent:]
+        dropped = disk.prepend([(bytes(e.payload), int(e.captured_ns)) for e in entries])
+        if dropped:
+            self.metrics.chunks_dropped.labels(self.config.stream, "spool_full").inc(dropped)
+        log.info("%d unsent chunks kept on disk for the next run", len(entries))
+
+    async def _drain_disk(self) -> None:
+        disk = self.disk
+        assert disk is not None
+        while True:
+            await self._disk_pending.wait()
+            self._feed_from_disk()
+            if not disk.chunks:
+                self._disk_pending.clear()
+                continue
+            # Wait (without a timer) until the relay has taken this batch.
+            await self.publisher.flush(timeout=None)
 
     def _account_source_counters(self) -> None:
         name = self.config.stream
@@ -365,6 +467,9 @@ class Recorder:
         seconds = getattr(stream, "spooled_seconds", None)
         if not isinstance(seconds, float):
             seconds = chunks * self.config.block_frames / self.format.rate
+        if self.disk is not None:
+            chunks += self.disk.chunks
+            seconds += self.disk.seconds
         return chunks, seconds
 
 
@@ -426,3 +531,8 @@ def describe_input_devices() -> list[str]:
             f"{dev['max_input_channels']:>8} {rate:>12}"
         )
     return lines
+
+
+def _safe_name(stream: str) -> str:
+    """A stream name as one directory name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stream).lstrip(".") or "stream"

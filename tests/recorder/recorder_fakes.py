@@ -99,7 +99,7 @@ class FakePublisher:
         self.streams: dict[str, FakeStream] = {}
         self.started = False
         self.closed = False
-        self.flush_timeouts: list[float] = []
+        self.flush_timeouts: list[float | None] = []
         self.flush_result = flush_result
 
     async def start(self) -> None:
@@ -109,7 +109,7 @@ class FakePublisher:
         self.streams[name] = FakeStream(name, fmt)
         return self.streams[name]
 
-    async def flush(self, timeout: float = 2.0) -> bool:
+    async def flush(self, timeout: float | None = 2.0) -> bool:
         self.flush_timeouts.append(timeout)
         return self.flush_result
 

@@ -235,3 +235,18 @@ async def test_sigterm_flushes_everything_captured_to_the_relay(relay: Relay) ->
     # Everything the recorder captured before SIGTERM reached the relay.
     assert f"recorder stopped: {int(last)} chunks captured, all taken by the relay" in err.decode()
     assert [c.seq for c in received] == list(range(int(last)))
+
+
+def test_record_unusable_spool_dir_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = invoke(
+        "record",
+        "--metrics-port",
+        "0",
+        "--source",
+        "synth:noise",
+        "--spool-dir",
+        str(blocker / "x"),
+    )
+    assert_one_line_error(result, ConfigError.exit_code, "cannot use spool directory")

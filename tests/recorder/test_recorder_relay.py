@@ -184,11 +184,6 @@ async def test_an_outage_longer_than_the_spool_drops_exactly_the_oldest(tmp_path
     assert get("audiosockets_chunks_dropped_total", {**labels, "reason": "spool_full"}) == 68
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client.Publisher: a fresh publisher keeps seq 0.. while the relay expects "
-    "last_seq+1, so its first chunks are skipped silently (reported to the lead)",
-)
 async def test_a_restarted_recorder_continues_the_stream(relay: Relay, tmp_path: Path) -> None:
     # A recorder that restarts (crash, new pod) while the relay keeps running must not
     # lose its first chunks to the previous run's sequence numbers.
