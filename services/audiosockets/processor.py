@@ -19,6 +19,13 @@ Invariants:
   (a success resets both); after ``exit_after`` in a row the processor stops
   and ``run`` raises ``HandlerError`` (exit status 6), so a supervisor sees
   and restarts it instead of it spinning silently. ``exit_after=0`` never exits.
+- Stopping: a source that ends by itself is processed completely; after
+  ``stop()`` the backlog gets ``drain_timeout`` seconds, what is left is counted
+  as dropped, and a handler thread or worker stuck in user code cannot keep
+  the process alive (daemon thread; workers are terminated).
+- When the relay closes a stream for us (group handover), a ``StreamClosed``
+  marker follows that stream's queued chunks; handling it tears the stream's
+  handler instance down (``teardown()``), so ``archive`` completes its file.
 
 State lives in ``Processor`` (backlog, counters, worker pools) on the event
 loop, and in ``HandlerRunner`` (handler instances, one per stream for class
@@ -149,6 +156,9 @@ def _import_file(path_text: str) -> Any:
         raise HandlerError(f"handler file {path_text} cannot be loaded as Python")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses and pickle look modules up here
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.append(folder)  # like running a script: its sibling modules import
     try:
         spec.loader.exec_module(module)
     except Exception as exc:

@@ -473,3 +473,13 @@ async def test_every_processor_metric_in_the_architecture_note_is_exported() -> 
     # prometheus_client strips _total from counter family names
     missing = {n for n in names if n not in exported and n.removesuffix("_total") not in exported}
     assert not missing, missing
+
+
+async def test_a_handler_file_can_import_its_sibling_modules(tmp_path: Path) -> None:
+    (tmp_path / "thresholds_for_test.py").write_text("LOUD = 0.1\n")
+    (tmp_path / "detector.py").write_text(
+        "from thresholds_for_test import LOUD\n\ndef handle(chunk):\n    return {'loud_at': LOUD}\n"
+    )
+    out = io.StringIO()
+    await Processor(f"{tmp_path / 'detector.py'}:handle", events=out).run(paced(chunks(1)))
+    assert events_of(out)[0]["loud_at"] == 0.1
