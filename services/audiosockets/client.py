@@ -82,6 +82,9 @@ class RetryPolicy:
 
 
 _RETRYABLE = (RelayUnreachable, ConnectionClosed, RemoteProtocolError, OSError)
+#: Session ends that are nobody's fault: reconnect at once (tenacity still
+#: backs off if the relay is not back yet).
+_BENIGN_CLOSE = frozenset({ErrorCode.NORMAL, ErrorCode.SHUTTING_DOWN, ErrorCode.HEARTBEAT_TIMEOUT})
 
 
 class _Client:
@@ -169,9 +172,13 @@ class _Client:
             self.channel = channel
             self.sessions += 1
             started = time.monotonic()
+            refused = False  # did the relay end this session because of us?
             try:
                 await self._session(channel)
             except _RETRYABLE as exc:
+                refused = isinstance(exc, RemoteProtocolError) or (
+                    isinstance(exc, ConnectionClosed) and exc.code not in _BENIGN_CLOSE
+                )
                 if not self._closing:
                     self.last_error = str(exc)
                     log.warning("%s %r: session lost: %s", self.role.label, self.name, exc)
@@ -180,6 +187,7 @@ class _Client:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # our bug: end this session, never the client
+                refused = True
                 self.last_error = f"internal error: {exc}"
                 log.exception("%s %r: session failed", self.role.label, self.name)
             finally:
@@ -192,7 +200,9 @@ class _Client:
             # A session the relay ends right away (it refuses what we send)
             # must not turn into a reconnect storm: back off as for a failed
             # connect, with the same tenacity strategy, until one lasts.
-            if time.monotonic() - started < self.retry.healthy_session:
+            if self._closing:
+                break
+            if refused and time.monotonic() - started < self.retry.healthy_session:
                 short_sessions += 1
                 state = RetryCallState(retrying, None, (), {})
                 state.attempt_number = short_sessions
