@@ -484,18 +484,12 @@ async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
     """
     import signal
 
-    from .errors import AddressInUse
     from .metrics import serve_metrics
 
     metrics = Metrics()
     recorder = Recorder(config, metrics=metrics)
     if metrics_port > 0:
-        try:
-            serve_metrics(metrics_port, metrics.registry)
-        except OSError as err:
-            raise AddressInUse(
-                f"cannot serve metrics on port {metrics_port}: {err.strerror or err}"
-            ) from err
+        serve_metrics(metrics_port, metrics.registry)  # raises AddressInUse
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT):

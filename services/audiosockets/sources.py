@@ -329,6 +329,10 @@ def read_wav_info(path: Path) -> WavInfo:
         with path.open("rb") as f:
             size = path.stat().st_size
             head = f.read(12)
+            if head[:4] == b"fLaC":
+                raise ConfigError(
+                    f"{path} is FLAC; only WAV is read (convert it: sox {path.name} out.wav)"
+                )
             if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
                 raise ConfigError(f"{path} is not a WAV file (no RIFF/WAVE header)")
             fmt_fields: tuple[int, int, int, int] | None = None

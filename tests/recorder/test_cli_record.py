@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from audiosockets import sources
 from audiosockets.audio import Chunk
 from audiosockets.cli import main
 from audiosockets.client import Subscriber
-from audiosockets.errors import ConfigError, DeviceError
+from audiosockets.errors import AddressInUse, ConfigError, DeviceError
 from audiosockets.relay import Relay
 
 
@@ -250,3 +251,12 @@ def test_record_unusable_spool_dir_is_a_config_error(tmp_path: Path) -> None:
         str(blocker / "x"),
     )
     assert_one_line_error(result, ConfigError.exit_code, "cannot use spool directory")
+
+
+def test_record_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = invoke("record", "--metrics-port", str(port), "--source", "synth:noise")
+    assert_one_line_error(result, AddressInUse.exit_code, f"cannot serve metrics on 0.0.0.0:{port}")

@@ -200,6 +200,7 @@ def test_wav_encodings_are_read_exactly(
     ("content", "message"),
     [
         (b"", "not a WAV file"),
+        (b"fLaC\x00\x00\x00\x22", "is FLAC; only WAV is read"),
         (b"RIFF\x00\x00\x00\x00WAVE", "no audio data chunk"),
         (b"RIFF\x10\x00\x00\x00WAVEdata\x00\x00\x00\x00", "data before its format"),
     ],
