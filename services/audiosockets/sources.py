@@ -191,9 +191,12 @@ def _split_options(text: str, allowed: tuple[str, ...]) -> tuple[str, dict[str, 
 
 
 def _flag(options: dict[str, str], key: str) -> bool:
-    value = options.get(key, "0").lower()
-    if value in ("1", "true", "yes", ""):
-        return key in options
+    """``?key`` or ``?key=1`` is on; absent or ``?key=0`` is off."""
+    if key not in options:
+        return False
+    value = options[key].lower()
+    if value in ("", "1", "true", "yes"):
+        return True
     if value in ("0", "false", "no"):
         return False
     raise ConfigError(f"option {key}={value!r} must be 0 or 1")

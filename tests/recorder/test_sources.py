@@ -122,6 +122,7 @@ def test_to_sample_type_scales_between_encodings() -> None:
         ("file:", "needs a path"),
         ("file:/nonexistent/x.wav", "cannot read /nonexistent/x.wav"),
         ("file:/nonexistent/x.wav?speed=2", "unknown option 'speed'"),
+        ("file:/nonexistent/x.wav?loop=maybe", "loop='maybe' must be 0 or 1"),
     ],
 )
 def test_bad_source_specs_say_what_is_wrong(spec: str, message: str) -> None:
@@ -135,6 +136,10 @@ def test_source_specs_build_the_right_sources(tmp_path: Path) -> None:
     assert isinstance(looped, FileSource)
     assert looped.loop
     assert not looped.convert
+    plain = parse_source(f"file:{wav}?loop=0&convert", MONO16, 320)
+    assert isinstance(plain, FileSource)
+    assert not plain.loop
+    assert plain.convert
     sine = parse_source("synth:sine:220", MONO16, 320)
     assert isinstance(sine, SynthSource)
     assert sine.hz == 220.0
