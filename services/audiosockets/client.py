@@ -543,6 +543,7 @@ class Subscriber(_Client):
         queue_chunks: int = 256,
         socket_buffer_bytes: int = 256 << 10,
         on_stream_closed: Callable[[str], None] | None = None,
+        manual_ack: bool = False,
     ) -> None:
         super().__init__(
             url,
@@ -566,6 +567,12 @@ class Subscriber(_Client):
         self._queue: asyncio.Queue[Chunk] = asyncio.Queue(maxsize=queue_chunks)
         self._unacked: Chunk | None = None
         self._on_stream_closed = on_stream_closed
+        # Group members ACK what they processed. By default a chunk counts as
+        # processed when the application asks for the next one; with
+        # manual_ack the application calls ack() when its work is really done
+        # (the processor does, after the handler returns).
+        self.manual_ack = manual_ack
+        self.acked: dict[str, int] = {}
         self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
         self._gap_logged: dict[str, float] = {}
         self._gap_pending: dict[str, int] = {}
@@ -588,8 +595,26 @@ class Subscriber(_Client):
         self._ack_previous()
         chunk = await self._queue.get()
         self.positions[chunk.stream] = chunk.seq
-        self._unacked = chunk
+        if not self.manual_ack:
+            self._unacked = chunk
         return chunk
+
+    def ack(self, stream: str, seq: int) -> None:
+        """Tell the relay this group member is done with ``stream`` up to ``seq``.
+
+        Only meaningful in a group (a new owner resumes after the last ACK);
+        lower or repeated values are ignored.
+        """
+        if seq <= self.acked.get(stream, -1):
+            return
+        self.acked[stream] = seq
+        if not self.group:
+            return
+        channel = self.channel
+        stream_id = self._ids.get(stream)
+        if channel is not None and not channel.closed and stream_id is not None:
+            with contextlib.suppress(Exception):
+                channel.send(Ack(stream_id, seq))
 
     async def get(self, timeout: float | None = None) -> Chunk:
         async with asyncio.timeout(timeout):
@@ -601,13 +626,8 @@ class Subscriber(_Client):
 
     def _ack_previous(self) -> None:
         chunk, self._unacked = self._unacked, None
-        if chunk is None or not self.group:
-            return
-        channel = self.channel
-        stream_id = self._ids.get(chunk.stream)
-        if channel is not None and not channel.closed and stream_id is not None:
-            with contextlib.suppress(Exception):
-                channel.send(Ack(stream_id, chunk.seq))
+        if chunk is not None:
+            self.ack(chunk.stream, chunk.seq)
 
     def _child(self, stream: str) -> tuple[Any, Any, Any, Any]:
         child = self._children.get(stream)

@@ -35,6 +35,7 @@ handlers) inside the thread or worker process that runs the handler.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -748,6 +749,12 @@ class Processor:
         self._runner: HandlerRunner | None = None
         self._executors: list[Executor] = []
         self._source: object = None
+        # Completion order per stream: chunks finish out of order with several
+        # workers, but "done up to seq N" (on_done, the group ACK) may only
+        # move past a chunk once it and everything before it is finished.
+        self.on_done: Callable[[str, int], None] | None = None
+        self._pending: dict[str, collections.deque[int]] = {}
+        self._finished: dict[str, set[int]] = {}
         name = self.spec.name
         self.pm.handler_errors.labels(name)
         self.pm.handler_failing.labels(name).set(0)
@@ -900,8 +907,10 @@ class Processor:
         assigned = getattr(self._source, "assigned", None)
         if isinstance(assigned, set | frozenset):  # a group Subscriber knows its share
             self.pm.assigned_streams.labels(self.spec.name).set(len(assigned))
+        self._pending.setdefault(chunk.stream, collections.deque()).append(chunk.seq)
         for old in self.backlog.push(chunk):
             self._count_drop(old)
+            self._finish(old)
         self.metrics.queue_depth.labels(chunk.stream).set(self.backlog.depth[chunk.stream])
         self._wake.set()
 
@@ -929,6 +938,21 @@ class Processor:
             self.metrics.queue_depth.labels(chunk.stream).set(self.backlog.depth[chunk.stream])
             outcome = await self._execute(index, chunk)
             self._apply(chunk, outcome)
+            self._finish(chunk)
+
+    def _finish(self, chunk: Chunk) -> None:
+        """``chunk`` is handled (or dropped and counted): advance ``on_done``."""
+        pending = self._pending.get(chunk.stream)
+        if pending is None:
+            return
+        finished = self._finished.setdefault(chunk.stream, set())
+        finished.add(chunk.seq)
+        last = None
+        while pending and pending[0] in finished:
+            last = pending.popleft()
+            finished.discard(last)
+        if last is not None and self.on_done is not None:
+            self.on_done(chunk.stream, last)
 
     async def _release(self, stream: str) -> None:
         loop = asyncio.get_running_loop()
@@ -1096,7 +1120,9 @@ async def serve(
             token=config.token or "",
             metrics=metrics,
             on_stream_closed=processor.stream_closed,
+            manual_ack=True,
         )
+        processor.on_done = sub.ack
         if started is not None:
             started(processor)
         with _stop_on_signals(processor.stop):
