@@ -1,4 +1,4 @@
-"""The custom-processor example in services/PROCESSORS.md runs as documented."""
+"""The custom-processor example in README.md (and services/PROCESSORS.md) runs as documented."""
 
 from __future__ import annotations
 
@@ -12,13 +12,23 @@ from processor_support import paced, sine, to_chunks
 
 from audiosockets.processor import Processor
 
-DOC = Path(__file__).parents[2] / "services" / "PROCESSORS.md"
+ROOT = Path(__file__).parents[2]
+README = ROOT / "README.md"
+DOC = ROOT / "services" / "PROCESSORS.md"
+
+
+def example(path: Path) -> str:
+    code = re.search(r"```python\n(# loudness\.py.*?)```", path.read_text(), re.S)
+    assert code is not None, f"no loudness.py example in {path.name}"
+    return code.group(1)
+
+
+def test_readme_and_guide_show_the_same_example() -> None:
+    assert example(README) == example(DOC)
 
 
 async def test_the_ten_line_example_handler(tmp_path: Path) -> None:
-    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S)
-    assert code is not None
-    source = code.group(1)
+    source = example(README)
     assert len(source.strip().splitlines()) <= 10
     handler = tmp_path / "loudness.py"
     handler.write_text(source)
