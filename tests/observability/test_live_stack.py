@@ -72,6 +72,7 @@ class Live:
             env={"AUDIOSOCKETS_TEST_STALL_FILE": str(self.stall_file)},
         )
         self.drops_before_restart = -1.0
+        self.stall_ended_at = 0.0
         self.stack.start()
         self.prometheus = Prometheus(prometheus_binary, tmp, self.stack.targets())
         self.prometheus.start()
@@ -89,6 +90,12 @@ class Live:
     def backlog(self) -> float:
         key = 'audiosockets_queue_depth_chunks{stream="mic-sine"}'
         return scrape(self.stalled.metrics_port).get(key, math.inf)
+
+    def injected_loss(self) -> int:
+        """Chunks of mic-sine the stalled handler never saw: the ground truth."""
+        seqs = self.handled_seqs()
+        assert len(seqs) == len(set(seqs)), "the handler saw a chunk twice"
+        return (max(seqs) - min(seqs) + 1) - len(seqs)
 
     def handled_seqs(self) -> list[int]:
         seqs = []
@@ -166,6 +173,7 @@ def inject_faults(live: Live) -> None:
     live.stall_file.unlink()
     wait_until_sync(lambda: live.backlog() == 0, timeout=20, what="the backlog to drain")
     live.drops_before_restart = live.overrun_drops()
+    live.stall_ended_at = time.time()
 
     # Fault 2: a relay restart. Recorders spool and resend, processors resume.
     live.relay.stop()
@@ -257,9 +265,7 @@ def _panel(dashboard: str, title: str) -> dict[str, Any]:
 
 def test_drop_count_panel_equals_what_the_stalled_processor_lost(live: Live) -> None:
     prom = live.prometheus
-    seqs = live.handled_seqs()
-    assert len(seqs) == len(set(seqs)), "the handler saw a chunk twice"
-    lost = (max(seqs) - min(seqs) + 1) - len(seqs)
+    lost = live.injected_loss()
     assert lost >= INJECTED_DROPS_AT_LEAST
     assert live.overrun_drops() == lost
     # The relay restart came after the stall and cost nothing more.
@@ -312,6 +318,22 @@ def test_drop_ratio_panel_shows_the_stalled_stage(live: Live) -> None:
     assert 0 < peaks[INJECTED] < 0.5
     # The panel draws only series above zero: no other processor or recorder.
     assert {k for k in peaks if k[0] != "relay"} == {INJECTED}
+
+    # Shortly after the stall the 1 m window holds every injected drop: the
+    # ratio times the chunks the stage handled in that window is the loss.
+    prom = live.prometheus
+    at = live.stall_ended_at + 5
+    (target,) = _panel("overview.json", "Drop ratio by stage and reason")["targets"]
+    ratios = {
+        (r["metric"]["job"], r["metric"]["reason"], r["metric"]["stream"]): float(r["value"][1])
+        for r in prom.query(substitute(target["expr"], {}), at=at)
+    }
+    handled = prom.value(
+        'sum(increase({__name__=~"audiosockets_chunks_(sent|processed|dropped)_total", '
+        'job="processor", stream="mic-sine"}[1m]))',
+        at=at,
+    )
+    assert ratios[INJECTED] * handled == pytest.approx(live.injected_loss(), rel=0.05)
 
 
 @pytest.mark.xfail(
