@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate docker/requirements.lock (exact pins of the runtime dependencies
-# declared in pyproject.toml, as pip resolves them today) and
+# Regenerate docker/requirements.lock (exact pins of the runtime dependencies and
+# the "speed" extra declared in pyproject.toml, as pip resolves them today) and
 # docker/build-requirements.lock (the build backend the image builds with).
 # Run with the images' Python minor version: PYTHON=python3.11 docker/lock.sh
 set -euo pipefail
@@ -10,11 +10,13 @@ python=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-requirements() {  # requirements TABLE KEY: one requirement a line from pyproject.toml
+requirements() {  # requirements KEY...: the list at that key path in pyproject.toml, one a line
     "$python" -c 'import sys, tomllib
-table, key = sys.argv[2], sys.argv[3]
-print("\n".join(tomllib.load(open(sys.argv[1], "rb"))[table][key]))' \
-        "$root/pyproject.toml" "$1" "$2"
+node = tomllib.load(open(sys.argv[1], "rb"))
+for key in sys.argv[2:]:
+    node = node[key]
+print("\n".join(node))' \
+        "$root/pyproject.toml" "$@"
 }
 
 lock() {  # lock NAME OUT [FREEZE_FLAG...]: resolve $work/NAME.txt into a venv, freeze into OUT
@@ -29,7 +31,11 @@ lock() {  # lock NAME OUT [FREEZE_FLAG...]: resolve $work/NAME.txt into a venv, 
     } >"$out"
 }
 
-requirements project dependencies >"$work/runtime.txt"
+# The images carry the "speed" extra too: the services pick uvloop up when present.
+{
+    requirements project dependencies
+    requirements project optional-dependencies speed
+} >"$work/runtime.txt"
 requirements build-system requires >"$work/build.txt"
 lock runtime "$here/requirements.lock"
 lock build "$here/build-requirements.lock" --all

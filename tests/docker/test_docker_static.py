@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from _support import require_binary
 from audiosockets.cli import main as cli_main
@@ -168,3 +172,43 @@ def test_grafana_password_is_required() -> None:
     done = run([binary, "config", "--quiet"], GRAFANA_ADMIN_PASSWORD="")
     assert done.returncode != 0
     assert "GRAFANA_ADMIN_PASSWORD" in done.stderr
+
+
+def pins(lock: Path) -> dict[str, Version]:
+    result: dict[str, Version] = {}
+    for line in lock.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep, f"{lock.name}: not an exact pin: {line!r}"
+            result[canonicalize_name(name)] = Version(version)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("lock", "keys"),
+    [
+        ("requirements.lock", [("project", "dependencies"), ("speed",)]),
+        ("build-requirements.lock", [("build-system", "requires")]),
+    ],
+)
+def test_lock_pins_every_declared_dependency(lock: str, keys: list[tuple[str, ...]]) -> None:
+    # The images install from the lock alone (pip --no-deps for the package):
+    # a dependency added to pyproject.toml without `docker/lock.sh` would be
+    # missing at run time in the container only.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared: list[str] = []
+    for key in keys:
+        if key == ("speed",):
+            declared += project["project"]["optional-dependencies"]["speed"]
+        else:
+            declared += project[key[0]][key[1]]
+    pinned = pins(ROOT / "docker" / lock)
+    for text in declared:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"sys_platform": "linux"}):
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pinned, f"{req.name} is not in docker/{lock}: run docker/lock.sh"
+        assert req.specifier.contains(pinned[name], prereleases=True), (
+            f"docker/{lock} pins {req.name}=={pinned[name]}, outside {req.specifier}"
+        )
