@@ -24,7 +24,13 @@ from .dashboards import (
     substitute,
 )
 from .promql import architecture_metrics, parse_errors, recorded_metrics, unknown_metric_names
-from .support import DASHBOARDS_DIR, PROVISIONING_DIR, require_module, require_promtool
+from .support import (
+    DASHBOARDS_DIR,
+    PROMETHEUS_DIR,
+    PROVISIONING_DIR,
+    require_module,
+    require_promtool,
+)
 
 DASHBOARDS = load_dashboards()
 EXPECTED = {"overview.json", "recorder.json", "processors.json"}
@@ -195,3 +201,20 @@ def test_checker_reports(breakage: Any, expected: str) -> None:
 
 def test_dashboards_dir_holds_only_dashboards() -> None:
     assert {p.name for p in DASHBOARDS_DIR.iterdir()} == EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("alert", "dashboard", "panel"),
+    [
+        ("AudiosocketsStreamSilent", "recorder.json", "Seconds since last sound"),
+        ("AudiosocketsDropRatioHigh", "overview.json", "Drop ratio by stage and reason"),
+        ("AudiosocketsLatencyP99High", "overview.json", "End-to-end latency"),
+    ],
+)
+def test_panel_turns_red_where_the_alert_fires(alert: str, dashboard: str, panel: str) -> None:
+    rules = yaml.safe_load((PROMETHEUS_DIR / "rules" / "alerts.yml").read_text(encoding="utf-8"))
+    (expr,) = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == alert]
+    threshold = float(expr.strip().rsplit(">", 1)[1])
+    (found,) = [p for p in iter_panels(DASHBOARDS[dashboard]) if p["title"] == panel]
+    steps = found["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [s["value"] for s in steps if s["color"] == "red"] == [threshold]
