@@ -1,0 +1,706 @@
+"""The Kubernetes manifests, checked without a cluster: render, validate, read.
+
+``kubectl kustomize`` renders ``k8s/base`` and every overlay offline. Each rendered
+document is validated against the OpenAPI schemas of one recent Kubernetes release
+with kubernetes-validate in strict mode (an unknown or misspelt field is an error).
+Then the rendered objects are read for what a deployment relies on: every
+container's environment is accepted by its own ``audiosockets`` command (parsed by
+the real click command, ConfigMap references resolved), recorders and processors
+reach the relay Service, one relay that is replaced, never rolled, probes on the
+metrics port, nobody runs as root, the restricted Pod Security Standard wherever
+the namespace enforces it, and the README's commands and scrape job match.
+
+``kubectl apply --dry-run`` cannot stand in for any of this: both its client and
+server modes need a cluster to talk to.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from _support import require, require_binary
+from audiosockets.cli import main as cli_main
+from audiosockets.processor import parse_spec
+from audiosockets.urls import parse_url
+
+try:
+    import kubernetes_validate
+except ImportError:  # pragma: no cover - the `test` extra installs it
+    kubernetes_validate = None
+
+Doc = dict[str, Any]
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+BASE = K8S / "base"
+OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+NAMESPACE = "audiosockets"
+# A recent release kubernetes-validate ships schemas for (it keeps about the last
+# dozen); autoscaling/v2 and policy/v1 are long stable there.
+KUBERNETES_VERSION = "1.33.0"
+
+# The image's entrypoint is `tini -- audiosockets`; args[0] is the command.
+IMAGE_OF_COMMAND = {
+    "relay": "audiosockets/relay",
+    "record": "audiosockets/recorder",
+    "process": "audiosockets/processor",
+}
+# What each service cannot do without, beyond its flags' defaults: the image's
+# defaults (relay at tcp://relay:7400) are for compose, so Kubernetes says it all.
+NEEDED_ENV = {
+    "relay": {"AUDIOSOCKETS_RELAY_LISTEN", "AUDIOSOCKETS_RELAY_METRICS_PORT"},
+    "record": {
+        "AUDIOSOCKETS_RECORD_RELAY",
+        "AUDIOSOCKETS_RECORD_STREAM",
+        "AUDIOSOCKETS_RECORD_SOURCE",
+        "AUDIOSOCKETS_RECORD_SPOOL_SECONDS",
+        "AUDIOSOCKETS_RECORD_METRICS_PORT",
+    },
+    "process": {
+        "AUDIOSOCKETS_PROCESS_RELAY",
+        "AUDIOSOCKETS_PROCESS_STREAM",
+        "AUDIOSOCKETS_PROCESS_GROUP",
+        "AUDIOSOCKETS_PROCESS_HANDLER",
+        "AUDIOSOCKETS_PROCESS_METRICS_PORT",
+    },
+}
+GLOBAL_ENV = "AUDIOSOCKETS_LOG_LEVEL"  # the group's --log-level
+CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole"}
+WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet"}
+MICROPHONE_LABEL = "audiosockets.io/microphone"
+# Stand-ins for what the kubelet fills in through fieldRef.
+FIELD_VALUES = {"spec.nodeName": "node-a", "metadata.name": "pod-a"}
+
+
+# --- rendering -------------------------------------------------------------
+
+
+@functools.cache
+def _render(directory: Path) -> tuple[Doc, ...]:
+    kubectl = require_binary("kubectl")
+    done = subprocess.run(
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        # Rendering must not depend on (or touch) any cluster configuration.
+        env={**os.environ, "KUBECONFIG": os.devnull},
+    )
+    assert done.returncode == 0, f"kubectl kustomize {directory.relative_to(ROOT)}:\n{done.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+
+
+def render(directory: Path) -> list[Doc]:
+    return list(_render(directory))
+
+
+@pytest.fixture(params=OVERLAYS, ids=lambda p: p.name)
+def overlay(request: pytest.FixtureRequest) -> list[Doc]:
+    """The rendered documents of one overlay: a complete deployment."""
+    return render(request.param)
+
+
+# --- reading rendered objects ---------------------------------------------
+
+
+def of_kind(docs: list[Doc], kind: str) -> list[Doc]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def find(docs: list[Doc], kind: str, name: str) -> Doc:
+    matches = [d for d in of_kind(docs, kind) if d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def ident(doc: Doc) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def workloads(docs: list[Doc]) -> list[Doc]:
+    return [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+
+
+def pod_spec(workload: Doc) -> Doc:
+    spec: Doc = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+    """(workload, container) for every container, init containers included."""
+    for workload in workloads(docs):
+        spec = pod_spec(workload)
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            yield workload, container
+
+
+def command_of(container: Doc) -> str:
+    assert "command" not in container, "keep the image's entrypoint (tini is PID 1)"
+    args = container.get("args") or []
+    assert args, "args must start with a command"
+    assert args[0] in IMAGE_OF_COMMAND, f"args must start with a command: {args}"
+    return str(args[0])
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def container_port(container: Doc, name: str) -> int:
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    assert name in ports, f"container {container['name']} has no port named {name!r}"
+    return int(ports[name])
+
+
+_REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def resolve_env(docs: list[Doc], container: Doc) -> dict[str, str]:
+    """The container's environment as the kubelet would build it (fieldRefs faked)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        ref = source["configMapRef"]["name"]
+        env.update(find(docs, "ConfigMap", ref).get("data", {}))
+    for var in container.get("env", []):
+        if "value" in var:
+            # $(NAME) expands only when NAME was defined above; else it stays literal.
+            value = _REFERENCE.sub(lambda m: env.get(m[1], m[0]), str(var["value"]))
+        elif "configMapKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["configMapKeyRef"]
+            data = find(docs, "ConfigMap", ref["name"]).get("data", {})
+            assert ref["key"] in data, f"{var['name']}: ConfigMap {ref['name']} lacks {ref['key']}"
+            value = str(data[ref["key"]])
+        elif "fieldRef" in var["valueFrom"]:
+            value = FIELD_VALUES[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            raise AssertionError(f"{var['name']}: unexpected env source {var['valueFrom']}")
+        env[var["name"]] = value
+    return env
+
+
+def env_names_of(command: str) -> set[str]:
+    params = cli_main.commands[command].params
+    return {p.envvar for p in params if isinstance(p, click.Option) and isinstance(p.envvar, str)}
+
+
+def relay_service(docs: list[Doc]) -> Doc:
+    return find(docs, "Service", "relay")
+
+
+def relay_workload(docs: list[Doc]) -> Doc:
+    (relay,) = [w for w, c in containers(docs) if command_of(c) == "relay"]
+    return relay
+
+
+# --- render and validate ---------------------------------------------------
+
+
+def test_the_overlays_exist() -> None:
+    assert {p.name for p in OVERLAYS} >= {"edge-demo", "microphone"}
+
+
+@pytest.mark.parametrize("directory", [BASE, *OVERLAYS], ids=lambda p: p.name)
+def test_renders_and_matches_the_kubernetes_schemas(directory: Path) -> None:
+    docs = render(directory)
+    require(kubernetes_validate is not None, "kubernetes-validate is not installed")
+    problems = []
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            problems.append(f"{ident(doc)}: {exc.message} at {list(exc.path)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_validator_rejects_what_the_api_server_would() -> None:
+    # Guards the test above against a validator that passes everything.
+    require(kubernetes_validate is not None, "kubernetes-validate is not installed")
+    relay = relay_workload(render(OVERLAYS[0]))
+    misspelt = yaml.safe_load(yaml.safe_dump(relay))
+    pod_spec(misspelt)["containers"][0]["enviroment"] = []
+    wrong_type = yaml.safe_load(yaml.safe_dump(relay))
+    wrong_type["spec"]["replicas"] = "one"
+    for bad in (misspelt, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
+
+
+def test_everything_lives_in_one_namespace(overlay: list[Doc]) -> None:
+    find(overlay, "Namespace", NAMESPACE)
+    for doc in overlay:
+        if doc["kind"] not in CLUSTER_SCOPED:
+            assert doc["metadata"].get("namespace") == NAMESPACE, ident(doc)
+
+
+def test_images_are_the_release_of_this_checkout(overlay: list[Doc]) -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for workload, container in containers(overlay):
+        expected = f"{IMAGE_OF_COMMAND[command_of(container)]}:{version}"
+        assert container["image"] == expected, ident(workload)
+
+
+# --- environment -------------------------------------------------------------
+
+
+def test_every_audiosockets_variable_is_a_flag_of_its_command(overlay: list[Doc]) -> None:
+    for workload, container in containers(overlay):
+        command = command_of(container)
+        known = env_names_of(command) | {GLOBAL_ENV}
+        names = {v["name"] for v in container.get("env", [])}
+        unknown = {n for n in names if n.startswith("AUDIOSOCKETS_")} - known
+        assert not unknown, f"{ident(workload)}: {command} has no flag for {sorted(unknown)}"
+
+
+def test_every_container_sets_what_its_service_needs(overlay: list[Doc]) -> None:
+    for workload, container in containers(overlay):
+        env = resolve_env(overlay, container)
+        missing = ({GLOBAL_ENV} | NEEDED_ENV[command_of(container)]) - {
+            name for name, value in env.items() if value
+        }
+        assert not missing, f"{ident(workload)} does not set {sorted(missing)}"
+
+
+def test_references_to_other_variables_resolve(overlay: list[Doc]) -> None:
+    # $(NODE_NAME) only expands if NODE_NAME is defined earlier in the list.
+    for workload, container in containers(overlay):
+        for name, value in resolve_env(overlay, container).items():
+            assert "$(" not in value, f"{ident(workload)}: {name}={value!r} is not expanded"
+
+
+def test_every_container_environment_is_accepted_by_its_command(
+    overlay: list[Doc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the service itself does at start: click reads the variables and
+    # converts them (ranges, choices, required options), then the values that
+    # click keeps as text are parsed the way the service parses them.
+    for workload, container in containers(overlay):
+        command = command_of(container)
+        env = resolve_env(overlay, container)
+        for name in list(os.environ):
+            if name.startswith("AUDIOSOCKETS_"):
+                monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        try:
+            cli_main.make_context("audiosockets", [command])
+            params = cli_main.commands[command].make_context(command, []).params
+        except click.ClickException as exc:
+            raise AssertionError(f"{ident(workload)}: {exc.format_message()}") from None
+        if command in ("record", "process"):
+            parse_url(params["relay_url"])
+        if command == "process":
+            parse_spec(params["handler_spec"])
+        if command == "record":
+            kind = str(params["source"]).partition(":")[0]
+            assert kind in ("device", "file", "synth"), params["source"]
+
+
+# --- the relay ---------------------------------------------------------------
+
+
+def test_recorders_and_processors_reach_the_relay_service(overlay: list[Doc]) -> None:
+    service = relay_service(overlay)
+    namespace = service["metadata"]["namespace"]
+    service_ports = {p["port"]: p for p in service["spec"]["ports"]}
+    relay_container = pod_spec(relay_workload(overlay))["containers"][0]
+    clients = 0
+    for workload, container in containers(overlay):
+        command = command_of(container)
+        if command == "relay":
+            continue
+        clients += 1
+        url = resolve_env(overlay, container)[f"AUDIOSOCKETS_{command.upper()}_RELAY"]
+        address = parse_url(url)
+        labels = address.host.split(".")
+        # relay, relay.NS, relay.NS.svc or relay.NS.svc.<cluster domain>
+        assert labels[0] == service["metadata"]["name"], f"{ident(workload)}: {url}"
+        if len(labels) > 1:
+            assert labels[1] == namespace, f"{ident(workload)}: {url} is another namespace"
+            assert len(labels) == 2 or labels[2] == "svc", f"{ident(workload)}: {url}"
+        assert address.port in service_ports, f"{ident(workload)}: {url}"
+        target = service_ports[address.port]["targetPort"]
+        assert target in ("relay", 7400), target
+        assert container_port(relay_container, "relay") == 7400
+    assert clients >= 4  # a recorder and the three processors
+
+
+def test_relay_service_exposes_protocol_and_metrics(overlay: list[Doc]) -> None:
+    service = relay_service(overlay)
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    ports = {p["port"]: p for p in service["spec"]["ports"]}
+    assert set(ports) == {7400, 9400}
+    relay = relay_workload(overlay)
+    labels = relay["spec"]["template"]["metadata"]["labels"]
+    container = pod_spec(relay)["containers"][0]
+    for port, name in ((7400, "relay"), (9400, "metrics")):
+        assert ports[port].get("protocol", "TCP") == "TCP"
+        target = ports[port]["targetPort"]
+        assert target in (name, port)
+        assert container_port(container, name) == port
+    # The Service selects the relay's pods and no other pods.
+    selector = service["spec"]["selector"]
+    assert selects(selector, labels)
+    others = [w for w in workloads(overlay) if w is not relay]
+    assert not [w for w in others if selects(selector, w["spec"]["template"]["metadata"]["labels"])]
+    env = resolve_env(overlay, container)
+    assert parse_url(env["AUDIOSOCKETS_RELAY_LISTEN"]) == parse_url("tcp://0.0.0.0:7400")
+
+
+def test_one_relay_replaced_never_rolled_or_scaled(overlay: list[Doc]) -> None:
+    relay = relay_workload(overlay)
+    assert relay["kind"] == "Deployment"
+    assert relay["spec"]["replicas"] == 1
+    assert relay["spec"]["strategy"]["type"] == "Recreate"
+    targets = {
+        h["spec"]["scaleTargetRef"]["name"] for h in of_kind(overlay, "HorizontalPodAutoscaler")
+    }
+    assert relay["metadata"]["name"] not in targets
+
+
+# --- processors ----------------------------------------------------------------
+
+
+def processors(docs: list[Doc]) -> dict[str, tuple[Doc, dict[str, str]]]:
+    """handler name -> (workload, resolved env) for every processor."""
+    found = {}
+    for workload, container in containers(docs):
+        if command_of(container) == "process":
+            env = resolve_env(docs, container)
+            name = parse_spec(env["AUDIOSOCKETS_PROCESS_HANDLER"]).name
+            assert name not in found, f"two processors run {name}"
+            found[name] = (workload, env)
+    return found
+
+
+def test_level_vad_and_archive_processors_each_form_a_group(overlay: list[Doc]) -> None:
+    found = processors(overlay)
+    assert set(found) >= {"level", "vad", "archive"}
+    for name, (workload, env) in found.items():
+        # In a group even when alone: a replacement pod resumes after the
+        # group's last acknowledged chunk instead of at live audio.
+        assert env["AUDIOSOCKETS_PROCESS_GROUP"] == name, ident(workload)
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert labels.get("audiosockets.io/handler") == name, ident(workload)
+
+
+def test_level_scales_on_cpu_from_two_replicas(overlay: list[Doc]) -> None:
+    level, _ = processors(overlay)["level"]
+    (hpa,) = [
+        h
+        for h in of_kind(overlay, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == level["metadata"]["name"]
+    ]
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == level["kind"] == "Deployment"
+    assert hpa["spec"]["minReplicas"] == 2
+    assert hpa["spec"]["maxReplicas"] > 2
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource"
+    assert metric["resource"]["name"] == "cpu"
+    # Utilization is measured against the request: there must be one.
+    assert pod_spec(level)["containers"][0]["resources"]["requests"]["cpu"]
+    # The autoscaler owns the count; a fixed one would be reset on every apply.
+    assert "replicas" not in level["spec"]
+
+
+def test_archive_is_one_replica_on_a_read_write_once_volume(overlay: list[Doc]) -> None:
+    archive, env = processors(overlay)["archive"]
+    assert archive["spec"]["replicas"] == 1
+    assert archive["spec"]["strategy"]["type"] == "Recreate"
+    spec = pod_spec(archive)
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in spec.get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
+    directory = parse_spec(env["AUDIOSOCKETS_PROCESS_HANDLER"]).arg
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == directory]
+    assert not mount.get("readOnly", False)
+    claim = find(overlay, "PersistentVolumeClaim", claims[mount["name"]])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert spec["securityContext"].get("fsGroup") == spec["securityContext"]["runAsGroup"]
+
+
+def test_every_processor_has_a_disruption_budget_that_lets_drains_finish(
+    overlay: list[Doc],
+) -> None:
+    budgets = of_kind(overlay, "PodDisruptionBudget")
+    for workload, _ in processors(overlay).values():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        covering = [b for b in budgets if selects(b["spec"]["selector"]["matchLabels"], labels)]
+        assert len(covering) == 1, ident(workload)
+        spec = covering[0]["spec"]
+        # minAvailable equal to the replica count would block every drain.
+        assert spec.get("maxUnavailable", 0) >= 1, ident(covering[0])
+
+
+# --- recorders -------------------------------------------------------------------
+
+
+def recorders(docs: list[Doc]) -> list[tuple[Doc, Doc, dict[str, str]]]:
+    return [(w, c, resolve_env(docs, c)) for w, c in containers(docs) if command_of(c) == "record"]
+
+
+def has_sound_devices(workload: Doc, container: Doc) -> bool:
+    spec = pod_spec(workload)
+    host_snd = any(v.get("hostPath", {}).get("path") == "/dev/snd" for v in spec.get("volumes", []))
+    privileged = bool(container.get("securityContext", {}).get("privileged"))
+    plugin = any("/" in r for r in container.get("resources", {}).get("limits", {}))
+    return (host_snd and privileged) or plugin
+
+
+def test_each_stream_has_exactly_one_publisher(overlay: list[Doc]) -> None:
+    assert recorders(overlay), "no recorder in this overlay"
+    streams = []
+    for workload, container, env in recorders(overlay):
+        raw = {v["name"]: v.get("value", "") for v in container["env"]}
+        if workload["kind"] == "DaemonSet":
+            # One pod per node: the stream name must differ per node.
+            assert "$(" in raw["AUDIOSOCKETS_RECORD_STREAM"], ident(workload)
+        else:
+            assert workload["spec"]["replicas"] == 1, ident(workload)
+            assert workload["spec"]["strategy"]["type"] == "Recreate", ident(workload)
+        streams.append(env["AUDIOSOCKETS_RECORD_STREAM"])
+    assert len(streams) == len(set(streams))
+
+
+def test_microphone_recorders_run_where_the_microphone_is(overlay: list[Doc]) -> None:
+    for workload, container, env in recorders(overlay):
+        spec = pod_spec(workload)
+        if env["AUDIOSOCKETS_RECORD_SOURCE"].startswith("device"):
+            assert spec.get("nodeSelector", {}).get(MICROPHONE_LABEL) == "true", ident(workload)
+            assert has_sound_devices(workload, container), ident(workload)
+            # /dev/snd/* are root:audio 0660 and the recorder is not root.
+            assert spec["securityContext"].get("supplementalGroups"), ident(workload)
+        else:
+            assert not has_sound_devices(workload, container), ident(workload)
+            assert not any("hostPath" in v for v in spec.get("volumes", [])), ident(workload)
+
+
+# --- every pod -------------------------------------------------------------------
+
+
+def effective(workload: Doc, container: Doc, key: str) -> Any:
+    """A securityContext field as it applies: the container's, else the pod's."""
+    own = container.get("securityContext", {})
+    return own[key] if key in own else pod_spec(workload).get("securityContext", {}).get(key)
+
+
+def test_no_container_runs_as_root(overlay: list[Doc]) -> None:
+    for workload, container in containers(overlay):
+        where = f"{ident(workload)}/{container['name']}"
+        assert effective(workload, container, "runAsNonRoot") is True, where
+        uid = effective(workload, container, "runAsUser")
+        assert isinstance(uid, int), where
+        assert uid > 0, where
+        assert effective(workload, container, "runAsGroup") != 0, where
+
+
+def test_containers_are_locked_down(overlay: list[Doc]) -> None:
+    for workload, container in containers(overlay):
+        where = f"{ident(workload)}/{container['name']}"
+        context = container.get("securityContext", {})
+        assert context.get("readOnlyRootFilesystem") is True, where
+        assert context.get("capabilities", {}).get("drop") == ["ALL"], where
+        seccomp = effective(workload, container, "seccompProfile") or {}
+        assert seccomp.get("type") == "RuntimeDefault", where
+        if context.get("privileged"):
+            # The API server refuses privileged with allowPrivilegeEscalation false.
+            assert context.get("allowPrivilegeEscalation", True) is True, where
+        else:
+            assert context.get("allowPrivilegeEscalation") is False, where
+        assert pod_spec(workload).get("automountServiceAccountToken") is False, where
+
+
+def test_namespace_enforces_restricted_unless_a_pod_needs_privilege(overlay: list[Doc]) -> None:
+    labels = find(overlay, "Namespace", NAMESPACE)["metadata"]["labels"]
+    privileged = [
+        ident(w) for w, c in containers(overlay) if c.get("securityContext", {}).get("privileged")
+    ]
+    host_paths = [
+        ident(w)
+        for w in workloads(overlay)
+        if any("hostPath" in v for v in pod_spec(w).get("volumes", []))
+    ]
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+    if privileged:
+        assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+    else:
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+        assert not host_paths, host_paths
+
+
+def test_probes_ask_the_metrics_endpoint(overlay: list[Doc]) -> None:
+    for workload, container in containers(overlay):
+        where = f"{ident(workload)}/{container['name']}"
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert probe in container, f"{where} has no {probe}"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe not in container:
+                continue
+            # Not a bare TCP connect to the relay's protocol port: the relay
+            # counts a client that never says HELLO as a protocol error.
+            get = container[probe].get("httpGet")
+            assert get is not None, f"{where}: {probe} is not an HTTP GET of /metrics"
+            assert get["path"] == "/metrics", where
+            assert get["port"] in ("metrics", container_port(container, "metrics")), where
+
+
+def test_metrics_port_is_served_declared_and_annotated(overlay: list[Doc]) -> None:
+    for workload, container in containers(overlay):
+        command = command_of(container)
+        env = resolve_env(overlay, container)
+        port = int(env[f"AUDIOSOCKETS_{command.upper()}_METRICS_PORT"])
+        assert port == container_port(container, "metrics"), ident(workload)
+        annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", ident(workload)
+        assert annotations.get("prometheus.io/port") == str(port), ident(workload)
+
+
+def test_components_are_the_prometheus_jobs_the_dashboards_use(overlay: list[Doc]) -> None:
+    scrape = yaml.safe_load((ROOT / "grafana" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in scrape["scrape_configs"]}
+    for workload, container in containers(overlay):
+        component = workload["spec"]["template"]["metadata"]["labels"][
+            "app.kubernetes.io/component"
+        ]
+        assert component in jobs, ident(workload)
+        assert IMAGE_OF_COMMAND[command_of(container)].endswith("/" + component), ident(workload)
+
+
+def test_resources_and_grace_period_are_set(overlay: list[Doc]) -> None:
+    for workload, container in containers(overlay):
+        resources = container.get("resources", {})
+        for bound in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                assert resource in resources.get(bound, {}), (
+                    f"{ident(workload)}: {bound}.{resource}"
+                )
+        grace = pod_spec(workload).get("terminationGracePeriodSeconds")
+        assert isinstance(grace, int), ident(workload)
+        assert grace >= 10, ident(workload)
+
+
+def test_workload_selectors_match_their_pods(overlay: list[Doc]) -> None:
+    for workload in workloads(overlay):
+        selector = workload["spec"]["selector"]["matchLabels"]
+        assert selects(selector, workload["spec"]["template"]["metadata"]["labels"]), ident(
+            workload
+        )
+        others = [
+            w
+            for w in workloads(overlay)
+            if w is not workload and selects(selector, w["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert not others, f"{ident(workload)} also selects {[ident(w) for w in others]}"
+
+
+# --- the README ------------------------------------------------------------------
+
+
+README = K8S / "README.md"
+
+
+def test_readme_shows_how_to_apply_each_overlay() -> None:
+    text = README.read_text()
+    mentioned = set(re.findall(r"kubectl apply -k k8s/overlays/([\w-]+)", text))
+    assert mentioned == {p.name for p in OVERLAYS}
+
+
+def relabel(labels: dict[str, str], rules: list[Doc]) -> dict[str, str] | None:
+    """Prometheus relabelling, the ``keep`` and ``replace`` actions; None: dropped."""
+    labels = dict(labels)
+    for rule in rules:
+        value = rule.get("separator", ";").join(labels.get(n, "") for n in rule["source_labels"])
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        action = rule.get("action", "replace")
+        if action == "keep":
+            if match is None:
+                return None
+        elif action == "replace":
+            if match is not None:
+                # Prometheus writes $1 or ${1}; Python's expand wants \g<1>.
+                template = re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", rule.get("replacement", "$1"))
+                labels[rule["target_label"]] = match.expand(template)
+        else:
+            raise AssertionError(f"relabel action {action!r} is not simulated here")
+    return labels
+
+
+def scrape_targets(docs: list[Doc], rules: list[Doc]) -> list[dict[str, str]]:
+    """What Prometheus's pod discovery would scrape: one candidate per container port."""
+    kept = []
+    for workload, container in containers(docs):
+        template = workload["spec"]["template"]["metadata"]
+        meta = {
+            "__meta_kubernetes_pod_name": f"{workload['metadata']['name']}-0",
+            **{
+                "__meta_kubernetes_pod_label_" + re.sub(r"\W", "_", k): v
+                for k, v in template["labels"].items()
+            },
+            **{
+                "__meta_kubernetes_pod_annotation_" + re.sub(r"\W", "_", k): v
+                for k, v in template.get("annotations", {}).items()
+            },
+        }
+        for port in container.get("ports", []):
+            candidate = {
+                **meta,
+                "__address__": f"10.0.0.1:{port['containerPort']}",
+                "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+                "job": "audiosockets",
+            }
+            target = relabel(candidate, rules)
+            if target is not None:
+                kept.append(target)
+    return kept
+
+
+def readme_scrape_job() -> Doc:
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "kubernetes_sd_configs" in b]
+    (job,) = yaml.safe_load(block)
+    assert job["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": [NAMESPACE]}}]
+    return dict(job)
+
+
+def test_readme_scrape_job_finds_each_metrics_port_once_under_its_job(
+    overlay: list[Doc],
+) -> None:
+    targets = scrape_targets(overlay, readme_scrape_job()["relabel_configs"])
+    expected = sorted(
+        (
+            f"10.0.0.1:{container_port(c, 'metrics')}",
+            w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"],
+        )
+        for w, c in containers(overlay)
+    )
+    assert sorted((t["__address__"], t["job"]) for t in targets) == expected
+    assert {t["job"] for t in targets} == {"relay", "recorder", "processor"}
+
+
+def test_relabel_simulation_drops_what_it_should() -> None:
+    # Guards the test above: an unannotated pod and a non-metrics port are dropped.
+    rules = readme_scrape_job()["relabel_configs"]
+    pod = {
+        "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
+        "__meta_kubernetes_pod_container_port_name": "metrics",
+        "__meta_kubernetes_pod_label_app_kubernetes_io_component": "relay",
+    }
+    assert relabel(pod, rules) is not None
+    assert (
+        relabel({**pod, "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "false"}, rules)
+        is None
+    )
+    assert relabel({**pod, "__meta_kubernetes_pod_container_port_name": "relay"}, rules) is None
