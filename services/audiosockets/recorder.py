@@ -222,6 +222,7 @@ class Recorder:
         self.disk: DiskSpool | None = None
         self._disk_pending = asyncio.Event()
         self._drain: asyncio.Task[None] | None = None
+        self._closed: bool | None = None  # the result of close(), once it ran
         block_seconds = config.block_frames / self.format.rate
         #: Most chunks the publisher may hold unsent before new ones go to disk.
         self.high_water = max(1, int(config.history_seconds / 2 / block_seconds))
@@ -278,6 +279,9 @@ class Recorder:
 
     async def close(self) -> bool:
         """Stop capturing, flush within ``flush_timeout``, close. True if all was taken."""
+        if self._closed is not None:
+            return self._closed
+        self._closed = False
         self._stopping.set()
         if self._capture is not None and not self._capture.done():
             self._capture.cancel()
@@ -310,6 +314,7 @@ class Recorder:
                 self.config.flush_timeout,
                 kept,
             )
+        self._closed = flushed
         return flushed
 
     async def _flush_all(self, deadline: float) -> bool:

@@ -150,6 +150,8 @@ async def test_stop_ends_a_live_source_and_flushes() -> None:
     assert await asyncio.wait_for(task, 5) is False  # the fake relay never took it all
     assert publisher.closed
     assert publisher.flush_timeouts == [pytest.approx(0.5, abs=0.05)]
+    assert await recorder.close() is False  # a second close changes nothing
+    assert len(publisher.flush_timeouts) == 1
 
 
 async def test_a_source_that_cannot_open_fails_start_and_leaves_no_publisher() -> None:
