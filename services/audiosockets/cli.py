@@ -78,6 +78,24 @@ def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, 
     )
 
 
+def relay_option(
+    help: str, default: str = "tcp://127.0.0.1:7400"
+) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    return click.option("--relay", "relay_url", default=default, help=help)
+
+
+token_option = click.option(
+    "--token", default=None, help="Shared secret, if the relay requires one."
+)
+loop_option = click.option(
+    "--loop",
+    "loop_name",
+    type=click.Choice(["auto", "asyncio", "uvloop"]),
+    default="auto",
+    help="Event loop implementation.",
+)
+
+
 def listen_address(value: str) -> tuple[str, int]:
     address = parse_url(value)
     return address.host, address.port
@@ -127,13 +145,7 @@ def main(log_level: str) -> None:
 @click.option(
     "--max-frame-bytes", type=click.IntRange(64), default=1 << 20, help="Largest frame accepted."
 )
-@click.option(
-    "--loop",
-    "loop_name",
-    type=click.Choice(["auto", "asyncio", "uvloop"]),
-    default="auto",
-    help="Event loop implementation.",
-)
+@loop_option
 @user_errors
 def relay(
     listen: str,
@@ -169,13 +181,7 @@ def relay(
 
 
 @main.command()
-@click.option(
-    "--relay",
-    "relay_url",
-    default="tcp://127.0.0.1:7400",
-    envvar="AUDIOSOCKETS_STATUS_RELAY",
-    help="Relay to ask.",
-)
+@relay_option("Relay to ask.")
 @click.option(
     "--json",
     "as_json",
@@ -220,13 +226,7 @@ def status(relay_url: str, as_json: bool, timeout: float) -> None:
     default="realtime",
     help="realtime: one chunk per chunk duration; max: as fast as the relay takes them.",
 )
-@click.option(
-    "--relay",
-    "relay_url",
-    default="",
-    envvar="AUDIOSOCKETS_LOADTEST_RELAY",
-    help="Use this relay instead of starting one.",
-)
+@relay_option("Use this relay instead of starting one.", default="")
 @click.option(
     "--sample-rate", type=click.IntRange(1), default=16000, help="Synthetic stream sample rate."
 )
@@ -346,7 +346,7 @@ def format_status(report: dict[str, Any]) -> str:
 
 
 @main.command()
-@click.option("--relay", "relay_url", default="tcp://127.0.0.1:7400", help="Relay to publish to.")
+@relay_option("Relay to publish to.")
 @click.option("--stream", default="mic-1", help="Stream name.")
 @click.option(
     "--source",
@@ -383,15 +383,9 @@ def format_status(report: dict[str, Any]) -> str:
     help="On SIGTERM, how long to wait for the relay to take the backlog.",
 )
 @click.option("--name", default=None, help="Client name the relay shows (default recorder-STREAM).")
-@click.option("--token", default=None, help="Shared secret, if the relay requires one.")
+@token_option
 @metrics_port_option(9401)
-@click.option(
-    "--loop",
-    "loop_name",
-    type=click.Choice(["auto", "asyncio", "uvloop"]),
-    default="auto",
-    help="Event loop implementation.",
-)
+@loop_option
 @user_errors
 def record(
     relay_url: str,
@@ -445,7 +439,7 @@ def devices() -> None:
 
 
 @main.command()
-@click.option("--relay", "relay_url", default="tcp://127.0.0.1:7400", help="Relay to subscribe to.")
+@relay_option("Relay to subscribe to.")
 @click.option("--stream", default="*", help="Streams to process (shell pattern, e.g. mic-*).")
 @click.option("--group", default=None, help="Share the streams with the other group members.")
 @click.option(
@@ -491,7 +485,7 @@ def devices() -> None:
     help="live: from now; earliest: from the oldest audio the relay still holds.",
 )
 @click.option("--name", default=None, help="Client name at the relay (default process-HANDLER).")
-@click.option("--token", default=None, help="Shared secret, if the relay requires one.")
+@token_option
 @metrics_port_option(9402)
 @user_errors
 def process(
