@@ -30,8 +30,10 @@ import pytest
 import yaml
 
 from _support import require, require_binary
+from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.cli import main as cli_main
 from audiosockets.processor import parse_spec
+from audiosockets.sources import block_frames_for, parse_source
 from audiosockets.urls import parse_url
 
 try:
@@ -303,8 +305,14 @@ def test_every_container_environment_is_accepted_by_its_command(
         if command == "process":
             parse_spec(params["handler_spec"])
         if command == "record":
-            kind = str(params["source"]).partition(":")[0]
-            assert kind in ("device", "file", "synth"), params["source"]
+            source = str(params["source"])
+            kind = source.partition(":")[0]
+            assert kind in ("device", "file", "synth"), f"{ident(workload)}: {source}"
+            if kind == "synth":  # device and file sources would open something
+                fmt = AudioFormat(
+                    params["rate"], params["channels"], SampleType.parse(params["dtype"])
+                )
+                parse_source(source, fmt, block_frames_for(params["rate"], params["block_ms"]))
 
 
 # --- the relay ---------------------------------------------------------------
