@@ -549,6 +549,29 @@ def test_namespace_enforces_restricted_unless_a_pod_needs_privilege(overlay: lis
         assert not host_paths, host_paths
 
 
+def written_paths(env: dict[str, str]) -> list[str]:
+    """Directories a service writes to, by its configuration."""
+    paths = [env.get("AUDIOSOCKETS_RECORD_SPOOL_DIR", "")]
+    events = env.get("AUDIOSOCKETS_PROCESS_EVENTS", "")
+    paths.append(str(Path(events).parent) if events else "")
+    handler = env.get("AUDIOSOCKETS_PROCESS_HANDLER")
+    if handler and parse_spec(handler).target == "archive":
+        paths.append(parse_spec(handler).arg or "")
+    return [p for p in paths if p]
+
+
+def test_what_a_service_writes_lands_on_a_writable_volume(overlay: list[Doc]) -> None:
+    # The root filesystem is read-only: a spool or archive directory that is
+    # not a mounted volume fails at the first write, long after the rollout.
+    for workload, container in containers(overlay):
+        mounts = {
+            m["mountPath"]: m for m in container.get("volumeMounts", []) if not m.get("readOnly")
+        }
+        for path in written_paths(resolve_env(overlay, container)):
+            covering = [m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")]
+            assert covering, f"{ident(workload)} writes {path}, which is not a writable volume"
+
+
 def test_probes_ask_the_metrics_endpoint(overlay: list[Doc]) -> None:
     for workload, container in containers(overlay):
         where = f"{ident(workload)}/{container['name']}"
