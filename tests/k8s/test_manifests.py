@@ -246,11 +246,15 @@ def test_everything_lives_in_one_namespace(overlay: list[Doc]) -> None:
             assert doc["metadata"].get("namespace") == NAMESPACE, ident(doc)
 
 
-def test_images_are_the_release_of_this_checkout(overlay: list[Doc]) -> None:
+def test_images_and_labels_are_the_release_of_this_checkout(overlay: list[Doc]) -> None:
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     for workload, container in containers(overlay):
         expected = f"{IMAGE_OF_COMMAND[command_of(container)]}:{version}"
         assert container["image"] == expected, ident(workload)
+    for doc in overlay:
+        labels = doc["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "audiosockets", ident(doc)
+        assert labels.get("app.kubernetes.io/version") == version, ident(doc)
 
 
 # --- environment -------------------------------------------------------------
