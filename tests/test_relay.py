@@ -511,3 +511,24 @@ async def test_error_frame_in_reply_is_decodable(relay: Relay) -> None:
     event = client.next_event()
     assert isinstance(event, ErrorFrame)
     assert "magic" in event.message
+
+
+@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, replay_seconds=1.0)])
+async def test_resent_history_longer_than_the_window_is_not_counted_as_loss(relay: Relay) -> None:
+    """After a relay restart the publisher re-sends more history than the
+    window holds; trimming chunks the subscriber already has loses nothing."""
+    sub = Subscriber(relay.url, "mic", name="resumer", retry=FAST_RETRY)
+    sub.received["mic"] = 120  # as if it had seen 0..120 before the restart
+    await sub.start()
+    await wait_until(lambda: any(s.subscription for s in relay.subscribers), what="subscribed")
+    pub = Publisher(relay.url, name="rec", retry=FAST_RETRY, history_seconds=10)
+    stream = pub.stream("mic", FMT)
+    for seq in range(150):  # 3 s of spooled audio into a 1 s window
+        stream.send(block(seq))
+    await pub.start()
+    got = await collect(sub, {"mic": 149})
+    assert got["mic"] == list(range(121, 150))
+    assert sample(relay, "audiosockets_chunks_dropped_total", stream="mic", reason="replay_window_exceeded") == 0
+    assert sub.gaps == 0
+    await pub.close()
+    await sub.close()

@@ -393,12 +393,20 @@ class SubscriberSession(Session):
             stream = cursor.stream
             window = stream.window
             if cursor.next_ord < window.base:
-                # Trimmed while we were blocked: count exactly what we lost.
-                lost = window.base - cursor.next_ord
+                # Trimmed before we sent them. Only chunks after our resume
+                # point were needed: after a relay restart the publisher
+                # re-sends history the subscriber already has, and trimming
+                # that is no loss. Seqs are increasing, so those needed lie in
+                # (after_seq, first held seq).
+                trimmed = window.base - cursor.next_ord
+                first = window.first_seq()
+                needed = trimmed if first is None else max(0, first - cursor.after_seq - 1)
+                lost = min(trimmed, needed)
                 cursor.next_ord = window.base
-                cursor.dropped_window += lost
-                self.dropped += lost
-                relay.count_drop(stream.name, "replay_window_exceeded", lost)
+                if lost:
+                    cursor.dropped_window += lost
+                    self.dropped += lost
+                    relay.count_drop(stream.name, "replay_window_exceeded", lost)
             if cursor.next_ord >= window.end:
                 continue
             # Live chunks older than queue_seconds are dropped (oldest first);

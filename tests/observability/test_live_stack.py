@@ -340,11 +340,6 @@ def test_drop_ratio_panel_shows_the_stalled_stage(live: Live) -> None:
 # gets a cursor at the window's start; trimming the resent history then
 # counts replay_window_exceeded for chunks it already had, seq <= after_seq),
 # so the test passes on some runs and fails on others.
-@pytest.mark.xfail(
-    strict=False,
-    reason="relay bug: after a restart, trimming the resent history from the replay window "
-    "can count replay_window_exceeded for chunks subscribers already had (seq <= after_seq)",
-)
 def test_relay_restart_shows_no_drops(live: Live) -> None:
     """Both drop panels show exactly the injected fault and nothing for the restart."""
     series = (
