@@ -528,7 +528,28 @@ async def test_resent_history_longer_than_the_window_is_not_counted_as_loss(rela
     await pub.start()
     got = await collect(sub, {"mic": 149})
     assert got["mic"] == list(range(121, 150))
-    assert sample(relay, "audiosockets_chunks_dropped_total", stream="mic", reason="replay_window_exceeded") == 0
+    assert (
+        sample(
+            relay,
+            "audiosockets_chunks_dropped_total",
+            stream="mic",
+            reason="replay_window_exceeded",
+        )
+        == 0
+    )
     assert sub.gaps == 0
     await pub.close()
     await sub.close()
+
+
+@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, token="s3cret")])
+async def test_token_is_required_when_the_relay_has_one(relay: Relay) -> None:
+    from audiosockets.client import fetch_status
+    from audiosockets.errors import ConnectionClosed
+
+    with pytest.raises(ConnectionClosed, match="token") as info:
+        await fetch_status(relay.url, token="wrong")
+    assert info.value.code is ErrorCode.UNAUTHORIZED
+    assert relay.metrics.registry.get_sample_value("audiosockets_auth_failures_total") == 1
+    report = await fetch_status(relay.url, token="s3cret")
+    assert report["streams"] == []

@@ -145,6 +145,11 @@ def main(log_level: str) -> None:
 @click.option(
     "--max-frame-bytes", type=click.IntRange(64), default=1 << 20, help="Largest frame accepted."
 )
+@click.option(
+    "--token",
+    default=None,
+    help="Shared secret every client must present (unset: no authentication).",
+)
 @loop_option
 @user_errors
 def relay(
@@ -154,6 +159,7 @@ def relay(
     queue_seconds: float,
     heartbeat_seconds: float,
     max_frame_bytes: int,
+    token: str | None,
     loop_name: LoopName,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out."""
@@ -169,6 +175,7 @@ def relay(
         queue_seconds=queue_seconds,
         heartbeat_interval=heartbeat_seconds,
         limits=Limits(max_frame_size=max_frame_bytes),
+        token=token or "",
     )
     metrics = Metrics()
 
@@ -192,12 +199,13 @@ def relay(
 @click.option(
     "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait."
 )
+@token_option
 @user_errors
-def status(relay_url: str, as_json: bool, timeout: float) -> None:
+def status(relay_url: str, as_json: bool, timeout: float, token: str | None) -> None:
     """Show a relay's streams, clients, groups and drops."""
     from .client import fetch_status
 
-    report = asyncio.run(fetch_status(relay_url, timeout=timeout))
+    report = asyncio.run(fetch_status(relay_url, timeout=timeout, token=token or ""))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hmac
 import contextlib
 import itertools
 import json
@@ -85,7 +86,7 @@ class RelayConfig:
     max_batch_bytes: int = 256 << 10  # per write to one subscriber
     socket_buffer_bytes: int = 1 << 20  # kernel send buffer per connection (0: OS default)
     server_name: str = "audiosockets-relay"
-    token: str = ""  # reserved: authentication arrives with a later issue
+    token: str = ""  # shared secret clients must present in HELLO; empty: none
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -594,7 +595,7 @@ class Relay:
                 ) from None
             if not isinstance(hello, Hello):
                 return  # GOODBYE/ERROR before the handshake: just close
-            if cfg.token and hello.token != cfg.token:
+            if cfg.token and not hmac.compare_digest(hello.token.encode(), cfg.token.encode()):
                 self.metrics.auth_failures.inc()
                 await channel.close(ErrorFrame(ErrorCode.UNAUTHORIZED, "missing or wrong token"))
                 return
