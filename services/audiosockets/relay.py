@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import hmac
 import contextlib
+import hmac
 import itertools
 import json
 import logging
