@@ -39,6 +39,7 @@ from docker_harness import (
     docker,
     docker_engine_available,
     health,
+    inspect,
     missing_seqs,
     scrape,
 )
@@ -95,6 +96,7 @@ class Evidence:
     drops_final: dict[str, float] = field(default_factory=dict)
     fanout_segments: list[Segment] = field(default_factory=list)
     group_segments: list[Segment] = field(default_factory=list)
+    exit_codes: dict[str, int] = field(default_factory=dict)
 
 
 def owners(replicas: list[str], streams: tuple[str, ...] | list[str]) -> dict[str, list[int]]:
@@ -221,6 +223,14 @@ def run_scenario(compose: Compose, ev: Evidence) -> None:
     ev.fanout = scrape(fanout, PROCESSOR_METRICS)
     ev.drops_final = dict(compose.relay_status()["drops"])
     compose.run("stop", "fanout", GROUP_SERVICE)  # closes the open segments
+    compose.run("stop", "relay")
+    survivors_and_rest = {
+        **{name: compose.containers(name)[0] for name in (*RECORDERS, "fanout", "relay")},
+        **{f"{GROUP_SERVICE}_{replicas.index(c) + 1}": c for c in survivors},
+    }
+    ev.exit_codes = {
+        name: int(inspect(c)["State"]["ExitCode"]) for name, c in survivors_and_rest.items()
+    }
     ev.fanout_segments = archived_segments(ev.workdir / "fanout")
     ev.group_segments = archived_segments(ev.workdir / "group")
 
@@ -266,6 +276,13 @@ def test_the_relay_really_restarted_and_the_outage_was_noticed(e2e: Evidence) ->
     # Guards the loss checks below against faults that never happened.
     assert e2e.relay_uptime_after_restart < e2e.relay_uptime_before_restart
     assert e2e.outage_noticed_by_relay
+
+
+def test_services_exit_cleanly_on_sigterm(e2e: Evidence) -> None:
+    # tini as PID 1 hands `docker stop`'s SIGTERM on; 137 would mean the grace
+    # period ran out and SIGKILL followed.
+    assert e2e.exit_codes
+    assert e2e.exit_codes == dict.fromkeys(e2e.exit_codes, 0)
 
 
 def test_nothing_was_dropped(e2e: Evidence) -> None:
