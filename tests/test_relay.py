@@ -553,3 +553,36 @@ async def test_token_is_required_when_the_relay_has_one(relay: Relay) -> None:
     assert relay.metrics.registry.get_sample_value("audiosockets_auth_failures_total") == 1
     report = await fetch_status(relay.url, token="s3cret")
     assert report["streams"] == []
+
+
+async def test_closing_a_stream_reaches_subscribers_after_its_last_chunk(relay: Relay) -> None:
+    events: list[str] = []
+    sub = Subscriber(
+        relay.url,
+        "mic",
+        name="p",
+        retry=FAST_RETRY,
+        on_stream_closed=lambda s: events.append(f"closed {s}"),
+    )
+    await sub.start()
+    await wait_until(lambda: any(s.subscription for s in relay.subscribers), what="subscribed")
+    pub = Publisher(relay.url, name="rec", retry=FAST_RETRY)
+    stream = pub.stream("mic", FMT)
+    await pub.start()
+    for seq in range(30):
+        stream.send(block(seq))
+    await pub.close()
+    got = await collect(sub, {"mic": 29})
+    assert got["mic"] == list(range(30))
+    await wait_until(lambda: events == ["closed mic"], what="CLOSE_STREAM")
+    assert "mic" not in sub.assigned
+    # The stream comes back: declared again, delivered again.
+    pub2 = Publisher(relay.url, name="rec", retry=FAST_RETRY)
+    stream2 = pub2.stream("mic", FMT)
+    await pub2.start()
+    stream2.send(block(30))
+    got = await collect(sub, {"mic": 30})
+    assert got["mic"] == [30]
+    assert "mic" in sub.assigned
+    await pub2.close()
+    await sub.close()

@@ -430,10 +430,28 @@ class Publisher(_Client):
     def _pending(self) -> bool:
         return any(s.unsent for s in self.streams.values())
 
-    async def close(self, timeout: float = 2.0) -> None:
-        """Flush what the relay can take within ``timeout``, say goodbye, stop."""
-        if self.channel is not None:
+    async def close(self, timeout: float = 2.0, *, drop_unsent: bool = True) -> None:
+        """Flush what the relay can take within ``timeout`` (connecting first if
+        need be), end the streams, say goodbye, stop. Subscribers get
+        CLOSE_STREAM after the last chunk. Chunks still unsent after
+        ``timeout`` are counted as dropped (``reason="closed_unsent"``), unless
+        ``drop_unsent=False``: then they stay in ``history`` for the caller
+        to keep (the recorder's disk spool does)."""
+        if self._pending() and self._task is not None:
             await self.flush(timeout)
+        channel = self.channel
+        if channel is not None and not channel.closed and not self._pending():
+            for stream in self.streams.values():
+                with contextlib.suppress(Exception):
+                    channel.send(CloseStream(stream.id))
+        for stream in self.streams.values():
+            if stream.unsent and drop_unsent:
+                log.warning(
+                    "stream %r: %d chunks never reached the relay", stream.name, stream.unsent
+                )
+                self.metrics.chunks_dropped.labels(stream.name, "closed_unsent").inc(stream.unsent)
+                stream.dropped += stream.unsent
+                stream.unsent = 0
         await self._stop_task(farewell=True)
 
     async def __aenter__(self) -> Publisher:

@@ -50,6 +50,7 @@ DROP_REASONS: Final = (
     "subscriber_slow",  # relay: a subscriber fell further behind than its queue
     "replay_window_exceeded",  # relay: a resume asked for chunks older than the window
     "spool_full",  # recorder/publisher: outage longer than the spool
+    "closed_unsent",  # publisher: closed before the relay took these
     "processor_overrun",  # processor: handler slower than real time, backlog full
     "client_queue_full",  # subscriber library: application did not iterate
     "input_overflow",  # recorder: PortAudio reported lost input

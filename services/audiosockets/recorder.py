@@ -67,7 +67,7 @@ class PublisherLike(Protocol):
 
     async def flush(self, timeout: float | None = ...) -> bool: ...
 
-    async def close(self, timeout: float = ...) -> None: ...
+    async def close(self, timeout: float = ..., *, drop_unsent: bool = ...) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +297,9 @@ class Recorder:
         try:
             flushed = await self._flush_all(deadline)
         finally:
-            await self.publisher.close(timeout=max(0.0, deadline - time.monotonic()))
+            await self.publisher.close(
+                timeout=max(0.0, deadline - time.monotonic()), drop_unsent=self.disk is None
+            )
             if self.disk is not None:
                 self._keep_unsent_on_disk(self.disk)
                 self.disk.close()

@@ -210,6 +210,7 @@ class Cursor:
     assigned_at: float  # chunks that arrived before this are replay: never "slow"
     declared: bool = False
     active: bool = True
+    end_after: int | None = None  # the publisher closed the stream at this seq
     sent: int = 0
     dropped_slow: int = 0
     dropped_window: int = 0
@@ -409,6 +410,7 @@ class SubscriberSession(Session):
                     self.dropped += lost
                     relay.count_drop(stream.name, "replay_window_exceeded", lost)
             if cursor.next_ord >= window.end:
+                self._end_if_done(cursor, frames)
                 continue
             # Live chunks older than queue_seconds are dropped (oldest first);
             # chunks that were already in the window when we attached are
@@ -439,10 +441,21 @@ class SubscriberSession(Session):
             if sent:
                 cursor.sent += sent
                 relay.count_sent(stream.name, sent, nbytes)
+            self._end_if_done(cursor, frames)
             if budget <= 0:
                 self.wake.set()  # more to do after this batch is flushed
                 break
         return frames
+
+    def _end_if_done(self, cursor: Cursor, frames: list[bytes]) -> None:
+        """After the last chunk of a stream its publisher closed, say so, in order."""
+        window = cursor.stream.window
+        if cursor.end_after is None or cursor.next_ord < window.end:
+            return
+        cursor.end_after = None
+        if cursor.declared:
+            frames.append(self.channel.conn.send(CloseStream(cursor.stream.id, CloseReason.ENDED)))
+            cursor.declared = False  # a reopened stream is declared again
 
     def _skip(self, cursor: Cursor, to_ord: int) -> int:
         window = cursor.stream.window
@@ -670,6 +683,10 @@ class Relay:
                 )
             )
         stream.publisher = publisher
+        for reader in stream.readers:  # back before readers caught up: not ended
+            cursor = reader.cursors.get(name)
+            if cursor is not None:
+                cursor.end_after = None
         self._offer(stream)
         return stream
 
@@ -701,7 +718,14 @@ class Relay:
             reader.wake.set()
 
     def stream_ended(self, stream: StreamState) -> None:
-        log.info("stream %r closed by its publisher", stream.name)
+        """The publisher closed the stream: each reader gets CLOSE_STREAM after
+        the last chunk (processors finish their files), unless it reopens first."""
+        log.info("stream %r closed by its publisher at seq %d", stream.name, stream.last_seq)
+        for reader in list(stream.readers):
+            cursor = reader.cursors.get(stream.name)
+            if cursor is not None:
+                cursor.end_after = stream.last_seq
+                reader.wake.set()
 
     # -- subscribing ---------------------------------------------------------
 

@@ -113,5 +113,5 @@ class FakePublisher:
         self.flush_timeouts.append(timeout)
         return self.flush_result
 
-    async def close(self, timeout: float = 2.0) -> None:
+    async def close(self, timeout: float = 2.0, *, drop_unsent: bool = True) -> None:
         self.closed = True
