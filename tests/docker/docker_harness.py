@@ -79,9 +79,16 @@ def parse_metrics(text: str) -> Scrape:
 class Compose:
     """One docker-compose project: a unique name, fixed files, a fixed environment."""
 
-    def __init__(self, project: str, files: Sequence[Path], env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        project: str,
+        files: Sequence[Path],
+        env: dict[str, str],
+        profiles: Sequence[str] = (),
+    ) -> None:
         self.project = project
         self.files = list(files)
+        self.profiles = list(profiles)
         self.env = {**os.environ, **env, "COMPOSE_PROJECT_NAME": project}
         binary = shutil.which("docker-compose")
         if binary is None:
@@ -90,8 +97,9 @@ class Compose:
 
     def run(self, *args: str, timeout: float = 180, check: bool = True) -> str:
         files = [arg for f in self.files for arg in ("-f", str(f))]
+        profiles = [arg for p in self.profiles for arg in ("--profile", p)]
         done = subprocess.run(
-            [self.binary, "--project-directory", str(ROOT), *files, *args],
+            [self.binary, "--project-directory", str(ROOT), *files, *profiles, *args],
             cwd=ROOT,
             env=self.env,
             capture_output=True,
