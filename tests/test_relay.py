@@ -586,3 +586,25 @@ async def test_closing_a_stream_reaches_subscribers_after_its_last_chunk(relay: 
     assert "mic" in sub.assigned
     await pub2.close()
     await sub.close()
+
+
+async def test_replicas_sharing_a_name_give_one_metric_series(
+    relay: Relay, publisher: Publisher
+) -> None:
+    """Scaled containers may share a client name; a duplicate series would make
+    Prometheus reject the relay's whole scrape."""
+    from prometheus_client import generate_latest
+
+    subs = [await start_subscriber(relay, "*", group="g", name="same") for _ in range(2)]
+    for i in range(4):
+        publisher.stream(f"s-{i}", FMT)
+    await wait_until(lambda: len(relay.groups["g"].assignment) == 4)
+    lines = [
+        line.rsplit(" ", 1)[0]
+        for line in generate_latest(relay.metrics.registry).decode().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert len(lines) == len(set(lines)), "duplicate series"
+    assert sample(relay, "audiosockets_group_streams", group="g", member="same") == 4
+    for s in subs:
+        await s.close()

@@ -492,7 +492,9 @@ def devices() -> None:
     default="live",
     help="live: from now; earliest: from the oldest audio the relay still holds.",
 )
-@click.option("--name", default=None, help="Client name at the relay (default process-HANDLER).")
+@click.option(
+    "--name", default=None, help="Client name at the relay (default process-HANDLER@HOSTNAME)."
+)
 @token_option
 @metrics_port_option(9402)
 @user_errors

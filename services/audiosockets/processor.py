@@ -50,6 +50,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -1115,7 +1116,8 @@ async def serve(
             config.relay,
             config.stream,
             group=config.group or "",
-            name=config.name or f"process-{spec.name}",
+            # Replicas need names of their own to be told apart in status and metrics.
+            name=config.name or f"process-{spec.name}@{socket.gethostname()}",
             start=config.start,
             token=config.token or "",
             metrics=metrics,

@@ -877,8 +877,13 @@ class Relay:
         for group in list(self.groups.values()):
             ms = list(group.members)
             members.add_metric([group.name], len(ms))
+            # Replicas may share a client name: one series per name, summed,
+            # since a duplicate series makes Prometheus reject the scrape.
+            loads: dict[str, int] = {}
             for m in ms:
-                assigned.add_metric([group.name, m.name], group.load(m))
+                loads[m.name] = loads.get(m.name, 0) + group.load(m)
+            for member_name, load in sorted(loads.items()):
+                assigned.add_metric([group.name, member_name], load)
         yield from (depth, window, last, count, members, assigned)
 
     def status(self) -> dict[str, object]:
