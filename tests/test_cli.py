@@ -245,3 +245,25 @@ def test_help_lists_every_command() -> None:
     assert result.exit_code == 0
     for command in ("relay", "status", "loadtest", "record", "devices", "process"):
         assert command in result.output
+
+
+def test_loadtest_raw_clients_measure_the_relay() -> None:
+    result = run_cli(
+        "loadtest",
+        "--streams",
+        "3",
+        "--subscribers",
+        "2",
+        "--duration",
+        "1",
+        "--client",
+        "raw",
+        "--json",
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["chunks_received"] == 2 * report["chunks_sent"]
+    assert report["chunks_duplicated"] == 0
+    assert report["relay_chunks_sent"] == report["chunks_received"]
+    assert report["relay_chunks_per_cpu_s"] > 0

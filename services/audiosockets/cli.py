@@ -248,6 +248,13 @@ def status(relay_url: str, as_json: bool, timeout: float, token: str | None) -> 
     help="Spread the subscribers over this many processes.",
 )
 @click.option(
+    "--client",
+    type=click.Choice(["library", "raw"]),
+    default="library",
+    help="library: subscribers are audiosockets Subscribers (what processors use); "
+    "raw: header-only readers, to measure the relay's own ceiling.",
+)
+@click.option(
     "--max-loss",
     type=click.FloatRange(0, 1),
     default=None,
@@ -277,6 +284,7 @@ def loadtest(
     sample_rate: int,
     chunk_ms: float,
     subscriber_processes: int,
+    client: Literal["library", "raw"],
     max_loss: float | None,
     max_p99_ms: float | None,
     as_json: bool,
@@ -296,6 +304,7 @@ def loadtest(
         sample_rate=sample_rate,
         chunk_ms=chunk_ms,
         subscriber_processes=subscriber_processes,
+        client=client,
     )
     show = sys.stderr.isatty()
 

@@ -33,6 +33,7 @@ import numpy as np
 from .errors import ConfigError, GateFailed
 
 RateName = Literal["realtime", "max"]
+ClientName = Literal["library", "raw"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ class LoadTestConfig:
     drain_seconds: float = 10.0
     replay_seconds: float = 30.0
     queue_seconds: float = 2.0
+    client: ClientName = "library"
 
     def __post_init__(self) -> None:
         if self.streams < 1 or self.subscribers < 1:
@@ -82,6 +84,8 @@ class Report:
     throughput_bytes_per_s: float
     relay_cpu_s: float | None
     relay_drops: dict[str, float] = field(default_factory=dict)
+    relay_chunks_sent: int | None = None
+    relay_chunks_per_cpu_s: float | None = None
     machine: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -119,7 +123,10 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
                     drops[s.labels["reason"]] = drops.get(s.labels["reason"], 0) + s.value
         await relay.stop()
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        pipe.send({"cpu_s": usage.ru_utime + usage.ru_stime, "drops": drops})
+        sent = 0.0
+        for metric in relay.metrics.chunks_sent.collect():
+            sent += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+        pipe.send({"cpu_s": usage.ru_utime + usage.ru_stime, "drops": drops, "sent": sent})
 
     _run(main())
 
@@ -269,6 +276,129 @@ def subscriber_process(
     _run(main())
 
 
+def raw_subscriber_process(
+    pipe: Pipe, url: str, cfg: LoadTestConfig, names: list[str], progress: Any
+) -> None:
+    """Subscribers that parse only frame headers: measures the relay, not us.
+
+    The handshake goes through the sans-I/O ``Connection``; after that each
+    CHUNK costs one header unpack. Latency is sampled on every 8th chunk.
+    """
+    from .protocol import (
+        CHUNK_HEAD,
+        HEADER,
+        Connection,
+        FrameType,
+        Hello,
+        Limits,
+        OpenStream,
+        Role,
+        StartPosition,
+        Subscribe,
+        decode_payload,
+    )
+    from .urls import parse_url
+
+    address = parse_url(url)
+    chunk_type = int(FrameType.CHUNK)
+    open_type = int(FrameType.OPEN_STREAM)
+
+    async def one(
+        name: str, stats: dict[str, Any], ready: asyncio.Event, stop: asyncio.Event
+    ) -> None:
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        conn = Connection("client")
+        writer.write(conn.send(Hello(Role.SUBSCRIBER, name)))
+        while conn.welcome is None:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("relay closed during the handshake")
+            conn.receive_data(data)
+            conn.next_event()
+        group = cfg.group
+        writer.write(conn.send(Subscribe("load-*", group, StartPosition.EARLIEST)))
+        ready.set()
+        names_by_id: dict[int, str] = {}
+        last: dict[str, int] = stats["last"]
+        buf = bytearray()
+        limits = Limits()
+        while not stop.is_set():
+            data = await reader.read(1 << 20)
+            if not data:
+                break
+            buf += data
+            off = 0
+            end = len(buf)
+            while end - off >= HEADER.size:
+                _magic, _v, ftype, length = HEADER.unpack_from(buf, off)
+                if end - off < HEADER.size + length:
+                    break
+                body = off + HEADER.size
+                if ftype == chunk_type:
+                    sid, seq, captured = CHUNK_HEAD.unpack_from(buf, body)
+                    stream = names_by_id[sid]
+                    prev = last.get(stream, -1)
+                    if seq <= prev:
+                        stats["dup_or_ooo"] += 1
+                    else:
+                        stats["gaps"] += seq - prev - 1 if prev >= 0 else 0
+                        last[stream] = seq
+                    stats["received"] += 1
+                    if stats["received"] % 8 == 0:
+                        stats["latency"].append(time.time_ns() - captured)
+                elif ftype == open_type:
+                    event = decode_payload(
+                        FrameType.OPEN_STREAM, bytes(buf[body : body + length]), limits
+                    )
+                    assert isinstance(event, OpenStream)
+                    names_by_id[event.stream_id] = event.name
+                off = body + length
+            del buf[:off]
+        writer.close()
+
+    async def main() -> None:
+        stats: list[dict[str, Any]] = [
+            {"received": 0, "dup_or_ooo": 0, "gaps": 0, "last": {}, "latency": []} for _ in names
+        ]
+        stop = asyncio.Event()
+        readies = [asyncio.Event() for _ in names]
+        tasks = [
+            asyncio.create_task(one(n, st, r, stop))
+            for n, st, r in zip(names, stats, readies, strict=True)
+        ]
+        await asyncio.gather(*(r.wait() for r in readies))
+        pipe.send("ready")
+        loop = asyncio.get_running_loop()
+        final: dict[str, int] = await loop.run_in_executor(None, pipe.recv)
+        deadline = time.monotonic() + cfg.drain_seconds
+
+        def complete() -> bool:
+            if cfg.group:
+                merged: dict[str, int] = {}
+                for st in stats:
+                    for k, v in st["last"].items():
+                        merged[k] = max(merged.get(k, -1), v)
+                return all(merged.get(k, -1) >= v for k, v in final.items())
+            return all(all(st["last"].get(k, -1) >= v for k, v in final.items()) for st in stats)
+
+        while not complete() and time.monotonic() < deadline:
+            progress.value = sum(st["received"] for st in stats)
+            await asyncio.sleep(0.05)
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        progress.value = sum(st["received"] for st in stats)
+        lat = np.array([x for st in stats for x in st["latency"]], dtype=np.int64)
+        per_sub = [
+            {"received": st["received"], "duplicates": st["dup_or_ooo"], "gaps": st["gaps"]}
+            for st in stats
+        ]
+        pipe.send({"subs": per_sub, "out_of_order": 0, "latency_ns": lat})
+
+    _run(main())
+
+
 # --- parent -----------------------------------------------------------------
 
 
@@ -296,7 +426,14 @@ def run_loadtest(cfg: LoadTestConfig, *, progress: Callable[[str], None] | None 
         if cfg.relay_url:
             url = cfg.relay_url
         else:
-            proc, relay_pipe = _spawn(ctx, relay_process, cfg.replay_seconds, cfg.queue_seconds)
+            # At --rate max, audio arrives far faster than real time, so a
+            # window of N seconds of audio spans a fraction of a second of
+            # wall time; size it to the run instead, so what is measured is
+            # the relay's throughput and not the window.
+            replay = (
+                cfg.replay_seconds if cfg.rate == "realtime" else max(cfg.replay_seconds, 3600.0)
+            )
+            proc, relay_pipe = _spawn(ctx, relay_process, replay, cfg.queue_seconds)
             procs.append(proc)
             url = f"tcp://127.0.0.1:{_expect(relay_pipe, 'the relay')}"
         counter = ctx.Value("q", 0, lock=False)
@@ -307,7 +444,8 @@ def run_loadtest(cfg: LoadTestConfig, *, progress: Callable[[str], None] | None 
         for k in range(n_sub_procs):
             c = ctx.Value("q", 0, lock=False) if k else counter
             counters.append(c)
-            proc, pipe = _spawn(ctx, subscriber_process, url, cfg, names[k::n_sub_procs], c)
+            target = raw_subscriber_process if cfg.client == "raw" else subscriber_process
+            proc, pipe = _spawn(ctx, target, url, cfg, names[k::n_sub_procs], c)
             procs.append(proc)
             sub_pipes.append(pipe)
         for pipe in sub_pipes:
@@ -390,6 +528,10 @@ def _report(
         else 0.0,
         relay_cpu_s=round(relay["cpu_s"], 3) if relay else None,
         relay_drops=relay["drops"] if relay else {},
+        relay_chunks_sent=int(relay["sent"]) if relay else None,
+        relay_chunks_per_cpu_s=round(relay["sent"] / relay["cpu_s"])
+        if relay and relay["cpu_s"]
+        else None,
         machine={
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
@@ -429,5 +571,8 @@ def format_report(r: Report) -> str:
             if r.relay_cpu_s is not None
             else "  relay CPU        (external relay)",
             f"  relay drops      {r.relay_drops or 'none'}",
+            f"  relay efficiency {r.relay_chunks_per_cpu_s} chunks delivered per CPU second"
+            if r.relay_chunks_per_cpu_s
+            else "  relay efficiency (external relay)",
         ]
     )
