@@ -40,6 +40,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -190,6 +191,9 @@ class StreamState:
     publisher: PublisherSession | None = None
     readers: set[SubscriberSession] = field(default_factory=set)
     chunks_total: int = 0
+    # This stream's metric children, looked up once (labels() costs a lock
+    # and a dict lookup on every call; publish runs once per chunk).
+    counters: tuple[Any, Any, Any] | None = None
 
     def rate(self, now: float, span: float = 5.0) -> float:
         """Chunks per second over the last ``span`` seconds of arrivals."""
@@ -661,7 +665,13 @@ class Relay:
             stream = StreamState(next(self._next_stream_id), name, fmt)
             self.streams[name] = stream
             self._stream_ids[stream.id] = stream
-            self.metrics.declare_stream(name)
+            m = self.metrics
+            m.declare_stream(name)
+            stream.counters = (
+                m.chunks_received.labels(name),
+                m.bytes_received.labels(name),
+                m.end_to_end_latency.labels(name),
+            )
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
         elif stream.format != fmt:
             log.warning(
@@ -709,11 +719,11 @@ class Relay:
         stream.last_seq = chunk.seq
         stream.last_captured_ns = chunk.captured_ns
         stream.chunks_total += 1
-        m.chunks_received.labels(name).inc()
-        m.bytes_received.labels(name).inc(nbytes)
-        m.end_to_end_latency.labels(name).observe(
-            max(0.0, (time.time_ns() - chunk.captured_ns) / 1e9)
-        )
+        assert stream.counters is not None
+        received, received_bytes, latency = stream.counters
+        received.inc()
+        received_bytes.inc(nbytes)
+        latency.observe(max(0.0, (time.time_ns() - chunk.captured_ns) / 1e9))
         for reader in stream.readers:
             reader.wake.set()
 
