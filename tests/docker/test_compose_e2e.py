@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,16 +34,12 @@ from docker_harness import (
     Scrape,
     Segment,
     archived_segments,
-    build_images,
     docker,
-    docker_engine_available,
     health,
     inspect,
     missing_seqs,
     scrape,
 )
-
-from _support import require
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -236,11 +231,8 @@ def run_scenario(compose: Compose, ev: Evidence) -> None:
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Evidence]:
-    require(docker_engine_available(), "no Docker engine reachable (docker info failed)")
-    require(shutil.which("docker-compose") is not None, "docker-compose (v1) is not installed")
-    tag = "e2e"
-    build_images(tag)
+def e2e(tmp_path_factory: pytest.TempPathFactory, service_images: str) -> Iterator[Evidence]:
+    tag = service_images
     workdir = tmp_path_factory.mktemp("compose-e2e")
     for sub in ("group", "fanout"):
         (workdir / sub).mkdir()

@@ -1,0 +1,21 @@
+"""Fixtures for the tests that run compose on the real Docker engine."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from docker_harness import build_images, docker_engine_available
+
+from _support import require
+
+IMAGE_TAG = "e2e"
+
+
+@pytest.fixture(scope="session")
+def service_images() -> str:
+    """Build (cached) the base and the three service images once; return their tag."""
+    require(docker_engine_available(), "no Docker engine reachable (docker info failed)")
+    require(shutil.which("docker-compose") is not None, "docker-compose (v1) is not installed")
+    build_images(IMAGE_TAG)
+    return IMAGE_TAG
