@@ -86,6 +86,7 @@ class Report:
     relay_drops: dict[str, float] = field(default_factory=dict)
     relay_chunks_sent: int | None = None
     relay_chunks_per_cpu_s: float | None = None
+    relay_max_rss_mb: float | None = None
     machine: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -126,7 +127,14 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
         sent = 0.0
         for metric in relay.metrics.chunks_sent.collect():
             sent += sum(s.value for s in metric.samples if s.name.endswith("_total"))
-        pipe.send({"cpu_s": usage.ru_utime + usage.ru_stime, "drops": drops, "sent": sent})
+        pipe.send(
+            {
+                "cpu_s": usage.ru_utime + usage.ru_stime,
+                "drops": drops,
+                "sent": sent,
+                "max_rss_mb": usage.ru_maxrss / 1024,  # Linux reports KiB
+            }
+        )
 
     _run(main())
 
@@ -529,6 +537,7 @@ def _report(
         relay_cpu_s=round(relay["cpu_s"], 3) if relay else None,
         relay_drops=relay["drops"] if relay else {},
         relay_chunks_sent=int(relay["sent"]) if relay else None,
+        relay_max_rss_mb=round(relay["max_rss_mb"], 1) if relay else None,
         relay_chunks_per_cpu_s=round(relay["sent"] / relay["cpu_s"])
         if relay and relay["cpu_s"]
         else None,
@@ -571,6 +580,7 @@ def format_report(r: Report) -> str:
             if r.relay_cpu_s is not None
             else "  relay CPU        (external relay)",
             f"  relay drops      {r.relay_drops or 'none'}",
+            f"  relay memory     {r.relay_max_rss_mb} MB peak RSS",
             f"  relay efficiency {r.relay_chunks_per_cpu_s} chunks delivered per CPU second"
             if r.relay_chunks_per_cpu_s
             else "  relay efficiency (external relay)",
