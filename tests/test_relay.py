@@ -608,3 +608,65 @@ async def test_replicas_sharing_a_name_give_one_metric_series(
     assert sample(relay, "audiosockets_group_streams", group="g", member="same") == 4
     for s in subs:
         await s.close()
+
+
+async def group_member(relay: Relay, name: str, acked: dict[str, int]) -> Subscriber:
+    sub = Subscriber(relay.url, "s*", group="g", name=name, retry=FAST_RETRY)
+    sub.acked.update(acked)  # as if it had processed these before the relay restarted
+    await sub.start()
+    await wait_until(lambda: any(s.name == name and s.subscription for s in relay.subscribers))
+    return sub
+
+
+async def test_after_a_relay_restart_a_stream_resumes_where_its_old_owner_stopped(
+    relay: Relay, publisher: Publisher
+) -> None:
+    """The relay lost its group ACKs; members bring theirs. Whoever gets a
+    stream starts after the furthest point any member finished."""
+    a = await group_member(relay, "a", {"s0": 30})
+    b = await group_member(relay, "b", {"s1": 20})
+    streams = [publisher.stream(f"s{i}", FMT) for i in range(2)]
+    for seq in range(50):  # the publisher re-sends its history
+        for s in streams:
+            s.send(block(seq))
+    got: dict[str, list[int]] = defaultdict(list)
+    owners = relay.groups["g"].assignment
+    await wait_until(lambda: len(owners) == 2)
+    for member in (a, b):
+        mine = {n: 49 for n, m in owners.items() if m.name == member.name}
+        for name, seqs in (await collect(member, mine)).items():
+            got[name] += seqs
+    assert got["s0"] == list(range(31, 50))
+    assert got["s1"] == list(range(21, 50))
+    await a.close()
+    await b.close()
+
+
+async def test_a_stream_no_returning_member_knows_starts_at_the_oldest_chunk(
+    relay: Relay, publisher: Publisher
+) -> None:
+    """Its old owner is not back yet: replay what the relay holds rather than
+    skip to live and lose the chunks since that owner's last ACK."""
+    stream = publisher.stream("s0", FMT)
+    for seq in range(40):
+        stream.send(block(seq))
+    assert await publisher.flush(5)
+    await wait_until(lambda: relay.streams["s0"].last_seq == 39)
+    b = await group_member(relay, "b", {"s1": 20})  # b owned another stream
+    got = await collect(b, {"s0": 39})
+    assert got["s0"] == list(range(40))
+    await b.close()
+
+
+async def test_a_new_group_starts_live(relay: Relay, publisher: Publisher) -> None:
+    stream = publisher.stream("s0", FMT)
+    for seq in range(10):
+        stream.send(block(seq))
+    assert await publisher.flush(5)
+    await wait_until(lambda: relay.streams["s0"].last_seq == 9)
+    fresh = await group_member(relay, "fresh", {})
+    await wait_until(lambda: "s0" in fresh.assigned or "s0" in relay.groups["g"].assignment)
+    stream.send(block(10))
+    got = await collect(fresh, {"s0": 10})
+    assert got["s0"] == [10]
+    await fresh.close()

@@ -662,7 +662,11 @@ class Subscriber(_Client):
         return child
 
     async def _session(self, channel: Channel) -> None:
-        resume = tuple(sorted(self.received.items()))
+        # Fan-out: resume after what we hold (the hand-off queue survives the
+        # reconnect). Group: after what we finished, since the relay may give
+        # the stream to another member, who must pick up where work stopped.
+        positions = self.received if not self.group else self.acked
+        resume = tuple(sorted(positions.items()))
         channel.send(Subscribe(self.pattern, self.group, self.start_position, resume))
         self.connected.set()
         self.metrics.connected.labels(self.role.label).set(1)

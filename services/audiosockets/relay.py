@@ -320,12 +320,13 @@ class SubscriberSession(Session):
     def matches(self, stream: str) -> bool:
         return self.subscription is not None and self.subscription.matches(stream)
 
-    def attach(self, stream: StreamState, after_seq: int | None) -> None:
-        """Start delivering ``stream`` after ``after_seq`` (None: live)."""
+    def attach(self, stream: StreamState, after_seq: int | None, *, earliest: bool = False) -> None:
+        """Start delivering ``stream`` after ``after_seq`` (None: live, or the
+        oldest chunk held when ``earliest`` or the subscription says so)."""
         assert self.subscription is not None
         now = self.relay.clock()
         window = stream.window
-        if after_seq is None and self.subscription.start is StartPosition.EARLIEST:
+        if after_seq is None and (earliest or self.subscription.start is StartPosition.EARLIEST):
             after_seq = -1
             start = window.base
         elif after_seq is None:
@@ -831,13 +832,27 @@ class Relay:
     def _assign(self, group: Group, stream: StreamState, member: SubscriberSession) -> None:
         if stream.name in member.cursors:
             return
+        # Where the group stands in this stream: its last ACK; after a relay
+        # restart (no ACKs yet) the furthest resume point any member brought,
+        # since the previous owner may be another member than the new one.
         after = group.acked.get(stream.name)
         if after is None:
-            after = member.resume.get(stream.name)
+            points = [m.resume[stream.name] for m in group.members if stream.name in m.resume]
+            after = max(points) if points else None
+        # A group whose members come back with resume points existed before
+        # the relay did: a stream none of them knows was owned by a member
+        # not back yet. Start at the oldest chunk held rather than lose the
+        # chunks since its last ACK (at-least-once, never a silent gap).
+        earliest = after is None and any(m.resume for m in group.members)
         log.info(
-            "group %r: stream %r -> %r (after seq %s)", group.name, stream.name, member.name, after
+            "group %r: stream %r -> %r (after seq %s%s)",
+            group.name,
+            stream.name,
+            member.name,
+            after,
+            ", earliest held" if earliest else "",
         )
-        member.attach(stream, after)
+        member.attach(stream, after, earliest=earliest)
 
     # -- accounting ----------------------------------------------------------
 
