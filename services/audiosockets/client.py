@@ -667,7 +667,11 @@ class Subscriber(_Client):
         # the stream to another member, who must pick up where work stopped.
         positions = self.received if not self.group else self.acked
         resume = tuple(sorted(positions.items()))
-        channel.send(Subscribe(self.pattern, self.group, self.start_position, resume))
+        # On a reconnect, streams we have no position in may have started (or
+        # changed owner in our group) while we were away: take them from the
+        # oldest chunk the relay holds rather than from "now".
+        start = self.start_position if self.sessions <= 1 else StartPosition.EARLIEST
+        channel.send(Subscribe(self.pattern, self.group, start, resume))
         self.connected.set()
         self.metrics.connected.labels(self.role.label).set(1)
         streams: dict[int, tuple[str, AudioFormat]] = {}

@@ -839,11 +839,14 @@ class Relay:
         if after is None:
             points = [m.resume[stream.name] for m in group.members if stream.name in m.resume]
             after = max(points) if points else None
-        # A group whose members come back with resume points existed before
-        # the relay did: a stream none of them knows was owned by a member
-        # not back yet. Start at the oldest chunk held rather than lose the
+        # A group whose members come back with resume points (or reconnecting,
+        # which asks for EARLIEST) existed before the relay did: a stream none
+        # of them knows was owned by a member not back yet. Start at the oldest chunk held rather than lose the
         # chunks since its last ACK (at-least-once, never a silent gap).
-        earliest = after is None and any(m.resume for m in group.members)
+        earliest = after is None and any(
+            m.resume or (m.subscription and m.subscription.start is StartPosition.EARLIEST)
+            for m in group.members
+        )
         log.info(
             "group %r: stream %r -> %r (after seq %s%s)",
             group.name,
