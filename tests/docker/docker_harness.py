@@ -172,7 +172,9 @@ def scrape(container: str, port: int) -> Scrape:
 
 # --- archive files ----------------------------------------------------------------
 
-_PART = re.compile(r"\.(?P<stream>.+)_\d{8}T\d{6}\.\d{6}Z_(?P<first>\d{10})\.wav\.part")
+_PART = re.compile(
+    r"\.(?P<stream>.+)_\d{8}T\d{6}\.\d{6}Z_(?P<first>\d{10})\.wav(\.[A-Za-z0-9_-]+)?\.part"
+)
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ def archived_segments(directory: Path) -> list[Segment]:
         if meta["chunks"]:
             chunk_bytes[meta["stream"]] = (wav.stat().st_size - 44) // meta["chunks"]
     parts: list[Segment] = []
-    for part in sorted(directory.glob(".*.wav.part")):
+    for part in sorted(directory.glob(".*.wav*.part")):
         m = _PART.fullmatch(part.name)
         if m is None or m["stream"] not in chunk_bytes:
             continue

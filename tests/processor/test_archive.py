@@ -106,7 +106,8 @@ def test_an_open_segment_is_never_named_as_complete(tmp_path: Path) -> None:
     h.feed(random_chunks(5))  # no close(): as if the process died here
     assert not list(tmp_path.glob("*.wav"))
     (part,) = tmp_path.glob(".*.part")
-    assert part.name.endswith(".wav.part")
+    assert part.name.endswith(".part")
+    assert ".wav." in part.name
     h.close()
     assert len(list(tmp_path.glob("*.wav"))) == 1
 
@@ -169,3 +170,42 @@ def test_other_streams_segments_do_not_count_as_this_streams_past(tmp_path: Path
     h.close()
     (mine,) = [p for p in tmp_path.glob("mic_2023*.json")]
     assert json.loads(mine.read_text())["gap_before"] is None
+
+
+def test_two_writers_of_the_same_segment_never_overwrite_each_other(tmp_path: Path) -> None:
+    """An at-least-once handover can have two group replicas archive the same
+    first chunk into one DIR; both files survive, neither is truncated."""
+    from audiosockets.audio import AudioFormat
+    from audiosockets.handlers import HandlerContext, HandlerOptions, MetricSink
+    from audiosockets.handlers.archive import Archive
+
+    fmt = AudioFormat(16000, 1, SampleType.INT16)
+    chunks = [
+        Chunk(
+            "mic",
+            seq,
+            1_700_000_000_000_000_000 + seq * 20_000_000,
+            fmt,
+            np.full(320, seq, np.int16).tobytes(),
+        )
+        for seq in range(10)
+    ]
+    writers = []
+    for _ in range(2):
+        ctx = HandlerContext(
+            stream="mic", arg=str(tmp_path), options=HandlerOptions(), sink=MetricSink()
+        )
+        archive = Archive(ctx)
+        archive.setup(fmt)
+        writers.append(archive)
+    for chunk in chunks[:6]:
+        writers[0].handle(chunk)
+    for chunk in chunks:  # the second replica starts from the same chunk, goes further
+        writers[1].handle(chunk)
+    writers[1].teardown()
+    writers[0].teardown()
+    wavs = sorted(tmp_path.glob("*.wav"))
+    assert len(wavs) == 2
+    sizes = sorted(p.stat().st_size - 44 for p in wavs)
+    assert sizes == [6 * 640, 10 * 640]
+    assert not list(tmp_path.glob(".*.part"))

@@ -11,9 +11,11 @@ range as ``gap_before``.
 
 File names: ``<stream>_<UTC capture time of the first frame>_<first seq>.wav``
 with a fixed-width ``YYYYMMDDTHHMMSS.ffffffZ`` stamp, so names sort in
-capture order within a stream. While open, a segment is ``.<name>.part``
+capture order within a stream. While open, a segment is ``.<name>.<writer>.part``
 (a dot file not ending in ``.wav``); closing patches the RIFF sizes, fsyncs
-and renames it, so a crash never leaves a half file under a final name.
+and renames it, so a crash never leaves a half file under a final name. Group
+replicas may share DIR: temp names carry the writer, and a final name another
+replica already took gets ``_<writer>`` appended instead of being replaced.
 Duplicates (seq already written, e.g. after a group handover) are skipped.
 
 Continuity: a new instance (processor restart, stream handed back) reads the
@@ -26,10 +28,12 @@ State (one instance per stream): the open segment's file object and counters.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import re
+import socket
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -87,8 +91,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: Who writes, in temp names: replicas of a group may share DIR (containers
+#: can even share a pid), and two of them can hold the same segment during an
+#: at-least-once handover. Neither may truncate or overwrite the other's file.
+WRITER = re.sub(r"[^A-Za-z0-9_-]", "_", f"{socket.gethostname()}-{os.getpid()}")[:48]
+_instances = itertools.count(1)
+
+
+def _publish(tmp: Path, path: Path, writer: str) -> Path:
+    """Give ``tmp`` its final name without ever replacing an existing file.
+
+    A name already taken (another replica archived the same first chunk)
+    gets this writer's id appended; the duplicate audio stays visible.
+    """
+    ours = path.with_name(f"{path.stem}_{writer}{path.suffix}")
+    try:
+        os.link(tmp, path)  # atomic, and fails rather than replace
+    except FileExistsError:
+        os.replace(tmp, ours)  # only this writer ever uses this name
+        return ours
+    except OSError:  # a filesystem without hard links: check, then rename
+        target = ours if path.exists() else path
+        os.replace(tmp, target)
+        return target
+    os.unlink(tmp)
+    return path
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.part")
+    tmp = path.with_name(f".{path.name}.{WRITER}.part")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -127,6 +158,7 @@ class Archive:
         if not os.access(self.dir, os.W_OK):
             raise HandlerError(f"archive directory {self.dir} is not writable")
         self._seg: _Segment | None = None
+        self._writer = f"{WRITER}-{next(_instances)}"
         self._next_seq: int | None = None
         self._pending_gap: dict[str, int] | None = None
         self._prior: tuple[int, int] | None = None
@@ -139,7 +171,9 @@ class Archive:
     def _last_archived(self) -> tuple[int, int] | None:
         """(last seq, capture end ns) of this stream's newest complete segment in DIR."""
         prefix = _UNSAFE.sub("_", self.ctx.stream) + "_"
-        pattern = re.compile(re.escape(prefix) + r"\d{8}T\d{6}\.\d{6}Z_\d{10}\.json")
+        pattern = re.compile(
+            re.escape(prefix) + r"\d{8}T\d{6}\.\d{6}Z_\d{10}(_[A-Za-z0-9_-]+)?\.json"
+        )
         try:
             names = sorted(p.name for p in self.dir.iterdir() if pattern.fullmatch(p.name))
         except OSError:
@@ -208,6 +242,10 @@ class Archive:
         if seg is None:
             seg = self._open(chunk)
         seg.file.write(payload)
+        # Into the kernel before handle() returns: the processor ACKs the chunk
+        # to the relay once we return, so a killed process must not take it
+        # with it in a user-space buffer (the next owner will not re-send it).
+        seg.file.flush()
         seg.data_bytes += len(payload)
         seg.chunks += 1
         seg.last_seq = chunk.seq
@@ -217,7 +255,7 @@ class Archive:
     def _open(self, chunk: Chunk) -> _Segment:
         name = segment_name(chunk.stream, chunk.captured_ns, chunk.seq)
         path = self.dir / name
-        tmp = self.dir / f".{name}.part"
+        tmp = self.dir / f".{name}.{self._writer}.part"
         f = open(tmp, "wb")  # noqa: SIM115 - lives until the segment is closed
         f.write(wav_header(chunk.format, 0))
         seg = _Segment(path, tmp, f, chunk.format, chunk.seq, chunk.captured_ns)
@@ -235,7 +273,7 @@ class Archive:
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        os.replace(seg.tmp, seg.path)
+        seg.path = _publish(seg.tmp, seg.path, self._writer)
         fmt = seg.fmt
         sidecar: dict[str, Any] = {
             "stream": self.ctx.stream,
