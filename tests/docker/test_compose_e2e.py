@@ -300,14 +300,6 @@ def test_fanout_archive_holds_every_seq_without_gaps(e2e: Evidence) -> None:
         assert missing_seqs(segments, s, e2e.last_seq[s]) == [], s
 
 
-@pytest.mark.xfail(
-    reason="known group losses, timing-dependent (so not strict): a chunk in flight in a "
-    "group member when the relay restarts (seen: 1 chunk, recorded as a gap by archive); "
-    "and, before the processor ACKed only handled chunks, chunks a killed replica had "
-    "taken but not yet written (seen: 5, no gap recorded: archive buffers its .part file "
-    "and a takeover does not adopt it)",
-    strict=False,
-)
 def test_group_archive_holds_every_seq_across_the_handover(e2e: Evidence) -> None:
     # The killed replica's unfinished .part counts for what it had written.
     for s in STREAMS:
