@@ -165,6 +165,7 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
         block = np.zeros(cfg.frames, dtype=np.int16)
         period = cfg.frames / cfg.sample_rate
         start = time.monotonic()
+        started_ns = time.time_ns()
         sent = 0
         tick = 0
         while time.monotonic() - start < cfg.duration:
@@ -188,6 +189,7 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
             {
                 "sent": sent,
                 "elapsed": elapsed,
+                "started_ns": started_ns,
                 "last": last,
                 "spool_drops": spool_drops,
                 "bytes_per_chunk": cfg.frames * 2,
@@ -226,12 +228,14 @@ def subscriber_process(
         out_of_order = 0
         done = asyncio.Event()
         final: dict[str, int] = {}
+        last_rx = [0]
 
         async def consume(i: int, sub: Subscriber) -> None:
             nonlocal fill, buf, out_of_order
             last = seen[i]
             async for chunk in sub:
                 now = time.time_ns()
+                last_rx[0] = now
                 if fill == len(buf):
                     latencies.append(buf)
                     buf = np.empty(65536, dtype=np.int64)
@@ -277,7 +281,14 @@ def subscriber_process(
             for i, s in enumerate(subs)
         ]
         lat = np.concatenate(latencies) if latencies else np.empty(0, dtype=np.int64)
-        pipe.send({"subs": per_sub, "out_of_order": out_of_order, "latency_ns": lat})
+        pipe.send(
+            {
+                "subs": per_sub,
+                "out_of_order": out_of_order,
+                "latency_ns": lat,
+                "last_rx_ns": last_rx[0],
+            }
+        )
         for s in subs:
             await s.close()
 
@@ -334,6 +345,7 @@ def raw_subscriber_process(
             data = await reader.read(1 << 20)
             if not data:
                 break
+            stats["last_rx"] = time.time_ns()
             buf += data
             off = 0
             end = len(buf)
@@ -366,7 +378,8 @@ def raw_subscriber_process(
 
     async def main() -> None:
         stats: list[dict[str, Any]] = [
-            {"received": 0, "dup_or_ooo": 0, "gaps": 0, "last": {}, "latency": []} for _ in names
+            {"received": 0, "dup_or_ooo": 0, "gaps": 0, "last": {}, "latency": [], "last_rx": 0}
+            for _ in names
         ]
         stop = asyncio.Event()
         readies = [asyncio.Event() for _ in names]
@@ -402,7 +415,8 @@ def raw_subscriber_process(
             {"received": st["received"], "duplicates": st["dup_or_ooo"], "gaps": st["gaps"]}
             for st in stats
         ]
-        pipe.send({"subs": per_sub, "out_of_order": 0, "latency_ns": lat})
+        last_rx = max(st["last_rx"] for st in stats)
+        pipe.send({"subs": per_sub, "out_of_order": 0, "latency_ns": lat, "last_rx_ns": last_rx})
 
     _run(main())
 
@@ -516,6 +530,10 @@ def _report(
             "max": float("nan"),
         }
     elapsed = float(pub["elapsed"])
+    # Throughput over the time chunks were actually flowing: from the first
+    # send to the last receipt (delivery can outlast publishing).
+    last_rx = max((int(r.get("last_rx_ns", 0)) for r in subs), default=0)
+    flowing = max(elapsed, (last_rx - int(pub["started_ns"])) / 1e9) if last_rx else elapsed
     return Report(
         streams=cfg.streams,
         subscribers=cfg.subscribers,
@@ -530,9 +548,9 @@ def _report(
         chunks_out_of_order=out_of_order,
         loss_ratio=lost / expected if expected else 0.0,
         latency_ms=latency,
-        throughput_chunks_per_s=round(received / elapsed, 1) if elapsed else 0.0,
-        throughput_bytes_per_s=round(received * pub["bytes_per_chunk"] / elapsed, 1)
-        if elapsed
+        throughput_chunks_per_s=round(received / flowing, 1) if flowing else 0.0,
+        throughput_bytes_per_s=round(received * pub["bytes_per_chunk"] / flowing, 1)
+        if flowing
         else 0.0,
         relay_cpu_s=round(relay["cpu_s"], 3) if relay else None,
         relay_drops=relay["drops"] if relay else {},
