@@ -144,3 +144,42 @@ async def test_status_report_lists_publishers_and_subscribers(relay: Relay) -> N
     assert report["streams"][0]["publisher"] == "rec-1"
     await pub.close()
     await sub.close()
+
+
+def test_history_indexes_and_pops_like_a_deque() -> None:
+    from audiosockets.client import History, _Entry
+
+    h = History()
+    for seq in range(3000):
+        h.append(_Entry(seq, 0, b"", 0.02))
+    for _ in range(2000):  # past the compaction threshold
+        h.popleft()
+    assert len(h) == 1000
+    assert h[0].seq == 2000
+    assert h[-1].seq == 2999
+    assert [e.seq for e in h][:3] == [2000, 2001, 2002]
+    assert [e.seq for e in reversed(h)][:2] == [2999, 2998]
+    with pytest.raises(IndexError):
+        h[1000]
+
+
+async def test_a_long_spool_is_sent_in_order(relay: Relay) -> None:
+    """Tens of thousands of spooled chunks (a long outage at small blocks) go out
+    in order once the relay is there; nothing is skipped or sent twice."""
+    sub = Subscriber(relay.url, "mic", retry=FAST, start="earliest", queue_chunks=20000)
+    await sub.start()
+    pub = Publisher(relay.url, retry=FAST, history_seconds=1000)
+    stream = pub.stream("mic", FMT)
+    for i in range(20000):
+        stream.send(block(i % 30000))
+    assert stream.spooled_seconds == pytest.approx(400.0)
+    await pub.start()
+    assert await pub.flush(30)
+    assert stream.spooled_seconds == 0.0
+    seqs = []
+    async with asyncio.timeout(30):
+        while len(seqs) < 20000:
+            seqs.append((await sub.get()).seq)
+    assert seqs == list(range(20000))
+    await pub.close()
+    await sub.close()

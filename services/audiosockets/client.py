@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -248,6 +248,51 @@ class _Entry:
     seconds: float
 
 
+class History:
+    """A stream's spool: oldest entry first, O(1) append, popleft and indexing.
+
+    A deque indexes its middle in O(n), and sending walks from the first
+    unsent entry, deep inside a long spool; a list with a moving head does not.
+    """
+
+    __slots__ = ("_head", "_items")
+
+    def __init__(self) -> None:
+        self._items: list[_Entry] = []
+        self._head = 0
+
+    def __len__(self) -> int:
+        return len(self._items) - self._head
+
+    def __iter__(self) -> Iterator[_Entry]:
+        return itertools.islice(self._items, self._head, None)
+
+    def __reversed__(self) -> Iterator[_Entry]:
+        items = self._items
+        return (items[i] for i in range(len(items) - 1, self._head - 1, -1))
+
+    def __getitem__(self, index: int) -> _Entry:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("history index out of range")
+        return self._items[self._head + index]
+
+    def append(self, entry: _Entry) -> None:
+        self._items.append(entry)
+
+    def popleft(self) -> _Entry:
+        if not len(self):
+            raise IndexError("pop from an empty history")
+        entry = self._items[self._head]
+        self._head += 1
+        if self._head > 1024 and self._head * 2 > len(self._items):
+            del self._items[: self._head]
+            self._head = 0
+        return entry
+
+
 class PublishedStream:
     """One stream of a Publisher: ``send`` appends to the history (spool)."""
 
@@ -256,9 +301,10 @@ class PublishedStream:
         self.id = stream_id
         self.name = name
         self.format = fmt
-        self.history: deque[_Entry] = deque()
+        self.history = History()
         self.history_seconds = 0.0
-        self.unsent = 0  # entries at the right end of history not yet written
+        self._unsent = 0  # entries at the right end of history not yet written
+        self._unsent_seconds = 0.0
         self.next_seq = 0
         self.accepted = False  # the relay answered OPEN_STREAM on this session
         self.dropped = 0
@@ -300,7 +346,8 @@ class PublishedStream:
         when = time.time_ns() if captured_ns is None else captured_ns
         self.history.append(_Entry(seq, when, payload, seconds))
         self.history_seconds += seconds
-        self.unsent += 1
+        self._unsent += 1
+        self._unsent_seconds += seconds
         self._trim()
         self._depth.set(self.unsent)
         self.publisher._wake.set()
@@ -312,8 +359,9 @@ class PublishedStream:
         while len(history) > 1 and self.history_seconds - history[0].seconds >= limit:
             entry = history.popleft()
             self.history_seconds -= entry.seconds
-            if self.unsent > len(history):  # it was never sent: audio lost
-                self.unsent -= 1
+            if self._unsent > len(history):  # it was never sent: audio lost
+                self._unsent -= 1
+                self._unsent_seconds -= entry.seconds
                 self.dropped += 1
                 self._dropped.inc()
 
@@ -340,30 +388,41 @@ class PublishedStream:
         self.unsent = n
         self.accepted = True
 
+    @property
+    def unsent(self) -> int:
+        """Entries at the end of ``history`` not yet written to the relay."""
+        return self._unsent
+
+    @unsent.setter
+    def unsent(self, n: int) -> None:
+        n = max(0, min(n, len(self.history)))
+        self._unsent = n
+        self._unsent_seconds = sum(
+            self.history[i].seconds for i in range(len(self.history) - n, len(self.history))
+        )
+
     def take(self, budget: int) -> list[_Entry]:
         out: list[_Entry] = []
         if not self.accepted or not self.unsent:
             return out
-        start = len(self.history) - self.unsent
-        for i in range(start, len(self.history)):
-            entry = self.history[i]
+        history = self.history
+        for i in range(len(history) - self._unsent, len(history)):
+            entry = history[i]
             out.append(entry)
+            self._unsent_seconds -= entry.seconds
             budget -= len(entry.payload)
             if budget <= 0:
                 break
-        self.unsent -= len(out)
-        self._depth.set(self.unsent)
+        self._unsent -= len(out)
+        if not self._unsent:
+            self._unsent_seconds = 0.0  # no float drift left behind
+        self._depth.set(self._unsent)
         return out
 
     @property
     def spooled_seconds(self) -> float:
         """Audio not yet sent, in seconds."""
-        if not self.unsent:
-            return 0.0
-        return sum(
-            self.history[i].seconds
-            for i in range(len(self.history) - self.unsent, len(self.history))
-        )
+        return max(0.0, self._unsent_seconds)
 
 
 class Publisher(_Client):
