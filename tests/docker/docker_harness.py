@@ -13,8 +13,9 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,3 +230,17 @@ def missing_seqs(segments: Iterable[Segment], stream: str, last_seq: int) -> lis
         if seg.stream == stream:
             held.update(range(seg.first_seq, seg.last_seq + 1))
     return [seq for seq in range(last_seq + 1) if seq not in held]
+
+
+def poll(predicate: Callable[[], bool], timeout: float, step: float = 0.25) -> bool:
+    """True once ``predicate`` holds, False at the deadline. Errors count as "not yet"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return True
+        except (AssertionError, OSError, ValueError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)

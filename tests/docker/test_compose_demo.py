@@ -12,10 +12,9 @@ recorder answers to the name Prometheus scrapes (``recorder``).
 from __future__ import annotations
 
 import os
-import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,6 +24,7 @@ from docker_harness import (
     Scrape,
     container_ip,
     health,
+    poll,
     scrape,
 )
 
@@ -33,19 +33,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 STREAM = "demo-1"  # DEMO_STREAM's default in .env
 PROCESSORS = ("processor", "processor-vad", "processor-archive")
 PORT = 9402
-
-
-def poll(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if predicate():
-                return True
-        except (AssertionError, OSError, ValueError, KeyError):
-            pass
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.25)
 
 
 @dataclass

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from docker_harness import (
     health,
     inspect,
     missing_seqs,
+    poll,
     scrape,
 )
 
@@ -51,20 +51,6 @@ REPLICAS = 3
 PROCESSOR_METRICS = 9402
 RECORDER_METRICS = 9401
 PROCESSED = "audiosockets_chunks_processed_total"
-
-
-def poll(predicate: Callable[[], bool], timeout: float, step: float = 0.25) -> bool:
-    """True once ``predicate`` holds, False at the deadline. Errors count as "not yet"."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if predicate():
-                return True
-        except (AssertionError, OSError, ValueError, KeyError):
-            pass
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
 
 
 def must(predicate: Callable[[], bool], timeout: float, what: str, compose: Compose) -> None:
