@@ -1104,14 +1104,7 @@ async def serve(
             exit_after=config.exit_after,
         )
         if config.metrics_port > 0:
-            try:
-                serve_metrics(config.metrics_port, metrics.registry)
-            except OSError as exc:
-                from .errors import AddressInUse
-
-                raise AddressInUse(
-                    f"metrics port {config.metrics_port}: {exc.strerror or exc}"
-                ) from exc
+            serve_metrics(config.metrics_port, metrics.registry)  # raises AddressInUse
         sub = Subscriber(
             config.relay,
             config.stream,
