@@ -99,14 +99,14 @@ class _Client:
         name: str,
         token: str,
         metrics: Metrics | None,
-        retry: RetryPolicy,
+        retry: RetryPolicy | None,
         limits: Limits | None,
     ) -> None:
         self.address = url if isinstance(url, RelayAddress) else parse_url(url)
         self.name = name
         self.token = token
         self.metrics = metrics or Metrics()
-        self.retry = retry
+        self.retry = retry or RetryPolicy()
         self.limits = limits or Limits()
         self.rcvbuf = 0
         self.channel: Channel | None = None
@@ -447,7 +447,7 @@ class Publisher(_Client):
             name=name,
             token=token,
             metrics=metrics,
-            retry=retry or RetryPolicy(),
+            retry=retry,
             limits=limits,
         )
         if history_seconds <= 0:
@@ -455,6 +455,7 @@ class Publisher(_Client):
         self.history_seconds = history_seconds
         self.max_batch_bytes = max_batch_bytes
         self.streams: dict[str, PublishedStream] = {}
+        self._by_id: dict[int, PublishedStream] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
 
@@ -469,6 +470,7 @@ class Publisher(_Client):
             return existing
         stream = PublishedStream(self, len(self.streams) + 1, name, fmt)
         self.streams[name] = stream
+        self._by_id[stream.id] = stream
         channel = self.channel
         if channel is not None and not channel.closed:
             channel.send(OpenStream(stream.id, name, fmt))
@@ -537,13 +539,10 @@ class Publisher(_Client):
                 await asyncio.gather(reader, writer, return_exceptions=True)
 
     async def _read_loop(self, channel: Channel) -> None:
-        by_id = {s.id: s for s in self.streams.values()}
         while True:
             event = await channel.next_event()
             if isinstance(event, StreamAccepted):
-                stream = by_id.get(event.stream_id) or next(
-                    (s for s in self.streams.values() if s.id == event.stream_id), None
-                )
+                stream = self._by_id.get(event.stream_id)
                 if stream is None:
                     continue
                 stream.resume_from(event.next_seq)
@@ -555,9 +554,6 @@ class Publisher(_Client):
                 raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
             elif isinstance(event, CloseStream):
                 log.warning("relay closed stream id %d (%s)", event.stream_id, event.reason.name)
-            if not self.streams:
-                self.connected.set()
-                self.metrics.connected.labels(self.role.label).set(1)
 
     async def _write_loop(self, channel: Channel) -> None:
         if not self.streams:
@@ -627,7 +623,7 @@ class Subscriber(_Client):
             name=name,
             token=token,
             metrics=metrics,
-            retry=retry or RetryPolicy(),
+            retry=retry,
             limits=limits,
         )
         self.rcvbuf = socket_buffer_bytes
