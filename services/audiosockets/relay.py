@@ -219,6 +219,11 @@ class Cursor:
     dropped_slow: int = 0
     dropped_window: int = 0
 
+    @property
+    def lag(self) -> int:
+        """Chunks held in the window that this subscriber has not been sent."""
+        return self.stream.window.end - self.next_ord
+
 
 @dataclass(eq=False)
 class Group:
@@ -369,7 +374,7 @@ class SubscriberSession(Session):
         self.relay.unsubscribe(self)
 
     def lag(self) -> int:
-        return sum(c.stream.window.end - c.next_ord for c in list(self.cursors.values()))
+        return sum(c.lag for c in list(self.cursors.values()))
 
     async def _write_loop(self) -> None:
         channel = self.channel
@@ -884,11 +889,8 @@ class Relay:
             labels=["stream"],
         )
         for s in streams:
-            lag = sum(
-                r.cursors[s.name].stream.window.end - r.cursors[s.name].next_ord
-                for r in list(s.readers)
-                if s.name in r.cursors
-            )
+            cursors = (r.cursors.get(s.name) for r in list(s.readers))
+            lag = sum(c.lag for c in cursors if c is not None)
             depth.add_metric([s.name], lag)
             window.add_metric([s.name], s.window.total_seconds)
             last.add_metric([s.name], s.last_captured_ns / 1e9)
