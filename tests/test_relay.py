@@ -18,7 +18,7 @@ import pytest
 
 from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
-from audiosockets.client import Publisher, RetryPolicy, Subscriber
+from audiosockets.client import PublishedStream, Publisher, RetryPolicy, Subscriber
 from audiosockets.errors import ErrorCode
 from audiosockets.metrics import Metrics
 from audiosockets.protocol import (
@@ -120,14 +120,20 @@ async def test_subscriber_sees_streams_that_appear_later(
     await sub.close()
 
 
-async def test_earliest_start_replays_the_window(relay: Relay, publisher: Publisher) -> None:
-    s = publisher.stream("mic", FMT)
-    for seq in range(50):
-        s.send(block(seq))
+async def publish_and_settle(
+    relay: Relay, publisher: Publisher, name: str, n: int
+) -> PublishedStream:
+    """Publish seqs 0..n-1 of ``name`` and wait until the relay holds them all."""
+    stream = publisher.stream(name, FMT)
+    for seq in range(n):
+        stream.send(block(seq))
     assert await publisher.flush(5)
-    await wait_until(
-        lambda: relay.streams.get("mic") is not None and relay.streams["mic"].last_seq == 49
-    )
+    await wait_until(lambda: name in relay.streams and relay.streams[name].last_seq == n - 1)
+    return stream
+
+
+async def test_earliest_start_replays_the_window(relay: Relay, publisher: Publisher) -> None:
+    await publish_and_settle(relay, publisher, "mic", 50)
     sub = await start_subscriber(relay, "mic", name="from-start", start="earliest")
     got = await collect(sub, {"mic": 49})
     assert got["mic"] == list(range(50))
@@ -262,13 +268,14 @@ async def stream_through_restart(url: str, restart: object, *, chunks: int = 150
     """Publish paced chunks, call ``restart()`` midway, check the subscriber
     saw every seq exactly once, in order."""
     pub = Publisher(url, name="rec", retry=FAST_RETRY, history_seconds=30)
-    sub = Subscriber(url, "mic", name="proc", retry=FAST_RETRY)
+    # earliest: whether the relay registers the subscription before or after
+    # the first chunk, the subscriber starts at seq 0 (no race to sleep over).
+    sub = Subscriber(url, "mic", name="proc", retry=FAST_RETRY, start="earliest")
     await pub.start()
     await sub.start()
     stream = pub.stream("mic", FMT)
     assert await pub.wait_connected(5)
     assert await sub.wait_connected(5)
-    await asyncio.sleep(0.2)  # the subscription must be registered before "live" starts
     got: list[int] = []
     duplicates_seen: list[int] = []
 
@@ -285,7 +292,7 @@ async def stream_through_restart(url: str, restart: object, *, chunks: int = 150
         stream.send(block(seq))
         if seq == chunks // 3:
             await restart()  # type: ignore[operator]
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # pacing the producer, not waiting for anything
     async with asyncio.timeout(20):
         await consumer
     assert duplicates_seen == []
@@ -647,11 +654,7 @@ async def test_a_stream_no_returning_member_knows_starts_at_the_oldest_chunk(
 ) -> None:
     """Its old owner is not back yet: replay what the relay holds rather than
     skip to live and lose the chunks since that owner's last ACK."""
-    stream = publisher.stream("s0", FMT)
-    for seq in range(40):
-        stream.send(block(seq))
-    assert await publisher.flush(5)
-    await wait_until(lambda: relay.streams["s0"].last_seq == 39)
+    await publish_and_settle(relay, publisher, "s0", 40)
     b = await group_member(relay, "b", {"s1": 20})  # b owned another stream
     got = await collect(b, {"s0": 39})
     assert got["s0"] == list(range(40))
@@ -659,11 +662,7 @@ async def test_a_stream_no_returning_member_knows_starts_at_the_oldest_chunk(
 
 
 async def test_a_new_group_starts_live(relay: Relay, publisher: Publisher) -> None:
-    stream = publisher.stream("s0", FMT)
-    for seq in range(10):
-        stream.send(block(seq))
-    assert await publisher.flush(5)
-    await wait_until(lambda: relay.streams["s0"].last_seq == 9)
+    stream = await publish_and_settle(relay, publisher, "s0", 10)
     fresh = await group_member(relay, "fresh", {})
     await wait_until(lambda: "s0" in fresh.assigned or "s0" in relay.groups["g"].assignment)
     stream.send(block(10))

@@ -85,7 +85,7 @@ async def test_group_archive_holds_every_chunk_through_joins_and_a_crash(
                     captured_ns=1_700_000_000_000_000_000 + n * 20_000_000,
                 )
             n += 1
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # pacing the producer, not waiting for anything
 
     await members[0].start()
     await publish(40)

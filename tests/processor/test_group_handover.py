@@ -27,7 +27,7 @@ LOCK = threading.Lock()
 
 
 def slow_a(chunk: Chunk) -> dict[str, int]:
-    time.sleep(0.02)
+    time.sleep(0.02)  # the work of a slow handler, not a wait
     with LOCK:
         PROCESSED["a"].append(chunk.seq)
     return {"seq": chunk.seq}
