@@ -793,27 +793,28 @@ class Relay:
     def _rebalance(self, group: Group) -> None:
         """Give each stream exactly one member; move as few as possible."""
         members = [m for m in group.members if not m.channel.closed]
-        changes: list[tuple[StreamState, SubscriberSession | None, SubscriberSession]] = []
+        order = {m: i for i, m in enumerate(members)}
+        loads = dict.fromkeys(members, 0)
+        # Keep what still stands: an owner that is here and still matches.
+        for name, owner in list(group.assignment.items()):
+            if owner in loads and owner.matches(name):
+                loads[owner] += 1
+            else:
+                del group.assignment[name]
+        # Streams without an owner go to the least loaded member that matches.
         for name in sorted(self.streams):
-            stream = self.streams[name]
-            eligible = [m for m in members if m.matches(name)]
-            current = group.assignment.get(name)
-            if current is not None and current not in eligible:
-                current = None
-            if not eligible:
-                if name in group.assignment:
-                    del group.assignment[name]
+            if name in group.assignment:
                 continue
-            if current is None:
-                target = min(eligible, key=lambda m: (group.load(m), members.index(m)))
+            eligible = [m for m in members if m.matches(name)]
+            if eligible:
+                target = min(eligible, key=lambda m: (loads[m], order[m]))
                 group.assignment[name] = target
-                changes.append((stream, None, target))
+                loads[target] += 1
         # Even out: move a stream from the busiest to the idlest member while
         # they differ by more than one. Sticky otherwise.
         while members:
-            loads = {m: group.load(m) for m in members}
-            busiest = max(members, key=lambda m: loads[m])
-            idlest = min(members, key=lambda m: loads[m])
+            busiest = max(members, key=loads.__getitem__)
+            idlest = min(members, key=loads.__getitem__)
             if loads[busiest] - loads[idlest] <= 1:
                 break
             movable = [
@@ -821,18 +822,17 @@ class Relay:
             ]
             if not movable:
                 break
-            name = movable[-1]
-            group.assignment[name] = idlest
-            changes.append((self.streams[name], busiest, idlest))
-        for stream, old, new in changes:
-            if old is not None and old is not new:
-                old.unassign(stream, CloseReason.UNASSIGNED)
-            self._assign(group, stream, new)
-        # Drop cursors of members that no longer own a stream.
+            group.assignment[movable[-1]] = idlest
+            loads[busiest] -= 1
+            loads[idlest] += 1
+        # Apply: take streams from members that lost them, then give them out
+        # (``_assign`` leaves a member's existing cursor alone).
         for member in members:
             for name in list(member.cursors):
                 if group.assignment.get(name) is not member:
                     member.unassign(self.streams[name], CloseReason.UNASSIGNED)
+        for name, owner in sorted(group.assignment.items()):
+            self._assign(group, self.streams[name], owner)
 
     def _assign(self, group: Group, stream: StreamState, member: SubscriberSession) -> None:
         if stream.name in member.cursors:
