@@ -71,6 +71,12 @@ class RelayUnreachable(AudiosocketsError):
     exit_code = 3
 
 
+class Refused(AudiosocketsError):
+    """The server refused what we asked for (credentials, permissions): a retry cannot help."""
+
+    exit_code = 1
+
+
 class AddressInUse(AudiosocketsError):
     """The address to listen on is already taken by another program."""
 
