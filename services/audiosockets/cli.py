@@ -22,7 +22,7 @@ import click
 
 from . import __version__
 from .errors import AudiosocketsError, ConfigError
-from .urls import parse_url
+from .urls import check_url, is_nats_url, parse_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -203,11 +203,16 @@ def relay(
 @user_errors
 def status(relay_url: str, as_json: bool, timeout: float, token: str | None) -> None:
     """Show a relay's streams, clients, groups and drops."""
-    from .client import fetch_status
+    from .connect import fetch_status
 
     report = asyncio.run(fetch_status(relay_url, timeout=timeout, token=token or ""))
     if as_json:
         click.echo(json.dumps(report, indent=2))
+        return
+    if report.get("binding") == "nats":
+        from .jetstream.admin import format_status as format_nats_status
+
+        click.echo(format_nats_status(report))
         return
     click.echo(format_status(report))
 
@@ -293,7 +298,11 @@ def loadtest(
     from .loadtest import LoadTestConfig, check_gates, format_report, run_loadtest
 
     if relay_url:
-        parse_url(relay_url)
+        check_url(relay_url)
+        if client == "raw" and is_nats_url(relay_url):
+            raise ConfigError(
+                "--client raw reads the relay protocol; use --client library for NATS"
+            )
     cfg = LoadTestConfig(
         streams=streams,
         subscribers=subscribers,
@@ -424,7 +433,7 @@ def record(
     from .recorder import RecorderConfig
     from .recorder import record as run_recorder
 
-    parse_url(relay_url)  # a malformed URL is an error before any device is opened
+    check_url(relay_url)  # a malformed URL is an error before any device is opened
     config = RecorderConfig(
         relay=relay_url,
         stream=stream,
@@ -526,7 +535,7 @@ def process(
     from .handlers import HandlerOptions
     from .processor import ProcessorConfig, check_handler, parse_spec, serve
 
-    parse_url(relay_url)
+    check_url(relay_url)
     # A bad spec is one line before anything connects.
     check_handler(parse_spec(handler_spec), HandlerOptions(segment_seconds=segment_seconds))
     config = ProcessorConfig(
@@ -572,6 +581,70 @@ def demo(listen: str, streams: int, seconds: float) -> None:
 
     host, port = listen_address(listen)
     asyncio.run(run_demo(DemoConfig(host=host, port=port, streams=streams, seconds=seconds)))
+
+
+# --- nats (the JetStream binding) ---------------------------------------------
+
+
+@main.group("nats")
+def nats_group() -> None:
+    """Set up the JetStream stream that nats:// URLs use (see PROTOCOL.md)."""
+
+
+@nats_group.command("init")
+@relay_option("NATS servers (comma-separated).", default="nats://127.0.0.1:4222")
+@click.option("--stream", default="AUDIOSOCKETS", help="JetStream stream name.")
+@click.option(
+    "--subject-prefix", default="audiosockets", help="One subject per audio stream below it."
+)
+@click.option(
+    "--nats-replicas",
+    "replicas",
+    type=click.Choice(["1", "3", "5"]),
+    default="1",
+    help="Copies of every chunk (3 on a 3-node cluster survives a node).",
+)
+@click.option(
+    "--max-age",
+    type=click.FloatRange(0, min_open=True),
+    default=600.0,
+    help="Seconds of audio kept: the replay window.",
+)
+@click.option("--storage", type=click.Choice(["file", "memory"]), default="file")
+@click.option(
+    "--source-domain",
+    "sources",
+    multiple=True,
+    help="Central stream: source the same stream from this JetStream domain (one per edge site).",
+)
+@click.option("--domain", default=None, help="JetStream domain to create the stream in.")
+@token_option
+@user_errors
+def nats_init(
+    relay_url: str,
+    stream: str,
+    subject_prefix: str,
+    replicas: str,
+    max_age: float,
+    storage: Literal["file", "memory"],
+    sources: tuple[str, ...],
+    domain: str | None,
+    token: str | None,
+) -> None:
+    """Create (or update) the JetStream stream with explicit settings."""
+    from .jetstream.admin import init_stream
+    from .jetstream.mapping import NatsSettings
+
+    check_url(relay_url)
+    settings = NatsSettings(
+        stream=stream,
+        prefix=subject_prefix,
+        replicas=int(replicas),
+        max_age=max_age,
+        storage=storage,
+        domain=domain or None,
+    )
+    click.echo(asyncio.run(init_stream(relay_url, settings, sources=sources, token=token or "")))
 
 
 # --- env vars (keep last: runs after every command is registered) -----------

@@ -1080,7 +1080,7 @@ async def serve(
     ``started`` is called with the ``Processor`` before it runs (its ``stop()``
     ends the run like a signal; the demo and tests use that).
     """
-    from .client import Subscriber
+    from .connect import connect_subscriber
     from .metrics import serve_metrics
 
     spec = parse_spec(config.handler)
@@ -1105,7 +1105,7 @@ async def serve(
         )
         if config.metrics_port > 0:
             serve_metrics(config.metrics_port, metrics.registry)  # raises AddressInUse
-        sub = Subscriber(
+        sub = connect_subscriber(
             config.relay,
             config.stream,
             group=config.group or "",

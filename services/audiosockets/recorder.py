@@ -167,9 +167,9 @@ class RecorderMetrics:
 
 
 def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
-    from .client import Publisher
+    from .connect import connect_publisher
 
-    publisher: PublisherLike = Publisher(
+    publisher: PublisherLike = connect_publisher(
         config.relay,
         name=config.name or f"recorder-{config.stream}",
         history_seconds=config.history_seconds,
