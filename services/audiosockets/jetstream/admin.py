@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from typing import Any
 
 import nats.errors
@@ -147,3 +148,28 @@ async def _groups(js: Any, settings: NatsSettings) -> list[dict[str, Any]]:
                 members.setdefault(member, []).append(stream)
             groups.append({"name": stream_name_of(key), "members": members})
     return groups
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """``audiosockets status`` for a JetStream stream: one line per stream and group."""
+    lines = [
+        f"nats {report['server']}: stream {report['stream']} ({report['subjects']}), "
+        f"{report['replicas']} replica(s), replay {report['replay_window_seconds']:g} s, "
+        f"{report['messages']} chunks held, {report['bytes']} bytes",
+        "",
+        f"{'STREAM':<32} {'LAST SEQ':>10} {'HELD':>8}  LAST CAPTURE",
+    ]
+    for s in report["streams"]:
+        captured = s.get("last_captured_ns")
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(captured / 1e9)) + " UTC"
+            if captured
+            else "-"
+        )
+        lines.append(f"{s['name']:<32} {s.get('last_seq', -1):>10} {s['chunks_held']:>8}  {when}")
+    for group in report["groups"]:
+        lines.append("")
+        lines.append(f"group {group['name']}:")
+        for member, streams in sorted(group["members"].items()):
+            lines.append(f"  {member}: {', '.join(streams)}")
+    return "\n".join(lines)

@@ -99,6 +99,7 @@ class NatsLink:
         self.last_error: str | None = None
         self.sessions = 0
         self._last_log = 0.0
+        self._closing = False
         self.on_reconnect: Callable[[], None] | None = None
         metrics.reconnects.labels(role_label)
         metrics.connected.labels(role_label).set(0)
@@ -165,6 +166,7 @@ class NatsLink:
             raise
 
     async def close(self) -> None:
+        self._closing = True
         client, self.client = self.client, None
         if client is not None and not client.is_closed:
             try:
@@ -199,6 +201,8 @@ class NatsLink:
 
     async def _on_disconnected(self) -> None:
         self._set_connected(False)
+        if self._closing:
+            return
         log.warning("%s %r: disconnected from NATS", self.role_label, self.name)
 
     async def _on_reconnected(self) -> None:

@@ -182,9 +182,14 @@ class Reader:
                 if status == "100":
                     continue
                 outstanding = 0
+                if status in ("404", "408"):  # the request ended: ask again
+                    continue
                 description = (msg.headers or {}).get("Description", "")
-                if status == "409" and "deleted" in description.lower():
-                    return
+                if status == "503" or "deleted" in description.lower():
+                    return  # no consumer answers (the server holding it restarted): a new one
+                # 409 leadership change, max waiting, ...: ask again, without spinning
+                log.debug("reader %s: %s %s", self.filter_subject, status, description)
+                await asyncio.sleep(self.heartbeat / 10)
                 continue
             outstanding -= 1
             try:

@@ -114,6 +114,10 @@ class JetStreamSubscriber:
         self._member: Any = None  # groups.GroupMember, when in a group
         self._gap_logged: dict[str, float] = {}
 
+    @property
+    def last_error(self) -> str | None:
+        return self.link.last_error
+
     # --- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
