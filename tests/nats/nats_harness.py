@@ -204,3 +204,74 @@ class LinkCutter:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+# --- processors as child processes, and what their archive holds -------------------
+
+
+class ProcessMember:
+    """``audiosockets process --handler archive:DIR`` in a group, as a child process."""
+
+    def __init__(self, name: str, url: str, archive: Path, logdir: Path, pattern: str) -> None:
+        self.name = name
+        self.args = [
+            sys.executable, "-m", "audiosockets", "--log-level", "info", "process",
+            "--relay", url, "--stream", pattern, "--group", "archive", "--name", name,
+            "--handler", f"archive:{archive}", "--segment-seconds", "0.5",
+            "--start", "earliest", "--metrics-port", "0", "--events", str(logdir / f"{name}.events"),
+        ]  # fmt: skip
+        self.log = logdir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return None if self.process is None else self.process.returncode
+
+
+def archived_chunks(directory: Path, chunk_bytes: int) -> dict[str, dict[int, bytes]]:
+    """Every chunk the archive holds (closed segments and a killed writer's
+    ``.part`` files), per stream and seq. A seq archived twice (at-least-once
+    across a handover) must hold the same bytes both times."""
+    out: dict[str, dict[int, bytes]] = {}
+
+    def add(stream: str, first: int, data: bytes) -> None:
+        chunks = out.setdefault(stream, {})
+        for i in range(len(data) // chunk_bytes):
+            piece = data[i * chunk_bytes : (i + 1) * chunk_bytes]
+            seq = first + i
+            assert chunks.setdefault(seq, piece) == piece, (
+                f"{stream} seq {seq} archived twice, differently"
+            )
+
+    for sidecar in sorted(directory.glob("*.json")):
+        import json
+
+        meta = json.loads(sidecar.read_text())
+        add(meta["stream"], meta["first_seq"], sidecar.with_suffix(".wav").read_bytes()[44:])
+    import re
+
+    part_name = re.compile(
+        r"\.(?P<stream>.+)_\d{8}T\d{6}\.\d{6}Z_(?P<first>\d{10})\.wav(\.[A-Za-z0-9_-]+)?\.part"
+    )
+    for part in sorted(directory.glob(".*.wav*.part")):
+        m = part_name.fullmatch(part.name)
+        if m is not None:
+            add(m["stream"], int(m["first"]), part.read_bytes()[44:])
+    return out
