@@ -115,6 +115,9 @@ class NatsLink:
             "connect_timeout": self.connect_timeout,
             "reconnect_time_wait": self.reconnect_wait,
             "max_reconnect_attempts": -1,
+            # Servers in the order listed: the nearest first (a leaf node on
+            # this PC, the local cluster node); the others are the fallback.
+            "dont_randomize": True,
             "ping_interval": 2,
             "max_outstanding_pings": 2,
             "error_cb": self._on_error,
