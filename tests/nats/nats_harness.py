@@ -87,10 +87,17 @@ class NatsServer:
                 "}",
             ]
         if self.leaf_port is not None:
-            lines += ["leafnodes {", f"  listen: 127.0.0.1:{self.leaf_port}", "}"]
+            # no_advertise: leaf nodes keep the address they were given (a test's
+            # LinkCutter) instead of learning the hub's own.
+            lines += [
+                "leafnodes {",
+                f"  listen: 127.0.0.1:{self.leaf_port}",
+                "  no_advertise: true",
+                "}",
+            ]
         if self.leaf_remotes:
             remotes = ", ".join(f'{{url: "{u}"}}' for u in self.leaf_remotes)
-            lines += ["leafnodes {", "  reconnect: 0.5", f"  remotes: [{remotes}]", "}"]
+            lines += ["leafnodes {", '  reconnect: "500ms"', f"  remotes: [{remotes}]", "}"]
         lines.append(self.extra)
         return "\n".join(lines) + "\n"
 
