@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nats_harness import LinkCutter, NatsServer, free_port
+from test_groups import FMT, block_of
 
 from _support import wait_until
 from audiosockets.connect import connect_publisher, connect_subscriber
 from audiosockets.jetstream.admin import init_stream
 from audiosockets.jetstream.mapping import NatsSettings
-from nats_harness import LinkCutter, NatsServer, free_port
-from test_groups import FMT, block_of
 
 
 @pytest.mark.slow
