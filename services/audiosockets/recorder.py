@@ -43,6 +43,7 @@ from .errors import ConfigError, DeviceError
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
+from .urls import redact
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -258,7 +259,7 @@ class Recorder:
         log.info(
             "recording %s -> %s as %r",
             self.source.description,
-            self.config.relay,
+            redact(self.config.relay),
             self.config.stream,
         )
 

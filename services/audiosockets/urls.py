@@ -3,6 +3,7 @@ lists ``nats://HOST:4222[,nats://HOST2:4222][?OPTIONS]`` (``tls://`` for TLS).""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
@@ -119,3 +120,8 @@ def check_url(url: str) -> None:
         parse_nats_url(url)
     else:
         parse_url(url)
+
+
+def redact(url: str) -> str:
+    """``url`` without passwords, for logs: ``nats://rec1:***@host:4222``."""
+    return re.sub(r"(://[^:/@,]*):[^@/,]*@", r"\1:***@", url)
