@@ -13,6 +13,7 @@ State: ``client`` (the nats-py connection, once ``connect`` returned),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -96,6 +97,7 @@ class NatsLink:
         self.connected = asyncio.Event()
         self.refused: dict[str, str] = {}
         self.fatal: Refused | None = None
+        self._fatal = asyncio.Event()
         self.last_error: str | None = None
         self.sessions = 0
         self._last_log = 0.0
@@ -129,8 +131,21 @@ class NatsLink:
             "token": self.token or None,
             "tls": self.tls,
         }
+        # nats-py retries a rejected login forever; a refusal ends the client.
+        connecting = asyncio.create_task(nats.connect(**kwargs))
+        refused = asyncio.create_task(self._fatal.wait())
         try:
-            client = await nats.connect(**kwargs)
+            await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connecting
+        if self.fatal is not None:
+            raise self.fatal
+        try:
+            client = connecting.result()
         except nats.errors.Error as exc:
             if "authorization" in str(exc).lower():
                 raise Refused(f"the NATS server {self.address} refused our credentials") from exc
@@ -194,8 +209,13 @@ class NatsLink:
             self.refused[subject] = text
             log.error("%s %r: %s", self.role_label, self.name, text)
             return
-        if "authorization violation" in lowered:
-            self.fatal = Refused(f"the NATS server {self.address} refused our credentials")
+        if "authorization violation" in lowered or "authentication" in lowered:
+            user = self.address.user or ("token" if self.token else "anonymous")
+            self.fatal = Refused(
+                f"the NATS server {self.address} refused our credentials (user {user})"
+            )
+            self._fatal.set()
+            return
         self.last_error = text
         now = time.monotonic()
         if now - self._last_log > 5.0:  # one line per 5 s, not one per attempt

@@ -401,14 +401,9 @@ class JetStreamPublisher:
                 finally:
                     stream._inflight = None
             except _TRANSIENT as exc:
-                if stream.subject in self.link.refused:
-                    self._refuse(
-                        Refused(
-                            f"the NATS server refuses stream {stream.name!r}: user "
-                            f"{self.address.user or '(anonymous)'} may not publish to "
-                            f"{stream.subject}"
-                        )
-                    )
+                refusal = self._refusal(stream)
+                if refusal is not None:
+                    self._refuse(refusal)
                     return
                 if (
                     isinstance(exc, nats.js.errors.NoStreamResponseError)
@@ -436,6 +431,22 @@ class JetStreamPublisher:
                 log.debug("stream %r seq %d was already stored", stream.name, entry.seq)
             stream._stored(entry.seq)
             self._progress.set()
+
+    def _refusal(self, stream: JetStreamStream) -> Refused | None:
+        """The server's permission violations that concern this stream, as one sentence."""
+        user = self.address.user or "(anonymous)"
+        if stream.subject in self.link.refused:
+            return Refused(
+                f"the NATS server refuses stream {stream.name!r}: user {user} may not "
+                f"publish to {stream.subject}"
+            )
+        api = sorted(s for s in self.link.refused if s.startswith("$JS."))
+        if api:
+            return Refused(
+                f"the NATS server refuses stream {stream.name!r}: user {user} may not "
+                f"use the JetStream API ({api[0]})"
+            )
+        return None
 
     async def _sync(self, stream: JetStreamStream) -> None:
         """Compare the spool with the last message stored under the stream's subject."""

@@ -103,14 +103,15 @@ class JetStreamSubscriber:
         #: Stream sequence of the last acked chunk per stream (the group's point).
         self.acked_stream_seq: dict[str, int] = {}
         self._unacked_seqs: dict[str, deque[tuple[int, int]]] = {}
-        self._queue: asyncio.Queue[Chunk] = asyncio.Queue(maxsize=queue_chunks)
+        # None wakes an application waiting on an empty queue after a failure.
+        self._queue: asyncio.Queue[Chunk | None] = asyncio.Queue(maxsize=queue_chunks)
         self._unacked: Chunk | None = None
         self._on_stream_closed = on_stream_closed
         self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
         self._fresh: set[str] = set()  # streams whose next chunk follows a (re)start
         self._readers: dict[str, Reader] = {}
         self._task: asyncio.Task[None] | None = None
-        self._failure: BaseException | None = None
+        self._failure: Exception | None = None
         self._member: Any = None  # groups.GroupMember, when in a group
         self._gap_logged: dict[str, float] = {}
 
@@ -180,9 +181,11 @@ class JetStreamSubscriber:
                 await asyncio.Event().wait()
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:
+        except Exception as exc:
             self._failure = exc
             log.error("subscriber %r stopped: %s", self.name, exc)
+            with contextlib.suppress(asyncio.QueueFull):
+                self._queue.put_nowait(None)
             raise
 
     # --- readers (groups.py starts and stops them per stream) ---------------------------
@@ -209,6 +212,9 @@ class JetStreamSubscriber:
         if self._failure is not None and self._queue.empty():
             raise self._failure
         chunk = await self._queue.get()
+        if chunk is None:
+            assert self._failure is not None
+            raise self._failure
         self.positions[chunk.stream] = chunk.seq
         if not self.manual_ack:
             self._unacked = chunk
