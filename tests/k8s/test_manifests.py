@@ -34,7 +34,7 @@ from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.cli import main as cli_main
 from audiosockets.processor import parse_spec
 from audiosockets.sources import block_frames_for, parse_source
-from audiosockets.urls import parse_url
+from audiosockets.urls import check_url, is_nats_url, parse_nats_url, parse_url
 
 try:
     import kubernetes_validate
@@ -140,11 +140,18 @@ def pod_spec(workload: Doc) -> Doc:
     return spec
 
 
-def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+def all_containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
     """(workload, container) for every container, init containers included."""
     for workload in workloads(docs):
         spec = pod_spec(workload)
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            yield workload, container
+
+
+def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+    """(workload, container) for every audiosockets container (not NATS servers)."""
+    for workload, container in all_containers(docs):
+        if str(container.get("image", "")).startswith("audiosockets/"):
             yield workload, container
 
 
@@ -202,7 +209,10 @@ def relay_service(docs: list[Doc]) -> Doc:
 
 
 def relay_workload(docs: list[Doc]) -> Doc:
-    (relay,) = [w for w, c in containers(docs) if command_of(c) == "relay"]
+    relays = [w for w, c in containers(docs) if command_of(c) == "relay"]
+    if not relays and of_kind(docs, "StatefulSet"):
+        pytest.skip("this overlay has no relay: its clients use NATS")
+    (relay,) = relays
     return relay
 
 
@@ -305,7 +315,7 @@ def test_every_container_environment_is_accepted_by_its_command(
         except click.ClickException as exc:
             raise AssertionError(f"{ident(workload)}: {exc.format_message()}") from None
         if command in ("record", "process"):
-            parse_url(params["relay_url"])
+            check_url(params["relay_url"])
         if command == "process":
             parse_spec(params["handler_spec"])
         if command == "record":
@@ -323,6 +333,7 @@ def test_every_container_environment_is_accepted_by_its_command(
 
 
 def test_recorders_and_processors_reach_the_relay_service(overlay: list[Doc]) -> None:
+    relay_workload(overlay)  # skips an overlay without a relay
     service = relay_service(overlay)
     namespace = service["metadata"]["namespace"]
     service_ports = {p["port"]: p for p in service["spec"]["ports"]}
@@ -349,6 +360,7 @@ def test_recorders_and_processors_reach_the_relay_service(overlay: list[Doc]) ->
 
 
 def test_relay_service_exposes_protocol_and_metrics(overlay: list[Doc]) -> None:
+    relay_workload(overlay)  # skips an overlay without a relay
     service = relay_service(overlay)
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     ports = {p["port"]: p for p in service["spec"]["ports"]}
@@ -510,7 +522,7 @@ def effective(workload: Doc, container: Doc, key: str) -> Any:
 
 
 def test_no_container_runs_as_root(overlay: list[Doc]) -> None:
-    for workload, container in containers(overlay):
+    for workload, container in all_containers(overlay):
         where = f"{ident(workload)}/{container['name']}"
         assert effective(workload, container, "runAsNonRoot") is True, where
         uid = effective(workload, container, "runAsUser")
@@ -520,7 +532,7 @@ def test_no_container_runs_as_root(overlay: list[Doc]) -> None:
 
 
 def test_containers_are_locked_down(overlay: list[Doc]) -> None:
-    for workload, container in containers(overlay):
+    for workload, container in all_containers(overlay):
         where = f"{ident(workload)}/{container['name']}"
         context = container.get("securityContext", {})
         assert context.get("readOnlyRootFilesystem") is True, where
@@ -538,7 +550,9 @@ def test_containers_are_locked_down(overlay: list[Doc]) -> None:
 def test_namespace_enforces_restricted_unless_a_pod_needs_privilege(overlay: list[Doc]) -> None:
     labels = find(overlay, "Namespace", NAMESPACE)["metadata"]["labels"]
     privileged = [
-        ident(w) for w, c in containers(overlay) if c.get("securityContext", {}).get("privileged")
+        ident(w)
+        for w, c in all_containers(overlay)
+        if c.get("securityContext", {}).get("privileged")
     ]
     host_paths = [
         ident(w)
@@ -615,7 +629,7 @@ def test_components_are_the_prometheus_jobs_the_dashboards_use(overlay: list[Doc
 
 
 def test_resources_and_grace_period_are_set(overlay: list[Doc]) -> None:
-    for workload, container in containers(overlay):
+    for workload, container in all_containers(overlay):
         resources = container.get("resources", {})
         for bound in ("requests", "limits"):
             for resource in ("cpu", "memory"):
@@ -722,7 +736,8 @@ def test_readme_scrape_job_finds_each_metrics_port_once_under_its_job(
         for w, c in containers(overlay)
     )
     assert sorted((t["__address__"], t["job"]) for t in targets) == expected
-    assert {t["job"] for t in targets} == {"relay", "recorder", "processor"}
+    relay = {"relay"} if any(command_of(c) == "relay" for _, c in containers(overlay)) else set()
+    assert {t["job"] for t in targets} == {"recorder", "processor"} | relay
 
 
 def test_relabel_simulation_drops_what_it_should() -> None:
@@ -739,3 +754,47 @@ def test_relabel_simulation_drops_what_it_should() -> None:
         is None
     )
     assert relabel({**pod, "__meta_kubernetes_pod_container_port_name": "relay"}, rules) is None
+
+
+# --- NATS (overlays/fleet) ------------------------------------------------------
+
+
+def nats_overlays() -> list[Path]:
+    return [p for p in OVERLAYS if of_kind(render(p), "StatefulSet")]
+
+
+def test_fleet_is_a_nats_overlay() -> None:
+    assert "fleet" in {p.name for p in nats_overlays()}
+
+
+@pytest.mark.parametrize("directory", nats_overlays(), ids=lambda p: p.name)
+def test_nats_cluster_keeps_three_replicas_and_clients_reach_every_server(
+    directory: Path,
+) -> None:
+    docs = render(directory)
+    (nats,) = of_kind(docs, "StatefulSet")
+    assert nats["spec"]["replicas"] == 3
+    assert nats["spec"]["podManagementPolicy"] == "Parallel"
+    (claim,) = nats["spec"]["volumeClaimTemplates"]
+    (container,) = pod_spec(nats)["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    config = find(docs, "ConfigMap", "nats-config")["data"]["nats.conf"]
+    # JetStream keeps its store on the claimed volume, not in the container.
+    assert re.search(rf"store_dir:\s*{mounts[claim['metadata']['name']]}\b", config)
+    service = find(docs, "Service", nats["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert selects(service["spec"]["selector"], nats["spec"]["template"]["metadata"]["labels"])
+    pods = {f"{nats['metadata']['name']}-{i}.{service['metadata']['name']}" for i in range(3)}
+    routes = set(re.findall(r"nats://([\w.-]+):6222", config))
+    assert routes == pods, routes
+    assert container_port(container, "client") == 4222
+    clients = 0
+    for workload, c in containers(docs):
+        url = resolve_env(docs, c)[f"AUDIOSOCKETS_{command_of(c).upper()}_RELAY"]
+        assert is_nats_url(url), f"{ident(workload)}: {url}"
+        address = parse_nats_url(url)
+        assert {s.split("//")[1].rsplit(":", 1)[0] for s in address.servers} == pods
+        assert {int(s.rsplit(":", 1)[1]) for s in address.servers} == {4222}
+        assert dict(address.options).get("replicas") == "3", url
+        clients += 1
+    assert clients >= 4  # a recorder and the three processors
