@@ -31,10 +31,12 @@ lock() {  # lock NAME OUT [FREEZE_FLAG...]: resolve $work/NAME.txt into a venv, 
     } >"$out"
 }
 
-# The images carry the "speed" extra too: the services pick uvloop up when present.
+# The images carry the "speed" extra too: the services pick uvloop up when present;
+# and the "nats" extra, so the same images serve nats:// URLs (compose.nats.yaml).
 {
     requirements project dependencies
     requirements project optional-dependencies speed
+    requirements project optional-dependencies nats
 } >"$work/runtime.txt"
 requirements build-system requires >"$work/build.txt"
 lock runtime "$here/requirements.lock"
