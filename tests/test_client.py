@@ -147,11 +147,11 @@ async def test_status_report_lists_publishers_and_subscribers(relay: Relay) -> N
 
 
 def test_history_indexes_and_pops_like_a_deque() -> None:
-    from audiosockets.client import History, _Entry
+    from audiosockets.client import History, SpooledChunk
 
     h = History()
     for seq in range(3000):
-        h.append(_Entry(seq, 0, b"", 0.02))
+        h.append(SpooledChunk(seq, 0, b"", 0.02))
     for _ in range(2000):  # past the compaction threshold
         h.popleft()
     assert len(h) == 1000

@@ -675,6 +675,8 @@ def _imports(path: Path) -> tuple[set[str], set[Path]]:
     """(top-level external modules, package-internal files) ``path`` imports."""
     external: set[str] = set()
     internal: set[Path] = set()
+    # The dotted package ``path`` lives in, relative to audiosockets ("" or "protocol").
+    package = path.parent.relative_to(PACKAGE_DIR).parts
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):  # function-level and TYPE_CHECKING imports count too
         if isinstance(node, ast.Import):
@@ -687,14 +689,18 @@ def _imports(path: Path) -> tuple[set[str], set[Path]]:
             if node.level == 0 and (node.module or "").split(".")[0] != "audiosockets":
                 external.add((node.module or "").split(".")[0])
                 continue
-            assert node.level <= 1, "deeper relative imports are not expected in this package"
-            module = node.module or ""
             if node.level == 0:
-                module = module.partition(".")[2]
-            if module:
-                internal.add(_module_file(module))
+                base: tuple[str, ...] = ()
+                module = (node.module or "").partition(".")[2]
             else:
-                internal.update(_module_file(alias.name) for alias in node.names)
+                assert node.level - 1 <= len(package), f"{path} imports above the package"
+                base = package[: len(package) - (node.level - 1)]
+                module = node.module or ""
+            if module:
+                internal.add(_module_file(".".join((*base, module))))
+            else:
+                internal.add(_module_file(".".join((*base, "__init__"))))
+                internal.update(_module_file(".".join((*base, a.name))) for a in node.names)
     return external, internal
 
 
@@ -714,7 +720,17 @@ def _transitive_imports(start: str) -> dict[Path, set[str]]:
 
 def test_protocol_imports_no_io() -> None:
     graph = _transitive_imports("protocol")
-    assert {p.name for p in graph} >= {"protocol.py", "audio.py", "errors.py", "__init__.py"}
+    names = {str(p.relative_to(PACKAGE_DIR)) for p in graph}
+    assert names >= {
+        "protocol/__init__.py",
+        "protocol/connection.py",
+        "protocol/frames.py",
+        "protocol/events.py",
+        "protocol/limits.py",
+        "audio.py",
+        "errors.py",
+        "__init__.py",
+    }
     offenders = {p.name: sorted(ext & FORBIDDEN) for p, ext in graph.items() if ext & FORBIDDEN}
     assert offenders == {}
 
