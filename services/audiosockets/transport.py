@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
 from .protocol import (
     Connection,
+    EndOfStream,
     ErrorFrame,
     Event,
     Goodbye,
@@ -30,7 +31,6 @@ from .protocol import (
     NeedData,
     Ping,
     Pong,
-    State,
     Welcome,
 )
 from .urls import RelayAddress
@@ -129,6 +129,8 @@ class Channel:
             if isinstance(event, NeedData):
                 await self._read()
                 continue
+            if isinstance(event, EndOfStream):
+                raise ConnectionClosed(f"{self.peer} closed the connection")
             if isinstance(event, Ping):
                 if not self.closed:
                     self.send(Pong(event.nonce))
@@ -151,14 +153,11 @@ class Channel:
             ) from None
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
-        if not data:
-            if self.conn.buffered and self.conn.state is not State.CLOSED:
-                raise RemoteProtocolError(
-                    f"{self.peer} closed the connection in the middle of a frame "
-                    f"({self.conn.buffered} bytes of it arrived)"
-                )
-            raise ConnectionClosed(f"{self.peer} closed the connection")
-        self.conn.receive_data(data)
+        if data:
+            self.conn.receive_data(data)
+        else:
+            # The codec decides whether the stream ended cleanly or mid-frame.
+            self.conn.receive_eof()
 
     # -- heartbeats ----------------------------------------------------------
 

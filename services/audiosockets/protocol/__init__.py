@@ -26,11 +26,13 @@ from __future__ import annotations
 
 from .connection import Connection, Side, State
 from .events import (
+    END_OF_STREAM,
     NEED_DATA,
     Ack,
     ChunkData,
     CloseReason,
     CloseStream,
+    EndOfStream,
     ErrorFrame,
     Event,
     Goodbye,
@@ -63,6 +65,7 @@ from .limits import Limits
 
 __all__ = [
     "CHUNK_HEAD",
+    "END_OF_STREAM",
     "HEADER",
     "HEADER_SIZE",
     "MAGIC",
@@ -73,6 +76,7 @@ __all__ = [
     "CloseReason",
     "CloseStream",
     "Connection",
+    "EndOfStream",
     "ErrorFrame",
     "Event",
     "FrameDecoder",

@@ -25,6 +25,7 @@ class Role(enum.IntEnum):
 
     @property
     def label(self) -> str:
+        """Lower-case name (``"publisher"``), the value of metrics' ``role`` label."""
         return self.name.lower()
 
 
@@ -51,6 +52,12 @@ def _check_u(name: str, value: int, bits: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
+    """Client -> relay, first frame: who is speaking and in which role.
+
+    ``client_name`` is at most ``Limits.max_name_length`` bytes of UTF-8 (the
+    relay enforces it). Raises LocalProtocolError for a role that is not a ``Role``.
+    """
+
     role: Role
     client_name: str
     token: str = ""  # reserved for authentication; empty means none
@@ -62,6 +69,15 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
+    """Relay -> client, the answer to HELLO: the session is open.
+
+    ``heartbeat_interval_ms`` (> 0) is how often each side must send something
+    (the client's transport declares the relay dead after 3 intervals of
+    silence); ``max_frame_size`` is the relay's ``Limits.max_frame_size`` in
+    bytes; ``replay_window_ms`` how much audio the relay keeps per stream.
+    All three are u32; raises LocalProtocolError otherwise.
+    """
+
     server_name: str
     heartbeat_interval_ms: int
     max_frame_size: int
@@ -77,7 +93,9 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class OpenStream:
-    """Declares a stream's id, name and format on this connection."""
+    """Declares a stream's id (u32, chosen by the sender, per connection), name
+    (non-empty UTF-8) and audio format on this connection. Chunks then refer
+    to the stream by id only. Raises LocalProtocolError for a bad id or name."""
 
     stream_id: int
     name: str
@@ -91,7 +109,8 @@ class OpenStream:
 
 @dataclass(frozen=True, slots=True)
 class StreamAccepted:
-    """Relay -> publisher: send this stream from ``next_seq`` on."""
+    """Relay -> publisher: send this stream from ``next_seq`` (u64) on; the relay
+    already holds every earlier sequence number (or never will)."""
 
     stream_id: int
     next_seq: int
@@ -103,6 +122,12 @@ class StreamAccepted:
 
 @dataclass(frozen=True, slots=True)
 class ChunkData:
+    """One CHUNK: ``payload`` is PCM audio, a whole number of frames of the
+    stream's format (little-endian samples, channels interleaved); ``seq`` is
+    the stream's sequence number (u64, +1 per chunk); ``captured_ns`` the
+    capture time of the first sample, wall clock in nanoseconds (i64).
+    Raises LocalProtocolError for values that do not fit their wire types."""
+
     stream_id: int
     seq: int
     captured_ns: int
@@ -117,6 +142,16 @@ class ChunkData:
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
+    """Subscriber -> relay: the streams wanted and where to start.
+
+    ``pattern`` is an ``fnmatch`` pattern over stream names (case-sensitive);
+    ``group`` empty means fan-out, otherwise the relay shares the matching
+    streams among the group's members; ``resume`` holds (stream name, last seq
+    seen) pairs, at most ``Limits.max_resume_entries`` of them, from which the
+    relay continues at seq + 1. Raises LocalProtocolError for an empty pattern,
+    an unknown start position or a bad resume entry.
+    """
+
     pattern: str
     group: str = ""  # empty: fan-out; otherwise share streams within the group
     start: StartPosition = StartPosition.LIVE
@@ -133,11 +168,15 @@ class Subscribe:
             _check_u("resume seq", seq, 64)
 
     def matches(self, stream: str) -> bool:
+        """Whether stream name ``stream`` matches ``pattern`` (fnmatch, case-sensitive)."""
         return fnmatch.fnmatchcase(stream, self.pattern)
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
+    """Group member -> relay: ``stream_id`` processed up to and including ``seq``;
+    a new owner of the stream resumes after it."""
+
     stream_id: int
     seq: int
 
@@ -148,6 +187,8 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class CloseStream:
+    """Either way: stream ``stream_id`` ends on this connection, for ``reason``."""
+
     stream_id: int
     reason: CloseReason = CloseReason.ENDED
 
@@ -159,6 +200,8 @@ class CloseStream:
 
 @dataclass(frozen=True, slots=True)
 class Ping:
+    """Heartbeat; the peer answers PONG with the same ``nonce`` (u64)."""
+
     nonce: int
 
     def __post_init__(self) -> None:
@@ -167,6 +210,8 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class Pong:
+    """Answer to PING, echoing its ``nonce`` (u64); gives the round-trip time."""
+
     nonce: int
 
     def __post_init__(self) -> None:
@@ -175,7 +220,7 @@ class Pong:
 
 @dataclass(frozen=True, slots=True)
 class StatusRequest:
-    pass
+    """Observer or subscriber -> relay: send a STATUS report."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +232,9 @@ class Status:
 
 @dataclass(frozen=True, slots=True)
 class Goodbye:
+    """Either way: the sender ends the session (``code`` NORMAL or SHUTTING_DOWN
+    usually). An unknown numeric code is kept as ``ErrorCode.INTERNAL``."""
+
     code: ErrorCode = ErrorCode.NORMAL
     message: str = ""
 
@@ -197,6 +245,9 @@ class Goodbye:
 
 @dataclass(frozen=True, slots=True)
 class ErrorFrame:
+    """Either way: the sender ends the session because of an error (``code``
+    says which, ``message`` in one sentence). Unknown codes become INTERNAL."""
+
     code: ErrorCode
     message: str
 
@@ -232,6 +283,9 @@ Event = (
 
 
 class NeedData:
+    """Type of ``NEED_DATA``: ``Connection.next_event`` has no complete frame
+    buffered; feed more bytes with ``receive_data`` (or ``receive_eof``)."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
@@ -239,3 +293,16 @@ class NeedData:
 
 
 NEED_DATA: Final = NeedData()
+
+
+class EndOfStream:
+    """Type of ``END_OF_STREAM``: the peer closed the byte stream cleanly, between
+    frames (after ``Connection.receive_eof``); no event will ever follow."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "END_OF_STREAM"
+
+
+END_OF_STREAM: Final = EndOfStream()
