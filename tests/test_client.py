@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -73,13 +74,19 @@ async def test_a_session_the_relay_refuses_backs_off(relay: Relay) -> None:
     pub = Publisher(relay.url, retry=RetryPolicy(initial=0.2, cap=0.4, jitter=0.0), metrics=metrics)
     stream = pub.stream("mic", FMT)
     stream.send(block(1))  # 640 bytes: more than this relay accepts
+    started = time.monotonic()
     await pub.start()
-    await asyncio.sleep(1.0)
+    # Each refused session is followed by the tenacity backoff: 0.2, 0.4, 0.4 s
+    # (initial doubling up to the cap, no jitter), so the 4th session cannot
+    # start before 1.0 s. A reconnect storm would get there in milliseconds.
+    await wait_until(lambda: pub.sessions >= 4, timeout=10, what="4 refused sessions")
+    elapsed = time.monotonic() - started
+    assert elapsed >= 0.2 + 0.4 + 0.4 - 0.05, f"4 sessions in {elapsed:.2f} s: no backoff"
     reconnects = metrics.registry.get_sample_value(
         "audiosockets_reconnects_total", {"role": "publisher"}
     )
     assert reconnects is not None
-    assert 1 <= reconnects <= 6, f"{reconnects} reconnects in 1 s: no backoff"
+    assert reconnects >= 3  # every session after the first one is a counted reconnect
     errors = relay.metrics.registry.get_sample_value(
         "audiosockets_protocol_errors_total", {"reason": "frame_too_large"}
     )
