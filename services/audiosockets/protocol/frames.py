@@ -44,6 +44,8 @@ HEADER_SIZE: Final = HEADER.size  # 8
 
 
 class FrameType(enum.IntEnum):
+    """The header's type byte (offset 3); one value per event class."""
+
     HELLO = 0x01
     WELCOME = 0x02
     OPEN_STREAM = 0x03
@@ -94,7 +96,13 @@ def _frame(ftype: FrameType, payload: bytes) -> bytes:
 
 
 def encode_chunk(stream_id: int, seq: int, captured_ns: int, payload: bytes | memoryview) -> bytes:
-    """Encode a CHUNK frame (the hot path: one pack, one concatenation)."""
+    """Encode a CHUNK frame (the hot path: one pack, one concatenation).
+
+    ``stream_id`` u32, ``seq`` u64, ``captured_ns`` i64 wall-clock nanoseconds,
+    ``payload`` PCM bytes. Returns 8 + 20 + len(payload) bytes. Checks nothing
+    beyond what ``struct`` does (``struct.error`` for out-of-range integers):
+    callers go through ``Connection.chunk_frame``, which checks the stream.
+    """
     return (
         _FULL_HEADER_CHUNK.pack(
             MAGIC,
@@ -110,7 +118,12 @@ def encode_chunk(stream_id: int, seq: int, captured_ns: int, payload: bytes | me
 
 
 def encode(event: Event) -> bytes:
-    """Encode one event as a complete frame. Raises LocalProtocolError."""
+    """Encode one event as a complete frame: the 8-byte header and its payload.
+
+    No state is checked here (``Connection.send`` does that). Raises
+    LocalProtocolError for a string field over 65535 bytes of UTF-8, more than
+    65535 resume entries, or an object that is not an ``Event``.
+    """
     match event:
         case ChunkData(stream_id, seq, captured_ns, payload):
             return encode_chunk(stream_id, seq, captured_ns, payload)
@@ -205,7 +218,13 @@ class _Reader:
 
 
 def decode_payload(ftype: FrameType, payload: bytes, limits: Limits) -> Event:
-    """Decode one frame payload. Raises RemoteProtocolError only."""
+    """Decode the payload of one frame of type ``ftype`` into its event.
+
+    ``limits`` bounds names (``max_name_length`` bytes) and resume entries
+    (``max_resume_entries``). Raises RemoteProtocolError only: truncated or
+    over-long payloads, bad UTF-8, unknown enum values, an invalid audio format
+    (code BAD_FORMAT), a name over the limit (NAME_TOO_LONG).
+    """
     r = _Reader(payload, limits, ftype)
     try:
         event = _decode(ftype, r)
@@ -282,7 +301,13 @@ def _decode(ftype: FrameType, r: _Reader) -> Event:
 
 
 class FrameDecoder:
-    """Splits a byte stream into frames. Bytes in, ``(type, payload)`` out."""
+    """Splits a byte stream into frames. Bytes in, ``(type, payload)`` out.
+
+    Holds the bytes of at most the current incomplete frame plus whatever
+    complete frames the caller has not taken yet; a header announcing more
+    than ``limits.max_frame_size`` payload bytes is refused before its payload
+    is awaited.
+    """
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
@@ -290,13 +315,23 @@ class FrameDecoder:
         self._pos = 0
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes (any split) to the buffer; parses nothing."""
         self._buf += data
 
     @property
     def buffered(self) -> int:
+        """Bytes received and not yet returned as part of a frame."""
         return len(self._buf) - self._pos
 
     def next_frame(self) -> tuple[FrameType, bytes] | None:
+        """The next complete frame as ``(type, payload bytes)``, or None when the
+        buffer holds no complete frame yet.
+
+        Raises:
+            RemoteProtocolError: bad magic, an unsupported version (code
+                UNSUPPORTED_VERSION), an unknown frame type, or a length over
+                ``limits.max_frame_size`` (code FRAME_TOO_LARGE).
+        """
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < HEADER_SIZE:

@@ -11,7 +11,19 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Hard limits, fixed per connection at construction."""
+    """Hard limits, fixed per connection at construction.
+
+    - ``max_frame_size``: payload bytes of one frame (header excluded), 64 to
+      2**32-1. 1 MiB holds a CHUNK of over 5 s of 48 kHz stereo int16 audio.
+    - ``max_name_length``: UTF-8 bytes of a stream, client or group name or a
+      pattern, 1 to 65535 (strings are u16-length-prefixed on the wire).
+    - ``max_streams``: streams declared on one connection, per direction.
+    - ``max_resume_entries``: (stream, seq) pairs in one SUBSCRIBE.
+    - ``handshake_timeout``: seconds from connect to WELCOME; enforced by the
+      I/O adapter (``transport.connect``), not by the sans-I/O codec.
+
+    Raises ValueError for a value outside its range.
+    """
 
     max_frame_size: int = 1 << 20  # payload bytes; a chunk's audio must fit
     max_name_length: int = 200  # UTF-8 bytes of a stream, client or group name
