@@ -9,6 +9,13 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class SpooledChunk:
+    """One chunk kept in a stream's spool.
+
+    ``seq``: the stream's sequence number; ``captured_ns``: capture time of the
+    first sample, wall clock in ns; ``payload``: PCM bytes in the stream's
+    format; ``seconds``: the audio's duration (frames / rate).
+    """
+
     seq: int
     captured_ns: int
     payload: bytes
@@ -29,16 +36,20 @@ class History:
         self._head = 0
 
     def __len__(self) -> int:
+        """Number of chunks held (sent and unsent)."""
         return len(self._items) - self._head
 
     def __iter__(self) -> Iterator[SpooledChunk]:
+        """Oldest chunk first."""
         return itertools.islice(self._items, self._head, None)
 
     def __reversed__(self) -> Iterator[SpooledChunk]:
+        """Newest chunk first."""
         items = self._items
         return (items[i] for i in range(len(items) - 1, self._head - 1, -1))
 
     def __getitem__(self, index: int) -> SpooledChunk:
+        """The chunk at ``index`` (0 oldest, -1 newest) in O(1); IndexError outside."""
         n = len(self)
         if index < 0:
             index += n
@@ -47,9 +58,11 @@ class History:
         return self._items[self._head + index]
 
     def append(self, entry: SpooledChunk) -> None:
+        """Add ``entry`` as the newest chunk (no bound here: the stream trims)."""
         self._items.append(entry)
 
     def popleft(self) -> SpooledChunk:
+        """Remove and return the oldest chunk; IndexError when empty."""
         if not len(self):
             raise IndexError("pop from an empty history")
         entry = self._items[self._head]

@@ -41,7 +41,13 @@ log = logging.getLogger(__name__)
 
 
 class PublishedStream:
-    """One stream of a Publisher: ``send`` appends to the history (spool)."""
+    """One stream of a Publisher: ``send`` appends to the history (spool).
+
+    Made by ``Publisher.stream``, not directly. ``history`` holds the last
+    ``Publisher.history_seconds`` of audio (sent or not); the newest ``unsent``
+    chunks of it are still to be written to the relay. Satisfies
+    ``client.SpoolingStream``.
+    """
 
     def __init__(self, publisher: Publisher, stream_id: int, name: str, fmt: AudioFormat) -> None:
         self.publisher = publisher
@@ -65,7 +71,20 @@ class PublishedStream:
     def send(
         self, samples: np.ndarray[Any, Any] | bytes | memoryview, captured_ns: int | None = None
     ) -> int:
-        """Queue one chunk; returns its sequence number. Never blocks."""
+        """Queue one chunk; returns its sequence number. Never blocks.
+
+        ``samples``: a numpy array of the stream's dtype, shape (frames,) or
+        (frames, channels), or raw PCM bytes (interleaved, little-endian), a
+        whole number of frames. ``captured_ns``: capture time of the first
+        sample, wall clock in ns (default: now). When the spool holds more than
+        ``history_seconds`` the oldest chunks go; unsent ones are counted as
+        dropped (``reason="spool_full"``).
+
+        Raises:
+            ValueError: wrong dtype or channel count, a partial frame, or a
+                chunk larger than ``Limits.max_frame_size`` minus the 20-byte
+                chunk head (the relay would refuse the frame).
+        """
         if isinstance(samples, np.ndarray):
             if samples.dtype != self.format.dtype:
                 raise ValueError(
@@ -142,6 +161,7 @@ class PublishedStream:
 
     @unsent.setter
     def unsent(self, n: int) -> None:
+        """Mark the newest ``n`` chunks (clamped to 0..len(history)) as unsent."""
         n = max(0, min(n, len(self.history)))
         self._unsent = n
         self._unsent_seconds = sum(
@@ -149,6 +169,9 @@ class PublishedStream:
         )
 
     def take(self, budget: int) -> list[SpooledChunk]:
+        """Take the oldest unsent chunks, up to ``budget`` payload bytes (at least
+        one chunk), and count them as sent. Nothing before the relay accepted
+        the stream on this session. The chunks stay in ``history``."""
         out: list[SpooledChunk] = []
         if not self.accepted or not self.unsent:
             return out
@@ -184,7 +207,20 @@ class PublishedStream:
 
 
 class Publisher(ReconnectingClient):
-    """Publishes named streams to a relay. Start, declare streams, send."""
+    """Publishes named streams to a relay. Start, declare streams, send.
+
+    Args:
+        url: the relay, ``tcp://host:port`` (or a parsed ``RelayAddress``).
+        name: this client's name in HELLO and the relay's status report.
+        history_seconds: audio kept per stream for re-sending after a
+            reconnect (the spool), in seconds; > 0, else ValueError.
+        token: HELLO token (reserved for authentication).
+        metrics: where to count (a fresh ``Metrics()`` by default).
+        retry: reconnect backoff (``RetryPolicy()`` by default).
+        limits: protocol limits; ``max_frame_size`` bounds one chunk.
+        max_batch_bytes: payload bytes written per stream before draining
+            the socket (256 KiB).
+    """
 
     role = Role.PUBLISHER
 
@@ -218,7 +254,12 @@ class Publisher(ReconnectingClient):
         self._idle = asyncio.Event()
 
     def stream(self, name: str, fmt: AudioFormat) -> PublishedStream:
-        """Declare (or get) a stream. Its format is fixed for its lifetime."""
+        """Declare (or get) a stream. Its format is fixed for its lifetime.
+
+        Raises ValueError for a name that is empty or over
+        ``Limits.max_name_length`` bytes of UTF-8, or a name already declared
+        with another format.
+        """
         if not name or len(name.encode("utf-8")) > self.limits.max_name_length:
             raise ValueError(f"stream name must be 1..{self.limits.max_name_length} bytes of UTF-8")
         existing = self.streams.get(name)
@@ -235,7 +276,10 @@ class Publisher(ReconnectingClient):
         return stream
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued chunk is written to the relay's socket."""
+        """Wait until every queued chunk is written to the relay's socket.
+
+        Returns False if ``timeout`` seconds passed first (None: no limit).
+        """
         try:
             async with asyncio.timeout(timeout):
                 while self._pending():
@@ -274,10 +318,12 @@ class Publisher(ReconnectingClient):
         await self._stop_task(farewell=True)
 
     async def __aenter__(self) -> Publisher:
+        """``start()`` and return self; connecting goes on in the background."""
         await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        """``close()`` with its defaults."""
         await self.close()
 
     async def _session(self, channel: Channel) -> None:

@@ -41,7 +41,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Reconnect backoff: ``initial`` doubling up to ``cap`` seconds, plus jitter."""
+    """Reconnect backoff: ``initial`` doubling up to ``cap`` seconds, plus jitter.
+
+    All values in seconds. ``jitter``: up to this much random delay added to
+    each wait (tenacity's ``wait_exponential_jitter``); ``connect_timeout``:
+    TCP connect plus nothing else (the handshake has
+    ``Limits.handshake_timeout``); ``healthy_session``: a session the relay
+    ends sooner than this (refusing what we send) backs off like a failed
+    connect instead of reconnecting at once.
+    """
 
     initial: float = 0.05
     cap: float = 2.0
@@ -57,7 +65,14 @@ _BENIGN_CLOSE = frozenset({ErrorCode.NORMAL, ErrorCode.SHUTTING_DOWN, ErrorCode.
 
 
 class ReconnectingClient:
-    """Shared connect/reconnect machinery of Publisher and Subscriber."""
+    """Shared connect/reconnect machinery of Publisher and Subscriber.
+
+    One background task (``start``) connects through ``transport.connect``,
+    runs the subclass's ``_session(channel)`` until it ends, and reconnects.
+    Public state: ``channel`` (the current session or None), ``connected``
+    (an ``asyncio.Event``), ``attempts`` (connects tried), ``sessions``
+    (sessions established), ``last_error`` (the last failure, one sentence).
+    """
 
     role: Role
 
@@ -94,6 +109,10 @@ class ReconnectingClient:
             self._task = asyncio.create_task(self._run(), name=f"{self.role.label} {self.name}")
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait until a session is established (a publisher's streams accepted).
+
+        Returns False if ``timeout`` seconds passed first (None: no limit).
+        """
         try:
             async with asyncio.timeout(timeout):
                 await self.connected.wait()

@@ -47,6 +47,27 @@ class Subscriber(ReconnectingClient):
 
     With ``group``, the relay gives each stream to exactly one member of the
     group; members ACK what they processed so a handover resumes there.
+
+    Args:
+        url: the relay, ``tcp://host:port`` (or a parsed ``RelayAddress``).
+        pattern: fnmatch pattern over stream names (``"*"``: all).
+        group: empty for fan-out (every subscriber gets every stream), else
+            the name of the group sharing the matching streams.
+        name: this client's name in HELLO and the relay's status report.
+        start: ``"live"`` (next chunk) or ``"earliest"`` (oldest chunk in the
+            relay's replay window), for streams with no resume position.
+        token: HELLO token (reserved for authentication).
+        metrics, retry, limits: as for ``Publisher``.
+        queue_chunks: bound of the hand-off queue between the socket reader
+            and the application, in chunks; when full, reading pauses.
+        socket_buffer_bytes: kernel receive buffer (SO_RCVBUF), in bytes:
+            small, so a slow consumer's backlog stays in the relay's counted
+            queue rather than in the kernel.
+        on_stream_closed: called with a stream's name when the relay closes it.
+        manual_ack: ACK only through ``ack()`` (else taking the next chunk
+            ACKs the previous one).
+
+    Satisfies ``client.ChunkSubscription``.
     """
 
     role = Role.SUBSCRIBER
@@ -101,20 +122,33 @@ class Subscriber(ReconnectingClient):
         self._gap_pending: dict[str, int] = {}
 
     async def __aenter__(self) -> Subscriber:
+        """``start()`` and return self; connecting goes on in the background."""
         await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        """``close()``."""
         await self.close()
 
     async def close(self) -> None:
+        """ACK the chunk last handed out (unless ``manual_ack``), say GOODBYE, stop.
+
+        Chunks still in the hand-off queue are not delivered. Never raises for
+        network trouble.
+        """
         self._ack_previous()
         await self._stop_task(farewell=True)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
+        """The subscriber is its own async iterator over ``Chunk``s."""
         return self
 
     async def __anext__(self) -> Chunk:
+        """The next chunk, in sequence order per stream, duplicates removed.
+
+        Waits (without timeout) while the queue is empty, across reconnects.
+        Without ``manual_ack``, asking for the next chunk ACKs the previous one.
+        """
         self._ack_previous()
         chunk = await self._queue.get()
         self.positions[chunk.stream] = chunk.seq
@@ -140,6 +174,7 @@ class Subscriber(ReconnectingClient):
                 channel.send(Ack(stream_id, seq))
 
     async def get(self, timeout: float | None = None) -> Chunk:
+        """``__anext__`` with a deadline: raises TimeoutError after ``timeout`` seconds."""
         async with asyncio.timeout(timeout):
             return await self.__anext__()
 
@@ -152,6 +187,7 @@ class Subscriber(ReconnectingClient):
 
     @property
     def backlog(self) -> int:
+        """Chunks received and waiting in the hand-off queue (at most ``queue_chunks``)."""
         return self._queue.qsize()
 
     def _ack_previous(self) -> None:
@@ -187,46 +223,63 @@ class Subscriber(ReconnectingClient):
         self.connected.set()
         self.metrics.connected.labels(self.role.label).set(1)
         streams: dict[int, tuple[str, AudioFormat]] = {}
-        m = self.metrics
         while True:
             event = await channel.next_event()
             if isinstance(event, ChunkData):
                 name, fmt = streams[event.stream_id]
-                last = self.received.get(name, -1)
-                if event.seq <= last:
-                    self.duplicates += 1
-                    m.duplicates_suppressed.labels(name).inc()
-                    continue
-                if last >= 0 and event.seq > last + 1:
-                    missing = event.seq - last - 1
-                    self.gaps += missing
-                    m.sequence_gaps.labels(name).inc(missing)
-                    self._log_gap(name, missing, event.seq)
-                self.received[name] = event.seq
-                now = time.time_ns()
-                chunk = Chunk(name, event.seq, event.captured_ns, fmt, event.payload, now)
-                received, nbytes, latency, depth = self._child(name)
-                received.inc()
-                nbytes.inc(len(event.payload))
-                latency.observe(max(0.0, (now - event.captured_ns) / 1e9))
-                if self._queue.full():
-                    depth.set(self._queue.qsize())
-                await self._queue.put(chunk)
+                await self._deliver(name, fmt, event.seq, event.captured_ns, event.payload)
             elif isinstance(event, OpenStream):
                 streams[event.stream_id] = (event.name, event.format)
                 self._ids[event.name] = event.stream_id
-                self.formats[event.name] = event.format
-                self._assigned.add(event.name)
-                self._child(event.name)
+                self._stream_opened(event.name, event.format)
             elif isinstance(event, CloseStream):
                 entry = streams.get(event.stream_id)
                 if entry is not None:
-                    self._assigned.discard(entry[0])
-                    log.info("stream %r closed by relay (%s)", entry[0], event.reason.name.lower())
-                    if self._on_stream_closed is not None:
-                        self._on_stream_closed(entry[0])
+                    self._stream_closed(entry[0], event.reason.name.lower())
             elif isinstance(event, Goodbye | ErrorFrame):
                 raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
+
+    # -- delivery: independent of the wire, shared by any transport ------------
+
+    async def _deliver(
+        self, name: str, fmt: AudioFormat, seq: int, captured_ns: int, payload: bytes
+    ) -> None:
+        """Suppress a duplicate, count a gap, hand the chunk to the application.
+
+        Waits while the hand-off queue is full: that is the backpressure.
+        """
+        m = self.metrics
+        last = self.received.get(name, -1)
+        if seq <= last:
+            self.duplicates += 1
+            m.duplicates_suppressed.labels(name).inc()
+            return
+        if last >= 0 and seq > last + 1:
+            missing = seq - last - 1
+            self.gaps += missing
+            m.sequence_gaps.labels(name).inc(missing)
+            self._log_gap(name, missing, seq)
+        self.received[name] = seq
+        now = time.time_ns()
+        chunk = Chunk(name, seq, captured_ns, fmt, payload, now)
+        received, nbytes, latency, depth = self._child(name)
+        received.inc()
+        nbytes.inc(len(payload))
+        latency.observe(max(0.0, (now - captured_ns) / 1e9))
+        if self._queue.full():
+            depth.set(self._queue.qsize())
+        await self._queue.put(chunk)
+
+    def _stream_opened(self, name: str, fmt: AudioFormat) -> None:
+        self.formats[name] = fmt
+        self._assigned.add(name)
+        self._child(name)
+
+    def _stream_closed(self, name: str, reason: str) -> None:
+        self._assigned.discard(name)
+        log.info("stream %r closed by relay (%s)", name, reason)
+        if self._on_stream_closed is not None:
+            self._on_stream_closed(name)
 
     def _log_gap(self, stream: str, missing: int, seq: int) -> None:
         # Rate-limited: a slow consumer can see thousands of gaps a second;
