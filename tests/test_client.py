@@ -10,7 +10,13 @@ import pytest
 
 from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
-from audiosockets.client import Publisher, RetryPolicy, Subscriber
+from audiosockets.client import (
+    ChunkSubscription,
+    Publisher,
+    RetryPolicy,
+    SpoolingStream,
+    Subscriber,
+)
 from audiosockets.metrics import Metrics
 from audiosockets.protocol import Limits
 from audiosockets.relay import Relay, RelayConfig
@@ -131,6 +137,24 @@ async def test_publisher_spool_drops_oldest_unsent_and_counts(relay: Relay) -> N
     )
     assert value == 5
     assert abs(stream.spooled_seconds - 0.1) < 1e-9
+    # The read-only view the recorder saves on close: the same unsent chunks, a copy.
+    assert [e.seq for e in stream.unsent_chunks()] == [5, 6, 7, 8, 9]
+    assert stream.unsent == 5
+    stream.unsent_chunks().clear()
+    assert len(stream.history) == 5
+
+
+def test_client_classes_provide_the_typed_seams() -> None:
+    pub = Publisher("tcp://127.0.0.1:1", retry=FAST)
+    stream = pub.stream("mic", FMT)
+    assert isinstance(stream, SpoolingStream)
+    stream.send(block(1))
+    assert (stream.unsent, stream.spooled_seconds) == (1, pytest.approx(0.02))
+    sub = Subscriber("tcp://127.0.0.1:1", "mic", retry=FAST)
+    assert isinstance(sub, ChunkSubscription)
+    assert set(sub.assigned) == set()
+    with pytest.raises(AttributeError):
+        sub.assigned = {"x"}  # type: ignore[misc]
 
 
 async def test_status_report_lists_publishers_and_subscribers(relay: Relay) -> None:

@@ -22,12 +22,22 @@ Invariants:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .history import History, SpooledChunk
 from .interfaces import ChunkSubscription, SpoolingStream
 from .publisher import PublishedStream, Publisher
 from .session import ReconnectingClient, RetryPolicy
 from .status import fetch_status
 from .subscriber import StartName, Subscriber
+
+if TYPE_CHECKING:  # mypy holds the concrete classes to the seams
+
+    def _seams(
+        stream: PublishedStream, sub: Subscriber
+    ) -> tuple[SpoolingStream, ChunkSubscription]:
+        return stream, sub
+
 
 __all__ = [
     "ChunkSubscription",
