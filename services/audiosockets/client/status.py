@@ -21,7 +21,14 @@ from ..urls import RelayAddress, parse_url
 async def fetch_status(
     url: str | RelayAddress, *, timeout: float = 5.0, token: str = ""
 ) -> dict[str, Any]:
-    """Ask a relay for its status report (one attempt, no retries)."""
+    """Ask a relay for its status report (one attempt, no retries).
+
+    ``timeout`` (seconds) bounds the connect and, separately, the answer.
+    Returns the report's JSON document as a dict (see the relay's status
+    module for its keys). Raises RelayUnreachable when the relay cannot be
+    reached or does not answer with STATUS, ConnectionClosed when it refuses
+    the session.
+    """
     address = url if isinstance(url, RelayAddress) else parse_url(url)
     channel = await connect(address, Hello(Role.OBSERVER, "status", token), connect_timeout=timeout)
     try:
