@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
 import logging
 import signal
@@ -27,22 +26,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..audio import AudioFormat
-from ..errors import AddressInUse, ConnectionClosed, ErrorCode, RemoteProtocolError
+from ..errors import AddressInUse, ErrorCode
 from ..metrics import CallbackCollector, Metrics
 from ..protocol import (
     ChunkData,
-    Connection,
-    ErrorFrame,
     Goodbye,
-    Hello,
     Limits,
-    Welcome,
     encode_chunk,
 )
-from ..transport import Channel, tune_socket
 from ..urls import RelayAddress
+from .connections import serve_connection
 from .groups import Group
-from .sessions import SESSION_TYPES, PublisherSession, Session, SubscriberSession
+from .sessions import PublisherSession, Session, SubscriberSession
 from .status import collect_gauges, status_report
 from .streams import StreamCounters, StreamState
 from .subscriptions import Subscriptions
@@ -89,21 +84,6 @@ class RelayConfig:
             raise ValueError("heartbeat_interval must be > 0")
 
 
-def _the_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception of a session's task group to handle: a bug first,
-    then whatever came first."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            pending[:0] = exc.exceptions
-        else:
-            leaves.append(exc)
-    expected = (RemoteProtocolError, ConnectionClosed, asyncio.CancelledError)
-    return next((e for e in leaves if not isinstance(e, expected)), leaves[0])
-
-
 class Relay:
     """The relay server. ``start()`` binds and returns; ``serve_forever()``
     runs until ``stop()`` (or a signal, via ``run``).
@@ -132,7 +112,7 @@ class Relay:
         self.sessions: set[Session] = set()
         self.subscribers: set[SubscriberSession] = set()
         self._next_stream_id = itertools.count(1)
-        self._next_session_id = itertools.count(1)
+        self.session_ids = itertools.count(1)  # numbers sessions, from 1
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # one per connection
         self._stopped = asyncio.Event()
@@ -202,93 +182,9 @@ class Relay:
         assert task is not None
         self._tasks.add(task)
         try:
-            await self._serve_connection(reader, writer)
+            await serve_connection(self, reader, writer)
         finally:
             self._tasks.discard(task)
-
-    async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        tune_socket(writer, sndbuf=self.config.socket_buffer_bytes)
-        writer.transport.set_write_buffer_limits(high=64 * 1024)
-        cfg = self.config
-        channel = Channel(
-            reader,
-            writer,
-            Connection("relay", cfg.limits),
-            heartbeat_interval=cfg.heartbeat_interval,
-            heartbeat_timeout=3 * cfg.heartbeat_interval,
-            clock=self.clock,
-        )
-        session: Session | None = None
-        try:
-            hello = await self._handshake(channel)
-            if hello is None:
-                return
-            session = SESSION_TYPES[hello.role](self, channel, hello, next(self._next_session_id))
-            self.sessions.add(session)
-            self.metrics.connected_clients.labels(session.role.label).inc()
-            log.info("%s %r connected from %s", session.role.label, session.name, channel.peer)
-            try:
-                async with asyncio.TaskGroup() as session.tasks:
-                    await self._read_events(session)
-            except BaseExceptionGroup as group:
-                raise _the_error(group) from None
-        except RemoteProtocolError as exc:
-            self.metrics.protocol_errors.labels(exc.code.name.lower()).inc()
-            who = f"{session.role.label} {session.name!r}" if session else "client"
-            log.warning("closing %s from %s: %s", who, channel.peer, exc)
-            await channel.close(ErrorFrame(exc.code, str(exc)))
-        except ConnectionClosed as exc:
-            if session is not None:
-                log.info("%s %r disconnected: %s", session.role.label, session.name, exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug of ours: close this connection, keep the relay
-            self.metrics.protocol_errors.labels("internal_error").inc()
-            log.exception("internal error serving %s", channel.peer)
-            await channel.close(ErrorFrame(ErrorCode.INTERNAL, "internal relay error"))
-        finally:
-            if session is not None:
-                self.sessions.discard(session)
-                session.detach()
-                self.metrics.connected_clients.labels(session.role.label).dec()
-            await channel.close()
-
-    async def _handshake(self, channel: Channel) -> Hello | None:
-        """Read HELLO, check the token, answer WELCOME, start heartbeats.
-        None when the client left or was refused (already answered)."""
-        cfg = self.config
-        try:
-            async with asyncio.timeout(cfg.limits.handshake_timeout):
-                hello = await channel.next_event()
-        except TimeoutError:
-            raise RemoteProtocolError(
-                f"no HELLO within {cfg.limits.handshake_timeout:g} s",
-                ErrorCode.HANDSHAKE_TIMEOUT,
-            ) from None
-        if not isinstance(hello, Hello):
-            return None  # GOODBYE/ERROR before the handshake: just close
-        if cfg.token and not hmac.compare_digest(hello.token.encode(), cfg.token.encode()):
-            self.metrics.auth_failures.inc()
-            await channel.close(ErrorFrame(ErrorCode.UNAUTHORIZED, "missing or wrong token"))
-            return None
-        heartbeat_ms = max(1, int(cfg.heartbeat_interval * 1000))
-        replay_ms = int(cfg.replay_seconds * 1000)
-        channel.send(Welcome(cfg.server_name, heartbeat_ms, cfg.limits.max_frame_size, replay_ms))
-        channel.start_heartbeat()
-        return hello
-
-    async def _read_events(self, session: Session) -> None:
-        """Hand the session its events until GOODBYE/ERROR; then stop its writer."""
-        while True:
-            event = await session.channel.next_event()
-            if isinstance(event, Goodbye | ErrorFrame):
-                log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
-                break
-            await session.handle(event)
-        if isinstance(session, SubscriberSession) and session.writer is not None:
-            session.writer.cancel()
 
     # -- publishing ----------------------------------------------------------
 
