@@ -669,3 +669,46 @@ async def test_a_new_group_starts_live(relay: Relay, publisher: Publisher) -> No
     got = await collect(fresh, {"s0": 10})
     assert got["s0"] == [10]
     await fresh.close()
+
+
+async def test_a_bug_in_one_session_ends_that_session_only_counted_and_logged(
+    relay: Relay,
+    publisher: Publisher,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected exception in a subscriber's writer task closes that
+    connection (ERROR internal), is counted as ``internal_error`` and logged
+    once with its traceback; the relay and every other session keep going."""
+    from audiosockets.relay import SubscriberSession
+
+    collect_frames = SubscriberSession._collect
+    failed: list[SubscriberSession] = []
+
+    def faulty(self: SubscriberSession) -> list[bytes]:
+        if self.name == "doomed" and not failed:
+            failed.append(self)
+            raise RuntimeError("injected writer bug")
+        return collect_frames(self)
+
+    monkeypatch.setattr(SubscriberSession, "_collect", faulty)
+    healthy = await start_subscriber(relay, "other", name="healthy")
+    doomed = await start_subscriber(relay, "mic", name="doomed")
+    mic = publisher.stream("mic", FMT)
+    other = publisher.stream("other", FMT)
+    mic.send(block(0))
+    await wait_until(lambda: bool(failed), what="the injected bug to fire")
+    victim = failed[0]
+    await wait_until(lambda: victim not in relay.sessions, what="the failed session to end")
+    assert victim.channel.closed
+    assert sample(relay, "audiosockets_protocol_errors_total", reason="internal_error") == 1
+    logged = [r for r in caplog.records if r.exc_info and "internal error" in r.getMessage()]
+    assert len(logged) == 1
+    assert "injected writer bug" in caplog.text
+    for seq in range(20):
+        other.send(block(seq))
+    got = await collect(healthy, {"other": 19})
+    assert got["other"] == list(range(20))
+    assert any(s.name == "healthy" for s in relay.sessions)
+    await healthy.close()
+    await doomed.close()
