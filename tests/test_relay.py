@@ -215,12 +215,27 @@ async def test_group_rebalances_when_a_member_joins(relay: Relay, publisher: Pub
     await b.close()
 
 
+class FakeClock:
+    """The relay's clock, advanced by the test: arrival times and staleness
+    follow it, not the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.mark.parametrize(
-    "relay_config", [RelayConfig(port=0, queue_seconds=0.3, replay_seconds=60)]
+    # Heartbeats every 60 s of the fake clock: none during the test's 3 s of it.
+    "relay_config",
+    [RelayConfig(port=0, queue_seconds=0.3, replay_seconds=60, heartbeat_interval=60)],
 )
+@pytest.mark.parametrize("relay_clock", [FakeClock()])
 async def test_stalled_subscriber_loses_only_its_own_chunks_counted_exactly(
-    relay: Relay, publisher: Publisher
+    relay: Relay, relay_clock: FakeClock, publisher: Publisher
 ) -> None:
+    clock = relay_clock
     fmt = AudioFormat(48000, 2, SampleType.INT16)
     frames = 4800  # 100 ms, 19.2 kB: a few hundred overflow any socket buffer
     healthy = await start_subscriber(relay, "mic", name="healthy")
@@ -229,9 +244,26 @@ async def test_stalled_subscriber_loses_only_its_own_chunks_counted_exactly(
     await wait_until(lambda: publisher.connected.is_set())
     n = 300
     healthy_task = asyncio.create_task(collect(healthy, {"mic": n - 1}, timeout=30))
-    for seq in range(n):
-        stream.send(block(seq, frames, 2))
-        await asyncio.sleep(0.004)  # arrivals spread over > queue_seconds
+    for first in range(0, n, 10):
+        # Ten chunks arrive at one relay time, then 0.1 s of it passes: 3 s in
+        # all, ten times queue_seconds, whatever the wall clock does.
+        for seq in range(first, first + 10):
+            stream.send(block(seq, frames, 2))
+        last = first + 9
+        await wait_until(
+            lambda last=last: "mic" in relay.streams and relay.streams["mic"].last_seq == last,  # type: ignore[misc]
+            what=f"the relay to hold seq {last}",
+        )
+        await wait_until(
+            lambda: all(
+                c.next_ord == c.stream.window.end
+                for s in relay.subscribers
+                if s.name == "healthy"
+                for c in relay.subscriptions.of_session(s)
+            ),
+            what="the healthy subscriber's writer to catch up",
+        )
+        clock.now += 0.1
     got_healthy = await healthy_task
     assert got_healthy["mic"] == list(range(n))
     # Now the stalled one reads everything that is left.
