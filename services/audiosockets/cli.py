@@ -58,6 +58,7 @@ def user_errors(func: Callable[P, T]) -> Callable[P, T]:
 
 def run_async(coro: Coroutine[Any, Any, T], loop: LoopName = "auto") -> T:
     """Run ``coro`` on uvloop when available (or asked for), else asyncio."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if loop in ("auto", "uvloop"):
         try:
             import uvloop
@@ -65,8 +66,9 @@ def run_async(coro: Coroutine[Any, Any, T], loop: LoopName = "auto") -> T:
             if loop == "uvloop":
                 raise ConfigError("--loop uvloop asked for, but uvloop is not installed") from None
         else:
-            return uvloop.run(coro)
-    return asyncio.run(coro)
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, T]]:

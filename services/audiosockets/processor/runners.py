@@ -1,0 +1,275 @@
+"""Running a handler: inside the handler thread or a spawned worker process.
+
+``HandlerRunner`` owns the handler instances and turns every call into an
+``Outcome`` (events, metric updates, error text, timings) that crosses back to
+the event loop; ``HandlerThread`` is the daemon thread for ``--workers 0``; the
+``_worker_*`` functions are what a worker process runs (they are looked up by
+module path when the process is spawned, so they stay module-level).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import functools
+import inspect
+import json
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import numpy as np
+
+from ..audio import AudioFormat, Chunk, SampleType
+from ..handlers import HandlerContext, HandlerOptions, MetricOp, MetricSink
+from .loading import HandlerSpec, _one_line, check_handler
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# --- running a handler (inside the handler thread or a worker process) ----------
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one handler call produced; crosses the process boundary by pickle."""
+
+    events: list[str] = field(default_factory=list)
+    ops: list[MetricOp] = field(default_factory=list)
+    error: str | None = None
+    trace: str | None = None
+    started_ns: int = 0
+    duration: float = 0.0
+    pid: int = 0
+    cpu_seconds: float = 0.0
+
+
+class _FunctionHandler:
+    def __init__(self, fn: Callable[[Chunk], Any]) -> None:
+        self.handle = fn
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return bytes(obj).hex()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+class HandlerRunner:
+    """Loads a handler by spec and calls it; lives in exactly one thread.
+
+    Class handlers get one instance per stream (``setup(fmt)`` on its first
+    chunk, again after a format change); a function or an object with
+    ``handle`` is shared by all streams. Coroutines returned by any of them
+    are run to completion on a private event loop of this thread.
+    """
+
+    def __init__(self, spec: HandlerSpec, options: HandlerOptions) -> None:
+        self.spec = spec
+        self.options = options
+        self.sink = MetricSink()
+        self._target = check_handler(spec, options)
+        self._instances: dict[str, tuple[AudioFormat, Any]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _await(self, value: Any) -> Any:
+        if inspect.isawaitable(value):
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            return self._loop.run_until_complete(_as_coroutine(value))
+        return value
+
+    def _new_instance(self, stream: str) -> Any:
+        target = self._target
+        if self.spec.kind == "builtin":
+            return target(HandlerContext(stream, self.spec.arg, self.options, self.sink))
+        if inspect.isclass(target):
+            return target()
+        if callable(getattr(target, "handle", None)):
+            return target
+        return _FunctionHandler(target)
+
+    def _instance(self, chunk: Chunk) -> Any:
+        known = self._instances.get(chunk.stream)
+        if known is not None and known[0] == chunk.format:
+            return known[1]
+        if known is not None:
+            self._teardown(chunk.stream, known[1])
+        inst = self._new_instance(chunk.stream)
+        setup = getattr(inst, "setup", None)
+        if callable(setup):
+            self._await(setup(chunk.format))
+        self._instances[chunk.stream] = (chunk.format, inst)
+        return inst
+
+    def encode(self, stream: str, seq: int | None, result: Any) -> list[str]:
+        if result is None:
+            return []
+        items = list(result) if isinstance(result, list | tuple) else [result]
+        lines = []
+        for item in items:
+            if item is None:
+                continue
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                item = dataclasses.asdict(item)
+            if not isinstance(item, dict):
+                raise TypeError(
+                    f"handler returned {type(item).__name__}; expected None, a dict, "
+                    "a dataclass or a list of them"
+                )
+            base: dict[str, Any] = {"handler": self.spec.name, "stream": stream}
+            if seq is not None:
+                base["seq"] = seq
+            lines.append(json.dumps({**base, **item}, default=_json_default, separators=(",", ":")))
+        return lines
+
+    def process(self, chunk: Chunk) -> Outcome:
+        out = Outcome(started_ns=time.time_ns(), pid=os.getpid())
+        t0 = time.perf_counter()
+        try:
+            inst = self._instance(chunk)
+            out.events = self.encode(chunk.stream, chunk.seq, self._await(inst.handle(chunk)))
+        except Exception as exc:
+            out.error, out.trace = _one_line(exc), traceback.format_exc()
+        out.duration = time.perf_counter() - t0
+        out.ops = self.sink.drain()
+        out.cpu_seconds = time.process_time()
+        return out
+
+    def _teardown(self, stream: str, inst: Any) -> list[str]:
+        teardown = getattr(inst, "teardown", None)
+        if not callable(teardown):
+            return []
+        return self.encode(stream, None, self._await(teardown()))
+
+    def release(self, stream: str) -> Outcome:
+        """Tear down the instance of one stream (the relay closed it for us)."""
+        out = Outcome(started_ns=time.time_ns(), pid=os.getpid())
+        known = self._instances.pop(stream, None)
+        if known is not None:
+            try:
+                out.events = self._teardown(stream, known[1])
+            except Exception as exc:
+                out.error = f"teardown for {stream}: {_one_line(exc)}"
+                out.trace = traceback.format_exc()
+        out.ops = self.sink.drain()
+        out.cpu_seconds = time.process_time()
+        return out
+
+    def close(self) -> Outcome:
+        """Tear down every instance (errors are reported, never raised)."""
+        out = Outcome(started_ns=time.time_ns(), pid=os.getpid())
+        errors = []
+        for stream, (_fmt, inst) in list(self._instances.items()):
+            try:
+                out.events.extend(self._teardown(stream, inst))
+            except Exception as exc:
+                errors.append(f"teardown for {stream}: {_one_line(exc)}")
+                out.trace = traceback.format_exc()
+        self._instances.clear()
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+        out.error = "; ".join(errors) or None
+        out.ops = self.sink.drain()
+        out.cpu_seconds = time.process_time()
+        return out
+
+
+async def _as_coroutine(value: Awaitable[Any]) -> Any:
+    return await value
+
+
+class HandlerThread(Executor):
+    """One daemon thread running submitted calls in order.
+
+    Unlike ``ThreadPoolExecutor`` (whose threads the interpreter joins at exit),
+    a handler stuck forever in here cannot keep the process from exiting.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        future: Future[T] = Future()
+        self._calls.put((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def _main(self) -> None:
+        while (item := self._calls.get()) is not None:
+            future, call = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._calls.put(None)
+        if wait:
+            self._thread.join()
+
+
+# Worker-process side: one HandlerRunner per process, built by the initializer.
+_WORKER_RUNNER: HandlerRunner | None = None
+
+
+def _worker_init(spec: HandlerSpec, options: HandlerOptions) -> None:
+    global _WORKER_RUNNER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    _WORKER_RUNNER = HandlerRunner(spec, options)
+
+
+def _worker_process(
+    stream: str,
+    seq: int,
+    captured_ns: int,
+    fmt: tuple[int, int, int],
+    payload: bytes,
+    received_ns: int,
+) -> Outcome:
+    assert _WORKER_RUNNER is not None
+    rate, channels, sample_type = fmt
+    chunk = Chunk(
+        stream,
+        seq,
+        captured_ns,
+        AudioFormat(rate, channels, SampleType(sample_type)),
+        payload,
+        received_ns,
+    )
+    return _WORKER_RUNNER.process(chunk)
+
+
+def _worker_release(stream: str) -> Outcome:
+    assert _WORKER_RUNNER is not None
+    return _WORKER_RUNNER.release(stream)
+
+
+def _worker_close() -> Outcome:
+    assert _WORKER_RUNNER is not None
+    return _WORKER_RUNNER.close()
