@@ -30,7 +30,9 @@ import asyncio
 import contextlib
 import logging
 import re
+import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -41,12 +43,11 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from .audio import AudioFormat, DTypeName, SampleType
 from .errors import ConfigError, DeviceError
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
+from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from prometheus_client.core import Metric
 
 log = logging.getLogger(__name__)
@@ -262,12 +263,12 @@ class Recorder:
             self.config.stream,
         )
 
-    def stop(self) -> None:
-        """Ask ``wait``/``run`` to finish (safe from a signal handler)."""
+    def request_stop(self) -> None:
+        """Ask ``serve_forever`` to return (safe from a signal handler); ``stop`` drains."""
         self._stopping.set()
 
-    async def wait(self) -> None:
-        """Return when stopped or when a finite source has ended."""
+    async def serve_forever(self) -> None:
+        """Return when stopped or when a finite source has ended; raises a capture failure."""
         assert self._capture is not None, "start() first"
         stop = asyncio.create_task(self._stopping.wait())
         try:
@@ -277,8 +278,11 @@ class Recorder:
         if self._capture.done() and not self._capture.cancelled():
             self._capture.result()  # re-raise a capture failure
 
-    async def close(self) -> bool:
-        """Stop capturing, flush within ``flush_timeout``, close. True if all was taken."""
+    async def stop(self) -> bool:
+        """Stop capturing, flush within ``flush_timeout``, close. True if all was taken.
+
+        Safe to call twice (the second call returns the first one's result); after
+        ``stop`` whatever the relay did not take stays in the disk spool, if any."""
         if self._closed is not None:
             return self._closed
         self._closed = False
@@ -328,14 +332,16 @@ class Recorder:
             if not flushed or self.disk is None or not self.disk.chunks:
                 return flushed and (self.disk is None or not self.disk.chunks)
 
-    async def run(self) -> bool:
-        """``start``, ``wait``, ``close``; returns whether the final flush completed."""
-        await self.start()
-        try:
-            await self.wait()
-        finally:
-            flushed = await self.close()
-        return flushed
+    async def run(
+        self,
+        *,
+        ready: Callable[[Recorder], object] | None = None,
+        signals: Iterable[signal.Signals] = STOP_SIGNALS,
+    ) -> bool:
+        """``start``, ``serve_forever``, ``stop`` with SIGINT/SIGTERM handling
+        (``run_service``); returns whether the final flush completed."""
+        await run_service(self, ready=ready, signals=signals)
+        return self._closed is True
 
     # --- capture -----------------------------------------------------------------
 
@@ -489,25 +495,13 @@ async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
     ``metrics_port`` 0 disables the metrics endpoint. Returns whether the final
     flush completed; errors a user can cause raise ``AudiosocketsError``.
     """
-    import signal
-
     from .metrics import serve_metrics
 
     metrics = Metrics()
     recorder = Recorder(config, metrics=metrics)
     if metrics_port > 0:
         serve_metrics(metrics_port, metrics.registry)  # raises AddressInUse
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, recorder.stop)
-            installed.append(sig)
-    try:
-        return await recorder.run()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+    return await recorder.run()
 
 
 def describe_input_devices() -> list[str]:

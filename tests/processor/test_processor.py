@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import signal
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -369,7 +370,7 @@ async def test_a_hung_thread_handler_does_not_stop_the_processor_from_stopping()
         for chunk in chunks(5):
             yield chunk
         assert await loop.run_in_executor(None, hft.STARTED.wait, 10)
-        proc.stop()
+        proc.request_stop()
         await asyncio.Event().wait()  # a live stream never ends by itself
 
     await asyncio.wait_for(proc.run(source()), 10)
@@ -404,7 +405,7 @@ async def test_a_hung_worker_process_is_terminated_at_shutdown(
     async def source() -> AsyncIterator[Chunk]:
         yield chunks(1)[0]
         await wait_until(pid_file.exists, what="worker started the handler")
-        proc.stop()
+        proc.request_stop()
         await asyncio.Event().wait()
 
     await asyncio.wait_for(proc.run(source()), 30)
@@ -483,3 +484,26 @@ async def test_a_handler_file_can_import_its_sibling_modules(tmp_path: Path) -> 
     out = io.StringIO()
     await Processor(f"{tmp_path / 'detector.py'}:handle", events=out).run(paced(chunks(1)))
     assert events_of(out)[0]["loud_at"] == 0.1
+
+
+async def test_sigterm_stops_a_running_processor_and_drains_its_backlog() -> None:
+    m = Metrics()
+    out = io.StringIO()
+    proc = Processor("handlers_for_tests:sleepy", metrics=m, events=out)
+    sent = chunks(5)  # 100 ms of audio, 1 s of handling: most of it is still queued at SIGTERM
+
+    async def live() -> AsyncIterator[Chunk]:
+        for chunk in sent:
+            yield chunk
+        await asyncio.Event().wait()  # a live stream never ends by itself
+
+    before = signal.getsignal(signal.SIGTERM)
+    run = asyncio.create_task(proc.run(live()))
+    await wait_until(lambda: proc.stats.received == len(sent), what="all chunks received")
+    assert proc.stats.processed < len(sent)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(run, 10)
+    # the drain handled every chunk queued at SIGTERM: none dropped, none left behind
+    assert proc.stats.processed == len(sent)
+    assert proc.stats.dropped == 0
+    assert signal.getsignal(signal.SIGTERM) is before

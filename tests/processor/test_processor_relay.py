@@ -72,8 +72,8 @@ async def test_slow_processor_drops_counted_exactly_fast_one_gets_everything(rel
         assert await pub.flush(5)
         await wait_until(lambda: fast.stats.processed == n, what="fast processor done")
         await wait_until(lambda: slow.stats.received == n, what="slow processor received all")
-        fast.stop()
-        slow.stop()
+        await fast.stop()
+        await slow.stop()
         await asyncio.gather(*runs)
     await pub.close(0.5)
 
@@ -149,7 +149,7 @@ async def test_archive_is_sample_exact_across_a_relay_restart(tmp_path: Path) ->
             await wait_until(
                 lambda: proc.stats.processed >= n, timeout=20, what="archive got every chunk"
             )
-            proc.stop()
+            await proc.stop()
             await run
         assert sub.metrics.registry.get_sample_value(
             "audiosockets_reconnects_total", {"role": "subscriber"}
@@ -188,7 +188,7 @@ async def test_serve_runs_a_builtin_from_config_and_writes_events_to_a_file(
     await wait_until(
         lambda: bool(started) and started[0].stats.processed == len(audio) // BLOCK, what="vad done"
     )
-    started[0].stop()
+    await started[0].stop()
     await asyncio.wait_for(task, 10)
     await pub.close(0.5)
     lines = events.read_text().splitlines()
@@ -238,9 +238,9 @@ async def test_archive_completes_a_stream_handed_to_another_group_member(
                 lambda: any((tmp_path / "a").glob(f"{moved}_*.wav")), what="segment completed"
             )
             assert not run_a.done()
-            proc_b.stop()
+            await proc_b.stop()
             await run_b
-        proc_a.stop()
+        await proc_a.stop()
         await run_a
     await pub.close(0.5)
     (wav,) = (tmp_path / "a").glob(f"{moved}_*.wav")

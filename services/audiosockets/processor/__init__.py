@@ -41,14 +41,13 @@ from __future__ import annotations
 from .backlog import ChunkBacklog, StreamClosed
 from .loading import SPEC_HELP, HandlerSpec, check_handler, load_target, parse_spec
 from .metrics import ProcessorMetrics
-from .runners import HandlerRunner, HandlerThread, Outcome
+from .runners import HandlerPool, HandlerRunner, HandlerThread, Outcome
 from .server import (
     LOG_INTERVAL,
     EventSink,
     Processor,
     ProcessorConfig,
     ProcessorStats,
-    _stop_on_signals,
     serve,
 )
 
@@ -57,6 +56,7 @@ __all__ = [
     "SPEC_HELP",
     "ChunkBacklog",
     "EventSink",
+    "HandlerPool",
     "HandlerRunner",
     "HandlerSpec",
     "HandlerThread",
@@ -66,7 +66,6 @@ __all__ = [
     "ProcessorMetrics",
     "ProcessorStats",
     "StreamClosed",
-    "_stop_on_signals",
     "check_handler",
     "load_target",
     "parse_spec",

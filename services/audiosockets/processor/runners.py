@@ -15,6 +15,8 @@ import enum
 import functools
 import inspect
 import json
+import logging
+import multiprocessing
 import os
 import queue
 import signal
@@ -22,7 +24,8 @@ import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -30,9 +33,11 @@ from typing import Any, ParamSpec, TypeVar
 import numpy as np
 
 from ..audio import AudioFormat, Chunk, SampleType
+from ..errors import HandlerError
 from ..handlers import HandlerContext, HandlerOptions, MetricOp, MetricSink
 from .loading import HandlerSpec, _one_line, check_handler
 
+log = logging.getLogger("audiosockets.processor")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -273,3 +278,132 @@ def _worker_release(stream: str) -> Outcome:
 def _worker_close() -> Outcome:
     assert _WORKER_RUNNER is not None
     return _WORKER_RUNNER.close()
+
+
+class HandlerPool:
+    """The event-loop side of the runners: one handler thread, or ``workers`` processes.
+
+    ``workers=0`` runs the handler in one ``HandlerThread`` (one ``HandlerRunner``
+    built there); ``workers=N`` starts N single-process pools (``spawn``), each
+    loading the handler by its spec, so chunk ``index % N`` work runs in parallel.
+    Every call returns an ``Outcome`` (or, for teardown, the exceptions it met);
+    applying outcomes to metrics and events is the caller's job.
+    """
+
+    def __init__(self, spec: HandlerSpec, options: HandlerOptions, workers: int) -> None:
+        self.spec = spec
+        self.options = options
+        self.workers = workers
+        self._runner: HandlerRunner | None = None
+        self._executors: list[Executor] = []
+
+    async def start(self) -> None:
+        """Load the handler in the thread or every worker; ``HandlerError`` if it cannot be.
+
+        A worker that fails to start at all is a ``HandlerError`` too (one line).
+        Whatever was started is shut down again before raising.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            if self.workers == 0:
+                pool = HandlerThread(f"handler-{self.spec.name}")
+                self._executors = [pool]
+                self._runner = await loop.run_in_executor(
+                    pool, HandlerRunner, self.spec, self.options
+                )
+            else:
+                self._executors = [self._new_pool() for _ in range(self.workers)]
+                # Fail fast: a worker that cannot load the handler breaks its pool here.
+                await asyncio.gather(*(loop.run_in_executor(p, os.getpid) for p in self._executors))
+        except HandlerError:
+            await self.shutdown(0.0)
+            raise
+        except BrokenProcessPool as exc:
+            await self.shutdown(0.0)
+            raise HandlerError(f"handler {self.spec.name}: worker process failed to start") from exc
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(self.spec, self.options),
+        )
+
+    async def process(self, index: int, chunk: Chunk) -> Outcome:
+        """Handle ``chunk`` in the thread, or in worker ``index`` (0 <= index < workers).
+
+        Never raises for a handler fault: a worker that died (crash, ``os._exit``)
+        is replaced and reported as an ``Outcome`` with ``error`` set.
+        """
+        loop = asyncio.get_running_loop()
+        if self._runner is not None:
+            return await loop.run_in_executor(self._executors[0], self._runner.process, chunk)
+        fmt = chunk.format
+        args = (
+            chunk.stream,
+            chunk.seq,
+            chunk.captured_ns,
+            (fmt.rate, fmt.channels, int(fmt.sample_type)),
+            bytes(chunk.payload),
+            chunk.received_ns,
+        )
+        try:
+            return await loop.run_in_executor(self._executors[index], _worker_process, *args)
+        except BrokenProcessPool:
+            # The handler killed its worker (crash, os._exit): count it, start a new one.
+            self._executors[index] = self._new_pool()
+            return Outcome(error="worker process died while handling the chunk", pid=0)
+        except Exception as exc:  # e.g. a result that cannot be pickled back
+            return Outcome(error=_one_line(exc), trace=traceback.format_exc())
+
+    async def release(self, stream: str) -> list[Outcome | BaseException]:
+        """Tear down ``stream``'s handler instance in the thread or every worker."""
+        loop = asyncio.get_running_loop()
+        if self._runner is not None:
+            calls = [loop.run_in_executor(self._executors[0], self._runner.release, stream)]
+        else:
+            calls = [loop.run_in_executor(p, _worker_release, stream) for p in self._executors]
+        return list(await asyncio.gather(*calls, return_exceptions=True))
+
+    async def close(self, timeout: float) -> list[Outcome | BaseException]:
+        """Tear every handler instance down, waiting at most ``timeout`` seconds.
+
+        Returns what each thread/worker reported; one that did not finish in
+        time is logged and left out (``shutdown`` then deals with it).
+        """
+        loop = asyncio.get_running_loop()
+        closers: list[Awaitable[Outcome]] = []
+        if self._runner is not None:
+            closers.append(loop.run_in_executor(self._executors[0], self._runner.close))
+        elif self.workers:
+            closers.extend(loop.run_in_executor(p, _worker_close) for p in self._executors)
+        if not closers:
+            return []
+        tasks = [asyncio.ensure_future(c) for c in closers]
+        _done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+            log.warning("%s: teardown did not finish within %g s", self.spec.name, timeout)
+        return [task.exception() or task.result() for task in tasks if not task.cancelled()]
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop the handler thread/workers without waiting on a hung handler forever.
+
+        Workers get ``timeout`` seconds in total to exit, then are terminated;
+        the handler thread is a daemon, so a stuck one cannot keep the process alive.
+        """
+        pools, self._executors = self._executors, []
+        processes: list[Any] = []
+        for pool in pools:
+            # Private, but the only handle on a worker stuck in user code: we must be
+            # able to terminate it, or the interpreter would wait for it at exit.
+            processes.extend((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        for proc in processes:
+            await asyncio.to_thread(proc.join, max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("%s: worker %d did not stop; terminating it", self.spec.name, proc.pid)
+                proc.terminate()
+                await asyncio.to_thread(proc.join, 5.0)

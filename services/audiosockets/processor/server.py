@@ -6,35 +6,23 @@ import asyncio
 import collections
 import contextlib
 import logging
-import multiprocessing
-import os
 import signal
 import socket
 import sys
 import time
-import traceback
-from collections.abc import AsyncIterable, Awaitable, Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any, Final, Literal, Protocol
+from typing import IO, Final, Literal, Protocol
 
 from ..audio import Chunk
 from ..errors import ConfigError, HandlerError
 from ..handlers import HandlerOptions
 from ..metrics import Metrics
+from ..service import STOP_SIGNALS, run_service
 from .backlog import ChunkBacklog, StreamClosed
 from .loading import HandlerSpec, _one_line, check_handler, parse_spec
 from .metrics import ProcessorMetrics
-from .runners import (
-    HandlerRunner,
-    HandlerThread,
-    Outcome,
-    _worker_close,
-    _worker_init,
-    _worker_process,
-    _worker_release,
-)
+from .runners import HandlerPool, Outcome
 
 log = logging.getLogger("audiosockets.processor")
 
@@ -99,6 +87,7 @@ class Processor:
         exit_after: int = 100,
         drain_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        source: AsyncIterable[Chunk] | None = None,
     ) -> None:
         self.spec = handler if isinstance(handler, HandlerSpec) else parse_spec(handler)
         self.options = options or HandlerOptions()
@@ -127,9 +116,13 @@ class Processor:
         self._wake = asyncio.Event()
         self._closing = False
         self._fatal: HandlerError | None = None
-        self._runner: HandlerRunner | None = None
-        self._executors: list[Executor] = []
-        self._source: object = None
+        self.pool = HandlerPool(self.spec, self.options, workers)
+        #: What ``start()`` receives from when it is given no chunks (normally a Subscriber).
+        self.source: AsyncIterable[Chunk] | None = source
+        self._receiver: asyncio.Task[None] | None = None
+        self._consumers: list[asyncio.Task[None]] = []
+        self._serving = False
+        self._done = asyncio.Event()
         # Completion order per stream: chunks finish out of order with several
         # workers, but "done up to seq N" (on_done, the group ACK) may only
         # move past a chunk once it and everything before it is finished.
@@ -142,51 +135,41 @@ class Processor:
         self.pm.assigned_streams.labels(name).set(0)
         self.pm.processing_time.labels(name)
 
-    # -- lifecycle --
+    # -- lifecycle (audiosockets.service.Service) --
 
-    def stop(self) -> None:
-        """Stop receiving; the backlog is still processed for up to ``drain_timeout`` s."""
-        self._stop.set()
+    async def start(self, chunks: AsyncIterable[Chunk] | None = None) -> None:
+        """Load the handler (thread or workers) and start receiving ``chunks``.
 
-    def stream_closed(self, stream: str) -> None:
-        """The relay closed ``stream`` for us (publisher gone, moved to another group
-        member): once its queued chunks are handled, its handler instance is torn
-        down (``vad`` closes an open segment, ``archive`` completes its file). A new
-        instance is set up if the stream comes back."""
-        self.backlog.mark_closed(stream)
-        self._wake.set()
+        ``chunks`` defaults to the ``source`` given at construction. Raises
+        ``HandlerError`` (nothing left running) if the handler cannot be loaded.
+        """
+        source = chunks if chunks is not None else self.source
+        if source is None:
+            raise TypeError("Processor.start() needs chunks, or source= at construction")
+        if self._receiver is not None:
+            raise RuntimeError("Processor.start() called twice")
+        self.source = source
+        await self.pool.start()
+        self._consumers = [
+            asyncio.create_task(self._consume(i), name=f"processor-consume-{i}")
+            for i in range(max(1, self.workers))
+        ]
+        self._receiver = asyncio.create_task(self._receive(source), name="processor-receive")
 
-    async def _start(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self.workers == 0:
-            pool = HandlerThread(f"handler-{self.spec.name}")
-            self._executors = [pool]
-            self._runner = await loop.run_in_executor(pool, HandlerRunner, self.spec, self.options)
-        else:
-            self._executors = [self._new_pool() for _ in range(self.workers)]
-            # Fail fast: a worker that cannot load the handler breaks its pool here.
-            await asyncio.gather(*(loop.run_in_executor(p, os.getpid) for p in self._executors))
+    async def serve_forever(self) -> None:
+        """Process until the source ends (all of it) or ``stop()`` (``drain_timeout``).
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            1,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(self.spec, self.options),
-        )
-
-    async def run(self, chunks: AsyncIterable[Chunk]) -> None:
-        """Process ``chunks`` until they end or ``stop()``; raises ``HandlerError`` on give-up."""
-        try:
-            await self._start()
-        except HandlerError:
-            await self._shutdown_executors()
-            raise
-        except BrokenProcessPool as exc:
-            await self._shutdown_executors()
-            raise HandlerError(f"handler {self.spec.name}: worker process failed to start") from exc
-        consumers = [asyncio.create_task(self._consume(i)) for i in range(max(1, self.workers))]
-        receiver = asyncio.create_task(self._receive(chunks))
+        Then the backlog is drained, what is left counted as dropped
+        (``reason="processor_overrun"``), the handler torn down and the runners
+        shut down. Raises what the source raised, or ``HandlerError`` after
+        ``exit_after`` failures in a row.
+        """
+        receiver = self._receiver
+        if receiver is None:
+            raise RuntimeError("Processor.start() first")
+        if self._done.is_set():
+            return
+        self._serving = True
         stopper = asyncio.create_task(self._stop.wait())
         # The source ending by itself (a file, a test) means "process all of it";
         # stop(), a give-up or a cancellation gives the backlog drain_timeout.
@@ -197,16 +180,62 @@ class Processor:
                 drain_timeout = None
         finally:
             stopper.cancel()
-            receiver.cancel()
-            received_error: BaseException | None = None
-            with contextlib.suppress(asyncio.CancelledError):
-                received_error = (await asyncio.gather(receiver, return_exceptions=True))[0]
-            self._closing = True
-            self._wake.set()
-            _done, pending = await asyncio.wait(consumers, timeout=drain_timeout)
+            received_error = await self._shutdown(receiver, drain_timeout)
+        if isinstance(received_error, Exception):
+            raise received_error
+        if self._fatal is not None:
+            raise self._fatal
+
+    def request_stop(self) -> None:
+        """Ask ``serve_forever`` to stop receiving and drain (safe from a signal handler)."""
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Stop receiving; returns once the backlog was processed for up to
+        ``drain_timeout`` s and the handler was torn down. Safe to call twice."""
+        self._stop.set()
+        if self._receiver is None:
+            return
+        if not self._serving:
+            await self.serve_forever()  # started but never served: drain here
+        await self._done.wait()
+
+    async def run(
+        self,
+        chunks: AsyncIterable[Chunk] | None = None,
+        *,
+        ready: Callable[[Processor], object] | None = None,
+        signals: Iterable[signal.Signals] = STOP_SIGNALS,
+    ) -> None:
+        """``start``, ``serve_forever``, ``stop`` with SIGINT/SIGTERM handling
+        (``run_service``); raises ``HandlerError`` on give-up."""
+        if chunks is not None:
+            self.source = chunks
+        await run_service(self, ready=ready, signals=signals)
+
+    def stream_closed(self, stream: str) -> None:
+        """The relay closed ``stream`` for us (publisher gone, moved to another group
+        member): once its queued chunks are handled, its handler instance is torn
+        down (``vad`` closes an open segment, ``archive`` completes its file). A new
+        instance is set up if the stream comes back."""
+        self.backlog.mark_closed(stream)
+        self._wake.set()
+
+    async def _shutdown(
+        self, receiver: asyncio.Task[None], drain_timeout: float | None
+    ) -> BaseException | None:
+        """Stop receiving, drain the backlog, tear down; returns the receiver's error."""
+        receiver.cancel()
+        received_error: BaseException | None = None
+        with contextlib.suppress(asyncio.CancelledError):
+            received_error = (await asyncio.gather(receiver, return_exceptions=True))[0]
+        self._closing = True
+        self._wake.set()
+        try:
+            _done, pending = await asyncio.wait(self._consumers, timeout=drain_timeout)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*consumers, return_exceptions=True)
+            await asyncio.gather(*self._consumers, return_exceptions=True)
             left = 0
             while (item := self.backlog.pop()) is not None:
                 if isinstance(item, Chunk):  # StreamClosed: teardown follows anyway
@@ -214,66 +243,27 @@ class Processor:
                     left += 1
             if left:
                 log.warning("%s: %d chunk(s) not processed before shutdown", self.spec.name, left)
-            await self._close_runners()
-            await self._shutdown_executors()
-        if isinstance(received_error, Exception) and not isinstance(
-            received_error, asyncio.CancelledError
-        ):
-            raise received_error
-        if self._fatal is not None:
-            raise self._fatal
+            for result in await self.pool.close(self.drain_timeout):
+                self._apply_teardown(result, "teardown")
+            await self.pool.shutdown(self.drain_timeout)
+        finally:
+            self._done.set()
+        return None if isinstance(received_error, asyncio.CancelledError) else received_error
 
-    async def _close_runners(self) -> None:
-        loop = asyncio.get_running_loop()
-        closers: list[Awaitable[Outcome]] = []
-        if self._runner is not None:
-            closers.append(loop.run_in_executor(self._executors[0], self._runner.close))
-        elif self.workers:
-            closers.extend(loop.run_in_executor(p, _worker_close) for p in self._executors)
-        if not closers:
+    def _apply_teardown(self, result: Outcome | BaseException, what: str) -> None:
+        if isinstance(result, BaseException):
+            log.warning("%s: %s failed: %s", self.spec.name, what, _one_line(result))
             return
-        tasks = [asyncio.ensure_future(c) for c in closers]
-        _done, pending = await asyncio.wait(tasks, timeout=self.drain_timeout)
-        for task in pending:
-            task.cancel()
-            log.warning(
-                "%s: teardown did not finish within %g s", self.spec.name, self.drain_timeout
-            )
-        for task in tasks:
-            if task.cancelled():
-                continue
-            result = task.exception() or task.result()
-            if isinstance(result, BaseException):
-                log.warning("%s: teardown failed: %s", self.spec.name, _one_line(result))
-                continue
-            self.pm.apply(result.ops)
-            self._write_events(result.events)
-            if result.error:
-                self.pm.handler_errors.labels(self.spec.name).inc()
-                self.stats.errors += 1
-                log.error("%s: %s", self.spec.name, result.error)
-
-    async def _shutdown_executors(self) -> None:
-        """Stop the handler thread/workers without waiting on a hung handler forever."""
-        pools, self._executors = self._executors, []
-        processes: list[Any] = []
-        for pool in pools:
-            # Private, but the only handle on a worker stuck in user code: we must be
-            # able to terminate it, or the interpreter would wait for it at exit.
-            processes.extend((getattr(pool, "_processes", None) or {}).values())
-            pool.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + self.drain_timeout
-        for proc in processes:
-            await asyncio.to_thread(proc.join, max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                log.warning("%s: worker %d did not stop; terminating it", self.spec.name, proc.pid)
-                proc.terminate()
-                await asyncio.to_thread(proc.join, 5.0)
+        self.pm.apply(result.ops)
+        self._write_events(result.events)
+        if result.error:
+            self.pm.handler_errors.labels(self.spec.name).inc()
+            self.stats.errors += 1
+            log.error("%s: %s", self.spec.name, result.error)
 
     # -- receiving --
 
     async def _receive(self, chunks: AsyncIterable[Chunk]) -> None:
-        self._source = chunks
         async for chunk in chunks:
             self._accept(chunk)
 
@@ -285,7 +275,7 @@ class Processor:
             self.metrics.declare_stream(chunk.stream)
             self.pm.chunks_processed.labels(chunk.stream, self.spec.name)
             self.pm.assigned_streams.labels(self.spec.name).set(len(stats.streams))
-        assigned = getattr(self._source, "assigned", None)
+        assigned = getattr(self.source, "assigned", None)
         if isinstance(assigned, set | frozenset):  # a group Subscriber knows its share
             self.pm.assigned_streams.labels(self.spec.name).set(len(assigned))
         self._pending.setdefault(chunk.stream, collections.deque()).append(chunk.seq)
@@ -317,7 +307,7 @@ class Processor:
                 await self._release(chunk.stream)
                 continue
             self.metrics.queue_depth.labels(chunk.stream).set(self.backlog.depth[chunk.stream])
-            outcome = await self._execute(index, chunk)
+            outcome = await self.pool.process(index, chunk)
             self._apply(chunk, outcome)
             self._finish(chunk)
 
@@ -336,45 +326,8 @@ class Processor:
             self.on_done(chunk.stream, last)
 
     async def _release(self, stream: str) -> None:
-        loop = asyncio.get_running_loop()
-        if self._runner is not None:
-            calls = [loop.run_in_executor(self._executors[0], self._runner.release, stream)]
-        else:
-            calls = [loop.run_in_executor(p, _worker_release, stream) for p in self._executors]
-        for result in await asyncio.gather(*calls, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.warning(
-                    "%s: releasing %s failed: %s", self.spec.name, stream, _one_line(result)
-                )
-                continue
-            self.pm.apply(result.ops)
-            self._write_events(result.events)
-            if result.error:
-                self.pm.handler_errors.labels(self.spec.name).inc()
-                self.stats.errors += 1
-                log.error("%s: %s", self.spec.name, result.error)
-
-    async def _execute(self, index: int, chunk: Chunk) -> Outcome:
-        loop = asyncio.get_running_loop()
-        if self._runner is not None:
-            return await loop.run_in_executor(self._executors[0], self._runner.process, chunk)
-        fmt = chunk.format
-        args = (
-            chunk.stream,
-            chunk.seq,
-            chunk.captured_ns,
-            (fmt.rate, fmt.channels, int(fmt.sample_type)),
-            bytes(chunk.payload),
-            chunk.received_ns,
-        )
-        try:
-            return await loop.run_in_executor(self._executors[index], _worker_process, *args)
-        except BrokenProcessPool:
-            # The handler killed its worker (crash, os._exit): count it, start a new one.
-            self._executors[index] = self._new_pool()
-            return Outcome(error="worker process died while handling the chunk", pid=0)
-        except Exception as exc:  # e.g. a result that cannot be pickled back
-            return Outcome(error=_one_line(exc), trace=traceback.format_exc())
+        for result in await self.pool.release(stream):
+            self._apply_teardown(result, f"releasing {stream}")
 
     def _apply(self, chunk: Chunk, out: Outcome) -> None:
         pm, name, stats = self.pm, self.spec.name, self.stats
@@ -457,8 +410,11 @@ async def serve(
 ) -> None:
     """Run a processor against a relay until SIGINT/SIGTERM (or handler give-up).
 
-    ``started`` is called with the ``Processor`` before it runs (its ``stop()``
-    ends the run like a signal; the demo and tests use that).
+    ``started`` is called with the ``Processor`` before it connects (its
+    ``request_stop()`` ends the run like a signal; tests use that). Raises
+    ``HandlerError`` for a bad spec (before connecting) or on give-up,
+    ``ConfigError`` for an events file that cannot be opened, ``AddressInUse``
+    for a taken metrics port.
     """
     from ..client import Subscriber
     from ..metrics import serve_metrics
@@ -500,27 +456,9 @@ async def serve(
         processor.on_done = sub.ack
         if started is not None:
             started(processor)
-        with _stop_on_signals(processor.stop):
-            async with sub:
-                await processor.run(sub)
+        async with sub:
+            await processor.run(sub)
 
 
 def _open_events(path: str) -> IO[str]:
     return open(path, "a", encoding="utf-8", buffering=1)
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop: Callable[[], None]) -> Any:
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):  # not the main thread / not Unix
-            pass
-    try:
-        yield
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
