@@ -25,6 +25,7 @@ from audiosockets.cli import main
 from audiosockets.errors import ConfigError, HandlerError
 from audiosockets.metrics import Metrics
 from audiosockets.processor import ChunkBacklog, Processor, parse_spec
+from audiosockets.processor.backlog import CompletionOrder
 
 RATE = 16000
 
@@ -507,3 +508,16 @@ async def test_sigterm_stops_a_running_processor_and_drains_its_backlog() -> Non
     assert proc.stats.processed == len(sent)
     assert proc.stats.dropped == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_completion_order_moves_done_only_past_a_contiguous_prefix() -> None:
+    order = CompletionOrder()
+    for seq in (4, 5, 6, 7):
+        order.received("a", seq)
+    order.received("b", 1)
+    assert order.finish("a", 6) is None  # 4 and 5 are still in flight
+    assert order.finish("a", 4) == 4
+    assert order.finish("b", 1) == 1  # streams are independent
+    assert order.finish("a", 5) == 6  # 5 completes the prefix up to the finished 6
+    assert order.finish("a", 7) == 7
+    assert order.finish("unknown", 1) is None

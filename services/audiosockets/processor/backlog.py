@@ -79,3 +79,33 @@ class ChunkBacklog:
             return None
         item = self._items.popleft()
         return self._account(item) if isinstance(item, Chunk) else item
+
+
+class CompletionOrder:
+    """ "Done up to seq N" per stream, when chunks finish out of order.
+
+    With several workers chunks finish in any order, but the group ACK may
+    only move past a chunk once it and every chunk received before it on the
+    same stream is finished (handled, or dropped and counted).
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, deque[int]] = {}
+        self._finished: dict[str, set[int]] = {}
+
+    def received(self, stream: str, seq: int) -> None:
+        """``seq`` arrived on ``stream`` (call in arrival order)."""
+        self._pending.setdefault(stream, deque()).append(seq)
+
+    def finish(self, stream: str, seq: int) -> int | None:
+        """``seq`` is finished; returns the new "done up to" seq, or None if it did not move."""
+        pending = self._pending.get(stream)
+        if pending is None:
+            return None
+        finished = self._finished.setdefault(stream, set())
+        finished.add(seq)
+        last = None
+        while pending and pending[0] in finished:
+            last = pending.popleft()
+            finished.discard(last)
+        return last

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import signal
@@ -19,7 +18,7 @@ from ..errors import ConfigError, HandlerError
 from ..handlers import HandlerOptions
 from ..metrics import Metrics
 from ..service import STOP_SIGNALS, run_service
-from .backlog import ChunkBacklog, StreamClosed
+from .backlog import ChunkBacklog, CompletionOrder, StreamClosed
 from .loading import HandlerSpec, _one_line, check_handler, parse_spec
 from .metrics import ProcessorMetrics
 from .runners import HandlerPool, Outcome
@@ -123,12 +122,9 @@ class Processor:
         self._consumers: list[asyncio.Task[None]] = []
         self._serving = False
         self._done = asyncio.Event()
-        # Completion order per stream: chunks finish out of order with several
-        # workers, but "done up to seq N" (on_done, the group ACK) may only
-        # move past a chunk once it and everything before it is finished.
+        #: Called with (stream, seq) once every chunk up to seq is finished (the group ACK).
         self.on_done: Callable[[str, int], None] | None = None
-        self._pending: dict[str, collections.deque[int]] = {}
-        self._finished: dict[str, set[int]] = {}
+        self._completion = CompletionOrder()
         name = self.spec.name
         self.pm.handler_errors.labels(name)
         self.pm.handler_failing.labels(name).set(0)
@@ -278,7 +274,7 @@ class Processor:
         assigned = getattr(self.source, "assigned", None)
         if isinstance(assigned, set | frozenset):  # a group Subscriber knows its share
             self.pm.assigned_streams.labels(self.spec.name).set(len(assigned))
-        self._pending.setdefault(chunk.stream, collections.deque()).append(chunk.seq)
+        self._completion.received(chunk.stream, chunk.seq)
         for old in self.backlog.push(chunk):
             self._count_drop(old)
             self._finish(old)
@@ -313,15 +309,7 @@ class Processor:
 
     def _finish(self, chunk: Chunk) -> None:
         """``chunk`` is handled (or dropped and counted): advance ``on_done``."""
-        pending = self._pending.get(chunk.stream)
-        if pending is None:
-            return
-        finished = self._finished.setdefault(chunk.stream, set())
-        finished.add(chunk.seq)
-        last = None
-        while pending and pending[0] in finished:
-            last = pending.popleft()
-            finished.discard(last)
+        last = self._completion.finish(chunk.stream, chunk.seq)
         if last is not None and self.on_done is not None:
             self.on_done(chunk.stream, last)
 
