@@ -16,17 +16,22 @@ import logging
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, get_args, runtime_checkable
 
 import click
 
 from . import __version__
+from .audio import DTypeName
+from .client import StartName
 from .errors import AudiosocketsError, ConfigError
+from .loadtest import ClientName, RateName
 from .urls import parse_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
+C = TypeVar("C")
 LoopName = Literal["auto", "asyncio", "uvloop"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 #: Exit codes (beyond the error classes' own): 130 after Ctrl-C.
 EXIT_INTERRUPTED = 130
@@ -39,7 +44,11 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def user_errors(func: Callable[P, T]) -> Callable[P, T]:
-    """Map our errors to one line and a named exit code; no tracebacks."""
+    """Map our errors to one line and a named exit code; no tracebacks.
+
+    Only ``AudiosocketsError`` is a user error (``ConfigError``: exit 2). Any
+    other exception is a bug and shows as one, with its traceback.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -47,13 +56,42 @@ def user_errors(func: Callable[P, T]) -> Callable[P, T]:
             return func(*args, **kwargs)
         except AudiosocketsError as exc:
             fail(str(exc), exc.exit_code)
-        except ValueError as exc:  # config objects validate their fields
-            fail(str(exc), ConfigError.exit_code)
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
         raise AssertionError("unreachable")
 
     return wrapper
+
+
+@runtime_checkable
+class Validated(Protocol):
+    """A config object that checks its fields as a whole (raises ``ConfigError``)."""
+
+    def validate(self) -> None: ...
+
+
+def configure(factory: Callable[P, C], /, *args: P.args, **kwargs: P.kwargs) -> C:
+    """The one path a command's configuration goes through: build it, validate it.
+
+    Calls ``factory`` (a config class) and then its ``validate()`` if it has one.
+    A ``ValueError`` raised there is the config rejecting a value (the relay's
+    ``RelayConfig`` and ``Limits`` still raise ``ValueError``) and becomes a
+    ``ConfigError`` (exit status 2); a ``ValueError`` anywhere else is a bug.
+    """
+    try:
+        config = factory(*args, **kwargs)
+        if isinstance(config, Validated):
+            config.validate()
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return config
+
+
+def choice(alias: Any) -> click.Choice[str]:
+    """A ``click.Choice`` of the values of a ``Literal`` alias (one list, in the code)."""
+    return click.Choice(get_args(alias))
 
 
 def run_async(coro: Coroutine[Any, Any, T], loop: LoopName = "auto") -> T:
@@ -92,7 +130,7 @@ token_option = click.option(
 loop_option = click.option(
     "--loop",
     "loop_name",
-    type=click.Choice(["auto", "asyncio", "uvloop"]),
+    type=choice(LoopName),
     default="auto",
     help="Event loop implementation.",
 )
@@ -107,11 +145,11 @@ def listen_address(value: str) -> tuple[str, int]:
 @click.version_option(__version__, prog_name="audiosockets")
 @click.option(
     "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
+    type=choice(LogLevel),
     default="info",
     help="How much to log (to stderr).",
 )
-def main(log_level: str) -> None:
+def main(log_level: LogLevel) -> None:
     """Real-time audio over sockets: record, relay, process."""
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
@@ -145,7 +183,10 @@ def main(log_level: str) -> None:
     help="PING interval; a peer silent for 3 intervals is dead.",
 )
 @click.option(
-    "--max-frame-bytes", type=click.IntRange(64), default=1 << 20, help="Largest frame accepted."
+    "--max-frame-bytes",
+    type=click.IntRange(64, 2**32 - 1),
+    default=1 << 20,
+    help="Largest frame accepted.",
 )
 @click.option(
     "--token",
@@ -170,13 +211,14 @@ def relay(
     from .relay import Relay, RelayConfig
 
     host, port = listen_address(listen)
-    config = RelayConfig(
+    config = configure(
+        RelayConfig,
         host=host,
         port=port,
         replay_seconds=replay_seconds,
         queue_seconds=queue_seconds,
         heartbeat_interval=heartbeat_seconds,
-        limits=Limits(max_frame_size=max_frame_bytes),
+        limits=configure(Limits, max_frame_size=max_frame_bytes),
         token=token or "",
     )
     metrics = Metrics()
@@ -202,12 +244,15 @@ def relay(
     "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait."
 )
 @token_option
+@loop_option
 @user_errors
-def status(relay_url: str, as_json: bool, timeout: float, token: str | None) -> None:
+def status(
+    relay_url: str, as_json: bool, timeout: float, token: str | None, loop_name: LoopName
+) -> None:
     """Show a relay's streams, clients, groups and drops."""
     from .client import fetch_status
 
-    report = asyncio.run(fetch_status(relay_url, timeout=timeout, token=token or ""))
+    report = run_async(fetch_status(relay_url, timeout=timeout, token=token or ""), loop_name)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -232,7 +277,7 @@ def status(relay_url: str, as_json: bool, timeout: float, token: str | None) -> 
 )
 @click.option(
     "--rate",
-    type=click.Choice(["realtime", "max"]),
+    type=choice(RateName),
     default="realtime",
     help="realtime: one chunk per chunk duration; max: as fast as the relay takes them.",
 )
@@ -251,7 +296,7 @@ def status(relay_url: str, as_json: bool, timeout: float, token: str | None) -> 
 )
 @click.option(
     "--client",
-    type=click.Choice(["library", "raw"]),
+    type=choice(ClientName),
     default="library",
     help="library: subscribers are audiosockets Subscribers (what processors use); "
     "raw: header-only readers, to measure the relay's own ceiling.",
@@ -281,12 +326,12 @@ def loadtest(
     subscribers: int,
     group: str,
     duration: float,
-    rate: Literal["realtime", "max"],
+    rate: RateName,
     relay_url: str,
     sample_rate: int,
     chunk_ms: float,
     subscriber_processes: int,
-    client: Literal["library", "raw"],
+    client: ClientName,
     max_loss: float | None,
     max_p99_ms: float | None,
     as_json: bool,
@@ -296,7 +341,8 @@ def loadtest(
 
     if relay_url:
         parse_url(relay_url)
-    cfg = LoadTestConfig(
+    cfg = configure(
+        LoadTestConfig,
         streams=streams,
         subscribers=subscribers,
         group=group,
@@ -377,7 +423,7 @@ def format_status(report: dict[str, Any]) -> str:
 @click.option("--channels", type=click.IntRange(1, 64), default=1, help="Channel count.")
 @click.option(
     "--dtype",
-    type=click.Choice(["int16", "int32", "float32"]),
+    type=choice(DTypeName),
     default="int16",
     help="Sample type on the wire.",
 )
@@ -412,7 +458,7 @@ def record(
     source: str,
     rate: int,
     channels: int,
-    dtype: Literal["int16", "int32", "float32"],
+    dtype: DTypeName,
     block_ms: float,
     spool_seconds: float,
     spool_dir: Path | None,
@@ -427,7 +473,8 @@ def record(
     from .recorder import record as run_recorder
 
     parse_url(relay_url)  # a malformed URL is an error before any device is opened
-    config = RecorderConfig(
+    config = configure(
+        RecorderConfig,
         relay=relay_url,
         stream=stream,
         source=source,
@@ -499,7 +546,7 @@ def devices() -> None:
 )
 @click.option(
     "--start",
-    type=click.Choice(["live", "earliest"]),
+    type=choice(StartName),
     default="live",
     help="live: from now; earliest: from the oldest audio the relay still holds.",
 )
@@ -508,6 +555,7 @@ def devices() -> None:
 )
 @token_option
 @metrics_port_option(9402)
+@loop_option
 @user_errors
 def process(
     relay_url: str,
@@ -519,19 +567,17 @@ def process(
     events: str | None,
     segment_seconds: float,
     max_failures: int,
-    start: Literal["live", "earliest"],
+    start: StartName,
     name: str | None,
     token: str | None,
     metrics_port: int,
+    loop_name: LoopName,
 ) -> None:
     """Run a handler on every chunk of the matching streams."""
-    from .handlers import HandlerOptions
-    from .processor import ProcessorConfig, check_handler, parse_spec, serve
+    from .processor import ProcessorConfig, serve
 
-    parse_url(relay_url)
-    # A bad spec is one line before anything connects.
-    check_handler(parse_spec(handler_spec), HandlerOptions(segment_seconds=segment_seconds))
-    config = ProcessorConfig(
+    config = configure(
+        ProcessorConfig,
         handler=handler_spec,
         relay=relay_url,
         stream=stream,
@@ -546,7 +592,7 @@ def process(
         start=start,
         token=token,
     )
-    asyncio.run(serve(config))
+    run_async(serve(config), loop_name)  # checks the handler once, before connecting
 
 
 @main.command()
@@ -567,13 +613,15 @@ def process(
     default=0.0,
     help="Stop after this many seconds (0: run until Ctrl-C).",
 )
+@loop_option
 @user_errors
-def demo(listen: str, streams: int, seconds: float) -> None:
+def demo(listen: str, streams: int, seconds: float, loop_name: LoopName) -> None:
     """Relay, synthetic recorders and the level and vad processors, with a live table."""
     from .demo import DemoConfig, run_demo
 
     host, port = listen_address(listen)
-    asyncio.run(run_demo(DemoConfig(host=host, port=port, streams=streams, seconds=seconds)))
+    config = configure(DemoConfig, host=host, port=port, streams=streams, seconds=seconds)
+    run_async(run_demo(config), loop_name)
 
 
 # --- env vars (keep last: runs after every command is registered) -----------

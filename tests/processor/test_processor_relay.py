@@ -19,7 +19,7 @@ from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import Publisher, RetryPolicy, Subscriber
 from audiosockets.handlers import HandlerOptions
 from audiosockets.metrics import Metrics
-from audiosockets.processor import Processor, ProcessorConfig, serve
+from audiosockets.processor import HandlerSpec, Processor, ProcessorConfig, serve
 from audiosockets.relay import Relay, RelayConfig
 
 FMT = AudioFormat(16000, 1, SampleType.INT16)
@@ -247,3 +247,31 @@ async def test_archive_completes_a_stream_handed_to_another_group_member(
     with wave.open(str(wav)) as w:
         assert w.readframes(w.getnframes()) == b"".join(data[moved])
     assert json.loads(wav.with_suffix(".json").read_text())["ended_by"] == "closed"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_serve_checks_the_handler_once_before_connecting(
+    relay: Relay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    import audiosockets.processor.loading as loading
+    import audiosockets.processor.runners as runners
+    import audiosockets.processor.server as server
+
+    calls: list[str] = []
+    real = loading.check_handler
+
+    def counting(spec: HandlerSpec, options: HandlerOptions) -> object:
+        calls.append(spec.text)
+        return real(spec, options)
+
+    monkeypatch.setattr(server, "check_handler", counting)
+    monkeypatch.setattr(runners, "check_handler", counting)
+    started: list[Processor] = []
+    config = ProcessorConfig(
+        handler=f"archive:{tmp_path}", relay=relay.url, workers=workers, metrics_port=0
+    )
+    task = asyncio.create_task(serve(config, metrics=Metrics(), started=started.append))
+    await wait_until(lambda: bool(started), what="processor built")
+    started[0].request_stop()  # serve still starts the runners (loading the handler), then drains
+    await asyncio.wait_for(task, 10)
+    assert calls == [f"archive:{tmp_path}"]  # serve's check; the runner only loads

@@ -35,7 +35,7 @@ import numpy as np
 from ..audio import AudioFormat, Chunk, SampleType
 from ..errors import HandlerError
 from ..handlers import HandlerContext, HandlerOptions, MetricOp, MetricSink
-from .loading import HandlerSpec, _one_line, check_handler
+from .loading import HandlerSpec, _one_line, check_handler, load_target
 
 log = logging.getLogger("audiosockets.processor")
 P = ParamSpec("P")
@@ -88,11 +88,18 @@ class HandlerRunner:
     are run to completion on a private event loop of this thread.
     """
 
-    def __init__(self, spec: HandlerSpec, options: HandlerOptions) -> None:
+    def __init__(
+        self, spec: HandlerSpec, options: HandlerOptions, *, checked: bool = False
+    ) -> None:
+        """Load the handler ``spec`` names; ``HandlerError`` if it cannot be loaded.
+
+        Unless ``checked`` (the caller already ran ``check_handler``, e.g. ``serve``
+        before connecting), a built-in is validated by building one instance.
+        """
         self.spec = spec
         self.options = options
         self.sink = MetricSink()
-        self._target = check_handler(spec, options)
+        self._target = load_target(spec) if checked else check_handler(spec, options)
         self._instances: dict[str, tuple[AudioFormat, Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -243,10 +250,10 @@ class HandlerThread(Executor):
 _WORKER_RUNNER: HandlerRunner | None = None
 
 
-def _worker_init(spec: HandlerSpec, options: HandlerOptions) -> None:
+def _worker_init(spec: HandlerSpec, options: HandlerOptions, checked: bool) -> None:
     global _WORKER_RUNNER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    _WORKER_RUNNER = HandlerRunner(spec, options)
+    _WORKER_RUNNER = HandlerRunner(spec, options, checked=checked)
 
 
 def _worker_process(
@@ -290,10 +297,13 @@ class HandlerPool:
     applying outcomes to metrics and events is the caller's job.
     """
 
-    def __init__(self, spec: HandlerSpec, options: HandlerOptions, workers: int) -> None:
+    def __init__(
+        self, spec: HandlerSpec, options: HandlerOptions, workers: int, *, checked: bool = False
+    ) -> None:
         self.spec = spec
         self.options = options
         self.workers = workers
+        self.checked = checked
         self._runner: HandlerRunner | None = None
         self._executors: list[Executor] = []
 
@@ -309,7 +319,8 @@ class HandlerPool:
                 pool = HandlerThread(f"handler-{self.spec.name}")
                 self._executors = [pool]
                 self._runner = await loop.run_in_executor(
-                    pool, HandlerRunner, self.spec, self.options
+                    pool,
+                    functools.partial(HandlerRunner, self.spec, self.options, checked=self.checked),
                 )
             else:
                 self._executors = [self._new_pool() for _ in range(self.workers)]
@@ -327,7 +338,7 @@ class HandlerPool:
             1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
-            initargs=(self.spec, self.options),
+            initargs=(self.spec, self.options, self.checked),
         )
 
     async def process(self, index: int, chunk: Chunk) -> Outcome:

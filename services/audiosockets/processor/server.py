@@ -10,18 +10,23 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import IO, Final, Literal, Protocol
+from typing import IO, TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from ..audio import Chunk
 from ..errors import ConfigError, HandlerError
 from ..handlers import HandlerOptions
 from ..metrics import Metrics
 from ..service import STOP_SIGNALS, run_service
+from ..urls import parse_url
 from .backlog import ChunkBacklog, CompletionOrder, StreamClosed
 from .loading import HandlerSpec, _one_line, check_handler, parse_spec
 from .metrics import ProcessorMetrics
 from .runners import HandlerPool, Outcome
+
+if TYPE_CHECKING:
+    from ..client import StartName
 
 log = logging.getLogger("audiosockets.processor")
 
@@ -37,6 +42,15 @@ class EventSink(Protocol):
     def write(self, text: str, /) -> int: ...
 
     def flush(self) -> None: ...
+
+
+@runtime_checkable
+class GroupShare(Protocol):
+    """A source that knows which streams a consumer group assigned to it (a group
+    ``Subscriber``); ``audiosockets_assigned_streams`` reports their number."""
+
+    @property
+    def assigned(self) -> AbstractSet[str]: ...
 
 
 class _RateLimitedLog:
@@ -87,6 +101,7 @@ class Processor:
         drain_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         source: AsyncIterable[Chunk] | None = None,
+        checked: bool = False,
     ) -> None:
         self.spec = handler if isinstance(handler, HandlerSpec) else parse_spec(handler)
         self.options = options or HandlerOptions()
@@ -115,7 +130,7 @@ class Processor:
         self._wake = asyncio.Event()
         self._closing = False
         self._fatal: HandlerError | None = None
-        self.pool = HandlerPool(self.spec, self.options, workers)
+        self.pool = HandlerPool(self.spec, self.options, workers, checked=checked)
         #: What ``start()`` receives from when it is given no chunks (normally a Subscriber).
         self.source: AsyncIterable[Chunk] | None = source
         self._receiver: asyncio.Task[None] | None = None
@@ -271,9 +286,8 @@ class Processor:
             self.metrics.declare_stream(chunk.stream)
             self.pm.chunks_processed.labels(chunk.stream, self.spec.name)
             self.pm.assigned_streams.labels(self.spec.name).set(len(stats.streams))
-        assigned = getattr(self.source, "assigned", None)
-        if isinstance(assigned, set | frozenset):  # a group Subscriber knows its share
-            self.pm.assigned_streams.labels(self.spec.name).set(len(assigned))
+        if isinstance(self.source, GroupShare):  # a group Subscriber knows its share
+            self.pm.assigned_streams.labels(self.spec.name).set(len(self.source.assigned))
         self._completion.received(chunk.stream, chunk.seq)
         for old in self.backlog.push(chunk):
             self._count_drop(old)
@@ -386,8 +400,26 @@ class ProcessorConfig:
     events: str | None = None  # path; None means stdout
     segment_seconds: float = 60.0
     exit_after: int = 100
-    start: Literal["live", "earliest"] = "live"
+    start: StartName = "live"
     token: str | None = None
+
+    def validate(self) -> None:
+        """Check the fields a flag sets; ``ConfigError`` naming the flag.
+
+        The handler spec is not checked here: ``serve`` loads it (once), and a bad
+        one is a ``HandlerError``.
+        """
+        parse_url(self.relay)
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port must be 0..65535, got {self.metrics_port}")
+        if not self.backlog_seconds > 0:
+            raise ConfigError(f"--backlog-seconds must be positive, got {self.backlog_seconds:g}")
+        if not self.segment_seconds > 0:
+            raise ConfigError(f"--segment-seconds must be positive, got {self.segment_seconds:g}")
+        if self.exit_after < 0:
+            raise ConfigError(f"--max-failures must be >= 0, got {self.exit_after}")
 
 
 async def serve(
@@ -409,7 +441,7 @@ async def serve(
 
     spec = parse_spec(config.handler)
     options = HandlerOptions(segment_seconds=config.segment_seconds)
-    check_handler(spec, options)  # a bad spec fails here, before any connection
+    check_handler(spec, options)  # a bad spec fails here, before any connection; only here
     metrics = metrics if metrics is not None else Metrics()
     with contextlib.ExitStack() as stack:
         events: IO[str] = sys.stdout
@@ -426,6 +458,7 @@ async def serve(
             metrics=metrics,
             events=events,
             exit_after=config.exit_after,
+            checked=True,
         )
         if config.metrics_port > 0:
             serve_metrics(config.metrics_port, metrics.registry)  # raises AddressInUse
