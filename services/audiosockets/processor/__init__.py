@@ -31,13 +31,15 @@ State lives in ``Processor`` (backlog, counters, worker pools) on the event
 loop, and in ``HandlerRunner`` (handler instances, one per stream for class
 handlers) inside the thread or worker process that runs the handler.
 
-Modules: ``loading`` (specs, importing handlers), ``runners`` (handler thread,
+Modules: ``api`` (the typed handler API: ``Handler``, ``SetsUp``, ``TearsDown``),
+``loading`` (specs, importing handlers), ``runners`` (handler thread,
 worker processes, ``Outcome``), ``backlog`` (``ChunkBacklog``), ``metrics``
 (``ProcessorMetrics``), ``server`` (``Processor``, ``ProcessorConfig``, ``serve``).
 """
 
 from __future__ import annotations
 
+from .api import Handler, SetsUp, TearsDown
 from .backlog import ChunkBacklog, StreamClosed
 from .loading import SPEC_HELP, HandlerSpec, check_handler, load_target, parse_spec
 from .metrics import ProcessorMetrics
@@ -56,6 +58,7 @@ __all__ = [
     "SPEC_HELP",
     "ChunkBacklog",
     "EventSink",
+    "Handler",
     "HandlerPool",
     "HandlerRunner",
     "HandlerSpec",
@@ -65,7 +68,9 @@ __all__ = [
     "ProcessorConfig",
     "ProcessorMetrics",
     "ProcessorStats",
+    "SetsUp",
     "StreamClosed",
+    "TearsDown",
     "check_handler",
     "load_target",
     "parse_spec",

@@ -53,7 +53,7 @@ class HandlerSpec:
     @property
     def stateful(self) -> bool:
         """Built-ins that keep state across chunks must see every chunk of a stream in order."""
-        return self.kind == "builtin" and BUILTINS[self.target][2]
+        return self.kind == "builtin" and BUILTINS[self.target].stateful
 
 
 def parse_spec(text: str) -> HandlerSpec:
@@ -63,7 +63,7 @@ def parse_spec(text: str) -> HandlerSpec:
         raise HandlerError(f"--handler is empty: expected {SPEC_HELP}")
     head, sep, tail = text.partition(":")
     if head in BUILTINS:
-        takes = BUILTINS[head][1]
+        takes = BUILTINS[head].takes_arg
         if takes == "required" and not tail:
             raise HandlerError(f"handler {head} needs an argument: {head}:DIR")
         if takes == "none" and sep:

@@ -35,6 +35,7 @@ import numpy as np
 from ..audio import AudioFormat, Chunk, SampleType
 from ..errors import HandlerError
 from ..handlers import HandlerContext, HandlerOptions, MetricOp, MetricSink
+from .api import Handler, SetsUp, TearsDown
 from .loading import HandlerSpec, _one_line, check_handler, load_target
 
 log = logging.getLogger("audiosockets.processor")
@@ -59,8 +60,18 @@ class Outcome:
 
 
 class _FunctionHandler:
-    def __init__(self, fn: Callable[[Chunk], Any]) -> None:
+    """A plain function, seen through the ``Handler`` protocol."""
+
+    def __init__(self, fn: Callable[[Chunk], object]) -> None:
         self.handle = fn
+
+
+@dataclass(slots=True)
+class _Instance:
+    """The handler instance of one stream, and the format it was set up for."""
+
+    format: AudioFormat
+    handler: Handler
 
 
 def _json_default(obj: Any) -> Any:
@@ -100,7 +111,7 @@ class HandlerRunner:
         self.options = options
         self.sink = MetricSink()
         self._target = load_target(spec) if checked else check_handler(spec, options)
-        self._instances: dict[str, tuple[AudioFormat, Any]] = {}
+        self._instances: dict[str, _Instance] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _await(self, value: Any) -> Any:
@@ -110,30 +121,39 @@ class HandlerRunner:
             return self._loop.run_until_complete(_as_coroutine(value))
         return value
 
-    def _new_instance(self, stream: str) -> Any:
+    def _new_instance(self, stream: str) -> Handler:
         target = self._target
+        inst: object
         if self.spec.kind == "builtin":
-            return target(HandlerContext(stream, self.spec.arg, self.options, self.sink))
-        if inspect.isclass(target):
-            return target()
-        if callable(getattr(target, "handle", None)):
-            return target
-        return _FunctionHandler(target)
+            inst = target(HandlerContext(stream, self.spec.arg, self.options, self.sink))
+        elif inspect.isclass(target):
+            inst = target()
+        elif isinstance(target, Handler) and callable(target.handle):
+            inst = target
+        else:
+            inst = _FunctionHandler(target)
+        if not isinstance(inst, Handler):  # load_target checked the class; be sure of the instance
+            raise TypeError(f"handler {self.spec.text!r} instance has no handle(chunk) method")
+        return inst
 
-    def _instance(self, chunk: Chunk) -> Any:
+    def _instance(self, chunk: Chunk) -> Handler:
         known = self._instances.get(chunk.stream)
-        if known is not None and known[0] == chunk.format:
-            return known[1]
+        if known is not None and known.format == chunk.format:
+            return known.handler
         if known is not None:
-            self._teardown(chunk.stream, known[1])
+            self._teardown(chunk.stream, known.handler)
         inst = self._new_instance(chunk.stream)
-        setup = getattr(inst, "setup", None)
-        if callable(setup):
-            self._await(setup(chunk.format))
-        self._instances[chunk.stream] = (chunk.format, inst)
+        if isinstance(inst, SetsUp) and callable(inst.setup):
+            self._await(inst.setup(chunk.format))
+        self._instances[chunk.stream] = _Instance(chunk.format, inst)
         return inst
 
     def encode(self, stream: str, seq: int | None, result: Any) -> list[str]:
+        """JSON lines for what a handler returned (see ``api``); ``seq`` None for teardown.
+
+        Raises ``TypeError`` for a result that is not None, a dict, a dataclass
+        instance or a list/tuple of them, and for values JSON cannot hold.
+        """
         if result is None:
             return []
         items = list(result) if isinstance(result, list | tuple) else [result]
@@ -155,6 +175,13 @@ class HandlerRunner:
         return lines
 
     def process(self, chunk: Chunk) -> Outcome:
+        """Handle one chunk (setting up its stream's instance first if needed).
+
+        Never raises for a handler fault: the exception's one-line text and
+        traceback go into ``Outcome.error``/``trace``. ``duration`` is the wall
+        time of the call in seconds, ``started_ns`` its start (ns since the epoch),
+        ``cpu_seconds`` this process's CPU time so far.
+        """
         out = Outcome(started_ns=time.time_ns(), pid=os.getpid())
         t0 = time.perf_counter()
         try:
@@ -167,11 +194,10 @@ class HandlerRunner:
         out.cpu_seconds = time.process_time()
         return out
 
-    def _teardown(self, stream: str, inst: Any) -> list[str]:
-        teardown = getattr(inst, "teardown", None)
-        if not callable(teardown):
+    def _teardown(self, stream: str, inst: Handler) -> list[str]:
+        if not (isinstance(inst, TearsDown) and callable(inst.teardown)):
             return []
-        return self.encode(stream, None, self._await(teardown()))
+        return self.encode(stream, None, self._await(inst.teardown()))
 
     def release(self, stream: str) -> Outcome:
         """Tear down the instance of one stream (the relay closed it for us)."""
@@ -179,7 +205,7 @@ class HandlerRunner:
         known = self._instances.pop(stream, None)
         if known is not None:
             try:
-                out.events = self._teardown(stream, known[1])
+                out.events = self._teardown(stream, known.handler)
             except Exception as exc:
                 out.error = f"teardown for {stream}: {_one_line(exc)}"
                 out.trace = traceback.format_exc()
@@ -191,9 +217,9 @@ class HandlerRunner:
         """Tear down every instance (errors are reported, never raised)."""
         out = Outcome(started_ns=time.time_ns(), pid=os.getpid())
         errors = []
-        for stream, (_fmt, inst) in list(self._instances.items()):
+        for stream, known in list(self._instances.items()):
             try:
-                out.events.extend(self._teardown(stream, inst))
+                out.events.extend(self._teardown(stream, known.handler))
             except Exception as exc:
                 errors.append(f"teardown for {stream}: {_one_line(exc)}")
                 out.trace = traceback.format_exc()
