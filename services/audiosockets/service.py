@@ -37,11 +37,14 @@ STOP_GRACE: Final = 5.0
 class Service(Protocol):
     """What ``run_service`` drives; see the module docstring for the contract."""
 
-    async def start(self) -> object: ...
+    async def start(self) -> object:
+        """Bind/connect and get ready; returns once ready. Raises if it cannot start."""
 
-    async def serve_forever(self) -> object: ...
+    async def serve_forever(self) -> object:
+        """Run until the service ends by itself or ``stop()``; raises a fatal error."""
 
-    async def stop(self) -> object: ...
+    async def stop(self) -> object:
+        """Stop taking work, drain within the service's timeout, release resources."""
 
 
 S = TypeVar("S", bound=Service)

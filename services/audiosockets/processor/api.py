@@ -37,21 +37,24 @@ class Handler(Protocol):
     """Anything with ``handle(chunk)``: returns ``None``, an event or a list of events
     (or an awaitable of one of those)."""
 
-    def handle(self, chunk: Chunk, /) -> object: ...
+    def handle(self, chunk: Chunk, /) -> object:
+        """Analyse one chunk; ``None``, an event or a list of events (or an awaitable)."""
 
 
 @runtime_checkable
 class SetsUp(Protocol):
     """A handler instance told its stream's format before its first chunk."""
 
-    def setup(self, fmt: AudioFormat, /) -> object: ...
+    def setup(self, fmt: AudioFormat, /) -> object:
+        """Called before the stream's first chunk and after a format change."""
 
 
 @runtime_checkable
 class TearsDown(Protocol):
     """A handler instance told that its stream ended; may return final events."""
 
-    def teardown(self) -> object: ...
+    def teardown(self) -> object:
+        """Called once when the stream ends; may return final events (``seq`` omitted)."""
 
 
 __all__ = ["Handler", "SetsUp", "TearsDown"]

@@ -49,6 +49,8 @@ class ChunkBacklog:
         return self.max_seconds is not None and self.seconds > self.max_seconds + 1e-9
 
     def push(self, chunk: Chunk) -> list[Chunk]:
+        """Append ``chunk``; returns the chunks evicted (oldest first) to stay within
+        ``max_chunks``/``max_seconds`` (the caller counts them as dropped). Never blocks."""
         self._items.append(chunk)
         self.chunks += 1
         self.seconds += chunk.seconds
@@ -59,6 +61,7 @@ class ChunkBacklog:
         return dropped
 
     def mark_closed(self, stream: str) -> None:
+        """Queue a ``StreamClosed`` marker for ``stream`` behind its chunks (takes no room)."""
         self._items.append(StreamClosed(stream))
 
     def _evict_oldest(self) -> Chunk:
@@ -75,6 +78,7 @@ class ChunkBacklog:
         return chunk
 
     def pop(self) -> Chunk | StreamClosed | None:
+        """The oldest item (a ``Chunk`` or a ``StreamClosed`` marker), or None when empty."""
         if not self._items:
             return None
         item = self._items.popleft()

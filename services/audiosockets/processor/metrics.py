@@ -28,6 +28,7 @@ class ProcessorMetrics:
 
     @classmethod
     def of(cls, metrics: Metrics) -> ProcessorMetrics:
+        """The ``ProcessorMetrics`` on ``metrics``' registry, created on first use (thread-safe)."""
         with cls._lock:
             pm = cls._by_metrics.get(metrics)
             if pm is None:
@@ -127,6 +128,9 @@ class ProcessorMetrics:
         self._counters: dict[str, Counter] = {name: getattr(self, name) for name in COUNTERS}
 
     def apply(self, ops: list[MetricOp]) -> None:
+        """Apply handler metric updates: ``set`` a gauge or ``inc`` a counter by name and labels.
+
+        Raises ``KeyError`` for a metric not in ``GAUGES``/``COUNTERS``; call on the event loop."""
         for op in ops:
             if op.op == "set":
                 self._gauges[op.metric].labels(*op.labels).set(op.value)

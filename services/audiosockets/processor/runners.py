@@ -252,6 +252,7 @@ class HandlerThread(Executor):
         self._thread.start()
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        """Queue ``fn(*args, **kwargs)`` for the handler thread; calls run one at a time, in order."""
         future: Future[T] = Future()
         self._calls.put((future, functools.partial(fn, *args, **kwargs)))
         return future
@@ -267,6 +268,9 @@ class HandlerThread(Executor):
                 future.set_exception(exc)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Let the thread exit after the calls already queued; ``wait`` joins it.
+
+        ``cancel_futures`` is accepted for the ``Executor`` API; queued calls still run."""
         self._calls.put(None)
         if wait:
             self._thread.join()

@@ -39,9 +39,11 @@ LOG_INTERVAL: Final = 10.0
 class EventSink(Protocol):
     """Where event lines go: stdout, a file, or anything with ``write``/``flush``."""
 
-    def write(self, text: str, /) -> int: ...
+    def write(self, text: str, /) -> int:
+        """Write ``text`` (whole JSON lines, each ending in a newline); returns characters written."""
 
-    def flush(self) -> None: ...
+    def flush(self) -> None:
+        """Push what was written to its destination (events are flushed after every batch)."""
 
 
 @runtime_checkable
@@ -50,7 +52,8 @@ class GroupShare(Protocol):
     ``Subscriber``); ``audiosockets_assigned_streams`` reports their number."""
 
     @property
-    def assigned(self) -> AbstractSet[str]: ...
+    def assigned(self) -> AbstractSet[str]:
+        """Names of the streams currently assigned to this member."""
 
 
 class _RateLimitedLog:
