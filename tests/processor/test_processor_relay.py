@@ -144,7 +144,7 @@ async def test_archive_is_sample_exact_across_a_relay_restart(tmp_path: Path) ->
                     await holder["relay"].stop()
                     holder["relay"] = Relay(config, metrics=Metrics())
                     await holder["relay"].start()
-                await asyncio.sleep(0.003)
+                await asyncio.sleep(0.003)  # pacing the sender, not waiting on anything
             assert await pub.flush(10)
             await wait_until(
                 lambda: proc.stats.processed >= n, timeout=20, what="archive got every chunk"
