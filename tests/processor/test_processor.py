@@ -521,3 +521,41 @@ def test_completion_order_moves_done_only_past_a_contiguous_prefix() -> None:
     assert order.finish("a", 5) == 6  # 5 completes the prefix up to the finished 6
     assert order.finish("a", 7) == 7
     assert order.finish("unknown", 1) is None
+
+
+async def test_stop_returns_once_the_backlog_is_drained_and_the_handler_torn_down() -> None:
+    out = io.StringIO()
+    proc = Processor("handlers_for_tests:PerStream", events=out)
+    sent = chunks(6)
+
+    async def live() -> AsyncIterator[Chunk]:
+        for chunk in sent:
+            yield chunk
+        await asyncio.Event().wait()
+
+    await proc.start(live())
+    serving = asyncio.create_task(proc.serve_forever())
+    await wait_until(lambda: proc.stats.received == len(sent), what="all chunks received")
+    await proc.stop()
+    assert proc.stats.processed == len(sent)  # drained before stop() returned
+    assert events_of(out) == [
+        {
+            "handler": "handlers_for_tests:PerStream",
+            "stream": "mic-1",
+            "event": "summary",
+            "chunks": len(sent),
+            "rate": RATE,
+        }
+    ]  # torn down
+    assert serving.done()
+    await serving
+    await proc.stop()  # a second stop is harmless
+    assert proc.stats.processed == len(sent)
+
+
+async def test_stop_on_a_started_processor_that_never_served_still_drains() -> None:
+    proc = Processor("handlers_for_tests:record", events=io.StringIO())
+    await proc.start(paced(chunks(3)))
+    await wait_until(lambda: proc.stats.received == 3, what="all chunks received")
+    await proc.stop()
+    assert proc.stats.processed + proc.stats.dropped == 3
