@@ -54,10 +54,10 @@ async def test_all_servers_down_for_5_s_loses_nothing(
         # Five seconds of audio captured while no server exists, measured by the spool.
         await wait_until(lambda: stream.unsent >= 250, timeout=15, what="5 s spooled")
         nats_server.start()
-        await asyncio.wait_for(recorder.wait(), 20)  # the file has been captured
+        await asyncio.wait_for(recorder.serve_forever(), 20)  # the file has been captured
         await wait_until(lambda: len(received) >= 600, timeout=30, what="every chunk")
     finally:
-        await recorder.close()
+        await recorder.stop()
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
         await sub.close()

@@ -10,10 +10,21 @@ headers, settings), ``connection`` (the reconnecting link), ``publisher``,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import admin
 from .mapping import NatsSettings
 from .publisher import JetStreamPublisher, JetStreamStream
 from .subscriber import JetStreamSubscriber
+
+if TYPE_CHECKING:  # mypy holds the JetStream classes to the client library's seams
+    from ..client import ChunkSubscription, SpoolingStream
+
+    def _seams(
+        stream: JetStreamStream, sub: JetStreamSubscriber
+    ) -> tuple[SpoolingStream, ChunkSubscription]:
+        return stream, sub
+
 
 __all__ = [
     "JetStreamPublisher",

@@ -31,7 +31,6 @@ import logging
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -39,7 +38,7 @@ import nats.js.errors
 import numpy as np
 
 from ..audio import AudioFormat
-from ..client import RetryPolicy
+from ..client import RetryPolicy, SpooledChunk
 from ..errors import Refused
 from ..metrics import Metrics
 from ..urls import NatsAddress
@@ -64,14 +63,6 @@ _TRANSIENT = (
 )
 
 
-@dataclass(slots=True)
-class SpoolEntry:
-    seq: int
-    captured_ns: int
-    payload: bytes
-    seconds: float
-
-
 class JetStreamStream:
     """One stream of a ``JetStreamPublisher``; ``send`` appends to the spool."""
 
@@ -83,7 +74,7 @@ class JetStreamStream:
         self.name = name
         self.format = fmt
         self.subject = publisher.settings.subject(name)
-        self.history: deque[SpoolEntry] = deque()
+        self.history: deque[SpooledChunk] = deque()
         self._seconds = 0.0
         self.next_seq = 0
         self.dropped = 0
@@ -101,6 +92,10 @@ class JetStreamStream:
     def unsent(self) -> int:
         """Chunks JetStream has not acknowledged (all of ``history``)."""
         return len(self.history)
+
+    def unsent_chunks(self) -> list[SpooledChunk]:
+        """The unacknowledged chunks, oldest first (a copy; the spool is unchanged)."""
+        return list(self.history)
 
     @property
     def spooled_seconds(self) -> float:
@@ -139,7 +134,7 @@ class JetStreamStream:
         self.next_seq += 1
         seconds = len(payload) / (self.format.frame_bytes * self.format.rate)
         when = time.time_ns() if captured_ns is None else captured_ns
-        self.history.append(SpoolEntry(seq, when, payload, seconds))
+        self.history.append(SpooledChunk(seq, when, payload, seconds))
         self._seconds += seconds
         self._trim()
         self._depth.set(len(self.history))
