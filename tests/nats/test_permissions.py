@@ -69,6 +69,18 @@ async def test_recorder_outside_its_subjects_is_refused(
     assert bad_login.returncode == 1, bad_login.stderr[-3000:]
     assert "refused our credentials (user rec1)" in bad_login.stderr.strip().splitlines()[-1]
 
+    # A processor needs consumers, which this user may not create: refused too.
+    processed = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable, "-m", "audiosockets", "process", "--relay", rec1, "--stream", "mic-1",
+            "--handler", "level", "--metrics-port", "0",
+        ],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert processed.returncode == 1, processed.stderr[-3000:]
+    assert "may not use $js.api.consumer" in processed.stderr.strip().splitlines()[-1].lower()
+
     # The same user's own stream is accepted (the recorder runs until stopped).
     sub = connect_subscriber(admin, "mic-1", start="earliest")
     async with sub:

@@ -35,7 +35,7 @@ from .mapping import NatsSettings
 
 log = logging.getLogger(__name__)
 
-_PERMISSION = "permissions violation for publish to"
+_PERMISSION = "permissions violation for"
 
 
 def address_of(url: str | NatsAddress) -> NatsAddress:
@@ -95,6 +95,7 @@ class NatsLink:
         self.client: Client | None = None
         self.js: JetStreamContext | None = None
         self.connected = asyncio.Event()
+        #: Subject (lower case) -> the server's permission violation for it.
         self.refused: dict[str, str] = {}
         self.fatal: Refused | None = None
         self._fatal = asyncio.Event()
@@ -201,11 +202,23 @@ class NatsLink:
             self.connected.clear()
         self.metrics.connected.labels(self.role_label).set(1 if up else 0)
 
+    def api_refusal(self) -> Refused | None:
+        """A permission violation on the JetStream API or our inbox, as one sentence."""
+        subjects = sorted(s for s in self.refused if s.startswith(("$js.", "$kv.", "_inbox.")))
+        if not subjects:
+            return None
+        user = self.address.user or "(anonymous)"
+        return Refused(
+            f"the NATS server refuses {self.role_label} {self.name!r}: user {user} may not "
+            f"use {subjects[0]}"
+        )
+
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc)
         lowered = text.lower()
         if _PERMISSION in lowered:
-            subject = text.split('"')[1] if text.count('"') >= 2 else text
+            # nats-py hands the server's sentence over in lower case: keys are lower case.
+            subject = lowered.split('"')[1] if lowered.count('"') >= 2 else lowered
             self.refused[subject] = text
             log.error("%s %r: %s", self.role_label, self.name, text)
             return

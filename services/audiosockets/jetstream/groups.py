@@ -132,6 +132,9 @@ class GroupMember:
                 try:
                     await self._step()
                 except _TRANSIENT as exc:
+                    refusal = self.sub.link.api_refusal()
+                    if refusal is not None:
+                        raise refusal from exc
                     log.debug("group %s member %s: %s", self.sub.group, self.id, exc)
                 await asyncio.sleep(self.ttl / 4)
         finally:

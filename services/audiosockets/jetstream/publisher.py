@@ -430,18 +430,12 @@ class JetStreamPublisher:
     def _refusal(self, stream: JetStreamStream) -> Refused | None:
         """The server's permission violations that concern this stream, as one sentence."""
         user = self.address.user or "(anonymous)"
-        if stream.subject in self.link.refused:
+        if stream.subject.lower() in self.link.refused:
             return Refused(
                 f"the NATS server refuses stream {stream.name!r}: user {user} may not "
                 f"publish to {stream.subject}"
             )
-        api = sorted(s for s in self.link.refused if s.startswith("$JS."))
-        if api:
-            return Refused(
-                f"the NATS server refuses stream {stream.name!r}: user {user} may not "
-                f"use the JetStream API ({api[0]})"
-            )
-        return None
+        return self.link.api_refusal()
 
     async def _sync(self, stream: JetStreamStream) -> None:
         """Compare the spool with the last message stored under the stream's subject."""

@@ -55,6 +55,7 @@ class Reader:
         deliver: Callable[[Msg, int], Awaitable[None]],
         *,
         first: int | None,
+        refused: Callable[[Exception], None] | None = None,
         batch: int = 64,
         heartbeat: float = 1.0,
         expires: float = 5.0,
@@ -62,6 +63,7 @@ class Reader:
         self.link = link
         self.filter_subject = filter_subject
         self.deliver = deliver
+        self.refused = refused or (lambda exc: None)
         self.first = first
         self.last: int | None = None if first is None else first - 1
         self.batch = batch
@@ -124,6 +126,10 @@ class Reader:
                 try:
                     self._consumer = await self._create_consumer()
                 except _TRANSIENT as exc:
+                    refusal = self.link.api_refusal()
+                    if refusal is not None:
+                        self.refused(refusal)
+                        return
                     log.debug("reader %s: cannot create consumer: %s", self.filter_subject, exc)
                     await asyncio.sleep(delay)
                     delay = min(2.0, delay * 2)

@@ -182,16 +182,22 @@ class JetStreamSubscriber:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._failure = exc
-            log.error("subscriber %r stopped: %s", self.name, exc)
-            with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(None)
+            self._fail(exc)
             raise
+
+    def _fail(self, exc: Exception) -> None:
+        """End the subscription: the application's next chunk raises ``exc``."""
+        if self._failure is not None:
+            return
+        self._failure = exc
+        log.error("subscriber %r stopped: %s", self.name, exc)
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(None)
 
     # --- readers (groups.py starts and stops them per stream) ---------------------------
 
     def start_reader(self, key: str, subject: str, first: int | None) -> None:
-        reader = Reader(self.link, subject, self._deliver, first=first)
+        reader = Reader(self.link, subject, self._deliver, first=first, refused=self._fail)
         self._readers[key] = reader
         if key:
             self._fresh.add(key)
