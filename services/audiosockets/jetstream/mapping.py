@@ -16,6 +16,7 @@ function over plain data, so the mapping is tested without a server:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ def subject_token(name: str) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=4096)
 def stream_name_of(token: str) -> str:
     """Inverse of ``subject_token``; raises ``RemoteProtocolError`` for a foreign token."""
     if not _TOKEN.fullmatch(token):
@@ -80,6 +82,7 @@ def format_label(fmt: AudioFormat) -> str:
     return f"{fmt.rate}/{fmt.channels}/{fmt.sample_type.label}"
 
 
+@functools.lru_cache(maxsize=256)
 def parse_format(text: str) -> AudioFormat:
     try:
         rate, channels, sample_type = text.split("/")

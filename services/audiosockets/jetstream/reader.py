@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from .connection import NatsLink
@@ -119,7 +118,16 @@ class Reader:
         client = self.link.client
         assert client is not None
         inbox = client.new_inbox()
-        sub = await client.subscribe(inbox, pending_msgs_limit=4 * self.batch)
+        # nats-py's next_msg(timeout) costs a task and a wait_for per message; a
+        # callback into a queue of our own is read without either while it has
+        # messages. Bounded: a full queue holds the callback, then nats-py's own
+        # pending limit; the pull keeps it at about one batch anyway.
+        arrived: asyncio.Queue[Msg] = asyncio.Queue(maxsize=4 * self.batch)
+
+        async def on_message(msg: Msg) -> None:
+            await arrived.put(msg)
+
+        sub = await client.subscribe(inbox, cb=on_message, pending_msgs_limit=4 * self.batch)
         delay = 0.05
         try:
             while True:
@@ -135,13 +143,13 @@ class Reader:
                     delay = min(2.0, delay * 2)
                     continue
                 delay = 0.05
-                await self._pull(sub, inbox, self._consumer)
+                await self._pull(arrived, inbox, self._consumer)
                 await self._delete_consumer()
         finally:
             with contextlib.suppress(*_TRANSIENT):
                 await sub.unsubscribe()
 
-    async def _pull(self, sub: Subscription, inbox: str, name: str) -> None:
+    async def _pull(self, arrived: asyncio.Queue[Msg], inbox: str, name: str) -> None:
         """Pull until the consumer is lost (then return, to create another)."""
         client = self.link.client
         js = self.link.js
@@ -166,8 +174,13 @@ class Reader:
                     continue
                 outstanding = self.batch
             try:
-                msg = await sub.next_msg(timeout=3 * self.heartbeat)
-            except (nats.errors.TimeoutError, TimeoutError):
+                msg = arrived.get_nowait()
+            except asyncio.QueueEmpty:
+                msg = None
+            try:
+                if msg is None:
+                    msg = await asyncio.wait_for(arrived.get(), 3 * self.heartbeat)
+            except TimeoutError:
                 # No message and no heartbeat: the request or the consumer is lost.
                 silent += 1
                 outstanding = 0
