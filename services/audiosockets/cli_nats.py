@@ -11,6 +11,7 @@ from typing import Literal
 import click
 
 from .cli_support import run_async, user_errors
+from .errors import ConfigError
 from .urls import check_url
 
 
@@ -69,6 +70,8 @@ def nats_init(
     from .jetstream.mapping import NatsSettings
 
     check_url(relay_url)
+    if "?" in relay_url:
+        raise ConfigError("nats init takes its settings from its flags, not from URL options")
     settings = NatsSettings(
         stream=stream,
         prefix=subject_prefix,

@@ -22,7 +22,7 @@ from ..errors import ConfigError, RelayUnreachable
 from ..metrics import Metrics
 from ..urls import NatsAddress
 from .connection import NatsLink, address_of, settings_of, stream_config
-from .mapping import CAPTURED, SEQ, NatsSettings, stream_name_of
+from .mapping import CAPTURED, END, EVENT, SEQ, NatsSettings, stream_name_of
 
 
 async def _open(
@@ -106,6 +106,7 @@ async def fetch_status(
                     last = await js.get_last_msg(settings.stream, subject)
                     headers = last.headers or {}
                     entry["last_seq"] = int(headers.get(SEQ, "-1"))
+                    entry["ended"] = headers.get(EVENT) == END
                     if CAPTURED in headers:
                         entry["last_captured_ns"] = int(headers[CAPTURED])
                 streams.append(entry)
@@ -166,6 +167,8 @@ def format_status(report: dict[str, Any]) -> str:
             if captured
             else "-"
         )
+        if s.get("ended"):
+            when = "ended"
         lines.append(f"{s['name']:<32} {s.get('last_seq', -1):>10} {s['chunks_held']:>8}  {when}")
     for group in report["groups"]:
         lines.append("")
