@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import json
+import re
 import shutil
 import signal
 import socket
@@ -209,10 +210,6 @@ class LinkCutter:
             await self._server.wait_closed()
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 # --- processors as child processes, and what their archive holds -------------------
 
 
@@ -268,12 +265,8 @@ def archived_chunks(directory: Path, chunk_bytes: int) -> dict[str, dict[int, by
             )
 
     for sidecar in sorted(directory.glob("*.json")):
-        import json
-
         meta = json.loads(sidecar.read_text())
         add(meta["stream"], meta["first_seq"], sidecar.with_suffix(".wav").read_bytes()[44:])
-    import re
-
     part_name = re.compile(
         r"\.(?P<stream>.+)_\d{8}T\d{6}\.\d{6}Z_(?P<first>\d{10})\.wav(\.[A-Za-z0-9_-]+)?\.part"
     )
