@@ -110,8 +110,11 @@ class NatsLink:
     async def connect(self) -> JetStreamContext:
         """Connect (retrying forever, like nats-py's own reconnects); raises
         ``Refused`` when the server rejects our credentials."""
-        if self.address.tls and self.tls is None:
-            self.tls = ssl.create_default_context()
+        if self.tls is None and (self.address.tls or self.settings.ca):
+            try:
+                self.tls = ssl.create_default_context(cafile=self.settings.ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"NATS CA file {self.settings.ca!r}: {exc}") from exc
         kwargs: dict[str, Any] = {
             "servers": list(self.address.servers),
             "name": self.name,

@@ -197,7 +197,8 @@ class NatsSettings:
     node). ``max_age``: seconds kept: the replay window. ``duplicate_window``:
     seconds the server remembers ``Nats-Msg-Id`` values. ``domain``: the
     JetStream domain to use (a leaf node's or the hub's). ``create``: create the
-    stream with these settings when it is missing.
+    stream with these settings when it is missing. ``ca``: a PEM file of CA
+    certificates to verify ``tls://`` servers with (default: the system's).
     """
 
     stream: str = "AUDIOSOCKETS"
@@ -208,6 +209,7 @@ class NatsSettings:
     storage: Storage = "file"
     domain: str | None = None
     create: bool = True
+    ca: str | None = None
 
     def __post_init__(self) -> None:
         if not _STREAM_NAME.fullmatch(self.stream):
@@ -228,7 +230,7 @@ class NatsSettings:
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> NatsSettings:
         """From a URL query: ``stream``, ``prefix``, ``replicas``, ``max_age``,
-        ``duplicate_window``, ``storage``, ``domain``, ``create`` (0/1)."""
+        ``duplicate_window``, ``storage``, ``domain``, ``create`` (0/1), ``ca``."""
         known = {
             "stream",
             "prefix",
@@ -238,6 +240,7 @@ class NatsSettings:
             "storage",
             "domain",
             "create",
+            "ca",
         }
         unknown = sorted(set(options) - known)
         if unknown:
@@ -256,7 +259,7 @@ class NatsSettings:
                         raise ValueError(f"create={value!r} must be 0 or 1")
                     kwargs[key] = value in ("1", "true")
                 else:
-                    kwargs[key] = value or None if key == "domain" else value
+                    kwargs[key] = value or None if key in ("domain", "ca") else value
         except ValueError as exc:
             raise ConfigError(f"NATS URL option: {exc}") from None
         return cls(**kwargs)
