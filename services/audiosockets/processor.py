@@ -1081,6 +1081,7 @@ async def serve(
     ends the run like a signal; the demo and tests use that).
     """
     from .client import Subscriber
+    from .health import Health, session_ready
     from .metrics import serve_metrics
 
     spec = parse_spec(config.handler)
@@ -1104,7 +1105,8 @@ async def serve(
             exit_after=config.exit_after,
         )
         if config.metrics_port > 0:
-            serve_metrics(config.metrics_port, metrics.registry)  # raises AddressInUse
+            health = Health.watch_running_loop(session_ready(metrics.registry, "subscriber"))
+            serve_metrics(config.metrics_port, metrics.registry, health=health)  # AddressInUse
         sub = Subscriber(
             config.relay,
             config.stream,

@@ -491,12 +491,14 @@ async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
     """
     import signal
 
+    from .health import Health, session_ready
     from .metrics import serve_metrics
 
     metrics = Metrics()
     recorder = Recorder(config, metrics=metrics)
     if metrics_port > 0:
-        serve_metrics(metrics_port, metrics.registry)  # raises AddressInUse
+        health = Health.watch_running_loop(session_ready(metrics.registry, "publisher"))
+        serve_metrics(metrics_port, metrics.registry, health=health)  # raises AddressInUse
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT):

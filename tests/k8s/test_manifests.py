@@ -576,19 +576,25 @@ def test_what_a_service_writes_lands_on_a_writable_volume(overlay: list[Doc]) ->
             assert covering, f"{ident(workload)} writes {path}, which is not a writable volume"
 
 
-def test_probes_ask_the_metrics_endpoint(overlay: list[Doc]) -> None:
+#: What each probe asks (audiosockets/health.py): liveness and startup, the event
+#: loop's heartbeat; readiness, the service's own readiness. Not /metrics: it is
+#: served from another thread and answers while the loop is wedged.
+PROBE_PATHS = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+
+
+def test_probes_ask_the_health_endpoints(overlay: list[Doc]) -> None:
     for workload, container in containers(overlay):
         where = f"{ident(workload)}/{container['name']}"
         for probe in ("readinessProbe", "livenessProbe"):
             assert probe in container, f"{where} has no {probe}"
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe, path in PROBE_PATHS.items():
             if probe not in container:
                 continue
             # Not a bare TCP connect to the relay's protocol port: the relay
             # counts a client that never says HELLO as a protocol error.
             get = container[probe].get("httpGet")
-            assert get is not None, f"{where}: {probe} is not an HTTP GET of /metrics"
-            assert get["path"] == "/metrics", where
+            assert get is not None, f"{where}: {probe} is not an HTTP GET of {path}"
+            assert get["path"] == path, f"{where}: {probe}"
             assert get["port"] in ("metrics", container_port(container, "metrics")), where
 
 
