@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from _support import require
 
 SINK = "audiosockets_test"
@@ -216,3 +218,30 @@ def start_pulse(
         server.stop()
         raise
     return server
+
+
+# --- speech in, speech out ----------------------------------------------------------
+
+
+def espeak_wav(path: Path, text: str) -> Path:
+    """Speech from espeak-ng as a WAV file at its own rate (22050 Hz mono, int16)."""
+    espeak = shutil.which("espeak-ng")
+    require(espeak is not None, "espeak-ng is not installed (apt: espeak-ng)")
+    assert espeak is not None
+    subprocess.run([espeak, "-w", str(path), text], check=True, timeout=30)
+    return path
+
+
+def best_normalised_correlation(reference: np.ndarray, recording: np.ndarray) -> float:
+    """Max over lags of the normalised cross-correlation of ``reference`` inside ``recording``."""
+    ref = reference.astype(np.float64)
+    rec = recording.astype(np.float64)
+    if len(rec) < len(ref):
+        return 0.0
+    n = len(ref) + len(rec)
+    size = 1 << (n - 1).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(rec, size) * np.conj(np.fft.rfft(ref, size)), size)
+    lag = int(np.argmax(corr[: len(rec) - len(ref) + 1]))
+    window = rec[lag : lag + len(ref)]
+    denom = np.linalg.norm(ref) * np.linalg.norm(window)
+    return float(np.dot(ref, window) / denom) if denom else 0.0
