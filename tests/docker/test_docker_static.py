@@ -290,13 +290,36 @@ def test_every_image_target_carries_oci_labels() -> None:
 
 
 def pins(lock: Path) -> dict[str, Version]:
-    result: dict[str, Version] = {}
+    return {name: version for name, (version, _) in hashed_pins(lock).items()}
+
+
+def hashed_pins(lock: Path) -> dict[str, tuple[Version, list[str]]]:
+    """name -> (version, sha256 digests) from ``name==version \\`` + ``--hash=sha256:`` lines."""
+    result: dict[str, tuple[Version, list[str]]] = {}
+    name = ""
     for line in lock.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, sep, version = line.partition("==")
-            assert sep, f"{lock.name}: not an exact pin: {line!r}"
-            result[canonicalize_name(name)] = Version(version)
+        if not line.strip() or line.startswith("#"):
+            continue
+        if line.startswith(" "):
+            option, _, digest = line.strip().rstrip("\\").strip().partition("=sha256:")
+            assert option == "--hash", f"{lock.name}: unexpected {line!r}"
+            result[name][1].append(digest)
+            continue
+        pin = line.rstrip("\\").strip()
+        raw, sep, version = pin.partition("==")
+        assert sep, f"{lock.name}: not an exact pin: {line!r}"
+        name = canonicalize_name(raw)
+        result[name] = (Version(version), [])
     return result
+
+
+@pytest.mark.parametrize("lock", ["requirements.lock", "build-requirements.lock"])
+def test_every_pin_carries_the_hashes_pip_checks(lock: str) -> None:
+    for name, (_, digests) in hashed_pins(ROOT / "docker" / lock).items():
+        assert digests, f"docker/{lock}: {name} has no --hash (run docker/lock.sh)"
+        assert all(re.fullmatch(r"[0-9a-f]{64}", d) for d in digests), name
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert f"--require-hashes -r {lock}" in dockerfile
 
 
 @pytest.mark.parametrize(
