@@ -143,10 +143,10 @@ def pulse_passthrough(
     archive = workdir / "archive"
     archive.mkdir()
     os.chown(archive, 10001, 10001)  # the processor's uid, as the README says
-    speech = espeak_wav(workdir / "speech.wav", SPEECH)
-    speech.chmod(0o644)
-    workdir.chmod(0o755)  # paplay runs as the desktop user
     pulse = start_pulse(rate=RATE, channels=1, user=DESKTOP_USER)
+    # In the desktop user's home: paplay runs as that user.
+    speech = espeak_wav(pulse.root / "speech.wav", SPEECH)
+    os.chown(speech, *DESKTOP_USER)
     compose = Compose(
         f"audiosockets-pulse-{os.getpid()}",
         [ROOT / "compose.yaml", HERE / "compose.passthrough.yaml"],
@@ -185,6 +185,7 @@ def test_the_pulse_recorder_runs_as_the_desktop_user(pulse_passthrough: Evidence
 
 def test_the_archive_holds_the_speech(pulse_passthrough: Evidence) -> None:
     ev = pulse_passthrough
+    print(f"correlation {ev.correlation:.3f} over {ev.archived_seconds:.1f} s archived")
     assert ev.archived_seconds > 2.0
     assert ev.correlation >= 0.95, f"correlation {ev.correlation:.3f}"
 
