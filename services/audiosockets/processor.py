@@ -79,7 +79,7 @@ from .handlers import (
     MetricSink,
     builtin_class,
 )
-from .metrics import LATENCY_BUCKETS, Metrics
+from .metrics import LATENCY_BUCKETS, PROCESSING_TIME_BUCKETS, Metrics
 
 log = logging.getLogger("audiosockets.processor")
 P = ParamSpec("P")
@@ -574,7 +574,7 @@ class ProcessorMetrics:
             "audiosockets_processing_time_seconds",
             "Time one handler call took (successful or not).",
             ["handler"],
-            buckets=LATENCY_BUCKETS,
+            buckets=PROCESSING_TIME_BUCKETS,
             registry=r,
         )
         self.handler_start_latency = Histogram(
