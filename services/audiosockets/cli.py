@@ -20,13 +20,13 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, loops
 from .errors import AudiosocketsError, ConfigError
+from .loops import LOOP_NAMES, LoopName
 from .urls import parse_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
-LoopName = Literal["auto", "asyncio", "uvloop"]
 
 #: Exit codes (beyond the error classes' own): 130 after Ctrl-C.
 EXIT_INTERRUPTED = 130
@@ -58,15 +58,7 @@ def user_errors(func: Callable[P, T]) -> Callable[P, T]:
 
 def run_async(coro: Coroutine[Any, Any, T], loop: LoopName = "auto") -> T:
     """Run ``coro`` on uvloop when available (or asked for), else asyncio."""
-    if loop in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if loop == "uvloop":
-                raise ConfigError("--loop uvloop asked for, but uvloop is not installed") from None
-        else:
-            return uvloop.run(coro)
-    return asyncio.run(coro)
+    return loops.run(coro, loop)
 
 
 def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, T]]:
@@ -90,7 +82,7 @@ token_option = click.option(
 loop_option = click.option(
     "--loop",
     "loop_name",
-    type=click.Choice(["auto", "asyncio", "uvloop"]),
+    type=click.Choice(LOOP_NAMES),
     default="auto",
     help="Event loop implementation.",
 )

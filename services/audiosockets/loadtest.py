@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection as Pipe
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from . import loops
 from .errors import ConfigError, GateFailed
 
 RateName = Literal["realtime", "max"]
@@ -93,12 +94,11 @@ class Report:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return loops.run(coro, "auto")
 
 
 # --- child: relay -----------------------------------------------------------
