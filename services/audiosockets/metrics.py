@@ -113,6 +113,10 @@ DROP_REASONS: Final = (
     "capture_queue_full",  # recorder: capture thread could not hand off
 )
 
+#: What the relay itself drops (per subscriber); every other reason is
+#: counted where the chunk was lost, by the recorder or the processor.
+RELAY_DROP_REASONS: Final = ("subscriber_slow", "replay_window_exceeded")
+
 ROLES: Final = ("publisher", "subscriber", "observer")
 
 
