@@ -52,17 +52,18 @@ async def test_join_and_leave_hand_streams_over(nats_server: NatsServer) -> None
             await asyncio.sleep(0.01)  # pacing the producer, not waiting for anything
 
     m0, m1 = member("m0"), member("m1")
-    tasks = []
-    async with pub:
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await pub.start()
         await m0.start()
         tasks.append(asyncio.create_task(consume(m0)))
         await publish(30)
-        await wait_until(lambda: m0.assigned == set(STREAMS), timeout=20, what="m0 owns all")
+        await wait_until(lambda: m0.assigned == set(STREAMS), timeout=30, what="m0 owns all")
         await m1.start()
         tasks.append(asyncio.create_task(consume(m1)))
         await publish(30)
         await wait_until(
-            lambda: len(m0.assigned) == 2 and len(m1.assigned) == 2, timeout=20, what="2 + 2"
+            lambda: len(m0.assigned) == 2 and len(m1.assigned) == 2, timeout=30, what="2 + 2"
         )
         assert not m0.assigned & m1.assigned
         moved = sorted(s for n, s in closed if n == "m0")
@@ -71,14 +72,17 @@ async def test_join_and_leave_hand_streams_over(nats_server: NatsServer) -> None
         tasks[0].cancel()
         await m0.close()  # leaves: its streams move to m1 after its acknowledged point
         await publish(30)
-        await wait_until(lambda: m1.assigned == set(STREAMS), timeout=20, what="m1 owns all")
+        await wait_until(lambda: m1.assigned == set(STREAMS), timeout=30, what="m1 owns all")
         assert await pub.flush(10)
         await wait_until(
-            lambda: all(len(seen[s]) == sent for s in STREAMS), timeout=20, what="every chunk"
+            lambda: all(len(seen[s]) == sent for s in STREAMS), timeout=30, what="every chunk"
         )
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await m1.close()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await m0.close()
+        await m1.close()
+        await pub.close()
     for s in STREAMS:
         assert seen[s] == set(range(sent)), s

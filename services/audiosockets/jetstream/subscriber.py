@@ -142,18 +142,22 @@ class JetStreamSubscriber:
         await self.close()
 
     async def close(self) -> None:
+        """Stop reading; a group member flushes its acknowledged points, lets its
+        streams go and leaves the group (its streams move on at once)."""
         self._ack_previous()
-        if self._member is not None:
-            with contextlib.suppress(Exception):
-                await self._member.leave()
-        for reader in list(self._readers.values()):
-            await reader.stop()
-        self._readers.clear()
+        # The membership loop first: it must not put our key back after we left.
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        if self._member is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5.0):
+                    await self._member.leave()
+        for reader in list(self._readers.values()):
+            await reader.stop()
+        self._readers.clear()
         await self.link.close()
 
     async def _run(self) -> None:
