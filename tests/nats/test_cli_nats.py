@@ -56,3 +56,12 @@ def test_missing_stream_without_create_is_a_configuration_error(nats_server: Nat
     flags_only = cli("nats", "init", "--relay", f"{nats_server.url}?replicas=3")
     assert flags_only.returncode == 2
     assert "from its flags" in flags_only.stderr
+
+
+def test_recorder_without_its_stream_and_create_0_exits_2(nats_server: NatsServer) -> None:
+    url = f"{nats_server.url}?stream=NOPE&create=0"
+    done = cli("record", "--relay", url, "--stream", "mic-1", "--source", "synth:sine",
+               "--metrics-port", "0")  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "JetStream stream 'NOPE' does not exist" in last

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..audio import AudioFormat
 from ..client import RetryPolicy, SpooledChunk
-from ..errors import Refused
+from ..errors import ConfigError, Refused
 from ..metrics import Metrics
 from ..urls import NatsAddress
 from .connection import NatsLink, address_of, settings_of
@@ -215,7 +215,8 @@ class JetStreamPublisher:
         #: Random per instance, kept across reconnects: half of every Nats-Msg-Id.
         self.identity = secrets.token_hex(8)
         self.streams: dict[str, JetStreamStream] = {}
-        self.refused: Refused | None = None
+        #: Why the server will not take this publisher's audio (then ``send`` raises it).
+        self.refused: Refused | ConfigError | None = None
         self.link = NatsLink(
             self.address,
             name=name,
@@ -346,7 +347,14 @@ class JetStreamPublisher:
             try:
                 await self.link.ensure_stream()
                 break
+            except ConfigError as exc:  # missing and create=0: no retry helps
+                self._refuse(exc)
+                return
             except (*_TRANSIENT, nats.js.errors.APIError) as exc:
+                refusal = self.link.api_refusal()
+                if refusal is not None:
+                    self._refuse(refusal)
+                    return
                 log.warning("publisher %r: cannot set up the JetStream stream: %s", self.name, exc)
                 await asyncio.sleep(delay)
                 delay = min(self.retry.cap, delay * 2)
@@ -362,7 +370,7 @@ class JetStreamPublisher:
             stream.accepted = False
             stream.wake.set()
 
-    def _refuse(self, exc: Refused) -> None:
+    def _refuse(self, exc: Refused | ConfigError) -> None:
         if self.refused is None:
             self.refused = exc
             log.error("publisher %r: %s", self.name, exc)
