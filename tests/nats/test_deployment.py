@@ -86,3 +86,33 @@ def test_fleet_server_configuration_is_valid(tmp_path: Path) -> None:
         env={**os.environ, "POD_NAME": "nats-0"},
     )  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_prometheus_scrapes_every_nats_server_through_its_exporter() -> None:
+    services = compose_config()["services"]
+    prometheus_dir = ROOT / "grafana" / "prometheus"
+    base = yaml.safe_load((prometheus_dir / "prometheus.yml").read_text())
+    nats = yaml.safe_load((prometheus_dir / "prometheus-nats.yml").read_text())
+    assert "--config.file=/etc/prometheus/prometheus-nats.yml" in services["prometheus"]["command"]
+    # The same stack as prometheus.yml, plus one job.
+    added = [j for j in nats["scrape_configs"] if j not in base["scrape_configs"]]
+    assert [j for j in nats["scrape_configs"] if j not in added] == base["scrape_configs"]
+    assert {k: v for k, v in nats.items() if k != "scrape_configs"} == {
+        k: v for k, v in base.items() if k != "scrape_configs"
+    }
+    (job,) = added
+    assert job["job_name"] == "nats"
+    (sd,) = job["dns_sd_configs"]
+    exporters = sorted(sd["names"])
+    assert exporters == [f"nats-exporter-{i}" for i in (1, 2, 3)]
+    for exporter, node in zip(exporters, NODES, strict=True):
+        args = services[exporter]["command"]
+        assert f"http://{node}:8222" in args  # the server's monitoring port
+        assert "-jsz=all" in args  # JetStream: streams, consumers, replicas
+        assert f"-port={sd['port']}" in args
+    promtool = require_binary("promtool")
+    checked = subprocess.run(
+        [promtool, "check", "config", "prometheus-nats.yml"],
+        cwd=prometheus_dir, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
