@@ -1073,7 +1073,7 @@ def test_nats_cluster_keeps_three_replicas_and_clients_reach_every_server(
     assert nats["spec"]["replicas"] == 3
     assert nats["spec"]["podManagementPolicy"] == "Parallel"
     (claim,) = nats["spec"]["volumeClaimTemplates"]
-    (container,) = pod_spec(nats)["containers"]
+    (container,) = [c for c in pod_spec(nats)["containers"] if c["name"] == "nats"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     config = find(docs, "ConfigMap", "nats-config")["data"]["nats.conf"]
     # JetStream keeps its store on the claimed volume, not in the container.
@@ -1085,6 +1085,13 @@ def test_nats_cluster_keeps_three_replicas_and_clients_reach_every_server(
     routes = set(re.findall(r"nats://([\w.-]+):6222", config))
     assert routes == pods, routes
     assert container_port(container, "client") == 4222
+    # Prometheus finds the servers like every other pod: annotated, a port named metrics.
+    (exporter,) = [c for c in pod_spec(nats)["containers"] if c["name"] == "exporter"]
+    annotations = nats["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == container_port(exporter, "metrics")
+    assert "http://localhost:8222" in exporter["args"]
+    assert container_port(container, "monitor") == 8222
     clients = 0
     for workload, c in containers(docs):
         url = resolve_env(docs, c)[f"AUDIOSOCKETS_{command_of(c).upper()}_RELAY"]
