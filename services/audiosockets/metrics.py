@@ -49,6 +49,7 @@ LATENCY_BUCKETS: Final = (
 DROP_REASONS: Final = (
     "subscriber_slow",  # relay: a subscriber fell further behind than its queue
     "replay_window_exceeded",  # relay: a resume asked for chunks older than the window
+    "window_memory_exceeded",  # relay: trimmed unsent to keep all windows in max_window_memory
     "spool_full",  # recorder/publisher: outage longer than the spool
     "closed_unsent",  # publisher: closed before the relay took these
     "processor_overrun",  # processor: handler slower than real time, backlog full

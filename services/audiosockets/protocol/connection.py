@@ -120,6 +120,14 @@ class _Streams:
         if opened is None:
             raise error(f"chunk for undeclared stream id {stream_id}", ErrorCode.UNKNOWN_STREAM)
         frame_bytes = opened.format.frame_bytes
+        if not payload_bytes:
+            # An empty chunk carries no audio but costs a window entry; a
+            # flood of them is memory with no seconds to show for it.
+            raise error(
+                f"empty chunk for stream {opened.name!r}: a chunk carries at least one frame",
+                ErrorCode.BAD_FORMAT,
+                "empty_chunk",
+            )
         if payload_bytes % frame_bytes:
             raise error(
                 f"chunk payload of {payload_bytes} bytes is not a whole number of "
@@ -235,7 +243,7 @@ class Connection:
         if self.state is State.ERROR:
             error = self._error
             if isinstance(error, RemoteProtocolError):  # the peer's error stands
-                raise RemoteProtocolError(str(error), error.code)
+                raise RemoteProtocolError(str(error), error.code, error.reason)
             raise self._after_error("receive")
         if self.state is State.CLOSED:
             return END_OF_STREAM if self._eof else NEED_DATA

@@ -74,7 +74,7 @@ async def serve_connection(
         except BaseExceptionGroup as group:
             raise _the_error(group) from None
     except RemoteProtocolError as exc:
-        relay.metrics.protocol_errors.labels(exc.code.name.lower()).inc()
+        relay.metrics.protocol_errors.labels(exc.reason).inc()
         who = f"{session.role.label} {session.name!r}" if session else "client"
         log.warning("closing %s from %s: %s", who, channel.peer, exc)
         await channel.close(ErrorFrame(exc.code, str(exc)))

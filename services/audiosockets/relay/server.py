@@ -35,12 +35,14 @@ from ..protocol import (
     encode_chunk,
 )
 from ..urls import RelayAddress
+from .budget import MemoryLedger, trim_windows
 from .connections import serve_connection
 from .groups import Group
 from .sessions import PublisherSession, Session, SubscriberSession
 from .status import collect_gauges, status_report
 from .streams import StreamCounters, StreamState
 from .subscriptions import Subscriptions
+from .window import ReplayWindow
 
 log = logging.getLogger("audiosockets.relay")
 
@@ -56,7 +58,11 @@ class RelayConfig:
     ``queue_seconds``: how far a subscriber may fall behind live audio before
     its oldest chunks are dropped as ``subscriber_slow`` (s, > 0);
     ``heartbeat_interval``: PING period (s, > 0; a peer silent for three is
-    dead); ``max_window_bytes``: cap per stream on top of ``replay_seconds``;
+    dead); ``max_window_bytes``: memory cap per stream on top of
+    ``replay_seconds`` (bytes, frames + per-chunk overhead);
+    ``max_window_memory``: what all windows together may hold (bytes; over
+    it the oldest audio of the largest window goes first, counted
+    ``window_memory_exceeded`` for each reader that had not been sent it);
     ``max_batch_bytes``: frames written to one subscriber per drain;
     ``socket_buffer_bytes``: kernel send buffer per connection (0: OS
     default); ``token``: shared secret clients present in HELLO (empty:
@@ -69,6 +75,7 @@ class RelayConfig:
     queue_seconds: float = 2.0
     heartbeat_interval: float = 2.0
     max_window_bytes: int = 256 << 20  # per stream, on top of replay_seconds
+    max_window_memory: int = 256 << 20  # all windows together
     max_batch_bytes: int = 256 << 10  # per write to one subscriber
     socket_buffer_bytes: int = 1 << 20  # kernel send buffer per connection (0: OS default)
     server_name: str = "audiosockets-relay"
@@ -82,6 +89,8 @@ class RelayConfig:
             raise ValueError("queue_seconds must be > 0")
         if self.heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be > 0")
+        if self.max_window_memory < 1 << 20:
+            raise ValueError("max_window_memory must be at least 1 MiB")
 
 
 class Relay:
@@ -106,6 +115,7 @@ class Relay:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.streams: dict[str, StreamState] = {}
+        self.window_memory = MemoryLedger()  # what every window holds, bytes
         self._stream_ids: dict[int, StreamState] = {}
         self.subscriptions = Subscriptions()
         self.groups: dict[str, Group] = {}
@@ -205,7 +215,13 @@ class Relay:
                 m.bytes_received.labels(name),
                 m.end_to_end_latency.labels(name),
             )
-            stream = StreamState(next(self._next_stream_id), name, fmt, counters)
+            stream = StreamState(
+                next(self._next_stream_id),
+                name,
+                fmt,
+                counters,
+                window=ReplayWindow(self.window_memory),
+            )
             self.streams[name] = stream
             self._stream_ids[stream.id] = stream
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
@@ -252,6 +268,13 @@ class Relay:
         window = stream.window
         window.append(chunk.seq, frame, seconds, self.clock())
         window.trim(self.config.replay_seconds, self.config.max_window_bytes)
+        if self.window_memory.held > self.config.max_window_memory:
+            trim_windows(
+                list(self.streams.values()),
+                self.window_memory,
+                self.config.max_window_memory,
+                self._trimmed_for_memory,
+            )
         stream.last_seq = chunk.seq
         stream.last_captured_ns = chunk.captured_ns
         stream.chunks_total += 1
@@ -261,6 +284,27 @@ class Relay:
         counters.latency.observe(max(0.0, (time.time_ns() - chunk.captured_ns) / 1e9))
         for reader in self.subscriptions.readers(name):
             reader.wake.set()
+
+    def _trimmed_for_memory(self, stream: StreamState, n: int) -> None:
+        """The ``n`` oldest chunks of ``stream`` are about to go to keep the
+        windows within ``max_window_memory``: each reader that had not been
+        sent them loses them now, counted ``window_memory_exceeded``."""
+        window = stream.window
+        end = window.base + n
+        last_seq = window.seq_at(end - 1)
+        for reader, cursor in self.subscriptions.readers(stream.name).items():
+            start = max(cursor.next_ord, window.base)
+            if start >= end:
+                continue
+            # Seqs are increasing: those not yet sent lie after the cursor's
+            # resume point; chunks at or below it were never needed.
+            lost = sum(1 for o in range(start, end) if window.seq_at(o) > cursor.after_seq)
+            cursor.next_ord = end
+            cursor.after_seq = max(cursor.after_seq, last_seq)
+            if lost:
+                cursor.dropped_window += lost
+                reader.dropped += lost
+                self.count_drop(stream.name, "window_memory_exceeded", lost)
 
     def stream_ended(self, stream: StreamState) -> None:
         """The publisher closed the stream: each reader gets CLOSE_STREAM after
