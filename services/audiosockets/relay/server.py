@@ -34,6 +34,7 @@ from ..protocol import (
     Limits,
     encode_chunk,
 )
+from ..service import STOP_SIGNALS, run_service
 from ..urls import RelayAddress
 from .budget import MemoryLedger, trim_windows
 from .connections import serve_connection
@@ -136,6 +137,8 @@ class Relay:
         """Bind the listening socket and return the address clients reach it
         at (the real port when the config says 0). Raises ``AddressInUse``
         when it cannot listen there."""
+        if self._server is not None and self.address is not None:
+            return self.address  # already started (e.g. by a test before run())
         try:
             self._server = await asyncio.start_server(
                 self._on_connect, self.config.host, self.config.port, limit=1 << 20
@@ -158,7 +161,7 @@ class Relay:
         return str(self.address)
 
     async def serve_forever(self) -> None:
-        """Return once the relay has stopped."""
+        """Return once the relay has stopped (``stop()`` was called)."""
         await self._stopped.wait()
 
     async def stop(self, *, timeout: float = 2.0) -> None:
@@ -382,34 +385,13 @@ class Relay:
         self,
         *,
         ready: Callable[[Relay], None] | None = None,
-        signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+        signals: Iterable[signal.Signals] = STOP_SIGNALS,
     ) -> None:
         """Serve until SIGINT/SIGTERM (or ``stop()``), then drain and return.
 
-        Signal handlers go in before the socket is bound and ``ready`` is
-        called, so a signal sent as soon as we announce ourselves is handled;
-        the handlers are removed on the way out. Raises ``AddressInUse`` as
-        ``start`` does.
+        The one service lifecycle (``service.run_service``): signal handlers go in
+        before the socket is bound and ``ready`` is called, so a signal sent as soon
+        as we announce ourselves is handled; the previous handlers are restored on
+        the way out. Raises ``AddressInUse`` as ``start`` does.
         """
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        installed = []
-        for sig in signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
-        try:
-            if self._server is None:
-                await self.start()
-            if ready is not None:
-                ready(self)
-            waiter = asyncio.ensure_future(stop.wait())
-            stopped = asyncio.ensure_future(self._stopped.wait())
-            await asyncio.wait([waiter, stopped], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopped.cancel()
-            log.info("relay shutting down")
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self.stop()
+        await run_service(self, ready=ready, signals=signals)
