@@ -113,6 +113,13 @@ def main(log_level: LogLevel) -> None:
     help="Largest frame accepted.",
 )
 @click.option(
+    "--max-window-memory",
+    type=click.IntRange(1 << 20),
+    default=256 << 20,
+    help="Bytes all replay windows may hold together; beyond it the oldest audio of the "
+    "largest window goes first (counted window_memory_exceeded).",
+)
+@click.option(
     "--token",
     default=None,
     help="Shared secret every client must present (unset: no authentication).",
@@ -126,6 +133,7 @@ def relay(
     queue_seconds: float,
     heartbeat_seconds: float,
     max_frame_bytes: int,
+    max_window_memory: int,
     token: str | None,
     loop_name: LoopName,
 ) -> None:
@@ -143,6 +151,7 @@ def relay(
         queue_seconds=queue_seconds,
         heartbeat_interval=heartbeat_seconds,
         limits=configure(Limits, max_frame_size=max_frame_bytes),
+        max_window_memory=max_window_memory,
         token=token or "",
     )
     metrics = Metrics()

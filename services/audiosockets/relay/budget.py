@@ -13,11 +13,18 @@ frames of every connection.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
+    from .sessions import SubscriberSession
     from .streams import StreamState
+    from .subscriptions import Cursor
+
+
+class DropCounter(Protocol):
+    def count_drop(self, stream: str, reason: str, n: int) -> None: ...
+
 
 #: Memory one held chunk costs beyond its frame's bytes (CPython 3.11, 64-bit):
 #: the bytes object's header (33), four list slots (32, plus over-allocation),
@@ -74,3 +81,30 @@ def trim_windows(
         if len(window):
             heapq.heappush(heap, (-window.memory_bytes, stream.id, stream))
     return trimmed
+
+
+def readers_lose(
+    stream: StreamState,
+    n: int,
+    readers: Mapping[SubscriberSession, Cursor],
+    counter: DropCounter,
+) -> None:
+    """The ``n`` oldest chunks of ``stream`` are about to go to keep the
+    windows within the budget: each reader that had not been sent them loses
+    them now, counted ``window_memory_exceeded`` (its cursor moves past them,
+    so they are not counted again as ``replay_window_exceeded``)."""
+    window = stream.window
+    end = window.base + n
+    last_seq = window.seq_at(end - 1)
+    for reader, cursor in list(readers.items()):
+        start = max(cursor.next_ord, window.base)
+        if start >= end:
+            continue
+        # Chunks at or below the cursor's resume point were never needed.
+        lost = sum(1 for o in range(start, end) if window.seq_at(o) > cursor.after_seq)
+        cursor.next_ord = end
+        cursor.after_seq = max(cursor.after_seq, last_seq)
+        if lost:
+            cursor.dropped_window += lost
+            reader.dropped += lost
+            counter.count_drop(stream.name, "window_memory_exceeded", lost)

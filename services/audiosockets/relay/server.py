@@ -36,7 +36,7 @@ from ..protocol import (
 )
 from ..service import STOP_SIGNALS, run_service
 from ..urls import RelayAddress
-from .budget import MemoryLedger, trim_windows
+from .budget import MemoryLedger, readers_lose, trim_windows
 from .connections import serve_connection
 from .groups import Group
 from .sessions import PublisherSession, Session, SubscriberSession
@@ -276,7 +276,7 @@ class Relay:
                 list(self.streams.values()),
                 self.window_memory,
                 self.config.max_window_memory,
-                self._trimmed_for_memory,
+                lambda s, n: readers_lose(s, n, self.subscriptions.readers(s.name), self),
             )
         stream.last_seq = chunk.seq
         stream.last_captured_ns = chunk.captured_ns
@@ -287,27 +287,6 @@ class Relay:
         counters.latency.observe(max(0.0, (time.time_ns() - chunk.captured_ns) / 1e9))
         for reader in self.subscriptions.readers(name):
             reader.wake.set()
-
-    def _trimmed_for_memory(self, stream: StreamState, n: int) -> None:
-        """The ``n`` oldest chunks of ``stream`` are about to go to keep the
-        windows within ``max_window_memory``: each reader that had not been
-        sent them loses them now, counted ``window_memory_exceeded``."""
-        window = stream.window
-        end = window.base + n
-        last_seq = window.seq_at(end - 1)
-        for reader, cursor in self.subscriptions.readers(stream.name).items():
-            start = max(cursor.next_ord, window.base)
-            if start >= end:
-                continue
-            # Seqs are increasing: those not yet sent lie after the cursor's
-            # resume point; chunks at or below it were never needed.
-            lost = sum(1 for o in range(start, end) if window.seq_at(o) > cursor.after_seq)
-            cursor.next_ord = end
-            cursor.after_seq = max(cursor.after_seq, last_seq)
-            if lost:
-                cursor.dropped_window += lost
-                reader.dropped += lost
-                self.count_drop(stream.name, "window_memory_exceeded", lost)
 
     def stream_ended(self, stream: StreamState) -> None:
         """The publisher closed the stream: each reader gets CLOSE_STREAM after
