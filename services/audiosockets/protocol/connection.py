@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -47,7 +48,15 @@ from .events import (
     Subscribe,
     Welcome,
 )
-from .frames import FrameDecoder, FrameType, decode_payload, encode, encode_chunk
+from .frames import (
+    FrameDecoder,
+    FrameType,
+    decode_payload,
+    encode,
+    encode_chunk,
+    max_chunk_payload,
+    payload_limits,
+)
 from .limits import Limits
 
 
@@ -136,6 +145,21 @@ class _Streams:
             )
 
 
+def _admit(conn: Connection, ftype: FrameType, stream_id: int | None) -> int:
+    """A frame judged from its header (``frames.Admit``): its type must be
+    allowed now; it may weigh ``payload_limits`` (a CHUNK: what its stream's
+    format allows, ``max_chunk_payload``)."""
+    conn._check_incoming_type(ftype)
+    if ftype is FrameType.CHUNK and stream_id is not None:
+        opened = conn.their_streams.by_id.get(stream_id)
+        if opened is None:
+            raise RemoteProtocolError(
+                f"chunk for undeclared stream id {stream_id}", ErrorCode.UNKNOWN_STREAM
+            )
+        return max_chunk_payload(opened.format, conn.limits)
+    return conn._payload_limits[ftype]
+
+
 class Connection:
     """One side of one session. Feed bytes with ``receive_data`` (and the end of
     the byte stream with ``receive_eof``), drain events with ``next_event``;
@@ -160,7 +184,8 @@ class Connection:
         self.peer_name = ""
         self.token = ""
         self.welcome: Welcome | None = None
-        self._decoder = FrameDecoder(self.limits)
+        self._payload_limits = payload_limits(self.limits)
+        self._decoder = FrameDecoder(self.limits, functools.partial(_admit, self))
         self._sent_hello = False
         self._eof = False
         self._error: LocalProtocolError | RemoteProtocolError | None = None
@@ -258,14 +283,18 @@ class Connection:
                         "of it arrived)"
                     )
                 return END_OF_STREAM
-            ftype, payload = frame
-            self._check_incoming_type(ftype)
+            ftype, payload = frame  # its type was checked from the header (``_admit``)
             event = decode_payload(ftype, payload, self.limits)
             self._apply_incoming(event)
         except RemoteProtocolError as exc:
             self._fail(exc)
             raise
         return event
+
+    @property
+    def frames_received(self) -> int:
+        """Complete frames parsed so far (the I/O adapter times partial ones)."""
+        return self._decoder.frames
 
     def _check_incoming_type(self, ftype: FrameType) -> None:
         if self.state is State.HANDSHAKE:

@@ -16,7 +16,10 @@ import heapq
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Final, Protocol
 
+from ..errors import ErrorCode, RemoteProtocolError
+
 if TYPE_CHECKING:
+    from ..transport import Channel
     from .sessions import SubscriberSession
     from .streams import StreamState
     from .subscriptions import Cursor
@@ -108,3 +111,38 @@ def readers_lose(
             cursor.dropped_window += lost
             reader.dropped += lost
             counter.count_drop(stream.name, "window_memory_exceeded", lost)
+
+
+class InputBudget:
+    """The bytes every connection holds of frames not yet complete, relay-wide
+    (``RelayConfig.max_input_bytes``). Channels report after each read
+    (``transport.InputAccount``); when the total passes ``max_bytes`` the
+    channel holding the most is cut (ERROR MALFORMED_FRAME, counted
+    ``reason="input_budget"``), then the next largest, until it fits. A
+    healthy client holds at most a part of one frame; whoever hoards is cut
+    first. ``cuts`` counts the channels cut."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+        self.cuts = 0
+        self._by_channel: dict[Channel, int] = {}
+
+    def hold(self, channel: Channel, nbytes: int) -> None:
+        """``channel`` now holds ``nbytes`` of incomplete frames (0: none)."""
+        before = self._by_channel.pop(channel, 0)
+        if nbytes:
+            self._by_channel[channel] = nbytes
+        self.held += nbytes - before
+        while self.held > self.max_bytes and self._by_channel:
+            victim = max(self._by_channel, key=self._by_channel.__getitem__)
+            self.held -= self._by_channel.pop(victim)
+            self.cuts += 1
+            victim.cut(
+                RemoteProtocolError(
+                    f"the relay's input buffers are full ({self.max_bytes} bytes) and this "
+                    "connection held the most of frames not yet complete",
+                    ErrorCode.MALFORMED_FRAME,
+                    "input_budget",
+                )
+            )

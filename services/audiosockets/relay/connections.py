@@ -58,6 +58,8 @@ async def serve_connection(
         heartbeat_interval=cfg.heartbeat_interval,
         heartbeat_timeout=3 * cfg.heartbeat_interval,
         clock=relay.clock,
+        frame_timeout=cfg.frame_timeout,
+        input_account=relay.input_budget,
     )
     session: Session | None = None
     try:

@@ -36,7 +36,7 @@ from ..protocol import (
 )
 from ..service import STOP_SIGNALS, run_service
 from ..urls import RelayAddress
-from .budget import MemoryLedger, readers_lose, trim_windows
+from .budget import InputBudget, MemoryLedger, readers_lose, trim_windows
 from .connections import serve_connection
 from .groups import Group
 from .sessions import PublisherSession, Session, SubscriberSession
@@ -64,6 +64,11 @@ class RelayConfig:
     ``max_window_memory``: what all windows together may hold (bytes; over
     it the oldest audio of the largest window goes first, counted
     ``window_memory_exceeded`` for each reader that had not been sent it);
+    ``max_input_bytes``: what all connections together may hold of frames
+    not yet complete (bytes; over it the connection holding the most is cut,
+    ``protocol_errors_total{reason="input_budget"}``); ``frame_timeout``:
+    seconds a frame may take from its first byte to its last (then ERROR,
+    ``reason="frame_timeout"``);
     ``max_batch_bytes``: frames written to one subscriber per drain;
     ``socket_buffer_bytes``: kernel send buffer per connection (0: OS
     default); ``token``: shared secret clients present in HELLO (empty:
@@ -77,6 +82,8 @@ class RelayConfig:
     heartbeat_interval: float = 2.0
     max_window_bytes: int = 256 << 20  # per stream, on top of replay_seconds
     max_window_memory: int = 256 << 20  # all windows together
+    max_input_bytes: int = 32 << 20  # incomplete frames, all connections together
+    frame_timeout: float = 10.0  # seconds from a frame's first byte to its last
     max_batch_bytes: int = 256 << 10  # per write to one subscriber
     socket_buffer_bytes: int = 1 << 20  # kernel send buffer per connection (0: OS default)
     server_name: str = "audiosockets-relay"
@@ -92,6 +99,10 @@ class RelayConfig:
             raise ValueError("heartbeat_interval must be > 0")
         if self.max_window_memory < 1 << 20:
             raise ValueError("max_window_memory must be at least 1 MiB")
+        if self.max_input_bytes < self.limits.max_frame_size:
+            raise ValueError("max_input_bytes must hold at least one frame of max_frame_size")
+        if self.frame_timeout <= 0:
+            raise ValueError("frame_timeout must be > 0")
 
 
 class Relay:
@@ -117,6 +128,7 @@ class Relay:
         self.clock = clock
         self.streams: dict[str, StreamState] = {}
         self.window_memory = MemoryLedger()  # what every window holds, bytes
+        self.input_budget = InputBudget(self.config.max_input_bytes)
         self._stream_ids: dict[int, StreamState] = {}
         self.subscriptions = Subscriptions()
         self.groups: dict[str, Group] = {}
