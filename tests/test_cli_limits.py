@@ -36,3 +36,39 @@ def test_max_window_memory_flag_and_env_var(monkeypatch: pytest.MonkeyPatch) -> 
 def test_a_window_budget_below_one_mib_is_a_usage_error() -> None:
     result = CliRunner().invoke(main, ["relay", "--max-window-memory", "1000"])
     assert result.exit_code == 2
+
+
+def test_ingest_limits_flags_and_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = relay_config(monkeypatch)
+    assert default.max_input_bytes == 16 << 20
+    assert default.frame_timeout == 10.0
+    assert default.limits.max_chunk_seconds == 2.0
+    flags = relay_config(
+        monkeypatch,
+        "--max-input-bytes",
+        "4194304",
+        "--frame-timeout",
+        "2.5",
+        "--max-chunk-seconds",
+        "0.5",
+    )
+    assert flags.max_input_bytes == 4 << 20
+    assert flags.frame_timeout == 2.5
+    assert flags.limits.max_chunk_seconds == 0.5
+    env = relay_config(
+        monkeypatch,
+        AUDIOSOCKETS_RELAY_MAX_INPUT_BYTES="8388608",
+        AUDIOSOCKETS_RELAY_FRAME_TIMEOUT="4",
+        AUDIOSOCKETS_RELAY_MAX_CHUNK_SECONDS="1",
+    )
+    assert (env.max_input_bytes, env.frame_timeout, env.limits.max_chunk_seconds) == (
+        8 << 20,
+        4.0,
+        1.0,
+    )
+
+
+def test_an_input_budget_below_one_frame_is_a_configuration_error() -> None:
+    result = CliRunner().invoke(main, ["relay", "--metrics-port", "0", "--max-input-bytes", "1000"])
+    assert result.exit_code == 2
+    assert "max_input_bytes" in result.output

@@ -120,6 +120,25 @@ def main(log_level: LogLevel) -> None:
     "largest window goes first (counted window_memory_exceeded).",
 )
 @click.option(
+    "--max-input-bytes",
+    type=click.IntRange(64),
+    default=16 << 20,
+    help="Bytes all connections may hold of frames not yet complete; beyond it the "
+    "connection holding the most is cut.",
+)
+@click.option(
+    "--frame-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    help="Seconds a frame may take from its first byte to its last.",
+)
+@click.option(
+    "--max-chunk-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=2.0,
+    help="Audio one CHUNK may carry, in seconds of its stream's format.",
+)
+@click.option(
     "--token",
     default=None,
     help="Shared secret every client must present (unset: no authentication).",
@@ -134,6 +153,9 @@ def relay(
     heartbeat_seconds: float,
     max_frame_bytes: int,
     max_window_memory: int,
+    max_input_bytes: int,
+    frame_timeout: float,
+    max_chunk_seconds: float,
     token: str | None,
     loop_name: LoopName,
 ) -> None:
@@ -150,8 +172,12 @@ def relay(
         replay_seconds=replay_seconds,
         queue_seconds=queue_seconds,
         heartbeat_interval=heartbeat_seconds,
-        limits=configure(Limits, max_frame_size=max_frame_bytes),
+        limits=configure(
+            Limits, max_frame_size=max_frame_bytes, max_chunk_seconds=max_chunk_seconds
+        ),
         max_window_memory=max_window_memory,
+        max_input_bytes=max_input_bytes,
+        frame_timeout=frame_timeout,
         token=token or "",
     )
     metrics = Metrics()

@@ -24,8 +24,8 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol, SupportsIndex
 
 from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
 from .protocol import (
@@ -73,6 +73,60 @@ class InputAccount(Protocol):
         """``channel`` now holds ``nbytes`` (0: nothing, it may be forgotten)."""
 
 
+class AccountedReader(asyncio.StreamReader):
+    """A ``StreamReader`` that reports what it holds the moment bytes arrive.
+
+    asyncio reads up to 256 KiB per socket per loop iteration into each
+    reader before any task runs; with hundreds of connections that is
+    hundreds of MiB no task has seen yet. This reader tells the
+    ``InputAccount`` at once (bytes here plus the codec's partial frame, via
+    its ``owner`` channel), so a budget can cut a hoarder before the next
+    socket is read.
+    """
+
+    def __init__(self, limit: int, account: InputAccount) -> None:
+        super().__init__(limit=limit)
+        self.account = account
+        self.owner: Channel | None = None
+        self.pending = 0  # bytes received and not yet read
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        super().feed_data(data)
+        self.pending += len(data)  # type: ignore[arg-type]  # bytes from the protocol
+        if self.owner is not None:
+            self.account.hold(self.owner, self.owner.held_bytes)
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self.pending -= len(data)
+        return data
+
+    def discard(self) -> None:
+        """Free what was received and not read, now: the connection is being
+        cut, and its bytes must not outlive the budget's decision until its
+        task next runs. (StreamReader keeps them in ``_buffer``.)"""
+        self._buffer = bytearray()
+        self.pending = 0
+
+
+async def start_accounted_server(
+    on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    host: str,
+    port: int,
+    account: InputAccount,
+    *,
+    limit: int = 64 << 10,
+) -> asyncio.Server:
+    """``asyncio.start_server`` with an ``AccountedReader`` per connection
+    (``limit``: bytes a reader buffers before it pauses the socket)."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> asyncio.StreamReaderProtocol:
+        return asyncio.StreamReaderProtocol(AccountedReader(limit, account), on_connect)
+
+    return await loop.create_server(factory, host, port)
+
+
 class Channel:
     """A framed, heartbeated session over one TCP connection.
 
@@ -110,6 +164,8 @@ class Channel:
         self._frame_began: float | None = None  # when the pending frame's first byte came
         self._frame_number = -1  # frames_received when that was
         self._cut: RemoteProtocolError | None = None
+        if isinstance(reader, AccountedReader):
+            reader.owner = self
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
@@ -180,18 +236,33 @@ class Channel:
                 continue
             return event
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes received and not yet part of a complete frame handed out."""
+        return getattr(self.reader, "pending", 0) + self.conn.buffered
+
     def cut(self, error: RemoteProtocolError) -> None:
         """End this channel with ``error``: its reader raises it as soon as it
-        runs (a budget decided this channel holds too much)."""
+        runs (a budget decided this channel holds too much); nothing more is
+        read from its socket meanwhile."""
         if self._cut is None:
             self._cut = error
+            transport = self.writer.transport
+            if isinstance(transport, asyncio.ReadTransport):
+                with contextlib.suppress(Exception):
+                    transport.pause_reading()
+            if isinstance(self.reader, AccountedReader):
+                self.reader.discard()
+            # Its bytes go now, not when its task next runs: a budget that cuts
+            # many connections in one loop iteration must see their memory go.
+            self.conn.discard_input()
             self.reader.feed_eof()  # wake a pending read
 
     async def _read(self) -> None:
         if self._cut is not None:
             raise self._cut
         if self._input_account is not None:  # complete frames were drained
-            self._input_account.hold(self, self.conn.buffered)
+            self._input_account.hold(self, self.held_bytes)
         timeout = self.heartbeat_timeout
         frame_deadline = None
         if self.frame_timeout is not None and self.conn.buffered:
@@ -225,7 +296,7 @@ class Channel:
         if data:
             self.conn.receive_data(data)
             if self._input_account is not None:
-                self._input_account.hold(self, self.conn.buffered)
+                self._input_account.hold(self, self.held_bytes)
                 if self._cut is not None:
                     raise self._cut
         else:

@@ -103,6 +103,7 @@ async def test_windows_together_stay_within_max_window_memory() -> None:
     frames = int(STEREO48.rate * chunk_seconds)
     pcm = b"\x01\x02\x03\x04" * frames  # 192 KB of 48 kHz stereo int16
     chunks = per_stream // len(pcm)
+    names = [f"big-{i}" for i in range(streams)]
     with (
         relay_process(max_window_memory=budget, replay_seconds=3600.0) as relay,
         healthy_stream(relay.url) as healthy,
@@ -135,7 +136,6 @@ async def test_windows_together_stay_within_max_window_memory() -> None:
         report = healthy.stop()
         assert relay.alive()
         stalled.close()
-    names = [f"big-{i}" for i in range(streams)]
     received = sum(
         relay.sample("audiosockets_chunks_received_total", text, stream=s) for s in names
     )

@@ -291,6 +291,10 @@ class Connection:
             raise
         return event
 
+    def discard_input(self) -> None:
+        """Free every byte buffered and not yet parsed (the connection is being cut)."""
+        self._decoder.discard()
+
     @property
     def frames_received(self) -> int:
         """Complete frames parsed so far (the I/O adapter times partial ones)."""

@@ -377,6 +377,12 @@ class FrameDecoder:
         """Append received bytes (any split) to the buffer; parses nothing."""
         self._buf += data
 
+    def discard(self) -> None:
+        """Free every byte buffered; the next frame starts with the next byte."""
+        self._buf = bytearray()
+        self._pos = 0
+        self._admitted = -1
+
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as part of a frame."""
@@ -416,6 +422,7 @@ class FrameDecoder:
             stream_id = None
             if ftype == FrameType.CHUNK and length >= _STREAM_ID.size:
                 if len(buf) < pos + HEADER_SIZE + _STREAM_ID.size:
+                    self._admit(FrameType.CHUNK, None)  # is a CHUNK allowed at all?
                     self._compact()
                     return None
                 (stream_id,) = _STREAM_ID.unpack_from(buf, pos + HEADER_SIZE)

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("audiosockets.relay")
 
+#: SO_RCVBUF of a relay connection (Linux doubles it): 64 KiB holds 100 ms of
+#: 48 kHz 64-channel int16 audio, and bounds what one read brings in.
+RECEIVE_BUFFER_BYTES = 64 << 10
+
 
 def _the_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception of a session's task group to handle: a bug first,
@@ -48,7 +52,9 @@ async def serve_connection(
     """Serve one client of ``relay`` until it leaves, breaks the protocol,
     goes silent for three heartbeat intervals, or the relay stops. Raises
     nothing but ``CancelledError``: every end is handled here."""
-    tune_socket(writer, sndbuf=relay.config.socket_buffer_bytes)
+    # A small receive buffer: each read takes at most this much off the socket,
+    # so what a connection holds before the input budget sees it stays small.
+    tune_socket(writer, sndbuf=relay.config.socket_buffer_bytes, rcvbuf=RECEIVE_BUFFER_BYTES)
     writer.transport.set_write_buffer_limits(high=64 * 1024)
     cfg = relay.config
     channel = Channel(

@@ -35,6 +35,7 @@ from ..protocol import (
     encode_chunk,
 )
 from ..service import STOP_SIGNALS, run_service
+from ..transport import start_accounted_server
 from ..urls import RelayAddress
 from .budget import InputBudget, MemoryLedger, readers_lose, trim_windows
 from .connections import serve_connection
@@ -82,7 +83,7 @@ class RelayConfig:
     heartbeat_interval: float = 2.0
     max_window_bytes: int = 256 << 20  # per stream, on top of replay_seconds
     max_window_memory: int = 256 << 20  # all windows together
-    max_input_bytes: int = 32 << 20  # incomplete frames, all connections together
+    max_input_bytes: int = 16 << 20  # incomplete frames, all connections together
     frame_timeout: float = 10.0  # seconds from a frame's first byte to its last
     max_batch_bytes: int = 256 << 10  # per write to one subscriber
     socket_buffer_bytes: int = 1 << 20  # kernel send buffer per connection (0: OS default)
@@ -152,8 +153,8 @@ class Relay:
         if self._server is not None and self.address is not None:
             return self.address  # already started (e.g. by a test before run())
         try:
-            self._server = await asyncio.start_server(
-                self._on_connect, self.config.host, self.config.port, limit=1 << 20
+            self._server = await start_accounted_server(
+                self._on_connect, self.config.host, self.config.port, self.input_budget
             )
         except OSError as exc:
             where = f"{self.config.host}:{self.config.port}"
