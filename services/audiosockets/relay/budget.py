@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from ..errors import ErrorCode, RemoteProtocolError
 
@@ -23,10 +23,6 @@ if TYPE_CHECKING:
     from .sessions import SubscriberSession
     from .streams import StreamState
     from .subscriptions import Cursor
-
-
-class DropCounter(Protocol):
-    def count_drop(self, stream: str, reason: str, n: int) -> None: ...
 
 
 #: Memory one held chunk costs beyond its frame's bytes (CPython 3.11, 64-bit):
@@ -86,16 +82,12 @@ def trim_windows(
     return trimmed
 
 
-def readers_lose(
-    stream: StreamState,
-    n: int,
-    readers: Mapping[SubscriberSession, Cursor],
-    counter: DropCounter,
-) -> None:
+def readers_lose(stream: StreamState, n: int, readers: Mapping[SubscriberSession, Cursor]) -> None:
     """The ``n`` oldest chunks of ``stream`` are about to go to keep the
     windows within the budget: each reader that had not been sent them loses
     them now, counted ``window_memory_exceeded`` (its cursor moves past them,
-    so they are not counted again as ``replay_window_exceeded``)."""
+    so they are not counted again as ``replay_window_exceeded``; the
+    session counts them once it has shown it is alive)."""
     window = stream.window
     end = window.base + n
     last_seq = window.seq_at(end - 1)
@@ -109,8 +101,7 @@ def readers_lose(
         cursor.after_seq = max(cursor.after_seq, last_seq)
         if lost:
             cursor.dropped_window += lost
-            reader.dropped += lost
-            counter.count_drop(stream.name, "window_memory_exceeded", lost)
+            reader.count_drop(stream.name, "window_memory_exceeded", lost)
 
 
 class InputBudget:
