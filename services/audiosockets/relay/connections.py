@@ -83,8 +83,12 @@ async def serve_connection(
             raise _the_error(group) from None
     except RemoteProtocolError as exc:
         relay.metrics.protocol_errors.labels(exc.reason).inc()
-        who = f"{session.role.label} {session.name!r}" if session else "client"
-        log.warning("closing %s from %s: %s", who, channel.peer, exc)
+        # One line per reason per interval; the counter has every one.
+        now, held = relay.refusals_logged.allow(exc.reason)
+        if now:
+            who = f"{session.role.label} {session.name!r}" if session else "client"
+            more = f" ({held} more {exc.reason} since the last line)" if held else ""
+            log.warning("closing %s from %s: %s%s", who, channel.peer, exc, more)
         await channel.close(ErrorFrame(exc.code, str(exc)))
     except ConnectionClosed as exc:
         if session is not None:

@@ -42,6 +42,7 @@ from ..urls import RelayAddress
 from .budget import InputBudget, MemoryLedger, readers_lose, trim_windows
 from .connections import serve_connection
 from .groups import Group
+from .lograte import LogRateLimit
 from .sessions import PublisherSession, Session, SubscriberSession
 from .status import collect_gauges, status_report
 from .streams import StreamCounters, StreamState
@@ -132,6 +133,7 @@ class Relay:
         self.streams: dict[str, StreamState] = {}
         self.window_memory = MemoryLedger()  # what every window holds, bytes
         self.input_budget = InputBudget(self.config.max_input_bytes)
+        self.refusals_logged = LogRateLimit(10.0, clock)  # protocol errors, by reason
         self._stream_ids: dict[int, StreamState] = {}
         self.subscriptions = Subscriptions()
         self.groups: dict[str, Group] = {}
