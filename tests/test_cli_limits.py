@@ -72,3 +72,16 @@ def test_an_input_budget_below_one_frame_is_a_configuration_error() -> None:
     result = CliRunner().invoke(main, ["relay", "--metrics-port", "0", "--max-input-bytes", "1000"])
     assert result.exit_code == 2
     assert "max_input_bytes" in result.output
+
+
+def test_capture_time_flags_and_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = relay_config(monkeypatch)
+    assert (default.max_capture_ahead, default.max_capture_age) == (300.0, 3650 * 86400.0)
+    flags = relay_config(monkeypatch, "--max-capture-ahead", "5", "--max-capture-age", "3600")
+    assert (flags.max_capture_ahead, flags.max_capture_age) == (5.0, 3600.0)
+    env = relay_config(
+        monkeypatch,
+        AUDIOSOCKETS_RELAY_MAX_CAPTURE_AHEAD="10",
+        AUDIOSOCKETS_RELAY_MAX_CAPTURE_AGE="86400",
+    )
+    assert (env.max_capture_ahead, env.max_capture_age) == (10.0, 86400.0)

@@ -139,6 +139,18 @@ def main(log_level: LogLevel) -> None:
     help="Audio one CHUNK may carry, in seconds of its stream's format.",
 )
 @click.option(
+    "--max-capture-ahead",
+    type=click.FloatRange(0, min_open=True),
+    default=300.0,
+    help="Seconds a chunk's capture time may be ahead of the relay's clock.",
+)
+@click.option(
+    "--max-capture-age",
+    type=click.FloatRange(0, min_open=True),
+    default=3650 * 86400.0,
+    help="Seconds a chunk's capture time may be behind the relay's clock.",
+)
+@click.option(
     "--token",
     default=None,
     help="Shared secret every client must present (unset: no authentication).",
@@ -156,6 +168,8 @@ def relay(
     max_input_bytes: int,
     frame_timeout: float,
     max_chunk_seconds: float,
+    max_capture_ahead: float,
+    max_capture_age: float,
     token: str | None,
     loop_name: LoopName,
 ) -> None:
@@ -179,6 +193,8 @@ def relay(
         max_window_memory=max_window_memory,
         max_input_bytes=max_input_bytes,
         frame_timeout=frame_timeout,
+        max_capture_ahead=max_capture_ahead,
+        max_capture_age=max_capture_age,
         token=token or "",
     )
     metrics = Metrics()

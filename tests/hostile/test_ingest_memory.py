@@ -10,6 +10,7 @@ exactly.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.errors import ErrorCode
@@ -81,9 +82,10 @@ async def test_a_million_one_frame_chunks_are_accounted_as_the_memory_they_take(
         session = await raw_session(relay.url, "publisher", "tiny")
         session.send(OpenStream(1, "tiny", MONO16))
         pcm = b"\x01\x00"
+        now = time.time_ns()
         for start in range(0, n, 20_000):
             session.writer.write(
-                b"".join(encode_chunk(1, seq, 0, pcm) for seq in range(start, start + 20_000))
+                b"".join(encode_chunk(1, seq, now, pcm) for seq in range(start, start + 20_000))
             )
             await session.writer.drain()
         await wait_for(
@@ -127,7 +129,7 @@ async def test_windows_together_stay_within_max_window_memory() -> None:
             session = await raw_session(relay.url, "publisher", f"big-{i}")
             session.send(OpenStream(1, f"big-{i}", STEREO48))
             for seq in range(chunks):
-                session.writer.write(encode_chunk(1, seq, 0, pcm))
+                session.writer.write(encode_chunk(1, seq, time.time_ns(), pcm))
                 await session.writer.drain()
             session.close()
 

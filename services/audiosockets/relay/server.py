@@ -72,7 +72,9 @@ class RelayConfig:
     not yet complete (bytes; over it the connection holding the most is cut,
     ``protocol_errors_total{reason="input_budget"}``); ``frame_timeout``:
     seconds a frame may take from its first byte to its last (then ERROR,
-    ``reason="frame_timeout"``);
+    ``reason="frame_timeout"``); ``max_capture_ahead``/``max_capture_age``:
+    how far a CHUNK's capture time may be from the relay's wall clock (s;
+    beyond, ERROR ``reason="capture_time"``; see ``plausible``);
     ``max_batch_bytes``: frames written to one subscriber per drain;
     ``socket_buffer_bytes``: kernel send buffer per connection (0: OS
     default); ``token``: shared secret clients present in HELLO (empty:
@@ -88,6 +90,8 @@ class RelayConfig:
     max_window_memory: int = 256 << 20  # all windows together
     max_input_bytes: int = 16 << 20  # incomplete frames, all connections together
     frame_timeout: float = 10.0  # seconds from a frame's first byte to its last
+    max_capture_ahead: float = 300.0  # seconds a capture time may be ahead of the relay
+    max_capture_age: float = 3650 * 86400.0  # seconds behind it (an old spool is no forgery)
     max_batch_bytes: int = 256 << 10  # per write to one subscriber
     socket_buffer_bytes: int = 1 << 20  # kernel send buffer per connection (0: OS default)
     server_name: str = "audiosockets-relay"
@@ -107,6 +111,8 @@ class RelayConfig:
             raise ValueError("max_input_bytes must hold at least one frame of max_frame_size")
         if self.frame_timeout <= 0:
             raise ValueError("frame_timeout must be > 0")
+        if self.max_capture_ahead <= 0 or self.max_capture_age <= 0:
+            raise ValueError("max_capture_ahead and max_capture_age must be > 0")
 
 
 class Relay:
@@ -286,7 +292,8 @@ class Relay:
         seconds = nbytes / (fmt.frame_bytes * fmt.rate)
         frame = encode_chunk(stream.id, chunk.seq, chunk.captured_ns, chunk.payload)
         window = stream.window
-        window.append(chunk.seq, frame, seconds, self.clock())
+        stream.last_arrival = now = self.clock()
+        window.append(chunk.seq, frame, seconds, now)
         window.trim(self.config.replay_seconds, self.config.max_window_bytes)
         if self.window_memory.held > self.config.max_window_memory:
             trim_windows(

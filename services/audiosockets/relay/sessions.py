@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -32,12 +33,16 @@ from ..protocol import (
     Subscribe,
 )
 from ..transport import Channel
+from .plausible import check_capture_time, check_seq
 from .streams import StreamState
 from .subscriptions import Cursor
 
 if TYPE_CHECKING:
     from .groups import Group
     from .server import Relay
+
+
+log = logging.getLogger("audiosockets.relay")
 
 
 class Session:
@@ -94,9 +99,25 @@ class PublisherSession(Session):
             stream = self.streams.get(event.stream_id)
             if stream is None or stream.publisher is not self:
                 return  # taken over by another publisher: ignore the late chunk
+            cfg = self.relay.config
+            check_seq(
+                event.seq,
+                stream.last_seq,
+                stream.format.rate,
+                self.relay.clock() - stream.last_arrival,
+            )
+            check_capture_time(
+                event.captured_ns, time.time_ns(), cfg.max_capture_ahead, cfg.max_capture_age
+            )
             self.relay.publish(stream, event)
         elif isinstance(event, OpenStream):
-            stream = self.relay.open_stream(self, event.name, event.format)
+            try:
+                stream = self.relay.open_stream(self, event.name, event.format)
+            except Exception:  # a bug of ours: this stream fails, the session goes on
+                self.relay.metrics.protocol_errors.labels("open_stream_failed").inc()
+                log.exception("opening stream %r for %r failed", event.name, self.name)
+                self.channel.send(CloseStream(event.stream_id, CloseReason.ENDED))
+                return
             self.streams[event.stream_id] = stream
             next_seq = stream.last_seq + 1 if stream.last_seq >= 0 else 0
             self.channel.send(StreamAccepted(event.stream_id, next_seq))
