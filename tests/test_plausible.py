@@ -13,7 +13,17 @@ from hypothesis import strategies as st
 from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.errors import ErrorCode, RemoteProtocolError
-from audiosockets.protocol import CloseStream, OpenStream, StreamAccepted, encode_chunk
+from audiosockets.protocol import (
+    Ack,
+    ChunkData,
+    CloseStream,
+    NeedData,
+    OpenStream,
+    StartPosition,
+    StreamAccepted,
+    Subscribe,
+    encode_chunk,
+)
 from audiosockets.relay import Relay
 from audiosockets.relay.plausible import (
     MAX_FIRST_SEQ,
@@ -22,7 +32,7 @@ from audiosockets.relay.plausible import (
     check_capture_time,
     check_seq,
 )
-from hostile.harness import raw_session
+from hostile.harness import RawSession, raw_session
 
 MONO16 = AudioFormat(16000, 1, SampleType.INT16)
 U64 = st.integers(0, 2**64 - 1)
@@ -159,3 +169,68 @@ async def test_a_failed_open_stream_fails_that_stream_only(
     assert sample(relay, "audiosockets_protocol_errors_total", reason="open_stream_failed") == 1
     assert sample(relay, "audiosockets_connected_clients", role="publisher") == 1
     session.close()
+
+
+# --------------------------------------------------------------------------
+# Forged ACKs and resume points (item 6)
+# --------------------------------------------------------------------------
+
+
+async def _chunks_until(session: RawSession, last_seq: int, timeout: float = 10.0) -> list[int]:
+    """Seqs of the CHUNKs ``session`` reads until one has ``last_seq``."""
+    seqs: list[int] = []
+    async with asyncio.timeout(timeout):
+        while not seqs or seqs[-1] < last_seq:
+            event = session.conn.next_event()
+            if isinstance(event, NeedData):
+                session.conn.receive_data(await session.reader.read(1 << 16))
+            elif isinstance(event, ChunkData):
+                seqs.append(event.seq)
+    return seqs
+
+
+async def test_a_forged_ack_cannot_make_the_next_owner_skip_audio(relay: Relay) -> None:
+    publisher = await raw_session(relay.url, "publisher", "rec")
+    publisher.send(OpenStream(1, "s", MONO16))
+
+    def publish(seqs: range) -> None:
+        for seq in seqs:
+            publisher.writer.write(encode_chunk(1, seq, time.time_ns(), b"\0\0"))
+
+    publish(range(10))
+    await wait_until(lambda: "s" in relay.streams and relay.streams["s"].last_seq == 9)
+    rogue = await raw_session(relay.url, "subscriber", "rogue")
+    rogue.send(Subscribe("s", "g", StartPosition.EARLIEST, ()))
+    assert await _chunks_until(rogue, 9) == list(range(10))
+    rogue.send(Ack(relay.streams["s"].id, 2**64 - 1))
+    await wait_until(lambda: relay.groups["g"].acked.get("s") is not None, what="the ACK")
+    assert relay.groups["g"].acked["s"] == 9  # clamped to the highest seq sent to it
+    assert sample(relay, "audiosockets_positions_clamped_total", reason="ack_beyond_sent") == 1
+    rogue.close()
+    await wait_until(lambda: not relay.groups["g"].members, what="the rogue to leave")
+    rightful = await raw_session(relay.url, "subscriber", "rightful")
+    rightful.send(Subscribe("s", "g", StartPosition.EARLIEST, ()))
+    publish(range(10, 20))
+    assert await _chunks_until(rightful, 19) == list(range(10, 20))
+    rightful.close()
+    publisher.close()
+
+
+async def test_a_resume_point_beyond_the_stream_is_clamped_and_counted(relay: Relay) -> None:
+    publisher = await raw_session(relay.url, "publisher", "rec")
+    publisher.send(OpenStream(1, "s", MONO16))
+    for seq in range(5):
+        publisher.writer.write(encode_chunk(1, seq, time.time_ns(), b"\0\0"))
+    await wait_until(lambda: "s" in relay.streams and relay.streams["s"].last_seq == 4)
+    sub = await raw_session(relay.url, "subscriber", "resumer")
+    sub.send(Subscribe("s", "", StartPosition.LIVE, (("s", 2**64 - 1),)))
+    reason = "resume_beyond_stream"
+    await wait_until(
+        lambda: sample(relay, "audiosockets_positions_clamped_total", reason=reason) == 1,
+        what="the resume point to be clamped",
+    )
+    for seq in range(5, 8):
+        publisher.writer.write(encode_chunk(1, seq, time.time_ns(), b"\0\0"))
+    assert await _chunks_until(sub, 7) == [5, 6, 7]  # not silenced by the forged point
+    sub.close()
+    publisher.close()

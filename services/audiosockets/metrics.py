@@ -231,6 +231,14 @@ class Metrics:
             ["role"],
             registry=r,
         )
+        self.positions_clamped = Counter(
+            "audiosockets_positions_clamped",
+            "ACKs and resume points beyond what exists, clamped (relay), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("ack_beyond_sent", "resume_beyond_stream"):
+            self.positions_clamped.labels(reason)
         self.protocol_errors = Counter(
             "audiosockets_protocol_errors",
             "Connections closed because the peer broke the protocol, by error code.",

@@ -14,13 +14,24 @@ the rest as protocol errors before anything is counted or stored.
   cannot forge), plus ``SEQ_JUMP_SLACK_SECONDS``.
 - The capture time is within ``max_capture_ahead`` seconds ahead of the
   relay's wall clock and ``max_capture_age`` behind it.
+
+Positions a subscriber claims are clamped, not refused: an ACK to the highest
+seq actually sent to that member, a resume point to the stream's newest seq
+(``clamp``); each clamp is counted in
+``audiosockets_positions_clamped_total{reason}``.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import logging
+from typing import TYPE_CHECKING, Final
 
 from ..errors import ErrorCode, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from .server import Relay
+
+log = logging.getLogger("audiosockets.relay")
 
 MAX_SEQ: Final = 2**63 - 1
 MAX_FIRST_SEQ: Final = 2**48
@@ -74,3 +85,16 @@ def check_capture_time(
             ErrorCode.MALFORMED_FRAME,
             "capture_time",
         )
+
+
+def clamp(relay: Relay, reason: str, claimed: int, limit: int, what: str) -> int:
+    """``min(claimed, limit)``; a clamp is counted under ``reason`` and logged
+    (once per reason per interval). ``what`` names the position for the log."""
+    if claimed <= limit:
+        return claimed
+    relay.metrics.positions_clamped.labels(reason).inc()
+    now, held = relay.refusals_logged.allow(reason)
+    if now:
+        more = f" ({held} more since the last line)" if held else ""
+        log.warning("%s: seq %d clamped to %d (%s)%s", what, claimed, limit, reason, more)
+    return limit

@@ -33,7 +33,7 @@ from ..protocol import (
     Subscribe,
 )
 from ..transport import Channel
-from .plausible import check_capture_time, check_seq
+from .plausible import check_capture_time, check_seq, clamp
 from .streams import StreamState
 from .subscriptions import Cursor
 
@@ -199,6 +199,11 @@ class SubscriberSession(Session):
             after_seq = stream.last_seq
             start = window.end
         else:
+            if stream.last_seq >= 0:  # a forged resume point must not silence the stream
+                what = f"{self.name!r} resuming {stream.name!r}"
+                after_seq = clamp(
+                    self.relay, "resume_beyond_stream", after_seq, stream.last_seq, what
+                )
             start = window.ordinal_after_seq(after_seq)
             missing, after_seq = window.trimmed_after(after_seq)
             if missing:
