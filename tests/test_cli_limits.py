@@ -85,3 +85,20 @@ def test_capture_time_flags_and_env_vars(monkeypatch: pytest.MonkeyPatch) -> Non
         AUDIOSOCKETS_RELAY_MAX_CAPTURE_AGE="86400",
     )
     assert (env.max_capture_ahead, env.max_capture_age) == (10.0, 86400.0)
+
+
+def test_max_open_segments_reaches_the_processor_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import audiosockets.processor
+
+    built: list[Any] = []
+
+    async def serve(config: Any, **kwargs: Any) -> None:
+        built.append(config)
+
+    monkeypatch.setattr(audiosockets.processor, "serve", serve)
+    args = ["process", "--handler", "level", "--metrics-port", "0"]
+    result = CliRunner().invoke(main, [*args, "--max-open-segments", "64"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, args, env={"AUDIOSOCKETS_PROCESS_MAX_OPEN_SEGMENTS": "32"})
+    assert result.exit_code == 0, result.output
+    assert [c.max_open_segments for c in built] == [64, 32]

@@ -477,6 +477,13 @@ def devices() -> None:
     help="archive: length of one WAV segment.",
 )
 @click.option(
+    "--max-open-segments",
+    type=click.IntRange(1),
+    default=256,
+    help="archive: segment files open at once; past it the least recently written is "
+    "completed early (audiosockets_archive_evictions_total).",
+)
+@click.option(
     "--max-failures",
     type=click.IntRange(0),
     default=100,
@@ -504,6 +511,7 @@ def process(
     backlog_seconds: float,
     events: str | None,
     segment_seconds: float,
+    max_open_segments: int,
     max_failures: int,
     start: StartName,
     name: str | None,
@@ -526,6 +534,7 @@ def process(
         backlog_seconds=backlog_seconds,
         events=events,
         segment_seconds=segment_seconds,
+        max_open_segments=max_open_segments,
         exit_after=max_failures,
         start=start,
         token=token,
