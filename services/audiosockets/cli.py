@@ -115,6 +115,44 @@ def main(log_level: LogLevel) -> None:
     help="Largest frame accepted.",
 )
 @click.option(
+    "--max-window-memory",
+    type=click.IntRange(1 << 20),
+    default=256 << 20,
+    help="Bytes all replay windows may hold together; beyond it the oldest audio of the "
+    "largest window goes first (counted window_memory_exceeded).",
+)
+@click.option(
+    "--max-input-bytes",
+    type=click.IntRange(64),
+    default=16 << 20,
+    help="Bytes all connections may hold of frames not yet complete; beyond it the "
+    "connection holding the most is cut.",
+)
+@click.option(
+    "--frame-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    help="Seconds a frame may take from its first byte to its last.",
+)
+@click.option(
+    "--max-chunk-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=2.0,
+    help="Audio one CHUNK may carry, in seconds of its stream's format.",
+)
+@click.option(
+    "--max-capture-ahead",
+    type=click.FloatRange(0, min_open=True),
+    default=300.0,
+    help="Seconds a chunk's capture time may be ahead of the relay's clock.",
+)
+@click.option(
+    "--max-capture-age",
+    type=click.FloatRange(0, min_open=True),
+    default=3650 * 86400.0,
+    help="Seconds a chunk's capture time may be behind the relay's clock.",
+)
+@click.option(
     "--token",
     default=None,
     help="Shared secret every client must present (unset: no authentication).",
@@ -128,6 +166,12 @@ def relay(
     queue_seconds: float,
     heartbeat_seconds: float,
     max_frame_bytes: int,
+    max_window_memory: int,
+    max_input_bytes: int,
+    frame_timeout: float,
+    max_chunk_seconds: float,
+    max_capture_ahead: float,
+    max_capture_age: float,
     token: str | None,
     loop_name: LoopName,
 ) -> None:
@@ -145,7 +189,14 @@ def relay(
         replay_seconds=replay_seconds,
         queue_seconds=queue_seconds,
         heartbeat_interval=heartbeat_seconds,
-        limits=configure(Limits, max_frame_size=max_frame_bytes),
+        limits=configure(
+            Limits, max_frame_size=max_frame_bytes, max_chunk_seconds=max_chunk_seconds
+        ),
+        max_window_memory=max_window_memory,
+        max_input_bytes=max_input_bytes,
+        frame_timeout=frame_timeout,
+        max_capture_ahead=max_capture_ahead,
+        max_capture_age=max_capture_age,
         token=token or "",
     )
     metrics = Metrics()
@@ -437,6 +488,13 @@ def devices() -> None:
     help="archive: length of one WAV segment.",
 )
 @click.option(
+    "--max-open-segments",
+    type=click.IntRange(1),
+    default=256,
+    help="archive: segment files open at once; past it the least recently written is "
+    "completed early (audiosockets_archive_evictions_total).",
+)
+@click.option(
     "--max-failures",
     type=click.IntRange(0),
     default=100,
@@ -464,6 +522,7 @@ def process(
     backlog_seconds: float,
     events: str | None,
     segment_seconds: float,
+    max_open_segments: int,
     max_failures: int,
     start: StartName,
     name: str | None,
@@ -486,6 +545,7 @@ def process(
         backlog_seconds=backlog_seconds,
         events=events,
         segment_seconds=segment_seconds,
+        max_open_segments=max_open_segments,
         exit_after=max_failures,
         start=start,
         token=token,

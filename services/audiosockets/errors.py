@@ -42,11 +42,19 @@ class ConfigError(AudiosocketsError):
 
 
 class ProtocolError(AudiosocketsError):
-    """The wire protocol was broken; ``code`` says how."""
+    """The wire protocol was broken; ``code`` says how, ``reason`` is the
+    ``audiosockets_protocol_errors_total`` label (the code's name in lower
+    case unless a finer one is given, e.g. ``empty_chunk``)."""
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.MALFORMED_FRAME) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: ErrorCode = ErrorCode.MALFORMED_FRAME,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason or code.name.lower()
 
 
 class LocalProtocolError(ProtocolError):

@@ -402,6 +402,7 @@ class ProcessorConfig:
     backlog_seconds: float = 10.0
     events: str | None = None  # path; None means stdout
     segment_seconds: float = 60.0
+    max_open_segments: int = 256
     exit_after: int = 100
     start: StartName = "live"
     token: str | None = None
@@ -421,6 +422,8 @@ class ProcessorConfig:
             raise ConfigError(f"--backlog-seconds must be positive, got {self.backlog_seconds:g}")
         if not self.segment_seconds > 0:
             raise ConfigError(f"--segment-seconds must be positive, got {self.segment_seconds:g}")
+        if self.max_open_segments < 1:
+            raise ConfigError(f"--max-open-segments must be >= 1, got {self.max_open_segments}")
         if self.exit_after < 0:
             raise ConfigError(f"--max-failures must be >= 0, got {self.exit_after}")
 
@@ -444,7 +447,9 @@ async def serve(
     from ..metrics import serve_metrics
 
     spec = parse_spec(config.handler)
-    options = HandlerOptions(segment_seconds=config.segment_seconds)
+    options = HandlerOptions(
+        segment_seconds=config.segment_seconds, max_open_segments=config.max_open_segments
+    )
     check_handler(spec, options)  # a bad spec fails here, before any connection; only here
     metrics = metrics if metrics is not None else Metrics()
     with contextlib.ExitStack() as stack:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -32,12 +33,16 @@ from ..protocol import (
     Subscribe,
 )
 from ..transport import Channel
+from .plausible import check_capture_time, check_seq, clamp
 from .streams import StreamState
 from .subscriptions import Cursor
 
 if TYPE_CHECKING:
     from .groups import Group
     from .server import Relay
+
+
+log = logging.getLogger("audiosockets.relay")
 
 
 class Session:
@@ -94,9 +99,25 @@ class PublisherSession(Session):
             stream = self.streams.get(event.stream_id)
             if stream is None or stream.publisher is not self:
                 return  # taken over by another publisher: ignore the late chunk
+            cfg = self.relay.config
+            check_seq(
+                event.seq,
+                stream.last_seq,
+                stream.format.rate,
+                self.relay.clock() - stream.last_arrival,
+            )
+            check_capture_time(
+                event.captured_ns, time.time_ns(), cfg.max_capture_ahead, cfg.max_capture_age
+            )
             self.relay.publish(stream, event)
         elif isinstance(event, OpenStream):
-            stream = self.relay.open_stream(self, event.name, event.format)
+            try:
+                stream = self.relay.open_stream(self, event.name, event.format)
+            except Exception:  # a bug of ours: this stream fails, the session goes on
+                self.relay.metrics.protocol_errors.labels("open_stream_failed").inc()
+                log.exception("opening stream %r for %r failed", event.name, self.name)
+                self.channel.send(CloseStream(event.stream_id, CloseReason.ENDED))
+                return
             self.streams[event.stream_id] = stream
             next_seq = stream.last_seq + 1 if stream.last_seq >= 0 else 0
             self.channel.send(StreamAccepted(event.stream_id, next_seq))
@@ -178,6 +199,11 @@ class SubscriberSession(Session):
             after_seq = stream.last_seq
             start = window.end
         else:
+            if stream.last_seq >= 0:  # a forged resume point must not silence the stream
+                what = f"{self.name!r} resuming {stream.name!r}"
+                after_seq = clamp(
+                    self.relay, "resume_beyond_stream", after_seq, stream.last_seq, what
+                )
             start = window.ordinal_after_seq(after_seq)
             missing, after_seq = window.trimmed_after(after_seq)
             if missing:
