@@ -117,6 +117,54 @@ def main(log_level: LogLevel) -> None:
     default=None,
     help="Shared secret every client must present (unset: no authentication).",
 )
+@click.option(
+    "--max-streams",
+    type=click.IntRange(1),
+    default=1024,
+    help="Stream names held at once; an OPEN_STREAM beyond it is refused.",
+)
+@click.option(
+    "--max-streams-per-publisher",
+    type=click.IntRange(1),
+    default=64,
+    help="Distinct stream names one publisher session may declare.",
+)
+@click.option(
+    "--stream-grace-seconds",
+    type=click.FloatRange(0),
+    default=60.0,
+    help="A stream with no publisher and no audio left is forgotten after this.",
+)
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(1),
+    default=1024,
+    help="Connections held at once (kept below the descriptor limit).",
+)
+@click.option(
+    "--max-sessions-per-address",
+    type=click.IntRange(1),
+    default=256,
+    help="Connections from one source address.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=60.0,
+    help="A session holding no stream or subscription and asking nothing is closed after this.",
+)
+@click.option(
+    "--max-write-buffer-bytes",
+    type=click.IntRange(1),
+    default=4 << 20,
+    help="Replies queued to a client that does not read before its session is cut.",
+)
+@click.option(
+    "--status-interval",
+    type=click.FloatRange(0),
+    default=1.0,
+    help="Least seconds between two STATUS replies to one session.",
+)
 @loop_option
 @user_errors
 def relay(
@@ -127,6 +175,14 @@ def relay(
     heartbeat_seconds: float,
     max_frame_bytes: int,
     token: str | None,
+    max_streams: int,
+    max_streams_per_publisher: int,
+    stream_grace_seconds: float,
+    max_sessions: int,
+    max_sessions_per_address: int,
+    idle_timeout: float,
+    max_write_buffer_bytes: int,
+    status_interval: float,
     loop_name: LoopName,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out."""
@@ -144,6 +200,14 @@ def relay(
         heartbeat_interval=heartbeat_seconds,
         limits=configure(Limits, max_frame_size=max_frame_bytes),
         token=token or "",
+        max_streams=max_streams,
+        max_streams_per_publisher=max_streams_per_publisher,
+        stream_grace_seconds=stream_grace_seconds,
+        max_sessions=max_sessions,
+        max_sessions_per_address=max_sessions_per_address,
+        idle_timeout=idle_timeout,
+        max_write_buffer_bytes=max_write_buffer_bytes,
+        status_interval=status_interval,
     )
     metrics = Metrics()
 

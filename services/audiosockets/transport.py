@@ -58,8 +58,19 @@ def tune_socket(writer: asyncio.StreamWriter, *, sndbuf: int = 0, rcvbuf: int = 
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
 
 
+class WriteBufferFull(ConnectionClosed):
+    """The peer stopped reading and what we queued for it passed the
+    channel's ``max_write_buffer``: the session cannot go on without holding
+    unbounded memory for it."""
+
+
 class Channel:
-    """A framed, heartbeated session over one TCP connection."""
+    """A framed, heartbeated session over one TCP connection.
+
+    ``max_write_buffer`` (bytes, 0: no limit) bounds what ``send`` may leave
+    queued for a peer that does not read (replies such as PONG and STATUS):
+    past it ``send`` raises ``WriteBufferFull`` instead of queueing more.
+    """
 
     def __init__(
         self,
@@ -70,8 +81,10 @@ class Channel:
         heartbeat_interval: float = 2.0,
         heartbeat_timeout: float = 6.0,
         clock: Clock = time.monotonic,
+        max_write_buffer: int = 0,
     ) -> None:
         self.reader = reader
+        self.max_write_buffer = max_write_buffer
         self.writer = writer
         self.conn = conn
         self.heartbeat_interval = heartbeat_interval
@@ -91,9 +104,17 @@ class Channel:
     def send(self, event: Event) -> None:
         """Encode ``event`` through the codec and write it (no drain).
 
-        Raises LocalProtocolError when the codec refuses the event; writes
-        nothing once the channel is closed.
+        Raises LocalProtocolError when the codec refuses the event, and
+        ``WriteBufferFull`` when ``max_write_buffer`` is set and more than that
+        is already queued (nothing is written then); writes nothing once the
+        channel is closed.
         """
+        limit = self.max_write_buffer
+        if limit and not self.closed and self.write_buffer_size > limit:
+            raise WriteBufferFull(
+                f"{self.peer} does not read: more than {limit} bytes queued for it",
+                ErrorCode.INTERNAL,
+            )
         data = self.conn.send(event)
         self.write(data)
 

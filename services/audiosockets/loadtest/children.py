@@ -37,7 +37,15 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
     async def main() -> None:
         relay = Relay(
             RelayConfig(
-                host="127.0.0.1", port=0, replay_seconds=replay_seconds, queue_seconds=queue_seconds
+                host="127.0.0.1",
+                port=0,
+                replay_seconds=replay_seconds,
+                queue_seconds=queue_seconds,
+                # Every client of a load test comes from loopback, in any
+                # number: only the descriptor limit caps sessions here.
+                max_streams=1 << 20,
+                max_sessions=1 << 20,
+                max_sessions_per_address=1 << 20,
             )
         )
         await relay.start()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
 from ..protocol import Connection, ErrorFrame, Goodbye, Hello, Welcome
-from ..transport import Channel, tune_socket
+from ..transport import Channel, WriteBufferFull, tune_socket
 from .sessions import SESSION_TYPES, Session, SubscriberSession
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ async def serve_connection(
         heartbeat_interval=cfg.heartbeat_interval,
         heartbeat_timeout=3 * cfg.heartbeat_interval,
         clock=relay.clock,
+        max_write_buffer=cfg.write_buffer_limit,
     )
     session: Session | None = None
     try:
@@ -78,6 +79,16 @@ async def serve_connection(
         who = f"{session.role.label} {session.name!r}" if session else "client"
         log.warning("closing %s from %s: %s", who, channel.peer, exc)
         await channel.close(ErrorFrame(exc.code, str(exc)))
+    except WriteBufferFull as exc:
+        # It does not read: no farewell could reach it, and waiting for one
+        # to flush would hold the buffer longer.
+        channel.abort()
+        if session is not None:
+            relay.cut_session(
+                session, "write_buffer_full", ErrorFrame(ErrorCode.INTERNAL, str(exc))
+            )
+        else:
+            relay.limit_counters.sessions_cut.labels("write_buffer_full").inc()
     except ConnectionClosed as exc:
         if session is not None:
             log.info("%s %r disconnected: %s", session.role.label, session.name, exc)
@@ -127,6 +138,7 @@ async def _read_events(session: Session) -> None:
         if isinstance(event, Goodbye | ErrorFrame):
             log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
             break
+        session.last_active = session.relay.clock()
         await session.handle(event)
     if isinstance(session, SubscriberSession) and session.writer is not None:
         session.writer.cancel()

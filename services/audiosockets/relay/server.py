@@ -30,15 +30,26 @@ from ..errors import AddressInUse, ErrorCode
 from ..metrics import CallbackCollector, Metrics
 from ..protocol import (
     ChunkData,
+    Connection,
+    ErrorFrame,
     Goodbye,
     Limits,
     encode_chunk,
 )
 from ..urls import RelayAddress
+from .admission import (
+    Admission,
+    LimitCounters,
+    RateLimitedLog,
+    StreamRefused,
+    raise_nofile,
+    session_cap,
+)
 from .connections import serve_connection
+from .expiry import Housekeeping, forget_stream_state
 from .groups import Group
 from .sessions import PublisherSession, Session, SubscriberSession
-from .status import collect_gauges, status_report
+from .status import collect_gauges, fit_status, status_report
 from .streams import StreamCounters, StreamState
 from .subscriptions import Subscriptions
 
@@ -60,7 +71,24 @@ class RelayConfig:
     ``max_batch_bytes``: frames written to one subscriber per drain;
     ``socket_buffer_bytes``: kernel send buffer per connection (0: OS
     default); ``token``: shared secret clients present in HELLO (empty:
-    none). Raises ``ValueError`` for a value out of range.
+    none).
+
+    Limits against runaway and hostile clients (README, "Limits"):
+    ``max_streams``: stream names the relay holds at once (an OPEN_STREAM
+    beyond it gets CLOSE_STREAM ``refused``); ``max_streams_per_publisher``:
+    distinct names one publisher session may declare; ``stream_grace_seconds``:
+    how long a stream with no publisher and nothing left in its window is kept
+    before it is forgotten with its metric series (s, >= 0);
+    ``max_sessions``: connections held at once (lowered at start to the
+    descriptor limit minus ``DESCRIPTOR_RESERVE``); ``max_sessions_per_address``:
+    connections from one source address; ``idle_timeout``: a session that
+    holds nothing (observer, publisher without streams, subscriber before
+    SUBSCRIBE) and asks nothing for this long is closed (s, > 0);
+    ``max_write_buffer_bytes``: replies queued to a session that does not
+    read, beyond which it is cut (bytes; see ``write_buffer_limit``); ``status_interval``: least time
+    between two STATUS replies to one session (s, >= 0; a request earlier
+    waits, and the session's reading with it). Raises ``ValueError`` for a
+    value out of range.
     """
 
     host: str = "127.0.0.1"
@@ -74,6 +102,14 @@ class RelayConfig:
     server_name: str = "audiosockets-relay"
     token: str = ""  # shared secret clients must present in HELLO; empty: none
     limits: Limits = field(default_factory=Limits)
+    max_streams: int = 1024  # stream names held at once, relay-wide
+    max_streams_per_publisher: int = 64  # distinct names one publisher session declares
+    stream_grace_seconds: float = 60.0  # an abandoned, empty stream is forgotten after
+    max_sessions: int = 1024  # connections at once (and below the descriptor limit)
+    max_sessions_per_address: int = 256  # connections from one source address
+    idle_timeout: float = 60.0  # a session holding nothing and asking nothing is closed
+    max_write_buffer_bytes: int = 4 << 20  # replies queued to a non-reading session
+    status_interval: float = 1.0  # least seconds between STATUS replies to one session
 
     def __post_init__(self) -> None:
         if self.replay_seconds < 0:
@@ -82,6 +118,30 @@ class RelayConfig:
             raise ValueError("queue_seconds must be > 0")
         if self.heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be > 0")
+        for name in (
+            "max_streams",
+            "max_streams_per_publisher",
+            "max_sessions",
+            "max_sessions_per_address",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.stream_grace_seconds < 0:
+            raise ValueError("stream_grace_seconds must be >= 0")
+        if self.idle_timeout <= 0:
+            raise ValueError("idle_timeout must be > 0")
+        if self.status_interval < 0:
+            raise ValueError("status_interval must be >= 0")
+        if self.max_write_buffer_bytes < 1:
+            raise ValueError("max_write_buffer_bytes must be >= 1")
+
+    @property
+    def write_buffer_limit(self) -> int:
+        """Bytes queued to one session beyond which it is cut: the
+        configured ``max_write_buffer_bytes``, but never less than one batch
+        of audio plus two frames of ``max_frame_size`` (a STATUS reply)."""
+        floor = self.max_batch_bytes + 2 * (self.limits.max_frame_size + 16)
+        return max(self.max_write_buffer_bytes, floor)
 
 
 class Relay:
@@ -119,13 +179,35 @@ class Relay:
         self.address: RelayAddress | None = None
         self.started_at = time.time()
         self.metrics.registry.register(CallbackCollector(lambda: collect_gauges(self)))
+        self.limit_counters = LimitCounters(self.metrics.registry)
+        self.limits_log = RateLimitedLog(log, clock)
+        self.admission = Admission(self.config.max_sessions, self.config.max_sessions_per_address)
+        self.housekeeping = Housekeeping(self)
+        self._housekeeper: asyncio.Task[None] | None = None
+        self._status_cache: tuple[float, str] | None = None  # (relay clock, document)
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> RelayAddress:
         """Bind the listening socket and return the address clients reach it
         at (the real port when the config says 0). Raises ``AddressInUse``
-        when it cannot listen there."""
+        when it cannot listen there.
+
+        Raises the soft descriptor limit first and holds the session cap below
+        it (``admission.session_cap``), so accept() keeps working and a refused
+        client is told why."""
+        nofile = raise_nofile()
+        cap = session_cap(self.config.max_sessions, nofile)
+        if cap < self.config.max_sessions:
+            log.warning(
+                "at most %d sessions: the descriptor limit is %s (max_sessions %d)",
+                cap,
+                nofile,
+                self.config.max_sessions,
+            )
+        self.admission.max_sessions = cap
+        loop = asyncio.get_running_loop()
+        self._install_accept_error_handler(loop)
         try:
             self._server = await asyncio.start_server(
                 self._on_connect, self.config.host, self.config.port, limit=1 << 20
@@ -138,8 +220,30 @@ class Relay:
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
         self.address = RelayAddress(self.config.host if host in ("0.0.0.0", "::") else host, port)
+        self._housekeeper = loop.create_task(self.housekeeping.run(), name="relay housekeeping")
         log.info("relay listening on %s", self.address)
         return self.address
+
+    def _install_accept_error_handler(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Failed accept() calls (out of descriptors) are counted and logged
+        once per interval instead of one traceback each; everything else goes
+        to the handler that was there."""
+        previous = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+            message = str(context.get("message", ""))
+            if "accept" in message and isinstance(context.get("exception"), OSError):
+                self.limit_counters.accept_errors.inc()
+                self.limits_log.warning(
+                    "accept", "cannot accept connections: %s", context.get("exception")
+                )
+                return
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
 
     @property
     def url(self) -> str:
@@ -156,6 +260,8 @@ class Relay:
         end (at most ``timeout`` seconds for each step)."""
         if self._server is not None:
             self._server.close()
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
         farewell = Goodbye(ErrorCode.SHUTTING_DOWN, "relay shutting down")
         await asyncio.gather(
             *(s.channel.close(farewell, timeout=timeout) for s in list(self.sessions)),
@@ -180,11 +286,42 @@ class Relay:
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        refused = self.admission.admit(address)
+        if refused is not None:
+            await self._refuse(writer, address, refused)
+            return
         self._tasks.add(task)
         try:
             await serve_connection(self, reader, writer)
         finally:
             self._tasks.discard(task)
+            self.admission.release(address)
+
+    async def _refuse(self, writer: asyncio.StreamWriter, address: str, reason: str) -> None:
+        """Tell a client over a session cap why (ERROR OVERLOADED, without
+        reading anything from it) and close; counted and logged at a rate limit."""
+        self.limit_counters.sessions_refused.labels(reason).inc()
+        if reason == "relay_full":
+            why = f"the relay holds its maximum of {self.admission.max_sessions} sessions"
+        else:
+            why = f"{self.admission.per_address} sessions from {address} already"
+        self.limits_log.warning(
+            f"refuse:{reason}", "refused a connection from %s (%s): %s", address, reason, why
+        )
+        with contextlib.suppress(Exception):
+            writer.write(
+                Connection("relay", self.config.limits).send(
+                    ErrorFrame(ErrorCode.OVERLOADED, f"{why}; retry later")
+                )
+            )
+            async with asyncio.timeout(1.0):
+                await writer.drain()
+        writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await writer.wait_closed()
 
     # -- publishing ----------------------------------------------------------
 
@@ -195,8 +332,33 @@ class Relay:
         one keeps its window, unless ``fmt`` differs (window cleared, readers
         get OPEN_STREAM again). A previous publisher is told GOODBYE
         ``REPLACED``. Readers waiting for a CLOSE_STREAM of it no longer get one.
+
+        Raises ``StreamRefused`` (counted in
+        ``audiosockets_streams_refused_total``) when ``name`` would be more
+        than ``max_streams_per_publisher`` names declared by ``publisher``, or
+        a new stream beyond ``max_streams`` on the relay (streams with no
+        publisher and no audio are forgotten first to make room). Only a new
+        stream is offered to subscribers and groups: re-declaring a known name
+        rebalances nothing.
         """
+        cfg = self.config
+        if name not in publisher.names and len(publisher.names) >= cfg.max_streams_per_publisher:
+            self.limit_counters.streams_refused.labels("publisher_streams_full").inc()
+            raise StreamRefused(
+                "publisher_streams_full",
+                f"this session already declared {cfg.max_streams_per_publisher} stream names",
+            )
         stream = self.streams.get(name)
+        if stream is None and len(self.streams) >= cfg.max_streams:
+            self._make_room()
+            if len(self.streams) >= cfg.max_streams:
+                self.limit_counters.streams_refused.labels("relay_streams_full").inc()
+                raise StreamRefused(
+                    "relay_streams_full",
+                    f"the relay holds its maximum of {cfg.max_streams} streams",
+                )
+        publisher.names.add(name)
+        new = stream is None
         if stream is None:
             m = self.metrics
             m.declare_stream(name)
@@ -226,10 +388,63 @@ class Relay:
             )
             old.start_task(old.channel.close(farewell), name=f"replace {old.name}")
         stream.publisher = publisher
+        stream.abandoned_at = None
         for cursor in self.subscriptions.readers(name).values():
             cursor.end_after = None  # back before readers caught up: not ended
-        self._offer(stream)
+        if new:
+            self._offer(stream)
         return stream
+
+    def _make_room(self) -> None:
+        """At the stream cap: forget the streams that hold nothing (no
+        publisher, empty window) at once, without waiting for their grace."""
+        for stream in list(self.streams.values()):
+            if stream.publisher is None and not len(stream.window):
+                self.forget_stream(stream)
+
+    def forget_stream(self, stream: StreamState) -> None:
+        """Forget ``stream``: its state, its readers' cursors, its group
+        entries and every metric series labelled with its name (see
+        ``expiry``); counted in ``audiosockets_streams_forgotten_total``."""
+        if self.streams.get(stream.name) is not stream:
+            return
+        forget_stream_state(self, stream)
+        self.limit_counters.streams_forgotten.inc()
+        log.info("stream %r forgotten: no publisher and no audio held", stream.name)
+
+    def forget_stream_id(self, stream_id: int) -> None:
+        """Drop the relay-wide id of a forgotten stream."""
+        self._stream_ids.pop(stream_id, None)
+
+    def cut_session(self, session: Session, reason: str, farewell: Goodbye | ErrorFrame) -> None:
+        """End ``session`` to protect the relay: counted in
+        ``audiosockets_sessions_cut_total{reason}``, logged at a rate limit,
+        ``farewell`` sent and the connection closed."""
+        session.cut_reason = reason
+        self.limit_counters.sessions_cut.labels(reason).inc()
+        self.limits_log.warning(
+            f"cut:{reason}",
+            "closing %s %r from %s (%s): %s",
+            session.role.label,
+            session.name,
+            session.channel.peer,
+            reason,
+            farewell.message,
+        )
+        if session.start_task(session.channel.close(farewell), name=f"cut {session.name}") is None:
+            session.channel.abort()
+
+    def status_document(self) -> str:
+        """The status report as JSON for a STATUS frame: built at most once
+        per ``status_interval`` relay-wide (later requests within it get the
+        same document) and cut to fit ``max_frame_size`` (``fit_status``)."""
+        now = self.clock()
+        cached = self._status_cache
+        if cached is not None and now - cached[0] < self.config.status_interval:
+            return cached[1]
+        document = fit_status(status_report(self), self.config.limits.max_frame_size)
+        self._status_cache = (now, document)
+        return document
 
     def publish(self, stream: StreamState, chunk: ChunkData) -> None:
         """Append ``chunk`` to ``stream``'s window and wake its readers.
@@ -295,7 +510,10 @@ class Relay:
             with contextlib.suppress(ValueError):
                 group.members.remove(session)
             session.group = None
-            group.rebalance(self.streams, self.subscriptions)
+            if group.members:
+                group.rebalance(self.streams, self.subscriptions)
+            elif self.groups.get(group.name) is group:
+                del self.groups[group.name]  # empty: its state goes with its last member
 
     def _offer(self, stream: StreamState) -> None:
         """A stream appeared (or came back): attach it where it belongs."""
@@ -307,7 +525,8 @@ class Relay:
             ):
                 session.attach(stream, session.resume.get(stream.name))
         for group in list(self.groups.values()):
-            group.rebalance(self.streams, self.subscriptions)
+            if any(m.matches(stream.name) for m in group.members):
+                group.rebalance(self.streams, self.subscriptions)
 
     def ack(self, session: SubscriberSession, stream_id: int, seq: int) -> None:
         """``session`` confirmed ``seq`` in the stream with relay id ``stream_id``

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from ..protocol import (
     Subscribe,
 )
 from ..transport import Channel
+from .admission import StreamRefused
 from .streams import StreamState
 from .subscriptions import Cursor
 
@@ -59,6 +59,9 @@ class Session:
         self.id = session_id
         self.connected_at = time.time()
         self.tasks: asyncio.TaskGroup | None = None
+        self.last_active = relay.clock()  # relay clock at the last request (not PING)
+        self.cut_reason = ""  # set when the relay ends the session to protect itself
+        self._status_at: float | None = None  # relay clock at the last STATUS reply
 
     def start_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None] | None:
         """Run ``coro`` in this session's task group; returns the task, or
@@ -77,6 +80,20 @@ class Session:
     def detach(self) -> None:
         """Forget this session everywhere; called once when it ends."""
 
+    async def send_status(self) -> None:
+        """Answer STATUS_REQUEST, at most once per ``status_interval``: an
+        earlier request waits (and this session's reading with it), counted in
+        ``audiosockets_requests_throttled_total{reason="status_rate"}``."""
+        relay = self.relay
+        interval = relay.config.status_interval
+        if self._status_at is not None:
+            wait = self._status_at + interval - relay.clock()
+            if wait > 0:
+                relay.limit_counters.requests_throttled.labels("status_rate").inc()
+                await asyncio.sleep(wait)
+        self._status_at = relay.clock()
+        self.channel.send(Status(relay.status_document()))
+
 
 class PublisherSession(Session):
     """A recorder's session: OPEN_STREAM, CHUNK, CLOSE_STREAM."""
@@ -86,6 +103,7 @@ class PublisherSession(Session):
     def __init__(self, relay: Relay, channel: Channel, hello: Hello, session_id: int) -> None:
         super().__init__(relay, channel, hello, session_id)
         self.streams: dict[int, StreamState] = {}  # by this connection's stream id
+        self.names: set[str] = set()  # every name declared in this session (capped)
 
     async def handle(self, event: object) -> None:
         """Publish a chunk, open a stream (answered with STREAM_ACCEPTED and
@@ -96,7 +114,27 @@ class PublisherSession(Session):
                 return  # taken over by another publisher: ignore the late chunk
             self.relay.publish(stream, event)
         elif isinstance(event, OpenStream):
-            stream = self.relay.open_stream(self, event.name, event.format)
+            previous = self.streams.get(event.stream_id)
+            if previous is not None and previous.name != event.name:
+                # The id now names another stream: this session stops
+                # publishing the old one (it stays on the relay).
+                del self.streams[event.stream_id]
+                if previous.publisher is self:
+                    previous.publisher = None
+                    self.relay.stream_ended(previous)
+            try:
+                stream = self.relay.open_stream(self, event.name, event.format)
+            except StreamRefused as exc:
+                self.channel.send(CloseStream(event.stream_id, CloseReason.REFUSED))
+                self.relay.limits_log.warning(
+                    f"stream:{exc.reason}",
+                    "refused stream %r of publisher %r from %s: %s",
+                    event.name,
+                    self.name,
+                    self.channel.peer,
+                    exc,
+                )
+                return
             self.streams[event.stream_id] = stream
             next_seq = stream.last_seq + 1 if stream.last_seq >= 0 else 0
             self.channel.send(StreamAccepted(event.stream_id, next_seq))
@@ -151,7 +189,7 @@ class SubscriberSession(Session):
             self.writer = self.start_task(self._write_loop(), name=f"writer {self.name}")
             self.relay.subscribe(self)
         elif isinstance(event, StatusRequest):
-            self.channel.send(Status(json.dumps(self.relay.status())))
+            await self.send_status()
         else:
             await super().handle(event)
 
@@ -326,7 +364,7 @@ class ObserverSession(Session):
     async def handle(self, event: object) -> None:
         """Answer STATUS_REQUEST with the relay's status report as JSON."""
         if isinstance(event, StatusRequest):
-            self.channel.send(Status(json.dumps(self.relay.status())))
+            await self.send_status()
         else:
             await super().handle(event)
 

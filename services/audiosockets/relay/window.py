@@ -79,6 +79,22 @@ class ReplayWindow:
                 del lst[: self.head]
             self.head = 0
 
+    def drop_oldest(self, n: int) -> None:
+        """Drop the ``n`` oldest chunks held (at most ``len(self)``)."""
+        n = min(n, len(self))
+        for i in range(self.head, self.head + n):
+            self.total_seconds -= self.durations[i]
+            self.total_bytes -= len(self.frames[i])
+            self.frames[i] = b""
+        self.head += n
+        self.base += n
+        if not len(self):
+            self.total_seconds = 0.0  # no drift left behind in an empty window
+        if self.head > 1024 and self.head * 2 > len(self.seqs):
+            for lst in (self.seqs, self.frames, self.durations, self.arrivals):
+                del lst[: self.head]
+            self.head = 0
+
     def clear(self) -> None:
         """Drop every chunk; ordinals keep counting from ``end``."""
         self.base = self.end
