@@ -185,6 +185,7 @@ class Relay:
         self.housekeeping = Housekeeping(self)
         self._housekeeper: asyncio.Task[None] | None = None
         self._status_cache: tuple[float, str] | None = None  # (relay clock, document)
+        self._restore_handler: Callable[[], None] = lambda: None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -244,6 +245,11 @@ class Relay:
                 loop.default_exception_handler(context)
 
         loop.set_exception_handler(handler)
+        self._restore_handler = lambda: (
+            loop.set_exception_handler(previous)
+            if loop.get_exception_handler() is handler
+            else None
+        )
 
     @property
     def url(self) -> str:
@@ -262,6 +268,7 @@ class Relay:
             self._server.close()
         if self._housekeeper is not None:
             self._housekeeper.cancel()
+        self._restore_handler()
         farewell = Goodbye(ErrorCode.SHUTTING_DOWN, "relay shutting down")
         await asyncio.gather(
             *(s.channel.close(farewell, timeout=timeout) for s in list(self.sessions)),
