@@ -96,6 +96,7 @@ class Channel:
         self.closed = False
         self.rtt: float | None = None
         self._ping_sent_at: dict[int, float] = {}
+        self._pings = 0  # PINGs answered
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
@@ -166,6 +167,9 @@ class Channel:
             if isinstance(event, Ping):
                 if not self.closed:
                     self.send(Pong(event.nonce))
+                self._pings += 1
+                if self._pings % 32 == 0:
+                    await asyncio.sleep(0)  # a PING flood does not keep the loop
                 continue
             if isinstance(event, Pong):
                 sent = self._ping_sent_at.pop(event.nonce, None)

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("audiosockets.relay")
 
+#: Events one session handles before it lets the others run.
+FAIR_SHARE = 32
+
 
 def _the_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception of a session's task group to handle: a bug first,
@@ -132,7 +135,9 @@ async def _handshake(relay: Relay, channel: Channel) -> Hello | None:
 
 
 async def _read_events(session: Session) -> None:
-    """Hand the session its events until GOODBYE/ERROR; then stop its writer."""
+    """Hand the session its events until GOODBYE/ERROR; then stop its writer.
+    Every ``FAIR_SHARE`` events it yields to the other sessions."""
+    handled = 0
     while True:
         event = await session.channel.next_event()
         if isinstance(event, Goodbye | ErrorFrame):
@@ -140,5 +145,11 @@ async def _read_events(session: Session) -> None:
             break
         session.last_active = session.relay.clock()
         await session.handle(event)
+        handled += 1
+        if handled % FAIR_SHARE == 0:
+            # A client whose frames arrive faster than we handle them would
+            # keep the loop to itself for a whole read (thousands of frames):
+            # let the other sessions run.
+            await asyncio.sleep(0)
     if isinstance(session, SubscriberSession) and session.writer is not None:
         session.writer.cancel()

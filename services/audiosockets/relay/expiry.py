@@ -29,6 +29,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..errors import ErrorCode
+from ..metrics import DROP_REASONS
 from ..protocol import CloseReason, Goodbye
 from .sessions import ObserverSession, PublisherSession, Session, SubscriberSession
 
@@ -145,12 +146,6 @@ def forget_stream_state(relay: Relay, stream: StreamState) -> None:
     ):
         with contextlib.suppress(KeyError):
             metric.remove(name)
-    reasons = {
-        sample.labels["reason"]
-        for family in m.chunks_dropped.collect()
-        for sample in family.samples
-        if sample.labels.get("stream") == name
-    }
-    for reason in reasons:
+    for reason in DROP_REASONS:  # every reason the relay counts is declared there
         with contextlib.suppress(KeyError):
             m.chunks_dropped.remove(name, reason)
