@@ -151,6 +151,9 @@ async def test_audio_expires_by_age_and_an_abandoned_stream_is_forgotten_with_it
     make_relay: Any, clock: FakeClock
 ) -> None:
     relay = await make_relay(replay_seconds=5.0, stream_grace_seconds=10.0)
+    sub = await Raw.session(relay, Role.SUBSCRIBER)
+    sub.send(Subscribe("*"))
+    await wait_until(lambda: len(relay.subscribers) == 1, what="subscribed")
     pub = await Raw.session(relay)
     pub.send(OpenStream(1, "dead", FMT))
     assert isinstance(await pub.next(), StreamAccepted)
@@ -181,6 +184,10 @@ async def test_audio_expires_by_age_and_an_abandoned_stream_is_forgotten_with_it
     relay.housekeeping.run_once()
     assert "dead" not in relay.streams
     assert counter(relay, "audiosockets_streams_forgotten_total") == 1
+    # The subscriber had been told of it: it hears the stream is gone.
+    events = [await sub.next() for _ in range(5)]
+    assert isinstance(events[0], OpenStream)
+    assert events[-1] == CloseStream(events[0].stream_id, CloseReason.PUBLISHER_LOST)
     text = generate_latest(relay.metrics.registry).decode()
     assert 'stream="dead"' not in text, [ln for ln in text.splitlines() if '"dead"' in ln]
 
@@ -310,7 +317,7 @@ async def test_session_caps_relay_wide_and_per_address_refuse_with_overloaded(
     assert counter(relay, "audiosockets_sessions_refused_total", reason="relay_full") == 1
     # A place freed is a place taken.
     held.pop().close()
-    await wait_until(lambda: relay.admission.total == 5, what="a place freed")
+    await wait_until(lambda: relay.guard.admission.total == 5, what="a place freed")
     again = await Raw.session(relay, Role.OBSERVER, source="127.0.0.3")
     again.send(StatusRequest())
     assert isinstance(await again.next(), Status)

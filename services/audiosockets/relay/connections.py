@@ -87,11 +87,11 @@ async def serve_connection(
         # to flush would hold the buffer longer.
         channel.abort()
         if session is not None:
-            relay.cut_session(
+            relay.guard.cut_session(
                 session, "write_buffer_full", ErrorFrame(ErrorCode.INTERNAL, str(exc))
             )
         else:
-            relay.limit_counters.sessions_cut.labels("write_buffer_full").inc()
+            relay.guard.counters.sessions_cut.labels("write_buffer_full").inc()
     except ConnectionClosed as exc:
         if session is not None:
             log.info("%s %r disconnected: %s", session.role.label, session.name, exc)

@@ -63,6 +63,17 @@ class Housekeeping:
         self.relay = relay
         cfg = relay.config
         self.interval = min(0.5, max(0.1, cfg.replay_seconds / 4))
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Run ``run`` in a task on the running loop (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="relay housekeeping")
+
+    def stop(self) -> None:
+        """Cancel the task ``start`` made."""
+        if self._task is not None:
+            self._task.cancel()
 
     async def run(self) -> None:
         """Run ``run_once`` every ``interval`` until cancelled; a failure in
@@ -98,15 +109,16 @@ class Housekeeping:
         ``stream_grace_seconds``."""
         relay = self.relay
         grace = relay.config.stream_grace_seconds
+        doomed = []
         for stream in list(relay.streams.values()):
             if stream.publisher is not None or len(stream.window):
                 stream.abandoned_at = None
-            elif stream.abandoned_at is None:
+                continue
+            if stream.abandoned_at is None:
                 stream.abandoned_at = now
-                if grace <= 0:
-                    relay.forget_stream(stream)
-            elif now - stream.abandoned_at >= grace:
-                relay.forget_stream(stream)
+            if now - stream.abandoned_at >= grace:
+                doomed.append(stream)
+        forget_streams(relay, doomed)
 
     def close_idle(self, now: float) -> None:
         """Close sessions that hold nothing and asked nothing for ``idle_timeout``."""
@@ -116,23 +128,56 @@ class Housekeeping:
             if session.cut_reason or session.channel.closed:
                 continue
             if now - session.last_active >= timeout and holds_nothing(session):
-                relay.cut_session(
+                relay.guard.cut_session(
                     session,
                     "idle",
                     Goodbye(ErrorCode.NORMAL, f"idle for {timeout:g} s: session closed"),
                 )
 
 
-def forget_stream_state(relay: Relay, stream: StreamState) -> None:
-    """Remove ``stream`` from ``relay`` everywhere (see ``Relay.forget_stream``)."""
-    name = stream.name
-    relay.streams.pop(name, None)
-    relay.forget_stream_id(stream.id)
-    for reader in list(relay.subscriptions.readers(name)):
-        reader.unassign(stream, CloseReason.PUBLISHER_LOST)
-    for group in relay.groups.values():
-        group.assignment.pop(name, None)
-        group.acked.pop(name, None)
+def forget_stream(relay: Relay, stream: StreamState) -> None:
+    """Forget one stream (see ``forget_streams``)."""
+    forget_streams(relay, [stream])
+
+
+def forget_streams(relay: Relay, streams: list[StreamState]) -> None:
+    """Forget ``streams``: their state, their readers' cursors (CLOSE_STREAM
+    ``publisher_lost`` where one was declared), their group entries and every
+    metric series labelled with their names (per-subscriber series found in
+    one pass for all of them); each counted in
+    ``audiosockets_streams_forgotten_total``."""
+    names = set()
+    for stream in streams:
+        name = stream.name
+        if relay.streams.get(name) is not stream:
+            continue
+        names.add(name)
+        del relay.streams[name]
+        relay.stream_ids.pop(stream.id, None)
+        for reader in list(relay.subscriptions.readers(name)):
+            reader.unassign(stream, CloseReason.PUBLISHER_LOST)
+        for group in relay.groups.values():
+            group.assignment.pop(name, None)
+            group.acked.pop(name, None)
+        _remove_series(relay, name)
+        relay.guard.counters.streams_forgotten.inc()
+        log.info("stream %r forgotten: no publisher and no audio held", name)
+    if not names:
+        return
+    m = relay.metrics
+    for metric in (m.subscriber_chunks_sent, m.subscriber_chunks_dropped):
+        doomed = [
+            sample.labels
+            for family in metric.collect()
+            for sample in family.samples
+            if sample.labels.get("stream") in names and sample.name.endswith("_total")
+        ]
+        for labels in doomed:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels.values())
+
+
+def _remove_series(relay: Relay, name: str) -> None:
     m = relay.metrics
     for metric in (
         m.chunks_received,

@@ -8,7 +8,9 @@ Invariants:
 - Every chunk a subscriber should get is either written to its socket or
   counted in ``audiosockets_chunks_dropped_total`` with a reason:
   ``subscriber_slow`` when it fell further behind than ``queue_seconds`` of
-  live audio, ``replay_window_exceeded`` when what it needed was trimmed.
+  live audio, ``replay_window_exceeded`` when what it needed was trimmed; per
+  subscriber too (``audiosockets_subscriber_chunks_*``). Sequence numbers that
+  never reached the relay are the publisher's loss, never counted here.
 - A protocol error closes that one connection with an ERROR frame and bumps
   ``audiosockets_protocol_errors_total``; nothing else is touched. So does a
   bug of ours in one session's tasks (``reason="internal_error"``).
@@ -27,29 +29,21 @@ from dataclasses import dataclass, field
 
 from ..audio import AudioFormat
 from ..errors import AddressInUse, ErrorCode
-from ..metrics import CallbackCollector, Metrics
+from ..metrics import RELAY_DROP_REASONS, CallbackCollector, Metrics
 from ..protocol import (
     ChunkData,
-    Connection,
-    ErrorFrame,
     Goodbye,
     Limits,
     encode_chunk,
 )
+from ..service import STOP_SIGNALS, run_service
 from ..urls import RelayAddress
-from .admission import (
-    Admission,
-    LimitCounters,
-    RateLimitedLog,
-    StreamRefused,
-    raise_nofile,
-    session_cap,
-)
+from .admission import Guard
 from .connections import serve_connection
-from .expiry import Housekeeping, forget_stream_state
+from .expiry import Housekeeping
 from .groups import Group
 from .sessions import PublisherSession, Session, SubscriberSession
-from .status import collect_gauges, fit_status, status_report
+from .status import StatusCache, collect_gauges, status_report
 from .streams import StreamCounters, StreamState
 from .subscriptions import Subscriptions
 
@@ -85,9 +79,9 @@ class RelayConfig:
     holds nothing (observer, publisher without streams, subscriber before
     SUBSCRIBE) and asks nothing for this long is closed (s, > 0);
     ``max_write_buffer_bytes``: replies queued to a session that does not
-    read, beyond which it is cut (bytes; see ``write_buffer_limit``); ``status_interval``: least time
-    between two STATUS replies to one session (s, >= 0; a request earlier
-    waits, and the session's reading with it). Raises ``ValueError`` for a
+    read, beyond which it is cut (bytes; see ``write_buffer_limit``);
+    ``status_interval``: least time between two STATUS replies to one session
+    (s, >= 0; a request earlier waits, and the session's reading with it). Raises ``ValueError`` for a
     value out of range.
     """
 
@@ -166,7 +160,7 @@ class Relay:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.streams: dict[str, StreamState] = {}
-        self._stream_ids: dict[int, StreamState] = {}
+        self.stream_ids: dict[int, StreamState] = {}  # by relay-wide id
         self.subscriptions = Subscriptions()
         self.groups: dict[str, Group] = {}
         self.sessions: set[Session] = set()
@@ -179,36 +173,19 @@ class Relay:
         self.address: RelayAddress | None = None
         self.started_at = time.time()
         self.metrics.registry.register(CallbackCollector(lambda: collect_gauges(self)))
-        self.limit_counters = LimitCounters(self.metrics.registry)
-        self.limits_log = RateLimitedLog(log, clock)
-        self.admission = Admission(self.config.max_sessions, self.config.max_sessions_per_address)
+        self.guard = Guard(self)  # the limits: caps, cuts, their counters and log
         self.housekeeping = Housekeeping(self)
-        self._housekeeper: asyncio.Task[None] | None = None
-        self._status_cache: tuple[float, str] | None = None  # (relay clock, document)
-        self._restore_handler: Callable[[], None] = lambda: None
+        self.status_cache = StatusCache()
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> RelayAddress:
         """Bind the listening socket and return the address clients reach it
         at (the real port when the config says 0). Raises ``AddressInUse``
-        when it cannot listen there.
-
-        Raises the soft descriptor limit first and holds the session cap below
-        it (``admission.session_cap``), so accept() keeps working and a refused
-        client is told why."""
-        nofile = raise_nofile()
-        cap = session_cap(self.config.max_sessions, nofile)
-        if cap < self.config.max_sessions:
-            log.warning(
-                "at most %d sessions: the descriptor limit is %s (max_sessions %d)",
-                cap,
-                nofile,
-                self.config.max_sessions,
-            )
-        self.admission.max_sessions = cap
-        loop = asyncio.get_running_loop()
-        self._install_accept_error_handler(loop)
+        when it cannot listen there. Raises the descriptor limit first (``Guard.start``)."""
+        if self._server is not None and self.address is not None:
+            return self.address  # already started (e.g. by a test before run())
+        self.guard.start(asyncio.get_running_loop())
         try:
             self._server = await asyncio.start_server(
                 self._on_connect, self.config.host, self.config.port, limit=1 << 20
@@ -221,35 +198,9 @@ class Relay:
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
         self.address = RelayAddress(self.config.host if host in ("0.0.0.0", "::") else host, port)
-        self._housekeeper = loop.create_task(self.housekeeping.run(), name="relay housekeeping")
+        self.housekeeping.start()
         log.info("relay listening on %s", self.address)
         return self.address
-
-    def _install_accept_error_handler(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Failed accept() calls (out of descriptors) are counted and logged
-        once per interval instead of one traceback each; everything else goes
-        to the handler that was there."""
-        previous = loop.get_exception_handler()
-
-        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-            message = str(context.get("message", ""))
-            if "accept" in message and isinstance(context.get("exception"), OSError):
-                self.limit_counters.accept_errors.inc()
-                self.limits_log.warning(
-                    "accept", "cannot accept connections: %s", context.get("exception")
-                )
-                return
-            if previous is not None:
-                previous(loop, context)
-            else:
-                loop.default_exception_handler(context)
-
-        loop.set_exception_handler(handler)
-        self._restore_handler = lambda: (
-            loop.set_exception_handler(previous)
-            if loop.get_exception_handler() is handler
-            else None
-        )
 
     @property
     def url(self) -> str:
@@ -258,7 +209,7 @@ class Relay:
         return str(self.address)
 
     async def serve_forever(self) -> None:
-        """Return once the relay has stopped."""
+        """Return once the relay has stopped (``stop()`` was called)."""
         await self._stopped.wait()
 
     async def stop(self, *, timeout: float = 2.0) -> None:
@@ -266,9 +217,8 @@ class Relay:
         end (at most ``timeout`` seconds for each step)."""
         if self._server is not None:
             self._server.close()
-        if self._housekeeper is not None:
-            self._housekeeper.cancel()
-        self._restore_handler()
+        self.housekeeping.stop()
+        self.guard.stop()
         farewell = Goodbye(ErrorCode.SHUTTING_DOWN, "relay shutting down")
         await asyncio.gather(
             *(s.channel.close(farewell, timeout=timeout) for s in list(self.sessions)),
@@ -293,42 +243,13 @@ class Relay:
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        peer = writer.get_extra_info("peername")
-        address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-        refused = self.admission.admit(address)
-        if refused is not None:
-            await self._refuse(writer, address, refused)
-            return
-        self._tasks.add(task)
-        try:
-            await serve_connection(self, reader, writer)
-        finally:
-            self._tasks.discard(task)
-            self.admission.release(address)
-
-    async def _refuse(self, writer: asyncio.StreamWriter, address: str, reason: str) -> None:
-        """Tell a client over a session cap why (ERROR OVERLOADED, without
-        reading anything from it) and close; counted and logged at a rate limit."""
-        self.limit_counters.sessions_refused.labels(reason).inc()
-        if reason == "relay_full":
-            why = f"the relay holds its maximum of {self.admission.max_sessions} sessions"
-        else:
-            why = f"{self.admission.per_address} sessions from {address} already"
-        self.limits_log.warning(
-            f"refuse:{reason}", "refused a connection from %s (%s): %s", address, reason, why
-        )
-        with contextlib.suppress(Exception):
-            writer.write(
-                Connection("relay", self.config.limits).send(
-                    ErrorFrame(ErrorCode.OVERLOADED, f"{why}; retry later")
-                )
-            )
-            async with asyncio.timeout(1.0):
-                await writer.drain()
-        writer.close()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
-                await writer.wait_closed()
+        async with self.guard.admitted(writer) as admitted:
+            if admitted:
+                self._tasks.add(task)
+                try:
+                    await serve_connection(self, reader, writer)
+                finally:
+                    self._tasks.discard(task)
 
     # -- publishing ----------------------------------------------------------
 
@@ -340,31 +261,12 @@ class Relay:
         get OPEN_STREAM again). A previous publisher is told GOODBYE
         ``REPLACED``. Readers waiting for a CLOSE_STREAM of it no longer get one.
 
-        Raises ``StreamRefused`` (counted in
-        ``audiosockets_streams_refused_total``) when ``name`` would be more
-        than ``max_streams_per_publisher`` names declared by ``publisher``, or
-        a new stream beyond ``max_streams`` on the relay (streams with no
-        publisher and no audio are forgotten first to make room). Only a new
-        stream is offered to subscribers and groups: re-declaring a known name
-        rebalances nothing.
+        Raises ``StreamRefused`` past a stream cap (``Guard.check_stream``).
+        Only a new stream is offered: re-declaring a name rebalances nothing.
         """
-        cfg = self.config
-        if name not in publisher.names and len(publisher.names) >= cfg.max_streams_per_publisher:
-            self.limit_counters.streams_refused.labels("publisher_streams_full").inc()
-            raise StreamRefused(
-                "publisher_streams_full",
-                f"this session already declared {cfg.max_streams_per_publisher} stream names",
-            )
-        stream = self.streams.get(name)
-        if stream is None and len(self.streams) >= cfg.max_streams:
-            self._make_room()
-            if len(self.streams) >= cfg.max_streams:
-                self.limit_counters.streams_refused.labels("relay_streams_full").inc()
-                raise StreamRefused(
-                    "relay_streams_full",
-                    f"the relay holds its maximum of {cfg.max_streams} streams",
-                )
+        self.guard.check_stream(publisher, name)
         publisher.names.add(name)
+        stream = self.streams.get(name)
         new = stream is None
         if stream is None:
             m = self.metrics
@@ -376,7 +278,7 @@ class Relay:
             )
             stream = StreamState(next(self._next_stream_id), name, fmt, counters)
             self.streams[name] = stream
-            self._stream_ids[stream.id] = stream
+            self.stream_ids[stream.id] = stream
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
         elif stream.format != fmt:
             log.warning(
@@ -401,57 +303,6 @@ class Relay:
         if new:
             self._offer(stream)
         return stream
-
-    def _make_room(self) -> None:
-        """At the stream cap: forget the streams that hold nothing (no
-        publisher, empty window) at once, without waiting for their grace."""
-        for stream in list(self.streams.values()):
-            if stream.publisher is None and not len(stream.window):
-                self.forget_stream(stream)
-
-    def forget_stream(self, stream: StreamState) -> None:
-        """Forget ``stream``: its state, its readers' cursors, its group
-        entries and every metric series labelled with its name (see
-        ``expiry``); counted in ``audiosockets_streams_forgotten_total``."""
-        if self.streams.get(stream.name) is not stream:
-            return
-        forget_stream_state(self, stream)
-        self.limit_counters.streams_forgotten.inc()
-        log.info("stream %r forgotten: no publisher and no audio held", stream.name)
-
-    def forget_stream_id(self, stream_id: int) -> None:
-        """Drop the relay-wide id of a forgotten stream."""
-        self._stream_ids.pop(stream_id, None)
-
-    def cut_session(self, session: Session, reason: str, farewell: Goodbye | ErrorFrame) -> None:
-        """End ``session`` to protect the relay: counted in
-        ``audiosockets_sessions_cut_total{reason}``, logged at a rate limit,
-        ``farewell`` sent and the connection closed."""
-        session.cut_reason = reason
-        self.limit_counters.sessions_cut.labels(reason).inc()
-        self.limits_log.warning(
-            f"cut:{reason}",
-            "closing %s %r from %s (%s): %s",
-            session.role.label,
-            session.name,
-            session.channel.peer,
-            reason,
-            farewell.message,
-        )
-        if session.start_task(session.channel.close(farewell), name=f"cut {session.name}") is None:
-            session.channel.abort()
-
-    def status_document(self) -> str:
-        """The status report as JSON for a STATUS frame: built at most once
-        per ``status_interval`` relay-wide (later requests within it get the
-        same document) and cut to fit ``max_frame_size`` (``fit_status``)."""
-        now = self.clock()
-        cached = self._status_cache
-        if cached is not None and now - cached[0] < self.config.status_interval:
-            return cached[1]
-        document = fit_status(status_report(self), self.config.limits.max_frame_size)
-        self._status_cache = (now, document)
-        return document
 
     def publish(self, stream: StreamState, chunk: ChunkData) -> None:
         """Append ``chunk`` to ``stream``'s window and wake its readers.
@@ -539,20 +390,30 @@ class Relay:
         """``session`` confirmed ``seq`` in the stream with relay id ``stream_id``
         (its group's resume point; ignored outside a group or for another
         member's stream)."""
-        stream = self._stream_ids.get(stream_id)
+        stream = self.stream_ids.get(stream_id)
         if stream is not None and session.group is not None:
             session.group.ack(session, stream.name, seq)
 
     # -- accounting ----------------------------------------------------------
 
-    def count_drop(self, stream: str, reason: str, n: int) -> None:
-        """Count ``n`` chunks of ``stream`` lost for ``reason`` (a DROP_REASONS value)."""
+    def count_drop(self, stream: str, reason: str, n: int, subscriber: str) -> None:
+        """Count ``n`` chunks of ``stream`` the relay held and lost for
+        ``subscriber`` (its client name) for ``reason`` (``RELAY_DROP_REASONS``)."""
         self.metrics.chunks_dropped.labels(stream, reason).inc(n)
+        self.metrics.subscriber_chunks_dropped.labels(subscriber, stream, reason).inc(n)
 
-    def count_sent(self, stream: str, chunks: int, nbytes: int) -> None:
-        """Count ``chunks`` chunks (``nbytes`` bytes of frames) of ``stream`` written."""
+    def count_sent(self, stream: str, chunks: int, nbytes: int, subscriber: str) -> None:
+        """Count ``chunks`` chunks (``nbytes`` bytes of frames) of ``stream``
+        written to ``subscriber``."""
         self.metrics.chunks_sent.labels(stream).inc(chunks)
         self.metrics.bytes_sent.labels(stream).inc(nbytes)
+        self.metrics.subscriber_chunks_sent.labels(subscriber, stream).inc(chunks)
+
+    def declare_subscriber(self, subscriber: str, stream: str) -> None:
+        """Zeros for a subscriber's delivery counters before its first chunk."""
+        self.metrics.subscriber_chunks_sent.labels(subscriber, stream)
+        for reason in RELAY_DROP_REASONS:
+            self.metrics.subscriber_chunks_dropped.labels(subscriber, stream, reason)
 
     def status(self) -> dict[str, object]:
         """The report ``audiosockets status`` prints (see ``status_report``)."""
@@ -564,34 +425,13 @@ class Relay:
         self,
         *,
         ready: Callable[[Relay], None] | None = None,
-        signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+        signals: Iterable[signal.Signals] = STOP_SIGNALS,
     ) -> None:
         """Serve until SIGINT/SIGTERM (or ``stop()``), then drain and return.
 
-        Signal handlers go in before the socket is bound and ``ready`` is
-        called, so a signal sent as soon as we announce ourselves is handled;
-        the handlers are removed on the way out. Raises ``AddressInUse`` as
-        ``start`` does.
+        The one service lifecycle (``service.run_service``): signal handlers go in
+        before the socket is bound and ``ready`` is called, so a signal sent as soon
+        as we announce ourselves is handled; the previous handlers are restored on
+        the way out. Raises ``AddressInUse`` as ``start`` does.
         """
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        installed = []
-        for sig in signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
-        try:
-            if self._server is None:
-                await self.start()
-            if ready is not None:
-                ready(self)
-            waiter = asyncio.ensure_future(stop.wait())
-            stopped = asyncio.ensure_future(self._stopped.wait())
-            await asyncio.wait([waiter, stopped], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopped.cancel()
-            log.info("relay shutting down")
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self.stop()
+        await run_service(self, ready=ready, signals=signals)

@@ -99,6 +99,24 @@ def status_report(relay: Relay) -> dict[str, object]:
     }
 
 
+class StatusCache:
+    """The status report as a STATUS frame's JSON, built at most once per
+    ``status_interval`` relay-wide: requests within it get the same document,
+    so many observers cost one build. Cut to fit ``max_frame_size``
+    (``fit_status``)."""
+
+    def __init__(self) -> None:
+        self._built: tuple[float, str] | None = None  # (relay clock, document)
+
+    def document(self, relay: Relay) -> str:
+        now = relay.clock()
+        if self._built is not None and now - self._built[0] < relay.config.status_interval:
+            return self._built[1]
+        document = fit_status(status_report(relay), relay.config.limits.max_frame_size)
+        self._built = (now, document)
+        return document
+
+
 def fit_status(report: dict[str, object], max_bytes: int) -> str:
     """``report`` as JSON of at most ``max_bytes`` UTF-8 bytes (a STATUS frame's
     payload limit, ``Limits.max_frame_size``).
