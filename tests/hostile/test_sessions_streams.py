@@ -21,7 +21,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from _support import wait_until_sync
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.errors import ErrorCode
 from audiosockets.protocol import (
@@ -137,6 +136,17 @@ def run_attack(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return result[0]
 
 
+def poll(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
+    """Wait for ``predicate`` (which scrapes the relay) twice a second: a
+    scrape renders every series while holding the relay's GIL, so polling
+    it faster would be an attack of its own (Prometheus scrapes every 15 s)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.5)
+
+
 def metric_lines(text: str, needle: str) -> list[str]:
     return [line for line in text.splitlines() if needle in line and not line.startswith("#")]
 
@@ -204,7 +214,7 @@ async def _groups_come_and_go(relay: RelayProcess, n: int) -> None:
 async def _case4(relay: RelayProcess, publishers: int, names: int, groups: int) -> tuple[int, int]:
     await _groups_come_and_go(relay, groups)
     await asyncio.to_thread(
-        wait_until_sync,
+        poll,
         lambda: not metric_lines(relay.scrape(), "audiosockets_group_members{"),
         timeout=30.0,
         what=f"{groups} groups created and left deleted",
@@ -229,7 +239,7 @@ def test_case4_streams_die_names_are_capped_and_metrics_stay_small() -> None:
             accepted, refused = run_attack(lambda: _case4(relay, publishers, names, groups))
             peak_metrics = len(relay.scrape().encode())
             # Dead streams' audio expires (5 s) and after the grace (2 s) they go.
-            wait_until_sync(
+            poll(
                 lambda: relay.sample("audiosockets_streams") == 1,
                 timeout=60.0,
                 what="every dead stream forgotten",
@@ -312,7 +322,7 @@ def test_case7_replies_nobody_reads_cost_the_others_nothing() -> None:
         with healthy_stream(relay.url) as healthy:
             replies, unread, cut = run_attack(lambda: _case7(relay, flood_deadline=120.0))
             assert cut, "the PING flood was never cut"
-            wait_until_sync(
+            poll(
                 lambda: (
                     relay.sample("audiosockets_sessions_cut_total", reason="write_buffer_full") == 1
                 ),

@@ -232,7 +232,7 @@ class Guard:
         nofile = raise_nofile()
         cap = session_cap(configured, nofile)
         if cap < configured:
-            log.warning(
+            log.info(
                 "at most %d sessions: the descriptor limit is %s (max_sessions %d)",
                 cap,
                 nofile,
