@@ -160,6 +160,12 @@ def main(log_level: LogLevel) -> None:
     help="Replies queued to a client that does not read before its session is cut.",
 )
 @click.option(
+    "--max-inflight-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=1.0,
+    help="Audio written to a subscriber and not yet acknowledged before the relay waits.",
+)
+@click.option(
     "--status-interval",
     type=click.FloatRange(0),
     default=1.0,
@@ -182,6 +188,7 @@ def relay(
     max_sessions_per_address: int,
     idle_timeout: float,
     max_write_buffer_bytes: int,
+    max_inflight_seconds: float,
     status_interval: float,
     loop_name: LoopName,
 ) -> None:
@@ -209,6 +216,7 @@ def relay(
         idle_timeout=idle_timeout,
         max_write_buffer_bytes=max_write_buffer_bytes,
         status_interval=status_interval,
+        max_inflight_seconds=max_inflight_seconds,
     )
     metrics = Metrics()
 

@@ -81,7 +81,10 @@ class RelayConfig:
     ``max_write_buffer_bytes``: replies queued to a session that does not
     read, beyond which it is cut (bytes; see ``write_buffer_limit``);
     ``status_interval``: least time between two STATUS replies to one session
-    (s, >= 0; a request earlier waits, and the session's reading with it). Raises ``ValueError`` for a
+    (s, >= 0; a request earlier waits, and the session's reading with it);
+    ``max_inflight_seconds``: audio written to one subscriber that its host
+    has not acknowledged, beyond which nothing more is written (s, > 0;
+    ``inflight``). Raises ``ValueError`` for a
     value out of range.
     """
 
@@ -104,6 +107,7 @@ class RelayConfig:
     idle_timeout: float = 60.0  # a session holding nothing and asking nothing is closed
     max_write_buffer_bytes: int = 4 << 20  # replies queued to a non-reading session
     status_interval: float = 1.0  # least seconds between STATUS replies to one session
+    max_inflight_seconds: float = 1.0  # audio written to a subscriber, not yet acknowledged
 
     def __post_init__(self) -> None:
         if self.replay_seconds < 0:
@@ -124,6 +128,8 @@ class RelayConfig:
             raise ValueError("stream_grace_seconds must be >= 0")
         if self.idle_timeout <= 0:
             raise ValueError("idle_timeout must be > 0")
+        if self.max_inflight_seconds <= 0:
+            raise ValueError("max_inflight_seconds must be > 0")
         if self.status_interval < 0:
             raise ValueError("status_interval must be >= 0")
         if self.max_write_buffer_bytes < 1:

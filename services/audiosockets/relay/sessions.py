@@ -32,12 +32,17 @@ from ..protocol import (
 )
 from ..transport import Channel
 from .admission import StreamRefused
+from .inflight import InFlight
 from .streams import StreamState
 from .subscriptions import Cursor
 
 if TYPE_CHECKING:
     from .groups import Group
     from .server import Relay
+
+
+#: How often a subscriber with too much audio in flight looks again (s).
+INFLIGHT_POLL = 0.05
 
 
 class Session:
@@ -168,6 +173,8 @@ class SubscriberSession(Session):
         self.writer: asyncio.Task[None] | None = None
         self.group: Group | None = None
         self.dropped = 0  # chunks this subscriber lost, every reason
+        self.inflight = InFlight(channel)  # audio written, not yet acknowledged
+        self._batch_seconds = 0.0
         self._losses: list[tuple[str, str, int]] = []  # counted once proven alive
 
     @property
@@ -250,12 +257,16 @@ class SubscriberSession(Session):
                 await self.wake.wait()
                 self.wake.clear()
                 while not channel.closed:
+                    if self.inflight.seconds() > self.relay.config.max_inflight_seconds:
+                        await self._stalled()
+                        continue
                     frames = self._collect()
                     if frames:
                         # Writing to a peer that reset the connection fails
                         # at once: its losses were never this subscriber's
                         # (it resumes on another session) and are not counted.
                         channel.writelines(frames)
+                        self.inflight.record(sum(map(len, frames)), self._batch_seconds)
                     if not self._peer_gone():
                         self._commit_losses()
                     if not frames:
@@ -272,34 +283,16 @@ class SubscriberSession(Session):
         stale_before = now - relay.config.queue_seconds
         budget = relay.config.max_batch_bytes
         frames: list[bytes] = []
+        self._batch_seconds = 0.0  # the most audio of one stream in this batch
         if self._peer_gone():
             return frames
         for cursor in relay.subscriptions.of_session(self):
             stream = cursor.stream
             window = stream.window
-            if cursor.next_ord < window.base:
-                # Trimmed before we sent them. Only chunks after our resume
-                # point were needed: after a relay restart the publisher
-                # re-sends history the subscriber already has, and trimming
-                # that is no loss. Nor are numbers the window never held (the
-                # publisher's own gap): only what it trimmed counts.
-                lost, cursor.after_seq = window.trimmed_after(cursor.after_seq)
-                cursor.next_ord = window.base
-                if lost:
-                    cursor.dropped_window += lost
-                    self.count_drop(stream.name, "replay_window_exceeded", lost)
+            self._account(cursor, stale_before)
             if cursor.next_ord >= window.end:
                 self._end_if_done(cursor, frames)
                 continue
-            # Live chunks older than queue_seconds are dropped (oldest first);
-            # chunks that were already in the window when we attached are
-            # replay and exempt.
-            fresh_from = window.ordinal_arrived_at(max(stale_before, cursor.assigned_at))
-            exempt_until = window.ordinal_arrived_at(cursor.assigned_at)
-            if exempt_until <= cursor.next_ord < fresh_from:
-                skipped = self._skip(cursor, fresh_from)
-                if skipped:
-                    self.count_drop(stream.name, "subscriber_slow", skipped)
             if not cursor.declared:
                 frames.append(
                     self.channel.conn.send(OpenStream(stream.id, stream.name, stream.format))
@@ -309,9 +302,11 @@ class SubscriberSession(Session):
             end = len(window.seqs)
             sent = 0
             nbytes = 0
+            seconds = 0.0
             while i < end and budget > 0:
                 if window.seqs[i] > cursor.after_seq:
                     frame = window.frames[i]
+                    seconds += window.durations[i]
                     frames.append(frame)
                     budget -= len(frame)
                     nbytes += len(frame)
@@ -319,6 +314,7 @@ class SubscriberSession(Session):
                     sent += 1
                 i += 1
             cursor.next_ord = i - window.head + window.base
+            self._batch_seconds = max(self._batch_seconds, seconds)
             if sent:
                 cursor.sent += sent
                 relay.count_sent(stream.name, sent, nbytes, self.name)
@@ -327,6 +323,46 @@ class SubscriberSession(Session):
                 self.wake.set()  # more to do after this batch is flushed
                 break
         return frames
+
+    def _account(self, cursor: Cursor, stale_before: float) -> None:
+        """Count what ``cursor`` lost: chunks trimmed before they were sent
+        (``replay_window_exceeded``) and live chunks older than
+        ``stale_before`` on the relay clock (``subscriber_slow``), skipped."""
+        stream = cursor.stream
+        window = stream.window
+        if cursor.next_ord < window.base:
+            # Trimmed before we sent them. Only chunks after our resume
+            # point were needed: after a relay restart the publisher
+            # re-sends history the subscriber already has, and trimming
+            # that is no loss. Nor are numbers the window never held (the
+            # publisher's own gap): only what it trimmed counts.
+            lost, cursor.after_seq = window.trimmed_after(cursor.after_seq)
+            cursor.next_ord = window.base
+            if lost:
+                cursor.dropped_window += lost
+                self.count_drop(stream.name, "replay_window_exceeded", lost)
+        if cursor.next_ord >= window.end:
+            return
+        # Live chunks older than queue_seconds are dropped (oldest first);
+        # chunks that were already in the window when we attached are
+        # replay and exempt.
+        fresh_from = window.ordinal_arrived_at(max(stale_before, cursor.assigned_at))
+        exempt_until = window.ordinal_arrived_at(cursor.assigned_at)
+        if exempt_until <= cursor.next_ord < fresh_from:
+            skipped = self._skip(cursor, fresh_from)
+            if skipped:
+                self.count_drop(stream.name, "subscriber_slow", skipped)
+
+    async def _stalled(self) -> None:
+        """More audio is in flight than ``max_inflight_seconds``: send nothing,
+        but skip and count what goes stale meanwhile, until the peer takes
+        some or leaves (checked every ``INFLIGHT_POLL`` seconds)."""
+        stale_before = self.relay.clock() - self.relay.config.queue_seconds
+        for cursor in self.relay.subscriptions.of_session(self):
+            self._account(cursor, stale_before)
+        if not self._peer_gone():
+            self._commit_losses()
+        await asyncio.sleep(INFLIGHT_POLL)
 
     def _end_if_done(self, cursor: Cursor, frames: list[bytes]) -> None:
         """After the last chunk of a stream its publisher closed, say so, in order."""
