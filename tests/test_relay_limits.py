@@ -451,3 +451,21 @@ async def test_accept_errors_are_counted_each_and_logged_once_per_interval(
     assert counter(relay, "audiosockets_accept_errors_total") == 100
     lines = [r for r in caplog.records if "cannot accept" in r.getMessage()]
     assert len(lines) == 1
+
+
+def test_every_relay_limit_is_a_config_field_a_flag_and_an_env_var_with_one_default() -> None:
+    import dataclasses
+
+    import click
+
+    from audiosockets.cli import RELAY_LIMITS, main
+
+    fields = {f.name for f in dataclasses.fields(RelayConfig)}
+    command = main.commands["relay"]
+    for flag, _, default, _ in RELAY_LIMITS:
+        name = flag.lstrip("-").replace("-", "_")
+        assert name in fields
+        assert getattr(RelayConfig(), name) == default
+        option = next(p for p in command.params if flag in p.opts)
+        assert isinstance(option, click.Option)
+        assert option.envvar == f"AUDIOSOCKETS_RELAY_{name.upper()}"

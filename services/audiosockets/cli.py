@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import click
 
@@ -84,6 +84,31 @@ def main(log_level: LogLevel) -> None:
 
 # --- relay, status, loadtest (lead) -----------------------------------------
 
+#: The relay's limits against runaway and hostile clients (README, "Limits"):
+#: flag, type, default, help; each becomes the ``RelayConfig`` field of its name.
+RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
+    ("--max-streams", click.IntRange(1), 1024, "Stream names held at once."),
+    ("--max-streams-per-publisher", click.IntRange(1), 64, "Names one publisher may declare."),
+    ("--stream-grace-seconds", click.FloatRange(0), 60.0, "Keep an abandoned empty stream."),
+    ("--max-sessions", click.IntRange(1), 1024, "Connections at once (below the fd limit)."),
+    ("--max-sessions-per-address", click.IntRange(1), 256, "Connections from one address."),
+    ("--idle-timeout", click.FloatRange(0, min_open=True), 60.0, "Close sessions holding nothing."),
+    ("--max-write-buffer-bytes", click.IntRange(1), 4 << 20, "Replies queued to a non-reader."),
+    ("--status-interval", click.FloatRange(0), 1.0, "Least seconds between STATUS replies."),
+    (
+        "--max-inflight-seconds",
+        click.FloatRange(0, min_open=True),
+        1.0,
+        "Audio written to a subscriber, not yet acknowledged.",
+    ),
+]
+
+
+def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
+    for flag, kind, default, help in reversed(RELAY_LIMITS):
+        func = click.option(flag, type=kind, default=default, show_default=True, help=help)(func)
+    return func
+
 
 @main.command()
 @click.option("--listen", default="tcp://0.0.0.0:7400", help="Address to accept clients on.")
@@ -117,60 +142,7 @@ def main(log_level: LogLevel) -> None:
     default=None,
     help="Shared secret every client must present (unset: no authentication).",
 )
-@click.option(
-    "--max-streams",
-    type=click.IntRange(1),
-    default=1024,
-    help="Stream names held at once; an OPEN_STREAM beyond it is refused.",
-)
-@click.option(
-    "--max-streams-per-publisher",
-    type=click.IntRange(1),
-    default=64,
-    help="Distinct stream names one publisher session may declare.",
-)
-@click.option(
-    "--stream-grace-seconds",
-    type=click.FloatRange(0),
-    default=60.0,
-    help="A stream with no publisher and no audio left is forgotten after this.",
-)
-@click.option(
-    "--max-sessions",
-    type=click.IntRange(1),
-    default=1024,
-    help="Connections held at once (kept below the descriptor limit).",
-)
-@click.option(
-    "--max-sessions-per-address",
-    type=click.IntRange(1),
-    default=256,
-    help="Connections from one source address.",
-)
-@click.option(
-    "--idle-timeout",
-    type=click.FloatRange(0, min_open=True),
-    default=60.0,
-    help="A session holding no stream or subscription and asking nothing is closed after this.",
-)
-@click.option(
-    "--max-write-buffer-bytes",
-    type=click.IntRange(1),
-    default=4 << 20,
-    help="Replies queued to a client that does not read before its session is cut.",
-)
-@click.option(
-    "--max-inflight-seconds",
-    type=click.FloatRange(0, min_open=True),
-    default=1.0,
-    help="Audio written to a subscriber and not yet acknowledged before the relay waits.",
-)
-@click.option(
-    "--status-interval",
-    type=click.FloatRange(0),
-    default=1.0,
-    help="Least seconds between two STATUS replies to one session.",
-)
+@relay_limit_options
 @loop_option
 @user_errors
 def relay(
@@ -181,16 +153,8 @@ def relay(
     heartbeat_seconds: float,
     max_frame_bytes: int,
     token: str | None,
-    max_streams: int,
-    max_streams_per_publisher: int,
-    stream_grace_seconds: float,
-    max_sessions: int,
-    max_sessions_per_address: int,
-    idle_timeout: float,
-    max_write_buffer_bytes: int,
-    max_inflight_seconds: float,
-    status_interval: float,
     loop_name: LoopName,
+    **limits: Any,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out."""
     from .health import Health
@@ -208,15 +172,7 @@ def relay(
         heartbeat_interval=heartbeat_seconds,
         limits=configure(Limits, max_frame_size=max_frame_bytes),
         token=token or "",
-        max_streams=max_streams,
-        max_streams_per_publisher=max_streams_per_publisher,
-        stream_grace_seconds=stream_grace_seconds,
-        max_sessions=max_sessions,
-        max_sessions_per_address=max_sessions_per_address,
-        idle_timeout=idle_timeout,
-        max_write_buffer_bytes=max_write_buffer_bytes,
-        status_interval=status_interval,
-        max_inflight_seconds=max_inflight_seconds,
+        **limits,
     )
     metrics = Metrics()
 
