@@ -391,6 +391,9 @@ async def _case8(
 def test_case8_session_caps_keep_room_for_healthy_clients_and_idle_ones_go() -> None:
     idle = 3.0
     if FULL:
+        from audiosockets.relay.admission import raise_nofile
+
+        raise_nofile()  # this process holds 1100 sockets
         caps = {"max_sessions": 1024, "max_sessions_per_address": 256}
         counts = {"127.0.0.2": 400, "127.0.0.3": 400, "127.0.0.4": 300}
     else:
