@@ -27,6 +27,7 @@ class ErrorCode(IntEnum):
     REPLACED = 11
     SHUTTING_DOWN = 12
     INTERNAL = 13
+    OVERLOADED = 14  # a session cap was reached at accept; retry later
 
 
 class AudiosocketsError(Exception):
