@@ -151,7 +151,7 @@ def relay(
     def ready(server: Relay) -> None:
         if metrics_port:
             # Called on the loop once the socket is bound: listening is ready.
-            health = Health.watch_running_loop()
+            health = Health.watch_running_loop(server.readiness)
             serve_metrics(metrics_port, metrics.registry, health=health)
         click.echo(f"relay listening on {server.url}", err=True)
 

@@ -152,6 +152,17 @@ class Relay:
         assert self.address is not None, "relay not started"
         return str(self.address)
 
+    def readiness(self) -> str | None:
+        """None while the relay accepts clients, else why not (one sentence):
+        the readiness check of ``/readyz`` (see ``health.py``). Callable from
+        any thread: it only reads the listener's state."""
+        server = self._server
+        if server is None or self.address is None:
+            return "relay has not started listening"
+        if not server.is_serving():
+            return f"relay not listening on {self.address}"
+        return None
+
     async def serve_forever(self) -> None:
         """Return once the relay has stopped (``stop()`` was called)."""
         await self._stopped.wait()
