@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from ..audio import AudioFormat
 from ..errors import AddressInUse, ErrorCode
 from ..metrics import RELAY_DROP_REASONS, CallbackCollector, Metrics
+from ..names import name_problem
 from ..protocol import (
     ChunkData,
     Goodbye,
@@ -85,6 +86,11 @@ class RelayConfig:
             raise ValueError("queue_seconds must be > 0")
         if self.heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be > 0")
+        token_problem = name_problem(
+            "--token", self.token, optional=True, limit=self.limits.max_name_length
+        )
+        if token_problem is not None:  # no client could ever present it
+            raise ValueError(token_problem)
 
 
 class Relay:
