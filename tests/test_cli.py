@@ -411,3 +411,16 @@ def test_the_default_processor_name_fits_the_protocol_whatever_the_handler_path(
     assert name.startswith("process-")
     assert name.endswith(f"/handler.py:handle@{socket.gethostname()}")  # the end says most
     assert default_client_name("level") == f"process-level@{socket.gethostname()}"
+
+
+def test_the_top_level_options_are_env_vars_too_and_help_says_so() -> None:
+    """--log-level is AUDIOSOCKETS_LOG_LEVEL (what compose and k8s set), shown
+    in --help like every command's env var."""
+    help_text = CliRunner().invoke(main, ["--help"]).output
+    assert "AUDIOSOCKETS_LOG_LEVEL" in help_text
+    assert "AUDIOSOCKETS_VERSION" not in help_text  # an env var must not print the version
+    env = {"AUDIOSOCKETS_LOG_LEVEL": "nonsense"}
+    result = CliRunner().invoke(main, ["status", "--relay", "tcp://[::1"], env=env)
+    assert result.exit_code == 2
+    assert "'nonsense' is not one of" in result.output
+

@@ -522,6 +522,12 @@ def name_env_vars_after_flags(group: click.Group, prefix: str = "AUDIOSOCKETS") 
     users (and compose files) go by the flag. Options with an explicit
     ``envvar`` keep it.
     """
+    for param in group.params:  # the group's own: PREFIX_FLAG (--log-level, not --version)
+        if isinstance(param, click.Option) and param.expose_value:
+            if not param.envvar:
+                flag = max(param.opts, key=len).lstrip("-").replace("-", "_").upper()
+                param.envvar = f"{prefix}_{flag}"
+            param.show_envvar = True
     for name, command in group.commands.items():
         for param in command.params:
             if not isinstance(param, click.Option):
