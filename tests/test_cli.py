@@ -424,3 +424,12 @@ def test_the_top_level_options_are_env_vars_too_and_help_says_so() -> None:
     assert result.exit_code == 2
     assert "'nonsense' is not one of" in result.output
 
+
+def test_an_environment_variable_named_like_the_version_flag_does_not_stop_a_command() -> None:
+    """AUDIOSOCKETS_VERSION is a natural name for a release tag in .env or CI;
+    click's auto env vars made it mean --version, so every command printed the
+    version and exited 0 instead of running."""
+    env = {"AUDIOSOCKETS_VERSION": "0.1.0"}
+    result = CliRunner().invoke(main, ["status", "--relay", "tcp://[::1"], env=env)
+    assert "version" not in result.output
+    assert result.exit_code == ConfigError.exit_code

@@ -66,7 +66,9 @@ loop_option = click.option(
 
 
 @click.group(context_settings={"auto_envvar_prefix": "AUDIOSOCKETS", "show_default": True})
-@click.version_option(__version__, prog_name="audiosockets")
+# Not from the environment: AUDIOSOCKETS_VERSION (a release tag, say) must not
+# turn every command into "print the version and exit 0".
+@click.version_option(__version__, prog_name="audiosockets", allow_from_autoenv=False)
 @click.option(
     "--log-level",
     type=choice(LogLevel),
