@@ -68,7 +68,9 @@ loop_option = click.option(
 
 
 @click.group(context_settings={"auto_envvar_prefix": "AUDIOSOCKETS", "show_default": True})
-@click.version_option(__version__, prog_name="audiosockets")
+# Not from the environment: AUDIOSOCKETS_VERSION (a release tag, say) must not
+# turn every command into "print the version and exit 0".
+@click.version_option(__version__, prog_name="audiosockets", allow_from_autoenv=False)
 @click.option(
     "--log-level",
     type=choice(LogLevel),
@@ -232,7 +234,7 @@ def relay(
     def ready(server: Relay) -> None:
         if metrics_port:
             # Called on the loop once the socket is bound: listening is ready.
-            health = Health.watch_running_loop()
+            health = Health.watch_running_loop(server.readiness)
             serve_metrics(metrics_port, metrics.registry, health=health)
         click.echo(f"relay listening on {server.url}", err=True)
 
@@ -626,6 +628,12 @@ def name_env_vars_after_flags(group: click.Group, prefix: str = "AUDIOSOCKETS") 
     users (and compose files) go by the flag. Options with an explicit
     ``envvar`` keep it.
     """
+    for param in group.params:  # the group's own: PREFIX_FLAG (--log-level, not --version)
+        if isinstance(param, click.Option) and param.expose_value:
+            if not param.envvar:
+                flag = max(param.opts, key=len).lstrip("-").replace("-", "_").upper()
+                param.envvar = f"{prefix}_{flag}"
+            param.show_envvar = True
     for name, command in group.commands.items():
         for param in command.params:
             if not isinstance(param, click.Option):

@@ -44,10 +44,12 @@ from .audio import AudioFormat, DTypeName, SampleType
 from .client.interfaces import SpoolingStream
 from .errors import ConfigError, DeviceError
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
+from .names import check_name
+from .protocol import CHUNK_HEAD, Limits
 from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
-from .urls import redact
+from .urls import parse_url, redact
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -108,12 +110,21 @@ class RecorderConfig:
         return min(self.spool_seconds, self.memory_seconds)
 
     def validate(self) -> None:
-        if not self.stream or len(self.stream) > 255:
-            raise ConfigError("--stream must be a name of 1 to 255 characters")
+        parse_url(self.relay)
+        check_name("--stream", self.stream)
+        check_name("--name", self.name, optional=True)
+        check_name("--token", self.token, optional=True)
         if not self.spool_seconds > 0:
             raise ConfigError(f"--spool-seconds must be positive, got {self.spool_seconds:g}")
         self.format  # noqa: B018 - validates rate/channels/dtype
-        self.block_frames  # noqa: B018
+        chunk_bytes = self.block_frames * self.format.frame_bytes
+        room = Limits().max_frame_size - CHUNK_HEAD.size
+        if chunk_bytes > room:
+            raise ConfigError(
+                f"one chunk of --block-ms {self.block_ms:g} at {self.rate} Hz, {self.channels} ch, "
+                f"{self.dtype} is {chunk_bytes} bytes; a frame carries at most {room}: "
+                "lower --block-ms"
+            )
 
 
 class RecorderMetrics:

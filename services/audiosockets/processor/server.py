@@ -18,6 +18,7 @@ from ..audio import Chunk
 from ..errors import ConfigError, HandlerError
 from ..handlers import HandlerOptions
 from ..metrics import Metrics
+from ..names import check_name, fit_name
 from ..service import STOP_SIGNALS, run_service
 from ..urls import check_url
 from .backlog import ChunkBacklog, CompletionOrder, StreamClosed
@@ -414,6 +415,10 @@ class ProcessorConfig:
         one is a ``HandlerError``.
         """
         check_url(self.relay)
+        check_name("--stream", self.stream)
+        check_name("--group", self.group, optional=True)
+        check_name("--name", self.name, optional=True)
+        check_name("--token", self.token, optional=True)
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if not 0 <= self.metrics_port <= 65535:
@@ -426,6 +431,13 @@ class ProcessorConfig:
             raise ConfigError(f"--max-open-segments must be >= 1, got {self.max_open_segments}")
         if self.exit_after < 0:
             raise ConfigError(f"--max-failures must be >= 0, got {self.exit_after}")
+
+
+def default_client_name(handler: str) -> str:
+    """``process-HANDLER@HOSTNAME``, the client name of a processor without
+    ``--name``; a long handler path is shortened from its start so the name
+    fits the protocol's 200 bytes (``names.fit_name``)."""
+    return fit_name("process-", handler, f"@{socket.gethostname()}")
 
 
 async def serve(
@@ -477,7 +489,7 @@ async def serve(
             config.stream,
             group=config.group or "",
             # Replicas need names of their own to be told apart in status and metrics.
-            name=config.name or f"process-{spec.name}@{socket.gethostname()}",
+            name=config.name or default_client_name(spec.name),
             start=config.start,
             token=config.token or "",
             metrics=metrics,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from ..audio import AudioFormat
 from ..errors import AddressInUse, ErrorCode
 from ..metrics import RELAY_DROP_REASONS, CallbackCollector, Metrics
+from ..names import name_problem
 from ..protocol import (
     ChunkData,
     Goodbye,
@@ -163,6 +164,12 @@ class RelayConfig:
         if self.max_write_buffer_bytes < 1:
             raise ValueError("max_write_buffer_bytes must be >= 1")
 
+        token_problem = name_problem(
+            "--token", self.token, optional=True, limit=self.limits.max_name_length
+        )
+        if token_problem is not None:  # no client could ever present it
+            raise ValueError(token_problem)
+
     @property
     def write_buffer_limit(self) -> int:
         """Bytes queued to one session beyond which it is cut: the
@@ -244,6 +251,17 @@ class Relay:
         """``audiosockets://host:port`` once started (AssertionError before)."""
         assert self.address is not None, "relay not started"
         return str(self.address)
+
+    def readiness(self) -> str | None:
+        """None while the relay accepts clients, else why not (one sentence):
+        the readiness check of ``/readyz`` (see ``health.py``). Callable from
+        any thread: it only reads the listener's state."""
+        server = self._server
+        if server is None or self.address is None:
+            return "relay has not started listening"
+        if not server.is_serving():
+            return f"relay not listening on {self.address}"
+        return None
 
     async def serve_forever(self) -> None:
         """Return once the relay has stopped (``stop()`` was called)."""
