@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ..audio import AudioFormat
 from ..errors import AddressInUse, ErrorCode
-from ..metrics import RELAY_DROP_REASONS, CallbackCollector, Metrics
+from ..metrics import CallbackCollector, Metrics
 from ..names import name_problem
 from ..protocol import (
     ChunkData,
@@ -40,6 +40,7 @@ from ..protocol import (
 from ..service import STOP_SIGNALS, run_service
 from ..transport import start_accounted_server
 from ..urls import RelayAddress
+from .accounting import DeliveryCounters
 from .admission import Guard
 from .budget import InputBudget, MemoryLedger, readers_lose, trim_windows
 from .connections import serve_connection
@@ -48,9 +49,8 @@ from .groups import Group
 from .lograte import LogRateLimit
 from .sessions import PublisherSession, Session, SubscriberSession
 from .status import StatusCache, collect_gauges, status_report
-from .streams import StreamCounters, StreamState
+from .streams import StreamState
 from .subscriptions import Subscriptions
-from .window import ReplayWindow
 
 log = logging.getLogger("audiosockets.relay")
 
@@ -201,6 +201,7 @@ class Relay:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.streams: dict[str, StreamState] = {}
+        self.delivery = DeliveryCounters(self.metrics)  # per-subscriber counts
         self.window_memory = MemoryLedger()  # what every window holds, bytes
         self.input_budget = InputBudget(self.config.max_input_bytes)
         self.refusals_logged = LogRateLimit(10.0, clock)  # protocol errors, by reason
@@ -324,19 +325,8 @@ class Relay:
         stream = self.streams.get(name)
         new = stream is None
         if stream is None:
-            m = self.metrics
-            m.declare_stream(name)
-            counters = StreamCounters(
-                m.chunks_received.labels(name),
-                m.bytes_received.labels(name),
-                m.end_to_end_latency.labels(name),
-            )
-            stream = StreamState(
-                next(self._next_stream_id),
-                name,
-                fmt,
-                counters,
-                window=ReplayWindow(self.window_memory),
+            stream = StreamState.create(
+                next(self._next_stream_id), name, fmt, self.metrics, self.window_memory
             )
             self.streams[name] = stream
             self.stream_ids[stream.id] = stream
@@ -422,6 +412,7 @@ class Relay:
         if group_name:
             group = self.groups.setdefault(group_name, Group(group_name))
             group.members.append(session)
+            group.empty_since = None
             session.group = group
             group.rebalance(self.streams, self.subscriptions)
         else:
@@ -439,8 +430,9 @@ class Relay:
             session.group = None
             if group.members:
                 group.rebalance(self.streams, self.subscriptions)
-            elif self.groups.get(group.name) is group:
-                del self.groups[group.name]  # empty: its state goes with its last member
+            else:  # kept with its ACKs for the grace period (expiry.forget_empty_groups)
+                group.assignment.clear()
+                group.empty_since = self.clock()
 
     def _offer(self, stream: StreamState) -> None:
         """A stream appeared (or came back): attach it where it belongs."""
@@ -464,25 +456,6 @@ class Relay:
             session.group.ack(session, stream.name, seq)
 
     # -- accounting ----------------------------------------------------------
-
-    def count_drop(self, stream: str, reason: str, n: int, subscriber: str) -> None:
-        """Count ``n`` chunks of ``stream`` the relay held and lost for
-        ``subscriber`` (its client name) for ``reason`` (``RELAY_DROP_REASONS``)."""
-        self.metrics.chunks_dropped.labels(stream, reason).inc(n)
-        self.metrics.subscriber_chunks_dropped.labels(subscriber, stream, reason).inc(n)
-
-    def count_sent(self, stream: str, chunks: int, nbytes: int, subscriber: str) -> None:
-        """Count ``chunks`` chunks (``nbytes`` bytes of frames) of ``stream``
-        written to ``subscriber``."""
-        self.metrics.chunks_sent.labels(stream).inc(chunks)
-        self.metrics.bytes_sent.labels(stream).inc(nbytes)
-        self.metrics.subscriber_chunks_sent.labels(subscriber, stream).inc(chunks)
-
-    def declare_subscriber(self, subscriber: str, stream: str) -> None:
-        """Zeros for a subscriber's delivery counters before its first chunk."""
-        self.metrics.subscriber_chunks_sent.labels(subscriber, stream)
-        for reason in RELAY_DROP_REASONS:
-            self.metrics.subscriber_chunks_dropped.labels(subscriber, stream, reason)
 
     def status(self) -> dict[str, object]:
         """The report ``audiosockets status`` prints (see ``status_report``)."""

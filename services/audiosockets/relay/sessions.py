@@ -250,7 +250,7 @@ class SubscriberSession(Session):
             missing, after_seq = window.trimmed_after(after_seq)
             if missing:
                 self.count_drop(stream.name, "replay_window_exceeded", missing)
-        self.relay.declare_subscriber(self.name, stream.name)
+        self.relay.delivery.declare_subscriber(self.name, stream.name)
         self.relay.subscriptions.add(self, Cursor(stream, start, after_seq, now))
         self.wake.set()
 
@@ -340,7 +340,7 @@ class SubscriberSession(Session):
             self._batch_seconds = max(self._batch_seconds, seconds)
             if sent:
                 cursor.sent += sent
-                relay.count_sent(stream.name, sent, nbytes, self.name)
+                relay.delivery.count_sent(stream.name, sent, nbytes, self.name)
             self._end_if_done(cursor, frames)
             if budget <= 0:
                 self.wake.set()  # more to do after this batch is flushed
@@ -424,7 +424,7 @@ class SubscriberSession(Session):
         losses, self._losses = self._losses, []
         for stream, reason, n in losses:
             self.dropped += n
-            self.relay.count_drop(stream, reason, n, self.name)
+            self.relay.delivery.count_drop(stream, reason, n, self.name)
 
     def _peer_gone(self) -> bool:
         return self.channel.closed or self.channel.writer.transport.is_closing()
