@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from .audio import AudioFormat, DTypeName, SampleType
 from .errors import ConfigError, DeviceError
+from .filenames import stream_stem
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
@@ -535,5 +535,6 @@ def describe_input_devices() -> list[str]:
 
 
 def _safe_name(stream: str) -> str:
-    """A stream name as one directory name."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stream).lstrip(".") or "stream"
+    """A stream name as one directory name: ``filenames.stream_stem``, so two streams
+    (``mic 1``, ``mic_1``) never share a spool."""
+    return stream_stem(stream)
