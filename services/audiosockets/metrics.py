@@ -19,6 +19,7 @@ import platform
 import threading
 from collections.abc import Callable, Iterable
 from typing import Final
+from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -202,20 +203,59 @@ def gauge_family(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
 
 
 def serve_metrics(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> int:
-    """Serve ``registry`` over HTTP on ``port`` in a daemon thread.
+    """Serve ``registry`` over HTTP on ``addr``:``port`` in a daemon thread.
 
+    ``addr`` is a host name or an IPv4/IPv6 address (no brackets); services pass
+    their listen host, so metrics follow the service's address family. ``::`` is
+    dual-stack (``IPV6_V6ONLY=0``: IPv4 clients too) where the OS allows it.
     Returns the bound port (useful with ``port=0`` in tests); ``port < 0``
     means disabled and returns 0. The CLI maps ``--metrics-port 0`` to
-    disabled before calling this.
+    disabled before calling this. A taken port raises ``AddressInUse``, an
+    address this host cannot bind (no IPv6, not one of its addresses)
+    ``ConfigError``.
     """
-    from prometheus_client import start_http_server
+    import errno
+    import socket
+    from wsgiref.simple_server import make_server
 
-    from .errors import AddressInUse
+    from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
+    from .errors import AddressInUse, ConfigError
 
     if port < 0:
         return 0
+    where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
     try:
-        server, _thread = start_http_server(port, addr=addr, registry=registry)
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+    except (OSError, IndexError) as exc:
+        raise ConfigError(f"cannot serve metrics on {where}: {exc}") from exc
+    dual_stack = family == socket.AF_INET6 and sockaddr[0] == "::"
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+        def server_bind(self) -> None:
+            if dual_stack and socket.has_dualstack_ipv6():
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+    try:
+        server = make_server(
+            str(sockaddr[0]), port, make_wsgi_app(registry), Server, handler_class=_QuietHandler
+        )
     except OSError as exc:
-        raise AddressInUse(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from exc
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"cannot serve metrics on {where}: {reason}") from exc
+        raise ConfigError(f"cannot serve metrics on {where}: {reason}") from exc
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
     return int(server.server_address[1])
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access-log line on stderr for every scrape."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
