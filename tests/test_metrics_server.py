@@ -65,5 +65,5 @@ def test_a_taken_port_and_an_unusable_address_are_one_sentence_each() -> None:
             serve_metrics(port, Metrics().registry, "127.0.0.1")
     with pytest.raises(ConfigError, match=r"cannot serve metrics on \[2001:db8::1\]:0"):
         serve_metrics(0, Metrics().registry, "2001:db8::1")  # documentation prefix: not ours
-    with pytest.raises(ConfigError, match="cannot serve metrics on no-such-host.invalid"):
+    with pytest.raises(ConfigError, match=r"cannot serve metrics on no-such-host\.invalid"):
         serve_metrics(0, Metrics().registry, "no-such-host.invalid")
