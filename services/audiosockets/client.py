@@ -592,11 +592,20 @@ class Publisher(_Client):
 # ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _StreamEnded:
+    """In the hand-off queue: the relay closed ``stream`` after the chunks before this."""
+
+    stream: str
+
+
 class Subscriber(_Client):
     """Receives chunks of the streams matching ``pattern``; an async iterator.
 
     With ``group``, the relay gives each stream to exactly one member of the
     group; members ACK what they processed so a handover resumes there.
+    ``on_stream_closed(stream)`` runs inside the iteration, once the application
+    has taken the stream's last chunk (the close waits behind queued chunks).
     """
 
     role = Role.SUBSCRIBER
@@ -637,7 +646,8 @@ class Subscriber(_Client):
         self.duplicates = 0
         self.gaps = 0
         self._ids: dict[str, int] = {}
-        self._queue: asyncio.Queue[Chunk] = asyncio.Queue(maxsize=queue_chunks)
+        # Chunks and end-of-stream marks, in the order they came off the socket.
+        self._queue: asyncio.Queue[Chunk | _StreamEnded] = asyncio.Queue(maxsize=queue_chunks)
         self._unacked: Chunk | None = None
         self._on_stream_closed = on_stream_closed
         # Group members ACK what they processed. By default a chunk counts as
@@ -667,6 +677,12 @@ class Subscriber(_Client):
     async def __anext__(self) -> Chunk:
         self._ack_previous()
         chunk = await self._queue.get()
+        while isinstance(chunk, _StreamEnded):
+            # Only now, after the application took the stream's last chunk, is the
+            # stream over for it (the processor then completes the handler's files).
+            if self._on_stream_closed is not None:
+                self._on_stream_closed(chunk.stream)
+            chunk = await self._queue.get()
         self.positions[chunk.stream] = chunk.seq
         if not self.manual_ack:
             self._unacked = chunk
@@ -767,7 +783,9 @@ class Subscriber(_Client):
                     self.assigned.discard(entry[0])
                     log.info("stream %r closed by relay (%s)", entry[0], event.reason.name.lower())
                     if self._on_stream_closed is not None:
-                        self._on_stream_closed(entry[0])
+                        # Behind the chunks still queued for the application, never
+                        # ahead of them.
+                        await self._queue.put(_StreamEnded(entry[0]))
             elif isinstance(event, Goodbye | ErrorFrame):
                 raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
 
