@@ -1,10 +1,14 @@
 """The processor: Subscriber -> bounded backlog -> handler (thread or processes).
 
 Invariants:
-- The receive loop never waits on the handler. It only appends to a
-  ``ChunkBacklog`` whose size is fixed at construction (seconds of audio and/or
-  chunks); when full, the *oldest* chunk is dropped and counted
-  ``audiosockets_chunks_dropped_total{reason="processor_overrun"}``.
+- The receive loop appends to a ``ChunkBacklog`` whose size is fixed at
+  construction (seconds of audio and/or chunks). Beyond it, live audio the
+  handler let fall more than ``backlog_seconds`` behind is dropped, oldest
+  first, and counted
+  ``audiosockets_chunks_dropped_total{reason="processor_overrun"}``; audio
+  that arrived as a replay (catching up after ``--start earliest`` or a
+  resume) is never dropped: the receive loop stops taking chunks until the
+  handler makes room (backpressure: the relay keeps that audio).
 - Handlers run off the event loop: in one dedicated thread by default, or in
   ``workers`` single-process pools (``--workers N``) where each worker loads
   the handler by its spec and rebuilds ``Chunk`` from bytes + metadata.
@@ -475,15 +479,30 @@ class StreamClosed:
 
 
 class ChunkBacklog:
-    """FIFO of chunks bounded by count and/or seconds of audio; drops the oldest.
+    """FIFO of chunks bounded by count and/or seconds of audio.
 
-    ``push`` never blocks and returns the chunks it evicted to make room, so
-    the caller counts them. At least the newest chunk is always kept.
-    ``StreamClosed`` markers keep their place in the order, take no room and
-    are never evicted.
+    Beyond the bound, the oldest chunk is dropped only if it is *live audio
+    that the handler has let fall behind*: it arrived live (at most
+    ``live_lag`` seconds after its capture) and is now more than
+    ``max_seconds`` behind the wall clock (with only ``max_chunks``: any
+    chunk that arrived live). ``push`` returns the chunks it evicted, so the
+    caller counts them. Chunks that arrived late (a replay while catching
+    up: ``--start earliest``, a resume, a publisher re-sending its spool) are
+    never dropped here: the backlog stays over its bound (``over_limit``) and
+    the caller stops taking chunks (backpressure) until the handler makes
+    room; the relay still holds that audio. At least the newest chunk is
+    always kept. ``StreamClosed`` markers keep their place in the order,
+    take no room and are never evicted.
     """
 
-    def __init__(self, max_chunks: int | None = None, max_seconds: float | None = 10.0) -> None:
+    def __init__(
+        self,
+        max_chunks: int | None = None,
+        max_seconds: float | None = 10.0,
+        *,
+        live_lag: float | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
         if max_chunks is None and max_seconds is None:
             raise ValueError("a backlog needs a limit: max_chunks and/or max_seconds")
         if max_chunks is not None and max_chunks < 1:
@@ -492,6 +511,11 @@ class ChunkBacklog:
             raise ValueError("max_seconds must be > 0")
         self.max_chunks = max_chunks
         self.max_seconds = max_seconds
+        if live_lag is None:
+            live_lag = 1.0 if max_seconds is None else min(1.0, max_seconds / 2)
+        #: A chunk that arrived later than this after its capture is a replay.
+        self.live_lag = live_lag
+        self._clock = clock
         self._items: deque[Chunk | StreamClosed] = deque()
         self.chunks = 0
         self.seconds = 0.0
@@ -505,15 +529,50 @@ class ChunkBacklog:
             return True
         return self.max_seconds is not None and self.seconds > self.max_seconds + 1e-9
 
+    @property
+    def over_limit(self) -> bool:
+        """More than the bound is held (only while the caller applies backpressure)."""
+        return self.chunks > 1 and self._full()
+
     def push(self, chunk: Chunk) -> list[Chunk]:
         self._items.append(chunk)
         self.chunks += 1
         self.seconds += chunk.seconds
         self.depth[chunk.stream] = self.depth.get(chunk.stream, 0) + 1
+        return self.evict_stale()
+
+    def evict_stale(self) -> list[Chunk]:
+        """While over the bound, drop the oldest chunks that are live audio too late."""
         dropped = []
-        while self.chunks > 1 and self._full():
+        now = self._clock()
+        while self.over_limit:
+            oldest = self._oldest()
+            if oldest is None or self._stale_in(oldest, now) > 0:
+                break
             dropped.append(self._evict_oldest())
         return dropped
+
+    def seconds_until_stale(self) -> float | None:
+        """When the oldest chunk may be dropped (0: now), or None: it never is (a replay)."""
+        oldest = self._oldest()
+        if oldest is None:
+            return None
+        wait = self._stale_in(oldest, self._clock())
+        return None if wait == float("inf") else max(0.0, wait)
+
+    def _stale_in(self, chunk: Chunk, now_ns: int) -> float:
+        """Seconds until ``chunk`` counts as live audio fallen behind (inf: never)."""
+        if chunk.received_ns - chunk.captured_ns > round(self.live_lag * 1e9):
+            return float("inf")  # arrived as a replay: catching up, never dropped here
+        if self.max_seconds is None:
+            return 0.0
+        return (chunk.captured_ns + round(self.max_seconds * 1e9) - now_ns) / 1e9
+
+    def _oldest(self) -> Chunk | None:
+        for item in self._items:
+            if isinstance(item, Chunk):
+                return item
+        return None
 
     def mark_closed(self, stream: str) -> None:
         self._items.append(StreamClosed(stream))
@@ -745,6 +804,7 @@ class Processor:
         self._errlog = _RateLimitedLog(LOG_INTERVAL, clock)
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()  # the handler took a chunk off the backlog
         self._closing = False
         self._fatal: HandlerError | None = None
         self._runner: HandlerRunner | None = None
@@ -896,6 +956,25 @@ class Processor:
         self._source = chunks
         async for chunk in chunks:
             self._accept(chunk)
+            if self.backlog.over_limit:
+                await self._wait_for_room()
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: stop taking chunks while the backlog is over its bound with
+        audio still worth handling (a replay being caught up, or live audio not yet
+        ``backlog_seconds`` late). The Subscriber then stops reading and the relay
+        keeps the audio. Live audio that falls further behind is dropped, oldest
+        first, and counted (``processor_overrun``)."""
+        backlog = self.backlog
+        while True:
+            for old in backlog.evict_stale():
+                self._count_drop(old)
+                self._finish(old)
+            if not backlog.over_limit:
+                return
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), backlog.seconds_until_stale())
 
     def _accept(self, chunk: Chunk) -> None:
         stats = self.stats
@@ -927,6 +1006,7 @@ class Processor:
             if self._fatal is not None:
                 return
             chunk = self.backlog.pop()
+            self._room.set()
             if chunk is None:
                 if self._closing:
                     return
