@@ -18,11 +18,15 @@ Invariants:
   the event loop writes events and touches Prometheus objects.
 - Failure policy: each handler exception is counted
   (``audiosockets_handler_errors_total``), logged at most once per
-  ``LOG_INTERVAL`` seconds, and the next chunk is processed. After
-  ``failing_after`` failures in a row ``audiosockets_handler_failing`` is 1
-  (a success resets both); after ``exit_after`` in a row the processor stops
-  and ``run`` raises ``HandlerError`` (exit status 6), so a supervisor sees
-  and restarts it instead of it spinning silently. ``exit_after=0`` never exits.
+  ``LOG_INTERVAL`` seconds, and the next chunk is processed. Failures in a
+  row are counted per stream (a success on that stream resets its count):
+  ``audiosockets_handler_failing`` is 1 while some stream has
+  ``failing_after`` in a row; once *every* active stream (one handled within
+  ``ACTIVE_STREAM_SECONDS``) has ``exit_after`` in a row, the handler itself is
+  broken: the processor stops and ``run`` raises ``HandlerError`` (exit status
+  6), so a supervisor sees and restarts it instead of it spinning silently.
+  One stream's failures (its name, its data) never end the run for the
+  others. ``exit_after=0`` never exits.
 - Stopping: a source that ends by itself is processed completely; after
   ``stop()`` the backlog gets ``drain_timeout`` seconds, what is left is counted
   as dropped, and a handler thread or worker stuck in user code cannot keep
@@ -91,6 +95,8 @@ T = TypeVar("T")
 
 #: Seconds between two logged handler errors (the rest are counted, then summarised).
 LOG_INTERVAL: Final = 10.0
+#: A stream counts toward the give-up rule while it had a chunk handled this recently.
+ACTIVE_STREAM_SECONDS: Final = 30.0
 SPEC_HELP: Final = (
     "a built-in (level, vad, archive:DIR, spectrum), package.module:callable "
     "or path/to/file.py:callable"
@@ -802,6 +808,11 @@ class Processor:
         self.drain_timeout = drain_timeout
         self.stats = ProcessorStats()
         self._errlog = _RateLimitedLog(LOG_INTERVAL, clock)
+        self._clock = clock
+        # Failures in a row per stream, and when each stream last had an outcome: one
+        # stream's failures (its name, its data) never end the run while others work.
+        self._in_a_row: dict[str, int] = {}
+        self._last_outcome: dict[str, float] = {}
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()  # the handler took a chunk off the backlog
@@ -1036,6 +1047,9 @@ class Processor:
             self.on_done(chunk.stream, last)
 
     async def _release(self, stream: str) -> None:
+        self._in_a_row.pop(stream, None)
+        self._last_outcome.pop(stream, None)
+        self._update_failing()
         loop = asyncio.get_running_loop()
         if self._runner is not None:
             calls = [loop.run_in_executor(self._executors[0], self._runner.release, stream)]
@@ -1087,35 +1101,51 @@ class Processor:
             stats.last_latency = latency
             pm.handler_start_latency.labels(chunk.stream, name).observe(max(0.0, latency))
             pm.processing_time.labels(name).observe(out.duration)
+        stream = chunk.stream
+        self._last_outcome[stream] = self._clock()
         if out.error is None:
             stats.processed += 1
-            pm.chunks_processed.labels(chunk.stream, name).inc()
-            if stats.consecutive_errors >= self.failing_after:
-                log.info("%s: handler recovered", name)
-            stats.consecutive_errors = 0
-            pm.handler_failing.labels(name).set(0)
+            pm.chunks_processed.labels(stream, name).inc()
+            if self._in_a_row.get(stream, 0) >= self.failing_after:
+                log.info("%s: handler recovered on %s", name, stream)
+            self._in_a_row[stream] = 0
+            self._update_failing()
             return
         stats.errors += 1
-        stats.consecutive_errors += 1
+        in_a_row = self._in_a_row[stream] = self._in_a_row.get(stream, 0) + 1
         pm.handler_errors.labels(name).inc()
         if self._errlog.ready():
             more = self._errlog.suppressed
             self._errlog.suppressed = 0
             note = f" ({more} more since the last report)" if more else ""
-            log.error(
-                "%s failed on %s seq %d: %s%s", name, chunk.stream, chunk.seq, out.error, note
-            )
+            log.error("%s failed on %s seq %d: %s%s", name, stream, chunk.seq, out.error, note)
             if out.trace:
                 log.debug("%s", out.trace)
-        if stats.consecutive_errors == self.failing_after:
-            pm.handler_failing.labels(name).set(1)
-            log.error("%s: %d failures in a row, marked failing", name, stats.consecutive_errors)
-        if self.exit_after and stats.consecutive_errors >= self.exit_after and self._fatal is None:
-            self._fatal = HandlerError(
-                f"handler {name} failed {stats.consecutive_errors} times in a row "
-                f"(last: {out.error}); giving up"
+        self._update_failing()
+        if in_a_row == self.failing_after:
+            log.error(
+                "%s: %d failures in a row, marked failing (stream %s)", name, in_a_row, stream
             )
-            self._stop.set()
+        if self.exit_after and self._fatal is None:
+            active = self._active_streams()
+            if all(self._in_a_row.get(s, 0) >= self.exit_after for s in active):
+                each = f" on each of its {len(active)} streams" if len(active) > 1 else ""
+                self._fatal = HandlerError(
+                    f"handler {name} failed {in_a_row} times in a row{each} "
+                    f"(last: {out.error}); giving up"
+                )
+                self._stop.set()
+
+    def _active_streams(self) -> list[str]:
+        """Streams with an outcome within ``ACTIVE_STREAM_SECONDS`` (at least the newest)."""
+        now = self._clock()
+        return [s for s, t in self._last_outcome.items() if now - t <= ACTIVE_STREAM_SECONDS]
+
+    def _update_failing(self) -> None:
+        """``handler_failing`` is 1 while any stream has ``failing_after`` failures in a row."""
+        worst = max(self._in_a_row.values(), default=0)
+        self.stats.consecutive_errors = worst
+        self.pm.handler_failing.labels(self.spec.name).set(1 if worst >= self.failing_after else 0)
 
     def _write_events(self, lines: list[str]) -> None:
         if not lines:
