@@ -28,13 +28,14 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import numpy as np
 import numpy.typing as npt
 
 from .audio import AudioFormat, SampleType
+from .convert import convert, full_scale_of, to_sample_type
 from .errors import ConfigError, DeviceError
 
 Samples = npt.NDArray[Any]
@@ -200,25 +201,6 @@ def _flag(options: dict[str, str], key: str) -> bool:
     if value in ("0", "false", "no"):
         return False
     raise ConfigError(f"option {key}={value!r} must be 0 or 1")
-
-
-def to_sample_type(x: Samples, sample_type: SampleType) -> Samples:
-    """Convert float samples in [-1, 1] (or integer PCM) to ``sample_type``, scaled."""
-    target = sample_type.dtype
-    if x.dtype == target:
-        return x
-    if np.issubdtype(x.dtype, np.integer):
-        x = x.astype(np.float64) / _int_full_scale(x.dtype)
-    if sample_type is SampleType.FLOAT32:
-        return x.astype(np.float32)
-    info = np.iinfo(cast(Any, target))
-    out: Samples = np.clip(np.rint(x * info.max), info.min, info.max).astype(target)
-    return out
-
-
-def _int_full_scale(dtype: np.dtype[Any]) -> float:
-    """The magnitude of the most negative integer sample: maps PCM to [-1, 1)."""
-    return float(-np.iinfo(cast(Any, dtype)).min)
 
 
 # --- paced sources -----------------------------------------------------------
@@ -389,8 +371,9 @@ class FileSource(PacedSource):
     """A WAV file played in real time, optionally looped.
 
     The file's rate and channel count must match the stream unless ``convert`` is
-    set (then: channels are averaged to mono or mono duplicated, and the rate is
-    linearly interpolated). Sample types are always converted with proper scaling.
+    set (then: the rate is linearly interpolated, and channels are averaged to mono
+    or mono duplicated). Sample types are always converted at full-scale-correct
+    level, before channels are mixed (``convert.convert``).
     The data is memory-mapped, so long files cost no memory up front.
     """
 
@@ -456,17 +439,13 @@ class FileSource(PacedSource):
             lo = np.minimum(pos.astype(np.int64), self.info.frames - 1)
             hi = np.minimum(lo + 1, self.info.frames - 1)
             frac = (pos - lo)[:, None]
-            a = self._data[lo].astype(np.float64)
-            b = self._data[hi].astype(np.float64)
+            scale = full_scale_of(src.dtype)  # interpolate at full scale 1.0
+            a = self._data[lo].astype(np.float64) / scale
+            b = self._data[hi].astype(np.float64) / scale
             block = a + (b - a) * frac
-            if np.issubdtype(src.dtype, np.integer):
-                block = block / _int_full_scale(src.dtype)
-        if src.channels != dst.channels:
-            if dst.channels == 1:
-                block = block.astype(np.float64).mean(axis=1, keepdims=True)
-            else:
-                block = np.repeat(block, dst.channels, axis=1)
-        return to_sample_type(block, dst.sample_type)
+        # The level first (full scale to full scale), then the channels: a stereo
+        # int16 file at 100 is a mono int16 stream at 100 (int32: 100 << 16).
+        return convert(block, dst.sample_type, dst.channels)
 
 
 # --- PortAudio device ---------------------------------------------------------

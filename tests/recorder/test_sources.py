@@ -11,6 +11,7 @@ import pytest
 from recorder_fakes import FakeClock, write_pcm_wav, write_raw_wav
 
 from audiosockets.audio import AudioFormat, SampleType
+from audiosockets.convert import to_sample_type
 from audiosockets.errors import ConfigError
 from audiosockets.sources import (
     CapturedBlock,
@@ -21,7 +22,6 @@ from audiosockets.sources import (
     block_frames_for,
     parse_source,
     read_wav_info,
-    to_sample_type,
 )
 
 MONO16 = AudioFormat(16000, 1, SampleType.INT16)
@@ -100,12 +100,13 @@ async def test_other_synths_produce_the_stream_format(kind: str) -> None:
 
 
 def test_to_sample_type_scales_between_encodings() -> None:
+    """Full scale to full scale: -1.0 is -32768, and int16 -> int32 is exact (<< 16)."""
     x = np.array([[-1.0], [0.0], [0.5], [1.5]])
-    assert to_sample_type(x, SampleType.INT16).ravel().tolist() == [-32767, 0, 16384, 32767]
+    assert to_sample_type(x, SampleType.INT16).ravel().tolist() == [-32768, 0, 16384, 32767]
     pcm = np.array([[-32768], [16384]], dtype=np.int16)
     assert to_sample_type(pcm, SampleType.FLOAT32).ravel().tolist() == [-1.0, 0.5]
     as32 = to_sample_type(pcm, SampleType.INT32).ravel()
-    assert as32.tolist() == [-2147483647, 1073741824]
+    assert as32.tolist() == [-2147483648, 1073741824]
 
 
 # --- source specs -------------------------------------------------------------------
@@ -241,6 +242,23 @@ async def test_convert_resamples_and_mixes_down(tmp_path: Path) -> None:
     assert signal.shape == (16000, 1)
     assert int(np.argmax(np.abs(np.fft.rfft(signal[:, 0])))) == 440
     assert np.max(np.abs(signal)) == pytest.approx(0.375, abs=0.01)  # mean of 0.5 and 0.25
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [("int16", 100), ("int32", 100 * 65536), ("float32", 100 / 32768)],
+)
+async def test_a_stereo_int16_file_at_100_is_a_mono_stream_at_the_same_level(
+    tmp_path: Path, dtype: str, expected: float
+) -> None:
+    """The issue's file: 2 channels of int16 100 gave 32767 / 2147483647 / 100.0."""
+    wav = write_pcm_wav(tmp_path / "s.wav", np.full((1600, 2), 100, np.int16), 16000)
+    fmt = AudioFormat(16000, 1, SampleType.parse(dtype))
+    source = FileSource(fmt, 320, wav, convert=True, clock=FakeClock())
+    signal = np.concatenate([b.samples for b in await read_all(source)])
+    assert signal.dtype == fmt.dtype
+    assert signal.shape == (1600, 1)
+    assert np.all(signal == np.asarray(expected, dtype=fmt.dtype))
 
 
 def test_convert_refuses_stereo_to_six_channels(tmp_path: Path) -> None:
