@@ -13,15 +13,17 @@ frame counter is exact, and ``correction`` is steered toward the device's report
 (``device_ns``) slowly:
 
 - The difference ``device_ns - predicted`` is smoothed (an exponential average over
-  ``smoothing_seconds`` of audio) and ``correction`` moves toward it by at most
+  ``smoothing_seconds`` of audio, each report's pull clipped to
+  ``report_clip_seconds``, so the wild reports after an open weigh little) and
+  ``correction`` moves toward it by at most
   ``max_slew_ppm`` of each block's duration (1000 ppm: 20 µs per 20 ms block), which
   is more than a sound card's crystal drifts (typically < 100 ppm) and far too little
   to be heard in timestamps. Consecutive stamps therefore differ by the block's
   duration within ``max_slew_ppm``, whatever the device reports. A drifting sample
   clock is followed with a standing error of about drift × ``smoothing_seconds``
   (100 ppm: 0.1 ms).
-- A difference beyond ``step_threshold_seconds`` that lasts ``step_after_seconds`` of
-  audio is a step of the wall clock (NTP setting the time of an edge PC without a
+- Reports more than ``step_threshold_seconds`` off are left out of the average; if
+  that lasts ``step_after_seconds`` of audio it is a step of the wall clock (NTP setting the time of an edge PC without a
   real-time clock): the correction then jumps by it, once (``steps`` counts them).
 - Frames really lost move the counter on: ``lost_frames`` known to the caller (its
   hand-off ring was full), or, after an input overflow, how much further the device's
@@ -55,6 +57,7 @@ class CaptureClock:
     smoothing_seconds: float = 1.0
     step_threshold_seconds: float = 0.5
     step_after_seconds: float = 5.0
+    report_clip_seconds: float = 0.005
     #: Wall-clock steps followed (see ``step_threshold_seconds``).
     steps: int = 0
     #: Frames counted as lost (given by the caller, or estimated after overflows).
@@ -145,29 +148,35 @@ class CaptureClock:
                     self._frames += missing
                     self.lost_frames += missing
             self._last_report = (device_ns, self._frames)
-            self._discipline(device_ns - self.next_ns, block_ns)
         stamp = self.next_ns
+        if device_ns is not None:
+            # Steers the blocks after this one: the first block after an anchor is
+            # stamped with the anchor itself.
+            self._discipline(device_ns - stamp, block_ns)
         self._frames += frames
         return stamp
 
-    def _discipline(self, difference: float, block_ns: int) -> None:
-        """Smooth the difference, slew the correction toward it, follow a real step."""
-        # Starts from 0 (trust the anchor), so a wild first report weighs one block.
-        weight = min(1.0, block_ns / (self.smoothing_seconds * NS_PER_S))
-        self._offset_ns += weight * (difference - self._offset_ns)
-        offset = self._offset_ns
-        if abs(offset) > self.step_threshold_seconds * NS_PER_S:
+    def _discipline(self, difference: int, block_ns: int) -> None:
+        """Follow a lasting step; else smooth the difference and slew toward it."""
+        if abs(difference) > self.step_threshold_seconds * NS_PER_S:
             self._beyond_ns += block_ns
             if self._beyond_ns >= self.step_after_seconds * NS_PER_S:
                 # By the latest report, not the average (which still lags the step);
                 # its jitter is nothing next to a step this large.
-                self._correction_ns += round(difference)
+                self._correction_ns += difference
                 self._offset_ns = 0.0
                 self._beyond_ns = 0
                 self.steps += 1
-                return
-        else:
-            self._beyond_ns = 0
+            return  # a report that far off says nothing about a small offset
+        self._beyond_ns = 0
+        # Starts from 0 (trust the anchor), and one report moves the average by at most
+        # ``report_clip_seconds`` × weight: the reports right after an open, which may be
+        # hundreds of ms off, cannot drag the stamps far before they converge.
+        weight = min(1.0, block_ns / (self.smoothing_seconds * NS_PER_S))
+        clip = self.report_clip_seconds * NS_PER_S
+        innovation = max(-clip, min(clip, difference - self._offset_ns))
+        self._offset_ns += weight * innovation
+        offset = self._offset_ns
         limit = self.max_slew_ppm * 1e-6 * block_ns
         step = round(max(-limit, min(limit, offset)))
         self._correction_ns += step

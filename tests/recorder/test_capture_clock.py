@@ -52,7 +52,7 @@ def test_a_device_reporting_half_a_second_in_the_past_after_open_does_not_bend_t
     steps = np.diff(stamps)
     assert np.all(np.abs(steps - BLOCK_NS) <= SLEW_NS)
     error = np.array(stamps) - np.array(truths)
-    assert np.max(np.abs(error)) <= 5_000_000  # never more than the anchor's 3 ms + 2 ms
+    assert np.max(np.abs(error)) <= 3_500_000  # the anchor was 3 ms late; the reports add < 0.5
     assert np.max(np.abs(error[-500:])) <= 100_000  # then it converges onto the device
     assert clock.steps == 0
     assert clock.lost_frames == 0

@@ -324,3 +324,40 @@ async def test_a_silent_device_is_reported_lost() -> None:
     source._on_finished()
     with pytest.raises(DeviceLost, match="stopped delivering"):
         await source.read()
+
+
+async def test_device_stamps_advance_by_one_block_while_adc_times_converge_after_open() -> None:
+    """PortAudio through PulseAudio/ALSA reports the first block's ADC time ~0.5 s in the
+    past, converging over ~100 blocks; stamps used to follow (20 ms chunks 25 ms apart)."""
+    source = DeviceSource(MONO16, 160, ring_seconds=4.0)  # 10 ms blocks
+    source._loop = __import__("asyncio").get_running_loop()
+    source._stream = object()
+    source._offset_ns = 5_000_000_000
+    stamps = []
+    for i in range(300):
+        true_adc = 100.0 + i * 0.01
+        error = -0.5 * max(0.0, 1 - i / 100)
+        info = SimpleNamespace(inputBufferAdcTime=true_adc + error, currentTime=true_adc + 0.01)
+        source._callback(np.zeros((160, 1), np.int16), 160, info, _status())
+        block = await source.read()
+        assert block is not None
+        stamps.append(block.captured_ns)
+    steps = np.diff(stamps)
+    assert np.all(np.abs(steps - 10_000_000) <= 10_000)  # 1000 ppm of a block at most
+    assert stamps[0] == 105_000_000_000  # anchored at the first callback, not 0.5 s back
+    assert abs(stamps[-1] - (105_000_000_000 + 299 * 10_000_000)) <= 2_000_000
+
+
+async def test_device_stamps_skip_exactly_the_blocks_lost_in_a_full_ring() -> None:
+    source = DeviceSource(MONO16, 160, ring_seconds=0.0)  # 16 slots
+    source._loop = __import__("asyncio").get_running_loop()
+    source._stream = object()
+    for i in range(20):  # 4 blocks do not fit: dropped, their frames counted as lost
+        source._callback(np.full((160, 1), i, np.int16), 160, _time(100.0 + i * 0.01), _status())
+    got = [await source.read() for _ in range(16)]
+    source._callback(np.full((160, 1), 20, np.int16), 160, _time(100.2), _status())
+    after = await source.read()
+    assert after is not None
+    stamps = [b.captured_ns for b in got if b is not None] + [after.captured_ns]
+    assert np.diff(stamps).tolist() == [10_000_000] * 15 + [50_000_000]  # 4 blocks missing
+    assert source.capture_clock.lost_frames == 4 * 160
