@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -38,12 +39,21 @@ import numpy as np
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     wait_exponential_jitter,
 )
 
 from .audio import AudioFormat, Chunk
-from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
+from .errors import (
+    FATAL_REFUSALS,
+    AudiosocketsError,
+    ConfigError,
+    ConnectionClosed,
+    ErrorCode,
+    RelayRefused,
+    RelayUnreachable,
+    RemoteProtocolError,
+)
 from .metrics import Metrics
 from .protocol import (
     CHUNK_HEAD,
@@ -57,6 +67,7 @@ from .protocol import (
     OpenStream,
     Role,
     StartPosition,
+    State,
     Status,
     StatusRequest,
     StreamAccepted,
@@ -82,6 +93,41 @@ class RetryPolicy:
 
 
 _RETRYABLE = (RelayUnreachable, ConnectionClosed, RemoteProtocolError, OSError)
+
+
+def refusal(exc: BaseException) -> RelayRefused | None:
+    """The relay's answer in ``exc`` as a refusal no retry can change, else None."""
+    if isinstance(exc, ConnectionClosed) and exc.code in FATAL_REFUSALS:
+        return RelayRefused(str(exc), exc.code)
+    if isinstance(exc, RelayRefused):
+        return exc
+    return None
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, _RETRYABLE) and refusal(exc) is None
+
+
+def check_wire_name(value: str, what: str, limits: Limits | None = None) -> None:
+    """``ValueError`` naming ``what`` when ``value`` is longer than the wire allows
+    (``max_name_length`` bytes of UTF-8: a relay would refuse it on every attempt)."""
+    limit = (limits or Limits()).max_name_length
+    size = len(value.encode("utf-8"))
+    if size > limit:
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise ValueError(f"{what} {shown!r} is {size} bytes of UTF-8; the protocol allows {limit}")
+
+
+def check_wire_names(names: dict[str, str], limits: Limits | None = None) -> None:
+    """Check every name a command will send, keyed by what the user sets it with
+    (``{"--stream": ..., "--name": ...}``); ``ConfigError`` (exit 2) for the first too long."""
+    for what, value in names.items():
+        try:
+            check_wire_name(value, what, limits)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 #: Session ends that are nobody's fault: reconnect at once (tenacity still
 #: backs off if the relay is not back yet).
 _BENIGN_CLOSE = frozenset({ErrorCode.NORMAL, ErrorCode.SHUTTING_DOWN, ErrorCode.HEARTBEAT_TIMEOUT})
@@ -103,17 +149,23 @@ class _Client:
         limits: Limits | None,
     ) -> None:
         self.address = url if isinstance(url, RelayAddress) else parse_url(url)
+        self.limits = limits or Limits()
+        check_wire_name(name, "client name", self.limits)
+        check_wire_name(token, "token", self.limits)
         self.name = name
         self.token = token
         self.metrics = metrics or Metrics()
         self.retry = retry or RetryPolicy()
-        self.limits = limits or Limits()
         self.rcvbuf = 0
         self.channel: Channel | None = None
         self.connected = asyncio.Event()
         self.attempts = 0
         self.sessions = 0
         self.last_error: str | None = None
+        #: Why the client ended by itself (a refusal no retry can change), if it did.
+        self.failure: AudiosocketsError | None = None
+        #: Set when ``failure`` is.
+        self.failed = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self.metrics.reconnects.labels(self.role.label)
@@ -138,11 +190,21 @@ class _Client:
             self.metrics.reconnects.labels(self.role.label).inc()
         return await connect(
             self.address,
-            Hello(self.role, self.name, self.token),
+            self._hello(),
             limits=self.limits,
             connect_timeout=self.retry.connect_timeout,
             rcvbuf=self.rcvbuf,
         )
+
+    def _hello(self) -> Hello:
+        return Hello(self.role, self.name, self.token)
+
+    def _fail(self, failure: AudiosocketsError) -> None:
+        """End the client: ``failure`` cannot be cured by retrying."""
+        if self.failure is None:
+            self.failure = failure
+            log.info("%s %r: giving up: %s", self.role.label, self.name, failure)
+        self.failed.set()
 
     def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -162,24 +224,36 @@ class _Client:
             wait=wait_exponential_jitter(
                 multiplier=self.retry.initial, max=self.retry.cap, jitter=self.retry.jitter
             ),
-            retry=retry_if_exception_type(_RETRYABLE),
+            retry=retry_if_exception(_retryable),
             before_sleep=self._before_sleep,
             reraise=True,
         )
         short_sessions = 0
         while not self._closing:
-            channel: Channel = await retrying(self._connect_once)
+            try:
+                channel: Channel = await retrying(self._connect_once)
+            except ConnectionClosed as exc:  # the handshake was refused for good
+                fatal = refusal(exc)
+                if fatal is None:
+                    raise
+                self._fail(fatal)
+                return
             self.channel = channel
             self.sessions += 1
             started = time.monotonic()
             refused = False  # did the relay end this session because of us?
             try:
                 await self._session(channel)
+            except RelayRefused as exc:  # we found we cannot send what we have
+                self._fail(exc)
             except _RETRYABLE as exc:
+                fatal = refusal(exc)
+                if fatal is not None and not self._closing:
+                    self._fail(fatal)
                 refused = isinstance(exc, RemoteProtocolError) or (
                     isinstance(exc, ConnectionClosed) and exc.code not in _BENIGN_CLOSE
                 )
-                if not self._closing:
+                if fatal is None and not self._closing:
                     self.last_error = str(exc)
                     log.warning("%s %r: session lost: %s", self.role.label, self.name, exc)
                     if isinstance(exc, RemoteProtocolError):
@@ -200,7 +274,7 @@ class _Client:
             # A session the relay ends right away (it refuses what we send)
             # must not turn into a reconnect storm: back off as for a failed
             # connect, with the same tenacity strategy, until one lasts.
-            if self._closing:
+            if self._closing or self.failure is not None:
                 break
             if refused and time.monotonic() - started < self.retry.healthy_session:
                 short_sessions += 1
@@ -307,6 +381,7 @@ class PublishedStream:
         self._unsent_seconds = 0.0
         self.next_seq = 0
         self.accepted = False  # the relay answered OPEN_STREAM on this session
+        self.ever_accepted = False  # ... on any session of this publisher run
         self.dropped = 0
         m = publisher.metrics
         m.declare_stream(name)
@@ -368,12 +443,22 @@ class PublishedStream:
     def resume_from(self, next_seq: int) -> None:
         """The relay holds everything before ``next_seq``: send the rest.
 
-        When the relay expects more than we ever numbered, the stream had
-        an earlier life (this publisher restarted while the relay kept the
-        stream): continue its numbering at ``next_seq`` instead of sending
-        numbers the relay would take for duplicates.
+        A publisher run numbers its chunks from 0 until the relay first answers
+        for the stream; that first answer (this run has sent nothing yet) shifts
+        every number by ``next_seq``, so whatever this run captured before it
+        connected continues the stream's numbering and none of it is taken for a
+        duplicate of an earlier run's chunks. Later answers are resumes: when the
+        relay expects more than we ever numbered (another run published the
+        stream while we were away), continue at ``next_seq`` the same way.
         """
-        if next_seq > self.next_seq:
+        if not self.ever_accepted:
+            self.ever_accepted = True
+            if next_seq:
+                for entry in self.history:
+                    entry.seq += next_seq
+                self.next_seq += next_seq
+                log.info("stream %r continues the relay's numbering at seq %d", self.name, next_seq)
+        elif next_seq > self.next_seq:
             first_unsent = self.history[-self.unsent].seq if self.unsent else self.next_seq
             offset = next_seq - first_unsent
             for entry in self.history:
@@ -401,13 +486,22 @@ class PublishedStream:
             self.history[i].seconds for i in range(len(self.history) - n, len(self.history))
         )
 
-    def take(self, budget: int) -> list[_Entry]:
+    def take(self, budget: int, max_payload: int | None = None) -> list[_Entry]:
+        """The next unsent entries, about ``budget`` bytes; they count as sent.
+
+        An entry larger than ``max_payload`` (the relay's limit) is never taken:
+        ``ChunkTooLarge`` once the entries before it are.
+        """
         out: list[_Entry] = []
         if not self.accepted or not self.unsent:
             return out
         history = self.history
         for i in range(len(history) - self._unsent, len(history)):
             entry = history[i]
+            if max_payload is not None and len(entry.payload) > max_payload:
+                if out:
+                    break
+                raise ChunkTooLarge(self.name, self.format, len(entry.payload), max_payload)
             out.append(entry)
             self._unsent_seconds -= entry.seconds
             budget -= len(entry.payload)
@@ -441,6 +535,7 @@ class Publisher(_Client):
         retry: RetryPolicy | None = None,
         limits: Limits | None = None,
         max_batch_bytes: int = 256 << 10,
+        instance: int | None = None,
     ) -> None:
         super().__init__(
             url,
@@ -452,6 +547,11 @@ class Publisher(_Client):
         )
         if history_seconds <= 0:
             raise ValueError("history_seconds must be > 0")
+        #: This publisher run, in HELLO: random (non-zero), the same on every reconnect.
+        #: The relay gives a stream back to the same run at once and refuses others.
+        self.instance = instance if instance else secrets.randbits(64) or 1
+        #: Largest PCM payload per CHUNK, from the relay's WELCOME once connected.
+        self.max_payload: int | None = None
         self.history_seconds = history_seconds
         self.max_batch_bytes = max_batch_bytes
         self.streams: dict[str, PublishedStream] = {}
@@ -459,10 +559,18 @@ class Publisher(_Client):
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
 
+    def _hello(self) -> Hello:
+        return Hello(self.role, self.name, self.token, self.instance)
+
+    def _fail(self, failure: AudiosocketsError) -> None:
+        super()._fail(failure)
+        self._idle.set()  # flush() returns (False) instead of waiting on a dead session
+
     def stream(self, name: str, fmt: AudioFormat) -> PublishedStream:
         """Declare (or get) a stream. Its format is fixed for its lifetime."""
-        if not name or len(name.encode("utf-8")) > self.limits.max_name_length:
-            raise ValueError(f"stream name must be 1..{self.limits.max_name_length} bytes of UTF-8")
+        if not name:
+            raise ValueError("stream name must not be empty")
+        check_wire_name(name, "stream name", self.limits)
         existing = self.streams.get(name)
         if existing is not None:
             if existing.format != fmt:
@@ -477,10 +585,15 @@ class Publisher(_Client):
         return stream
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued chunk is written to the relay's socket."""
+        """Wait until every queued chunk is written to the relay's socket.
+
+        False at the deadline, or at once when the publisher has failed (a refusal):
+        chunks it could not send are never reported as taken."""
         try:
             async with asyncio.timeout(timeout):
                 while self._pending():
+                    if self.failure is not None:
+                        return False
                     self._idle.clear()
                     self._wake.set()
                     await self._idle.wait()
@@ -523,6 +636,9 @@ class Publisher(_Client):
         await self.close()
 
     async def _session(self, channel: Channel) -> None:
+        welcome = channel.conn.welcome
+        if welcome is not None:
+            self.max_payload = welcome.max_frame_size - CHUNK_HEAD.size
         for stream in self.streams.values():
             stream.accepted = False
             channel.send(OpenStream(stream.id, stream.name, stream.format))
@@ -530,7 +646,9 @@ class Publisher(_Client):
         writer = asyncio.create_task(self._write_loop(channel))
         try:
             done, _ = await asyncio.wait([reader, writer], return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
+            # The reader's end first: when the relay refused us, that is the cause,
+            # and whatever the writer then hit is a consequence.
+            for task in sorted(done, key=lambda t: t is not reader):
                 task.result()
         finally:
             reader.cancel()
@@ -565,8 +683,10 @@ class Publisher(_Client):
             self._wake.clear()
             while True:
                 frames: list[bytes] = []
+                if conn.state is not State.OPEN:  # the relay ended the session
+                    raise ConnectionClosed("the relay closed the session")
                 for stream in list(self.streams.values()):
-                    entries = stream.take(self.max_batch_bytes)
+                    entries = stream.take(self.max_batch_bytes, self.max_payload)
                     if not entries:
                         continue
                     nbytes = 0
@@ -587,6 +707,24 @@ class Publisher(_Client):
             stream.accepted = False
 
 
+class ChunkTooLarge(RelayRefused):
+    """A chunk does not fit the frame limit the relay announced in WELCOME (exit 2).
+
+    ``fits_frames``: the most frames of the stream a chunk may hold."""
+
+    def __init__(self, stream: str, fmt: AudioFormat, chunk_bytes: int, max_payload: int) -> None:
+        self.stream = stream
+        self.chunk_bytes = chunk_bytes
+        self.max_payload = max_payload
+        self.fits_frames = max(0, max_payload) // fmt.frame_bytes
+        super().__init__(
+            f"chunks of stream {stream} are {chunk_bytes} bytes "
+            f"({chunk_bytes // fmt.frame_bytes} frames of {fmt}) but the relay takes at most "
+            f"{max_payload} bytes of audio per chunk ({self.fits_frames} frames)",
+            ErrorCode.FRAME_TOO_LARGE,
+        )
+
+
 # ---------------------------------------------------------------------------
 # Subscriber
 # ---------------------------------------------------------------------------
@@ -597,6 +735,10 @@ class _StreamEnded:
     """In the hand-off queue: the relay closed ``stream`` after the chunks before this."""
 
     stream: str
+
+
+#: In the hand-off queue: the subscriber failed (``failure``) after the chunks before this.
+_FAILED = _StreamEnded("")
 
 
 class Subscriber(_Client):
@@ -627,6 +769,9 @@ class Subscriber(_Client):
         on_stream_closed: Callable[[str], None] | None = None,
         manual_ack: bool = False,
     ) -> None:
+        limits = limits or Limits()
+        check_wire_name(pattern, "stream pattern", limits)
+        check_wire_name(group, "group", limits)
         super().__init__(
             url,
             name=name,
@@ -646,7 +791,7 @@ class Subscriber(_Client):
         self.duplicates = 0
         self.gaps = 0
         self._ids: dict[str, int] = {}
-        # Chunks and end-of-stream marks, in the order they came off the socket.
+        # Chunks and end-of-stream marks (and _FAILED), in the order they came off the socket.
         self._queue: asyncio.Queue[Chunk | _StreamEnded] = asyncio.Queue(maxsize=queue_chunks)
         self._unacked: Chunk | None = None
         self._on_stream_closed = on_stream_closed
@@ -676,8 +821,13 @@ class Subscriber(_Client):
 
     async def __anext__(self) -> Chunk:
         self._ack_previous()
+        if self.failure is not None and self._queue.empty():
+            raise self.failure  # refused for good: iterating ends with the reason
         chunk = await self._queue.get()
-        while isinstance(chunk, _StreamEnded):
+        while not isinstance(chunk, Chunk):
+            if chunk is _FAILED:
+                assert self.failure is not None
+                raise self.failure
             # Only now, after the application took the stream's last chunk, is the
             # stream over for it (the processor then completes the handler's files).
             if self._on_stream_closed is not None:
@@ -687,6 +837,11 @@ class Subscriber(_Client):
         if not self.manual_ack:
             self._unacked = chunk
         return chunk
+
+    def _fail(self, failure: AudiosocketsError) -> None:
+        super()._fail(failure)
+        with contextlib.suppress(asyncio.QueueFull):  # full: __anext__ sees it once drained
+            self._queue.put_nowait(_FAILED)
 
     def ack(self, stream: str, seq: int) -> None:
         """Tell the relay this group member is done with ``stream`` up to ``seq``.

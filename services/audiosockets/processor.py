@@ -1190,12 +1190,22 @@ async def serve(
     ``started`` is called with the ``Processor`` before it runs (its ``stop()``
     ends the run like a signal; the demo and tests use that).
     """
-    from .client import Subscriber
+    from .client import Subscriber, check_wire_names
     from .metrics import serve_metrics
 
     spec = parse_spec(config.handler)
     options = HandlerOptions(segment_seconds=config.segment_seconds)
     check_handler(spec, options)  # a bad spec fails here, before any connection
+    # Replicas need names of their own to be told apart in status and metrics.
+    name = config.name or f"process-{spec.name}@{socket.gethostname()}"
+    check_wire_names(  # every name this processor will send: the relay would refuse it
+        {
+            "--stream": config.stream,
+            "--group": config.group or "",
+            "--name" if config.name else "the client name (set --name)": name,
+            "--token": config.token or "",
+        }
+    )
     metrics = metrics if metrics is not None else Metrics()
     with contextlib.ExitStack() as stack:
         events: IO[str] = sys.stdout
@@ -1219,8 +1229,7 @@ async def serve(
             config.relay,
             config.stream,
             group=config.group or "",
-            # Replicas need names of their own to be told apart in status and metrics.
-            name=config.name or f"process-{spec.name}@{socket.gethostname()}",
+            name=name,
             start=config.start,
             token=config.token or "",
             metrics=metrics,

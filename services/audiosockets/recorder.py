@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +111,26 @@ class RecorderConfig:
             return self.spool_seconds
         return min(self.spool_seconds, self.memory_seconds)
 
+    @property
+    def client_name(self) -> str:
+        """The name the relay shows for this recorder (``--name``, else ``recorder-STREAM``)."""
+        return self.name or f"recorder-{self.stream}"
+
     def validate(self) -> None:
-        if not self.stream or len(self.stream) > 255:
-            raise ConfigError("--stream must be a name of 1 to 255 characters")
+        """Every value checked before anything is opened or sent (``ConfigError``)."""
+        if not self.stream:
+            raise ConfigError("--stream must not be empty")
+        from .client import check_wire_names
+
+        check_wire_names(
+            {
+                "--stream": self.stream,
+                "--name" if self.name else "the client name (shorten --stream or set --name)": (
+                    self.client_name
+                ),
+                "--token": self.token or "",
+            }
+        )
         if not self.spool_seconds > 0:
             raise ConfigError(f"--spool-seconds must be positive, got {self.spool_seconds:g}")
         self.format  # noqa: B018 - validates rate/channels/dtype
@@ -171,7 +189,7 @@ def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
 
     publisher: PublisherLike = Publisher(
         config.relay,
-        name=config.name or f"recorder-{config.stream}",
+        name=config.client_name,
         history_seconds=config.history_seconds,
         metrics=metrics,
         token=config.token or "",
@@ -267,15 +285,47 @@ class Recorder:
         self._stopping.set()
 
     async def wait(self) -> None:
-        """Return when stopped or when a finite source has ended."""
+        """Return when stopped or when a finite source has ended.
+
+        Raises what ended the capture, or the publisher's failure: a refusal of the
+        relay that no retry can change (``RelayRefused``; a chunk too large for the
+        relay's frame limit becomes a ``ConfigError`` naming the block length that fits).
+        """
         assert self._capture is not None, "start() first"
-        stop = asyncio.create_task(self._stopping.wait())
+        waiters = {asyncio.create_task(self._stopping.wait())}
+        failed: asyncio.Event | None = getattr(self.publisher, "failed", None)
+        if failed is not None:
+            waiters.add(asyncio.create_task(failed.wait()))
         try:
-            await asyncio.wait({self._capture, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({self._capture, *waiters}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stop.cancel()
+            for waiter in waiters:
+                waiter.cancel()
         if self._capture.done() and not self._capture.cancelled():
             self._capture.result()  # re-raise a capture failure
+        failure = getattr(self.publisher, "failure", None)
+        if failure is not None:
+            raise self._explain(failure)
+
+    def _explain(self, failure: BaseException) -> BaseException:
+        """The publisher's failure in the recorder's terms (its flags)."""
+        fits = getattr(failure, "fits_frames", None)
+        if not isinstance(fits, int):
+            return failure
+        limit = getattr(failure, "max_payload", 0)
+        block_ms = math.floor(fits * 1000 / self.format.rate * 10) / 10
+        frames = block_frames_for(self.format.rate, block_ms) if block_ms > 0 else 0
+        if frames > fits:  # rounding to 0.1 ms went over
+            block_ms -= 0.1
+        if block_ms < 1:
+            advice = "a block of even 1 ms does not fit: raise the relay's --max-frame-bytes"
+        else:
+            advice = f"use --block-ms {block_ms:g} or less, or raise the relay's --max-frame-bytes"
+        return ConfigError(
+            f"the relay takes at most {limit} bytes of audio per chunk ({fits} frames of "
+            f"{self.format}), but a {self.config.block_ms:g} ms block is "
+            f"{self.config.block_frames * self.format.frame_bytes} bytes; {advice}"
+        )
 
     async def close(self) -> bool:
         """Stop capturing, flush within ``flush_timeout``, close. True if all was taken."""
@@ -310,10 +360,13 @@ class Recorder:
             )
         else:
             kept = f"; {self.disk.seconds:.1f} s stay on disk" if self.disk else ""
+            refused = getattr(self.publisher, "failure", None) is not None
             log.warning(
-                "recorder stopped: %d chunks captured, the relay did not take all within %g s%s",
+                "recorder stopped: %d chunks captured, the relay did not take all%s%s",
                 self.blocks_captured,
-                self.config.flush_timeout,
+                " (it refused the session)"
+                if refused
+                else f" within {self.config.flush_timeout:g} s",
                 kept,
             )
         self._closed = flushed

@@ -46,7 +46,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import __version__
 from .audio import AudioFormat
-from .errors import AddressInUse, ConnectionClosed, ErrorCode, RemoteProtocolError
+from .errors import (
+    AddressInUse,
+    ConnectionClosed,
+    ErrorCode,
+    RelayRefused,
+    RemoteProtocolError,
+)
 from .metrics import CallbackCollector, Metrics
 from .protocol import (
     Ack,
@@ -97,6 +103,9 @@ class RelayConfig:
             raise ValueError("queue_seconds must be > 0")
         if self.heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be > 0")
+        limit = self.limits.max_name_length
+        if len(self.token.encode("utf-8")) > limit:  # no client could ever send it
+            raise ValueError(f"--token is longer than the protocol's {limit} bytes")
 
 
 class ReplayWindow:
@@ -261,6 +270,12 @@ class PublisherSession(Session):
     def __init__(self, relay: Relay, channel: Channel, hello: Hello, session_id: int) -> None:
         super().__init__(relay, channel, hello, session_id)
         self.streams: dict[int, StreamState] = {}
+        #: The publisher's run (HELLO ``instance``; 0: it sent none).
+        self.instance = hello.instance
+
+    def same_run(self, other: PublisherSession) -> bool:
+        """Both sessions come from one publisher run (one process start)."""
+        return bool(self.instance) and self.instance == other.instance
 
     async def handle(self, event: object) -> None:
         if isinstance(event, ChunkData):
@@ -648,6 +663,10 @@ class Relay:
             who = f"{session.role.label} {session.name!r}" if session else "client"
             log.warning("closing %s from %s: %s", who, channel.peer, exc)
             await channel.close(ErrorFrame(exc.code, str(exc)))
+        except RelayRefused as exc:
+            who = f"{session.role.label} {session.name!r}" if session else "client"
+            log.warning("refused %s from %s: %s", who, channel.peer, exc)
+            await channel.close(ErrorFrame(exc.code, str(exc)))
         except ConnectionClosed as exc:
             if session is not None:
                 log.info("%s %r disconnected: %s", session.role.label, session.name, exc)
@@ -666,7 +685,17 @@ class Relay:
     # -- publishing ----------------------------------------------------------
 
     def open_stream(self, publisher: PublisherSession, name: str, fmt: AudioFormat) -> StreamState:
-        stream = self.streams.get(name)
+        """Give ``name`` to ``publisher``. A stream has one publisher at a time: the
+        same publisher run (HELLO ``instance``) reconnecting takes it back at once (its
+        old session is a stale one); any other is refused with STREAM_IN_USE."""
+        held = self.streams.get(name)
+        holder = held.publisher if held is not None else None
+        if holder is not None and holder is not publisher and not holder.same_run(publisher):
+            raise RelayRefused(
+                f"stream {name} is already published by {holder.name} from {holder.channel.peer}",
+                ErrorCode.STREAM_IN_USE,
+            )
+        stream = held
         if stream is None:
             stream = StreamState(next(self._next_stream_id), name, fmt)
             self.streams[name] = stream
@@ -692,10 +721,16 @@ class Relay:
                     cursor.next_ord = stream.window.end
         old = stream.publisher
         if old is not None and old is not publisher:
-            log.warning("stream %r taken over by %r from %r", name, publisher.name, old.name)
+            log.info(
+                "stream %r: publisher %r is back from %s; its earlier session from %s ends",
+                name,
+                publisher.name,
+                publisher.channel.peer,
+                old.channel.peer,
+            )
             asyncio.get_running_loop().create_task(
                 old.channel.close(
-                    Goodbye(ErrorCode.REPLACED, f"stream {name!r} taken over by another publisher")
+                    Goodbye(ErrorCode.REPLACED, f"stream {name!r} taken back by a newer session")
                 )
             )
         stream.publisher = publisher
