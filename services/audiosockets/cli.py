@@ -172,8 +172,8 @@ def relay(
     metrics = Metrics()
 
     def ready(server: Relay) -> None:
-        if metrics_port:
-            serve_metrics(metrics_port, metrics.registry)
+        if metrics_port:  # on the listen host: the same address family ([::] dual-stack)
+            serve_metrics(metrics_port, metrics.registry, host)
         click.echo(f"relay listening on {server.url}", err=True)
 
     run_async(Relay(config, metrics=metrics).run(ready=ready), loop_name)

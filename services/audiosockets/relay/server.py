@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -128,13 +129,26 @@ class Relay:
     async def start(self) -> RelayAddress:
         """Bind the listening socket and return the address clients reach it
         at (the real port when the config says 0). Raises ``AddressInUse``
-        when it cannot listen there."""
+        when it cannot listen there.
+
+        The IPv6 wildcard ``::`` is one dual-stack socket (``IPV6_V6ONLY=0``:
+        IPv4 clients too) where the OS allows it; asyncio alone would bind it
+        IPv6-only."""
+        host, port = self.config.host, self.config.port
         try:
-            self._server = await asyncio.start_server(
-                self._on_connect, self.config.host, self.config.port, limit=1 << 20
-            )
+            if host == "::" and socket.has_dualstack_ipv6():
+                sock = socket.create_server(
+                    (host, port), family=socket.AF_INET6, dualstack_ipv6=True
+                )
+                self._server = await asyncio.start_server(
+                    self._on_connect, sock=sock, limit=1 << 20
+                )
+            else:
+                self._server = await asyncio.start_server(
+                    self._on_connect, host, port, limit=1 << 20
+                )
         except OSError as exc:
-            where = f"{self.config.host}:{self.config.port}"
+            where = str(RelayAddress(host, port)).removeprefix("tcp://")
             if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
                 raise AddressInUse(f"cannot listen on {where}: address already in use") from exc
             raise AddressInUse(f"cannot listen on {where}: {exc.strerror or exc}") from exc
