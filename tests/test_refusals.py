@@ -32,6 +32,8 @@ from audiosockets.protocol import (
     Limits,
     NeedData,
     OpenStream,
+    Ping,
+    Pong,
     Role,
     StreamAccepted,
     Welcome,
@@ -299,6 +301,53 @@ async def test_a_subscriber_with_a_wrong_token_ends_its_iteration_with_the_refus
             await asyncio.wait_for(sub.get(), BOUND)
     assert info.value.exit_code == 1
     assert sub.attempts == 1
+
+
+async def refusing_relay(first_chunk_answer: ErrorFrame | None) -> asyncio.Server:
+    """A relay that accepts the session and the stream, then answers the first CHUNK
+    with ``first_chunk_answer`` (None: takes every chunk, answers PING)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection("relay")
+        try:
+            while True:
+                event = conn.next_event()
+                if isinstance(event, NeedData):
+                    data = await reader.read(65536)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, Hello):
+                    writer.write(conn.send(Welcome("strict", 2000, 1 << 20, 0)))
+                elif isinstance(event, OpenStream):
+                    writer.write(conn.send(StreamAccepted(event.stream_id, 0)))
+                elif isinstance(event, Ping):
+                    writer.write(conn.send(Pong(event.nonce)))
+                elif isinstance(event, ChunkData) and first_chunk_answer is not None:
+                    writer.write(conn.send(first_chunk_answer))
+                    await writer.drain()
+                    return
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("refuse", [True, False])
+async def test_a_chunk_the_relay_refused_is_never_reported_as_taken(refuse: bool) -> None:
+    """flush() used to say True once chunks were written to the socket, so a recorder
+    claimed "all taken by the relay" for chunks the relay had refused."""
+    answer = ErrorFrame(ErrorCode.INTERNAL, "no thanks") if refuse else None
+    server = await refusing_relay(answer)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        pub = Publisher(f"tcp://127.0.0.1:{port}", name="rec", retry=FAST)
+        stream = pub.stream("mic", FMT)
+        for i in range(5):
+            stream.send(block(i))
+        await pub.start()
+        assert await pub.flush(1.5) is (not refuse)
+        await pub.close(0.2)
 
 
 # --- item 9: no internal-error noise on an expected path ----------------------------------

@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 
 from ..audio import AudioFormat
-from ..errors import AudiosocketsError, ConnectionClosed, ErrorCode, RelayRefused
+from ..errors import (
+    AudiosocketsError,
+    ConnectionClosed,
+    ErrorCode,
+    LocalProtocolError,
+    RelayRefused,
+)
 from ..metrics import Metrics
 from ..protocol import (
     CHUNK_HEAD,
@@ -318,23 +324,52 @@ class Publisher(ReconnectingClient):
         return stream
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued chunk is written to the relay's socket.
+        """Wait until the relay has taken every queued chunk.
+
+        Taken means written to the relay's socket *and* confirmed by a PING/PONG
+        round trip behind them on the same session (the relay answers a PING after
+        handling every frame before it), so a chunk the relay refused, or one lost
+        with a session that broke, is never reported as taken: after a reconnect
+        the relay says what it lacks and it is sent again.
 
         Returns False if ``timeout`` seconds passed first (None: no limit), or at
-        once when the publisher has failed (a refusal): chunks it could not send
-        are never reported as taken.
+        once when the publisher has failed (a refusal).
         """
         try:
             async with asyncio.timeout(timeout):
-                while self._pending():
+                while True:
+                    while self._pending():
+                        if self.failure is not None:
+                            return False
+                        self._idle.clear()
+                        self._wake.set()
+                        await self._idle.wait()
                     if self.failure is not None:
                         return False
-                    self._idle.clear()
-                    self._wake.set()
-                    await self._idle.wait()
+                    if await self._confirmed():
+                        return True
         except TimeoutError:
             return False
-        return True
+
+    async def _confirmed(self) -> bool:
+        """One round trip on the current session after everything written; False
+        if there is no session (it is awaited) or it ended before the answer."""
+        channel = self.channel
+        if channel is None or channel.closed or not self.connected.is_set():
+            waiters = [asyncio.ensure_future(self.connected.wait())]
+            waiters.append(asyncio.ensure_future(self.failed.wait()))
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            return False  # look again: the new session may have chunks to re-send
+        try:
+            await channel.round_trip()
+        except (ConnectionClosed, LocalProtocolError):
+            await asyncio.sleep(0)  # let the session's end be handled first
+            return False
+        return not self._pending()
 
     def _pending(self) -> bool:
         return any(s.unsent for s in self.streams.values())
