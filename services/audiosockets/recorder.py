@@ -30,7 +30,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,24 +41,18 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from .audio import AudioFormat, DTypeName, SampleType
+from .client.interfaces import SpoolingStream
 from .errors import ConfigError, DeviceError
 from .filenames import stream_stem
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
+from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from prometheus_client.core import Metric
 
 log = logging.getLogger(__name__)
-
-
-class PublisherStream(Protocol):
-    """The part of the client library's stream handle the recorder uses."""
-
-    def send(self, samples: Any, *, captured_ns: int) -> int: ...
 
 
 class PublisherLike(Protocol):
@@ -64,7 +60,7 @@ class PublisherLike(Protocol):
 
     async def start(self) -> None: ...
 
-    def stream(self, name: str, fmt: AudioFormat) -> Any: ...
+    def stream(self, name: str, fmt: AudioFormat) -> SpoolingStream: ...
 
     async def flush(self, timeout: float | None = ...) -> bool: ...
 
@@ -226,7 +222,7 @@ class Recorder:
         self.publisher = (
             publisher if publisher is not None else _make_publisher(config, self.metrics)
         )
-        self._stream: Any = None
+        self._stream: SpoolingStream | None = None
         self._stopping = asyncio.Event()
         self._capture: asyncio.Task[None] | None = None
         self._seen_overflows = 0
@@ -251,7 +247,9 @@ class Recorder:
         name = config.stream
         self.metrics.declare_stream(name)
         self.recorder_metrics.declare_stream(name)
-        self.metrics.registry.register(CallbackCollector(self._spool_gauges))
+        self.metrics.registry.register(
+            CallbackCollector(lambda: _spool_gauges(name, *self.spool_depth()))
+        )
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -280,11 +278,11 @@ class Recorder:
             self.config.stream,
         )
 
-    def stop(self) -> None:
-        """Ask ``wait``/``run`` to finish (safe from a signal handler)."""
+    def request_stop(self) -> None:
+        """Ask ``serve_forever`` to return (safe from a signal handler); ``stop`` drains."""
         self._stopping.set()
 
-    async def wait(self) -> None:
+    async def serve_forever(self) -> None:
         """Return when stopped or when a finite source has ended.
 
         Raises what ended the capture, or the publisher's failure: a refusal of the
@@ -292,10 +290,9 @@ class Recorder:
         relay's frame limit becomes a ``ConfigError`` naming the block length that fits).
         """
         assert self._capture is not None, "start() first"
-        waiters = {asyncio.create_task(self._stopping.wait())}
-        failed: asyncio.Event | None = getattr(self.publisher, "failed", None)
-        if failed is not None:
-            waiters.add(asyncio.create_task(failed.wait()))
+        failed: asyncio.Event | None = getattr(self.publisher, "failed", None)  # a refusal
+        events = (self._stopping, failed)
+        waiters = {asyncio.create_task(e.wait()) for e in events if e is not None}
         try:
             await asyncio.wait({self._capture, *waiters}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -305,30 +302,13 @@ class Recorder:
             self._capture.result()  # re-raise a capture failure
         failure = getattr(self.publisher, "failure", None)
         if failure is not None:
-            raise self._explain(failure)
+            raise in_recorder_terms(failure, self.config)
 
-    def _explain(self, failure: BaseException) -> BaseException:
-        """The publisher's failure in the recorder's terms (its flags)."""
-        fits = getattr(failure, "fits_frames", None)
-        if not isinstance(fits, int):
-            return failure
-        limit = getattr(failure, "max_payload", 0)
-        block_ms = math.floor(fits * 1000 / self.format.rate * 10) / 10
-        frames = block_frames_for(self.format.rate, block_ms) if block_ms > 0 else 0
-        if frames > fits:  # rounding to 0.1 ms went over
-            block_ms -= 0.1
-        if block_ms < 1:
-            advice = "a block of even 1 ms does not fit: raise the relay's --max-frame-bytes"
-        else:
-            advice = f"use --block-ms {block_ms:g} or less, or raise the relay's --max-frame-bytes"
-        return ConfigError(
-            f"the relay takes at most {limit} bytes of audio per chunk ({fits} frames of "
-            f"{self.format}), but a {self.config.block_ms:g} ms block is "
-            f"{self.config.block_frames * self.format.frame_bytes} bytes; {advice}"
-        )
+    async def stop(self) -> bool:
+        """Stop capturing, flush within ``flush_timeout``, close. True if all was taken.
 
-    async def close(self) -> bool:
-        """Stop capturing, flush within ``flush_timeout``, close. True if all was taken."""
+        Safe to call twice (the second call returns the first one's result); after
+        ``stop`` whatever the relay did not take stays in the disk spool, if any."""
         if self._closed is not None:
             return self._closed
         self._closed = False
@@ -381,14 +361,16 @@ class Recorder:
             if not flushed or self.disk is None or not self.disk.chunks:
                 return flushed and (self.disk is None or not self.disk.chunks)
 
-    async def run(self) -> bool:
-        """``start``, ``wait``, ``close``; returns whether the final flush completed."""
-        await self.start()
-        try:
-            await self.wait()
-        finally:
-            flushed = await self.close()
-        return flushed
+    async def run(
+        self,
+        *,
+        ready: Callable[[Recorder], object] | None = None,
+        signals: Iterable[signal.Signals] = STOP_SIGNALS,
+    ) -> bool:
+        """``start``, ``serve_forever``, ``stop`` with SIGINT/SIGTERM handling
+        (``run_service``); returns whether the final flush completed."""
+        await run_service(self, ready=ready, signals=signals)
+        return self._closed is True
 
     # --- capture -----------------------------------------------------------------
 
@@ -418,14 +400,15 @@ class Recorder:
             m.capture_gap_seconds.labels(name).inc(max(0, captured_ns - self._last_end_ns) / 1e9)
         self._last_end_ns = captured_ns + block_ns
         m.frames_captured.labels(name).inc(frames)
-        disk = self.disk
-        if disk is not None and (disk.chunks or self._stream.unsent >= self.high_water):
+        disk, stream = self.disk, self._stream
+        assert stream is not None, "start() opens the stream before capturing"
+        if disk is not None and (disk.chunks or stream.unsent >= self.high_water):
             dropped = disk.append(samples, captured_ns)
             if dropped:
                 self.metrics.chunks_dropped.labels(name, "spool_full").inc(dropped)
             self._disk_pending.set()
         else:
-            self.last_seq = self._stream.send(samples, captured_ns=captured_ns)
+            self.last_seq = stream.send(samples, captured_ns=captured_ns)
         self.blocks_captured += 1
         m.capture_to_send_latency.labels(name).observe(
             max(0.0, (time.time_ns() - captured_ns - block_ns) / 1e9)
@@ -447,11 +430,9 @@ class Recorder:
     def _keep_unsent_on_disk(self, disk: DiskSpool) -> None:
         """Save what the closed Publisher never sent, ahead of the disk spool."""
         stream = self._stream
-        unsent = int(getattr(stream, "unsent", 0) or 0)
-        history = getattr(stream, "history", None)
-        if not unsent or history is None:
+        if stream is None or not stream.unsent:
             return
-        entries = list(history)[-unsent:]
+        entries = stream.unsent_chunks()
         dropped = disk.prepend([(bytes(e.payload), int(e.captured_ns)) for e in entries])
         if dropped:
             self.metrics.chunks_dropped.labels(self.config.stream, "spool_full").inc(dropped)
@@ -502,35 +483,32 @@ class Recorder:
 
     # --- metrics ------------------------------------------------------------------
 
-    def _spool_gauges(self) -> Iterable[Metric]:
-        chunks = gauge_family(
-            "audiosockets_spool_depth_chunks",
-            "Chunks captured but not yet taken by the relay (the spool).",
-            ["stream"],
-        )
-        seconds = gauge_family(
-            "audiosockets_spool_depth_seconds",
-            "Seconds of audio captured but not yet taken by the relay.",
-            ["stream"],
-        )
-        depth, depth_seconds = self.spool_depth()
-        chunks.add_metric([self.config.stream], float(depth))
-        seconds.add_metric([self.config.stream], depth_seconds)
-        return [chunks, seconds]
-
     def spool_depth(self) -> tuple[int, float]:
         """Chunks (and seconds of audio) the publisher holds that the relay has not taken."""
         stream = self._stream
         if stream is None:
             return 0, 0.0
-        chunks = int(getattr(stream, "unsent", 0))
-        seconds = getattr(stream, "spooled_seconds", None)
-        if not isinstance(seconds, float):
-            seconds = chunks * self.config.block_frames / self.format.rate
+        chunks, seconds = stream.unsent, stream.spooled_seconds
         if self.disk is not None:
             chunks += self.disk.chunks
             seconds += self.disk.seconds
         return chunks, seconds
+
+
+def _spool_gauges(stream: str, depth: int, depth_seconds: float) -> Iterable[Metric]:
+    chunks = gauge_family(
+        "audiosockets_spool_depth_chunks",
+        "Chunks captured but not yet taken by the relay (the spool).",
+        ["stream"],
+    )
+    seconds = gauge_family(
+        "audiosockets_spool_depth_seconds",
+        "Seconds of audio captured but not yet taken by the relay.",
+        ["stream"],
+    )
+    chunks.add_metric([stream], float(depth))
+    seconds.add_metric([stream], depth_seconds)
+    return [chunks, seconds]
 
 
 # --- entry points for the CLI ---------------------------------------------------
@@ -542,25 +520,13 @@ async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
     ``metrics_port`` 0 disables the metrics endpoint. Returns whether the final
     flush completed; errors a user can cause raise ``AudiosocketsError``.
     """
-    import signal
-
     from .metrics import serve_metrics
 
     metrics = Metrics()
     recorder = Recorder(config, metrics=metrics)
     if metrics_port > 0:
         serve_metrics(metrics_port, metrics.registry)  # raises AddressInUse
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, recorder.stop)
-            installed.append(sig)
-    try:
-        return await recorder.run()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+    return await recorder.run()
 
 
 def describe_input_devices() -> list[str]:
@@ -585,6 +551,29 @@ def describe_input_devices() -> list[str]:
             f"{dev['max_input_channels']:>8} {rate:>12}"
         )
     return lines
+
+
+def in_recorder_terms(failure: BaseException, config: RecorderConfig) -> BaseException:
+    """The publisher's failure as the recorder's user can act on it: a chunk over the
+    relay's frame limit (``fits_frames``) becomes a ``ConfigError`` naming the
+    ``--block-ms`` that fits (rounded down to 0.1 ms); anything else is unchanged."""
+    fits = getattr(failure, "fits_frames", None)
+    if not isinstance(fits, int):
+        return failure
+    fmt = config.format
+    limit = getattr(failure, "max_payload", 0)
+    block_ms = math.floor(fits * 1000 / fmt.rate * 10) / 10
+    if block_ms > 0 and block_frames_for(fmt.rate, block_ms) > fits:
+        block_ms -= 0.1  # rounding to 0.1 ms went over
+    if block_ms < 1:
+        advice = "a block of even 1 ms does not fit: raise the relay's --max-frame-bytes"
+    else:
+        advice = f"use --block-ms {block_ms:g} or less, or raise the relay's --max-frame-bytes"
+    return ConfigError(
+        f"the relay takes at most {limit} bytes of audio per chunk ({fits} frames of "
+        f"{fmt}), but a {config.block_ms:g} ms block is "
+        f"{config.block_frames * fmt.frame_bytes} bytes; {advice}"
+    )
 
 
 def _safe_name(stream: str) -> str:

@@ -63,7 +63,7 @@ async def test_a_processor_started_later_from_earliest_drops_nothing(relay: Rela
     async with sub:
         run = asyncio.create_task(proc.run(sub))
         await wait_until(lambda: proc.stats.processed == 2 * n, timeout=30, what="all chunks")
-        proc.stop()
+        proc.request_stop()
         await run
     await pub.close(0.5)
 

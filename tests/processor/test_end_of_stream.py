@@ -114,5 +114,5 @@ async def test_the_archive_completes_every_stream_with_no_part_left_while_runnin
         assert started[0].stats.dropped == 0
     finally:
         if started:
-            started[0].stop()
+            started[0].request_stop()
         await asyncio.wait_for(task, 10)

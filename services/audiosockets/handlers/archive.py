@@ -85,7 +85,11 @@ def wav_header(fmt: AudioFormat, data_bytes: int) -> bytes:
 
 
 def segment_name(stem: str, captured_ns: int, seq: int) -> str:
-    """``<stem>_<YYYYMMDDTHHMMSS.ffffff>Z_<seq, 10 digits or more>.wav`` (capture time, UTC)."""
+    """File name of a segment: ``STEM_YYYYmmddTHHMMSS.uuuuuuZ_SEQ.wav``.
+
+    ``stem`` is ``filenames.stream_stem`` of the stream; ``captured_ns`` (ns since
+    the epoch, UTC) is the capture time of its first chunk, ``seq`` that chunk's
+    seq (at least 10 digits, so names sort in order)."""
     stamp = datetime.fromtimestamp(captured_ns // 1_000_000_000, UTC).strftime("%Y%m%dT%H%M%S")
     micros = (captured_ns % 1_000_000_000) // 1000
     return f"{stem}_{stamp}.{micros:06d}Z_{seq:010d}.wav"
@@ -204,6 +208,8 @@ class Archive:
         self._prior: tuple[int, int] | None = None
 
     def setup(self, fmt: AudioFormat) -> None:
+        """Declare the stream's archive series and find the last segment an earlier run
+        (or another group member) archived, to continue after it without overlap."""
         self.ctx.sink.inc("archive_segments", (self.ctx.stream,), 0)
         self.ctx.sink.inc("archive_bytes", (self.ctx.stream,), 0)
         self._prior = self._last_archived()
@@ -262,6 +268,9 @@ class Archive:
         return True
 
     def handle(self, chunk: Chunk) -> None:
+        """Append the chunk to the open WAV segment, rotating after ``segment_seconds``
+        and on a gap or format change; chunks already archived (at-least-once
+        delivery after a handover) are skipped. Raises ``OSError`` if the disk fails."""
         if self._prior is not None and not self._continue_prior(chunk):
             return
         if self._next_seq is not None and chunk.seq < self._next_seq:
@@ -356,5 +365,6 @@ class Archive:
         self.ctx.sink.inc("archive_segments", (self.ctx.stream,))
 
     def teardown(self) -> None:
+        """Complete the open segment (fsync, rename to its final name). No events."""
         if self._seg is not None:
             self._close(self._seg, "closed")

@@ -35,6 +35,7 @@ from ..protocol import (
     Limits,
     encode_chunk,
 )
+from ..service import STOP_SIGNALS, run_service
 from ..urls import RelayAddress
 from .connections import serve_connection
 from .groups import Group
@@ -134,6 +135,8 @@ class Relay:
         The IPv6 wildcard ``::`` is one dual-stack socket (``IPV6_V6ONLY=0``:
         IPv4 clients too) where the OS allows it; asyncio alone would bind it
         IPv6-only."""
+        if self._server is not None and self.address is not None:
+            return self.address  # already started (e.g. by a test before run())
         host, port = self.config.host, self.config.port
         try:
             if host == "::" and socket.has_dualstack_ipv6():
@@ -165,7 +168,7 @@ class Relay:
         return str(self.address)
 
     async def serve_forever(self) -> None:
-        """Return once the relay has stopped."""
+        """Return once the relay has stopped (``stop()`` was called)."""
         await self._stopped.wait()
 
     async def stop(self, *, timeout: float = 2.0) -> None:
@@ -368,34 +371,13 @@ class Relay:
         self,
         *,
         ready: Callable[[Relay], None] | None = None,
-        signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+        signals: Iterable[signal.Signals] = STOP_SIGNALS,
     ) -> None:
         """Serve until SIGINT/SIGTERM (or ``stop()``), then drain and return.
 
-        Signal handlers go in before the socket is bound and ``ready`` is
-        called, so a signal sent as soon as we announce ourselves is handled;
-        the handlers are removed on the way out. Raises ``AddressInUse`` as
-        ``start`` does.
+        The one service lifecycle (``service.run_service``): signal handlers go in
+        before the socket is bound and ``ready`` is called, so a signal sent as soon
+        as we announce ourselves is handled; the previous handlers are restored on
+        the way out. Raises ``AddressInUse`` as ``start`` does.
         """
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        installed = []
-        for sig in signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
-        try:
-            if self._server is None:
-                await self.start()
-            if ready is not None:
-                ready(self)
-            waiter = asyncio.ensure_future(stop.wait())
-            stopped = asyncio.ensure_future(self._stopped.wait())
-            await asyncio.wait([waiter, stopped], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopped.cancel()
-            log.info("relay shutting down")
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self.stop()
+        await run_service(self, ready=ready, signals=signals)
