@@ -401,3 +401,16 @@ async def test_a_relay_ending_a_streaming_session_logs_no_internal_error(
     assert not [r for r in records if r.exc_info], caplog.text
     assert "session failed" not in caplog.text
     assert "cannot send CHUNK" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "relay_config", [RelayConfig(host="127.0.0.1", port=0, token="right-token")]
+)
+async def test_process_with_a_wrong_token_exits_1_at_once(relay: Relay) -> None:
+    began = time.monotonic()
+    code, err = await finish(
+        spawn("process", "--relay", relay.url, "--token", "wrong", "--handler", "level")
+    )
+    assert code == 1
+    assert time.monotonic() - began < BOUND
+    assert "refused the session: missing or wrong token" in error_line(err)
