@@ -414,3 +414,24 @@ async def test_process_with_a_wrong_token_exits_1_at_once(relay: Relay) -> None:
     assert code == 1
     assert time.monotonic() - began < BOUND
     assert "refused the session: missing or wrong token" in error_line(err)
+
+
+@pytest.mark.parametrize(
+    "relay_config", [RelayConfig(host="127.0.0.1", port=0, token="right-token")]
+)
+async def test_status_with_a_wrong_or_overlong_token_is_one_line(relay: Relay) -> None:
+    code, err = await finish(spawn_status("--relay", relay.url, "--token", "wrong"))
+    assert code == 1
+    assert "missing or wrong token" in error_line(err)
+    code, err = await finish(spawn_status("--relay", relay.url, "--token", "t" * 201))
+    assert code == 2
+    assert "--token" in error_line(err)
+
+
+def spawn_status(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "audiosockets", "status", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
