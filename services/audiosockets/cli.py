@@ -211,7 +211,7 @@ def relay(
         if metrics_port:
             # Called on the loop once the socket is bound: listening is ready.
             health = Health.watch_running_loop(server.readiness)
-            serve_metrics(metrics_port, metrics.registry, health=health)
+            serve_metrics(metrics_port, metrics.registry, host, health=health)
         click.echo(f"relay listening on {server.url}", err=True)
 
     run_async(Relay(config, metrics=metrics).run(ready=ready), loop_name)

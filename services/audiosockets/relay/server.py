@@ -23,12 +23,13 @@ import contextlib
 import itertools
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..audio import AudioFormat
-from ..errors import AddressInUse, ErrorCode
+from ..errors import AddressInUse, ErrorCode, RelayRefused
 from ..metrics import CallbackCollector, Metrics
 from ..names import name_problem
 from ..protocol import (
@@ -227,16 +228,26 @@ class Relay:
     async def start(self) -> RelayAddress:
         """Bind the listening socket and return the address clients reach it
         at (the real port when the config says 0). Raises ``AddressInUse``
-        when it cannot listen there. Raises the descriptor limit first (``Guard.start``)."""
+        when it cannot listen there. Raises the descriptor limit first (``Guard.start``).
+
+        The IPv6 wildcard ``::`` is one dual-stack socket (``IPV6_V6ONLY=0``:
+        IPv4 clients too) where the OS allows it; asyncio alone would bind it
+        IPv6-only."""
         if self._server is not None and self.address is not None:
             return self.address  # already started (e.g. by a test before run())
         self.guard.start(asyncio.get_running_loop())
+        host, port = self.config.host, self.config.port
         try:
+            sock = None
+            if host == "::" and socket.has_dualstack_ipv6():
+                sock = socket.create_server(
+                    (host, port), family=socket.AF_INET6, dualstack_ipv6=True
+                )
             self._server = await start_accounted_server(
-                self._on_connect, self.config.host, self.config.port, self.input_budget
+                self._on_connect, host, port, self.input_budget, sock=sock
             )
         except OSError as exc:
-            where = f"{self.config.host}:{self.config.port}"
+            where = str(RelayAddress(host, port)).removeprefix("tcp://")
             if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
                 raise AddressInUse(f"cannot listen on {where}: address already in use") from exc
             raise AddressInUse(f"cannot listen on {where}: {exc.strerror or exc}") from exc
@@ -314,8 +325,11 @@ class Relay:
 
         A new name makes a new stream (and its zeroed metric series); a known
         one keeps its window, unless ``fmt`` differs (window cleared, readers
-        get OPEN_STREAM again). A previous publisher is told GOODBYE
-        ``REPLACED``. Readers waiting for a CLOSE_STREAM of it no longer get one.
+        get OPEN_STREAM again). A stream has one publisher at a time: the same
+        publisher run (HELLO ``instance``) reconnecting takes it back at once, and
+        its earlier (stale) session is told GOODBYE ``REPLACED``; any other is
+        refused: ``RelayRefused`` STREAM_IN_USE, which ends its session. Readers
+        waiting for a CLOSE_STREAM of it no longer get one.
 
         Raises ``StreamRefused`` past a stream cap (``Guard.check_stream``).
         Only a new stream is offered: re-declaring a name rebalances nothing.
@@ -323,6 +337,12 @@ class Relay:
         self.guard.check_stream(publisher, name)
         publisher.names.add(name)
         stream = self.streams.get(name)
+        holder = stream.publisher if stream is not None else None
+        if holder is not None and holder is not publisher and not holder.same_run(publisher):
+            raise RelayRefused(
+                f"stream {name} is already published by {holder.name} from {holder.channel.peer}",
+                ErrorCode.STREAM_IN_USE,
+            )
         new = stream is None
         if stream is None:
             stream = StreamState.create(
@@ -342,10 +362,14 @@ class Relay:
                 cursor.next_ord = stream.window.end
         old = stream.publisher
         if old is not None and old is not publisher:
-            log.warning("stream %r taken over by %r from %r", name, publisher.name, old.name)
-            farewell = Goodbye(
-                ErrorCode.REPLACED, f"stream {name!r} taken over by another publisher"
+            log.info(
+                "stream %r: publisher %r is back from %s; its earlier session from %s ends",
+                name,
+                publisher.name,
+                publisher.channel.peer,
+                old.channel.peer,
             )
+            farewell = Goodbye(ErrorCode.REPLACED, f"stream {name!r} taken back by a newer session")
             old.start_task(old.channel.close(farewell), name=f"replace {old.name}")
         stream.publisher = publisher
         stream.abandoned_at = None

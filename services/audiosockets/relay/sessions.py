@@ -112,6 +112,12 @@ class PublisherSession(Session):
         super().__init__(relay, channel, hello, session_id)
         self.streams: dict[int, StreamState] = {}  # by this connection's stream id
         self.names: set[str] = set()  # every name declared in this session (capped)
+        #: The publisher's run (HELLO ``instance``; 0: it sent none).
+        self.instance = hello.instance
+
+    def same_run(self, other: PublisherSession) -> bool:
+        """Both sessions come from one publisher run (one process start)."""
+        return bool(self.instance) and self.instance == other.instance
 
     async def handle(self, event: object) -> None:
         """Publish a chunk, open a stream (answered with STREAM_ACCEPTED and
