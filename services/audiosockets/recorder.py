@@ -48,6 +48,7 @@ from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
 from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
+from .urls import redact
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -181,9 +182,9 @@ class RecorderMetrics:
 
 
 def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
-    from .client import Publisher
+    from .connect import connect_publisher
 
-    publisher: PublisherLike = Publisher(
+    publisher: PublisherLike = connect_publisher(
         config.relay,
         name=config.client_name,
         history_seconds=config.history_seconds,
@@ -255,7 +256,10 @@ class Recorder:
 
     async def start(self) -> None:
         """Open the source (errors are raised here), start publishing and capturing."""
-        await self.source.open()
+        try:
+            await self.source.open()
+        except DeviceError as err:
+            raise explain_capture_failure(err) from err
         try:
             await self.publisher.start()
             self._stream = self.publisher.stream(self.config.stream, self.format)
@@ -274,7 +278,7 @@ class Recorder:
         log.info(
             "recording %s -> %s as %r",
             self.source.description,
-            self.config.relay,
+            redact(self.config.relay),
             self.config.stream,
         )
 
@@ -283,12 +287,8 @@ class Recorder:
         self._stopping.set()
 
     async def serve_forever(self) -> None:
-        """Return when stopped or when a finite source has ended.
-
-        Raises what ended the capture, or the publisher's failure: a refusal of the
-        relay that no retry can change (``RelayRefused``; a chunk too large for the
-        relay's frame limit becomes a ``ConfigError`` naming the block length that fits).
-        """
+        """Return when stopped or when a finite source has ended. Raises what ended the
+        capture, or the publisher's refusal (see ``in_recorder_terms``)."""
         assert self._capture is not None, "start() first"
         failed: asyncio.Event | None = getattr(self.publisher, "failed", None)  # a refusal
         events = (self._stopping, failed)
@@ -520,28 +520,34 @@ async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
     ``metrics_port`` 0 disables the metrics endpoint. Returns whether the final
     flush completed; errors a user can cause raise ``AudiosocketsError``.
     """
+    from .health import Health, session_ready
     from .metrics import serve_metrics
 
     metrics = Metrics()
     recorder = Recorder(config, metrics=metrics)
     if metrics_port > 0:
-        serve_metrics(metrics_port, metrics.registry)  # raises AddressInUse
+        health = Health.watch_running_loop(session_ready(metrics.registry, "publisher"))
+        serve_metrics(metrics_port, metrics.registry, health=health)  # raises AddressInUse
     return await recorder.run()
 
 
 def describe_input_devices() -> list[str]:
     """Lines for ``audiosockets devices``: one per input device, ``*`` marks the default.
 
-    A machine without input devices gets one sentence instead of a table.
+    Raises ``DeviceError`` (one sentence with the cause, when it can be found) on a
+    machine without input devices: a script or a container check can test the
+    exit status.
     """
     from .sources import list_input_devices
 
     devices, default = list_input_devices()
     if not devices:
-        return [
-            "No audio input devices found: PortAudio sees no sound card or sound server "
-            "(use --source synth:sine or file:PATH to record without one)."
-        ]
+        raise explain_capture_failure(
+            DeviceError(
+                "no audio input devices found: PortAudio sees no sound card or sound server "
+                "(use --source synth:sine or file:PATH to record without one)"
+            )
+        )
     lines = [f"  {'index':>5}  {'name':<40} {'channels':>8} {'default rate':>12}"]
     for dev in devices:
         mark = "*" if dev.get("index") == default else " "
@@ -554,26 +560,38 @@ def describe_input_devices() -> list[str]:
 
 
 def in_recorder_terms(failure: BaseException, config: RecorderConfig) -> BaseException:
-    """The publisher's failure as the recorder's user can act on it: a chunk over the
-    relay's frame limit (``fits_frames``) becomes a ``ConfigError`` naming the
-    ``--block-ms`` that fits (rounded down to 0.1 ms); anything else is unchanged."""
-    fits = getattr(failure, "fits_frames", None)
+    """The publisher's failure in the user's terms: a chunk over the relay's frame limit
+    becomes a ``ConfigError`` naming the ``--block-ms`` that fits (down to 0.1 ms)."""
+    fits, fmt = getattr(failure, "fits_frames", None), config.format
     if not isinstance(fits, int):
         return failure
-    fmt = config.format
-    limit = getattr(failure, "max_payload", 0)
-    block_ms = math.floor(fits * 1000 / fmt.rate * 10) / 10
+    limit, block_ms = getattr(failure, "max_payload", 0), math.floor(fits * 10000 / fmt.rate) / 10
     if block_ms > 0 and block_frames_for(fmt.rate, block_ms) > fits:
         block_ms -= 0.1  # rounding to 0.1 ms went over
+    advice = f"use --block-ms {block_ms:g} or less, or raise the relay's --max-frame-bytes"
     if block_ms < 1:
         advice = "a block of even 1 ms does not fit: raise the relay's --max-frame-bytes"
-    else:
-        advice = f"use --block-ms {block_ms:g} or less, or raise the relay's --max-frame-bytes"
+    block_bytes = config.block_frames * fmt.frame_bytes
     return ConfigError(
-        f"the relay takes at most {limit} bytes of audio per chunk ({fits} frames of "
-        f"{fmt}), but a {config.block_ms:g} ms block is "
-        f"{config.block_frames * fmt.frame_bytes} bytes; {advice}"
+        f"the relay takes at most {limit} bytes of audio per chunk ({fits} frames of {fmt}), "
+        f"but a {config.block_ms:g} ms block is {block_bytes} bytes; {advice}"
     )
+
+
+def explain_capture_failure(err: DeviceError) -> DeviceError:
+    """``err`` plus the cause found on this machine (audio_diagnose), if one is found.
+
+    Not for a PortAudio library that failed to load (an ``OSError`` cause): that
+    message already says what to install.
+    """
+    from .audio_diagnose import diagnose_capture
+
+    if isinstance(err.__cause__, OSError):
+        return err
+    cause = diagnose_capture()
+    if cause is None:
+        return err
+    return DeviceError(f"{err}; cause: {cause}")
 
 
 def _safe_name(stream: str) -> str:
