@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 HERE = Path(__file__).resolve()
+MiB = 1 << 20
 HEALTHY_STREAM = "healthy-0"
 HEALTHY_RATE = 16000
 HEALTHY_BLOCK = 320  # frames: 20 ms at 16 kHz
@@ -115,7 +116,7 @@ class RelayProcess:
         """The value of sample ``name`` with exactly ``labels`` (0.0 when absent)."""
         return sample_value(self.scrape() if text is None else text, name, **labels)
 
-    def total(self, name: str, text: str | None = None, **labels: str) -> float:
+    def total(self, name: str, text: str | None = None, **labels: str | None) -> float:
         """Sum of the samples ``name`` whose labels include ``labels``."""
         return sample_total(self.scrape() if text is None else text, name, **labels)
 
@@ -143,14 +144,25 @@ def sample_value(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def sample_total(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples ``name`` whose labels include ``labels``."""
+def sample_total(text: str, name: str, **labels: str | None) -> float:
+    """Sum of the samples ``name`` whose labels include ``labels`` (a None
+    value: any value of that label)."""
     total = 0.0
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            if s.name == name and all(v is None or s.labels.get(k) == v for k, v in labels.items()):
                 total += float(s.value)
     return total
+
+
+async def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
+    """Poll ``predicate`` (which may block briefly, e.g. a scrape) until true
+    or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.1)
 
 
 @contextlib.contextmanager

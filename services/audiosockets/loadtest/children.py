@@ -82,13 +82,13 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
 
 def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
     from ..audio import AudioFormat, SampleType
-    from ..client import Publisher
+    from ..connect import connect_publisher
 
     async def main() -> None:
         fmt = AudioFormat(cfg.sample_rate, 1, SampleType.INT16)
         history = max(cfg.replay_seconds, 2 * cfg.duration) + 10
         pubs = [
-            Publisher(url, name=f"load-pub-{i}", history_seconds=history)
+            connect_publisher(url, name=f"load-pub-{i}", history_seconds=history)
             for i in range(cfg.streams)
         ]
         streams = [p.stream(f"load-{i:04d}", fmt) for i, p in enumerate(pubs)]
@@ -147,11 +147,13 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
 def subscriber_process(
     pipe: Pipe, url: str, cfg: LoadTestConfig, names: list[str], progress: Any
 ) -> None:
-    from ..client import Subscriber
+    from ..connect import connect_subscriber
 
     async def main() -> None:
         subs = [
-            Subscriber(url, "load-*", group=cfg.group, name=n, start="earliest", queue_chunks=1024)
+            connect_subscriber(
+                url, "load-*", group=cfg.group, name=n, start="earliest", queue_chunks=1024
+            )
             for n in names
         ]
         for s in subs:
@@ -170,7 +172,7 @@ def subscriber_process(
         final: dict[str, int] = {}
         last_rx = [0]
 
-        async def consume(i: int, sub: Subscriber) -> None:
+        async def consume(i: int, sub: Any) -> None:
             nonlocal fill, buf, out_of_order
             last = seen[i]
             async for chunk in sub:

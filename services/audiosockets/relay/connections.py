@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("audiosockets.relay")
 
+#: SO_RCVBUF of a relay connection (Linux doubles it): 64 KiB holds 100 ms of
+#: 48 kHz 64-channel int16 audio, and bounds what one read brings in.
+RECEIVE_BUFFER_BYTES = 64 << 10
 #: Events one session handles before it lets the others run.
 FAIR_SHARE = 32
 
@@ -51,7 +54,9 @@ async def serve_connection(
     """Serve one client of ``relay`` until it leaves, breaks the protocol,
     goes silent for three heartbeat intervals, or the relay stops. Raises
     nothing but ``CancelledError``: every end is handled here."""
-    tune_socket(writer, sndbuf=relay.config.socket_buffer_bytes)
+    # A small receive buffer: each read takes at most this much off the socket,
+    # so what a connection holds before the input budget sees it stays small.
+    tune_socket(writer, sndbuf=relay.config.socket_buffer_bytes, rcvbuf=RECEIVE_BUFFER_BYTES)
     writer.transport.set_write_buffer_limits(high=64 * 1024)
     cfg = relay.config
     channel = Channel(
@@ -61,6 +66,8 @@ async def serve_connection(
         heartbeat_interval=cfg.heartbeat_interval,
         heartbeat_timeout=3 * cfg.heartbeat_interval,
         clock=relay.clock,
+        frame_timeout=cfg.frame_timeout,
+        input_account=relay.input_budget,
         max_write_buffer=cfg.write_buffer_limit,
     )
     session: Session | None = None
@@ -78,9 +85,13 @@ async def serve_connection(
         except BaseExceptionGroup as group:
             raise _the_error(group) from None
     except RemoteProtocolError as exc:
-        relay.metrics.protocol_errors.labels(exc.code.name.lower()).inc()
-        who = f"{session.role.label} {session.name!r}" if session else "client"
-        log.warning("closing %s from %s: %s", who, channel.peer, exc)
+        relay.metrics.protocol_errors.labels(exc.reason).inc()
+        # One line per reason per interval; the counter has every one.
+        now, held = relay.refusals_logged.allow(exc.reason)
+        if now:
+            who = f"{session.role.label} {session.name!r}" if session else "client"
+            more = f" ({held} more {exc.reason} since the last line)" if held else ""
+            log.warning("closing %s from %s: %s%s", who, channel.peer, exc, more)
         await channel.close(ErrorFrame(exc.code, str(exc)))
     except WriteBufferFull as exc:
         # It does not read: no farewell could reach it, and waiting for one

@@ -37,15 +37,19 @@ from ..protocol import (
     encode_chunk,
 )
 from ..service import STOP_SIGNALS, run_service
+from ..transport import start_accounted_server
 from ..urls import RelayAddress
 from .admission import Guard
+from .budget import InputBudget, MemoryLedger, readers_lose, trim_windows
 from .connections import serve_connection
 from .expiry import Housekeeping
 from .groups import Group
+from .lograte import LogRateLimit
 from .sessions import PublisherSession, Session, SubscriberSession
 from .status import StatusCache, collect_gauges, status_report
 from .streams import StreamCounters, StreamState
 from .subscriptions import Subscriptions
+from .window import ReplayWindow
 
 log = logging.getLogger("audiosockets.relay")
 
@@ -61,7 +65,18 @@ class RelayConfig:
     ``queue_seconds``: how far a subscriber may fall behind live audio before
     its oldest chunks are dropped as ``subscriber_slow`` (s, > 0);
     ``heartbeat_interval``: PING period (s, > 0; a peer silent for three is
-    dead); ``max_window_bytes``: cap per stream on top of ``replay_seconds``;
+    dead); ``max_window_bytes``: memory cap per stream on top of
+    ``replay_seconds`` (bytes, frames + per-chunk overhead);
+    ``max_window_memory``: what all windows together may hold (bytes; over
+    it the oldest audio of the largest window goes first, counted
+    ``window_memory_exceeded`` for each reader that had not been sent it);
+    ``max_input_bytes``: what all connections together may hold of frames
+    not yet complete (bytes; over it the connection holding the most is cut,
+    ``protocol_errors_total{reason="input_budget"}``); ``frame_timeout``:
+    seconds a frame may take from its first byte to its last (then ERROR,
+    ``reason="frame_timeout"``); ``max_capture_ahead``/``max_capture_age``:
+    how far a CHUNK's capture time may be from the relay's wall clock (s;
+    beyond, ERROR ``reason="capture_time"``; see ``plausible``);
     ``max_batch_bytes``: frames written to one subscriber per drain;
     ``socket_buffer_bytes``: kernel send buffer per connection (0: OS
     default); ``token``: shared secret clients present in HELLO (empty:
@@ -94,6 +109,11 @@ class RelayConfig:
     queue_seconds: float = 2.0
     heartbeat_interval: float = 2.0
     max_window_bytes: int = 256 << 20  # per stream, on top of replay_seconds
+    max_window_memory: int = 256 << 20  # all windows together
+    max_input_bytes: int = 16 << 20  # incomplete frames, all connections together
+    frame_timeout: float = 10.0  # seconds from a frame's first byte to its last
+    max_capture_ahead: float = 300.0  # seconds a capture time may be ahead of the relay
+    max_capture_age: float = 3650 * 86400.0  # seconds behind it (an old spool is no forgery)
     max_batch_bytes: int = 256 << 10  # per write to one subscriber
     socket_buffer_bytes: int = 1 << 20  # kernel send buffer per connection (0: OS default)
     server_name: str = "audiosockets-relay"
@@ -116,6 +136,14 @@ class RelayConfig:
             raise ValueError("queue_seconds must be > 0")
         if self.heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be > 0")
+        if self.max_window_memory < 1 << 20:
+            raise ValueError("max_window_memory must be at least 1 MiB")
+        if self.max_input_bytes < self.limits.max_frame_size:
+            raise ValueError("max_input_bytes must hold at least one frame of max_frame_size")
+        if self.frame_timeout <= 0:
+            raise ValueError("frame_timeout must be > 0")
+        if self.max_capture_ahead <= 0 or self.max_capture_age <= 0:
+            raise ValueError("max_capture_ahead and max_capture_age must be > 0")
         for name in (
             "max_streams",
             "max_streams_per_publisher",
@@ -166,6 +194,9 @@ class Relay:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.streams: dict[str, StreamState] = {}
+        self.window_memory = MemoryLedger()  # what every window holds, bytes
+        self.input_budget = InputBudget(self.config.max_input_bytes)
+        self.refusals_logged = LogRateLimit(10.0, clock)  # protocol errors, by reason
         self.stream_ids: dict[int, StreamState] = {}  # by relay-wide id
         self.subscriptions = Subscriptions()
         self.groups: dict[str, Group] = {}
@@ -193,8 +224,8 @@ class Relay:
             return self.address  # already started (e.g. by a test before run())
         self.guard.start(asyncio.get_running_loop())
         try:
-            self._server = await asyncio.start_server(
-                self._on_connect, self.config.host, self.config.port, limit=1 << 20
+            self._server = await start_accounted_server(
+                self._on_connect, self.config.host, self.config.port, self.input_budget
             )
         except OSError as exc:
             where = f"{self.config.host}:{self.config.port}"
@@ -282,7 +313,13 @@ class Relay:
                 m.bytes_received.labels(name),
                 m.end_to_end_latency.labels(name),
             )
-            stream = StreamState(next(self._next_stream_id), name, fmt, counters)
+            stream = StreamState(
+                next(self._next_stream_id),
+                name,
+                fmt,
+                counters,
+                window=ReplayWindow(self.window_memory),
+            )
             self.streams[name] = stream
             self.stream_ids[stream.id] = stream
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
@@ -329,8 +366,16 @@ class Relay:
         seconds = nbytes / (fmt.frame_bytes * fmt.rate)
         frame = encode_chunk(stream.id, chunk.seq, chunk.captured_ns, chunk.payload)
         window = stream.window
-        window.append(chunk.seq, frame, seconds, self.clock())
+        stream.last_arrival = now = self.clock()
+        window.append(chunk.seq, frame, seconds, now)
         window.trim(self.config.replay_seconds, self.config.max_window_bytes)
+        if self.window_memory.held > self.config.max_window_memory:
+            trim_windows(
+                list(self.streams.values()),
+                self.window_memory,
+                self.config.max_window_memory,
+                lambda s, n: readers_lose(s, n, self.subscriptions.readers(s.name)),
+            )
         stream.last_seq = chunk.seq
         stream.last_captured_ns = chunk.captured_ns
         stream.chunks_total += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from ..protocol import (
 from ..transport import Channel
 from .admission import StreamRefused
 from .inflight import InFlight
+from .plausible import check_capture_time, check_seq, clamp
 from .streams import StreamState
 from .subscriptions import Cursor
 
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from .server import Relay
 
 
+log = logging.getLogger("audiosockets.relay")
 #: How often a subscriber with too much audio in flight looks again (s).
 INFLIGHT_POLL = 0.05
 
@@ -117,6 +120,16 @@ class PublisherSession(Session):
             stream = self.streams.get(event.stream_id)
             if stream is None or stream.publisher is not self:
                 return  # taken over by another publisher: ignore the late chunk
+            cfg = self.relay.config
+            check_seq(
+                event.seq,
+                stream.last_seq,
+                stream.format.rate,
+                self.relay.clock() - stream.last_arrival,
+            )
+            check_capture_time(
+                event.captured_ns, time.time_ns(), cfg.max_capture_ahead, cfg.max_capture_age
+            )
             self.relay.publish(stream, event)
         elif isinstance(event, OpenStream):
             previous = self.streams.get(event.stream_id)
@@ -139,6 +152,11 @@ class PublisherSession(Session):
                     self.channel.peer,
                     exc,
                 )
+                return
+            except Exception:  # a bug of ours: this stream fails, the session goes on
+                self.relay.metrics.protocol_errors.labels("open_stream_failed").inc()
+                log.exception("opening stream %r for %r failed", event.name, self.name)
+                self.channel.send(CloseStream(event.stream_id, CloseReason.ENDED))
                 return
             self.streams[event.stream_id] = stream
             next_seq = stream.last_seq + 1 if stream.last_seq >= 0 else 0
@@ -223,6 +241,11 @@ class SubscriberSession(Session):
             after_seq = stream.last_seq
             start = window.end
         else:
+            if stream.last_seq >= 0:  # a forged resume point must not silence the stream
+                what = f"{self.name!r} resuming {stream.name!r}"
+                after_seq = clamp(
+                    self.relay, "resume_beyond_stream", after_seq, stream.last_seq, what
+                )
             start = window.ordinal_after_seq(after_seq)
             missing, after_seq = window.trimmed_after(after_seq)
             if missing:

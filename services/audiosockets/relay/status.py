@@ -24,7 +24,7 @@ def status_report(relay: Relay) -> dict[str, object]:
     relay was made), ``replay_seconds`` and ``queue_seconds`` (from the
     config), ``streams`` (by name: format, publisher, last seq, chunks, rate
     over the last 5 s of arrivals in chunks/s, window seconds and chunks,
-    subscriber names), ``publishers``, ``subscribers`` (pattern, group,
+    subscriber names, window bytes), ``publishers``, ``subscribers`` (pattern, group,
     streams, lag in chunks, chunks dropped), ``groups`` (members, assignment)
     and ``drops`` (``audiosockets_chunks_dropped_total`` summed by reason).
     """
@@ -46,6 +46,7 @@ def status_report(relay: Relay) -> dict[str, object]:
                 "rate_chunks_per_s": round(s.rate(now), 2),
                 "window_seconds": round(s.window.total_seconds, 3),
                 "window_chunks": len(s.window),
+                "window_bytes": s.window.memory_bytes,
                 "subscribers": sorted(r.name for r in subs.readers(s.name)),
             }
         )
@@ -201,6 +202,11 @@ def collect_gauges(relay: Relay) -> Iterator[Metric]:
         "Audio held for replay, by stream.",
         labels=["stream"],
     )
+    window_bytes = GaugeMetricFamily(
+        "audiosockets_replay_window_bytes",
+        "Memory held for replay (frames plus per-chunk overhead), by stream.",
+        labels=["stream"],
+    )
     last = GaugeMetricFamily(
         "audiosockets_last_chunk_timestamp_seconds",
         "Capture time (Unix seconds) of the newest chunk, by stream.",
@@ -209,9 +215,15 @@ def collect_gauges(relay: Relay) -> Iterator[Metric]:
     for s in streams:
         depth.add_metric([s.name], relay.subscriptions.stream_lag(s.name))
         window.add_metric([s.name], s.window.total_seconds)
+        window_bytes.add_metric([s.name], s.window.memory_bytes)
         last.add_metric([s.name], s.last_captured_ns / 1e9)
     count = GaugeMetricFamily("audiosockets_streams", "Streams known to the relay.")
     count.add_metric([], len(streams))
+    memory = GaugeMetricFamily(
+        "audiosockets_window_memory_bytes",
+        "Memory every replay window holds together (bounded by max_window_memory).",
+    )
+    memory.add_metric([], relay.window_memory.held)
     members = GaugeMetricFamily(
         "audiosockets_group_members", "Members of each group.", labels=["group"]
     )
@@ -228,4 +240,4 @@ def collect_gauges(relay: Relay) -> Iterator[Metric]:
             loads[m.name] = loads.get(m.name, 0) + group.load(m)
         for member_name, load in sorted(loads.items()):
             assigned.add_metric([group.name, member_name], load)
-    yield from (depth, window, last, count, members, assigned)
+    yield from (depth, window, window_bytes, last, count, memory, members, assigned)
