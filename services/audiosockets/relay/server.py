@@ -298,28 +298,14 @@ class Relay:
         get OPEN_STREAM again). A previous publisher is told GOODBYE
         ``REPLACED``. Readers waiting for a CLOSE_STREAM of it no longer get one.
 
-        Raises ``StreamRefused`` past a stream cap (``Guard.check_stream``).
-        Only a new stream is offered: re-declaring a name rebalances nothing.
-        """
+        Raises ``StreamRefused`` past a stream cap (``Guard.check_stream``);
+        only a new stream is offered (re-declaring rebalances nothing)."""
         self.guard.check_stream(publisher, name)
         publisher.names.add(name)
         stream = self.streams.get(name)
         new = stream is None
         if stream is None:
-            m = self.metrics
-            m.declare_stream(name)
-            counters = StreamCounters(
-                m.chunks_received.labels(name),
-                m.bytes_received.labels(name),
-                m.end_to_end_latency.labels(name),
-            )
-            stream = StreamState(
-                next(self._next_stream_id),
-                name,
-                fmt,
-                counters,
-                window=ReplayWindow(self.window_memory),
-            )
+            stream = new_stream(self, next(self._next_stream_id), name, fmt)
             self.streams[name] = stream
             self.stream_ids[stream.id] = stream
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
@@ -486,3 +472,16 @@ class Relay:
         the way out. Raises ``AddressInUse`` as ``start`` does.
         """
         await run_service(self, ready=ready, signals=signals)
+
+
+def new_stream(relay: Relay, stream_id: int, name: str, fmt: AudioFormat) -> StreamState:
+    """A new stream of ``relay``: its metric series declared at zero, its
+    window accounted in the relay's window memory."""
+    m = relay.metrics
+    m.declare_stream(name)
+    counters = StreamCounters(
+        m.chunks_received.labels(name),
+        m.bytes_received.labels(name),
+        m.end_to_end_latency.labels(name),
+    )
+    return StreamState(stream_id, name, fmt, counters, window=ReplayWindow(relay.window_memory))
