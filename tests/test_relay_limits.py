@@ -262,9 +262,9 @@ async def test_the_relay_wide_cap_counts_names_and_makes_room_from_empty_abandon
 
 
 async def test_empty_groups_are_deleted_and_a_new_stream_rebalances_only_matching_groups(
-    make_relay: Any, monkeypatch: pytest.MonkeyPatch
+    make_relay: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    relay = await make_relay()
+    relay = await make_relay(stream_grace_seconds=10.0)
     calls: list[str] = []
     original = Group.rebalance
 
@@ -293,7 +293,14 @@ async def test_empty_groups_are_deleted_and_a_new_stream_rebalances_only_matchin
     assert calls == []
     for sub in members:
         sub.close()
-    await wait_until(lambda: not relay.groups, what="every group deleted")
+    await wait_until(
+        lambda: not any(g.members for g in relay.groups.values()), what="every member gone"
+    )
+    calls.clear()
+    clock.now += 10.0  # empty groups keep their ACKs for the grace period, then go
+    relay.housekeeping.run_once()
+    assert not relay.groups
+    assert calls == []  # leaving an empty group rebalances nothing
 
 
 # -- item 8: sessions ---------------------------------------------------------
