@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -29,6 +28,7 @@ from .cli_support import (
     listen_address,
     loop_option,
     metrics_port_option,
+    relay_limit_options,
     relay_option,
     run_async,
     token_option,
@@ -64,31 +64,6 @@ def main(log_level: LogLevel) -> None:
 
 # --- relay, status (lead) -----------------------------------------
 
-#: The relay's limits against runaway and hostile clients (README, "Limits"):
-#: flag, type, default, help; each becomes the ``RelayConfig`` field of its name.
-RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
-    ("--max-streams", click.IntRange(1), 1024, "Stream names held at once."),
-    ("--max-streams-per-publisher", click.IntRange(1), 64, "Names one publisher may declare."),
-    ("--stream-grace-seconds", click.FloatRange(0), 60.0, "Keep an abandoned empty stream."),
-    ("--max-sessions", click.IntRange(1), 1024, "Connections at once (below the fd limit)."),
-    ("--max-sessions-per-address", click.IntRange(1), 256, "Connections from one address."),
-    ("--idle-timeout", click.FloatRange(0, min_open=True), 60.0, "Close sessions holding nothing."),
-    ("--max-write-buffer-bytes", click.IntRange(1), 4 << 20, "Replies queued to a non-reader."),
-    ("--status-interval", click.FloatRange(0), 1.0, "Least seconds between STATUS replies."),
-    (
-        "--max-inflight-seconds",
-        click.FloatRange(0, min_open=True),
-        1.0,
-        "Audio written to a subscriber, not yet acknowledged.",
-    ),
-]
-
-
-def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
-    for flag, kind, default, help in reversed(RELAY_LIMITS):
-        func = click.option(flag, type=kind, default=default, show_default=True, help=help)(func)
-    return func
-
 
 @main.command()
 @click.option("--listen", default="tcp://0.0.0.0:7400", help="Address to accept clients on.")
@@ -118,42 +93,10 @@ def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
     help="Largest frame accepted.",
 )
 @click.option(
-    "--max-window-memory",
-    type=click.IntRange(1 << 20),
-    default=256 << 20,
-    help="Bytes all replay windows may hold together; beyond it the oldest audio of the "
-    "largest window goes first (counted window_memory_exceeded).",
-)
-@click.option(
-    "--max-input-bytes",
-    type=click.IntRange(64),
-    default=16 << 20,
-    help="Bytes all connections may hold of frames not yet complete; beyond it the "
-    "connection holding the most is cut.",
-)
-@click.option(
-    "--frame-timeout",
-    type=click.FloatRange(0, min_open=True),
-    default=10.0,
-    help="Seconds a frame may take from its first byte to its last.",
-)
-@click.option(
     "--max-chunk-seconds",
     type=click.FloatRange(0, min_open=True),
     default=2.0,
     help="Audio one CHUNK may carry, in seconds of its stream's format.",
-)
-@click.option(
-    "--max-capture-ahead",
-    type=click.FloatRange(0, min_open=True),
-    default=300.0,
-    help="Seconds a chunk's capture time may be ahead of the relay's clock.",
-)
-@click.option(
-    "--max-capture-age",
-    type=click.FloatRange(0, min_open=True),
-    default=3650 * 86400.0,
-    help="Seconds a chunk's capture time may be behind the relay's clock.",
 )
 @click.option(
     "--token",
@@ -170,12 +113,7 @@ def relay(
     queue_seconds: float,
     heartbeat_seconds: float,
     max_frame_bytes: int,
-    max_window_memory: int,
-    max_input_bytes: int,
-    frame_timeout: float,
     max_chunk_seconds: float,
-    max_capture_ahead: float,
-    max_capture_age: float,
     token: str | None,
     loop_name: LoopName,
     **limits: Any,
@@ -197,11 +135,6 @@ def relay(
         limits=configure(
             Limits, max_frame_size=max_frame_bytes, max_chunk_seconds=max_chunk_seconds
         ),
-        max_window_memory=max_window_memory,
-        max_input_bytes=max_input_bytes,
-        frame_timeout=frame_timeout,
-        max_capture_ahead=max_capture_ahead,
-        max_capture_age=max_capture_age,
         token=token or "",
         **limits,
     )

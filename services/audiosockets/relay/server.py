@@ -331,9 +331,8 @@ class Relay:
         refused: ``RelayRefused`` STREAM_IN_USE, which ends its session. Readers
         waiting for a CLOSE_STREAM of it no longer get one.
 
-        Raises ``StreamRefused`` past a stream cap (``Guard.check_stream``).
-        Only a new stream is offered: re-declaring a name rebalances nothing.
-        """
+        Raises ``StreamRefused`` past a stream cap (``Guard.check_stream``);
+        only a new stream is offered (re-declaring rebalances nothing)."""
         self.guard.check_stream(publisher, name)
         publisher.names.add(name)
         stream = self.streams.get(name)

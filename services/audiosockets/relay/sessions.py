@@ -286,7 +286,10 @@ class SubscriberSession(Session):
                 await self.wake.wait()
                 self.wake.clear()
                 while not channel.closed:
-                    if self.inflight.seconds() > self.relay.config.max_inflight_seconds:
+                    cfg = self.relay.config
+                    if self.inflight.stalled(
+                        self.relay.clock(), cfg.max_inflight_seconds, INFLIGHT_POLL
+                    ):
                         await self._stalled()
                         continue
                     frames = self._collect()
@@ -295,7 +298,9 @@ class SubscriberSession(Session):
                         # at once: its losses were never this subscriber's
                         # (it resumes on another session) and are not counted.
                         channel.writelines(frames)
-                        self.inflight.record(sum(map(len, frames)), self._batch_seconds)
+                        self.inflight.record(
+                            sum(map(len, frames)), self._batch_seconds, self.relay.clock()
+                        )
                     if not self._peer_gone():
                         self._commit_losses()
                     if not frames:
