@@ -77,7 +77,13 @@ formats = st.builds(
 resume_entries = st.lists(st.tuples(names, u64), max_size=6).map(tuple)
 
 events: st.SearchStrategy[Event] = st.one_of(
-    st.builds(Hello, st.sampled_from(Role), optional_names, optional_names),
+    st.builds(
+        Hello,
+        st.sampled_from(Role),
+        optional_names,
+        optional_names,
+        st.integers(0, 2**64 - 1),
+    ),
     st.builds(Welcome, optional_names, st.integers(1, 2**32 - 1), u32, u32),
     st.builds(OpenStream, stream_ids, names, formats),
     st.builds(StreamAccepted, stream_ids, u64),
@@ -313,7 +319,7 @@ def publisher_sessions(draw: st.DrawFn) -> list[Event]:
             out.append(opened)
         elif kind == "chunk":
             sid = draw(st.sampled_from(sorted(declared)))
-            size = declared[sid].frame_bytes * draw(st.integers(0, 4))
+            size = declared[sid].frame_bytes * draw(st.integers(1, 4))  # at least one frame
             pcm = draw(st.binary(min_size=size, max_size=size))
             out.append(ChunkData(sid, draw(u64), draw(i64), pcm))
         elif kind == "ping":

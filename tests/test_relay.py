@@ -613,7 +613,11 @@ async def test_closing_a_stream_reaches_subscribers_after_its_last_chunk(relay: 
     await pub.close()
     got = await collect(sub, {"mic": 29})
     assert got["mic"] == list(range(30))
+    assert events == []  # the close waits behind the chunks: here, until we ask for more
+    reader = asyncio.create_task(sub.get())
     await wait_until(lambda: events == ["closed mic"], what="CLOSE_STREAM")
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
     assert "mic" not in sub.assigned
     # The stream comes back: declared again, delivered again.
     pub2 = Publisher(relay.url, name="rec", retry=FAST_RETRY)

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import click
 
@@ -27,48 +27,26 @@ from .cli_support import (
     configure,
     format_status,
     listen_address,
+    loop_option,
+    metrics_port_option,
+    relay_option,
     run_async,
+    token_option,
     user_errors,
 )
+from .cli_tools import demo, loadtest
 from .client import StartName
-from .errors import ConfigError
-from .loadtest import ClientName, RateName
-from .urls import check_url, is_nats_url
+from .urls import check_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
-def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, T]]:
-    return click.option(
-        "--metrics-port",
-        type=click.IntRange(0, 65535),
-        default=default,
-        help="Serve Prometheus metrics on this port (0 disables).",
-    )
-
-
-def relay_option(
-    help: str, default: str = "tcp://127.0.0.1:7400"
-) -> Callable[[Callable[P, T]], Callable[P, T]]:
-    return click.option("--relay", "relay_url", default=default, help=help)
-
-
-token_option = click.option(
-    "--token", default=None, help="Shared secret, if the relay requires one."
-)
-loop_option = click.option(
-    "--loop",
-    "loop_name",
-    type=choice(LoopName),
-    default="auto",
-    help="Event loop implementation.",
-)
-
-
 @click.group(context_settings={"auto_envvar_prefix": "AUDIOSOCKETS", "show_default": True})
-@click.version_option(__version__, prog_name="audiosockets")
+# Not from the environment: AUDIOSOCKETS_VERSION (a release tag, say) must not
+# turn every command into "print the version and exit 0".
+@click.version_option(__version__, prog_name="audiosockets", allow_from_autoenv=False)
 @click.option(
     "--log-level",
     type=choice(LogLevel),
@@ -84,7 +62,32 @@ def main(log_level: LogLevel) -> None:
     )
 
 
-# --- relay, status, loadtest (lead) -----------------------------------------
+# --- relay, status (lead) -----------------------------------------
+
+#: The relay's limits against runaway and hostile clients (README, "Limits"):
+#: flag, type, default, help; each becomes the ``RelayConfig`` field of its name.
+RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
+    ("--max-streams", click.IntRange(1), 1024, "Stream names held at once."),
+    ("--max-streams-per-publisher", click.IntRange(1), 64, "Names one publisher may declare."),
+    ("--stream-grace-seconds", click.FloatRange(0), 60.0, "Keep an abandoned empty stream."),
+    ("--max-sessions", click.IntRange(1), 1024, "Connections at once (below the fd limit)."),
+    ("--max-sessions-per-address", click.IntRange(1), 256, "Connections from one address."),
+    ("--idle-timeout", click.FloatRange(0, min_open=True), 60.0, "Close sessions holding nothing."),
+    ("--max-write-buffer-bytes", click.IntRange(1), 4 << 20, "Replies queued to a non-reader."),
+    ("--status-interval", click.FloatRange(0), 1.0, "Least seconds between STATUS replies."),
+    (
+        "--max-inflight-seconds",
+        click.FloatRange(0, min_open=True),
+        1.0,
+        "Audio written to a subscriber, not yet acknowledged.",
+    ),
+]
+
+
+def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
+    for flag, kind, default, help in reversed(RELAY_LIMITS):
+        func = click.option(flag, type=kind, default=default, show_default=True, help=help)(func)
+    return func
 
 
 @main.command()
@@ -115,10 +118,49 @@ def main(log_level: LogLevel) -> None:
     help="Largest frame accepted.",
 )
 @click.option(
+    "--max-window-memory",
+    type=click.IntRange(1 << 20),
+    default=256 << 20,
+    help="Bytes all replay windows may hold together; beyond it the oldest audio of the "
+    "largest window goes first (counted window_memory_exceeded).",
+)
+@click.option(
+    "--max-input-bytes",
+    type=click.IntRange(64),
+    default=16 << 20,
+    help="Bytes all connections may hold of frames not yet complete; beyond it the "
+    "connection holding the most is cut.",
+)
+@click.option(
+    "--frame-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    help="Seconds a frame may take from its first byte to its last.",
+)
+@click.option(
+    "--max-chunk-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=2.0,
+    help="Audio one CHUNK may carry, in seconds of its stream's format.",
+)
+@click.option(
+    "--max-capture-ahead",
+    type=click.FloatRange(0, min_open=True),
+    default=300.0,
+    help="Seconds a chunk's capture time may be ahead of the relay's clock.",
+)
+@click.option(
+    "--max-capture-age",
+    type=click.FloatRange(0, min_open=True),
+    default=3650 * 86400.0,
+    help="Seconds a chunk's capture time may be behind the relay's clock.",
+)
+@click.option(
     "--token",
     default=None,
     help="Shared secret every client must present (unset: no authentication).",
 )
+@relay_limit_options
 @loop_option
 @user_errors
 def relay(
@@ -128,8 +170,15 @@ def relay(
     queue_seconds: float,
     heartbeat_seconds: float,
     max_frame_bytes: int,
+    max_window_memory: int,
+    max_input_bytes: int,
+    frame_timeout: float,
+    max_chunk_seconds: float,
+    max_capture_ahead: float,
+    max_capture_age: float,
     token: str | None,
     loop_name: LoopName,
+    **limits: Any,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out."""
     from .health import Health
@@ -145,16 +194,24 @@ def relay(
         replay_seconds=replay_seconds,
         queue_seconds=queue_seconds,
         heartbeat_interval=heartbeat_seconds,
-        limits=configure(Limits, max_frame_size=max_frame_bytes),
+        limits=configure(
+            Limits, max_frame_size=max_frame_bytes, max_chunk_seconds=max_chunk_seconds
+        ),
+        max_window_memory=max_window_memory,
+        max_input_bytes=max_input_bytes,
+        frame_timeout=frame_timeout,
+        max_capture_ahead=max_capture_ahead,
+        max_capture_age=max_capture_age,
         token=token or "",
+        **limits,
     )
     metrics = Metrics()
 
     def ready(server: Relay) -> None:
         if metrics_port:
             # Called on the loop once the socket is bound: listening is ready.
-            health = Health.watch_running_loop()
-            serve_metrics(metrics_port, metrics.registry, health=health)
+            health = Health.watch_running_loop(server.readiness)
+            serve_metrics(metrics_port, metrics.registry, host, health=health)
         click.echo(f"relay listening on {server.url}", err=True)
 
     run_async(Relay(config, metrics=metrics).run(ready=ready), loop_name)
@@ -191,118 +248,6 @@ def status(
         click.echo(format_nats_status(report))
         return
     click.echo(format_status(report))
-
-
-@main.command()
-@click.option(
-    "--streams", type=click.IntRange(1), default=10, help="Synthetic publishers, one stream each."
-)
-@click.option(
-    "--subscribers", type=click.IntRange(1), default=2, help="Subscribers (all streams each)."
-)
-@click.option(
-    "--group", default="", help="Put the subscribers in this group (each stream to one member)."
-)
-@click.option(
-    "--duration",
-    type=click.FloatRange(0, min_open=True),
-    default=10.0,
-    help="Seconds of publishing.",
-)
-@click.option(
-    "--rate",
-    type=choice(RateName),
-    default="realtime",
-    help="realtime: one chunk per chunk duration; max: as fast as the relay takes them.",
-)
-@relay_option("Use this relay instead of starting one.", default="")
-@click.option(
-    "--sample-rate", type=click.IntRange(1), default=16000, help="Synthetic stream sample rate."
-)
-@click.option(
-    "--chunk-ms", type=click.FloatRange(0, min_open=True), default=20.0, help="Chunk duration."
-)
-@click.option(
-    "--subscriber-processes",
-    type=click.IntRange(1),
-    default=1,
-    help="Spread the subscribers over this many processes.",
-)
-@click.option(
-    "--client",
-    type=choice(ClientName),
-    default="library",
-    help="library: subscribers are audiosockets Subscribers (what processors use); "
-    "raw: header-only readers, to measure the relay's own ceiling.",
-)
-@click.option(
-    "--max-loss",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Fail (exit 7) when the lost fraction exceeds this.",
-)
-@click.option(
-    "--max-p99-ms",
-    type=click.FloatRange(0),
-    default=None,
-    help="Fail (exit 7) when p99 latency exceeds this many ms.",
-)
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    envvar="AUDIOSOCKETS_LOADTEST_JSON",
-    help="Print one JSON object on stdout.",
-)
-@user_errors
-def loadtest(
-    streams: int,
-    subscribers: int,
-    group: str,
-    duration: float,
-    rate: RateName,
-    relay_url: str,
-    sample_rate: int,
-    chunk_ms: float,
-    subscriber_processes: int,
-    client: ClientName,
-    max_loss: float | None,
-    max_p99_ms: float | None,
-    as_json: bool,
-) -> None:
-    """Drive synthetic publishers and subscribers; report loss and latency."""
-    from .loadtest import LoadTestConfig, check_gates, format_report, run_loadtest
-
-    if relay_url:
-        check_url(relay_url)
-        if client == "raw" and is_nats_url(relay_url):
-            raise ConfigError(
-                "--client raw reads the relay protocol; use --client library for NATS"
-            )
-    cfg = configure(
-        LoadTestConfig,
-        streams=streams,
-        subscribers=subscribers,
-        group=group,
-        duration=duration,
-        rate=rate,
-        relay_url=relay_url,
-        sample_rate=sample_rate,
-        chunk_ms=chunk_ms,
-        subscriber_processes=subscriber_processes,
-        client=client,
-    )
-    show = sys.stderr.isatty()
-
-    def progress(line: str) -> None:
-        if show:
-            click.echo(f"\r{line}", nl=False, err=True)
-
-    report = run_loadtest(cfg, progress=progress)
-    if show:
-        click.echo("", err=True)
-    click.echo(report.to_json() if as_json else format_report(report))
-    check_gates(report, max_loss, max_p99_ms)
 
 
 # --- record, devices (recorder) ---------------------------------------------
@@ -399,7 +344,7 @@ def devices() -> None:
         click.echo(line)
 
 
-# --- process, demo (processor) ----------------------------------------------
+# --- process (processor) ----------------------------------------------
 
 
 @main.command()
@@ -437,6 +382,13 @@ def devices() -> None:
     help="archive: length of one WAV segment.",
 )
 @click.option(
+    "--max-open-segments",
+    type=click.IntRange(1),
+    default=256,
+    help="archive: segment files open at once; past it the least recently written is "
+    "completed early (audiosockets_archive_evictions_total).",
+)
+@click.option(
     "--max-failures",
     type=click.IntRange(0),
     default=100,
@@ -464,6 +416,7 @@ def process(
     backlog_seconds: float,
     events: str | None,
     segment_seconds: float,
+    max_open_segments: int,
     max_failures: int,
     start: StartName,
     name: str | None,
@@ -486,6 +439,7 @@ def process(
         backlog_seconds=backlog_seconds,
         events=events,
         segment_seconds=segment_seconds,
+        max_open_segments=max_open_segments,
         exit_after=max_failures,
         start=start,
         token=token,
@@ -493,33 +447,10 @@ def process(
     run_async(serve(config), loop_name)  # checks the handler once, before connecting
 
 
-@main.command()
-@click.option(
-    "--listen",
-    default="tcp://127.0.0.1:7400",
-    help="Where the demo's relay listens (port 0: any free port).",
-)
-@click.option(
-    "--streams",
-    type=click.IntRange(1, 16),
-    default=2,
-    help="Synthetic streams: speech-like, 440 Hz sine, noise, silence, in turn.",
-)
-@click.option(
-    "--seconds",
-    type=click.FloatRange(0),
-    default=0.0,
-    help="Stop after this many seconds (0: run until Ctrl-C).",
-)
-@loop_option
-@user_errors
-def demo(listen: str, streams: int, seconds: float, loop_name: LoopName) -> None:
-    """Relay, synthetic recorders and the level and vad processors, with a live table."""
-    from .demo import DemoConfig, run_demo
+# --- loadtest, demo: cli_tools.py ------------------------------------------------
 
-    host, port = listen_address(listen)
-    config = configure(DemoConfig, host=host, port=port, streams=streams, seconds=seconds)
-    run_async(run_demo(config), loop_name)
+main.add_command(loadtest)
+main.add_command(demo)
 
 
 # --- nats (the JetStream binding): cli_nats.py ------------------------------------
@@ -538,6 +469,12 @@ def name_env_vars_after_flags(group: click.Group, prefix: str = "AUDIOSOCKETS") 
     users (and compose files) go by the flag. Options with an explicit
     ``envvar`` keep it.
     """
+    for param in group.params:  # the group's own: PREFIX_FLAG (--log-level, not --version)
+        if isinstance(param, click.Option) and param.expose_value:
+            if not param.envvar:
+                flag = max(param.opts, key=len).lstrip("-").replace("-", "_").upper()
+                param.envvar = f"{prefix}_{flag}"
+            param.show_envvar = True
     for name, command in group.commands.items():
         for param in command.params:
             if not isinstance(param, click.Option):

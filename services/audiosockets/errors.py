@@ -27,6 +27,8 @@ class ErrorCode(IntEnum):
     REPLACED = 11
     SHUTTING_DOWN = 12
     INTERNAL = 13
+    OVERLOADED = 14  # a session cap was reached at accept; retry later
+    STREAM_IN_USE = 15  # a stream another publisher instance holds
 
 
 class AudiosocketsError(Exception):
@@ -42,11 +44,19 @@ class ConfigError(AudiosocketsError):
 
 
 class ProtocolError(AudiosocketsError):
-    """The wire protocol was broken; ``code`` says how."""
+    """The wire protocol was broken; ``code`` says how, ``reason`` is the
+    ``audiosockets_protocol_errors_total`` label (the code's name in lower
+    case unless a finer one is given, e.g. ``empty_chunk``)."""
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.MALFORMED_FRAME) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: ErrorCode = ErrorCode.MALFORMED_FRAME,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason or code.name.lower()
 
 
 class LocalProtocolError(ProtocolError):
@@ -63,6 +73,32 @@ class ConnectionClosed(AudiosocketsError):
     def __init__(self, message: str, code: ErrorCode = ErrorCode.NORMAL) -> None:
         super().__init__(message)
         self.code = code
+
+
+class RelayRefused(AudiosocketsError):
+    """The relay refused the session or a stream, and retrying cannot change that.
+
+    ``exit_code`` is 2 when what we send is the problem (a name too long, a chunk
+    larger than the relay's frame limit, a format it rejects), else 1 (a wrong
+    token, a stream another publisher holds).
+    """
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+        self.exit_code = 2 if code in CONFIGURATION_REFUSALS else 1
+
+
+#: Refusals caused by what the client is configured to send: exit 2.
+CONFIGURATION_REFUSALS = frozenset(
+    {ErrorCode.NAME_TOO_LONG, ErrorCode.FRAME_TOO_LARGE, ErrorCode.BAD_FORMAT}
+)
+#: Codes in an ERROR/GOODBYE from the relay that no retry can change: the client ends.
+FATAL_REFUSALS = CONFIGURATION_REFUSALS | {
+    ErrorCode.UNAUTHORIZED,
+    ErrorCode.STREAM_IN_USE,
+    ErrorCode.UNSUPPORTED_VERSION,
+}
 
 
 class RelayUnreachable(AudiosocketsError):

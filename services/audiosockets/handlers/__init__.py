@@ -26,11 +26,14 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ..audio import Chunk, SampleType
+from ..audio import Chunk
+from ..convert import FULL_SCALE as _CONVERT_FULL_SCALE
 from ..errors import HandlerError
 
 GaugeName = Literal["level_dbfs", "seconds_since_sound", "vad_active", "band_energy_dbfs"]
-CounterName = Literal["clipped_samples", "vad_segments", "archive_segments", "archive_bytes"]
+CounterName = Literal[
+    "clipped_samples", "vad_segments", "archive_segments", "archive_bytes", "archive_evictions"
+]
 GAUGES: tuple[GaugeName, ...] = (
     "level_dbfs",
     "seconds_since_sound",
@@ -42,6 +45,7 @@ COUNTERS: tuple[CounterName, ...] = (
     "vad_segments",
     "archive_segments",
     "archive_bytes",
+    "archive_evictions",
 )
 
 #: A JSON-serialisable event: a mapping, or a dataclass instance.
@@ -79,6 +83,10 @@ class HandlerOptions:
     """Knobs the CLI passes to built-ins (picklable: sent to worker processes)."""
 
     segment_seconds: float = 60.0
+    #: archive: segment files open at once (one per stream being written); past
+    #: it the least recently written is completed early. Below the process's
+    #: descriptor limit (1024 by default), with room for sockets and logs.
+    max_open_segments: int = 256
 
 
 @dataclass(slots=True)
@@ -123,12 +131,9 @@ def builtin_class(name: str) -> type[Any]:
     return cls
 
 
-#: Full scale per sample type: the magnitude that maps to 1.0 (0 dBFS peak).
-FULL_SCALE: dict[SampleType, float] = {
-    SampleType.INT16: 32768.0,
-    SampleType.INT32: 2147483648.0,
-    SampleType.FLOAT32: 1.0,
-}
+#: Full scale per sample type: the magnitude that maps to 1.0 (0 dBFS peak). One table
+#: for the meters and the converters (``convert.FULL_SCALE``).
+FULL_SCALE = _CONVERT_FULL_SCALE
 
 #: dBFS reported for digital silence instead of -inf (alerting rules stay simple).
 FLOOR_DBFS = -120.0

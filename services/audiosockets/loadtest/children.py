@@ -37,7 +37,15 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
     async def main() -> None:
         relay = Relay(
             RelayConfig(
-                host="127.0.0.1", port=0, replay_seconds=replay_seconds, queue_seconds=queue_seconds
+                host="127.0.0.1",
+                port=0,
+                replay_seconds=replay_seconds,
+                queue_seconds=queue_seconds,
+                # Every client of a load test comes from loopback, in any
+                # number: only the descriptor limit caps sessions here.
+                max_streams=1 << 20,
+                max_sessions=1 << 20,
+                max_sessions_per_address=1 << 20,
             )
         )
         await relay.start()
@@ -51,14 +59,17 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
                     drops[s.labels["reason"]] = drops.get(s.labels["reason"], 0) + s.value
         await relay.stop()
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        sent = 0.0
+        sent = received = 0.0
         for metric in relay.metrics.chunks_sent.collect():
             sent += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+        for metric in relay.metrics.chunks_received.collect():
+            received += sum(s.value for s in metric.samples if s.name.endswith("_total"))
         pipe.send(
             {
                 "cpu_s": usage.ru_utime + usage.ru_stime,
                 "drops": drops,
                 "sent": sent,
+                "received": received,
                 "max_rss_mb": usage.ru_maxrss / 1024,  # Linux reports KiB
             }
         )
@@ -111,6 +122,7 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
         elapsed = time.monotonic() - start
         await asyncio.gather(*(p.flush(10) for p in pubs))
         spool_drops = sum(s.dropped for s in streams)
+        unsent = sum(s.unsent for s in streams)  # accepted by send(), never written
         last = {s.name: s.next_seq - 1 for s in streams}
         pipe.send(
             {
@@ -119,6 +131,7 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
                 "started_ns": started_ns,
                 "last": last,
                 "spool_drops": spool_drops,
+                "unsent": unsent,
                 "bytes_per_chunk": cfg.frames * 2,
             }
         )

@@ -11,6 +11,8 @@ from ..audio import AudioFormat
 from .window import ReplayWindow
 
 if TYPE_CHECKING:
+    from ..metrics import Metrics
+    from .budget import MemoryLedger
     from .sessions import PublisherSession
 
 
@@ -30,7 +32,8 @@ class StreamState:
 
     ``id`` is the relay-wide stream id used on subscriber connections,
     ``last_seq`` the newest sequence number published (-1: none yet),
-    ``last_captured_ns`` its capture time (Unix nanoseconds), ``chunks_total``
+    ``last_captured_ns`` its capture time (Unix nanoseconds), ``last_arrival``
+    the relay clock when it arrived, ``chunks_total``
     the chunks accepted since the relay started. Who reads the stream is kept
     in the relay's ``Subscriptions``, not here.
     """
@@ -42,8 +45,24 @@ class StreamState:
     window: ReplayWindow = field(default_factory=ReplayWindow)
     last_seq: int = -1
     last_captured_ns: int = 0
+    last_arrival: float = 0.0  # relay clock when the newest chunk arrived
     publisher: PublisherSession | None = None
     chunks_total: int = 0
+    abandoned_at: float | None = None  # relay clock since when no publisher and no audio
+
+    @classmethod
+    def create(
+        cls, stream_id: int, name: str, fmt: AudioFormat, metrics: Metrics, ledger: MemoryLedger
+    ) -> StreamState:
+        """A new stream with its metric series declared (zeros) and an empty
+        window whose memory counts in ``ledger`` (the relay-wide budget)."""
+        metrics.declare_stream(name)
+        counters = StreamCounters(
+            metrics.chunks_received.labels(name),
+            metrics.bytes_received.labels(name),
+            metrics.end_to_end_latency.labels(name),
+        )
+        return cls(stream_id, name, fmt, counters, window=ReplayWindow(ledger))
 
     def rate(self, now: float, span: float = 5.0) -> float:
         """Chunks per second that arrived in the last ``span`` seconds before
