@@ -271,7 +271,7 @@ def record(
 @user_errors
 def devices() -> None:
     """List the audio input devices PortAudio sees; * marks the default."""
-    from .recorder import describe_input_devices
+    from .audio_diagnose import describe_input_devices
 
     for line in describe_input_devices():
         click.echo(line)

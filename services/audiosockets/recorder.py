@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from .audio import AudioFormat, DTypeName, SampleType
+from .audio_diagnose import explain_capture_failure
 from .client.interfaces import SpoolingStream
 from .errors import ConfigError, DeviceError
 from .filenames import stream_stem
@@ -464,18 +465,15 @@ class Recorder:
             await self.publisher.flush(timeout=None)
 
     def _account_source_counters(self) -> None:
-        name = self.config.stream
-        overflows, dropped = self.source.overflows, self.source.dropped
-        if overflows != self._seen_overflows:
-            delta = overflows - self._seen_overflows
+        """Count the source's new overflows and capture-queue drops (the source
+        keeps running totals; the audio callback cannot touch metrics)."""
+        name, source = self.config.stream, self.source
+        if delta := source.overflows - self._seen_overflows:
             self.recorder_metrics.input_overflows.labels(name).inc(delta)
             self.metrics.chunks_dropped.labels(name, "input_overflow").inc(delta)
-            self._seen_overflows = overflows
-        if dropped != self._seen_dropped:
-            self.metrics.chunks_dropped.labels(name, "capture_queue_full").inc(
-                dropped - self._seen_dropped
-            )
-            self._seen_dropped = dropped
+        if dropped := source.dropped - self._seen_dropped:
+            self.metrics.chunks_dropped.labels(name, "capture_queue_full").inc(dropped)
+        self._seen_overflows, self._seen_dropped = source.overflows, source.dropped
 
     async def _reopen(self) -> None:
         await self.source.close()
@@ -542,50 +540,6 @@ async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
         health = Health.watch_running_loop(session_ready(metrics.registry, "publisher"))
         serve_metrics(metrics_port, metrics.registry, health=health)  # raises AddressInUse
     return await recorder.run()
-
-
-def describe_input_devices() -> list[str]:
-    """Lines for ``audiosockets devices``: one per input device, ``*`` marks the default.
-
-    Raises ``DeviceError`` (one sentence with the cause, when it can be found) on a
-    machine without input devices: a script or a container check can test the
-    exit status.
-    """
-    from .sources import list_input_devices
-
-    devices, default = list_input_devices()
-    if not devices:
-        raise explain_capture_failure(
-            DeviceError(
-                "no audio input devices found: PortAudio sees no sound card or sound server "
-                "(use --source synth:sine or file:PATH to record without one)"
-            )
-        )
-    lines = [f"  {'index':>5}  {'name':<40} {'channels':>8} {'default rate':>12}"]
-    for dev in devices:
-        mark = "*" if dev.get("index") == default else " "
-        rate = f"{float(dev['default_samplerate']):.0f} Hz"
-        lines.append(
-            f"{mark} {dev['index']:>5}  {str(dev['name'])[:40]:<40} "
-            f"{dev['max_input_channels']:>8} {rate:>12}"
-        )
-    return lines
-
-
-def explain_capture_failure(err: DeviceError) -> DeviceError:
-    """``err`` plus the cause found on this machine (audio_diagnose), if one is found.
-
-    Not for a PortAudio library that failed to load (an ``OSError`` cause): that
-    message already says what to install.
-    """
-    from .audio_diagnose import diagnose_capture
-
-    if isinstance(err.__cause__, OSError):
-        return err
-    cause = diagnose_capture()
-    if cause is None:
-        return err
-    return DeviceError(f"{err}; cause: {cause}")
 
 
 def in_recorder_terms(failure: BaseException, config: RecorderConfig) -> BaseException:

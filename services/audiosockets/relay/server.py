@@ -25,7 +25,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..audio import AudioFormat
@@ -180,6 +180,31 @@ class RelayConfig:
         return max(self.max_write_buffer_bytes, floor)
 
 
+async def listen(
+    host: str,
+    port: int,
+    on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    budget: InputBudget,
+) -> asyncio.Server:
+    """The relay's listening server on ``host``:``port``, each connection's
+    input counted in ``budget``.
+
+    The IPv6 wildcard ``::`` is one dual-stack socket (``IPV6_V6ONLY=0``: IPv4
+    clients too) where the OS allows it; asyncio alone would bind it IPv6-only.
+    Raises ``AddressInUse`` (one sentence) when it cannot listen there.
+    """
+    try:
+        sock = None
+        if host == "::" and socket.has_dualstack_ipv6():
+            sock = socket.create_server((host, port), family=socket.AF_INET6, dualstack_ipv6=True)
+        return await start_accounted_server(on_connect, host, port, budget, sock=sock)
+    except OSError as exc:
+        where = str(RelayAddress(host, port)).removeprefix("tcp://")
+        if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+            raise AddressInUse(f"cannot listen on {where}: address already in use") from exc
+        raise AddressInUse(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+
+
 class Relay:
     """The relay server. ``start()`` binds and returns; ``serve_forever()``
     runs until ``stop()`` (or a signal, via ``run``).
@@ -228,29 +253,14 @@ class Relay:
     async def start(self) -> RelayAddress:
         """Bind the listening socket and return the address clients reach it
         at (the real port when the config says 0). Raises ``AddressInUse``
-        when it cannot listen there. Raises the descriptor limit first (``Guard.start``).
-
-        The IPv6 wildcard ``::`` is one dual-stack socket (``IPV6_V6ONLY=0``:
-        IPv4 clients too) where the OS allows it; asyncio alone would bind it
-        IPv6-only."""
+        when it cannot listen there (see ``listen``). Raises the descriptor
+        limit first (``Guard.start``)."""
         if self._server is not None and self.address is not None:
             return self.address  # already started (e.g. by a test before run())
         self.guard.start(asyncio.get_running_loop())
-        host, port = self.config.host, self.config.port
-        try:
-            sock = None
-            if host == "::" and socket.has_dualstack_ipv6():
-                sock = socket.create_server(
-                    (host, port), family=socket.AF_INET6, dualstack_ipv6=True
-                )
-            self._server = await start_accounted_server(
-                self._on_connect, host, port, self.input_budget, sock=sock
-            )
-        except OSError as exc:
-            where = str(RelayAddress(host, port)).removeprefix("tcp://")
-            if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
-                raise AddressInUse(f"cannot listen on {where}: address already in use") from exc
-            raise AddressInUse(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        self._server = await listen(
+            self.config.host, self.config.port, self._on_connect, self.input_budget
+        )
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
         self.address = RelayAddress(self.config.host if host in ("0.0.0.0", "::") else host, port)
@@ -351,14 +361,7 @@ class Relay:
             self.stream_ids[stream.id] = stream
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
         elif stream.format != fmt:
-            log.warning(
-                "stream %r changed format %s -> %s; replay window cleared", name, stream.format, fmt
-            )
-            stream.format = fmt
-            stream.window.clear()
-            for cursor in self.subscriptions.readers(name).values():
-                cursor.declared = False
-                cursor.next_ord = stream.window.end
+            stream.change_format(fmt, self.subscriptions.readers(name).values())
         old = stream.publisher
         if old is not None and old is not publisher:
             log.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -11,9 +12,15 @@ from ..audio import AudioFormat
 from .window import ReplayWindow
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ..metrics import Metrics
     from .budget import MemoryLedger
     from .sessions import PublisherSession
+    from .subscriptions import Cursor
+
+
+log = logging.getLogger("audiosockets.relay")
 
 
 class StreamCounters(NamedTuple):
@@ -63,6 +70,19 @@ class StreamState:
             metrics.end_to_end_latency.labels(name),
         )
         return cls(stream_id, name, fmt, counters, window=ReplayWindow(ledger))
+
+    def change_format(self, fmt: AudioFormat, readers: Iterable[Cursor]) -> None:
+        """The publisher re-opened the stream with another format: the window
+        is cleared (its audio cannot be mixed with the new) and every reader is
+        sent OPEN_STREAM again before the next chunk."""
+        log.warning(
+            "stream %r changed format %s -> %s; replay window cleared", self.name, self.format, fmt
+        )
+        self.format = fmt
+        self.window.clear()
+        for cursor in readers:
+            cursor.declared = False
+            cursor.next_ord = self.window.end
 
     def rate(self, now: float, span: float = 5.0) -> float:
         """Chunks per second that arrived in the last ``span`` seconds before
