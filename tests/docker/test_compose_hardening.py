@@ -1,0 +1,255 @@
+"""Every compose service locked down, checked without an engine (`docker-compose config`).
+
+What the engine will run is what ``docker-compose config`` prints after
+resolving .env, anchors, profiles and override files; each test reads that:
+
+- every service, in every profile and with every override this repository
+  ships (the end-to-end tests' and ``docker/compose.secure.yaml``), has a
+  read-only root filesystem, drops every capability and adds none, sets
+  ``no-new-privileges``, is not privileged, and runs as a non-root user (its
+  own ``user:``, or the ``USER`` of the Dockerfile target it is built from);
+- what a service writes (the archive directory, a spool directory, /tmp) is a
+  volume or a tmpfs, so the read-only root never breaks a write at run time;
+- the microphone recorder still gets /dev/snd and the audio group, without
+  privilege or any capability.
+
+tests/docker/test_compose_e2e.py runs the hardened services on the engine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from _support import require_binary
+from audiosockets.processor import parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+PROFILES = ("mic", "pulse", "demo")
+# Overrides and what they need to render (paths only: nothing is read).
+OVERRIDES = {
+    "e2e": (HERE / "compose.e2e.yaml", {"E2E_DIR": "/nonexistent"}),
+    "passthrough": (HERE / "compose.passthrough.yaml", {"E2E_DIR": "/nonexistent"}),
+    "secure": (ROOT / "docker" / "compose.secure.yaml", {"AUDIOSOCKETS_SECRETS": "/nonexistent"}),
+}
+NO_NEW_PRIVILEGES = {"no-new-privileges:true", "no-new-privileges=true", "no-new-privileges"}
+
+Service = dict[str, Any]
+
+
+def compose_services(*files: Path, profile: str, **env: str) -> dict[str, Service]:
+    """``docker-compose config`` of compose.yaml plus ``files`` under ``profile``."""
+    binary = require_binary("docker-compose")
+    args = [binary, "-f", str(ROOT / "compose.yaml")]
+    for file in files:
+        args += ["-f", str(file)]
+    done = subprocess.run(
+        [*args, "--profile", profile, "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        check=False,
+    )
+    assert done.returncode == 0, f"{args}: {done.stderr}"
+    services: dict[str, Service] = yaml.safe_load(done.stdout)["services"]
+    return services
+
+
+def configurations() -> list[tuple[str, dict[str, Service]]]:
+    """(label, services) for every profile alone and with every override."""
+    result = []
+    for profile in PROFILES:
+        result.append((profile, compose_services(profile=profile)))
+        for name, (file, env) in OVERRIDES.items():
+            result.append((f"{profile}+{name}", compose_services(file, profile=profile, **env)))
+    return result
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[tuple[str, dict[str, Service]]]:
+    return configurations()
+
+
+def dockerfile_users() -> dict[str, str]:
+    """Build target -> the last USER in force at its end (inherited from its FROM)."""
+    users: dict[str, str] = {}
+    current = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stage = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)", line, flags=re.I)
+        if stage:
+            parent, current = stage.groups()
+            users[current] = users.get(parent, "")
+        user = re.match(r"USER\s+(\S+)", line, flags=re.I)
+        if user and current:
+            users[current] = user[1]
+    return users
+
+
+def effective_user(service: Service) -> str:
+    """``user:``, else the USER of the Dockerfile target its image is (built from)."""
+    if "user" in service:
+        return str(service["user"])
+    target = service.get("build", {}).get("target")
+    image = str(service.get("image", ""))
+    if not target and image.startswith("audiosockets/"):
+        target = image.removeprefix("audiosockets/").split(":", 1)[0]  # compose.yaml's tags
+    if target not in dockerfile_users():
+        raise ValueError(f"image {image!r} has no `user:` and is no target of {DOCKERFILE.name}")
+    return dockerfile_users()[target]
+
+
+def is_root(user: str) -> bool:
+    uid, _, gid = user.partition(":")
+    return uid in ("", "0", "root") or gid in ("0", "root")
+
+
+def lockdown_problems(service: Service) -> list[str]:
+    """What is missing from the lockdown of one rendered service (empty: none)."""
+    problems = []
+    if service.get("read_only") is not True:
+        problems.append("root filesystem not read-only (read_only: true)")
+    if service.get("cap_drop") != ["ALL"]:
+        problems.append(f"cap_drop is {service.get('cap_drop')}, not [ALL]")
+    if service.get("cap_add"):
+        problems.append(f"adds capabilities {service['cap_add']}")
+    if not NO_NEW_PRIVILEGES & set(service.get("security_opt", [])):
+        problems.append("no security_opt no-new-privileges:true")
+    if service.get("privileged"):
+        problems.append("privileged")
+    try:
+        user = effective_user(service)
+    except ValueError as exc:
+        problems.append(str(exc))
+    else:
+        if is_root(user):
+            problems.append(f"runs as {user or 'root (no USER)'}")
+    return problems
+
+
+def writable_mounts(service: Service) -> set[str]:
+    """Container paths a service may write: tmpfs and read-write volumes."""
+    paths = set()
+    for entry in service.get("tmpfs", []):
+        paths.add(str(entry).split(":", 1)[0])
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            parts = volume.split(":")
+            if len(parts) >= 2 and "ro" not in parts[2:]:
+                paths.add(parts[1])
+        elif not volume.get("read_only"):
+            paths.add(volume["target"])
+    return paths
+
+
+def written_paths(service: Service) -> list[str]:
+    """Directories the service writes to, by its configuration."""
+    env = {k: str(v) for k, v in (service.get("environment") or {}).items()}
+    paths = ["/tmp", env.get("AUDIOSOCKETS_RECORD_SPOOL_DIR", "")]
+    handler = env.get("AUDIOSOCKETS_PROCESS_HANDLER")
+    if handler and parse_spec(handler).target == "archive":
+        paths.append(parse_spec(handler).arg or "")
+    events = env.get("AUDIOSOCKETS_PROCESS_EVENTS", "")
+    paths.append(str(Path(events).parent) if events else "")
+    cookie = env.get("PULSE_COOKIE", "")
+    paths.append(str(Path(cookie).parent) if cookie else "")
+    return [p for p in paths if p]
+
+
+def test_every_override_exists() -> None:
+    for file, _ in OVERRIDES.values():
+        assert file.is_file(), file
+
+
+def test_every_service_is_locked_down_in_every_profile_and_override(
+    rendered: list[tuple[str, dict[str, Service]]],
+) -> None:
+    problems = [
+        f"{label}: {name}: {problem}"
+        for label, services in rendered
+        for name, service in services.items()
+        for problem in lockdown_problems(service)
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_lockdown_check_catches_each_missing_protection(
+    rendered: list[tuple[str, dict[str, Service]]],
+) -> None:
+    # Guards the test above against a check that passes everything.
+    relay = rendered[0][1]["relay"]
+    assert lockdown_problems(relay) == []
+    for key, bad in (
+        ("read_only", False),
+        ("cap_drop", ["NET_RAW"]),
+        ("cap_add", ["SYS_ADMIN"]),
+        ("security_opt", []),
+        ("privileged", True),
+        ("user", "0:0"),
+        ("user", "10001:0"),
+    ):
+        assert lockdown_problems({**relay, key: bad}), f"{key}: {bad} passed"
+    assert lockdown_problems({**relay, "build": {"target": "base"}})  # no USER: root
+    assert lockdown_problems({k: v for k, v in relay.items() if k not in ("build", "image")})
+
+
+def test_our_images_end_as_the_unprivileged_user() -> None:
+    users = dockerfile_users()
+    for target in ("relay", "recorder", "recorder-pulse", "processor"):
+        assert users[target] == "10001:10001", target
+
+
+def test_what_a_service_writes_is_a_volume_or_a_tmpfs(
+    rendered: list[tuple[str, dict[str, Service]]],
+) -> None:
+    for label, services in rendered:
+        for name, service in services.items():
+            if service.get("image", "").startswith(("prom/", "grafana/")):
+                continue  # not ours: their data directories are volumes (below)
+            mounts = writable_mounts(service)
+            for path in written_paths(service):
+                covered = [m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")]
+                assert covered, f"{label}: {name} writes {path}, which is no volume or tmpfs"
+
+
+def test_prometheus_and_grafana_keep_their_data_on_volumes(
+    rendered: list[tuple[str, dict[str, Service]]],
+) -> None:
+    services = rendered[0][1]
+    assert "/prometheus" in writable_mounts(services["prometheus"])
+    assert "/var/lib/grafana" in writable_mounts(services["grafana"])
+    assert "/tmp" in writable_mounts(services["grafana"])
+    # Console only: the image's file log would go to /var/log/grafana, read-only here.
+    assert services["grafana"]["environment"]["GF_LOG_MODE"] == "console"
+
+
+def test_scratch_space_is_small_and_not_executable() -> None:
+    services = compose_services(profile="demo")
+    for name, service in services.items():
+        (tmp,) = [t for t in service.get("tmpfs", []) if str(t).split(":", 1)[0] == "/tmp"]
+        options = dict(
+            o.split("=", 1) if "=" in o else (o, "") for o in str(tmp).split(":", 1)[1].split(",")
+        )
+        assert options.get("size", "").endswith("m"), name
+        assert int(options["size"][:-1]) <= 64, name
+        # Docker mounts a tmpfs noexec,nosuid,nodev unless told "exec"/"suid".
+        assert "exec" not in options, name
+        assert "suid" not in options, name
+
+
+def test_the_microphone_recorder_opens_dev_snd_without_privilege() -> None:
+    recorder = compose_services(profile="mic")["recorder"]
+    assert recorder["devices"] == ["/dev/snd:/dev/snd"]
+    assert recorder["group_add"], "the host's audio group opens /dev/snd/* (root:audio 0660)"
+    assert not recorder.get("privileged")
+    assert not recorder.get("cap_add")
+    assert lockdown_problems(recorder) == []
