@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from _support import require_binary
+from audiosockets.cli import main as cli_main
 from audiosockets.processor import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,3 +254,122 @@ def test_the_microphone_recorder_opens_dev_snd_without_privilege() -> None:
     assert not recorder.get("privileged")
     assert not recorder.get("cap_add")
     assert lockdown_problems(recorder) == []
+
+
+# --- docker/compose.secure.yaml ----------------------------------------------------
+
+SECURE = OVERRIDES["secure"]
+#: Each command's file options in the secure override, and which secret each is.
+SECURE_FILES = {
+    "relay": {
+        "TLS_CERT": "relay.pem",
+        "TLS_KEY": "relay.key",
+        "TLS_CLIENT_CA": "ca.pem",
+        "CREDENTIALS": "credentials.toml",
+    },
+    "record": {
+        "TLS_CA": "ca.pem",
+        "TLS_CERT": "recorder.pem",
+        "TLS_KEY": "recorder.key",
+        "TOKEN_FILE": "recorder.token",
+    },
+    "process": {
+        "TLS_CA": "ca.pem",
+        "TLS_CERT": "processor.pem",
+        "TLS_KEY": "processor.key",
+        "TOKEN_FILE": "processor.token",
+    },
+    "status": {
+        "TLS_CA": "ca.pem",
+        "TLS_CERT": "admin.pem",
+        "TLS_KEY": "admin.key",
+        "TOKEN_FILE": "admin.token",
+    },
+}
+COMMAND_OF = {
+    "relay": "relay",
+    "recorder": "record",
+    "recorder-pulse": "record",
+    "recorder-demo": "record",
+    "processor": "process",
+    "processor-vad": "process",
+    "processor-archive": "process",
+}
+
+
+@pytest.fixture(scope="module")
+def secure() -> dict[str, Service]:
+    services: dict[str, Service] = {}
+    file, env = SECURE
+    for profile in PROFILES:
+        services |= compose_services(file, profile=profile, **env)
+    return services
+
+
+def secret_names(service: Service) -> set[str]:
+    return {s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])}
+
+
+def test_secure_override_turns_on_tls_mutual_tls_and_credentials(
+    secure: dict[str, Service],
+) -> None:
+    for name, command in COMMAND_OF.items():
+        env = {k: str(v) for k, v in secure[name]["environment"].items()}
+        prefix = f"AUDIOSOCKETS_{command.upper()}_"
+        url = env[prefix + ("LISTEN" if command == "relay" else "RELAY")]
+        assert url.startswith("tls://relay:") or url == "tls://0.0.0.0:7400", f"{name}: {url}"
+        # A token only as a file: never in the environment (docker inspect shows it).
+        assert prefix + "TOKEN" not in env, name
+        commands = [command, "status"] if command == "relay" else [command]
+        expected = {
+            f"/run/secrets/{secret}" for c in commands for secret in SECURE_FILES[c].values()
+        }
+        for c in commands:
+            for option, secret in SECURE_FILES[c].items():
+                variable = f"AUDIOSOCKETS_{c.upper()}_{option}"
+                assert env.get(variable) == f"/run/secrets/{secret}", f"{name}: {variable}"
+        # Each service gets exactly the files it uses: a recorder never sees the
+        # relay's key or the processors' token.
+        assert {f"/run/secrets/{s}" for s in secret_names(secure[name])} == expected, name
+
+
+def test_secure_override_sets_only_variables_the_commands_read(
+    secure: dict[str, Service],
+) -> None:
+    # click ignores a variable no option reads: a misspelt one would leave TLS off.
+    def known(command: str) -> set[str]:
+        params = cli_main.commands[command].params
+        return {p.envvar for p in params if isinstance(p.envvar, str)}
+
+    for name, command in COMMAND_OF.items():
+        ours = {k for k in secure[name]["environment"] if k.startswith("AUDIOSOCKETS_")}
+        allowed = known(command) | {"AUDIOSOCKETS_LOG_LEVEL"}
+        if command == "relay":
+            allowed |= known("status")  # `docker compose exec relay audiosockets status`
+        assert ours <= allowed, f"{name}: unknown {sorted(ours - allowed)}"
+
+
+def test_secure_override_reads_every_secret_from_the_site_directory(
+    secure: dict[str, Service],
+) -> None:
+    file, _ = SECURE
+    raw = yaml.safe_load(file.read_text())
+    used = set().union(*(secret_names(s) for s in secure.values()))
+    assert set(raw["secrets"]) == used, "a secret is declared but unused, or used undeclared"
+    for name, secret in raw["secrets"].items():
+        assert secret["file"].startswith("${AUDIOSOCKETS_SECRETS:?"), name
+        assert secret["file"].endswith("}/" + name), name
+    assert "ca.key" not in used  # the CA's key signs certificates; nothing deployed needs it
+    # The desktop user of recorder-pulse reads the key and token through the group.
+    assert "10001" in [str(g) for g in secure["recorder-pulse"]["group_add"]]
+
+
+def test_secure_override_without_the_site_directory_says_so() -> None:
+    binary = require_binary("docker-compose")
+    env = {k: v for k, v in os.environ.items() if k != "AUDIOSOCKETS_SECRETS"}
+    done = subprocess.run(
+        [binary, "-f", "compose.yaml", "-f", str(SECURE[0]), "config", "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "set AUDIOSOCKETS_SECRETS to the site's directory" in done.stderr
