@@ -41,6 +41,12 @@ OVERRIDES = {
     "passthrough": (HERE / "compose.passthrough.yaml", {"E2E_DIR": "/nonexistent"}),
     "secure": (ROOT / "docker" / "compose.secure.yaml", {"AUDIOSOCKETS_SECRETS": "/nonexistent"}),
 }
+# The secure end-to-end run: four files.
+SECURE_E2E = (
+    HERE / "compose.e2e.yaml",
+    ROOT / "docker" / "compose.secure.yaml",
+    HERE / "compose.e2e-secure.yaml",
+)
 NO_NEW_PRIVILEGES = {"no-new-privileges:true", "no-new-privileges=true", "no-new-privileges"}
 
 Service = dict[str, Any]
@@ -73,6 +79,10 @@ def configurations() -> list[tuple[str, dict[str, Service]]]:
         result.append((profile, compose_services(profile=profile)))
         for name, (file, env) in OVERRIDES.items():
             result.append((f"{profile}+{name}", compose_services(file, profile=profile, **env)))
+        env = {"E2E_DIR": "/nonexistent", "AUDIOSOCKETS_SECRETS": "/nonexistent"}
+        result.append(
+            (f"{profile}+e2e+secure", compose_services(*SECURE_E2E, profile=profile, **env))
+        )
     return result
 
 
@@ -167,7 +177,7 @@ def written_paths(service: Service) -> list[str]:
 
 
 def test_every_override_exists() -> None:
-    for file, _ in OVERRIDES.values():
+    for file in (*(f for f, _ in OVERRIDES.values()), *SECURE_E2E):
         assert file.is_file(), file
 
 
