@@ -59,6 +59,11 @@ def make_site(directory: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, f"README's site commands failed:\n{done.stdout}\n{done.stderr}"
+    # Readable by the services' group, and the CA's key by nobody but its owner.
+    for name in ("relay.key", "recorder.key", "processor.key", "admin.key", "admin.token"):
+        assert (directory / name).stat().st_gid == 10001, name
+        assert (directory / name).stat().st_mode & 0o077 == 0o040, name
+    assert (directory / "ca.key").stat().st_mode & 0o077 == 0, "ca.key is readable by others"
 
 
 def refused_status(compose: Compose, *unset: str, relay: str) -> subprocess.CompletedProcess[str]:
