@@ -35,7 +35,7 @@ from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.cli import main as cli_main
 from audiosockets.processor import parse_spec
 from audiosockets.sources import block_frames_for, parse_source
-from audiosockets.urls import parse_url
+from audiosockets.urls import check_url, is_nats_url, parse_nats_url, parse_url
 
 try:
     import kubernetes_validate
@@ -150,11 +150,18 @@ def pod_spec(workload: Doc) -> Doc:
     return spec
 
 
-def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+def all_containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
     """(workload, container) for every container, init containers included."""
     for workload in workloads(docs):
         spec = pod_spec(workload)
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            yield workload, container
+
+
+def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+    """(workload, container) for every audiosockets container (not NATS servers)."""
+    for workload, container in all_containers(docs):
+        if str(container.get("image", "")).startswith("audiosockets/"):
             yield workload, container
 
 
@@ -212,7 +219,10 @@ def relay_service(docs: list[Doc]) -> Doc:
 
 
 def relay_workload(docs: list[Doc]) -> Doc:
-    (relay,) = [w for w, c in containers(docs) if command_of(c) == "relay"]
+    relays = [w for w, c in containers(docs) if command_of(c) == "relay"]
+    if not relays and of_kind(docs, "StatefulSet"):
+        pytest.skip("this overlay has no relay: its clients use NATS")
+    (relay,) = relays
     return relay
 
 
@@ -353,7 +363,7 @@ def test_every_container_environment_is_accepted_by_its_command(
         except click.ClickException as exc:
             raise AssertionError(f"{ident(workload)}: {exc.format_message()}") from None
         if command in ("record", "process"):
-            parse_url(params["relay_url"])
+            check_url(params["relay_url"])
         if command == "process":
             parse_spec(params["handler_spec"])
         if command == "record":
@@ -371,6 +381,7 @@ def test_every_container_environment_is_accepted_by_its_command(
 
 
 def test_recorders_and_processors_reach_the_relay_service(overlay: list[Doc]) -> None:
+    relay_workload(overlay)  # skips an overlay without a relay
     service = relay_service(overlay)
     namespace = service["metadata"]["namespace"]
     service_ports = {p["port"]: p for p in service["spec"]["ports"]}
@@ -397,6 +408,7 @@ def test_recorders_and_processors_reach_the_relay_service(overlay: list[Doc]) ->
 
 
 def test_relay_service_exposes_protocol_and_metrics(overlay: list[Doc]) -> None:
+    relay_workload(overlay)  # skips an overlay without a relay
     service = relay_service(overlay)
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     ports = {p["port"]: p for p in service["spec"]["ports"]}
@@ -609,7 +621,7 @@ def effective(workload: Doc, container: Doc, key: str) -> Any:
 
 
 def test_no_container_runs_as_root(overlay: list[Doc]) -> None:
-    for workload, container in containers(overlay):
+    for workload, container in all_containers(overlay):
         where = f"{ident(workload)}/{container['name']}"
         assert effective(workload, container, "runAsNonRoot") is True, where
         uid = effective(workload, container, "runAsUser")
@@ -656,7 +668,7 @@ def lockdown_problems(workload: Doc, container: Doc) -> list[str]:
 def test_containers_are_locked_down(overlay: list[Doc]) -> None:
     problems = [
         f"{ident(workload)}/{container['name']}: {problem}"
-        for workload, container in containers(overlay)
+        for workload, container in all_containers(overlay)
         for problem in lockdown_problems(workload, container)
     ]
     assert not problems, "\n".join(problems)
@@ -850,7 +862,7 @@ def test_components_are_the_prometheus_jobs_the_dashboards_use(overlay: list[Doc
 
 
 def test_resources_and_grace_period_are_set(overlay: list[Doc]) -> None:
-    for workload, container in containers(overlay):
+    for workload, container in all_containers(overlay):
         resources = container.get("resources", {})
         for bound in ("requests", "limits"):
             for resource in ("cpu", "memory"):
@@ -957,7 +969,8 @@ def test_readme_scrape_job_finds_each_metrics_port_once_under_its_job(
         for w, c in containers(overlay)
     )
     assert sorted((t["__address__"], t["job"]) for t in targets) == expected
-    assert {t["job"] for t in targets} == {"relay", "recorder", "processor"}
+    relay = {"relay"} if any(command_of(c) == "relay" for _, c in containers(overlay)) else set()
+    assert {t["job"] for t in targets} == {"recorder", "processor"} | relay
 
 
 def test_relabel_simulation_drops_what_it_should() -> None:
@@ -1188,26 +1201,49 @@ def admitted(docs: list[Doc], source: Pod, workload: Doc, container: Doc, port_n
 
 
 def pods_of(docs: list[Doc]) -> list[tuple[Pod, Doc, Doc]]:
-    """(pod as a traffic source, workload, container) for every container."""
+    """(pod as a traffic source, workload, container) for every container, NATS included."""
     return [
         ((w["metadata"]["namespace"], w["spec"]["template"]["metadata"]["labels"]), w, c)
-        for w, c in containers(docs)
+        for w, c in all_containers(docs)
     ]
+
+
+def component(workload: Doc) -> str:
+    return str(workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"])
 
 
 def test_only_recorders_and_processors_reach_the_relays_protocol_port(overlay: list[Doc]) -> None:
     relay = relay_workload(overlay)
     relay_container = pod_spec(relay)["containers"][0]
-    for source, workload, container in pods_of(overlay):
-        expected = command_of(container) in ("record", "process")
+    for source, workload, _ in pods_of(overlay):
+        expected = component(workload) in ("recorder", "processor")
         got = admitted(overlay, source, relay, relay_container, "relay")
         assert got == expected, f"{ident(workload)} -> relay:7400 admitted={got}"
     for source in (PROMETHEUS_POD, *STRANGERS):
         assert not admitted(overlay, source, relay, relay_container, "relay"), source
 
 
+def test_only_clients_reach_nats_and_only_its_servers_the_routes(overlay: list[Doc]) -> None:
+    servers = [(w, c) for w, c in all_containers(overlay) if component(w) == "nats"]
+    if not servers:
+        pytest.skip("this overlay has no NATS servers")
+    for nats, container in servers:
+        if container["name"] != "nats":
+            continue
+        for source, workload, _ in pods_of(overlay):
+            client = admitted(overlay, source, nats, container, "client")
+            assert client == (component(workload) in ("recorder", "processor")), ident(workload)
+            route = admitted(overlay, source, nats, container, "cluster")
+            assert route == (component(workload) == "nats"), ident(workload)
+        for source in (PROMETHEUS_POD, *STRANGERS):
+            for port in ("client", "cluster", "monitor"):
+                assert not admitted(overlay, source, nats, container, port), (source, port)
+
+
 def test_only_prometheus_reaches_the_metrics_ports(overlay: list[Doc]) -> None:
     for _, workload, container in pods_of(overlay):
+        if "metrics" not in {p.get("name") for p in container.get("ports", [])}:
+            continue
         assert admitted(overlay, PROMETHEUS_POD, workload, container, "metrics"), ident(workload)
         for source in STRANGERS:
             assert not admitted(overlay, source, workload, container, "metrics"), (
@@ -1357,3 +1393,54 @@ def test_secure_overlay_documents_every_secret_it_mounts() -> None:
         assert name in created, f"Secret {name} is mounted but not created in the comment"
         assert set(keys) <= created[name], (name, keys, created[name])
     assert set(created) == {name for name, _ in used}, "a documented Secret is never mounted"
+
+
+# --- NATS (overlays/fleet) ------------------------------------------------------
+
+
+def nats_overlays() -> list[Path]:
+    return [p for p in OVERLAYS if of_kind(render(p), "StatefulSet")]
+
+
+def test_fleet_is_a_nats_overlay() -> None:
+    assert "fleet" in {p.name for p in nats_overlays()}
+
+
+@pytest.mark.parametrize("directory", nats_overlays(), ids=lambda p: p.name)
+def test_nats_cluster_keeps_three_replicas_and_clients_reach_every_server(
+    directory: Path,
+) -> None:
+    docs = render(directory)
+    (nats,) = of_kind(docs, "StatefulSet")
+    assert nats["spec"]["replicas"] == 3
+    assert nats["spec"]["podManagementPolicy"] == "Parallel"
+    (claim,) = nats["spec"]["volumeClaimTemplates"]
+    (container,) = [c for c in pod_spec(nats)["containers"] if c["name"] == "nats"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    config = find(docs, "ConfigMap", "nats-config")["data"]["nats.conf"]
+    # JetStream keeps its store on the claimed volume, not in the container.
+    assert re.search(rf"store_dir:\s*{mounts[claim['metadata']['name']]}\b", config)
+    service = find(docs, "Service", nats["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert selects(service["spec"]["selector"], nats["spec"]["template"]["metadata"]["labels"])
+    pods = {f"{nats['metadata']['name']}-{i}.{service['metadata']['name']}" for i in range(3)}
+    routes = set(re.findall(r"nats://([\w.-]+):6222", config))
+    assert routes == pods, routes
+    assert container_port(container, "client") == 4222
+    # Prometheus finds the servers like every other pod: annotated, a port named metrics.
+    (exporter,) = [c for c in pod_spec(nats)["containers"] if c["name"] == "exporter"]
+    annotations = nats["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == container_port(exporter, "metrics")
+    assert "http://localhost:8222" in exporter["args"]
+    assert container_port(container, "monitor") == 8222
+    clients = 0
+    for workload, c in containers(docs):
+        url = resolve_env(docs, c)[f"AUDIOSOCKETS_{command_of(c).upper()}_RELAY"]
+        assert is_nats_url(url), f"{ident(workload)}: {url}"
+        address = parse_nats_url(url)
+        assert {s.split("//")[1].rsplit(":", 1)[0] for s in address.servers} == pods
+        assert {int(s.rsplit(":", 1)[1]) for s in address.servers} == {4222}
+        assert dict(address.options).get("replicas") == "3", url
+        clients += 1
+    assert clients >= 4  # a recorder and the three processors
