@@ -14,12 +14,13 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import click
 
 from . import __version__
 from .audio import DTypeName
+from .cli_nats import nats_group
 from .cli_support import (
     LoopName,
     choice,
@@ -30,8 +31,9 @@ from .cli_support import (
     user_errors,
 )
 from .client import StartName
+from .errors import ConfigError
 from .loadtest import ClientName, RateName
-from .urls import parse_url
+from .urls import check_url, is_nats_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -83,6 +85,31 @@ def main(log_level: LogLevel) -> None:
 
 
 # --- relay, status, loadtest (lead) -----------------------------------------
+
+#: The relay's limits against runaway and hostile clients (README, "Limits"):
+#: flag, type, default, help; each becomes the ``RelayConfig`` field of its name.
+RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
+    ("--max-streams", click.IntRange(1), 1024, "Stream names held at once."),
+    ("--max-streams-per-publisher", click.IntRange(1), 64, "Names one publisher may declare."),
+    ("--stream-grace-seconds", click.FloatRange(0), 60.0, "Keep an abandoned empty stream."),
+    ("--max-sessions", click.IntRange(1), 1024, "Connections at once (below the fd limit)."),
+    ("--max-sessions-per-address", click.IntRange(1), 256, "Connections from one address."),
+    ("--idle-timeout", click.FloatRange(0, min_open=True), 60.0, "Close sessions holding nothing."),
+    ("--max-write-buffer-bytes", click.IntRange(1), 4 << 20, "Replies queued to a non-reader."),
+    ("--status-interval", click.FloatRange(0), 1.0, "Least seconds between STATUS replies."),
+    (
+        "--max-inflight-seconds",
+        click.FloatRange(0, min_open=True),
+        1.0,
+        "Audio written to a subscriber, not yet acknowledged.",
+    ),
+]
+
+
+def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
+    for flag, kind, default, help in reversed(RELAY_LIMITS):
+        func = click.option(flag, type=kind, default=default, show_default=True, help=help)(func)
+    return func
 
 
 @main.command()
@@ -155,6 +182,7 @@ def main(log_level: LogLevel) -> None:
     default=None,
     help="Shared secret every client must present (unset: no authentication).",
 )
+@relay_limit_options
 @loop_option
 @user_errors
 def relay(
@@ -172,6 +200,7 @@ def relay(
     max_capture_age: float,
     token: str | None,
     loop_name: LoopName,
+    **limits: Any,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out."""
     from .health import Health
@@ -196,6 +225,7 @@ def relay(
         max_capture_ahead=max_capture_ahead,
         max_capture_age=max_capture_age,
         token=token or "",
+        **limits,
     )
     metrics = Metrics()
 
@@ -228,11 +258,16 @@ def status(
     relay_url: str, as_json: bool, timeout: float, token: str | None, loop_name: LoopName
 ) -> None:
     """Show a relay's streams, clients, groups and drops."""
-    from .client import fetch_status
+    from .connect import fetch_status
 
     report = run_async(fetch_status(relay_url, timeout=timeout, token=token or ""), loop_name)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+        return
+    if report.get("binding") == "nats":
+        from .jetstream.admin import format_status as format_nats_status
+
+        click.echo(format_nats_status(report))
         return
     click.echo(format_status(report))
 
@@ -318,7 +353,11 @@ def loadtest(
     from .loadtest import LoadTestConfig, check_gates, format_report, run_loadtest
 
     if relay_url:
-        parse_url(relay_url)
+        check_url(relay_url)
+        if client == "raw" and is_nats_url(relay_url):
+            raise ConfigError(
+                "--client raw reads the relay protocol; use --client library for NATS"
+            )
     cfg = configure(
         LoadTestConfig,
         streams=streams,
@@ -410,7 +449,7 @@ def record(
     from .recorder import RecorderConfig
     from .recorder import record as run_recorder
 
-    parse_url(relay_url)  # a malformed URL is an error before any device is opened
+    check_url(relay_url)  # a malformed URL is an error before any device is opened
     config = configure(
         RecorderConfig,
         relay=relay_url,
@@ -569,6 +608,11 @@ def demo(listen: str, streams: int, seconds: float, loop_name: LoopName) -> None
     host, port = listen_address(listen)
     config = configure(DemoConfig, host=host, port=port, streams=streams, seconds=seconds)
     run_async(run_demo(config), loop_name)
+
+
+# --- nats (the JetStream binding): cli_nats.py ------------------------------------
+
+main.add_command(nats_group)
 
 
 # --- env vars (keep last: runs after every command is registered) -----------

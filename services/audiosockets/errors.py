@@ -27,6 +27,7 @@ class ErrorCode(IntEnum):
     REPLACED = 11
     SHUTTING_DOWN = 12
     INTERNAL = 13
+    OVERLOADED = 14  # a session cap was reached at accept; retry later
 
 
 class AudiosocketsError(Exception):
@@ -77,6 +78,12 @@ class RelayUnreachable(AudiosocketsError):
     """The relay could not be reached (refused, timed out, name not resolved)."""
 
     exit_code = 3
+
+
+class Refused(AudiosocketsError):
+    """The server refused what we asked for (credentials, permissions): a retry cannot help."""
+
+    exit_code = 1
 
 
 class AddressInUse(AudiosocketsError):

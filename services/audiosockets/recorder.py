@@ -47,6 +47,7 @@ from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
 from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
+from .urls import redact
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -163,9 +164,9 @@ class RecorderMetrics:
 
 
 def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
-    from .client import Publisher
+    from .connect import connect_publisher
 
-    publisher: PublisherLike = Publisher(
+    publisher: PublisherLike = connect_publisher(
         config.relay,
         name=config.name or f"recorder-{config.stream}",
         history_seconds=config.history_seconds,
@@ -259,7 +260,7 @@ class Recorder:
         log.info(
             "recording %s -> %s as %r",
             self.source.description,
-            self.config.relay,
+            redact(self.config.relay),
             self.config.stream,
         )
 

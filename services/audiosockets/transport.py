@@ -127,12 +127,21 @@ async def start_accounted_server(
     return await loop.create_server(factory, host, port)
 
 
+class WriteBufferFull(ConnectionClosed):
+    """The peer stopped reading and what we queued for it passed the
+    channel's ``max_write_buffer``: the session cannot go on without holding
+    unbounded memory for it."""
+
+
 class Channel:
     """A framed, heartbeated session over one TCP connection.
 
     ``frame_timeout``: seconds a frame may take from its first byte to its
     last (None: no limit); ``input_account``: told after every read how many
     bytes of incomplete frames this channel holds.
+    ``max_write_buffer`` (bytes, 0: no limit) bounds what ``send`` may leave
+    queued for a peer that does not read (replies such as PONG and STATUS):
+    past it ``send`` raises ``WriteBufferFull`` instead of queueing more.
     """
 
     def __init__(
@@ -146,8 +155,10 @@ class Channel:
         clock: Clock = time.monotonic,
         frame_timeout: float | None = None,
         input_account: InputAccount | None = None,
+        max_write_buffer: int = 0,
     ) -> None:
         self.reader = reader
+        self.max_write_buffer = max_write_buffer
         self.writer = writer
         self.conn = conn
         self.heartbeat_interval = heartbeat_interval
@@ -166,6 +177,7 @@ class Channel:
         self._cut: RemoteProtocolError | None = None
         if isinstance(reader, AccountedReader):
             reader.owner = self
+        self._pings = 0  # PINGs answered
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
@@ -174,9 +186,17 @@ class Channel:
     def send(self, event: Event) -> None:
         """Encode ``event`` through the codec and write it (no drain).
 
-        Raises LocalProtocolError when the codec refuses the event; writes
-        nothing once the channel is closed.
+        Raises LocalProtocolError when the codec refuses the event, and
+        ``WriteBufferFull`` when ``max_write_buffer`` is set and more than that
+        is already queued (nothing is written then); writes nothing once the
+        channel is closed.
         """
+        limit = self.max_write_buffer
+        if limit and not self.closed and self.write_buffer_size > limit:
+            raise WriteBufferFull(
+                f"{self.peer} does not read: more than {limit} bytes queued for it",
+                ErrorCode.INTERNAL,
+            )
         data = self.conn.send(event)
         self.write(data)
 
@@ -228,6 +248,9 @@ class Channel:
             if isinstance(event, Ping):
                 if not self.closed:
                     self.send(Pong(event.nonce))
+                self._pings += 1
+                if self._pings % 32 == 0:
+                    await asyncio.sleep(0)  # a PING flood does not keep the loop
                 continue
             if isinstance(event, Pong):
                 sent = self._ping_sent_at.pop(event.nonce, None)

@@ -19,7 +19,7 @@ from ..errors import ConfigError, HandlerError
 from ..handlers import HandlerOptions
 from ..metrics import Metrics
 from ..service import STOP_SIGNALS, run_service
-from ..urls import parse_url
+from ..urls import check_url
 from .backlog import ChunkBacklog, CompletionOrder, StreamClosed
 from .loading import HandlerSpec, _one_line, check_handler, parse_spec
 from .metrics import ProcessorMetrics
@@ -413,7 +413,7 @@ class ProcessorConfig:
         The handler spec is not checked here: ``serve`` loads it (once), and a bad
         one is a ``HandlerError``.
         """
-        parse_url(self.relay)
+        check_url(self.relay)
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if not 0 <= self.metrics_port <= 65535:
@@ -442,7 +442,7 @@ async def serve(
     ``ConfigError`` for an events file that cannot be opened, ``AddressInUse``
     for a taken metrics port.
     """
-    from ..client import Subscriber
+    from ..connect import connect_subscriber
     from ..health import Health, session_ready
     from ..metrics import serve_metrics
 
@@ -472,7 +472,7 @@ async def serve(
         if config.metrics_port > 0:
             health = Health.watch_running_loop(session_ready(metrics.registry, "subscriber"))
             serve_metrics(config.metrics_port, metrics.registry, health=health)  # AddressInUse
-        sub = Subscriber(
+        sub = connect_subscriber(
             config.relay,
             config.stream,
             group=config.group or "",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
 from ..protocol import Connection, ErrorFrame, Goodbye, Hello, Welcome
-from ..transport import Channel, tune_socket
+from ..transport import Channel, WriteBufferFull, tune_socket
 from .sessions import SESSION_TYPES, Session, SubscriberSession
 
 if TYPE_CHECKING:
@@ -29,6 +29,8 @@ log = logging.getLogger("audiosockets.relay")
 #: SO_RCVBUF of a relay connection (Linux doubles it): 64 KiB holds 100 ms of
 #: 48 kHz 64-channel int16 audio, and bounds what one read brings in.
 RECEIVE_BUFFER_BYTES = 64 << 10
+#: Events one session handles before it lets the others run.
+FAIR_SHARE = 32
 
 
 def _the_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -66,6 +68,7 @@ async def serve_connection(
         clock=relay.clock,
         frame_timeout=cfg.frame_timeout,
         input_account=relay.input_budget,
+        max_write_buffer=cfg.write_buffer_limit,
     )
     session: Session | None = None
     try:
@@ -90,6 +93,16 @@ async def serve_connection(
             more = f" ({held} more {exc.reason} since the last line)" if held else ""
             log.warning("closing %s from %s: %s%s", who, channel.peer, exc, more)
         await channel.close(ErrorFrame(exc.code, str(exc)))
+    except WriteBufferFull as exc:
+        # It does not read: no farewell could reach it, and waiting for one
+        # to flush would hold the buffer longer.
+        channel.abort()
+        if session is not None:
+            relay.guard.cut_session(
+                session, "write_buffer_full", ErrorFrame(ErrorCode.INTERNAL, str(exc))
+            )
+        else:
+            relay.guard.counters.sessions_cut.labels("write_buffer_full").inc()
     except ConnectionClosed as exc:
         if session is not None:
             log.info("%s %r disconnected: %s", session.role.label, session.name, exc)
@@ -133,12 +146,21 @@ async def _handshake(relay: Relay, channel: Channel) -> Hello | None:
 
 
 async def _read_events(session: Session) -> None:
-    """Hand the session its events until GOODBYE/ERROR; then stop its writer."""
+    """Hand the session its events until GOODBYE/ERROR; then stop its writer.
+    Every ``FAIR_SHARE`` events it yields to the other sessions."""
+    handled = 0
     while True:
         event = await session.channel.next_event()
         if isinstance(event, Goodbye | ErrorFrame):
             log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
             break
+        session.last_active = session.relay.clock()
         await session.handle(event)
+        handled += 1
+        if handled % FAIR_SHARE == 0:
+            # A client whose frames arrive faster than we handle them would
+            # keep the loop to itself for a whole read (thousands of frames):
+            # let the other sessions run.
+            await asyncio.sleep(0)
     if isinstance(session, SubscriberSession) and session.writer is not None:
         session.writer.cancel()

@@ -39,12 +39,14 @@ from ..protocol import (
 from ..service import STOP_SIGNALS, run_service
 from ..transport import start_accounted_server
 from ..urls import RelayAddress
+from .admission import Guard
 from .budget import InputBudget, MemoryLedger, readers_lose, trim_windows
 from .connections import serve_connection
+from .expiry import Housekeeping
 from .groups import Group
 from .lograte import LogRateLimit
 from .sessions import PublisherSession, Session, SubscriberSession
-from .status import collect_gauges, status_report
+from .status import StatusCache, collect_gauges, status_report
 from .streams import StreamCounters, StreamState
 from .subscriptions import Subscriptions
 from .window import ReplayWindow
@@ -78,7 +80,27 @@ class RelayConfig:
     ``max_batch_bytes``: frames written to one subscriber per drain;
     ``socket_buffer_bytes``: kernel send buffer per connection (0: OS
     default); ``token``: shared secret clients present in HELLO (empty:
-    none). Raises ``ValueError`` for a value out of range.
+    none).
+
+    Limits against runaway and hostile clients (README, "Limits"):
+    ``max_streams``: stream names the relay holds at once (an OPEN_STREAM
+    beyond it gets CLOSE_STREAM ``refused``); ``max_streams_per_publisher``:
+    distinct names one publisher session may declare; ``stream_grace_seconds``:
+    how long a stream with no publisher and nothing left in its window is kept
+    before it is forgotten with its metric series (s, >= 0);
+    ``max_sessions``: connections held at once (lowered at start to the
+    descriptor limit minus ``DESCRIPTOR_RESERVE``); ``max_sessions_per_address``:
+    connections from one source address; ``idle_timeout``: a session that
+    holds nothing (observer, publisher without streams, subscriber before
+    SUBSCRIBE) and asks nothing for this long is closed (s, > 0);
+    ``max_write_buffer_bytes``: replies queued to a session that does not
+    read, beyond which it is cut (bytes; see ``write_buffer_limit``);
+    ``status_interval``: least time between two STATUS replies to one session
+    (s, >= 0; a request earlier waits, and the session's reading with it);
+    ``max_inflight_seconds``: audio written to one subscriber that its host
+    has not acknowledged, beyond which nothing more is written (s, > 0;
+    ``inflight``). Raises ``ValueError`` for a
+    value out of range.
     """
 
     host: str = "127.0.0.1"
@@ -97,6 +119,15 @@ class RelayConfig:
     server_name: str = "audiosockets-relay"
     token: str = ""  # shared secret clients must present in HELLO; empty: none
     limits: Limits = field(default_factory=Limits)
+    max_streams: int = 1024  # stream names held at once, relay-wide
+    max_streams_per_publisher: int = 64  # distinct names one publisher session declares
+    stream_grace_seconds: float = 60.0  # an abandoned, empty stream is forgotten after
+    max_sessions: int = 1024  # connections at once (and below the descriptor limit)
+    max_sessions_per_address: int = 256  # connections from one source address
+    idle_timeout: float = 60.0  # a session holding nothing and asking nothing is closed
+    max_write_buffer_bytes: int = 4 << 20  # replies queued to a non-reading session
+    status_interval: float = 1.0  # least seconds between STATUS replies to one session
+    max_inflight_seconds: float = 1.0  # audio written to a subscriber, not yet acknowledged
 
     def __post_init__(self) -> None:
         if self.replay_seconds < 0:
@@ -113,6 +144,32 @@ class RelayConfig:
             raise ValueError("frame_timeout must be > 0")
         if self.max_capture_ahead <= 0 or self.max_capture_age <= 0:
             raise ValueError("max_capture_ahead and max_capture_age must be > 0")
+        for name in (
+            "max_streams",
+            "max_streams_per_publisher",
+            "max_sessions",
+            "max_sessions_per_address",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.stream_grace_seconds < 0:
+            raise ValueError("stream_grace_seconds must be >= 0")
+        if self.idle_timeout <= 0:
+            raise ValueError("idle_timeout must be > 0")
+        if self.max_inflight_seconds <= 0:
+            raise ValueError("max_inflight_seconds must be > 0")
+        if self.status_interval < 0:
+            raise ValueError("status_interval must be >= 0")
+        if self.max_write_buffer_bytes < 1:
+            raise ValueError("max_write_buffer_bytes must be >= 1")
+
+    @property
+    def write_buffer_limit(self) -> int:
+        """Bytes queued to one session beyond which it is cut: the
+        configured ``max_write_buffer_bytes``, but never less than one batch
+        of audio plus two frames of ``max_frame_size`` (a STATUS reply)."""
+        floor = self.max_batch_bytes + 2 * (self.limits.max_frame_size + 16)
+        return max(self.max_write_buffer_bytes, floor)
 
 
 class Relay:
@@ -140,7 +197,7 @@ class Relay:
         self.window_memory = MemoryLedger()  # what every window holds, bytes
         self.input_budget = InputBudget(self.config.max_input_bytes)
         self.refusals_logged = LogRateLimit(10.0, clock)  # protocol errors, by reason
-        self._stream_ids: dict[int, StreamState] = {}
+        self.stream_ids: dict[int, StreamState] = {}  # by relay-wide id
         self.subscriptions = Subscriptions()
         self.groups: dict[str, Group] = {}
         self.sessions: set[Session] = set()
@@ -153,15 +210,19 @@ class Relay:
         self.address: RelayAddress | None = None
         self.started_at = time.time()
         self.metrics.registry.register(CallbackCollector(lambda: collect_gauges(self)))
+        self.guard = Guard(self)  # the limits: caps, cuts, their counters and log
+        self.housekeeping = Housekeeping(self)
+        self.status_cache = StatusCache()
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> RelayAddress:
         """Bind the listening socket and return the address clients reach it
         at (the real port when the config says 0). Raises ``AddressInUse``
-        when it cannot listen there."""
+        when it cannot listen there. Raises the descriptor limit first (``Guard.start``)."""
         if self._server is not None and self.address is not None:
             return self.address  # already started (e.g. by a test before run())
+        self.guard.start(asyncio.get_running_loop())
         try:
             self._server = await start_accounted_server(
                 self._on_connect, self.config.host, self.config.port, self.input_budget
@@ -174,6 +235,7 @@ class Relay:
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
         self.address = RelayAddress(self.config.host if host in ("0.0.0.0", "::") else host, port)
+        self.housekeeping.start()
         log.info("relay listening on %s", self.address)
         return self.address
 
@@ -192,6 +254,8 @@ class Relay:
         end (at most ``timeout`` seconds for each step)."""
         if self._server is not None:
             self._server.close()
+        self.housekeeping.stop()
+        self.guard.stop()
         farewell = Goodbye(ErrorCode.SHUTTING_DOWN, "relay shutting down")
         await asyncio.gather(
             *(s.channel.close(farewell, timeout=timeout) for s in list(self.sessions)),
@@ -216,11 +280,13 @@ class Relay:
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)
-        try:
-            await serve_connection(self, reader, writer)
-        finally:
-            self._tasks.discard(task)
+        async with self.guard.admitted(writer) as admitted:
+            if admitted:
+                self._tasks.add(task)
+                try:
+                    await serve_connection(self, reader, writer)
+                finally:
+                    self._tasks.discard(task)
 
     # -- publishing ----------------------------------------------------------
 
@@ -231,8 +297,14 @@ class Relay:
         one keeps its window, unless ``fmt`` differs (window cleared, readers
         get OPEN_STREAM again). A previous publisher is told GOODBYE
         ``REPLACED``. Readers waiting for a CLOSE_STREAM of it no longer get one.
+
+        Raises ``StreamRefused`` past a stream cap (``Guard.check_stream``).
+        Only a new stream is offered: re-declaring a name rebalances nothing.
         """
+        self.guard.check_stream(publisher, name)
+        publisher.names.add(name)
         stream = self.streams.get(name)
+        new = stream is None
         if stream is None:
             m = self.metrics
             m.declare_stream(name)
@@ -249,7 +321,7 @@ class Relay:
                 window=ReplayWindow(self.window_memory),
             )
             self.streams[name] = stream
-            self._stream_ids[stream.id] = stream
+            self.stream_ids[stream.id] = stream
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
         elif stream.format != fmt:
             log.warning(
@@ -268,9 +340,11 @@ class Relay:
             )
             old.start_task(old.channel.close(farewell), name=f"replace {old.name}")
         stream.publisher = publisher
+        stream.abandoned_at = None
         for cursor in self.subscriptions.readers(name).values():
             cursor.end_after = None  # back before readers caught up: not ended
-        self._offer(stream)
+        if new:
+            self._offer(stream)
         return stream
 
     def publish(self, stream: StreamState, chunk: ChunkData) -> None:
@@ -345,7 +419,10 @@ class Relay:
             with contextlib.suppress(ValueError):
                 group.members.remove(session)
             session.group = None
-            group.rebalance(self.streams, self.subscriptions)
+            if group.members:
+                group.rebalance(self.streams, self.subscriptions)
+            elif self.groups.get(group.name) is group:
+                del self.groups[group.name]  # empty: its state goes with its last member
 
     def _offer(self, stream: StreamState) -> None:
         """A stream appeared (or came back): attach it where it belongs."""
@@ -357,13 +434,14 @@ class Relay:
             ):
                 session.attach(stream, session.resume.get(stream.name))
         for group in list(self.groups.values()):
-            group.rebalance(self.streams, self.subscriptions)
+            if any(m.matches(stream.name) for m in group.members):
+                group.rebalance(self.streams, self.subscriptions)
 
     def ack(self, session: SubscriberSession, stream_id: int, seq: int) -> None:
         """``session`` confirmed ``seq`` in the stream with relay id ``stream_id``
         (its group's resume point; ignored outside a group or for another
         member's stream)."""
-        stream = self._stream_ids.get(stream_id)
+        stream = self.stream_ids.get(stream_id)
         if stream is not None and session.group is not None:
             session.group.ack(session, stream.name, seq)
 

@@ -46,6 +46,7 @@ class StreamState:
     last_arrival: float = 0.0  # relay clock when the newest chunk arrived
     publisher: PublisherSession | None = None
     chunks_total: int = 0
+    abandoned_at: float | None = None  # relay clock since when no publisher and no audio
 
     def rate(self, now: float, span: float = 5.0) -> float:
         """Chunks per second that arrived in the last ``span`` seconds before
