@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -158,7 +159,7 @@ async def test_audio_expires_by_age_and_an_abandoned_stream_is_forgotten_with_it
     pub.send(OpenStream(1, "dead", FMT))
     assert isinstance(await pub.next(), StreamAccepted)
     for seq in range(3):
-        pub.send(ChunkData(1, seq, 1, BLOCK))
+        pub.send(ChunkData(1, seq, time.time_ns(), BLOCK))
     await wait_until(lambda: relay.streams["dead"].last_seq == 2, what="3 chunks")
     clock.now += 4.9
     relay.housekeeping.run_once()
@@ -199,7 +200,7 @@ async def test_a_publisher_comes_back_to_a_forgotten_name_as_a_new_stream(
     pub = await Raw.session(relay)
     pub.send(OpenStream(1, "s", FMT))
     assert isinstance(await pub.next(), StreamAccepted)
-    pub.send(ChunkData(1, 0, 1, BLOCK))
+    pub.send(ChunkData(1, 0, time.time_ns(), BLOCK))
     pub.send(CloseStream(1))
     await wait_until(lambda: relay.streams["s"].publisher is None, what="closed")
     clock.now += 2
@@ -234,7 +235,7 @@ async def test_names_count_against_the_publisher_cap_and_a_refusal_keeps_the_ses
     # A name it already declared is no new name: still accepted; the session lives.
     pub.send(OpenStream(2, "name-3", FMT))
     assert isinstance(await pub.next(), StreamAccepted)
-    pub.send(ChunkData(2, 0, 1, BLOCK))
+    pub.send(ChunkData(2, 0, time.time_ns(), BLOCK))
     await wait_until(lambda: relay.streams["name-3"].last_seq == 0, what="chunk")
 
 

@@ -103,6 +103,11 @@ RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
         1.0,
         "Audio written to a subscriber, not yet acknowledged.",
     ),
+    ("--max-window-memory", click.IntRange(1 << 20), 256 << 20, "Bytes all windows may hold."),
+    ("--max-input-bytes", click.IntRange(64), 16 << 20, "Bytes of incomplete frames, all."),
+    ("--frame-timeout", click.FloatRange(0, min_open=True), 10.0, "Seconds to finish a frame."),
+    ("--max-capture-ahead", click.FloatRange(0), 300.0, "Capture time ahead of the relay (s)."),
+    ("--max-capture-age", click.FloatRange(0), 3650 * 86400.0, "Capture time behind it (s)."),
 ]
 
 
@@ -140,42 +145,7 @@ def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
     help="Largest frame accepted.",
 )
 @click.option(
-    "--max-window-memory",
-    type=click.IntRange(1 << 20),
-    default=256 << 20,
-    help="Bytes all replay windows may hold together; beyond it the oldest audio of the "
-    "largest window goes first (counted window_memory_exceeded).",
-)
-@click.option(
-    "--max-input-bytes",
-    type=click.IntRange(64),
-    default=16 << 20,
-    help="Bytes all connections may hold of frames not yet complete; beyond it the "
-    "connection holding the most is cut.",
-)
-@click.option(
-    "--frame-timeout",
-    type=click.FloatRange(0, min_open=True),
-    default=10.0,
-    help="Seconds a frame may take from its first byte to its last.",
-)
-@click.option(
-    "--max-chunk-seconds",
-    type=click.FloatRange(0, min_open=True),
-    default=2.0,
-    help="Audio one CHUNK may carry, in seconds of its stream's format.",
-)
-@click.option(
-    "--max-capture-ahead",
-    type=click.FloatRange(0, min_open=True),
-    default=300.0,
-    help="Seconds a chunk's capture time may be ahead of the relay's clock.",
-)
-@click.option(
-    "--max-capture-age",
-    type=click.FloatRange(0, min_open=True),
-    default=3650 * 86400.0,
-    help="Seconds a chunk's capture time may be behind the relay's clock.",
+    "--max-chunk-seconds", type=click.FloatRange(0, min_open=True), default=2.0, help="CHUNK (s)."
 )
 @click.option(
     "--token",
@@ -192,12 +162,7 @@ def relay(
     queue_seconds: float,
     heartbeat_seconds: float,
     max_frame_bytes: int,
-    max_window_memory: int,
-    max_input_bytes: int,
-    frame_timeout: float,
     max_chunk_seconds: float,
-    max_capture_ahead: float,
-    max_capture_age: float,
     token: str | None,
     loop_name: LoopName,
     **limits: Any,
@@ -219,11 +184,6 @@ def relay(
         limits=configure(
             Limits, max_frame_size=max_frame_bytes, max_chunk_seconds=max_chunk_seconds
         ),
-        max_window_memory=max_window_memory,
-        max_input_bytes=max_input_bytes,
-        frame_timeout=frame_timeout,
-        max_capture_ahead=max_capture_ahead,
-        max_capture_age=max_capture_age,
         token=token or "",
         **limits,
     )

@@ -23,6 +23,7 @@ import random
 import socket
 import time
 
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -105,6 +106,7 @@ def _has_error_frame(data: bytes) -> bool:
     return False
 
 
+@pytest.mark.timeout(max(300, FRAMES // 50))  # about 200 frames a second on 2 loaded cores
 def test_a_running_relay_survives_frames_nobody_should_send() -> None:
     with relay_process(frame_timeout=2.0) as relay, healthy_stream(relay.url) as healthy:
         rss0 = relay.rss_bytes()

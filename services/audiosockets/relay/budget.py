@@ -20,6 +20,7 @@ from ..errors import ErrorCode, RemoteProtocolError
 
 if TYPE_CHECKING:
     from ..transport import Channel
+    from .server import Relay
     from .sessions import SubscriberSession
     from .streams import StreamState
     from .subscriptions import Cursor
@@ -137,3 +138,23 @@ class InputBudget:
                     "input_budget",
                 )
             )
+
+
+def hold_frame(
+    relay: Relay, stream: StreamState, seq: int, frame: bytes, seconds: float, now: float
+) -> None:
+    """Hold one encoded CHUNK ``frame`` in ``stream``'s window (``seconds`` of
+    audio, arrived at relay clock ``now``), trim that window to
+    ``replay_seconds``/``max_window_bytes``, then keep every window together
+    within ``max_window_memory`` (``trim_windows``)."""
+    cfg = relay.config
+    window = stream.window
+    window.append(seq, frame, seconds, now)
+    window.trim(cfg.replay_seconds, cfg.max_window_bytes)
+    if relay.window_memory.held > cfg.max_window_memory:
+        trim_windows(
+            list(relay.streams.values()),
+            relay.window_memory,
+            cfg.max_window_memory,
+            lambda s, n: readers_lose(s, n, relay.subscriptions.readers(s.name)),
+        )

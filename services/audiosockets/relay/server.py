@@ -40,7 +40,7 @@ from ..service import STOP_SIGNALS, run_service
 from ..transport import start_accounted_server
 from ..urls import RelayAddress
 from .admission import Guard
-from .budget import InputBudget, MemoryLedger, readers_lose, trim_windows
+from .budget import InputBudget, MemoryLedger, hold_frame
 from .connections import serve_connection
 from .expiry import Housekeeping
 from .groups import Group
@@ -348,12 +348,9 @@ class Relay:
         return stream
 
     def publish(self, stream: StreamState, chunk: ChunkData) -> None:
-        """Append ``chunk`` to ``stream``'s window and wake its readers.
-
-        A sequence number at or below the last one is a duplicate (counted in
-        ``audiosockets_duplicates_suppressed_total``, dropped); one beyond the
-        next counts the missing ones in ``audiosockets_sequence_gaps_total``.
-        """
+        """Append ``chunk`` to ``stream``'s window (``budget.hold_frame``), wake its readers.
+        A seq at or below the last is a duplicate (``duplicates_suppressed_total``,
+        dropped); one beyond the next counts the missing in ``sequence_gaps_total``."""
         name = stream.name
         m = self.metrics
         if chunk.seq <= stream.last_seq:
@@ -361,21 +358,10 @@ class Relay:
             return
         if stream.last_seq >= 0 and chunk.seq > stream.last_seq + 1:
             m.sequence_gaps.labels(name).inc(chunk.seq - stream.last_seq - 1)
-        fmt = stream.format
         nbytes = len(chunk.payload)
-        seconds = nbytes / (fmt.frame_bytes * fmt.rate)
         frame = encode_chunk(stream.id, chunk.seq, chunk.captured_ns, chunk.payload)
-        window = stream.window
         stream.last_arrival = now = self.clock()
-        window.append(chunk.seq, frame, seconds, now)
-        window.trim(self.config.replay_seconds, self.config.max_window_bytes)
-        if self.window_memory.held > self.config.max_window_memory:
-            trim_windows(
-                list(self.streams.values()),
-                self.window_memory,
-                self.config.max_window_memory,
-                lambda s, n: readers_lose(s, n, self.subscriptions.readers(s.name)),
-            )
+        hold_frame(self, stream, chunk.seq, frame, stream.format.seconds(nbytes), now)
         stream.last_seq = chunk.seq
         stream.last_captured_ns = chunk.captured_ns
         stream.chunks_total += 1
