@@ -104,7 +104,7 @@ RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
         "Audio written to a subscriber, not yet acknowledged.",
     ),
     ("--max-window-memory", click.IntRange(1 << 20), 256 << 20, "Bytes all windows may hold."),
-    ("--max-input-bytes", click.IntRange(64), 16 << 20, "Bytes of incomplete frames, all."),
+    ("--max-input-bytes", click.IntRange(64), 8 << 20, "Bytes of incomplete frames, all."),
     ("--frame-timeout", click.FloatRange(0, min_open=True), 10.0, "Seconds to finish a frame."),
     ("--max-capture-ahead", click.FloatRange(0), 300.0, "Capture time ahead of the relay (s)."),
     ("--max-capture-age", click.FloatRange(0), 3650 * 86400.0, "Capture time behind it (s)."),

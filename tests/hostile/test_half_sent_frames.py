@@ -78,13 +78,20 @@ async def _half_send(url: str, i: int, body: bytes) -> tuple[int, str] | None:
 async def test_half_sent_frames_end_and_the_relay_keeps_its_memory() -> None:
     frame_timeout = 3.0
     body = CHUNK_HEAD.pack(1, 0, time.time_ns()) + b"\x00" * (CLAIMED - 64 - CHUNK_HEAD.size)
-    with relay_process(frame_timeout=frame_timeout) as relay, healthy_stream(relay.url) as healthy:
+    # All sessions come from 127.0.0.1: the session caps (a defence of their
+    # own) are lifted so that the input path alone is what holds the line.
+    caps = {"max_sessions": 2 * SESSIONS + 16, "max_sessions_per_address": 2 * SESSIONS + 16}
+    with (
+        relay_process(frame_timeout=frame_timeout, **caps) as relay,
+        healthy_stream(relay.url) as healthy,
+    ):
         rss0 = relay.rss_bytes()
         with PeakRss(relay) as rss:
             answers = await asyncio.gather(
                 *(_half_send(relay.url, i, body) for i in range(SESSIONS))
             )
         text = relay.scrape()
+        healthy_reconnects = relay.log_text().count("publisher 'healthy-pub' connected") - 1
         await wait_for(
             lambda: relay.sample("audiosockets_connected_clients", role="publisher") == 1,
             timeout=60,
@@ -95,6 +102,7 @@ async def test_half_sent_frames_end_and_the_relay_keeps_its_memory() -> None:
         assert relay.alive()
     timed_out = relay.sample("audiosockets_protocol_errors_total", text, reason="frame_timeout")
     cut = relay.sample("audiosockets_protocol_errors_total", text, reason="input_budget")
+    assert healthy_reconnects == 0, "the healthy publisher was cut"
     assert timed_out + cut == SESSIONS, (timed_out, cut)
     assert timed_out > 0
     assert cut > 0

@@ -109,10 +109,10 @@ class InputBudget:
     """The bytes every connection holds of frames not yet complete, relay-wide
     (``RelayConfig.max_input_bytes``). Channels report after each read
     (``transport.InputAccount``); when the total passes ``max_bytes`` the
-    channel holding the most is cut (ERROR MALFORMED_FRAME, counted
-    ``reason="input_budget"``), then the next largest, until it fits. A
-    healthy client holds at most a part of one frame; whoever hoards is cut
-    first. ``cuts`` counts the channels cut."""
+    channel holding, or announcing in a frame in progress, the most is cut
+    (ERROR MALFORMED_FRAME, counted ``reason="input_budget"``), then the next,
+    until it fits. A healthy client holds at most a part of one small frame;
+    whoever hoards is cut first. ``cuts`` counts the channels cut."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -127,7 +127,13 @@ class InputBudget:
             self._by_channel[channel] = nbytes
         self.held += nbytes - before
         while self.held > self.max_bytes and self._by_channel:
-            victim = max(self._by_channel, key=self._by_channel.__getitem__)
+            # Whoever holds or has announced the most: a hoarder's frame in
+            # progress counts at its announced size, so it goes before a
+            # healthy client whose turn on the loop came late.
+            victim = max(
+                self._by_channel,
+                key=lambda c: max(c.conn.pending_frame_length, self._by_channel[c]),
+            )
             self.held -= self._by_channel.pop(victim)
             self.cuts += 1
             victim.cut(

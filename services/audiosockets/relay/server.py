@@ -110,7 +110,7 @@ class RelayConfig:
     heartbeat_interval: float = 2.0
     max_window_bytes: int = 256 << 20  # per stream, on top of replay_seconds
     max_window_memory: int = 256 << 20  # all windows together
-    max_input_bytes: int = 16 << 20  # incomplete frames, all connections together
+    max_input_bytes: int = 8 << 20  # incomplete frames, all connections together
     frame_timeout: float = 10.0  # seconds from a frame's first byte to its last
     max_capture_ahead: float = 300.0  # seconds a capture time may be ahead of the relay
     max_capture_age: float = 3650 * 86400.0  # seconds behind it (an old spool is no forgery)
