@@ -25,7 +25,7 @@ from audiosockets.protocol import (
     Subscribe,
     encode_chunk,
 )
-from audiosockets.relay import Relay
+from audiosockets.relay import Relay, RelayConfig
 from audiosockets.relay.plausible import (
     MAX_FIRST_SEQ,
     MAX_SEQ,
@@ -268,4 +268,53 @@ async def test_a_resume_point_beyond_the_stream_is_clamped_and_counted(relay: Re
         publisher.writer.write(encode_chunk(1, seq, time.time_ns(), b"\0\0"))
     assert await _chunks_until(sub, 7) == [5, 6, 7]  # not silenced by the forged point
     sub.close()
+    publisher.close()
+
+
+class FakeClock:
+    """The relay's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+GRACE_CLOCK = FakeClock()
+
+
+@pytest.mark.parametrize("relay_clock", [GRACE_CLOCK])
+@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, stream_grace_seconds=5.0)])
+async def test_an_empty_group_keeps_its_acks_for_the_grace_then_is_forgotten(
+    relay: Relay,
+) -> None:
+    """Members that all restart at once resume after the group's ACK; a group
+    nobody comes back to is forgotten after ``stream_grace_seconds``."""
+    publisher = await raw_session(relay.url, "publisher", "rec")
+    publisher.send(OpenStream(1, "s", MONO16))
+    for seq in range(10):
+        publisher.writer.write(encode_chunk(1, seq, time.time_ns(), b"\0\0"))
+    await wait_until(lambda: "s" in relay.streams and relay.streams["s"].last_seq == 9)
+    first = await raw_session(relay.url, "subscriber", "member-a")
+    first.send(Subscribe("s", "g", StartPosition.EARLIEST, ()))
+    assert await _chunks_until(first, 9) == list(range(10))
+    first.send(Ack(relay.streams["s"].id, 4))
+    await wait_until(lambda: relay.groups["g"].acked.get("s") == 4, what="the ACK")
+    first.close()
+    await wait_until(lambda: not relay.groups["g"].members, what="the member to leave")
+    GRACE_CLOCK.now += 4.0  # within the grace: the group and its point stay
+    relay.housekeeping.forget_empty_groups(GRACE_CLOCK.now)
+    assert relay.groups["g"].acked == {"s": 4}
+    second = await raw_session(relay.url, "subscriber", "member-b")
+    second.send(Subscribe("s", "g", StartPosition.EARLIEST, ()))
+    assert await _chunks_until(second, 9) == list(range(5, 10))  # after the ACK
+    second.close()
+    await wait_until(lambda: not relay.groups["g"].members, what="the member to leave")
+    GRACE_CLOCK.now += 4.9
+    relay.housekeeping.forget_empty_groups(GRACE_CLOCK.now)
+    assert "g" in relay.groups
+    GRACE_CLOCK.now += 0.2
+    relay.housekeeping.forget_empty_groups(GRACE_CLOCK.now)
+    assert "g" not in relay.groups
     publisher.close()

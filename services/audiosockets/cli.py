@@ -27,48 +27,26 @@ from .cli_support import (
     configure,
     format_status,
     listen_address,
+    loop_option,
+    metrics_port_option,
+    relay_option,
     run_async,
+    token_option,
     user_errors,
 )
+from .cli_tools import demo, loadtest
 from .client import StartName
-from .errors import ConfigError
-from .loadtest import ClientName, RateName
-from .urls import check_url, is_nats_url
+from .urls import check_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
-def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, T]]:
-    return click.option(
-        "--metrics-port",
-        type=click.IntRange(0, 65535),
-        default=default,
-        help="Serve Prometheus metrics on this port (0 disables).",
-    )
-
-
-def relay_option(
-    help: str, default: str = "tcp://127.0.0.1:7400"
-) -> Callable[[Callable[P, T]], Callable[P, T]]:
-    return click.option("--relay", "relay_url", default=default, help=help)
-
-
-token_option = click.option(
-    "--token", default=None, help="Shared secret, if the relay requires one."
-)
-loop_option = click.option(
-    "--loop",
-    "loop_name",
-    type=choice(LoopName),
-    default="auto",
-    help="Event loop implementation.",
-)
-
-
 @click.group(context_settings={"auto_envvar_prefix": "AUDIOSOCKETS", "show_default": True})
-@click.version_option(__version__, prog_name="audiosockets")
+# Not from the environment: AUDIOSOCKETS_VERSION (a release tag, say) must not
+# turn every command into "print the version and exit 0".
+@click.version_option(__version__, prog_name="audiosockets", allow_from_autoenv=False)
 @click.option(
     "--log-level",
     type=choice(LogLevel),
@@ -84,7 +62,7 @@ def main(log_level: LogLevel) -> None:
     )
 
 
-# --- relay, status, loadtest (lead) -----------------------------------------
+# --- relay, status (lead) -----------------------------------------
 
 #: The relay's limits against runaway and hostile clients (README, "Limits"):
 #: flag, type, default, help; each becomes the ``RelayConfig`` field of its name.
@@ -192,8 +170,8 @@ def relay(
     def ready(server: Relay) -> None:
         if metrics_port:
             # Called on the loop once the socket is bound: listening is ready.
-            health = Health.watch_running_loop()
-            serve_metrics(metrics_port, metrics.registry, health=health)
+            health = Health.watch_running_loop(server.readiness)
+            serve_metrics(metrics_port, metrics.registry, host, health=health)
         click.echo(f"relay listening on {server.url}", err=True)
 
     run_async(Relay(config, metrics=metrics).run(ready=ready), loop_name)
@@ -230,118 +208,6 @@ def status(
         click.echo(format_nats_status(report))
         return
     click.echo(format_status(report))
-
-
-@main.command()
-@click.option(
-    "--streams", type=click.IntRange(1), default=10, help="Synthetic publishers, one stream each."
-)
-@click.option(
-    "--subscribers", type=click.IntRange(1), default=2, help="Subscribers (all streams each)."
-)
-@click.option(
-    "--group", default="", help="Put the subscribers in this group (each stream to one member)."
-)
-@click.option(
-    "--duration",
-    type=click.FloatRange(0, min_open=True),
-    default=10.0,
-    help="Seconds of publishing.",
-)
-@click.option(
-    "--rate",
-    type=choice(RateName),
-    default="realtime",
-    help="realtime: one chunk per chunk duration; max: as fast as the relay takes them.",
-)
-@relay_option("Use this relay instead of starting one.", default="")
-@click.option(
-    "--sample-rate", type=click.IntRange(1), default=16000, help="Synthetic stream sample rate."
-)
-@click.option(
-    "--chunk-ms", type=click.FloatRange(0, min_open=True), default=20.0, help="Chunk duration."
-)
-@click.option(
-    "--subscriber-processes",
-    type=click.IntRange(1),
-    default=1,
-    help="Spread the subscribers over this many processes.",
-)
-@click.option(
-    "--client",
-    type=choice(ClientName),
-    default="library",
-    help="library: subscribers are audiosockets Subscribers (what processors use); "
-    "raw: header-only readers, to measure the relay's own ceiling.",
-)
-@click.option(
-    "--max-loss",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Fail (exit 7) when the lost fraction exceeds this.",
-)
-@click.option(
-    "--max-p99-ms",
-    type=click.FloatRange(0),
-    default=None,
-    help="Fail (exit 7) when p99 latency exceeds this many ms.",
-)
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    envvar="AUDIOSOCKETS_LOADTEST_JSON",
-    help="Print one JSON object on stdout.",
-)
-@user_errors
-def loadtest(
-    streams: int,
-    subscribers: int,
-    group: str,
-    duration: float,
-    rate: RateName,
-    relay_url: str,
-    sample_rate: int,
-    chunk_ms: float,
-    subscriber_processes: int,
-    client: ClientName,
-    max_loss: float | None,
-    max_p99_ms: float | None,
-    as_json: bool,
-) -> None:
-    """Drive synthetic publishers and subscribers; report loss and latency."""
-    from .loadtest import LoadTestConfig, check_gates, format_report, run_loadtest
-
-    if relay_url:
-        check_url(relay_url)
-        if client == "raw" and is_nats_url(relay_url):
-            raise ConfigError(
-                "--client raw reads the relay protocol; use --client library for NATS"
-            )
-    cfg = configure(
-        LoadTestConfig,
-        streams=streams,
-        subscribers=subscribers,
-        group=group,
-        duration=duration,
-        rate=rate,
-        relay_url=relay_url,
-        sample_rate=sample_rate,
-        chunk_ms=chunk_ms,
-        subscriber_processes=subscriber_processes,
-        client=client,
-    )
-    show = sys.stderr.isatty()
-
-    def progress(line: str) -> None:
-        if show:
-            click.echo(f"\r{line}", nl=False, err=True)
-
-    report = run_loadtest(cfg, progress=progress)
-    if show:
-        click.echo("", err=True)
-    click.echo(report.to_json() if as_json else format_report(report))
-    check_gates(report, max_loss, max_p99_ms)
 
 
 # --- record, devices (recorder) ---------------------------------------------
@@ -438,7 +304,7 @@ def devices() -> None:
         click.echo(line)
 
 
-# --- process, demo (processor) ----------------------------------------------
+# --- process (processor) ----------------------------------------------
 
 
 @main.command()
@@ -541,33 +407,10 @@ def process(
     run_async(serve(config), loop_name)  # checks the handler once, before connecting
 
 
-@main.command()
-@click.option(
-    "--listen",
-    default="tcp://127.0.0.1:7400",
-    help="Where the demo's relay listens (port 0: any free port).",
-)
-@click.option(
-    "--streams",
-    type=click.IntRange(1, 16),
-    default=2,
-    help="Synthetic streams: speech-like, 440 Hz sine, noise, silence, in turn.",
-)
-@click.option(
-    "--seconds",
-    type=click.FloatRange(0),
-    default=0.0,
-    help="Stop after this many seconds (0: run until Ctrl-C).",
-)
-@loop_option
-@user_errors
-def demo(listen: str, streams: int, seconds: float, loop_name: LoopName) -> None:
-    """Relay, synthetic recorders and the level and vad processors, with a live table."""
-    from .demo import DemoConfig, run_demo
+# --- loadtest, demo: cli_tools.py ------------------------------------------------
 
-    host, port = listen_address(listen)
-    config = configure(DemoConfig, host=host, port=port, streams=streams, seconds=seconds)
-    run_async(run_demo(config), loop_name)
+main.add_command(loadtest)
+main.add_command(demo)
 
 
 # --- nats (the JetStream binding): cli_nats.py ------------------------------------
@@ -586,6 +429,12 @@ def name_env_vars_after_flags(group: click.Group, prefix: str = "AUDIOSOCKETS") 
     users (and compose files) go by the flag. Options with an explicit
     ``envvar`` keep it.
     """
+    for param in group.params:  # the group's own: PREFIX_FLAG (--log-level, not --version)
+        if isinstance(param, click.Option) and param.expose_value:
+            if not param.envvar:
+                flag = max(param.opts, key=len).lstrip("-").replace("-", "_").upper()
+                param.envvar = f"{prefix}_{flag}"
+            param.show_envvar = True
     for name, command in group.commands.items():
         for param in command.params:
             if not isinstance(param, click.Option):

@@ -134,3 +134,35 @@ def format_status(report: dict[str, Any]) -> str:
         "drops: " + (", ".join(f"{k}={int(v)}" for k, v in sorted(drops.items())) or "none")
     )
     return "\n".join(lines)
+
+
+# --- options shared by several commands --------------------------------------
+
+
+def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """``--metrics-port`` with the service's own default port."""
+    return click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        default=default,
+        help="Serve Prometheus metrics on this port (0 disables).",
+    )
+
+
+def relay_option(
+    help: str, default: str = "tcp://127.0.0.1:7400"
+) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """``--relay URL`` (stored as ``relay_url``): ``tcp://``, ``tls://`` or ``nats://``."""
+    return click.option("--relay", "relay_url", default=default, help=help)
+
+
+token_option = click.option(
+    "--token", default=None, help="Shared secret, if the relay requires one."
+)
+loop_option = click.option(
+    "--loop",
+    "loop_name",
+    type=choice(LoopName),
+    default="auto",
+    help="Event loop implementation.",
+)

@@ -26,6 +26,7 @@ reason, so ``curl`` and ``docker inspect`` show why.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -196,21 +197,38 @@ def with_health(metrics_app: WSGIApplication, health: Health | None) -> WSGIAppl
 
 
 def serve_http(
-    port: int, registry: CollectorRegistry, health: Health | None, addr: str = "0.0.0.0"
+    port: int,
+    registry: CollectorRegistry,
+    health: Health | None,
+    addr: str = "0.0.0.0",
+    *,
+    family: socket.AddressFamily = socket.AF_INET,
 ) -> int:
     """Serve ``/metrics`` (and any other path, as Prometheus' own server does),
     ``/healthz`` and ``/readyz`` on ``addr:port`` from a daemon thread.
 
+    ``family`` is ``addr``'s address family (``AF_INET6`` for an IPv6 address;
+    ``::`` then accepts IPv4 clients too where the OS allows dual-stack).
     Returns the bound port (``port=0`` picks one). Raises ``OSError`` when the
     address cannot be bound.
     """
     from prometheus_client import make_wsgi_app
 
+    dual_stack = family == socket.AF_INET6 and addr == "::"
+
+    class Server(_Server):
+        address_family = family
+
+        def server_bind(self) -> None:
+            if dual_stack and socket.has_dualstack_ipv6():
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
     server = make_server(
         addr,
         port,
         with_health(make_wsgi_app(registry), health),
-        server_class=_Server,
+        server_class=Server,
         handler_class=_QuietHandler,
     )
     thread = threading.Thread(

@@ -299,19 +299,36 @@ def serve_metrics(
     *,
     health: Health | None = None,
 ) -> int:
-    """Serve ``registry`` over HTTP on ``port`` in a daemon thread.
+    """Serve ``registry`` over HTTP on ``addr``:``port`` in a daemon thread.
 
+    ``addr`` is a host name or an IPv4/IPv6 address (no brackets); services pass
+    their listen host, so metrics follow the service's address family. ``::`` is
+    dual-stack (``IPV6_V6ONLY=0``: IPv4 clients too) where the OS allows it.
     With ``health``, the same port also answers ``/healthz`` (event loop alive)
     and ``/readyz`` (service ready); see ``health.py``. Returns the bound port
     (useful with ``port=0`` in tests); ``port < 0`` means disabled and returns
-    0. The CLI maps ``--metrics-port 0`` to disabled before calling this.
+    0. The CLI maps ``--metrics-port 0`` to disabled before calling this. A
+    taken port raises ``AddressInUse``, an address this host cannot bind (no
+    IPv6, not one of its addresses) ``ConfigError``.
     """
-    from .errors import AddressInUse
+    import errno
+    import socket
+
+    from .errors import AddressInUse, ConfigError
     from .health import serve_http
 
     if port < 0:
         return 0
+    where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
     try:
-        return serve_http(port, registry, health, addr)
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+    except (OSError, IndexError) as exc:
+        raise ConfigError(f"cannot serve metrics on {where}: {exc}") from exc
+    try:
+        return serve_http(port, registry, health, str(sockaddr[0]), family=family)
     except OSError as exc:
-        raise AddressInUse(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from exc
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"cannot serve metrics on {where}: {reason}") from exc
+        raise ConfigError(f"cannot serve metrics on {where}: {reason}") from exc

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
+import math
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -43,11 +43,13 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from .audio import AudioFormat, DTypeName, SampleType
 from .client.interfaces import SpoolingStream
 from .errors import ConfigError, DeviceError
+from .filenames import stream_stem
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
+from .protocol import CHUNK_HEAD, Limits
 from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
-from .urls import redact
+from .urls import check_url, redact
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -107,13 +109,38 @@ class RecorderConfig:
             return self.spool_seconds
         return min(self.spool_seconds, self.memory_seconds)
 
+    @property
+    def client_name(self) -> str:
+        """The name the relay shows for this recorder (``--name``, else ``recorder-STREAM``)."""
+        return self.name or f"recorder-{self.stream}"
+
     def validate(self) -> None:
-        if not self.stream or len(self.stream) > 255:
-            raise ConfigError("--stream must be a name of 1 to 255 characters")
+        """Every value checked before anything is opened or sent (``ConfigError``)."""
+        if not self.stream:
+            raise ConfigError("--stream must not be empty")
+        check_url(self.relay)
+        from .client import check_wire_names
+
+        check_wire_names(
+            {
+                "--stream": self.stream,
+                "--name" if self.name else "the client name (shorten --stream or set --name)": (
+                    self.client_name
+                ),
+                "--token": self.token or "",
+            }
+        )
         if not self.spool_seconds > 0:
             raise ConfigError(f"--spool-seconds must be positive, got {self.spool_seconds:g}")
         self.format  # noqa: B018 - validates rate/channels/dtype
-        self.block_frames  # noqa: B018
+        chunk_bytes = self.block_frames * self.format.frame_bytes
+        room = Limits().max_frame_size - CHUNK_HEAD.size
+        if chunk_bytes > room:
+            raise ConfigError(
+                f"one chunk of --block-ms {self.block_ms:g} at {self.rate} Hz, {self.channels} ch, "
+                f"{self.dtype} is {chunk_bytes} bytes; a frame carries at most {room}: "
+                "lower --block-ms"
+            )
 
 
 class RecorderMetrics:
@@ -168,7 +195,7 @@ def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
 
     publisher: PublisherLike = connect_publisher(
         config.relay,
-        name=config.name or f"recorder-{config.stream}",
+        name=config.client_name,
         history_seconds=config.history_seconds,
         metrics=metrics,
         token=config.token or "",
@@ -269,15 +296,26 @@ class Recorder:
         self._stopping.set()
 
     async def serve_forever(self) -> None:
-        """Return when stopped or when a finite source has ended; raises a capture failure."""
+        """Return when stopped or when a finite source has ended.
+
+        Raises what ended the capture, or the publisher's failure: a refusal of the
+        relay that no retry can change (``RelayRefused``; a chunk too large for the
+        relay's frame limit becomes a ``ConfigError`` naming the block length that fits).
+        """
         assert self._capture is not None, "start() first"
-        stop = asyncio.create_task(self._stopping.wait())
+        failed: asyncio.Event | None = getattr(self.publisher, "failed", None)  # a refusal
+        events = (self._stopping, failed)
+        waiters = {asyncio.create_task(e.wait()) for e in events if e is not None}
         try:
-            await asyncio.wait({self._capture, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({self._capture, *waiters}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stop.cancel()
+            for waiter in waiters:
+                waiter.cancel()
         if self._capture.done() and not self._capture.cancelled():
             self._capture.result()  # re-raise a capture failure
+        failure = getattr(self.publisher, "failure", None)
+        if failure is not None:
+            raise in_recorder_terms(failure, self.config)
 
     async def stop(self) -> bool:
         """Stop capturing, flush within ``flush_timeout``, close. True if all was taken.
@@ -315,10 +353,13 @@ class Recorder:
             )
         else:
             kept = f"; {self.disk.seconds:.1f} s stay on disk" if self.disk else ""
+            refused = getattr(self.publisher, "failure", None) is not None
             log.warning(
-                "recorder stopped: %d chunks captured, the relay did not take all within %g s%s",
+                "recorder stopped: %d chunks captured, the relay did not take all%s%s",
                 self.blocks_captured,
-                self.config.flush_timeout,
+                " (it refused the session)"
+                if refused
+                else f" within {self.config.flush_timeout:g} s",
                 kept,
             )
         self._closed = flushed
@@ -547,6 +588,30 @@ def explain_capture_failure(err: DeviceError) -> DeviceError:
     return DeviceError(f"{err}; cause: {cause}")
 
 
+def in_recorder_terms(failure: BaseException, config: RecorderConfig) -> BaseException:
+    """The publisher's failure as the recorder's user can act on it: a chunk over the
+    relay's frame limit (``fits_frames``) becomes a ``ConfigError`` naming the
+    ``--block-ms`` that fits (rounded down to 0.1 ms); anything else is unchanged."""
+    fits = getattr(failure, "fits_frames", None)
+    if not isinstance(fits, int):
+        return failure
+    fmt = config.format
+    limit = getattr(failure, "max_payload", 0)
+    block_ms = math.floor(fits * 1000 / fmt.rate * 10) / 10
+    if block_ms > 0 and block_frames_for(fmt.rate, block_ms) > fits:
+        block_ms -= 0.1  # rounding to 0.1 ms went over
+    if block_ms < 1:
+        advice = "a block of even 1 ms does not fit: raise the relay's --max-frame-bytes"
+    else:
+        advice = f"use --block-ms {block_ms:g} or less, or raise the relay's --max-frame-bytes"
+    return ConfigError(
+        f"the relay takes at most {limit} bytes of audio per chunk ({fits} frames of "
+        f"{fmt}), but a {config.block_ms:g} ms block is "
+        f"{config.block_frames * fmt.frame_bytes} bytes; {advice}"
+    )
+
+
 def _safe_name(stream: str) -> str:
-    """A stream name as one directory name."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stream).lstrip(".") or "stream"
+    """A stream name as one directory name: ``filenames.stream_stem``, so two streams
+    (``mic 1``, ``mic_1``) never share a spool."""
+    return stream_stem(stream)

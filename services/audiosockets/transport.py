@@ -116,14 +116,19 @@ async def start_accounted_server(
     account: InputAccount,
     *,
     limit: int = 64 << 10,
+    sock: socket.socket | None = None,
 ) -> asyncio.Server:
     """``asyncio.start_server`` with an ``AccountedReader`` per connection
-    (``limit``: bytes a reader buffers before it pauses the socket)."""
+    (``limit``: bytes a reader buffers before it pauses the socket). With
+    ``sock`` (an already bound listening socket, e.g. dual-stack ``::``),
+    ``host`` and ``port`` are not used."""
     loop = asyncio.get_running_loop()
 
     def factory() -> asyncio.StreamReaderProtocol:
         return asyncio.StreamReaderProtocol(AccountedReader(limit, account), on_connect)
 
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock)
     return await loop.create_server(factory, host, port)
 
 
@@ -179,6 +184,7 @@ class Channel:
         if isinstance(reader, AccountedReader):
             reader.owner = self
         self._pings = 0  # PINGs answered
+        self._round_trips: dict[int, asyncio.Future[None]] = {}
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
@@ -257,6 +263,9 @@ class Channel:
                 sent = self._ping_sent_at.pop(event.nonce, None)
                 if sent is not None:
                     self.rtt = self._clock() - sent
+                waiter = self._round_trips.pop(event.nonce, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
                 continue
             return event
 
@@ -365,6 +374,30 @@ class Channel:
 
     # -- closing -------------------------------------------------------------
 
+    def round_trip(self) -> asyncio.Future[None]:
+        """Send a PING now; the future completes when its PONG arrives.
+
+        The peer answers a PING after everything sent before it, so a completed
+        round trip means the peer has handled all of that (a publisher's flush
+        uses it: the relay took every chunk). The future fails with
+        ``ConnectionClosed`` if the channel closes first. The PONG is only seen
+        while someone reads (``next_event``).
+        """
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.closed:
+            waiter.set_exception(ConnectionClosed(f"connection to {self.peer} is closed"))
+            return waiter
+        nonce = next(self._nonce) & 0xFFFF_FFFF_FFFF_FFFF
+        self._round_trips[nonce] = waiter
+        self.send(Ping(nonce))
+        return waiter
+
+    def _fail_round_trips(self) -> None:
+        waiters, self._round_trips = self._round_trips, {}
+        for waiter in waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionClosed(f"connection to {self.peer} closed"))
+
     async def close(
         self, farewell: Goodbye | ErrorFrame | None = None, *, timeout: float = 1.0
     ) -> None:
@@ -377,6 +410,7 @@ class Channel:
         self.closed = True
         if self._input_account is not None:
             self._input_account.hold(self, 0)
+        self._fail_round_trips()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         with contextlib.suppress(Exception):
@@ -392,6 +426,7 @@ class Channel:
         self.closed = True
         if self._input_account is not None:
             self._input_account.hold(self, 0)
+        self._fail_round_trips()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         self.writer.transport.abort()

@@ -27,7 +27,10 @@ def parse_url(url: str, *, default_port: int = DEFAULT_PORT) -> RelayAddress:
     text = url.strip()
     if "://" not in text:
         text = "tcp://" + text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 address
+        raise ConfigError(f"relay URL {url!r} does not parse: {exc}") from None
     if parts.scheme != "tcp":
         raise ConfigError(f"relay URL {url!r} must start with tcp:// (got {parts.scheme}://)")
     if parts.path not in ("", "/") or parts.query or parts.fragment:

@@ -20,11 +20,20 @@ from dataclasses import dataclass
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     wait_exponential_jitter,
 )
 
-from ..errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
+from ..errors import (
+    FATAL_REFUSALS,
+    AudiosocketsError,
+    ConfigError,
+    ConnectionClosed,
+    ErrorCode,
+    RelayRefused,
+    RelayUnreachable,
+    RemoteProtocolError,
+)
 from ..metrics import Metrics
 from ..protocol import (
     ErrorFrame,
@@ -59,6 +68,41 @@ class RetryPolicy:
 
 
 _RETRYABLE = (RelayUnreachable, ConnectionClosed, RemoteProtocolError, OSError)
+
+
+def refusal(exc: BaseException) -> RelayRefused | None:
+    """The relay's answer in ``exc`` as a refusal no retry can change, else None."""
+    if isinstance(exc, ConnectionClosed) and exc.code in FATAL_REFUSALS:
+        return RelayRefused(str(exc), exc.code)
+    if isinstance(exc, RelayRefused):
+        return exc
+    return None
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, _RETRYABLE) and refusal(exc) is None
+
+
+def check_wire_name(value: str, what: str, limits: Limits | None = None) -> None:
+    """``ValueError`` naming ``what`` when ``value`` is longer than the wire allows
+    (``max_name_length`` bytes of UTF-8: a relay would refuse it on every attempt)."""
+    limit = (limits or Limits()).max_name_length
+    size = len(value.encode("utf-8"))
+    if size > limit:
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise ValueError(f"{what} {shown!r} is {size} bytes of UTF-8; the protocol allows {limit}")
+
+
+def check_wire_names(names: dict[str, str], limits: Limits | None = None) -> None:
+    """Check every name a command will send, keyed by what the user sets it with
+    (``{"--stream": ..., "--name": ...}``); ``ConfigError`` (exit 2) for the first too long."""
+    for what, value in names.items():
+        try:
+            check_wire_name(value, what, limits)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 #: Session ends that are nobody's fault: reconnect at once (tenacity still
 #: backs off if the relay is not back yet).
 _BENIGN_CLOSE = frozenset({ErrorCode.NORMAL, ErrorCode.SHUTTING_DOWN, ErrorCode.HEARTBEAT_TIMEOUT})
@@ -71,7 +115,12 @@ class ReconnectingClient:
     runs the subclass's ``_session(channel)`` until it ends, and reconnects.
     Public state: ``channel`` (the current session or None), ``connected``
     (an ``asyncio.Event``), ``attempts`` (connects tried), ``sessions``
-    (sessions established), ``last_error`` (the last failure, one sentence).
+    (sessions established), ``last_error`` (the last failure, one sentence),
+    ``failure`` and ``failed``: set when the relay refused for a reason no retry
+    can change (``errors.FATAL_REFUSALS``); the client has then stopped.
+
+    Raises ValueError at construction for a name or token over
+    ``Limits.max_name_length`` bytes of UTF-8.
     """
 
     role: Role
@@ -87,17 +136,23 @@ class ReconnectingClient:
         limits: Limits | None,
     ) -> None:
         self.address = url if isinstance(url, RelayAddress) else parse_url(url)
+        self.limits = limits or Limits()
+        check_wire_name(name, "client name", self.limits)
+        check_wire_name(token, "token", self.limits)
         self.name = name
         self.token = token
         self.metrics = metrics or Metrics()
         self.retry = retry or RetryPolicy()
-        self.limits = limits or Limits()
         self.rcvbuf = 0
         self.channel: Channel | None = None
         self.connected = asyncio.Event()
         self.attempts = 0
         self.sessions = 0
         self.last_error: str | None = None
+        #: Why the client ended by itself (a refusal no retry can change), if it did.
+        self.failure: AudiosocketsError | None = None
+        #: Set when ``failure`` is.
+        self.failed = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self.metrics.reconnects.labels(self.role.label)
@@ -126,11 +181,21 @@ class ReconnectingClient:
             self.metrics.reconnects.labels(self.role.label).inc()
         return await connect(
             self.address,
-            Hello(self.role, self.name, self.token),
+            self._hello(),
             limits=self.limits,
             connect_timeout=self.retry.connect_timeout,
             rcvbuf=self.rcvbuf,
         )
+
+    def _hello(self) -> Hello:
+        return Hello(self.role, self.name, self.token)
+
+    def _fail(self, failure: AudiosocketsError) -> None:
+        """End the client: ``failure`` cannot be cured by retrying."""
+        if self.failure is None:
+            self.failure = failure
+            log.info("%s %r: giving up: %s", self.role.label, self.name, failure)
+        self.failed.set()
 
     def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -150,24 +215,36 @@ class ReconnectingClient:
             wait=wait_exponential_jitter(
                 multiplier=self.retry.initial, max=self.retry.cap, jitter=self.retry.jitter
             ),
-            retry=retry_if_exception_type(_RETRYABLE),
+            retry=retry_if_exception(_retryable),
             before_sleep=self._before_sleep,
             reraise=True,
         )
         short_sessions = 0
         while not self._closing:
-            channel: Channel = await retrying(self._connect_once)
+            try:
+                channel: Channel = await retrying(self._connect_once)
+            except ConnectionClosed as exc:  # the handshake was refused for good
+                fatal = refusal(exc)
+                if fatal is None:
+                    raise
+                self._fail(fatal)
+                return
             self.channel = channel
             self.sessions += 1
             started = time.monotonic()
             refused = False  # did the relay end this session because of us?
             try:
                 await self._session(channel)
+            except RelayRefused as exc:  # we found we cannot send what we have
+                self._fail(exc)
             except _RETRYABLE as exc:
+                fatal = refusal(exc)
+                if fatal is not None and not self._closing:
+                    self._fail(fatal)
                 refused = isinstance(exc, RemoteProtocolError) or (
                     isinstance(exc, ConnectionClosed) and exc.code not in _BENIGN_CLOSE
                 )
-                if not self._closing:
+                if fatal is None and not self._closing:
                     self.last_error = str(exc)
                     log.warning("%s %r: session lost: %s", self.role.label, self.name, exc)
                     if isinstance(exc, RemoteProtocolError):
@@ -188,7 +265,7 @@ class ReconnectingClient:
             # A session the relay ends right away (it refuses what we send)
             # must not turn into a reconnect storm: back off as for a failed
             # connect, with the same tenacity strategy, until one lasts.
-            if self._closing:
+            if self._closing or self.failure is not None:
                 break
             if refused and time.monotonic() - started < self.retry.healthy_session:
                 short_sessions += 1

@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-from ..errors import ErrorCode, RelayUnreachable
+from ..errors import ConnectionClosed, ErrorCode, RelayUnreachable
 from ..protocol import (
     Goodbye,
     Hello,
@@ -16,6 +16,7 @@ from ..protocol import (
 )
 from ..transport import connect
 from ..urls import RelayAddress, parse_url
+from .session import check_wire_names, refusal
 
 
 async def fetch_status(
@@ -25,12 +26,22 @@ async def fetch_status(
 
     ``timeout`` (seconds) bounds the connect and, separately, the answer.
     Returns the report's JSON document as a dict (see the relay's status
-    module for its keys). Raises RelayUnreachable when the relay cannot be
-    reached or does not answer with STATUS, ConnectionClosed when it refuses
-    the session.
+    module for its keys). Raises ConfigError for a token over the protocol's
+    name limit (before connecting), RelayUnreachable when the relay cannot be
+    reached or does not answer with STATUS, RelayRefused when it refuses the
+    session for good (a wrong token: exit 1), ConnectionClosed for any other end.
     """
     address = url if isinstance(url, RelayAddress) else parse_url(url)
-    channel = await connect(address, Hello(Role.OBSERVER, "status", token), connect_timeout=timeout)
+    check_wire_names({"--token": token})
+    try:
+        channel = await connect(
+            address, Hello(Role.OBSERVER, "status", token), connect_timeout=timeout
+        )
+    except ConnectionClosed as exc:
+        fatal = refusal(exc)
+        if fatal is None:
+            raise
+        raise fatal from exc
     try:
         channel.send(StatusRequest())
         async with asyncio.timeout(timeout):

@@ -16,10 +16,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..audio import AudioFormat, Chunk
-from ..errors import ConnectionClosed
+from ..errors import AudiosocketsError, ConnectionClosed
 from ..metrics import Metrics
 from ..protocol import (
     Ack,
@@ -35,11 +36,22 @@ from ..protocol import (
 )
 from ..transport import Channel
 from ..urls import RelayAddress
-from .session import ReconnectingClient, RetryPolicy
+from .session import ReconnectingClient, RetryPolicy, check_wire_name
 
 log = logging.getLogger(__name__)
 
 StartName = Literal["live", "earliest"]
+
+
+@dataclass(frozen=True, slots=True)
+class _StreamEnded:
+    """In the hand-off queue: the relay closed ``stream`` after the chunks before this."""
+
+    stream: str
+
+
+#: In the hand-off queue: the subscriber failed (``failure``) after the chunks before this.
+_FAILED = _StreamEnded("")
 
 
 class Subscriber(ReconnectingClient):
@@ -63,9 +75,16 @@ class Subscriber(ReconnectingClient):
         socket_buffer_bytes: kernel receive buffer (SO_RCVBUF), in bytes:
             small, so a slow consumer's backlog stays in the relay's counted
             queue rather than in the kernel.
-        on_stream_closed: called with a stream's name when the relay closes it.
+        on_stream_closed: called with a stream's name when the relay closes it,
+            inside the iteration, once the application has taken the stream's
+            last chunk (the close waits behind queued chunks, never ahead).
         manual_ack: ACK only through ``ack()`` (else taking the next chunk
             ACKs the previous one).
+
+    After a refusal no retry can change (``failure``: a wrong token), iterating
+    raises it once the chunks received before are taken. Raises ValueError at
+    construction for a name, token, pattern or group over
+    ``Limits.max_name_length`` bytes of UTF-8.
 
     Satisfies ``client.ChunkSubscription``.
     """
@@ -89,6 +108,8 @@ class Subscriber(ReconnectingClient):
         on_stream_closed: Callable[[str], None] | None = None,
         manual_ack: bool = False,
     ) -> None:
+        check_wire_name(pattern, "stream pattern", limits)
+        check_wire_name(group, "group", limits)
         super().__init__(
             url,
             name=name,
@@ -108,7 +129,8 @@ class Subscriber(ReconnectingClient):
         self.duplicates = 0
         self.gaps = 0
         self._ids: dict[str, int] = {}
-        self._queue: asyncio.Queue[Chunk] = asyncio.Queue(maxsize=queue_chunks)
+        # Chunks and end-of-stream marks (and _FAILED), in the order they came off the socket.
+        self._queue: asyncio.Queue[Chunk | _StreamEnded] = asyncio.Queue(maxsize=queue_chunks)
         self._unacked: Chunk | None = None
         self._on_stream_closed = on_stream_closed
         # Group members ACK what they processed. By default a chunk counts as
@@ -148,13 +170,32 @@ class Subscriber(ReconnectingClient):
 
         Waits (without timeout) while the queue is empty, across reconnects.
         Without ``manual_ack``, asking for the next chunk ACKs the previous one.
+        Runs ``on_stream_closed`` for a stream whose last chunk was taken before.
+        Raises ``failure`` (a refusal, e.g. ``RelayRefused``) once the chunks
+        received before it are taken.
         """
         self._ack_previous()
+        if self.failure is not None and self._queue.empty():
+            raise self.failure  # refused for good: iterating ends with the reason
         chunk = await self._queue.get()
+        while not isinstance(chunk, Chunk):
+            if chunk is _FAILED:
+                assert self.failure is not None
+                raise self.failure
+            # Only now, after the application took the stream's last chunk, is the
+            # stream over for it (the processor then completes the handler's files).
+            if self._on_stream_closed is not None:
+                self._on_stream_closed(chunk.stream)
+            chunk = await self._queue.get()
         self.positions[chunk.stream] = chunk.seq
         if not self.manual_ack:
             self._unacked = chunk
         return chunk
+
+    def _fail(self, failure: AudiosocketsError) -> None:
+        super()._fail(failure)
+        with contextlib.suppress(asyncio.QueueFull):  # full: __anext__ sees it once drained
+            self._queue.put_nowait(_FAILED)
 
     def ack(self, stream: str, seq: int) -> None:
         """Tell the relay this group member is done with ``stream`` up to ``seq``.
@@ -235,7 +276,7 @@ class Subscriber(ReconnectingClient):
             elif isinstance(event, CloseStream):
                 entry = streams.get(event.stream_id)
                 if entry is not None:
-                    self._stream_closed(entry[0], event.reason.name.lower())
+                    await self._stream_closed(entry[0], event.reason.name.lower())
             elif isinstance(event, Goodbye | ErrorFrame):
                 raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
 
@@ -275,11 +316,12 @@ class Subscriber(ReconnectingClient):
         self._assigned.add(name)
         self._child(name)
 
-    def _stream_closed(self, name: str, reason: str) -> None:
+    async def _stream_closed(self, name: str, reason: str) -> None:
         self._assigned.discard(name)
         log.info("stream %r closed by relay (%s)", name, reason)
         if self._on_stream_closed is not None:
-            self._on_stream_closed(name)
+            # Behind the chunks still queued for the application, never ahead of them.
+            await self._queue.put(_StreamEnded(name))
 
     def _log_gap(self, stream: str, missing: int, seq: int) -> None:
         # Rate-limited: a slow consumer can see thousands of gaps a second;

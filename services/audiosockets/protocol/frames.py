@@ -70,7 +70,9 @@ class FrameType(enum.IntEnum):
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
-_HELLO = struct.Struct(">BB")  # role, flags (reserved, 0)
+_HELLO = struct.Struct(">BB")  # role, flags
+#: HELLO flag bit 0: an instance id (u64) follows the token. Other bits: reserved, 0.
+HELLO_HAS_INSTANCE = 0x01
 _WELCOME = struct.Struct(">III")
 _OPEN = struct.Struct(">IIHB")  # stream id, rate, channels, sample type
 _ACCEPTED = struct.Struct(">IQ")
@@ -183,8 +185,11 @@ def encode(event: Event) -> bytes:
     match event:
         case ChunkData(stream_id, seq, captured_ns, payload):
             return encode_chunk(stream_id, seq, captured_ns, payload)
-        case Hello(role, client_name, token):
-            body = _HELLO.pack(role, 0) + _pack_str(client_name) + _pack_str(token)
+        case Hello(role, client_name, token, instance):
+            flags = HELLO_HAS_INSTANCE if instance else 0
+            body = _HELLO.pack(role, flags) + _pack_str(client_name) + _pack_str(token)
+            if instance:
+                body += _SEQ.pack(instance)
             return _frame(FrameType.HELLO, body)
         case Welcome(server_name, hb, max_frame, window):
             return _frame(
@@ -297,10 +302,12 @@ def _decode(ftype: FrameType, r: _Reader) -> Event:
         stream_id, seq, captured_ns = r.unpack(CHUNK_HEAD)
         return ChunkData(stream_id, seq, captured_ns, r.rest())
     if ftype is FrameType.HELLO:
-        role, _flags = r.unpack(_HELLO)
+        role, flags = r.unpack(_HELLO)
         if role not in Role._value2member_map_:
             raise RemoteProtocolError(f"unknown role {role}")
-        event = Hello(Role(role), r.string("client name"), r.string("token"))
+        name, token = r.string("client name"), r.string("token")
+        instance = r.unpack(_SEQ)[0] if flags & HELLO_HAS_INSTANCE else 0
+        event = Hello(Role(role), name, token, instance)
     elif ftype is FrameType.WELCOME:
         hb, max_frame, window = r.unpack(_WELCOME)
         event = Welcome(r.string("server name"), hb, max_frame, window)

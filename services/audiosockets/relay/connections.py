@@ -16,7 +16,7 @@ import hmac
 import logging
 from typing import TYPE_CHECKING
 
-from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
+from ..errors import ConnectionClosed, ErrorCode, RelayRefused, RemoteProtocolError
 from ..protocol import Connection, ErrorFrame, Goodbye, Hello, Welcome
 from ..transport import Channel, WriteBufferFull, tune_socket
 from .sessions import SESSION_TYPES, Session, SubscriberSession
@@ -44,7 +44,7 @@ def _the_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             pending[:0] = exc.exceptions
         else:
             leaves.append(exc)
-    expected = (RemoteProtocolError, ConnectionClosed, asyncio.CancelledError)
+    expected = (RemoteProtocolError, RelayRefused, ConnectionClosed, asyncio.CancelledError)
     return next((e for e in leaves if not isinstance(e, expected)), leaves[0])
 
 
@@ -103,6 +103,10 @@ async def serve_connection(
             )
         else:
             relay.guard.counters.sessions_cut.labels("write_buffer_full").inc()
+    except RelayRefused as exc:  # e.g. a stream another publisher holds
+        who = f"{session.role.label} {session.name!r}" if session else "client"
+        log.warning("refused %s from %s: %s", who, channel.peer, exc)
+        await channel.close(ErrorFrame(exc.code, str(exc)))
     except ConnectionClosed as exc:
         if session is not None:
             log.info("%s %r disconnected: %s", session.role.label, session.name, exc)

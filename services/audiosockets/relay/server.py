@@ -23,13 +23,15 @@ import contextlib
 import itertools
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..audio import AudioFormat
-from ..errors import AddressInUse, ErrorCode
-from ..metrics import RELAY_DROP_REASONS, CallbackCollector, Metrics
+from ..errors import AddressInUse, ErrorCode, RelayRefused
+from ..metrics import CallbackCollector, Metrics
+from ..names import name_problem
 from ..protocol import (
     ChunkData,
     Goodbye,
@@ -39,6 +41,7 @@ from ..protocol import (
 from ..service import STOP_SIGNALS, run_service
 from ..transport import start_accounted_server
 from ..urls import RelayAddress
+from .accounting import DeliveryCounters
 from .admission import Guard
 from .budget import InputBudget, MemoryLedger, hold_frame
 from .connections import serve_connection
@@ -47,9 +50,8 @@ from .groups import Group
 from .lograte import LogRateLimit
 from .sessions import PublisherSession, Session, SubscriberSession
 from .status import StatusCache, collect_gauges, status_report
-from .streams import StreamCounters, StreamState
+from .streams import StreamState
 from .subscriptions import Subscriptions
-from .window import ReplayWindow
 
 log = logging.getLogger("audiosockets.relay")
 
@@ -163,6 +165,12 @@ class RelayConfig:
         if self.max_write_buffer_bytes < 1:
             raise ValueError("max_write_buffer_bytes must be >= 1")
 
+        token_problem = name_problem(
+            "--token", self.token, optional=True, limit=self.limits.max_name_length
+        )
+        if token_problem is not None:  # no client could ever present it
+            raise ValueError(token_problem)
+
     @property
     def write_buffer_limit(self) -> int:
         """Bytes queued to one session beyond which it is cut: the
@@ -194,6 +202,7 @@ class Relay:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.streams: dict[str, StreamState] = {}
+        self.delivery = DeliveryCounters(self.metrics)  # per-subscriber counts
         self.window_memory = MemoryLedger()  # what every window holds, bytes
         self.input_budget = InputBudget(self.config.max_input_bytes)
         self.refusals_logged = LogRateLimit(10.0, clock)  # protocol errors, by reason
@@ -219,16 +228,26 @@ class Relay:
     async def start(self) -> RelayAddress:
         """Bind the listening socket and return the address clients reach it
         at (the real port when the config says 0). Raises ``AddressInUse``
-        when it cannot listen there. Raises the descriptor limit first (``Guard.start``)."""
+        when it cannot listen there. Raises the descriptor limit first (``Guard.start``).
+
+        The IPv6 wildcard ``::`` is one dual-stack socket (``IPV6_V6ONLY=0``:
+        IPv4 clients too) where the OS allows it; asyncio alone would bind it
+        IPv6-only."""
         if self._server is not None and self.address is not None:
             return self.address  # already started (e.g. by a test before run())
         self.guard.start(asyncio.get_running_loop())
+        host, port = self.config.host, self.config.port
         try:
+            sock = None
+            if host == "::" and socket.has_dualstack_ipv6():
+                sock = socket.create_server(
+                    (host, port), family=socket.AF_INET6, dualstack_ipv6=True
+                )
             self._server = await start_accounted_server(
-                self._on_connect, self.config.host, self.config.port, self.input_budget
+                self._on_connect, host, port, self.input_budget, sock=sock
             )
         except OSError as exc:
-            where = f"{self.config.host}:{self.config.port}"
+            where = str(RelayAddress(host, port)).removeprefix("tcp://")
             if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
                 raise AddressInUse(f"cannot listen on {where}: address already in use") from exc
             raise AddressInUse(f"cannot listen on {where}: {exc.strerror or exc}") from exc
@@ -244,6 +263,17 @@ class Relay:
         """``audiosockets://host:port`` once started (AssertionError before)."""
         assert self.address is not None, "relay not started"
         return str(self.address)
+
+    def readiness(self) -> str | None:
+        """None while the relay accepts clients, else why not (one sentence):
+        the readiness check of ``/readyz`` (see ``health.py``). Callable from
+        any thread: it only reads the listener's state."""
+        server = self._server
+        if server is None or self.address is None:
+            return "relay has not started listening"
+        if not server.is_serving():
+            return f"relay not listening on {self.address}"
+        return None
 
     async def serve_forever(self) -> None:
         """Return once the relay has stopped (``stop()`` was called)."""
@@ -295,8 +325,11 @@ class Relay:
 
         A new name makes a new stream (and its zeroed metric series); a known
         one keeps its window, unless ``fmt`` differs (window cleared, readers
-        get OPEN_STREAM again). A previous publisher is told GOODBYE
-        ``REPLACED``. Readers waiting for a CLOSE_STREAM of it no longer get one.
+        get OPEN_STREAM again). A stream has one publisher at a time: the same
+        publisher run (HELLO ``instance``) reconnecting takes it back at once, and
+        its earlier (stale) session is told GOODBYE ``REPLACED``; any other is
+        refused: ``RelayRefused`` STREAM_IN_USE, which ends its session. Readers
+        waiting for a CLOSE_STREAM of it no longer get one.
 
         Raises ``StreamRefused`` past a stream cap (``Guard.check_stream``).
         Only a new stream is offered: re-declaring a name rebalances nothing.
@@ -304,21 +337,16 @@ class Relay:
         self.guard.check_stream(publisher, name)
         publisher.names.add(name)
         stream = self.streams.get(name)
+        holder = stream.publisher if stream is not None else None
+        if holder is not None and holder is not publisher and not holder.same_run(publisher):
+            raise RelayRefused(
+                f"stream {name} is already published by {holder.name} from {holder.channel.peer}",
+                ErrorCode.STREAM_IN_USE,
+            )
         new = stream is None
         if stream is None:
-            m = self.metrics
-            m.declare_stream(name)
-            counters = StreamCounters(
-                m.chunks_received.labels(name),
-                m.bytes_received.labels(name),
-                m.end_to_end_latency.labels(name),
-            )
-            stream = StreamState(
-                next(self._next_stream_id),
-                name,
-                fmt,
-                counters,
-                window=ReplayWindow(self.window_memory),
+            stream = StreamState.create(
+                next(self._next_stream_id), name, fmt, self.metrics, self.window_memory
             )
             self.streams[name] = stream
             self.stream_ids[stream.id] = stream
@@ -334,10 +362,14 @@ class Relay:
                 cursor.next_ord = stream.window.end
         old = stream.publisher
         if old is not None and old is not publisher:
-            log.warning("stream %r taken over by %r from %r", name, publisher.name, old.name)
-            farewell = Goodbye(
-                ErrorCode.REPLACED, f"stream {name!r} taken over by another publisher"
+            log.info(
+                "stream %r: publisher %r is back from %s; its earlier session from %s ends",
+                name,
+                publisher.name,
+                publisher.channel.peer,
+                old.channel.peer,
             )
+            farewell = Goodbye(ErrorCode.REPLACED, f"stream {name!r} taken back by a newer session")
             old.start_task(old.channel.close(farewell), name=f"replace {old.name}")
         stream.publisher = publisher
         stream.abandoned_at = None
@@ -390,6 +422,7 @@ class Relay:
         if group_name:
             group = self.groups.setdefault(group_name, Group(group_name))
             group.members.append(session)
+            group.empty_since = None
             session.group = group
             group.rebalance(self.streams, self.subscriptions)
         else:
@@ -407,8 +440,9 @@ class Relay:
             session.group = None
             if group.members:
                 group.rebalance(self.streams, self.subscriptions)
-            elif self.groups.get(group.name) is group:
-                del self.groups[group.name]  # empty: its state goes with its last member
+            else:  # kept with its ACKs for the grace period (expiry.forget_empty_groups)
+                group.assignment.clear()
+                group.empty_since = self.clock()
 
     def _offer(self, stream: StreamState) -> None:
         """A stream appeared (or came back): attach it where it belongs."""
@@ -432,25 +466,6 @@ class Relay:
             session.group.ack(session, stream.name, seq)
 
     # -- accounting ----------------------------------------------------------
-
-    def count_drop(self, stream: str, reason: str, n: int, subscriber: str) -> None:
-        """Count ``n`` chunks of ``stream`` the relay held and lost for
-        ``subscriber`` (its client name) for ``reason`` (``RELAY_DROP_REASONS``)."""
-        self.metrics.chunks_dropped.labels(stream, reason).inc(n)
-        self.metrics.subscriber_chunks_dropped.labels(subscriber, stream, reason).inc(n)
-
-    def count_sent(self, stream: str, chunks: int, nbytes: int, subscriber: str) -> None:
-        """Count ``chunks`` chunks (``nbytes`` bytes of frames) of ``stream``
-        written to ``subscriber``."""
-        self.metrics.chunks_sent.labels(stream).inc(chunks)
-        self.metrics.bytes_sent.labels(stream).inc(nbytes)
-        self.metrics.subscriber_chunks_sent.labels(subscriber, stream).inc(chunks)
-
-    def declare_subscriber(self, subscriber: str, stream: str) -> None:
-        """Zeros for a subscriber's delivery counters before its first chunk."""
-        self.metrics.subscriber_chunks_sent.labels(subscriber, stream)
-        for reason in RELAY_DROP_REASONS:
-            self.metrics.subscriber_chunks_dropped.labels(subscriber, stream, reason)
 
     def status(self) -> dict[str, object]:
         """The report ``audiosockets status`` prints (see ``status_report``)."""

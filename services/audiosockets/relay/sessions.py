@@ -112,6 +112,12 @@ class PublisherSession(Session):
         super().__init__(relay, channel, hello, session_id)
         self.streams: dict[int, StreamState] = {}  # by this connection's stream id
         self.names: set[str] = set()  # every name declared in this session (capped)
+        #: The publisher's run (HELLO ``instance``; 0: it sent none).
+        self.instance = hello.instance
+
+    def same_run(self, other: PublisherSession) -> bool:
+        """Both sessions come from one publisher run (one process start)."""
+        return bool(self.instance) and self.instance == other.instance
 
     async def handle(self, event: object) -> None:
         """Publish a chunk, open a stream (answered with STREAM_ACCEPTED and
@@ -250,7 +256,7 @@ class SubscriberSession(Session):
             missing, after_seq = window.trimmed_after(after_seq)
             if missing:
                 self.count_drop(stream.name, "replay_window_exceeded", missing)
-        self.relay.declare_subscriber(self.name, stream.name)
+        self.relay.delivery.declare_subscriber(self.name, stream.name)
         self.relay.subscriptions.add(self, Cursor(stream, start, after_seq, now))
         self.wake.set()
 
@@ -340,7 +346,7 @@ class SubscriberSession(Session):
             self._batch_seconds = max(self._batch_seconds, seconds)
             if sent:
                 cursor.sent += sent
-                relay.count_sent(stream.name, sent, nbytes, self.name)
+                relay.delivery.count_sent(stream.name, sent, nbytes, self.name)
             self._end_if_done(cursor, frames)
             if budget <= 0:
                 self.wake.set()  # more to do after this batch is flushed
@@ -424,7 +430,7 @@ class SubscriberSession(Session):
         losses, self._losses = self._losses, []
         for stream, reason, n in losses:
             self.dropped += n
-            self.relay.count_drop(stream, reason, n, self.name)
+            self.relay.delivery.count_drop(stream, reason, n, self.name)
 
     def _peer_gone(self) -> bool:
         return self.channel.closed or self.channel.writer.transport.is_closing()

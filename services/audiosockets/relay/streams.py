@@ -11,6 +11,8 @@ from ..audio import AudioFormat
 from .window import ReplayWindow
 
 if TYPE_CHECKING:
+    from ..metrics import Metrics
+    from .budget import MemoryLedger
     from .sessions import PublisherSession
 
 
@@ -47,6 +49,20 @@ class StreamState:
     publisher: PublisherSession | None = None
     chunks_total: int = 0
     abandoned_at: float | None = None  # relay clock since when no publisher and no audio
+
+    @classmethod
+    def create(
+        cls, stream_id: int, name: str, fmt: AudioFormat, metrics: Metrics, ledger: MemoryLedger
+    ) -> StreamState:
+        """A new stream with its metric series declared (zeros) and an empty
+        window whose memory counts in ``ledger`` (the relay-wide budget)."""
+        metrics.declare_stream(name)
+        counters = StreamCounters(
+            metrics.chunks_received.labels(name),
+            metrics.bytes_received.labels(name),
+            metrics.end_to_end_latency.labels(name),
+        )
+        return cls(stream_id, name, fmt, counters, window=ReplayWindow(ledger))
 
     def rate(self, now: float, span: float = 5.0) -> float:
         """Chunks per second that arrived in the last ``span`` seconds before
