@@ -296,6 +296,10 @@ class Connection:
         self._decoder.discard()
 
     @property
+    def pending_frame_length(self) -> int:  # the incomplete frame's announced payload (0: none)
+        return self._decoder.pending_length
+
+    @property
     def frames_received(self) -> int:
         """Complete frames parsed so far (the I/O adapter times partial ones)."""
         return self._decoder.frames

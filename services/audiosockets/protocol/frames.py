@@ -384,6 +384,13 @@ class FrameDecoder:
         """Append received bytes (any split) to the buffer; parses nothing."""
         self._buf += data
 
+    @property
+    def pending_length(self) -> int:
+        """Payload length the incomplete frame's header announced (0: no header yet)."""
+        if len(self._buf) - self._pos < HEADER_SIZE:
+            return 0
+        return int(HEADER.unpack_from(self._buf, self._pos)[3])
+
     def discard(self) -> None:
         """Free every byte buffered; the next frame starts with the next byte."""
         self._buf = bytearray()

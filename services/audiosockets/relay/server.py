@@ -43,7 +43,7 @@ from ..transport import start_accounted_server
 from ..urls import RelayAddress
 from .accounting import DeliveryCounters
 from .admission import Guard
-from .budget import InputBudget, MemoryLedger, readers_lose, trim_windows
+from .budget import InputBudget, MemoryLedger, hold_frame
 from .connections import serve_connection
 from .expiry import Housekeeping
 from .groups import Group
@@ -112,7 +112,7 @@ class RelayConfig:
     heartbeat_interval: float = 2.0
     max_window_bytes: int = 256 << 20  # per stream, on top of replay_seconds
     max_window_memory: int = 256 << 20  # all windows together
-    max_input_bytes: int = 16 << 20  # incomplete frames, all connections together
+    max_input_bytes: int = 8 << 20  # incomplete frames, all connections together
     frame_timeout: float = 10.0  # seconds from a frame's first byte to its last
     max_capture_ahead: float = 300.0  # seconds a capture time may be ahead of the relay
     max_capture_age: float = 3650 * 86400.0  # seconds behind it (an old spool is no forgery)
@@ -382,12 +382,9 @@ class Relay:
         return stream
 
     def publish(self, stream: StreamState, chunk: ChunkData) -> None:
-        """Append ``chunk`` to ``stream``'s window and wake its readers.
-
-        A sequence number at or below the last one is a duplicate (counted in
-        ``audiosockets_duplicates_suppressed_total``, dropped); one beyond the
-        next counts the missing ones in ``audiosockets_sequence_gaps_total``.
-        """
+        """Append ``chunk`` to ``stream``'s window (``budget.hold_frame``), wake its readers.
+        A seq at or below the last is a duplicate (``duplicates_suppressed_total``,
+        dropped); one beyond the next counts the missing in ``sequence_gaps_total``."""
         name = stream.name
         m = self.metrics
         if chunk.seq <= stream.last_seq:
@@ -395,21 +392,10 @@ class Relay:
             return
         if stream.last_seq >= 0 and chunk.seq > stream.last_seq + 1:
             m.sequence_gaps.labels(name).inc(chunk.seq - stream.last_seq - 1)
-        fmt = stream.format
         nbytes = len(chunk.payload)
-        seconds = nbytes / (fmt.frame_bytes * fmt.rate)
         frame = encode_chunk(stream.id, chunk.seq, chunk.captured_ns, chunk.payload)
-        window = stream.window
         stream.last_arrival = now = self.clock()
-        window.append(chunk.seq, frame, seconds, now)
-        window.trim(self.config.replay_seconds, self.config.max_window_bytes)
-        if self.window_memory.held > self.config.max_window_memory:
-            trim_windows(
-                list(self.streams.values()),
-                self.window_memory,
-                self.config.max_window_memory,
-                lambda s, n: readers_lose(s, n, self.subscriptions.readers(s.name)),
-            )
+        hold_frame(self, stream, chunk.seq, frame, stream.format.seconds(nbytes), now)
         stream.last_seq = chunk.seq
         stream.last_captured_ns = chunk.captured_ns
         stream.chunks_total += 1
