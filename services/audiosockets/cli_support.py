@@ -149,7 +149,7 @@ RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
     (
         "--max-input-bytes",
         click.IntRange(64),
-        16 << 20,
+        8 << 20,
         "Bytes all connections may hold of frames not yet complete; beyond it the "
         "connection holding the most is cut.",
     ),
