@@ -296,6 +296,10 @@ class SubscriberSession(Session):
         self.subscription: Subscribe | None = None
         self.resume: dict[str, int] = {}
         self.cursors: dict[str, Cursor] = {}
+        # The cursors with something to send (or to say), in the order they get their
+        # turn: the writer visits these, not every cursor, so a subscriber to many
+        # streams costs per chunk, not per stream.
+        self.pending: dict[str, Cursor] = {}
         self.wake = asyncio.Event()
         self.writer: asyncio.Task[None] | None = None
         self.group: Group | None = None
@@ -354,6 +358,11 @@ class SubscriberSession(Session):
         cursor = Cursor(stream, start, after_seq, now)
         self.cursors[stream.name] = cursor
         stream.readers.add(self)
+        self.notify(cursor)
+
+    def notify(self, cursor: Cursor) -> None:
+        """``cursor`` has something new: give it a turn and wake the writer."""
+        self.pending[cursor.stream.name] = cursor
         self.wake.set()
 
     def unassign(self, stream: StreamState, reason: CloseReason) -> None:
@@ -399,7 +408,9 @@ class SubscriberSession(Session):
         stale_before = now - relay.config.queue_seconds
         budget = relay.config.max_batch_bytes
         frames: list[bytes] = []
-        for cursor in list(self.cursors.values()):
+        pending = self.pending
+        for name, cursor in list(pending.items()):
+            del pending[name]
             if not cursor.active:
                 continue
             stream = cursor.stream
@@ -424,13 +435,15 @@ class SubscriberSession(Session):
                 continue
             # Live chunks older than queue_seconds are dropped (oldest first);
             # chunks that were already in the window when we attached are
-            # replay and exempt.
-            fresh_from = window.ordinal_arrived_at(max(stale_before, cursor.assigned_at))
-            exempt_until = window.ordinal_arrived_at(cursor.assigned_at)
-            if exempt_until <= cursor.next_ord < fresh_from:
-                skipped = self._skip(cursor, fresh_from)
-                if skipped:
-                    relay.count_drop(stream.name, "subscriber_slow", skipped)
+            # replay and exempt. Arrivals only grow: when the next chunk is
+            # fresh, all after it are too (the usual case, no search needed).
+            if window.arrivals[cursor.next_ord - window.base + window.head] < stale_before:
+                fresh_from = window.ordinal_arrived_at(max(stale_before, cursor.assigned_at))
+                exempt_until = window.ordinal_arrived_at(cursor.assigned_at)
+                if exempt_until <= cursor.next_ord < fresh_from:
+                    skipped = self._skip(cursor, fresh_from)
+                    if skipped:
+                        relay.count_drop(stream.name, "subscriber_slow", skipped)
             if not cursor.declared:
                 frames.append(channel_open(self.channel, stream))
                 cursor.declared = True
@@ -453,6 +466,8 @@ class SubscriberSession(Session):
                 relay.count_sent(stream.name, sent, nbytes)
             self._end_if_done(cursor, frames)
             if budget <= 0:
+                if cursor.next_ord < window.end:
+                    pending[name] = cursor  # its turn again, after the others
                 self.wake.set()  # more to do after this batch is flushed
                 break
         return frames
@@ -731,7 +746,9 @@ class Relay:
         received_bytes.inc(nbytes)
         latency.observe(max(0.0, (time.time_ns() - chunk.captured_ns) / 1e9))
         for reader in stream.readers:
-            reader.wake.set()
+            cursor = reader.cursors.get(name)
+            if cursor is not None:
+                reader.notify(cursor)
 
     def stream_ended(self, stream: StreamState) -> None:
         """The publisher closed the stream: each reader gets CLOSE_STREAM after
@@ -741,7 +758,7 @@ class Relay:
             cursor = reader.cursors.get(stream.name)
             if cursor is not None:
                 cursor.end_after = stream.last_seq
-                reader.wake.set()
+                reader.notify(cursor)
 
     # -- subscribing ---------------------------------------------------------
 
