@@ -51,7 +51,8 @@ def relay_process(pipe: Pipe, cfg: LoadTestConfig) -> None:
             assert task is not None
             handlers.add(task)  # owned here, so stopping can wait for them
             _nodelay(writer)
-            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            # RuntimeError: uvloop refuses a write to a subscriber that just hung up.
+            with contextlib.suppress(ConnectionError, RuntimeError, asyncio.IncompleteReadError):
                 if await reader.readexactly(1) == b"S":
                     subscribers.append(writer)
                     writer.write(b"K")  # registered: the subscriber may report ready
