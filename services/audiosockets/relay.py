@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
+#: Connections the kernel queues before the relay accepts them (capped by somaxconn).
+LISTEN_BACKLOG = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
@@ -552,7 +555,13 @@ class Relay:
     async def start(self) -> RelayAddress:
         try:
             self._server = await asyncio.start_server(
-                self._on_connect, self.config.host, self.config.port, limit=1 << 20
+                self._on_connect,
+                self.config.host,
+                self.config.port,
+                limit=1 << 20,
+                # A thousand microphones reconnect at once after a relay restart:
+                # asyncio's default backlog of 100 drops their SYNs into retries.
+                backlog=LISTEN_BACKLOG,
             )
         except OSError as exc:
             where = f"{self.config.host}:{self.config.port}"
