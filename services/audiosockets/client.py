@@ -44,6 +44,7 @@ from tenacity import (
 
 from .audio import AudioFormat, Chunk
 from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
+from .handoff import Handoff
 from .metrics import Metrics
 from .protocol import (
     CHUNK_HEAD,
@@ -51,6 +52,7 @@ from .protocol import (
     ChunkData,
     CloseStream,
     ErrorFrame,
+    Event,
     Goodbye,
     Hello,
     Limits,
@@ -637,7 +639,7 @@ class Subscriber(_Client):
         self.duplicates = 0
         self.gaps = 0
         self._ids: dict[str, int] = {}
-        self._queue: asyncio.Queue[Chunk] = asyncio.Queue(maxsize=queue_chunks)
+        self._handoff: Handoff[Chunk] = Handoff(queue_chunks)
         self._unacked: Chunk | None = None
         self._on_stream_closed = on_stream_closed
         # Group members ACK what they processed. By default a chunk counts as
@@ -666,7 +668,7 @@ class Subscriber(_Client):
 
     async def __anext__(self) -> Chunk:
         self._ack_previous()
-        chunk = await self._queue.get()
+        chunk = await self._handoff.get()
         self.positions[chunk.stream] = chunk.seq
         if not self.manual_ack:
             self._unacked = chunk
@@ -695,7 +697,7 @@ class Subscriber(_Client):
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize()
+        return len(self._handoff)
 
     def _ack_previous(self) -> None:
         chunk, self._unacked = self._unacked, None
@@ -730,46 +732,61 @@ class Subscriber(_Client):
         self.connected.set()
         self.metrics.connected.labels(self.role.label).set(1)
         streams: dict[int, tuple[str, AudioFormat]] = {}
-        m = self.metrics
+        handoff = self._handoff
         while True:
-            event = await channel.next_event()
-            if isinstance(event, ChunkData):
-                name, fmt = streams[event.stream_id]
-                last = self.received.get(name, -1)
-                if event.seq <= last:
-                    self.duplicates += 1
-                    m.duplicates_suppressed.labels(name).inc()
-                    continue
-                if last >= 0 and event.seq > last + 1:
-                    missing = event.seq - last - 1
-                    self.gaps += missing
-                    m.sequence_gaps.labels(name).inc(missing)
-                    self._log_gap(name, missing, event.seq)
-                self.received[name] = event.seq
-                now = time.time_ns()
-                chunk = Chunk(name, event.seq, event.captured_ns, fmt, event.payload, now)
-                received, nbytes, latency, depth = self._child(name)
-                received.inc()
-                nbytes.inc(len(event.payload))
-                latency.observe(max(0.0, (now - event.captured_ns) / 1e9))
-                if self._queue.full():
-                    depth.set(self._queue.qsize())
-                await self._queue.put(chunk)
-            elif isinstance(event, OpenStream):
-                streams[event.stream_id] = (event.name, event.format)
-                self._ids[event.name] = event.stream_id
-                self.formats[event.name] = event.format
-                self.assigned.add(event.name)
-                self._child(event.name)
-            elif isinstance(event, CloseStream):
-                entry = streams.get(event.stream_id)
-                if entry is not None:
-                    self.assigned.discard(entry[0])
-                    log.info("stream %r closed by relay (%s)", entry[0], event.reason.name.lower())
-                    if self._on_stream_closed is not None:
-                        self._on_stream_closed(entry[0])
-            elif isinstance(event, Goodbye | ErrorFrame):
-                raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
+            # Every event of one read, then one wake-up for the consumer; a full
+            # hand-off stops the reading (the rest stays in the socket).
+            event: Event | None = await channel.next_event()
+            try:
+                while event is not None:
+                    self._receive(event, streams)
+                    if handoff.full():
+                        break
+                    event = channel.poll_event()
+            finally:
+                handoff.publish()  # what arrived before an error is delivered too
+            if handoff.full():
+                await handoff.wait_for_space()
+
+    def _receive(self, event: Event, streams: dict[int, tuple[str, AudioFormat]]) -> None:
+        m = self.metrics
+        if isinstance(event, ChunkData):
+            name, fmt = streams[event.stream_id]
+            last = self.received.get(name, -1)
+            if event.seq <= last:
+                self.duplicates += 1
+                m.duplicates_suppressed.labels(name).inc()
+                return
+            if last >= 0 and event.seq > last + 1:
+                missing = event.seq - last - 1
+                self.gaps += missing
+                m.sequence_gaps.labels(name).inc(missing)
+                self._log_gap(name, missing, event.seq)
+            self.received[name] = event.seq
+            now = time.time_ns()
+            chunk = Chunk(name, event.seq, event.captured_ns, fmt, event.payload, now)
+            received, nbytes, latency, depth = self._child(name)
+            received.inc()
+            nbytes.inc(len(event.payload))
+            latency.observe(max(0.0, (now - event.captured_ns) / 1e9))
+            self._handoff.put(chunk)
+            if self._handoff.full():
+                depth.set(len(self._handoff))
+        elif isinstance(event, OpenStream):
+            streams[event.stream_id] = (event.name, event.format)
+            self._ids[event.name] = event.stream_id
+            self.formats[event.name] = event.format
+            self.assigned.add(event.name)
+            self._child(event.name)
+        elif isinstance(event, CloseStream):
+            entry = streams.get(event.stream_id)
+            if entry is not None:
+                self.assigned.discard(entry[0])
+                log.info("stream %r closed by relay (%s)", entry[0], event.reason.name.lower())
+                if self._on_stream_closed is not None:
+                    self._on_stream_closed(entry[0])
+        elif isinstance(event, Goodbye | ErrorFrame):
+            raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
 
     def _log_gap(self, stream: str, missing: int, seq: int) -> None:
         # Rate-limited: a slow consumer can see thousands of gaps a second;

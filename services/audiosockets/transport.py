@@ -124,11 +124,20 @@ class Channel:
         Raises ConnectionClosed on EOF or heartbeat timeout, and
         RemoteProtocolError when the peer breaks the protocol.
         """
+        while (event := self.poll_event()) is None:
+            await self._read()
+        return event
+
+    def poll_event(self) -> Event | None:
+        """The next event among the bytes already received, or None: never reads.
+
+        Lets a reader take every event of one read without an await per event.
+        PING/PONG are handled here; raises RemoteProtocolError as ``next_event``.
+        """
         while True:
             event = self.conn.next_event()
             if isinstance(event, NeedData):
-                await self._read()
-                continue
+                return None
             if isinstance(event, Ping):
                 if not self.closed:
                     self.send(Pong(event.nonce))
