@@ -30,7 +30,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -641,6 +641,8 @@ class Subscriber(_Client):
         self._ids: dict[str, int] = {}
         self._handoff: Handoff[Chunk] = Handoff(queue_chunks)
         self._unacked: Chunk | None = None
+        self._acks_due: set[str] = set()  # streams whose latest ACK has not been sent
+        self._acks_scheduled = False
         self._on_stream_closed = on_stream_closed
         # Group members ACK what they processed. By default a chunk counts as
         # processed when the application asks for the next one; with
@@ -661,6 +663,7 @@ class Subscriber(_Client):
 
     async def close(self) -> None:
         self._ack_previous()
+        self._send_acks()  # before the GOODBYE
         await self._stop_task(farewell=True)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
@@ -678,18 +681,39 @@ class Subscriber(_Client):
         """Tell the relay this group member is done with ``stream`` up to ``seq``.
 
         Only meaningful in a group (a new owner resumes after the last ACK);
-        lower or repeated values are ignored.
+        lower or repeated values are ignored. The first ACK of a turn of the
+        event loop leaves at once; the ones after it in the same turn are
+        coalesced, the latest per stream, into one write at the end of the turn
+        (a batch of chunks costs two writes, not one per chunk).
         """
         if seq <= self.acked.get(stream, -1):
             return
         self.acked[stream] = seq
         if not self.group:
             return
+        if self._acks_scheduled:
+            self._acks_due.add(stream)
+            return
+        self._acks_scheduled = True
+        asyncio.get_running_loop().call_soon(self._send_acks)
+        self._write_acks([stream])
+
+    def _send_acks(self) -> None:
+        self._acks_scheduled = False
+        due, self._acks_due = self._acks_due, set()
+        self._write_acks(due)
+
+    def _write_acks(self, streams: Iterable[str]) -> None:
         channel = self.channel
-        stream_id = self._ids.get(stream)
-        if channel is not None and not channel.closed and stream_id is not None:
-            with contextlib.suppress(Exception):
-                channel.send(Ack(stream_id, seq))
+        if channel is None or channel.closed:
+            return
+        frames = []
+        for stream in streams:
+            stream_id = self._ids.get(stream)
+            if stream_id is not None:
+                frames.append(channel.conn.send(Ack(stream_id, self.acked[stream])))
+        with contextlib.suppress(Exception):
+            channel.writelines(frames)
 
     async def get(self, timeout: float | None = None) -> Chunk:
         async with asyncio.timeout(timeout):
