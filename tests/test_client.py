@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
 from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
-from audiosockets.client import Publisher, RetryPolicy, Subscriber
+from audiosockets.client import (
+    ChunkSubscription,
+    Publisher,
+    RetryPolicy,
+    SpoolingStream,
+    Subscriber,
+)
 from audiosockets.metrics import Metrics
 from audiosockets.protocol import Limits
 from audiosockets.relay import Relay, RelayConfig
@@ -73,13 +80,19 @@ async def test_a_session_the_relay_refuses_backs_off(relay: Relay) -> None:
     pub = Publisher(relay.url, retry=RetryPolicy(initial=0.2, cap=0.4, jitter=0.0), metrics=metrics)
     stream = pub.stream("mic", FMT)
     stream.send(block(1))  # 640 bytes: more than this relay accepts
+    started = time.monotonic()
     await pub.start()
-    await asyncio.sleep(1.0)
+    # Each refused session is followed by the tenacity backoff: 0.2, 0.4, 0.4 s
+    # (initial doubling up to the cap, no jitter), so the 4th session cannot
+    # start before 1.0 s. A reconnect storm would get there in milliseconds.
+    await wait_until(lambda: pub.sessions >= 4, timeout=10, what="4 refused sessions")
+    elapsed = time.monotonic() - started
+    assert elapsed >= 0.2 + 0.4 + 0.4 - 0.05, f"4 sessions in {elapsed:.2f} s: no backoff"
     reconnects = metrics.registry.get_sample_value(
         "audiosockets_reconnects_total", {"role": "publisher"}
     )
     assert reconnects is not None
-    assert 1 <= reconnects <= 6, f"{reconnects} reconnects in 1 s: no backoff"
+    assert reconnects >= 3  # every session after the first one is a counted reconnect
     errors = relay.metrics.registry.get_sample_value(
         "audiosockets_protocol_errors_total", {"reason": "frame_too_large"}
     )
@@ -124,6 +137,24 @@ async def test_publisher_spool_drops_oldest_unsent_and_counts(relay: Relay) -> N
     )
     assert value == 5
     assert abs(stream.spooled_seconds - 0.1) < 1e-9
+    # The read-only view the recorder saves on close: the same unsent chunks, a copy.
+    assert [e.seq for e in stream.unsent_chunks()] == [5, 6, 7, 8, 9]
+    assert stream.unsent == 5
+    stream.unsent_chunks().clear()
+    assert len(stream.history) == 5
+
+
+def test_client_classes_provide_the_typed_seams() -> None:
+    pub = Publisher("tcp://127.0.0.1:1", retry=FAST)
+    stream = pub.stream("mic", FMT)
+    assert isinstance(stream, SpoolingStream)
+    stream.send(block(1))
+    assert (stream.unsent, stream.spooled_seconds) == (1, pytest.approx(0.02))
+    sub = Subscriber("tcp://127.0.0.1:1", "mic", retry=FAST)
+    assert isinstance(sub, ChunkSubscription)
+    assert set(sub.assigned) == set()
+    with pytest.raises(AttributeError):
+        sub.assigned = {"x"}  # type: ignore[misc]
 
 
 async def test_status_report_lists_publishers_and_subscribers(relay: Relay) -> None:
@@ -147,11 +178,11 @@ async def test_status_report_lists_publishers_and_subscribers(relay: Relay) -> N
 
 
 def test_history_indexes_and_pops_like_a_deque() -> None:
-    from audiosockets.client import History, _Entry
+    from audiosockets.client import History, SpooledChunk
 
     h = History()
     for seq in range(3000):
-        h.append(_Entry(seq, 0, b"", 0.02))
+        h.append(SpooledChunk(seq, 0, b"", 0.02))
     for _ in range(2000):  # past the compaction threshold
         h.popleft()
     assert len(h) == 1000

@@ -16,6 +16,7 @@ import audiosockets
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from audiosockets.protocol import (
+    END_OF_STREAM,
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -98,7 +99,7 @@ def decode_all(data: bytes, limits: Limits | None = None) -> list[Event]:
 
 def drain(conn: Connection) -> list[object]:
     events: list[object] = []
-    while (event := conn.next_event()) is not NEED_DATA:
+    while (event := conn.next_event()) is not NEED_DATA and event is not END_OF_STREAM:
         events.append(event)
     return events
 
@@ -368,16 +369,21 @@ def test_trailing_partial_frame_is_held_until_complete(cut: int) -> None:
 
 
 def test_client_must_send_hello_first() -> None:
-    client = Connection("client")
+    # A refused send puts the connection in ERROR: each case gets a fresh one.
     for event in (Subscribe("*"), Ping(1), OpenStream(1, "m", MONO16)):
         with pytest.raises(LocalProtocolError):
-            client.send(event)
-    client.send(Hello(Role.SUBSCRIBER, "s"))
-    client.send(Ping(1))  # heartbeats may flow while waiting for WELCOME
+            Connection("client").send(event)
+
+    def hello_sent() -> Connection:
+        client = Connection("client")
+        client.send(Hello(Role.SUBSCRIBER, "s"))
+        client.send(Ping(1))  # heartbeats may flow while waiting for WELCOME
+        return client
+
     with pytest.raises(LocalProtocolError):
-        client.send(Subscribe("*"))  # not before WELCOME
+        hello_sent().send(Subscribe("*"))  # not before WELCOME
     with pytest.raises(LocalProtocolError):
-        client.send(Hello(Role.SUBSCRIBER, "s"))  # HELLO only once
+        hello_sent().send(Hello(Role.SUBSCRIBER, "s"))  # HELLO only once
 
 
 def test_relay_cannot_welcome_before_hello() -> None:
@@ -403,7 +409,8 @@ def test_welcome_before_hello_was_sent_is_the_peers_error() -> None:
     client = Connection("client")
     err = remote_error(client, encode(WELCOME) + encode(Ping(1)))
     assert err.code is ErrorCode.UNEXPECTED_FRAME
-    assert client.state is State.HANDSHAKE
+    assert client.state is State.ERROR
+    assert client.welcome is None
 
 
 @pytest.mark.parametrize(
@@ -654,6 +661,177 @@ def test_protocol_page_matches_the_code() -> None:
 
 
 # --------------------------------------------------------------------------
+# End of stream is an input; a protocol error leaves the connection in ERROR
+# --------------------------------------------------------------------------
+
+
+def publisher_frames() -> tuple[list[Event], bytes]:
+    """A publisher's session after the handshake, as events and as bytes."""
+    events: list[Event] = [
+        OpenStream(1, "mic", MONO16),
+        ChunkData(1, 0, 1_000, b"\x01\x00" * 4),
+        ChunkData(1, 1, 2_000, b"\x02\x00" * 4),
+        CloseStream(1),
+    ]
+    return events, b"".join(encode(e) for e in events)
+
+
+def test_eof_between_frames_ends_the_stream_cleanly() -> None:
+    events, data = publisher_frames()
+    for split in (len(data), 1):  # whole, then byte by byte
+        _, relay = handshake(Role.PUBLISHER)
+        got: list[object] = []
+        for i in range(0, len(data), split):
+            relay.receive_data(data[i : i + split])
+            got += drain(relay)
+        assert relay.next_event() is NEED_DATA
+        relay.receive_eof()
+        assert relay.eof_received
+        assert relay.next_event() is END_OF_STREAM
+        assert relay.next_event() is END_OF_STREAM  # and stays so
+        assert got == events
+        assert relay.state is State.OPEN
+
+
+def test_frames_buffered_before_eof_are_delivered_first() -> None:
+    events, data = publisher_frames()
+    _, relay = handshake(Role.PUBLISHER)
+    relay.receive_data(data)
+    relay.receive_eof()
+    assert [relay.next_event() for _ in events] == events
+    assert relay.next_event() is END_OF_STREAM
+
+
+def test_eof_before_the_first_byte_is_clean() -> None:
+    relay = Connection("relay")
+    relay.receive_eof()
+    assert relay.next_event() is END_OF_STREAM
+    assert relay.state is State.HANDSHAKE
+
+
+def test_eof_mid_frame_is_the_peers_error_at_every_cut() -> None:
+    events, data = publisher_frames()
+    last = encode(ChunkData(1, 2, 3_000, b"\x03\x00" * 4))
+    for cut in range(1, len(last)):
+        _, relay = handshake(Role.PUBLISHER)
+        relay.receive_data(data + last[:cut])
+        relay.receive_eof()
+        # Everything whole is delivered before the truncation is reported.
+        assert [relay.next_event() for _ in events] == events
+        with pytest.raises(RemoteProtocolError, match="connection closed mid-frame") as info:
+            relay.next_event()
+        assert f"({cut} bytes of it arrived)" in str(info.value)
+        assert info.value.code is ErrorCode.MALFORMED_FRAME
+        assert relay.state is State.ERROR
+        assert relay.error is info.value
+
+
+def test_eof_after_goodbye_is_clean_even_with_bytes_left() -> None:
+    client, relay = handshake(Role.PUBLISHER)
+    relay.receive_data(client.send(Goodbye(ErrorCode.NORMAL, "bye")) + b"AS\x01")
+    assert drain(relay) == [Goodbye(ErrorCode.NORMAL, "bye")]
+    assert relay.state is State.CLOSED
+    relay.receive_eof()
+    assert relay.next_event() is END_OF_STREAM
+
+
+def test_data_after_eof_is_our_error() -> None:
+    _, relay = handshake(Role.PUBLISHER)
+    relay.receive_eof()
+    with pytest.raises(LocalProtocolError, match="after the end of the stream"):
+        relay.receive_data(b"AS")
+    with pytest.raises(LocalProtocolError, match="twice"):
+        relay.receive_eof()
+    assert relay.buffered == 0  # the refused bytes were not buffered
+    assert relay.next_event() is END_OF_STREAM
+
+
+def _bad_chunk_received() -> tuple[Connection, RemoteProtocolError]:
+    client, relay = handshake(Role.PUBLISHER)
+    transfer(client, relay, OpenStream(1, "mic", MONO16))
+    # A chunk for a stream the publisher never declared, then a good PING.
+    relay.receive_data(encode(ChunkData(9, 0, 0, b"")) + encode(Ping(1)))
+    with pytest.raises(RemoteProtocolError) as info:
+        relay.next_event()
+    assert info.value.code is ErrorCode.UNKNOWN_STREAM
+    return relay, info.value
+
+
+def test_every_receive_after_a_remote_error_raises() -> None:
+    relay, err = _bad_chunk_received()
+    assert relay.state is State.ERROR
+    assert relay.error is err
+    for _ in range(2):  # the buffered PING is never returned
+        with pytest.raises(RemoteProtocolError) as again:
+            relay.next_event()
+        assert (str(again.value), again.value.code) == (str(err), err.code)
+    with pytest.raises(LocalProtocolError, match="failed with a protocol error"):
+        relay.receive_data(encode(Ping(2)))
+    with pytest.raises(LocalProtocolError, match="failed with a protocol error"):
+        relay.receive_eof()
+
+
+def test_every_send_after_a_remote_error_raises_but_one_farewell() -> None:
+    relay, err = _bad_chunk_received()
+    with pytest.raises(LocalProtocolError, match="cannot send STREAM_ACCEPTED"):
+        relay.send(StreamAccepted(1, 0))
+    with pytest.raises(LocalProtocolError, match="cannot send PING"):
+        relay.send(Ping(5))
+    # The peer may still learn why: one ERROR (or GOODBYE) frame.
+    farewell = relay.send(ErrorFrame(err.code, str(err)))
+    assert decode_all(farewell) == [ErrorFrame(err.code, str(err))]
+    with pytest.raises(LocalProtocolError):
+        relay.send(Goodbye(ErrorCode.NORMAL, "bye"))
+    assert relay.state is State.ERROR
+
+
+def test_every_call_after_a_local_error_raises() -> None:
+    client, relay = handshake(Role.PUBLISHER)
+    transfer(client, relay, OpenStream(1, "mic", MONO16))
+    with pytest.raises(LocalProtocolError, match="undeclared stream id 9") as info:
+        client.send(ChunkData(9, 0, 0, b""))
+    assert client.state is State.ERROR
+    assert client.error is info.value
+    with pytest.raises(LocalProtocolError):
+        client.send(ChunkData(1, 0, 0, b"\x00\x00"))  # valid before the error
+    with pytest.raises(LocalProtocolError):
+        client.chunk_frame(1, 0, 0, b"\x00\x00")
+    with pytest.raises(LocalProtocolError):
+        client.send(OpenStream(2, "other", MONO16))
+    with pytest.raises(LocalProtocolError):
+        client.receive_data(relay.send(StreamAccepted(1, 0)))
+    with pytest.raises(LocalProtocolError):
+        client.next_event()
+    with pytest.raises(LocalProtocolError):
+        client.receive_eof()
+    assert decode_all(client.send(Goodbye(ErrorCode.INTERNAL, "bug"))) == [
+        Goodbye(ErrorCode.INTERNAL, "bug")
+    ]
+
+
+def _refused_chunk(fast: bool, stream_id: int, payload: bytes) -> tuple[str, ErrorCode]:
+    client, relay = handshake(Role.PUBLISHER)
+    transfer(client, relay, OpenStream(1, "mic", MONO16))
+    send = client.chunk_frame if fast else lambda *args: client.send(ChunkData(*args))
+    with pytest.raises(LocalProtocolError) as info:
+        send(stream_id, 0, 0, payload)
+    assert client.state is State.ERROR
+    return str(info.value), info.value.code
+
+
+@pytest.mark.parametrize(("stream_id", "payload"), [(9, b""), (1, b"\x00" * 3)])
+def test_chunk_frame_fast_path_errors_like_send(stream_id: int, payload: bytes) -> None:
+    # One check for every CHUNK sent: same refusals, same codes, same ERROR state.
+    assert _refused_chunk(True, stream_id, payload) == _refused_chunk(False, stream_id, payload)
+
+
+def test_chunk_frame_checks_the_role() -> None:
+    client, _ = handshake(Role.SUBSCRIBER)
+    with pytest.raises(LocalProtocolError, match="not allowed in a subscriber session"):
+        client.chunk_frame(1, 0, 0, b"")
+
+
+# --------------------------------------------------------------------------
 # Sans-I/O: the codec imports no I/O, transitively within the package
 # --------------------------------------------------------------------------
 
@@ -675,6 +853,8 @@ def _imports(path: Path) -> tuple[set[str], set[Path]]:
     """(top-level external modules, package-internal files) ``path`` imports."""
     external: set[str] = set()
     internal: set[Path] = set()
+    # The dotted package ``path`` lives in, relative to audiosockets ("" or "protocol").
+    package = path.parent.relative_to(PACKAGE_DIR).parts
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):  # function-level and TYPE_CHECKING imports count too
         if isinstance(node, ast.Import):
@@ -687,14 +867,18 @@ def _imports(path: Path) -> tuple[set[str], set[Path]]:
             if node.level == 0 and (node.module or "").split(".")[0] != "audiosockets":
                 external.add((node.module or "").split(".")[0])
                 continue
-            assert node.level <= 1, "deeper relative imports are not expected in this package"
-            module = node.module or ""
             if node.level == 0:
-                module = module.partition(".")[2]
-            if module:
-                internal.add(_module_file(module))
+                base: tuple[str, ...] = ()
+                module = (node.module or "").partition(".")[2]
             else:
-                internal.update(_module_file(alias.name) for alias in node.names)
+                assert node.level - 1 <= len(package), f"{path} imports above the package"
+                base = package[: len(package) - (node.level - 1)]
+                module = node.module or ""
+            if module:
+                internal.add(_module_file(".".join((*base, module))))
+            else:
+                internal.add(_module_file(".".join((*base, "__init__"))))
+                internal.update(_module_file(".".join((*base, a.name))) for a in node.names)
     return external, internal
 
 
@@ -714,7 +898,17 @@ def _transitive_imports(start: str) -> dict[Path, set[str]]:
 
 def test_protocol_imports_no_io() -> None:
     graph = _transitive_imports("protocol")
-    assert {p.name for p in graph} >= {"protocol.py", "audio.py", "errors.py", "__init__.py"}
+    names = {str(p.relative_to(PACKAGE_DIR)) for p in graph}
+    assert names >= {
+        "protocol/__init__.py",
+        "protocol/connection.py",
+        "protocol/frames.py",
+        "protocol/events.py",
+        "protocol/limits.py",
+        "audio.py",
+        "errors.py",
+        "__init__.py",
+    }
     offenders = {p.name: sorted(ext & FORBIDDEN) for p, ext in graph.items() if ext & FORBIDDEN}
     assert offenders == {}
 

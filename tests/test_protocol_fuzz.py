@@ -10,6 +10,7 @@ The invariants, h11-style:
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,7 @@ from audiosockets.audio import MAX_CHANNELS, MAX_RATE, AudioFormat, SampleType
 from audiosockets.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from audiosockets.protocol import (
     CHUNK_HEAD,
+    END_OF_STREAM,
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -158,7 +160,8 @@ def check_error(exc: RemoteProtocolError) -> None:
 
 
 def consume(conn: Connection, pieces: list[bytes]) -> list[object]:
-    """Feed ``pieces``; the only exception allowed out is RemoteProtocolError.
+    """Feed ``pieces``, then the end of the stream; the only exception allowed
+    out is RemoteProtocolError, after which the connection stays in ERROR.
 
     A relay answers HELLO with WELCOME before reading on, as the real one does.
     """
@@ -174,8 +177,16 @@ def consume(conn: Connection, pieces: list[bytes]) -> list[object]:
                     and conn.state is State.HANDSHAKE
                 ):
                     conn.send(WELCOME)
+        conn.receive_eof()
+        # Every whole frame was drained above: what is left ends cleanly or mid-frame.
+        left = conn.buffered
+        assert conn.next_event() is END_OF_STREAM
+        assert left == 0 or conn.state is State.CLOSED
     except RemoteProtocolError as exc:
         check_error(exc)
+        assert conn.state is State.ERROR
+        with pytest.raises(RemoteProtocolError):
+            conn.next_event()
     return events_out
 
 
@@ -355,6 +366,9 @@ def test_what_one_side_may_not_send_the_other_may_not_receive(
         except RemoteProtocolError:
             received = False
         assert sent == received, f"{sender_side} {role.label}: {event!r}"
+        if not sent:  # both sides are now in State.ERROR: nothing more flows
+            assert sender.state is receiver.state is State.ERROR
+            break
         if isinstance(event, Goodbye | ErrorFrame):
             break
 

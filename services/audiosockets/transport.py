@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
 from .protocol import (
     Connection,
+    EndOfStream,
     ErrorFrame,
     Event,
     Goodbye,
@@ -30,7 +31,6 @@ from .protocol import (
     NeedData,
     Ping,
     Pong,
-    State,
     Welcome,
 )
 from .urls import RelayAddress
@@ -89,6 +89,11 @@ class Channel:
     # -- sending -------------------------------------------------------------
 
     def send(self, event: Event) -> None:
+        """Encode ``event`` through the codec and write it (no drain).
+
+        Raises LocalProtocolError when the codec refuses the event; writes
+        nothing once the channel is closed.
+        """
         data = self.conn.send(event)
         self.write(data)
 
@@ -100,6 +105,7 @@ class Channel:
         self._last_sent = self._clock()
 
     def writelines(self, frames: Iterable[bytes]) -> None:
+        """Write several pre-encoded frames in one call (no drain); nothing once closed."""
         if self.closed:
             return
         self.writer.writelines(frames)
@@ -107,10 +113,15 @@ class Channel:
 
     @property
     def write_buffer_size(self) -> int:
+        """Bytes written but not yet handed to the kernel (0 once closing)."""
         transport = self.writer.transport
         return 0 if transport.is_closing() else transport.get_write_buffer_size()
 
     async def drain(self) -> None:
+        """Wait until the write buffer is below asyncio's high-water mark.
+
+        Raises ConnectionClosed when the connection is lost meanwhile.
+        """
         try:
             await self.writer.drain()
         except (ConnectionError, RuntimeError) as exc:
@@ -132,12 +143,14 @@ class Channel:
         """The next event among the bytes already received, or None: never reads.
 
         Lets a reader take every event of one read without an await per event.
-        PING/PONG are handled here; raises RemoteProtocolError as ``next_event``.
+        PING/PONG are handled here; raises as ``next_event``.
         """
         while True:
             event = self.conn.next_event()
             if isinstance(event, NeedData):
                 return None
+            if isinstance(event, EndOfStream):
+                raise ConnectionClosed(f"{self.peer} closed the connection")
             if isinstance(event, Ping):
                 if not self.closed:
                     self.send(Pong(event.nonce))
@@ -160,18 +173,16 @@ class Channel:
             ) from None
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
-        if not data:
-            if self.conn.buffered and self.conn.state is not State.CLOSED:
-                raise RemoteProtocolError(
-                    f"{self.peer} closed the connection in the middle of a frame "
-                    f"({self.conn.buffered} bytes of it arrived)"
-                )
-            raise ConnectionClosed(f"{self.peer} closed the connection")
-        self.conn.receive_data(data)
+        if data:
+            self.conn.receive_data(data)
+        else:
+            # The codec decides whether the stream ended cleanly or mid-frame.
+            self.conn.receive_eof()
 
     # -- heartbeats ----------------------------------------------------------
 
     def start_heartbeat(self) -> None:
+        """Start sending PING after ``heartbeat_interval`` seconds without sending; idempotent."""
         if self._heartbeat is None:
             self._heartbeat = asyncio.create_task(
                 self._heartbeat_loop(), name=f"heartbeat {self.peer}"

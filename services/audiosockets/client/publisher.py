@@ -1,0 +1,391 @@
+"""``Publisher`` and its ``PublishedStream``s: send never blocks, the history is the spool.
+
+Per stream, a ``History`` of the last ``history_seconds`` of chunks (sent or
+not) is kept. While the relay is away, ``send`` keeps appending and the oldest
+unsent chunks beyond the history are dropped and counted
+(``reason="spool_full"``). On every (re)connect the relay answers each
+OPEN_STREAM with the next sequence number it expects, and the publisher
+re-sends from there, so a relay that crashed and came back empty gets
+everything still in the history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from ..audio import AudioFormat
+from ..errors import ConnectionClosed
+from ..metrics import Metrics
+from ..protocol import (
+    CHUNK_HEAD,
+    CloseStream,
+    ErrorFrame,
+    Goodbye,
+    Limits,
+    OpenStream,
+    Role,
+    StreamAccepted,
+)
+from ..transport import Channel
+from ..urls import RelayAddress
+from .history import History, SpooledChunk
+from .session import ReconnectingClient, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+class PublishedStream:
+    """One stream of a Publisher: ``send`` appends to the history (spool).
+
+    Made by ``Publisher.stream``, not directly. ``history`` holds the last
+    ``Publisher.history_seconds`` of audio (sent or not); the newest ``unsent``
+    chunks of it are still to be written to the relay. Satisfies
+    ``client.SpoolingStream``.
+    """
+
+    def __init__(self, publisher: Publisher, stream_id: int, name: str, fmt: AudioFormat) -> None:
+        self.publisher = publisher
+        self.id = stream_id
+        self.name = name
+        self.format = fmt
+        self.history = History()
+        self.history_seconds = 0.0
+        self._unsent = 0  # entries at the right end of history not yet written
+        self._unsent_seconds = 0.0
+        self.next_seq = 0
+        self.accepted = False  # the relay answered OPEN_STREAM on this session
+        self.dropped = 0
+        m = publisher.metrics
+        m.declare_stream(name)
+        self._sent = m.chunks_sent.labels(name)
+        self._bytes = m.bytes_sent.labels(name)
+        self._dropped = m.chunks_dropped.labels(name, "spool_full")
+        self._depth = m.queue_depth.labels(name)
+
+    def send(
+        self, samples: np.ndarray[Any, Any] | bytes | memoryview, captured_ns: int | None = None
+    ) -> int:
+        """Queue one chunk; returns its sequence number. Never blocks.
+
+        ``samples``: a numpy array of the stream's dtype, shape (frames,) or
+        (frames, channels), or raw PCM bytes (interleaved, little-endian), a
+        whole number of frames. ``captured_ns``: capture time of the first
+        sample, wall clock in ns (default: now). When the spool holds more than
+        ``history_seconds`` the oldest chunks go; unsent ones are counted as
+        dropped (``reason="spool_full"``).
+
+        Raises:
+            ValueError: wrong dtype or channel count, a partial frame, or a
+                chunk larger than ``Limits.max_frame_size`` minus the 20-byte
+                chunk head (the relay would refuse the frame).
+        """
+        if isinstance(samples, np.ndarray):
+            if samples.dtype != self.format.dtype:
+                raise ValueError(
+                    f"samples are {samples.dtype}, stream {self.name!r} is {self.format.dtype}"
+                )
+            if samples.ndim == 2 and samples.shape[1] != self.format.channels:
+                raise ValueError(
+                    f"samples have {samples.shape[1]} channels, stream has {self.format.channels}"
+                )
+            payload = samples.tobytes()
+        else:
+            payload = bytes(samples)
+        if len(payload) % self.format.frame_bytes:
+            raise ValueError("payload is not a whole number of frames")
+        limit = self.publisher.limits.max_frame_size - CHUNK_HEAD.size
+        if len(payload) > limit:
+            # The relay would refuse the frame; refusing here keeps one bad
+            # block from poisoning the history and the session.
+            raise ValueError(
+                f"chunk of {len(payload)} bytes is larger than the {limit}-byte frame limit"
+            )
+        seq = self.next_seq
+        self.next_seq += 1
+        seconds = len(payload) / (self.format.frame_bytes * self.format.rate)
+        when = time.time_ns() if captured_ns is None else captured_ns
+        self.history.append(SpooledChunk(seq, when, payload, seconds))
+        self.history_seconds += seconds
+        self._unsent += 1
+        self._unsent_seconds += seconds
+        self._trim()
+        self._depth.set(self.unsent)
+        self.publisher._wake.set()
+        return seq
+
+    def _trim(self) -> None:
+        limit = self.publisher.history_seconds
+        history = self.history
+        while len(history) > 1 and self.history_seconds - history[0].seconds >= limit:
+            entry = history.popleft()
+            self.history_seconds -= entry.seconds
+            if self._unsent > len(history):  # it was never sent: audio lost
+                self._unsent -= 1
+                self._unsent_seconds -= entry.seconds
+                self.dropped += 1
+                self._dropped.inc()
+
+    def resume_from(self, next_seq: int) -> None:
+        """The relay holds everything before ``next_seq``: send the rest.
+
+        When the relay expects more than we ever numbered, the stream had
+        an earlier life (this publisher restarted while the relay kept the
+        stream): continue its numbering at ``next_seq`` instead of sending
+        numbers the relay would take for duplicates.
+        """
+        if next_seq > self.next_seq:
+            first_unsent = self.history[-self.unsent].seq if self.unsent else self.next_seq
+            offset = next_seq - first_unsent
+            for entry in self.history:
+                entry.seq += offset
+            self.next_seq += offset
+            log.info("stream %r continues the relay's numbering at seq %d", self.name, next_seq)
+        n = 0
+        for entry in reversed(self.history):
+            if entry.seq < next_seq:
+                break
+            n += 1
+        self.unsent = n
+        self.accepted = True
+
+    @property
+    def unsent(self) -> int:
+        """Entries at the end of ``history`` not yet written to the relay."""
+        return self._unsent
+
+    @unsent.setter
+    def unsent(self, n: int) -> None:
+        """Mark the newest ``n`` chunks (clamped to 0..len(history)) as unsent."""
+        n = max(0, min(n, len(self.history)))
+        self._unsent = n
+        self._unsent_seconds = sum(
+            self.history[i].seconds for i in range(len(self.history) - n, len(self.history))
+        )
+
+    def take(self, budget: int) -> list[SpooledChunk]:
+        """Take the oldest unsent chunks, up to ``budget`` payload bytes (at least
+        one chunk), and count them as sent. Nothing before the relay accepted
+        the stream on this session. The chunks stay in ``history``."""
+        out: list[SpooledChunk] = []
+        if not self.accepted or not self.unsent:
+            return out
+        history = self.history
+        for i in range(len(history) - self._unsent, len(history)):
+            entry = history[i]
+            out.append(entry)
+            self._unsent_seconds -= entry.seconds
+            budget -= len(entry.payload)
+            if budget <= 0:
+                break
+        self._unsent -= len(out)
+        if not self._unsent:
+            self._unsent_seconds = 0.0  # no float drift left behind
+        self._depth.set(self._unsent)
+        return out
+
+    @property
+    def spooled_seconds(self) -> float:
+        """Audio not yet sent, in seconds."""
+        return max(0.0, self._unsent_seconds)
+
+    def unsent_chunks(self) -> list[SpooledChunk]:
+        """The ``unsent`` chunks at the end of ``history``, oldest first.
+
+        A new list (the spool is unchanged); each entry carries ``seq``,
+        ``captured_ns`` (wall clock, ns), ``payload`` (PCM bytes) and
+        ``seconds``. The recorder saves these to its disk spool on close.
+        """
+        history = self.history
+        n = len(history)
+        return [history[i] for i in range(n - self._unsent, n)]
+
+
+class Publisher(ReconnectingClient):
+    """Publishes named streams to a relay. Start, declare streams, send.
+
+    Args:
+        url: the relay, ``tcp://host:port`` (or a parsed ``RelayAddress``).
+        name: this client's name in HELLO and the relay's status report.
+        history_seconds: audio kept per stream for re-sending after a
+            reconnect (the spool), in seconds; > 0, else ValueError.
+        token: HELLO token (reserved for authentication).
+        metrics: where to count (a fresh ``Metrics()`` by default).
+        retry: reconnect backoff (``RetryPolicy()`` by default).
+        limits: protocol limits; ``max_frame_size`` bounds one chunk.
+        max_batch_bytes: payload bytes written per stream before draining
+            the socket (256 KiB).
+    """
+
+    role = Role.PUBLISHER
+
+    def __init__(
+        self,
+        url: str | RelayAddress,
+        *,
+        name: str = "publisher",
+        history_seconds: float = 60.0,
+        token: str = "",
+        metrics: Metrics | None = None,
+        retry: RetryPolicy | None = None,
+        limits: Limits | None = None,
+        max_batch_bytes: int = 256 << 10,
+    ) -> None:
+        super().__init__(
+            url,
+            name=name,
+            token=token,
+            metrics=metrics,
+            retry=retry,
+            limits=limits,
+        )
+        if history_seconds <= 0:
+            raise ValueError("history_seconds must be > 0")
+        self.history_seconds = history_seconds
+        self.max_batch_bytes = max_batch_bytes
+        self.streams: dict[str, PublishedStream] = {}
+        self._by_id: dict[int, PublishedStream] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+
+    def stream(self, name: str, fmt: AudioFormat) -> PublishedStream:
+        """Declare (or get) a stream. Its format is fixed for its lifetime.
+
+        Raises ValueError for a name that is empty or over
+        ``Limits.max_name_length`` bytes of UTF-8, or a name already declared
+        with another format.
+        """
+        if not name or len(name.encode("utf-8")) > self.limits.max_name_length:
+            raise ValueError(f"stream name must be 1..{self.limits.max_name_length} bytes of UTF-8")
+        existing = self.streams.get(name)
+        if existing is not None:
+            if existing.format != fmt:
+                raise ValueError(f"stream {name!r} already declared as {existing.format}")
+            return existing
+        stream = PublishedStream(self, len(self.streams) + 1, name, fmt)
+        self.streams[name] = stream
+        self._by_id[stream.id] = stream
+        channel = self.channel
+        if channel is not None and not channel.closed:
+            channel.send(OpenStream(stream.id, name, fmt))
+        return stream
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued chunk is written to the relay's socket.
+
+        Returns False if ``timeout`` seconds passed first (None: no limit).
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while self._pending():
+                    self._idle.clear()
+                    self._wake.set()
+                    await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _pending(self) -> bool:
+        return any(s.unsent for s in self.streams.values())
+
+    async def close(self, timeout: float = 2.0, *, drop_unsent: bool = True) -> None:
+        """Flush what the relay can take within ``timeout`` (connecting first if
+        need be), end the streams, say goodbye, stop. Subscribers get
+        CLOSE_STREAM after the last chunk. Chunks still unsent after
+        ``timeout`` are counted as dropped (``reason="closed_unsent"``), unless
+        ``drop_unsent=False``: then they stay in ``history`` for the caller
+        to keep (the recorder's disk spool does)."""
+        if self._pending() and self._task is not None:
+            await self.flush(timeout)
+        channel = self.channel
+        if channel is not None and not channel.closed and not self._pending():
+            for stream in self.streams.values():
+                with contextlib.suppress(Exception):
+                    channel.send(CloseStream(stream.id))
+        for stream in self.streams.values():
+            if stream.unsent and drop_unsent:
+                log.warning(
+                    "stream %r: %d chunks never reached the relay", stream.name, stream.unsent
+                )
+                self.metrics.chunks_dropped.labels(stream.name, "closed_unsent").inc(stream.unsent)
+                stream.dropped += stream.unsent
+                stream.unsent = 0
+        await self._stop_task(farewell=True)
+
+    async def __aenter__(self) -> Publisher:
+        """``start()`` and return self; connecting goes on in the background."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """``close()`` with its defaults."""
+        await self.close()
+
+    async def _session(self, channel: Channel) -> None:
+        for stream in self.streams.values():
+            stream.accepted = False
+            channel.send(OpenStream(stream.id, stream.name, stream.format))
+        reader = asyncio.create_task(self._read_loop(channel))
+        writer = asyncio.create_task(self._write_loop(channel))
+        try:
+            done, _ = await asyncio.wait([reader, writer], return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            reader.cancel()
+            writer.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(reader, writer, return_exceptions=True)
+
+    async def _read_loop(self, channel: Channel) -> None:
+        while True:
+            event = await channel.next_event()
+            if isinstance(event, StreamAccepted):
+                stream = self._by_id.get(event.stream_id)
+                if stream is None:
+                    continue
+                stream.resume_from(event.next_seq)
+                if all(s.accepted for s in self.streams.values()):
+                    self.connected.set()
+                    self.metrics.connected.labels(self.role.label).set(1)
+                self._wake.set()
+            elif isinstance(event, Goodbye | ErrorFrame):
+                raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
+            elif isinstance(event, CloseStream):
+                log.warning("relay closed stream id %d (%s)", event.stream_id, event.reason.name)
+
+    async def _write_loop(self, channel: Channel) -> None:
+        if not self.streams:
+            self.connected.set()
+            self.metrics.connected.labels(self.role.label).set(1)
+        conn = channel.conn
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                frames: list[bytes] = []
+                for stream in list(self.streams.values()):
+                    entries = stream.take(self.max_batch_bytes)
+                    if not entries:
+                        continue
+                    nbytes = 0
+                    for e in entries:
+                        frames.append(conn.chunk_frame(stream.id, e.seq, e.captured_ns, e.payload))
+                        nbytes += len(e.payload)
+                    stream._sent.inc(len(entries))
+                    stream._bytes.inc(nbytes)
+                if not frames:
+                    break
+                channel.writelines(frames)
+                await channel.drain()
+            if not self._pending():
+                self._idle.set()
+
+    def _session_ended(self) -> None:
+        for stream in self.streams.values():
+            stream.accepted = False

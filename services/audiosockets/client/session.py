@@ -1,0 +1,223 @@
+"""The reconnect machinery Publisher and Subscriber share.
+
+``ReconnectingClient`` owns one background task that connects (HELLO/WELCOME
+through ``transport.connect``), runs the subclass's ``_session`` on the
+channel, and reconnects with tenacity (exponential backoff with jitter and a
+cap) when the session ends. Every retry is logged and counted in
+``audiosockets_reconnects_total``. The API-facing state (spool, positions)
+lives in the subclasses and survives reconnects; this module knows only the
+wire session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
+
+from ..errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
+from ..metrics import Metrics
+from ..protocol import (
+    ErrorFrame,
+    Goodbye,
+    Hello,
+    Limits,
+    Role,
+)
+from ..transport import Channel, connect
+from ..urls import RelayAddress, parse_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Reconnect backoff: ``initial`` doubling up to ``cap`` seconds, plus jitter.
+
+    All values in seconds. ``jitter``: up to this much random delay added to
+    each wait (tenacity's ``wait_exponential_jitter``); ``connect_timeout``:
+    TCP connect plus nothing else (the handshake has
+    ``Limits.handshake_timeout``); ``healthy_session``: a session the relay
+    ends sooner than this (refusing what we send) backs off like a failed
+    connect instead of reconnecting at once.
+    """
+
+    initial: float = 0.05
+    cap: float = 2.0
+    jitter: float = 0.1
+    connect_timeout: float = 3.0
+    healthy_session: float = 5.0  # a session shorter than this counts as a failed attempt
+
+
+_RETRYABLE = (RelayUnreachable, ConnectionClosed, RemoteProtocolError, OSError)
+#: Session ends that are nobody's fault: reconnect at once (tenacity still
+#: backs off if the relay is not back yet).
+_BENIGN_CLOSE = frozenset({ErrorCode.NORMAL, ErrorCode.SHUTTING_DOWN, ErrorCode.HEARTBEAT_TIMEOUT})
+
+
+class ReconnectingClient:
+    """Shared connect/reconnect machinery of Publisher and Subscriber.
+
+    One background task (``start``) connects through ``transport.connect``,
+    runs the subclass's ``_session(channel)`` until it ends, and reconnects.
+    Public state: ``channel`` (the current session or None), ``connected``
+    (an ``asyncio.Event``), ``attempts`` (connects tried), ``sessions``
+    (sessions established), ``last_error`` (the last failure, one sentence).
+    """
+
+    role: Role
+
+    def __init__(
+        self,
+        url: str | RelayAddress,
+        *,
+        name: str,
+        token: str,
+        metrics: Metrics | None,
+        retry: RetryPolicy | None,
+        limits: Limits | None,
+    ) -> None:
+        self.address = url if isinstance(url, RelayAddress) else parse_url(url)
+        self.name = name
+        self.token = token
+        self.metrics = metrics or Metrics()
+        self.retry = retry or RetryPolicy()
+        self.limits = limits or Limits()
+        self.rcvbuf = 0
+        self.channel: Channel | None = None
+        self.connected = asyncio.Event()
+        self.attempts = 0
+        self.sessions = 0
+        self.last_error: str | None = None
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self.metrics.reconnects.labels(self.role.label)
+        self.metrics.connected.labels(self.role.label).set(0)
+
+    async def start(self) -> None:
+        """Start connecting in the background; returns at once."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"{self.role.label} {self.name}")
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait until a session is established (a publisher's streams accepted).
+
+        Returns False if ``timeout`` seconds passed first (None: no limit).
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self.connected.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _connect_once(self) -> Channel:
+        self.attempts += 1
+        if self.attempts > 1:
+            self.metrics.reconnects.labels(self.role.label).inc()
+        return await connect(
+            self.address,
+            Hello(self.role, self.name, self.token),
+            limits=self.limits,
+            connect_timeout=self.retry.connect_timeout,
+            rcvbuf=self.rcvbuf,
+        )
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        self.last_error = str(exc)
+        log.warning(
+            "%s %r: %s; retry %d in %.2f s",
+            self.role.label,
+            self.name,
+            exc,
+            state.attempt_number,
+            delay,
+        )
+
+    async def _run(self) -> None:
+        retrying = AsyncRetrying(
+            wait=wait_exponential_jitter(
+                multiplier=self.retry.initial, max=self.retry.cap, jitter=self.retry.jitter
+            ),
+            retry=retry_if_exception_type(_RETRYABLE),
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        short_sessions = 0
+        while not self._closing:
+            channel: Channel = await retrying(self._connect_once)
+            self.channel = channel
+            self.sessions += 1
+            started = time.monotonic()
+            refused = False  # did the relay end this session because of us?
+            try:
+                await self._session(channel)
+            except _RETRYABLE as exc:
+                refused = isinstance(exc, RemoteProtocolError) or (
+                    isinstance(exc, ConnectionClosed) and exc.code not in _BENIGN_CLOSE
+                )
+                if not self._closing:
+                    self.last_error = str(exc)
+                    log.warning("%s %r: session lost: %s", self.role.label, self.name, exc)
+                    if isinstance(exc, RemoteProtocolError):
+                        await channel.close(ErrorFrame(exc.code, str(exc)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # our bug: end this session, never the client
+                refused = True
+                self.last_error = f"internal error: {exc}"
+                log.exception("%s %r: session failed", self.role.label, self.name)
+            finally:
+                self.connected.clear()
+                self.metrics.connected.labels(self.role.label).set(0)
+                self.channel = None
+                self._session_ended()
+                if not channel.closed:
+                    channel.abort()
+            # A session the relay ends right away (it refuses what we send)
+            # must not turn into a reconnect storm: back off as for a failed
+            # connect, with the same tenacity strategy, until one lasts.
+            if self._closing:
+                break
+            if refused and time.monotonic() - started < self.retry.healthy_session:
+                short_sessions += 1
+                state = RetryCallState(retrying, None, (), {})
+                state.attempt_number = short_sessions
+                delay = retrying.wait(state)
+                log.warning(
+                    "%s %r: session ended early; reconnecting in %.2f s",
+                    self.role.label,
+                    self.name,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            else:
+                short_sessions = 0
+
+    async def _session(self, channel: Channel) -> None:
+        raise NotImplementedError
+
+    def _session_ended(self) -> None:
+        pass
+
+    async def _stop_task(self, farewell: bool) -> None:
+        self._closing = True
+        channel = self.channel
+        if channel is not None and farewell:
+            await channel.close(Goodbye(ErrorCode.NORMAL, "bye"))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None

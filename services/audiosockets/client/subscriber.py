@@ -1,0 +1,343 @@
+"""``Subscriber``: an async iterator over the chunks of matching streams.
+
+State: ``received`` (last seq taken off the socket per stream) and
+``positions`` (last seq handed to the application). The bounded hand-off
+queue survives reconnects, so a reconnect resumes after ``received`` and
+duplicates (seq <= received) are suppressed and counted. Subscribers apply
+backpressure, not loss: when the application stops iterating, the reader
+stops reading, and the relay (which owns the bounded queue) drops and counts.
+Every chunk of one read is handed over as one batch with one wake-up
+(``handoff.Handoff``), and a group member's ACKs are coalesced per turn of the
+event loop: per-chunk costs are the decode and the ``Chunk``, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Set as AbstractSet
+from typing import Any, Literal
+
+from ..audio import AudioFormat, Chunk
+from ..errors import ConnectionClosed
+from ..handoff import Handoff
+from ..metrics import Metrics
+from ..protocol import (
+    Ack,
+    ChunkData,
+    CloseStream,
+    ErrorFrame,
+    Event,
+    Goodbye,
+    Limits,
+    OpenStream,
+    Role,
+    StartPosition,
+    Subscribe,
+)
+from ..transport import Channel
+from ..urls import RelayAddress
+from .session import ReconnectingClient, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+StartName = Literal["live", "earliest"]
+
+
+class Subscriber(ReconnectingClient):
+    """Receives chunks of the streams matching ``pattern``; an async iterator.
+
+    With ``group``, the relay gives each stream to exactly one member of the
+    group; members ACK what they processed so a handover resumes there.
+
+    Args:
+        url: the relay, ``tcp://host:port`` (or a parsed ``RelayAddress``).
+        pattern: fnmatch pattern over stream names (``"*"``: all).
+        group: empty for fan-out (every subscriber gets every stream), else
+            the name of the group sharing the matching streams.
+        name: this client's name in HELLO and the relay's status report.
+        start: ``"live"`` (next chunk) or ``"earliest"`` (oldest chunk in the
+            relay's replay window), for streams with no resume position.
+        token: HELLO token (reserved for authentication).
+        metrics, retry, limits: as for ``Publisher``.
+        queue_chunks: bound of the hand-off queue between the socket reader
+            and the application, in chunks; when full, reading pauses.
+        socket_buffer_bytes: kernel receive buffer (SO_RCVBUF), in bytes:
+            small, so a slow consumer's backlog stays in the relay's counted
+            queue rather than in the kernel.
+        on_stream_closed: called with a stream's name when the relay closes it.
+        manual_ack: ACK only through ``ack()`` (else taking the next chunk
+            ACKs the previous one).
+
+    Satisfies ``client.ChunkSubscription``.
+    """
+
+    role = Role.SUBSCRIBER
+
+    def __init__(
+        self,
+        url: str | RelayAddress,
+        pattern: str = "*",
+        *,
+        group: str = "",
+        name: str = "subscriber",
+        start: StartName = "live",
+        token: str = "",
+        metrics: Metrics | None = None,
+        retry: RetryPolicy | None = None,
+        limits: Limits | None = None,
+        queue_chunks: int = 256,
+        socket_buffer_bytes: int = 256 << 10,
+        on_stream_closed: Callable[[str], None] | None = None,
+        manual_ack: bool = False,
+    ) -> None:
+        super().__init__(
+            url,
+            name=name,
+            token=token,
+            metrics=metrics,
+            retry=retry,
+            limits=limits,
+        )
+        self.rcvbuf = socket_buffer_bytes
+        self.pattern = pattern
+        self.group = group or ""
+        self.start_position = StartPosition.EARLIEST if start == "earliest" else StartPosition.LIVE
+        self.received: dict[str, int] = {}
+        self.positions: dict[str, int] = {}
+        self.formats: dict[str, AudioFormat] = {}
+        self._assigned: set[str] = set()
+        self.duplicates = 0
+        self.gaps = 0
+        self._ids: dict[str, int] = {}
+        self._handoff: Handoff[Chunk] = Handoff(queue_chunks)
+        self._unacked: Chunk | None = None
+        self._acks_due: set[str] = set()  # streams whose latest ACK has not been sent
+        self._acks_scheduled = False
+        self._on_stream_closed = on_stream_closed
+        # Group members ACK what they processed. By default a chunk counts as
+        # processed when the application asks for the next one; with
+        # manual_ack the application calls ack() when its work is really done
+        # (the processor does, after the handler returns).
+        self.manual_ack = manual_ack
+        self.acked: dict[str, int] = {}
+        self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._gap_logged: dict[str, float] = {}
+        self._gap_pending: dict[str, int] = {}
+
+    async def __aenter__(self) -> Subscriber:
+        """``start()`` and return self; connecting goes on in the background."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """``close()``."""
+        await self.close()
+
+    async def close(self) -> None:
+        """ACK the chunk last handed out (unless ``manual_ack``), say GOODBYE, stop.
+
+        Chunks still in the hand-off queue are not delivered. Never raises for
+        network trouble.
+        """
+        self._ack_previous()
+        self._send_acks()  # before the GOODBYE
+        await self._stop_task(farewell=True)
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        """The subscriber is its own async iterator over ``Chunk``s."""
+        return self
+
+    async def __anext__(self) -> Chunk:
+        """The next chunk, in sequence order per stream, duplicates removed.
+
+        Waits (without timeout) while the queue is empty, across reconnects.
+        Without ``manual_ack``, asking for the next chunk ACKs the previous one.
+        """
+        self._ack_previous()
+        chunk = await self._handoff.get()
+        self.positions[chunk.stream] = chunk.seq
+        if not self.manual_ack:
+            self._unacked = chunk
+        return chunk
+
+    def ack(self, stream: str, seq: int) -> None:
+        """Tell the relay this group member is done with ``stream`` up to ``seq``.
+
+        Only meaningful in a group (a new owner resumes after the last ACK);
+        lower or repeated values are ignored. The first ACK of a turn of the
+        event loop leaves at once; the ones after it in the same turn are
+        coalesced, the latest per stream, into one write at the end of the turn
+        (a batch of chunks costs two writes, not one per chunk).
+        """
+        if seq <= self.acked.get(stream, -1):
+            return
+        self.acked[stream] = seq
+        if not self.group:
+            return
+        if self._acks_scheduled:
+            self._acks_due.add(stream)
+            return
+        self._acks_scheduled = True
+        asyncio.get_running_loop().call_soon(self._send_acks)
+        self._write_acks([stream])
+
+    def _send_acks(self) -> None:
+        self._acks_scheduled = False
+        due, self._acks_due = self._acks_due, set()
+        self._write_acks(due)
+
+    def _write_acks(self, streams: Iterable[str]) -> None:
+        channel = self.channel
+        if channel is None or channel.closed:
+            return
+        frames = []
+        for stream in streams:
+            stream_id = self._ids.get(stream)
+            if stream_id is not None:
+                frames.append(channel.conn.send(Ack(stream_id, self.acked[stream])))
+        with contextlib.suppress(Exception):
+            channel.writelines(frames)
+
+    async def get(self, timeout: float | None = None) -> Chunk:
+        """``__anext__`` with a deadline: raises TimeoutError after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            return await self.__anext__()
+
+    @property
+    def assigned(self) -> AbstractSet[str]:
+        """Names of the streams the relay gives this subscriber on the current
+        session (all matching streams in fan-out, this member's share in a
+        group); empty while disconnected. A live read-only view, not a copy."""
+        return self._assigned
+
+    @property
+    def backlog(self) -> int:
+        """Chunks received and waiting in the hand-off queue (at most ``queue_chunks``)."""
+        return len(self._handoff)
+
+    def _ack_previous(self) -> None:
+        chunk, self._unacked = self._unacked, None
+        if chunk is not None:
+            self.ack(chunk.stream, chunk.seq)
+
+    def _child(self, stream: str) -> tuple[Any, Any, Any, Any]:
+        child = self._children.get(stream)
+        if child is None:
+            m = self.metrics
+            m.declare_stream(stream)
+            child = (
+                m.chunks_received.labels(stream),
+                m.bytes_received.labels(stream),
+                m.end_to_end_latency.labels(stream),
+                m.queue_depth.labels(stream),
+            )
+            self._children[stream] = child
+        return child
+
+    async def _session(self, channel: Channel) -> None:
+        # Fan-out: resume after what we hold (the hand-off queue survives the
+        # reconnect). Group: after what we finished, since the relay may give
+        # the stream to another member, who must pick up where work stopped.
+        positions = self.received if not self.group else self.acked
+        resume = tuple(sorted(positions.items()))
+        # On a reconnect, streams we have no position in may have started (or
+        # changed owner in our group) while we were away: take them from the
+        # oldest chunk the relay holds rather than from "now".
+        start = self.start_position if self.sessions <= 1 else StartPosition.EARLIEST
+        channel.send(Subscribe(self.pattern, self.group, start, resume))
+        self.connected.set()
+        self.metrics.connected.labels(self.role.label).set(1)
+        streams: dict[int, tuple[str, AudioFormat]] = {}
+        handoff = self._handoff
+        while True:
+            # Every event of one read, then one wake-up for the consumer; a full
+            # hand-off stops the reading (the rest stays in the socket).
+            event: Event | None = await channel.next_event()
+            try:
+                while event is not None:
+                    self._receive(event, streams)
+                    if handoff.full():
+                        break
+                    event = channel.poll_event()
+            finally:
+                handoff.publish()  # what arrived before an error is delivered too
+            if handoff.full():
+                await handoff.wait_for_space()
+
+    def _receive(self, event: Event, streams: dict[int, tuple[str, AudioFormat]]) -> None:
+        if isinstance(event, ChunkData):
+            name, fmt = streams[event.stream_id]
+            self._deliver(name, fmt, event.seq, event.captured_ns, event.payload)
+        elif isinstance(event, OpenStream):
+            streams[event.stream_id] = (event.name, event.format)
+            self._ids[event.name] = event.stream_id
+            self._stream_opened(event.name, event.format)
+        elif isinstance(event, CloseStream):
+            entry = streams.get(event.stream_id)
+            if entry is not None:
+                self._stream_closed(entry[0], event.reason.name.lower())
+        elif isinstance(event, Goodbye | ErrorFrame):
+            raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
+
+    # -- delivery: independent of the wire, shared by any transport ------------
+
+    def _deliver(
+        self, name: str, fmt: AudioFormat, seq: int, captured_ns: int, payload: bytes
+    ) -> None:
+        """Suppress a duplicate, count a gap, hand the chunk to the application.
+
+        The caller checks ``_handoff.full()`` first and waits for space when it
+        is full: that is the backpressure.
+        """
+        m = self.metrics
+        last = self.received.get(name, -1)
+        if seq <= last:
+            self.duplicates += 1
+            m.duplicates_suppressed.labels(name).inc()
+            return
+        if last >= 0 and seq > last + 1:
+            missing = seq - last - 1
+            self.gaps += missing
+            m.sequence_gaps.labels(name).inc(missing)
+            self._log_gap(name, missing, seq)
+        self.received[name] = seq
+        now = time.time_ns()
+        chunk = Chunk(name, seq, captured_ns, fmt, payload, now)
+        received, nbytes, latency, depth = self._child(name)
+        received.inc()
+        nbytes.inc(len(payload))
+        latency.observe(max(0.0, (now - captured_ns) / 1e9))
+        self._handoff.put(chunk)
+        if self._handoff.full():
+            depth.set(len(self._handoff))
+
+    def _stream_opened(self, name: str, fmt: AudioFormat) -> None:
+        self.formats[name] = fmt
+        self._assigned.add(name)
+        self._child(name)
+
+    def _stream_closed(self, name: str, reason: str) -> None:
+        self._assigned.discard(name)
+        log.info("stream %r closed by relay (%s)", name, reason)
+        if self._on_stream_closed is not None:
+            self._on_stream_closed(name)
+
+    def _log_gap(self, stream: str, missing: int, seq: int) -> None:
+        # Rate-limited: a slow consumer can see thousands of gaps a second;
+        # the counter has them all, the log says so once per interval.
+        now = time.monotonic()
+        pending = self._gap_pending.get(stream, 0) + missing
+        if now - self._gap_logged.get(stream, -1e9) < 5.0:
+            self._gap_pending[stream] = pending
+            return
+        self._gap_logged[stream] = now
+        self._gap_pending[stream] = 0
+        log.warning("stream %r: %d chunks missing (latest gap before seq %d)", stream, pending, seq)
+
+    def _session_ended(self) -> None:
+        self._assigned.clear()
+        self._ids.clear()
