@@ -138,6 +138,8 @@ class Run:
     report: Report
     relay_cpu_s: float  # between "go" and the subscribers' last report
     latency_ns: Any  # every sampled latency, in arrival order (numpy int64)
+    publisher_cpu_s: float  # the publishers' process, over the same span
+    subscriber_cpu_s: float  # the subscribers' process, over the same span
 
 
 def run(system: System, cfg: LoadTestConfig, probe: Probe | None = None) -> Run:
@@ -158,7 +160,7 @@ def run(system: System, cfg: LoadTestConfig, probe: Probe | None = None) -> Run:
         procs.append(pub)
         expect(pub_pipe, "the publishers", 60)
         probe.ready(relay.pid, url)
-        cpu_at_go = process_cpu_s(relay.pid)
+        cpu_at_go = [process_cpu_s(p.pid) for p in (relay, pub, sub)]
         started = time.monotonic()
         pub_pipe.send("go")
         while not pub_pipe.poll(1.0):
@@ -167,7 +169,10 @@ def run(system: System, cfg: LoadTestConfig, probe: Probe | None = None) -> Run:
         probe.published(relay.pid)
         sub_pipe.send(pub_result["last"])
         sub_result = expect(sub_pipe, "the subscribers", cfg.drain_seconds + 30)
-        relay_cpu = process_cpu_s(relay.pid) - cpu_at_go
+        relay_cpu, pub_cpu, sub_cpu = (
+            process_cpu_s(p.pid) - at_go
+            for p, at_go in zip((relay, pub, sub), cpu_at_go, strict=True)
+        )
         probe.done(relay.pid)
         pub_pipe.send("stop")
         relay_pipe.send("stop")
@@ -178,4 +183,4 @@ def run(system: System, cfg: LoadTestConfig, probe: Probe | None = None) -> Run:
             if proc.is_alive():
                 proc.kill()
     report = loadtest._report(cfg, pub_result, [sub_result], relay_result)
-    return Run(report, relay_cpu, sub_result["latency_ns"])
+    return Run(report, relay_cpu, sub_result["latency_ns"], pub_cpu, sub_cpu)

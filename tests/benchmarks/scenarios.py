@@ -80,6 +80,8 @@ def _figures(run: harness.Run) -> dict[str, Any]:
         if r.chunks_sent
         else None,
         "relay_max_rss_mb": r.relay_max_rss_mb,
+        "publisher_cpu_s": round(run.publisher_cpu_s, 3),
+        "subscriber_cpu_s": round(run.subscriber_cpu_s, 3),
     }
 
 

@@ -101,6 +101,9 @@ class _Streams:
 
     limit: int
     by_id: dict[int, OpenStream] = field(default_factory=dict)
+    # Per declared id, the bytes of one frame: checked against every chunk, so
+    # looked up once here rather than derived from the format each time.
+    frame_bytes: dict[int, int] = field(default_factory=dict)
 
     def declare(
         self, event: OpenStream, error: type[LocalProtocolError | RemoteProtocolError]
@@ -108,6 +111,7 @@ class _Streams:
         if event.stream_id not in self.by_id and len(self.by_id) >= self.limit:
             raise error(f"more than {self.limit} streams on one connection")
         self.by_id[event.stream_id] = event
+        self.frame_bytes[event.stream_id] = event.format.frame_bytes
 
     def check_chunk(
         self,
@@ -116,14 +120,13 @@ class _Streams:
         error: type[LocalProtocolError | RemoteProtocolError],
     ) -> None:
         """The one check every CHUNK passes, sent or received."""
-        opened = self.by_id.get(stream_id)
-        if opened is None:
+        frame_bytes = self.frame_bytes.get(stream_id)
+        if frame_bytes is None:
             raise error(f"chunk for undeclared stream id {stream_id}", ErrorCode.UNKNOWN_STREAM)
-        frame_bytes = opened.format.frame_bytes
         if payload_bytes % frame_bytes:
             raise error(
                 f"chunk payload of {payload_bytes} bytes is not a whole number of "
-                f"{frame_bytes}-byte frames for stream {opened.name!r}",
+                f"{frame_bytes}-byte frames for stream {self.by_id[stream_id].name!r}",
                 ErrorCode.BAD_FORMAT,
             )
 
@@ -258,9 +261,9 @@ class Connection:
                 if len(payload) < CHUNK_HEAD.size:
                     raise RemoteProtocolError("CHUNK frame is truncated")
                 stream_id, seq, captured_ns = CHUNK_HEAD.unpack_from(payload)
-                chunk = ChunkData(stream_id, seq, captured_ns, payload[CHUNK_HEAD.size :])
-                self.their_streams.check_chunk(chunk, RemoteProtocolError)
-                return chunk
+                audio = payload[CHUNK_HEAD.size :]
+                self.their_streams.check_chunk(stream_id, len(audio), RemoteProtocolError)
+                return ChunkData(stream_id, seq, captured_ns, audio)
             event = decode_payload(ftype, payload, self.limits)
             self._apply_incoming(event)
         except RemoteProtocolError as exc:
