@@ -52,7 +52,14 @@ def relay_process(pipe: Pipe, cfg: LoadTestConfig) -> None:
             handlers.add(task)  # owned here, so stopping can wait for them
             _nodelay(writer)
             # RuntimeError: uvloop refuses a write to a subscriber that just hung up.
-            with contextlib.suppress(ConnectionError, RuntimeError, asyncio.IncompleteReadError):
+            # CancelledError: the relay is stopping; ending quietly spares asyncio's
+            # stream callback a traceback for every connection.
+            with contextlib.suppress(
+                ConnectionError,
+                RuntimeError,
+                asyncio.IncompleteReadError,
+                asyncio.CancelledError,
+            ):
                 if await reader.readexactly(1) == b"S":
                     subscribers.append(writer)
                     writer.write(b"K")  # registered: the subscriber may report ready

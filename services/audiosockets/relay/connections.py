@@ -17,12 +17,14 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
-from ..protocol import Connection, ErrorFrame, Goodbye, Hello, Welcome
+from ..protocol import ChunkData, Connection, ErrorFrame, Event, Goodbye, Hello, Welcome
 from ..transport import Channel, tune_socket
-from .sessions import SESSION_TYPES, Session, SubscriberSession
+from .sessions import SESSION_TYPES, PublisherSession, Session, SubscriberSession
 
 if TYPE_CHECKING:
     from .server import Relay
+
+_FAREWELL = (Goodbye, ErrorFrame)
 
 log = logging.getLogger("audiosockets.relay")
 
@@ -121,12 +123,24 @@ async def _handshake(relay: Relay, channel: Channel) -> Hello | None:
 
 
 async def _read_events(session: Session) -> None:
-    """Hand the session its events until GOODBYE/ERROR; then stop its writer."""
+    """Hand the session its events until GOODBYE/ERROR; then stop its writer.
+
+    Every event of one read is handled before the next read, and a publisher's
+    chunks (nearly every event) go to ``PublisherSession.on_chunk`` directly,
+    without a coroutine per chunk.
+    """
+    channel = session.channel
+    on_chunk = session.on_chunk if isinstance(session, PublisherSession) else None
     while True:
-        event = await session.channel.next_event()
-        if isinstance(event, Goodbye | ErrorFrame):
-            log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
-            break
-        await session.handle(event)
-    if isinstance(session, SubscriberSession) and session.writer is not None:
-        session.writer.cancel()
+        event: Event | None = await channel.next_event()
+        while event is not None:
+            if on_chunk is not None and type(event) is ChunkData:
+                on_chunk(event)
+            elif isinstance(event, _FAREWELL):
+                log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
+                if isinstance(session, SubscriberSession) and session.writer is not None:
+                    session.writer.cancel()
+                return
+            else:
+                await session.handle(event)
+            event = channel.poll_event()

@@ -87,24 +87,28 @@ class PublisherSession(Session):
         super().__init__(relay, channel, hello, session_id)
         self.streams: dict[int, StreamState] = {}  # by this connection's stream id
 
+    def on_chunk(self, chunk: ChunkData) -> None:
+        """Publish ``chunk`` (synchronous: the relay's per-chunk path)."""
+        stream = self.streams.get(chunk.stream_id)
+        if stream is None or stream.publisher is not self:
+            return  # taken over by another publisher: ignore the late chunk
+        self.relay.publish(stream, chunk)
+
     async def handle(self, event: object) -> None:
         """Publish a chunk, open a stream (answered with STREAM_ACCEPTED and
         the next sequence number the relay expects) or close one."""
         if isinstance(event, ChunkData):
-            stream = self.streams.get(event.stream_id)
-            if stream is None or stream.publisher is not self:
-                return  # taken over by another publisher: ignore the late chunk
-            self.relay.publish(stream, event)
+            self.on_chunk(event)
         elif isinstance(event, OpenStream):
             stream = self.relay.open_stream(self, event.name, event.format)
             self.streams[event.stream_id] = stream
             next_seq = stream.last_seq + 1 if stream.last_seq >= 0 else 0
             self.channel.send(StreamAccepted(event.stream_id, next_seq))
         elif isinstance(event, CloseStream):
-            stream = self.streams.pop(event.stream_id, None)
-            if stream is not None and stream.publisher is self:
-                stream.publisher = None
-                self.relay.stream_ended(stream)
+            closed = self.streams.pop(event.stream_id, None)
+            if closed is not None and closed.publisher is self:
+                closed.publisher = None
+                self.relay.stream_ended(closed)
         else:
             await super().handle(event)
 
