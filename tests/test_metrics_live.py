@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from audiosockets.metrics import LATENCY_BUCKETS, LiveCounter, LiveHistogram
+from audiosockets.metrics import LATENCY_BUCKETS, LiveCounter, LiveGauge, LiveHistogram
 
 
 def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -34,16 +34,25 @@ def test_live_histogram_and_counter_match_prometheus_client(
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     live_h = LiveHistogram("x_seconds", "x", ["stream"], LATENCY_BUCKETS, ours)
     live_c = LiveCounter("x_bytes", "x", ["stream"], ours)
+    live_g = LiveGauge("x_depth", "x", ["stream"], ours)
     ref_h = Histogram("x_seconds", "x", ["stream"], buckets=LATENCY_BUCKETS, registry=theirs)
     ref_c = Counter("x_bytes", "x", ["stream"], registry=theirs)
+    ref_g = Gauge("x_depth", "x", ["stream"], registry=theirs)
     for stream in ("mic-1", "mic-2"):  # declared up front, as the services do
-        for metric in (live_h, live_c, ref_h, ref_c):
+        for metric in (live_h, live_c, live_g, ref_h, ref_c, ref_g):
             metric.labels(stream)
-    for stream, value in observations:
+    for i, (stream, value) in enumerate(observations):
         live_h.labels(stream).observe(value)
         ref_h.labels(stream).observe(value)
         live_c.labels(stream).inc(value)
         ref_c.labels(stream).inc(value)
+        for g in (live_g, ref_g):
+            if i % 3 == 0:
+                g.labels(stream).set(value)
+            elif i % 3 == 1:
+                g.labels(stream).inc(value)
+            else:
+                g.labels(stream).dec(value)
     assert _samples(ours) == pytest.approx(_samples(theirs))
 
 

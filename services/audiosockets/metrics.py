@@ -140,6 +140,56 @@ class LiveCounter(Collector):
         yield family
 
 
+class LiveGaugeChild:
+    """One labelled series of a ``LiveGauge``: ``set`` is an assignment, no lock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+
+class LiveGauge(Collector):
+    """A labelled Gauge for per-chunk paths (queue depths); ``labels(...).set()`` without
+    a lock. Exposed as ``prometheus_client.Gauge`` is. Only the event loop's thread may
+    update it."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = labelnames
+        self._children: dict[tuple[str, ...], LiveGaugeChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> LiveGaugeChild:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
+            child = self._children[values] = LiveGaugeChild()
+        return child
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(self._name, self._doc, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for values, child in _snapshot(self._children):
+            family.add_metric(list(values), child.value)
+        yield family
+
+
 class LiveHistogramChild:
     """One labelled series of a ``LiveHistogram``: ``observe`` is a bisect and two additions."""
 
@@ -274,7 +324,8 @@ class Metrics:
         )
         for role in ROLES:
             self.connected_clients.labels(role)
-        self.queue_depth = Gauge(
+        # Set once per chunk by publishers, subscribers and processors: lock-free.
+        self.queue_depth = LiveGauge(
             "audiosockets_queue_depth_chunks",
             "Chunks waiting to be delivered or processed, by stream.",
             ["stream"],
