@@ -69,6 +69,10 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
 # --- child: publishers ------------------------------------------------------
 
 
+#: At ``--rate max``, the chunks a publisher may have queued before it waits for its socket.
+MAX_RATE_UNSENT = 256
+
+
 def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
     from ..audio import AudioFormat, SampleType
     from ..client import Publisher
@@ -106,8 +110,13 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
                 if delay > 0:
                     await asyncio.sleep(delay)
             elif tick % 8 == 0:
-                # As fast as the relay takes it: wait for the socket, not a clock.
-                await asyncio.gather(*(p.flush(5) for p in pubs))
+                # As fast as the relay takes it: wait for the socket, not a clock,
+                # and only when it is backed up. Flushing every 8 chunks capped
+                # the rate at 8 chunks per turn of the writer, below the relay's.
+                if any(s.unsent >= MAX_RATE_UNSENT for s in streams):
+                    await asyncio.gather(*(p.flush(5) for p in pubs))
+                else:
+                    await asyncio.sleep(0)  # a turn for the writers
         elapsed = time.monotonic() - start
         await asyncio.gather(*(p.flush(10) for p in pubs))
         spool_drops = sum(s.dropped for s in streams)
