@@ -79,6 +79,10 @@ def _declared_requirements() -> set[str]:
     return {canonicalize_name(Requirement(text).name) for text in requirements}
 
 
+#: Modules that exist for the compiler or type checker only (typeshed's stdlib helpers).
+TYPING_ONLY = {"__future__", "_typeshed"}
+
+
 def test_every_imported_module_is_a_declared_dependency() -> None:
     """A module imported anywhere in services/ or tests/ comes from the standard library,
     from this repository, or from a distribution declared in pyproject.toml (a dependency
@@ -90,7 +94,7 @@ def test_every_imported_module_is_a_declared_dependency() -> None:
     problems: list[str] = []
     for path in sorted([*(ROOT / "services").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]):
         for module in sorted(_top_level_imports(path)):
-            if module in sys.stdlib_module_names or module in local or module == "__future__":
+            if module in sys.stdlib_module_names or module in local or module in TYPING_ONLY:
                 continue
             dists = {canonicalize_name(d) for d in providers.get(module, [])}
             if not dists:
@@ -134,3 +138,26 @@ def test_optional_extra_modules_are_typed_as_any_everywhere() -> None:
     assert not unlisted, "optional-extra modules missing from the mypy skip override:\n" + (
         "\n".join(unlisted)
     )
+
+
+# --- modules small enough to read in one sitting -------------------------------------------
+
+MAX_MODULE_LINES = 600
+MAX_CLASS_LINES = 300
+
+
+def test_no_module_or_class_too_long_to_read() -> None:
+    """STYLE.md 12: a module stays readable in one sitting; past that it is split along
+    its seams. Limits from issue 10: 600 lines a module, 300 a class."""
+    too_long = []
+    for path in sorted((ROOT / "services").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"{path.relative_to(ROOT)}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_CLASS_LINES:
+                    too_long.append(f"{path.relative_to(ROOT)}: class {node.name} {length} lines")
+    assert not too_long, "split along the seams:\n" + "\n".join(too_long)

@@ -77,3 +77,13 @@ def test_a_name_registered_twice_is_refused() -> None:
     LiveCounter("dup", "d", ["stream"], registry)
     with pytest.raises(ValueError, match="Duplicated"):
         Counter("dup", "d", ["stream"], registry=registry)
+
+
+def test_a_removed_series_is_gone_and_removing_it_twice_is_a_key_error() -> None:
+    registry = CollectorRegistry()
+    c = LiveCounter("w", "w", ["stream"], registry)
+    c.labels("a").inc()
+    c.remove("a")
+    assert registry.get_sample_value("w_total", {"stream": "a"}) is None
+    with pytest.raises(KeyError):
+        c.remove("a")

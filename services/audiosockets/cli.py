@@ -14,12 +14,13 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import click
 
 from . import __version__
 from .audio import DTypeName
+from .cli_nats import nats_group
 from .cli_support import (
     LoopName,
     choice,
@@ -30,8 +31,9 @@ from .cli_support import (
     user_errors,
 )
 from .client import StartName
+from .errors import ConfigError
 from .loadtest import ClientName, RateName
-from .urls import parse_url
+from .urls import check_url, is_nats_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -84,6 +86,31 @@ def main(log_level: LogLevel) -> None:
 
 # --- relay, status, loadtest (lead) -----------------------------------------
 
+#: The relay's limits against runaway and hostile clients (README, "Limits"):
+#: flag, type, default, help; each becomes the ``RelayConfig`` field of its name.
+RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
+    ("--max-streams", click.IntRange(1), 1024, "Stream names held at once."),
+    ("--max-streams-per-publisher", click.IntRange(1), 64, "Names one publisher may declare."),
+    ("--stream-grace-seconds", click.FloatRange(0), 60.0, "Keep an abandoned empty stream."),
+    ("--max-sessions", click.IntRange(1), 1024, "Connections at once (below the fd limit)."),
+    ("--max-sessions-per-address", click.IntRange(1), 256, "Connections from one address."),
+    ("--idle-timeout", click.FloatRange(0, min_open=True), 60.0, "Close sessions holding nothing."),
+    ("--max-write-buffer-bytes", click.IntRange(1), 4 << 20, "Replies queued to a non-reader."),
+    ("--status-interval", click.FloatRange(0), 1.0, "Least seconds between STATUS replies."),
+    (
+        "--max-inflight-seconds",
+        click.FloatRange(0, min_open=True),
+        1.0,
+        "Audio written to a subscriber, not yet acknowledged.",
+    ),
+]
+
+
+def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
+    for flag, kind, default, help in reversed(RELAY_LIMITS):
+        func = click.option(flag, type=kind, default=default, show_default=True, help=help)(func)
+    return func
+
 
 @main.command()
 @click.option("--listen", default="tcp://0.0.0.0:7400", help="Address to accept clients on.")
@@ -113,10 +140,49 @@ def main(log_level: LogLevel) -> None:
     help="Largest frame accepted.",
 )
 @click.option(
+    "--max-window-memory",
+    type=click.IntRange(1 << 20),
+    default=256 << 20,
+    help="Bytes all replay windows may hold together; beyond it the oldest audio of the "
+    "largest window goes first (counted window_memory_exceeded).",
+)
+@click.option(
+    "--max-input-bytes",
+    type=click.IntRange(64),
+    default=16 << 20,
+    help="Bytes all connections may hold of frames not yet complete; beyond it the "
+    "connection holding the most is cut.",
+)
+@click.option(
+    "--frame-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    help="Seconds a frame may take from its first byte to its last.",
+)
+@click.option(
+    "--max-chunk-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=2.0,
+    help="Audio one CHUNK may carry, in seconds of its stream's format.",
+)
+@click.option(
+    "--max-capture-ahead",
+    type=click.FloatRange(0, min_open=True),
+    default=300.0,
+    help="Seconds a chunk's capture time may be ahead of the relay's clock.",
+)
+@click.option(
+    "--max-capture-age",
+    type=click.FloatRange(0, min_open=True),
+    default=3650 * 86400.0,
+    help="Seconds a chunk's capture time may be behind the relay's clock.",
+)
+@click.option(
     "--token",
     default=None,
     help="Shared secret every client must present (unset: no authentication).",
 )
+@relay_limit_options
 @loop_option
 @user_errors
 def relay(
@@ -126,10 +192,18 @@ def relay(
     queue_seconds: float,
     heartbeat_seconds: float,
     max_frame_bytes: int,
+    max_window_memory: int,
+    max_input_bytes: int,
+    frame_timeout: float,
+    max_chunk_seconds: float,
+    max_capture_ahead: float,
+    max_capture_age: float,
     token: str | None,
     loop_name: LoopName,
+    **limits: Any,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out."""
+    from .health import Health
     from .metrics import Metrics, serve_metrics
     from .protocol import Limits
     from .relay import Relay, RelayConfig
@@ -142,14 +216,24 @@ def relay(
         replay_seconds=replay_seconds,
         queue_seconds=queue_seconds,
         heartbeat_interval=heartbeat_seconds,
-        limits=configure(Limits, max_frame_size=max_frame_bytes),
+        limits=configure(
+            Limits, max_frame_size=max_frame_bytes, max_chunk_seconds=max_chunk_seconds
+        ),
+        max_window_memory=max_window_memory,
+        max_input_bytes=max_input_bytes,
+        frame_timeout=frame_timeout,
+        max_capture_ahead=max_capture_ahead,
+        max_capture_age=max_capture_age,
         token=token or "",
+        **limits,
     )
     metrics = Metrics()
 
     def ready(server: Relay) -> None:
         if metrics_port:
-            serve_metrics(metrics_port, metrics.registry)
+            # Called on the loop once the socket is bound: listening is ready.
+            health = Health.watch_running_loop()
+            serve_metrics(metrics_port, metrics.registry, health=health)
         click.echo(f"relay listening on {server.url}", err=True)
 
     run_async(Relay(config, metrics=metrics).run(ready=ready), loop_name)
@@ -174,11 +258,16 @@ def status(
     relay_url: str, as_json: bool, timeout: float, token: str | None, loop_name: LoopName
 ) -> None:
     """Show a relay's streams, clients, groups and drops."""
-    from .client import fetch_status
+    from .connect import fetch_status
 
     report = run_async(fetch_status(relay_url, timeout=timeout, token=token or ""), loop_name)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+        return
+    if report.get("binding") == "nats":
+        from .jetstream.admin import format_status as format_nats_status
+
+        click.echo(format_nats_status(report))
         return
     click.echo(format_status(report))
 
@@ -264,7 +353,11 @@ def loadtest(
     from .loadtest import LoadTestConfig, check_gates, format_report, run_loadtest
 
     if relay_url:
-        parse_url(relay_url)
+        check_url(relay_url)
+        if client == "raw" and is_nats_url(relay_url):
+            raise ConfigError(
+                "--client raw reads the relay protocol; use --client library for NATS"
+            )
     cfg = configure(
         LoadTestConfig,
         streams=streams,
@@ -356,7 +449,7 @@ def record(
     from .recorder import RecorderConfig
     from .recorder import record as run_recorder
 
-    parse_url(relay_url)  # a malformed URL is an error before any device is opened
+    check_url(relay_url)  # a malformed URL is an error before any device is opened
     config = configure(
         RecorderConfig,
         relay=relay_url,
@@ -423,6 +516,13 @@ def devices() -> None:
     help="archive: length of one WAV segment.",
 )
 @click.option(
+    "--max-open-segments",
+    type=click.IntRange(1),
+    default=256,
+    help="archive: segment files open at once; past it the least recently written is "
+    "completed early (audiosockets_archive_evictions_total).",
+)
+@click.option(
     "--max-failures",
     type=click.IntRange(0),
     default=100,
@@ -450,6 +550,7 @@ def process(
     backlog_seconds: float,
     events: str | None,
     segment_seconds: float,
+    max_open_segments: int,
     max_failures: int,
     start: StartName,
     name: str | None,
@@ -472,6 +573,7 @@ def process(
         backlog_seconds=backlog_seconds,
         events=events,
         segment_seconds=segment_seconds,
+        max_open_segments=max_open_segments,
         exit_after=max_failures,
         start=start,
         token=token,
@@ -506,6 +608,11 @@ def demo(listen: str, streams: int, seconds: float, loop_name: LoopName) -> None
     host, port = listen_address(listen)
     config = configure(DemoConfig, host=host, port=port, streams=streams, seconds=seconds)
     run_async(run_demo(config), loop_name)
+
+
+# --- nats (the JetStream binding): cli_nats.py ------------------------------------
+
+main.add_command(nats_group)
 
 
 # --- env vars (keep last: runs after every command is registered) -----------

@@ -27,6 +27,7 @@ class ErrorCode(IntEnum):
     REPLACED = 11
     SHUTTING_DOWN = 12
     INTERNAL = 13
+    OVERLOADED = 14  # a session cap was reached at accept; retry later
 
 
 class AudiosocketsError(Exception):
@@ -42,11 +43,19 @@ class ConfigError(AudiosocketsError):
 
 
 class ProtocolError(AudiosocketsError):
-    """The wire protocol was broken; ``code`` says how."""
+    """The wire protocol was broken; ``code`` says how, ``reason`` is the
+    ``audiosockets_protocol_errors_total`` label (the code's name in lower
+    case unless a finer one is given, e.g. ``empty_chunk``)."""
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.MALFORMED_FRAME) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: ErrorCode = ErrorCode.MALFORMED_FRAME,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason or code.name.lower()
 
 
 class LocalProtocolError(ProtocolError):
@@ -69,6 +78,12 @@ class RelayUnreachable(AudiosocketsError):
     """The relay could not be reached (refused, timed out, name not resolved)."""
 
     exit_code = 3
+
+
+class Refused(AudiosocketsError):
+    """The server refused what we asked for (credentials, permissions): a retry cannot help."""
+
+    exit_code = 1
 
 
 class AddressInUse(AudiosocketsError):

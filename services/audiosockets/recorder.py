@@ -35,17 +35,19 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from .audio import AudioFormat, DTypeName, SampleType
+from .client.interfaces import SpoolingStream
 from .errors import ConfigError, DeviceError
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
 from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
+from .urls import redact
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -53,55 +55,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class PublisherStream(Protocol):
-    """The part of the client library's stream handle the recorder uses.
-
-    ``unsent`` is how many chunks the publisher holds that the relay has not
-    taken (the in-memory spool); ``send`` returns the chunk's seq.
-    """
-
-    @property
-    def unsent(self) -> int: ...
-
-    def send(self, samples: Any, *, captured_ns: int) -> int: ...
-
-
-class SpooledEntry(Protocol):
-    """One chunk of a publisher's history: its payload bytes and capture time (ns)."""
-
-    @property
-    def payload(self) -> bytes: ...
-
-    @property
-    def captured_ns(self) -> int: ...
-
-
-@runtime_checkable
-class StreamHistory(Protocol):
-    """A stream handle that exposes its history (oldest first); the unsent chunks
-    are its last ``unsent`` entries. The recorder saves them to disk at exit."""
-
-    @property
-    def unsent(self) -> int: ...
-
-    @property
-    def history(self) -> Iterable[SpooledEntry]: ...
-
-
-@runtime_checkable
-class SpooledSeconds(Protocol):
-    """A stream handle that knows the seconds of audio in its unsent chunks."""
-
-    @property
-    def spooled_seconds(self) -> float: ...
-
-
 class PublisherLike(Protocol):
     """The part of ``client.Publisher`` the recorder uses (see ARCHITECTURE.md)."""
 
     async def start(self) -> None: ...
 
-    def stream(self, name: str, fmt: AudioFormat) -> PublisherStream: ...
+    def stream(self, name: str, fmt: AudioFormat) -> SpoolingStream: ...
 
     async def flush(self, timeout: float | None = ...) -> bool: ...
 
@@ -205,9 +164,9 @@ class RecorderMetrics:
 
 
 def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
-    from .client import Publisher
+    from .connect import connect_publisher
 
-    publisher: PublisherLike = Publisher(
+    publisher: PublisherLike = connect_publisher(
         config.relay,
         name=config.name or f"recorder-{config.stream}",
         history_seconds=config.history_seconds,
@@ -246,7 +205,7 @@ class Recorder:
         self.publisher = (
             publisher if publisher is not None else _make_publisher(config, self.metrics)
         )
-        self._stream: PublisherStream | None = None
+        self._stream: SpoolingStream | None = None
         self._stopping = asyncio.Event()
         self._capture: asyncio.Task[None] | None = None
         self._seen_overflows = 0
@@ -279,7 +238,10 @@ class Recorder:
 
     async def start(self) -> None:
         """Open the source (errors are raised here), start publishing and capturing."""
-        await self.source.open()
+        try:
+            await self.source.open()
+        except DeviceError as err:
+            raise explain_capture_failure(err) from err
         try:
             await self.publisher.start()
             self._stream = self.publisher.stream(self.config.stream, self.format)
@@ -298,7 +260,7 @@ class Recorder:
         log.info(
             "recording %s -> %s as %r",
             self.source.description,
-            self.config.relay,
+            redact(self.config.relay),
             self.config.stream,
         )
 
@@ -440,9 +402,9 @@ class Recorder:
     def _keep_unsent_on_disk(self, disk: DiskSpool) -> None:
         """Save what the closed Publisher never sent, ahead of the disk spool."""
         stream = self._stream
-        if not isinstance(stream, StreamHistory) or not stream.unsent:
+        if stream is None or not stream.unsent:
             return
-        entries = list(stream.history)[-stream.unsent :]
+        entries = stream.unsent_chunks()
         dropped = disk.prepend([(bytes(e.payload), int(e.captured_ns)) for e in entries])
         if dropped:
             self.metrics.chunks_dropped.labels(self.config.stream, "spool_full").inc(dropped)
@@ -498,11 +460,7 @@ class Recorder:
         stream = self._stream
         if stream is None:
             return 0, 0.0
-        chunks = stream.unsent
-        if isinstance(stream, SpooledSeconds):
-            seconds = stream.spooled_seconds
-        else:
-            seconds = chunks * self.config.block_frames / self.format.rate
+        chunks, seconds = stream.unsent, stream.spooled_seconds
         if self.disk is not None:
             chunks += self.disk.chunks
             seconds += self.disk.seconds
@@ -534,28 +492,34 @@ async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
     ``metrics_port`` 0 disables the metrics endpoint. Returns whether the final
     flush completed; errors a user can cause raise ``AudiosocketsError``.
     """
+    from .health import Health, session_ready
     from .metrics import serve_metrics
 
     metrics = Metrics()
     recorder = Recorder(config, metrics=metrics)
     if metrics_port > 0:
-        serve_metrics(metrics_port, metrics.registry)  # raises AddressInUse
+        health = Health.watch_running_loop(session_ready(metrics.registry, "publisher"))
+        serve_metrics(metrics_port, metrics.registry, health=health)  # raises AddressInUse
     return await recorder.run()
 
 
 def describe_input_devices() -> list[str]:
     """Lines for ``audiosockets devices``: one per input device, ``*`` marks the default.
 
-    A machine without input devices gets one sentence instead of a table.
+    Raises ``DeviceError`` (one sentence with the cause, when it can be found) on a
+    machine without input devices: a script or a container check can test the
+    exit status.
     """
     from .sources import list_input_devices
 
     devices, default = list_input_devices()
     if not devices:
-        return [
-            "No audio input devices found: PortAudio sees no sound card or sound server "
-            "(use --source synth:sine or file:PATH to record without one)."
-        ]
+        raise explain_capture_failure(
+            DeviceError(
+                "no audio input devices found: PortAudio sees no sound card or sound server "
+                "(use --source synth:sine or file:PATH to record without one)"
+            )
+        )
     lines = [f"  {'index':>5}  {'name':<40} {'channels':>8} {'default rate':>12}"]
     for dev in devices:
         mark = "*" if dev.get("index") == default else " "
@@ -565,6 +529,22 @@ def describe_input_devices() -> list[str]:
             f"{dev['max_input_channels']:>8} {rate:>12}"
         )
     return lines
+
+
+def explain_capture_failure(err: DeviceError) -> DeviceError:
+    """``err`` plus the cause found on this machine (audio_diagnose), if one is found.
+
+    Not for a PortAudio library that failed to load (an ``OSError`` cause): that
+    message already says what to install.
+    """
+    from .audio_diagnose import diagnose_capture
+
+    if isinstance(err.__cause__, OSError):
+        return err
+    cause = diagnose_capture()
+    if cause is None:
+        return err
+    return DeviceError(f"{err}; cause: {cause}")
 
 
 def _safe_name(stream: str) -> str:

@@ -7,6 +7,13 @@ heartbeat interval, and declares the peer dead when nothing at all arrived for
 ``heartbeat_timeout`` while it was waiting to read. Waiting to read is the
 only time the peer's silence counts: a consumer that stops reading on purpose
 (backpressure) does not time its peer out.
+
+A frame once begun must be complete within ``frame_timeout`` (when given):
+trickling a byte now and then keeps a connection alive, not a half-sent
+frame. What is buffered of incomplete frames is reported to an
+``InputAccount`` (the relay's relay-wide budget), which may ``cut`` this or
+another channel; a cut channel ends with the ``RemoteProtocolError`` it was
+given, from wherever its reader is waiting.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol, SupportsIndex
 
 from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
 from .protocol import (
@@ -59,8 +67,91 @@ def tune_socket(writer: asyncio.StreamWriter, *, sndbuf: int = 0, rcvbuf: int = 
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
 
 
+class InputAccount(Protocol):
+    """Where channels report the bytes they hold of incomplete frames."""
+
+    def hold(self, channel: Channel, nbytes: int) -> None:
+        """``channel`` now holds ``nbytes`` (0: nothing, it may be forgotten)."""
+
+
+class AccountedReader(asyncio.StreamReader):
+    """A ``StreamReader`` that reports what it holds the moment bytes arrive.
+
+    asyncio reads up to 256 KiB per socket per loop iteration into each
+    reader before any task runs; with hundreds of connections that is
+    hundreds of MiB no task has seen yet. This reader tells the
+    ``InputAccount`` at once (bytes here plus the codec's partial frame, via
+    its ``owner`` channel), so a budget can cut a hoarder before the next
+    socket is read.
+    """
+
+    def __init__(self, limit: int, account: InputAccount) -> None:
+        super().__init__(limit=limit)
+        self.account = account
+        self.owner: Channel | None = None
+        self.pending = 0  # bytes received and not yet read
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        super().feed_data(data)
+        self.pending += len(data)  # type: ignore[arg-type]  # bytes from the protocol
+        if self.owner is not None:
+            self.account.hold(self.owner, self.owner.held_bytes)
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self.pending -= len(data)
+        return data
+
+    def discard(self) -> None:
+        """Free what was received and not read, now: the connection is being
+        cut, and its bytes must not outlive the budget's decision until its
+        task next runs. (StreamReader keeps them in ``_buffer``.)"""
+        self._buffer = bytearray()
+        self.pending = 0
+
+
+#: Connections the kernel queues before a server accepts them (capped by somaxconn):
+#: a thousand microphones reconnect at once after a relay restart, and asyncio's
+#: default of 100 drops their SYNs into retries and connect timeouts.
+LISTEN_BACKLOG = 4096
+
+
+async def start_accounted_server(
+    on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    host: str,
+    port: int,
+    account: InputAccount,
+    *,
+    limit: int = 64 << 10,
+    backlog: int = LISTEN_BACKLOG,
+) -> asyncio.Server:
+    """``asyncio.start_server`` with an ``AccountedReader`` per connection
+    (``limit``: bytes a reader buffers before it pauses the socket; ``backlog``:
+    connections the kernel queues before they are accepted)."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> asyncio.StreamReaderProtocol:
+        return asyncio.StreamReaderProtocol(AccountedReader(limit, account), on_connect)
+
+    return await loop.create_server(factory, host, port, backlog=backlog)
+
+
+class WriteBufferFull(ConnectionClosed):
+    """The peer stopped reading and what we queued for it passed the
+    channel's ``max_write_buffer``: the session cannot go on without holding
+    unbounded memory for it."""
+
+
 class Channel:
-    """A framed, heartbeated session over one TCP connection."""
+    """A framed, heartbeated session over one TCP connection.
+
+    ``frame_timeout``: seconds a frame may take from its first byte to its
+    last (None: no limit); ``input_account``: told after every read how many
+    bytes of incomplete frames this channel holds.
+    ``max_write_buffer`` (bytes, 0: no limit) bounds what ``send`` may leave
+    queued for a peer that does not read (replies such as PONG and STATUS):
+    past it ``send`` raises ``WriteBufferFull`` instead of queueing more.
+    """
 
     def __init__(
         self,
@@ -71,8 +162,12 @@ class Channel:
         heartbeat_interval: float = 2.0,
         heartbeat_timeout: float = 6.0,
         clock: Clock = time.monotonic,
+        frame_timeout: float | None = None,
+        input_account: InputAccount | None = None,
+        max_write_buffer: int = 0,
     ) -> None:
         self.reader = reader
+        self.max_write_buffer = max_write_buffer
         self.writer = writer
         self.conn = conn
         self.heartbeat_interval = heartbeat_interval
@@ -81,13 +176,19 @@ class Channel:
         self._last_sent = clock()
         self._nonce = itertools.count(1)
         self._heartbeat: asyncio.Task[None] | None = None
-        # The silence watchdog: when the pending read began (loop time; None when
-        # not reading) and the one timer that checks it (see _read).
-        self._read_started: float | None = None
-        self._silence_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.rtt: float | None = None
         self._ping_sent_at: dict[int, float] = {}
+        self.frame_timeout = frame_timeout
+        self._input_account = input_account
+        self._frame_began: float | None = None  # when the pending frame's first byte came
+        self._frame_number = -1  # frames_received when that was
+        self._cut: RemoteProtocolError | None = None
+        if isinstance(reader, AccountedReader):
+            reader.owner = self
+        self._pings = 0  # PINGs answered
+        self._yield_due = False  # poll_event asks next_event to yield the loop once
+        self._watchdog = _SilenceWatchdog(self)
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
@@ -96,9 +197,17 @@ class Channel:
     def send(self, event: Event) -> None:
         """Encode ``event`` through the codec and write it (no drain).
 
-        Raises LocalProtocolError when the codec refuses the event; writes
-        nothing once the channel is closed.
+        Raises LocalProtocolError when the codec refuses the event, and
+        ``WriteBufferFull`` when ``max_write_buffer`` is set and more than that
+        is already queued (nothing is written then); writes nothing once the
+        channel is closed.
         """
+        limit = self.max_write_buffer
+        if limit and not self.closed and self.write_buffer_size > limit:
+            raise WriteBufferFull(
+                f"{self.peer} does not read: more than {limit} bytes queued for it",
+                ErrorCode.INTERNAL,
+            )
         data = self.conn.send(event)
         self.write(data)
 
@@ -141,14 +250,19 @@ class Channel:
         RemoteProtocolError when the peer breaks the protocol.
         """
         while (event := self.poll_event()) is None:
-            await self._read()
+            if self._yield_due:
+                self._yield_due = False
+                await asyncio.sleep(0)  # a PING flood does not keep the loop
+            else:
+                await self._read()
         return event
 
     def poll_event(self) -> Event | None:
         """The next event among the bytes already received, or None: never reads.
 
-        Lets a reader take every event of one read without an await per event.
-        PING/PONG are handled here; raises as ``next_event``.
+        Lets a reader take every event of one read without an await per event
+        (None also after every 32nd PING, so that ``next_event`` yields the
+        loop). PING/PONG are handled here; raises as ``next_event``.
         """
         while True:
             event = self.conn.next_event()
@@ -161,6 +275,10 @@ class Channel:
             if isinstance(event, Ping):
                 if not self.closed:
                     self.send(Pong(event.nonce))
+                self._pings += 1
+                if self._pings % 32 == 0:
+                    self._yield_due = True
+                    return None
                 continue
             if isinstance(event, Pong):
                 sent = self._ping_sent_at.pop(event.nonce, None)
@@ -169,46 +287,75 @@ class Channel:
                 continue
             return event
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes received and not yet part of a complete frame handed out."""
+        return getattr(self.reader, "pending", 0) + self.conn.buffered
+
+    def cut(self, error: RemoteProtocolError) -> None:
+        """End this channel with ``error``: its reader raises it as soon as it
+        runs (a budget decided this channel holds too much); nothing more is
+        read from its socket meanwhile."""
+        if self._cut is None:
+            self._cut = error
+            transport = self.writer.transport
+            if isinstance(transport, asyncio.ReadTransport):
+                with contextlib.suppress(Exception):
+                    transport.pause_reading()
+            if isinstance(self.reader, AccountedReader):
+                self.reader.discard()
+            # Its bytes go now, not when its task next runs: a budget that cuts
+            # many connections in one loop iteration must see their memory go.
+            self.conn.discard_input()
+            self.reader.feed_eof()  # wake a pending read
+
     async def _read(self) -> None:
-        # A read that waits heartbeat_timeout seconds ends the session. One timer
-        # per channel checks that, re-armed only when it fires during a read that
-        # began later: ``asyncio.timeout`` around every read cost a timer, a heap
-        # entry and a cancellation per read (6 µs, one read per chunk in the relay).
-        loop = asyncio.get_running_loop()
-        self._read_started = loop.time()
-        if self._silence_timer is None:
-            self._silence_timer = loop.call_later(self.heartbeat_timeout, self._check_silence)
+        if self._cut is not None:
+            raise self._cut
+        if self._input_account is not None:  # complete frames were drained
+            self._input_account.hold(self, self.held_bytes)
+        timeout = self.heartbeat_timeout
+        frame_deadline = None
+        if self.frame_timeout is not None and self.conn.buffered:
+            received = self.conn.frames_received
+            if self._frame_began is None or self._frame_number != received:
+                self._frame_began = self._clock()
+                self._frame_number = received
+            frame_deadline = self._frame_began + self.frame_timeout
+            timeout = min(timeout, max(0.0, frame_deadline - self._clock()))
+        else:
+            self._frame_began = None
         try:
-            data = await self.reader.read(READ_SIZE)
+            if frame_deadline is None:
+                data = await self._watchdog.read()
+            else:
+                async with asyncio.timeout(timeout):
+                    data = await self.reader.read(READ_SIZE)
+        except TimeoutError:
+            if frame_deadline is not None and self._clock() >= frame_deadline - 1e-3:
+                raise RemoteProtocolError(
+                    f"frame not completed within {self.frame_timeout:g} s of its first byte "
+                    f"({self.conn.buffered} bytes of it arrived)",
+                    ErrorCode.MALFORMED_FRAME,
+                    "frame_timeout",
+                ) from None
+            raise ConnectionClosed(
+                f"no data from {self.peer} for {self.heartbeat_timeout:g} s",
+                ErrorCode.HEARTBEAT_TIMEOUT,
+            ) from None
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
-        finally:
-            self._read_started = None
+        if self._cut is not None:
+            raise self._cut
         if data:
             self.conn.receive_data(data)
+            if self._input_account is not None:
+                self._input_account.hold(self, self.held_bytes)
+                if self._cut is not None:
+                    raise self._cut
         else:
             # The codec decides whether the stream ended cleanly or mid-frame.
             self.conn.receive_eof()
-
-    def _check_silence(self) -> None:
-        self._silence_timer = None
-        started = self._read_started
-        if started is None or self.closed:
-            return  # not waiting to read: the next read arms the timer again
-        loop = asyncio.get_running_loop()
-        waited = loop.time() - started
-        if waited >= self.heartbeat_timeout:
-            # The pending read raises this (StreamReader hands it to its waiter).
-            self.reader.set_exception(
-                ConnectionClosed(
-                    f"no data from {self.peer} for {self.heartbeat_timeout:g} s",
-                    ErrorCode.HEARTBEAT_TIMEOUT,
-                )
-            )
-        else:
-            self._silence_timer = loop.call_later(
-                self.heartbeat_timeout - waited, self._check_silence
-            )
 
     # -- heartbeats ----------------------------------------------------------
 
@@ -245,6 +392,8 @@ class Channel:
             with contextlib.suppress(Exception):
                 self.writer.write(self.conn.send(farewell))
         self.closed = True
+        if self._input_account is not None:
+            self._input_account.hold(self, 0)
         self._stop_timers()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
@@ -257,15 +406,66 @@ class Channel:
     def abort(self) -> None:
         """Drop the connection at once (no farewell)."""
         self.closed = True
+        if self._input_account is not None:
+            self._input_account.hold(self, 0)
         self._stop_timers()
         self.writer.transport.abort()
 
     def _stop_timers(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        if self._silence_timer is not None:
-            self._silence_timer.cancel()
-            self._silence_timer = None
+        self._watchdog.stop()
+
+
+class _SilenceWatchdog:
+    """A channel's heartbeat timeout for the usual read (no frame half-received):
+    a read that waits ``heartbeat_timeout`` seconds ends the session.
+
+    One timer per channel, re-armed only when it fires during a read that began
+    later: ``asyncio.timeout`` around every read cost a timer, a heap entry and a
+    cancellation per read (6 µs on the loaded dev machine; the relay reads once
+    per chunk per publisher). Only waiting counts: a channel whose owner is not
+    reading (backpressure) is never timed out.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._started: float | None = None  # loop time the pending read began
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def read(self) -> bytes:
+        channel = self._channel
+        loop = asyncio.get_running_loop()
+        self._started = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_later(channel.heartbeat_timeout, self._check)
+        try:
+            return await channel.reader.read(READ_SIZE)
+        finally:
+            self._started = None
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        channel = self._channel
+        if self._started is None or channel.closed:
+            return  # not waiting to read: the next read arms the timer again
+        loop = asyncio.get_running_loop()
+        waited = loop.time() - self._started
+        if waited >= channel.heartbeat_timeout:
+            # The pending read raises this (StreamReader hands it to its waiter).
+            channel.reader.set_exception(
+                ConnectionClosed(
+                    f"no data from {channel.peer} for {channel.heartbeat_timeout:g} s",
+                    ErrorCode.HEARTBEAT_TIMEOUT,
+                )
+            )
+        else:
+            self._timer = loop.call_later(channel.heartbeat_timeout - waited, self._check)
 
 
 async def connect(

@@ -19,7 +19,7 @@ from ..errors import ConfigError, HandlerError
 from ..handlers import HandlerOptions
 from ..metrics import Metrics
 from ..service import STOP_SIGNALS, run_service
-from ..urls import parse_url
+from ..urls import check_url
 from .backlog import ChunkBacklog, CompletionOrder, StreamClosed
 from .loading import HandlerSpec, _one_line, check_handler, parse_spec
 from .metrics import ProcessorMetrics
@@ -402,6 +402,7 @@ class ProcessorConfig:
     backlog_seconds: float = 10.0
     events: str | None = None  # path; None means stdout
     segment_seconds: float = 60.0
+    max_open_segments: int = 256
     exit_after: int = 100
     start: StartName = "live"
     token: str | None = None
@@ -412,7 +413,7 @@ class ProcessorConfig:
         The handler spec is not checked here: ``serve`` loads it (once), and a bad
         one is a ``HandlerError``.
         """
-        parse_url(self.relay)
+        check_url(self.relay)
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if not 0 <= self.metrics_port <= 65535:
@@ -421,6 +422,8 @@ class ProcessorConfig:
             raise ConfigError(f"--backlog-seconds must be positive, got {self.backlog_seconds:g}")
         if not self.segment_seconds > 0:
             raise ConfigError(f"--segment-seconds must be positive, got {self.segment_seconds:g}")
+        if self.max_open_segments < 1:
+            raise ConfigError(f"--max-open-segments must be >= 1, got {self.max_open_segments}")
         if self.exit_after < 0:
             raise ConfigError(f"--max-failures must be >= 0, got {self.exit_after}")
 
@@ -439,11 +442,14 @@ async def serve(
     ``ConfigError`` for an events file that cannot be opened, ``AddressInUse``
     for a taken metrics port.
     """
-    from ..client import Subscriber
+    from ..connect import connect_subscriber
+    from ..health import Health, session_ready
     from ..metrics import serve_metrics
 
     spec = parse_spec(config.handler)
-    options = HandlerOptions(segment_seconds=config.segment_seconds)
+    options = HandlerOptions(
+        segment_seconds=config.segment_seconds, max_open_segments=config.max_open_segments
+    )
     check_handler(spec, options)  # a bad spec fails here, before any connection; only here
     metrics = metrics if metrics is not None else Metrics()
     with contextlib.ExitStack() as stack:
@@ -464,8 +470,9 @@ async def serve(
             checked=True,
         )
         if config.metrics_port > 0:
-            serve_metrics(config.metrics_port, metrics.registry)  # raises AddressInUse
-        sub = Subscriber(
+            health = Health.watch_running_loop(session_ready(metrics.registry, "subscriber"))
+            serve_metrics(config.metrics_port, metrics.registry, health=health)  # AddressInUse
+        sub = connect_subscriber(
             config.relay,
             config.stream,
             group=config.group or "",

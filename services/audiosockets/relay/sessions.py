@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -32,12 +32,20 @@ from ..protocol import (
     Subscribe,
 )
 from ..transport import Channel
+from .admission import StreamRefused
+from .inflight import InFlight
+from .plausible import check_capture_time, check_seq, clamp
 from .streams import StreamState
 from .subscriptions import Cursor
 
 if TYPE_CHECKING:
     from .groups import Group
     from .server import Relay
+
+
+log = logging.getLogger("audiosockets.relay")
+#: How often a subscriber with too much audio in flight looks again (s).
+INFLIGHT_POLL = 0.05
 
 
 class Session:
@@ -59,6 +67,9 @@ class Session:
         self.id = session_id
         self.connected_at = time.time()
         self.tasks: asyncio.TaskGroup | None = None
+        self.last_active = relay.clock()  # relay clock at the last request (not PING)
+        self.cut_reason = ""  # set when the relay ends the session to protect itself
+        self._status_at: float | None = None  # relay clock at the last STATUS reply
 
     def start_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None] | None:
         """Run ``coro`` in this session's task group; returns the task, or
@@ -77,6 +88,20 @@ class Session:
     def detach(self) -> None:
         """Forget this session everywhere; called once when it ends."""
 
+    async def send_status(self) -> None:
+        """Answer STATUS_REQUEST, at most once per ``status_interval``: an
+        earlier request waits (and this session's reading with it), counted in
+        ``audiosockets_requests_throttled_total{reason="status_rate"}``."""
+        relay = self.relay
+        interval = relay.config.status_interval
+        if self._status_at is not None:
+            wait = self._status_at + interval - relay.clock()
+            if wait > 0:
+                relay.guard.counters.requests_throttled.labels("status_rate").inc()
+                await asyncio.sleep(wait)
+        self._status_at = relay.clock()
+        self.channel.send(Status(relay.status_cache.document(relay)))
+
 
 class PublisherSession(Session):
     """A recorder's session: OPEN_STREAM, CHUNK, CLOSE_STREAM."""
@@ -86,12 +111,26 @@ class PublisherSession(Session):
     def __init__(self, relay: Relay, channel: Channel, hello: Hello, session_id: int) -> None:
         super().__init__(relay, channel, hello, session_id)
         self.streams: dict[int, StreamState] = {}  # by this connection's stream id
+        self.names: set[str] = set()  # every name declared in this session (capped)
 
     def on_chunk(self, chunk: ChunkData) -> None:
-        """Publish ``chunk`` (synchronous: the relay's per-chunk path)."""
+        """Check and publish ``chunk`` (synchronous: the relay's per-chunk path).
+
+        Raises RemoteProtocolError for an implausible sequence number or
+        capture time (``plausible.py``)."""
         stream = self.streams.get(chunk.stream_id)
         if stream is None or stream.publisher is not self:
             return  # taken over by another publisher: ignore the late chunk
+        cfg = self.relay.config
+        check_seq(
+            chunk.seq,
+            stream.last_seq,
+            stream.format.rate,
+            self.relay.clock() - stream.last_arrival,
+        )
+        check_capture_time(
+            chunk.captured_ns, time.time_ns(), cfg.max_capture_ahead, cfg.max_capture_age
+        )
         self.relay.publish(stream, chunk)
 
     async def handle(self, event: object) -> None:
@@ -100,7 +139,32 @@ class PublisherSession(Session):
         if isinstance(event, ChunkData):
             self.on_chunk(event)
         elif isinstance(event, OpenStream):
-            stream = self.relay.open_stream(self, event.name, event.format)
+            previous = self.streams.get(event.stream_id)
+            if previous is not None and previous.name != event.name:
+                # The id now names another stream: this session stops
+                # publishing the old one (it stays on the relay).
+                del self.streams[event.stream_id]
+                if previous.publisher is self:
+                    previous.publisher = None
+                    self.relay.stream_ended(previous)
+            try:
+                stream = self.relay.open_stream(self, event.name, event.format)
+            except StreamRefused as exc:
+                self.channel.send(CloseStream(event.stream_id, CloseReason.REFUSED))
+                self.relay.guard.log.warning(
+                    f"stream:{exc.reason}",
+                    "refused stream %r of publisher %r from %s: %s",
+                    event.name,
+                    self.name,
+                    self.channel.peer,
+                    exc,
+                )
+                return
+            except Exception:  # a bug of ours: this stream fails, the session goes on
+                self.relay.metrics.protocol_errors.labels("open_stream_failed").inc()
+                log.exception("opening stream %r for %r failed", event.name, self.name)
+                self.channel.send(CloseStream(event.stream_id, CloseReason.ENDED))
+                return
             self.streams[event.stream_id] = stream
             next_seq = stream.last_seq + 1 if stream.last_seq >= 0 else 0
             self.channel.send(StreamAccepted(event.stream_id, next_seq))
@@ -130,14 +194,13 @@ class SubscriberSession(Session):
         super().__init__(relay, channel, hello, session_id)
         self.subscription: Subscribe | None = None
         self.resume: dict[str, int] = {}  # stream name -> last seq the client has
-        # The cursors with something to send (or to say), in the order they get
-        # their turn: the writer visits these, not every cursor, so a subscriber
-        # to many streams costs per chunk, not per stream and wake-up.
-        self.pending: dict[str, Cursor] = {}
         self.wake = asyncio.Event()
         self.writer: asyncio.Task[None] | None = None
         self.group: Group | None = None
         self.dropped = 0  # chunks this subscriber lost, every reason
+        self.inflight = InFlight(channel)  # audio written, not yet acknowledged
+        self._batch_seconds = 0.0
+        self._losses: list[tuple[str, str, int]] = []  # counted once proven alive
 
     @property
     def group_name(self) -> str:
@@ -159,7 +222,7 @@ class SubscriberSession(Session):
             self.writer = self.start_task(self._write_loop(), name=f"writer {self.name}")
             self.relay.subscribe(self)
         elif isinstance(event, StatusRequest):
-            self.channel.send(Status(json.dumps(self.relay.status())))
+            await self.send_status()
         else:
             await super().handle(event)
 
@@ -171,8 +234,9 @@ class SubscriberSession(Session):
         """Start delivering ``stream`` after ``after_seq`` (None: live, or the
         oldest chunk held when ``earliest`` or the subscription says so).
 
-        Chunks between ``after_seq`` and the oldest one held are gone: they are
-        counted as ``replay_window_exceeded``.
+        Chunks after ``after_seq`` that the window held and trimmed are lost
+        here: they are counted as ``replay_window_exceeded``. Sequence numbers
+        the relay never received (the publisher's own loss) are not.
         """
         assert self.subscription is not None
         now = self.relay.clock()
@@ -184,27 +248,17 @@ class SubscriberSession(Session):
             after_seq = stream.last_seq
             start = window.end
         else:
+            if stream.last_seq >= 0:  # a forged resume point must not silence the stream
+                what = f"{self.name!r} resuming {stream.name!r}"
+                after_seq = clamp(
+                    self.relay, "resume_beyond_stream", after_seq, stream.last_seq, what
+                )
             start = window.ordinal_after_seq(after_seq)
-            trimmed_from = window.base if len(window) else window.end
-            first = window.first_seq()
-            if (
-                start == window.base
-                and first is not None
-                and first > after_seq + 1
-                and trimmed_from > 0
-            ):
-                # The chunks between the resume point and the window are gone.
-                missing = first - after_seq - 1
-                self.relay.count_drop(stream.name, "replay_window_exceeded", missing)
-                self.dropped += missing
-        cursor = Cursor(stream, start, after_seq, now)
-        self.relay.subscriptions.add(self, cursor)
-        self.notify(cursor)
-
-    def notify(self, cursor: Cursor) -> None:
-        """``cursor`` has something new (a chunk, its stream's end): give it a
-        turn and wake the writer."""
-        self.pending[cursor.stream.name] = cursor
+            missing, after_seq = window.trimmed_after(after_seq)
+            if missing:
+                self.count_drop(stream.name, "replay_window_exceeded", missing)
+        self.relay.declare_subscriber(self.name, stream.name)
+        self.relay.subscriptions.add(self, Cursor(stream, start, after_seq, now))
         self.wake.set()
 
     def unassign(self, stream: StreamState, reason: CloseReason) -> None:
@@ -218,7 +272,6 @@ class SubscriberSession(Session):
     def detach(self) -> None:
         """Drop every cursor, stop the writer, leave the group."""
         self.relay.subscriptions.remove_session(self)
-        self.pending.clear()
         if self.writer is not None:
             self.writer.cancel()
         self.relay.unsubscribe(self)
@@ -234,10 +287,20 @@ class SubscriberSession(Session):
                 await self.wake.wait()
                 self.wake.clear()
                 while not channel.closed:
+                    if self.inflight.seconds() > self.relay.config.max_inflight_seconds:
+                        await self._stalled()
+                        continue
                     frames = self._collect()
+                    if frames:
+                        # Writing to a peer that reset the connection fails
+                        # at once: its losses were never this subscriber's
+                        # (it resumes on another session) and are not counted.
+                        channel.writelines(frames)
+                        self.inflight.record(sum(map(len, frames)), self._batch_seconds)
+                    if not self._peer_gone():
+                        self._commit_losses()
                     if not frames:
                         break
-                    channel.writelines(frames)
                     await channel.drain()
         except ConnectionClosed:
             # The read side sees the same loss and ends the session.
@@ -250,42 +313,16 @@ class SubscriberSession(Session):
         stale_before = now - relay.config.queue_seconds
         budget = relay.config.max_batch_bytes
         frames: list[bytes] = []
-        pending = self.pending
-        for name, cursor in list(pending.items()):
-            del pending[name]
-            if relay.subscriptions.get(self, name) is not cursor:
-                continue  # unassigned (or replaced) since it was queued
+        self._batch_seconds = 0.0  # the most audio of one stream in this batch
+        if self._peer_gone():
+            return frames
+        for cursor in relay.subscriptions.of_session(self):
             stream = cursor.stream
             window = stream.window
-            if cursor.next_ord < window.base:
-                # Trimmed before we sent them. Only chunks after our resume
-                # point were needed: after a relay restart the publisher
-                # re-sends history the subscriber already has, and trimming
-                # that is no loss. Seqs are increasing, so those needed lie in
-                # (after_seq, first held seq).
-                trimmed = window.base - cursor.next_ord
-                first = window.first_seq()
-                needed = trimmed if first is None else max(0, first - cursor.after_seq - 1)
-                lost = min(trimmed, needed)
-                cursor.next_ord = window.base
-                if lost:
-                    cursor.dropped_window += lost
-                    self.dropped += lost
-                    relay.count_drop(stream.name, "replay_window_exceeded", lost)
+            self._account(cursor, stale_before)
             if cursor.next_ord >= window.end:
                 self._end_if_done(cursor, frames)
                 continue
-            # Live chunks older than queue_seconds are dropped (oldest first);
-            # chunks that were already in the window when we attached are
-            # replay and exempt. Arrivals only grow: when the next chunk is
-            # fresh, so are all after it (the usual case: no search).
-            if window.arrivals[cursor.next_ord - window.base + window.head] < stale_before:
-                fresh_from = window.ordinal_arrived_at(max(stale_before, cursor.assigned_at))
-                exempt_until = window.ordinal_arrived_at(cursor.assigned_at)
-                if exempt_until <= cursor.next_ord < fresh_from:
-                    skipped = self._skip(cursor, fresh_from)
-                    if skipped:
-                        relay.count_drop(stream.name, "subscriber_slow", skipped)
             if not cursor.declared:
                 frames.append(
                     self.channel.conn.send(OpenStream(stream.id, stream.name, stream.format))
@@ -295,9 +332,11 @@ class SubscriberSession(Session):
             end = len(window.seqs)
             sent = 0
             nbytes = 0
+            seconds = 0.0
             while i < end and budget > 0:
                 if window.seqs[i] > cursor.after_seq:
                     frame = window.frames[i]
+                    seconds += window.durations[i]
                     frames.append(frame)
                     budget -= len(frame)
                     nbytes += len(frame)
@@ -305,16 +344,55 @@ class SubscriberSession(Session):
                     sent += 1
                 i += 1
             cursor.next_ord = i - window.head + window.base
+            self._batch_seconds = max(self._batch_seconds, seconds)
             if sent:
                 cursor.sent += sent
-                relay.count_sent(stream.name, sent, nbytes)
+                relay.count_sent(stream.name, sent, nbytes, self.name)
             self._end_if_done(cursor, frames)
             if budget <= 0:
-                if cursor.next_ord < window.end:
-                    pending[name] = cursor  # its turn again, after the others
                 self.wake.set()  # more to do after this batch is flushed
                 break
         return frames
+
+    def _account(self, cursor: Cursor, stale_before: float) -> None:
+        """Count what ``cursor`` lost: chunks trimmed before they were sent
+        (``replay_window_exceeded``) and live chunks older than
+        ``stale_before`` on the relay clock (``subscriber_slow``), skipped."""
+        stream = cursor.stream
+        window = stream.window
+        if cursor.next_ord < window.base:
+            # Trimmed before we sent them. Only chunks after our resume
+            # point were needed: after a relay restart the publisher
+            # re-sends history the subscriber already has, and trimming
+            # that is no loss. Nor are numbers the window never held (the
+            # publisher's own gap): only what it trimmed counts.
+            lost, cursor.after_seq = window.trimmed_after(cursor.after_seq)
+            cursor.next_ord = window.base
+            if lost:
+                cursor.dropped_window += lost
+                self.count_drop(stream.name, "replay_window_exceeded", lost)
+        if cursor.next_ord >= window.end:
+            return
+        # Live chunks older than queue_seconds are dropped (oldest first);
+        # chunks that were already in the window when we attached are
+        # replay and exempt.
+        fresh_from = window.ordinal_arrived_at(max(stale_before, cursor.assigned_at))
+        exempt_until = window.ordinal_arrived_at(cursor.assigned_at)
+        if exempt_until <= cursor.next_ord < fresh_from:
+            skipped = self._skip(cursor, fresh_from)
+            if skipped:
+                self.count_drop(stream.name, "subscriber_slow", skipped)
+
+    async def _stalled(self) -> None:
+        """More audio is in flight than ``max_inflight_seconds``: send nothing,
+        but skip and count what goes stale meanwhile, until the peer takes
+        some or leaves (checked every ``INFLIGHT_POLL`` seconds)."""
+        stale_before = self.relay.clock() - self.relay.config.queue_seconds
+        for cursor in self.relay.subscriptions.of_session(self):
+            self._account(cursor, stale_before)
+        if not self._peer_gone():
+            self._commit_losses()
+        await asyncio.sleep(INFLIGHT_POLL)
 
     def _end_if_done(self, cursor: Cursor, frames: list[bytes]) -> None:
         """After the last chunk of a stream its publisher closed, say so, in order."""
@@ -338,8 +416,25 @@ class SubscriberSession(Session):
                 cursor.after_seq = seq
         cursor.next_ord = to_ord
         cursor.dropped_slow += skipped
-        self.dropped += skipped
         return skipped
+
+    def count_drop(self, stream: str, reason: str, n: int) -> None:
+        """``n`` chunks of ``stream`` the relay held are lost to this subscriber:
+        counted once the session has shown it is alive (its next write went
+        out), so an abandoned session (a handshake the client gave up on, a
+        connection reset while the relay hung) is not charged for chunks the
+        client's next session gets, or is charged for itself."""
+        self._losses.append((stream, reason, n))
+        self.wake.set()
+
+    def _commit_losses(self) -> None:
+        losses, self._losses = self._losses, []
+        for stream, reason, n in losses:
+            self.dropped += n
+            self.relay.count_drop(stream, reason, n, self.name)
+
+    def _peer_gone(self) -> bool:
+        return self.channel.closed or self.channel.writer.transport.is_closing()
 
 
 class ObserverSession(Session):
@@ -350,7 +445,7 @@ class ObserverSession(Session):
     async def handle(self, event: object) -> None:
         """Answer STATUS_REQUEST with the relay's status report as JSON."""
         if isinstance(event, StatusRequest):
-            self.channel.send(Status(json.dumps(self.relay.status())))
+            await self.send_status()
         else:
             await super().handle(event)
 
