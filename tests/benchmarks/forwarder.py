@@ -42,11 +42,12 @@ def relay_process(pipe: Pipe, cfg: LoadTestConfig) -> None:
     async def main() -> None:
         subscribers: list[asyncio.StreamWriter] = []
         publishers = itertools.count()
+        received = 0
         delivered = 0
         handlers: set[asyncio.Task[Any]] = set()
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            nonlocal delivered
+            nonlocal received, delivered
             task = asyncio.current_task()
             assert task is not None
             handlers.add(task)  # owned here, so stopping can wait for them
@@ -72,6 +73,7 @@ def relay_process(pipe: Pipe, cfg: LoadTestConfig) -> None:
                 while True:
                     head = await reader.readexactly(LENGTH.size)
                     frame = head + await reader.readexactly(LENGTH.unpack(head)[0])
+                    received += 1
                     targets = subscribers[k % len(subscribers) :][:1] if cfg.group else subscribers
                     for w in targets:
                         w.write(frame)
@@ -85,7 +87,7 @@ def relay_process(pipe: Pipe, cfg: LoadTestConfig) -> None:
         for task in handlers:
             task.cancel()
         await asyncio.gather(*handlers, return_exceptions=True)
-        pipe.send(relay_result(delivered))
+        pipe.send(relay_result(received, delivered))
 
     loops.run(main())
 

@@ -161,8 +161,9 @@ async def subscribe(
     )
 
 
-def relay_result(delivered: int) -> dict[str, Any]:
-    """The relay child's last message, as loadtest's relay sends it."""
+def relay_result(received: int, delivered: int) -> dict[str, Any]:
+    """The relay child's last message, as loadtest's relay sends it: chunks taken
+    in from the publishers and deliveries written to subscribers."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -170,5 +171,6 @@ def relay_result(delivered: int) -> dict[str, Any]:
         "cpu_s": usage.ru_utime + usage.ru_stime,
         "drops": {},
         "sent": float(delivered),
+        "received": float(received),
         "max_rss_mb": usage.ru_maxrss / 1024,
     }

@@ -37,6 +37,7 @@ class _Hub:
         self.group = group
         self.subscribers: list[_Handler] = []
         self.publishers = itertools.count()
+        self.received = 0
         self.delivered = 0
 
 
@@ -53,6 +54,7 @@ class _Handler(AsyncEventHandler):
         if AudioChunk.is_type(event.type):
             if self.index < 0:
                 self.index = next(hub.publishers)
+            hub.received += 1
             subs = hub.subscribers
             targets = subs[self.index % len(subs) :][:1] if hub.group else list(subs)
             for sub in targets:
@@ -82,7 +84,7 @@ def relay_process(pipe: Pipe, cfg: LoadTestConfig) -> None:
         assert server._server is not None  # the library keeps its listener here
         pipe.send(server._server.sockets[0].getsockname()[1])
         await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # "stop"
-        pipe.send(relay_result(hub.delivered))
+        pipe.send(relay_result(hub.received, hub.delivered))
 
     loops.run(main())
 
