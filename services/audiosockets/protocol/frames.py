@@ -63,6 +63,9 @@ class FrameType(enum.IntEnum):
     ERROR = 0x0E
 
 
+_FRAME_TYPES: Final[dict[int, FrameType]] = {int(t): t for t in FrameType}
+
+
 # --------------------------------------------------------------------------
 # Codec: payload layouts. Big-endian integers, strings as u16 length + UTF-8,
 # PCM payloads little-endian as declared by the stream's sample type.
@@ -424,7 +427,8 @@ class FrameDecoder:
                 f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})",
                 ErrorCode.UNSUPPORTED_VERSION,
             )
-        if ftype not in FrameType._value2member_map_:
+        frame_type = _FRAME_TYPES.get(ftype)
+        if frame_type is None:
             raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
         if length > self.limits.max_frame_size:
             raise RemoteProtocolError(
@@ -452,14 +456,15 @@ class FrameDecoder:
         if len(buf) < end:
             self._compact()
             return None
-        payload = bytes(buf[pos + HEADER_SIZE : end])
+        with memoryview(buf) as view:  # one copy, not a bytearray slice and then bytes
+            payload = bytes(view[pos + HEADER_SIZE : end])
         self._pos = end
         self._admitted = -1
         self.frames += 1
         if end == len(buf):
             buf.clear()
             self._pos = 0
-        return FrameType(ftype), payload
+        return frame_type, payload
 
     def _compact(self) -> None:
         if self._pos:

@@ -17,12 +17,14 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..errors import ConnectionClosed, ErrorCode, RelayRefused, RemoteProtocolError
-from ..protocol import Connection, ErrorFrame, Goodbye, Hello, Welcome
+from ..protocol import ChunkData, Connection, ErrorFrame, Event, Goodbye, Hello, Welcome
 from ..transport import Channel, WriteBufferFull, tune_socket
-from .sessions import SESSION_TYPES, Session, SubscriberSession
+from .sessions import SESSION_TYPES, PublisherSession, Session, SubscriberSession
 
 if TYPE_CHECKING:
     from .server import Relay
+
+_FAREWELL = (Goodbye, ErrorFrame)
 
 log = logging.getLogger("audiosockets.relay")
 
@@ -151,20 +153,32 @@ async def _handshake(relay: Relay, channel: Channel) -> Hello | None:
 
 async def _read_events(session: Session) -> None:
     """Hand the session its events until GOODBYE/ERROR; then stop its writer.
-    Every ``FAIR_SHARE`` events it yields to the other sessions."""
+
+    Every event of one read is handled before the next read, without an await
+    per event, and a publisher's chunks (nearly every event) go to
+    ``PublisherSession.on_chunk`` directly. Every ``FAIR_SHARE`` events it
+    yields to the other sessions."""
+    channel = session.channel
+    clock = session.relay.clock
+    on_chunk = session.on_chunk if isinstance(session, PublisherSession) else None
     handled = 0
     while True:
-        event = await session.channel.next_event()
-        if isinstance(event, Goodbye | ErrorFrame):
-            log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
-            break
-        session.last_active = session.relay.clock()
-        await session.handle(event)
-        handled += 1
-        if handled % FAIR_SHARE == 0:
-            # A client whose frames arrive faster than we handle them would
-            # keep the loop to itself for a whole read (thousands of frames):
-            # let the other sessions run.
-            await asyncio.sleep(0)
-    if isinstance(session, SubscriberSession) and session.writer is not None:
-        session.writer.cancel()
+        event: Event | None = await channel.next_event()
+        while event is not None:
+            if isinstance(event, _FAREWELL):
+                log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
+                if isinstance(session, SubscriberSession) and session.writer is not None:
+                    session.writer.cancel()
+                return
+            session.last_active = clock()
+            if on_chunk is not None and type(event) is ChunkData:
+                on_chunk(event)
+            else:
+                await session.handle(event)
+            handled += 1
+            if handled % FAIR_SHARE == 0:
+                # A client whose frames arrive faster than we handle them would
+                # keep the loop to itself for a whole read (thousands of frames):
+                # let the other sessions run.
+                await asyncio.sleep(0)
+            event = channel.poll_event()

@@ -119,24 +119,31 @@ class PublisherSession(Session):
         """Both sessions come from one publisher run (one process start)."""
         return bool(self.instance) and self.instance == other.instance
 
+    def on_chunk(self, chunk: ChunkData) -> None:
+        """Check and publish ``chunk`` (synchronous: the relay's per-chunk path).
+
+        Raises RemoteProtocolError for an implausible sequence number or
+        capture time (``plausible.py``)."""
+        stream = self.streams.get(chunk.stream_id)
+        if stream is None or stream.publisher is not self:
+            return  # taken over by another publisher: ignore the late chunk
+        cfg = self.relay.config
+        check_seq(
+            chunk.seq,
+            stream.last_seq,
+            stream.format.rate,
+            self.relay.clock() - stream.last_arrival,
+        )
+        check_capture_time(
+            chunk.captured_ns, time.time_ns(), cfg.max_capture_ahead, cfg.max_capture_age
+        )
+        self.relay.publish(stream, chunk)
+
     async def handle(self, event: object) -> None:
         """Publish a chunk, open a stream (answered with STREAM_ACCEPTED and
         the next sequence number the relay expects) or close one."""
         if isinstance(event, ChunkData):
-            stream = self.streams.get(event.stream_id)
-            if stream is None or stream.publisher is not self:
-                return  # taken over by another publisher: ignore the late chunk
-            cfg = self.relay.config
-            check_seq(
-                event.seq,
-                stream.last_seq,
-                stream.format.rate,
-                self.relay.clock() - stream.last_arrival,
-            )
-            check_capture_time(
-                event.captured_ns, time.time_ns(), cfg.max_capture_ahead, cfg.max_capture_age
-            )
-            self.relay.publish(stream, event)
+            self.on_chunk(event)
         elif isinstance(event, OpenStream):
             previous = self.streams.get(event.stream_id)
             if previous is not None and previous.name != event.name:
@@ -168,10 +175,10 @@ class PublisherSession(Session):
             next_seq = stream.last_seq + 1 if stream.last_seq >= 0 else 0
             self.channel.send(StreamAccepted(event.stream_id, next_seq))
         elif isinstance(event, CloseStream):
-            stream = self.streams.pop(event.stream_id, None)
-            if stream is not None and stream.publisher is self:
-                stream.publisher = None
-                self.relay.stream_ended(stream)
+            closed = self.streams.pop(event.stream_id, None)
+            if closed is not None and closed.publisher is self:
+                closed.publisher = None
+                self.relay.stream_ended(closed)
         else:
             await super().handle(event)
 

@@ -6,9 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from prometheus_client import Counter, Histogram
-
 from ..audio import AudioFormat
+from ..metrics import LiveCounterChild, LiveHistogramChild
 from .window import ReplayWindow
 
 if TYPE_CHECKING:
@@ -24,12 +23,12 @@ log = logging.getLogger("audiosockets.relay")
 
 
 class StreamCounters(NamedTuple):
-    """One stream's metric children, looked up once: ``labels()`` costs a lock
-    and a dict lookup, and publishing runs once per chunk."""
+    """One stream's metric children, looked up once: publishing runs once per
+    chunk and ``labels()`` is a dict lookup."""
 
-    received: Counter
-    received_bytes: Counter
-    latency: Histogram
+    received: LiveCounterChild
+    received_bytes: LiveCounterChild
+    latency: LiveHistogramChild
 
 
 @dataclass(eq=False)
