@@ -16,7 +16,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
+from ..errors import ConnectionClosed, ErrorCode, RelayRefused, RemoteProtocolError
 from ..protocol import (
     Ack,
     ChunkData,
@@ -166,6 +166,8 @@ class PublisherSession(Session):
                     exc,
                 )
                 return
+            except RelayRefused:  # e.g. STREAM_IN_USE: a refusal that ends the session
+                raise
             except Exception:  # a bug of ours: this stream fails, the session goes on
                 self.relay.metrics.protocol_errors.labels("open_stream_failed").inc()
                 log.exception("opening stream %r for %r failed", event.name, self.name)
