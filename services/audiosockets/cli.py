@@ -21,6 +21,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import click
 
 from . import __version__, loops
+from .cli_security import client_tls, client_tls_options, read_token, token_file_option
 from .errors import AudiosocketsError, ConfigError
 from .loops import LOOP_NAMES, LoopName
 from .urls import parse_url
@@ -103,11 +104,12 @@ def listen_address(value: str) -> tuple[str, int]:
 )
 def main(log_level: str) -> None:
     """Real-time audio over sockets: record, relay, process."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from .untrusted import EscapingFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    # Log messages carry names that came from the network: one escaped line each.
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
 
 
 # --- relay, status, loadtest (lead) -----------------------------------------
@@ -192,16 +194,31 @@ def relay(
     "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait."
 )
 @token_option
+@token_file_option
+@client_tls_options
 @user_errors
-def status(relay_url: str, as_json: bool, timeout: float, token: str | None) -> None:
+def status(
+    relay_url: str,
+    as_json: bool,
+    timeout: float,
+    token: str | None,
+    token_file: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> None:
     """Show a relay's streams, clients, groups and drops."""
     from .client import fetch_status
+    from .untrusted import escape_all
 
-    report = asyncio.run(fetch_status(relay_url, timeout=timeout, token=token or ""))
+    tls = client_tls(relay_url, tls_ca, tls_cert, tls_key)
+    secret = read_token(token, token_file)
+    report = asyncio.run(fetch_status(relay_url, timeout=timeout, token=secret, tls=tls))
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report, indent=2))  # JSON escapes control characters itself
         return
-    click.echo(format_status(report))
+    # Names in the report came from the network: control characters escaped.
+    click.echo(format_status(escape_all(report)))
 
 
 @main.command()
@@ -564,6 +581,45 @@ def demo(listen: str, streams: int, seconds: float) -> None:
 
     host, port = listen_address(listen)
     asyncio.run(run_demo(DemoConfig(host=host, port=port, streams=streams, seconds=seconds)))
+
+
+# --- certs (security) --------------------------------------------------------
+
+
+@main.group()
+def certs() -> None:
+    """Make a site's TLS certificates (needs the `certs` extra: cryptography)."""
+
+
+@certs.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@user_errors
+def certs_init(directory: Path) -> None:
+    """Create DIRECTORY holding a new site CA: ca.pem, and ca.key (mode 0600)."""
+    from .certs import init_site
+
+    issued = init_site(directory)
+    click.echo(f"site CA: {issued.cert} (key {issued.key}: keep it secret)")
+
+
+@certs.command("issue")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name")
+@click.option("--ip", "ips", multiple=True, help="IP address the certificate is for (repeatable).")
+@click.option(
+    "--dns", multiple=True, help="Host name the certificate is for (repeatable; default NAME)."
+)
+@user_errors
+def certs_issue(directory: Path, name: str, ips: tuple[str, ...], dns: tuple[str, ...]) -> None:
+    """Issue DIRECTORY/NAME.pem and NAME.key (mode 0600), signed by the site CA.
+
+    One certificate serves a relay (give the --dns/--ip clients connect to)
+    or a client (mutual TLS).
+    """
+    from .certs import issue
+
+    issued = issue(directory, name, ips=ips, dns=dns)
+    click.echo(f"certificate: {issued.cert} (key {issued.key})")
 
 
 # --- env vars (keep last: runs after every command is registered) -----------

@@ -65,6 +65,15 @@ class ConnectionClosed(AudiosocketsError):
         self.code = code
 
 
+class Refused(AudiosocketsError):
+    """The relay refused us for a reason retrying cannot change (token, role, stream,
+    group, certificate): the client ends with this sentence instead of retrying."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.UNAUTHORIZED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class RelayUnreachable(AudiosocketsError):
     """The relay could not be reached (refused, timed out, name not resolved)."""
 

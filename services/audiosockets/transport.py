@@ -16,10 +16,11 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 
-from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
+from .errors import ConnectionClosed, ErrorCode, Refused, RelayUnreachable, RemoteProtocolError
 from .protocol import (
     Connection,
     EndOfStream,
@@ -33,6 +34,7 @@ from .protocol import (
     Pong,
     Welcome,
 )
+from .tls import TLS_REFUSED, client_context, describe_verify_failure
 from .urls import RelayAddress
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class Channel:
         self._heartbeat: asyncio.Task[None] | None = None
         self.closed = False
         self.rtt: float | None = None
+        self.bytes_received = 0
         self._ping_sent_at: dict[int, float] = {}
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -165,6 +168,7 @@ class Channel:
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
         if data:
+            self.bytes_received += len(data)
             self.conn.receive_data(data)
         else:
             # The codec decides whether the stream ended cleanly or mid-frame.
@@ -230,18 +234,30 @@ async def connect(
     limits: Limits | None = None,
     connect_timeout: float = 5.0,
     rcvbuf: int = 0,
+    tls: ssl.SSLContext | None = None,
     clock: Clock = time.monotonic,
 ) -> Channel:
-    """Open a session: TCP connect, HELLO, wait for WELCOME.
+    """Open a session: TCP connect (and TLS for ``tls://``), HELLO, wait for WELCOME.
 
-    Raises RelayUnreachable when the relay cannot be reached, and
-    ConnectionClosed when it refuses the session (ERROR/GOODBYE in reply).
+    ``tls``: the context for a ``tls://`` address (``tls.client_context``);
+    None there means the system's trust store with the host name checked.
+    Raises RelayUnreachable when the relay cannot be reached (retrying may
+    help), Refused when it refuses the session or we refuse its certificate
+    (retrying will not), and ConnectionClosed when it ends the session in
+    the handshake for another reason.
     """
     limits = limits or Limits()
+    context: ssl.SSLContext | None = None
+    if address.tls:
+        context = tls or client_context()
     try:
         async with asyncio.timeout(connect_timeout):
             reader, writer = await asyncio.open_connection(
-                address.host, address.port, limit=READ_SIZE
+                address.host,
+                address.port,
+                limit=READ_SIZE,
+                ssl=context,
+                server_hostname=address.host if context is not None else None,
             )
     except TimeoutError:
         raise RelayUnreachable(
@@ -249,6 +265,13 @@ async def connect(
         ) from None
     except ConnectionRefusedError as exc:
         raise RelayUnreachable(f"cannot reach relay {address}: connection refused") from exc
+    except ssl.SSLCertVerificationError as exc:
+        raise Refused(
+            f"relay {address} is not trusted: {describe_verify_failure(exc)} "
+            "(give the CA that signed its certificate with --tls-ca)"
+        ) from exc
+    except ssl.SSLError as exc:
+        raise RelayUnreachable(f"TLS with relay {address} failed: {exc.reason or exc}") from exc
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise RelayUnreachable(f"cannot reach relay {address}: {reason}") from exc
@@ -265,9 +288,19 @@ async def connect(
         ) from None
     except (ConnectionClosed, RemoteProtocolError) as exc:
         channel.abort()
+        if (
+            context is not None
+            and isinstance(exc, ConnectionClosed)
+            and channel.bytes_received == 0
+        ):
+            # Our relay answers every HELLO with WELCOME or ERROR; silence after the
+            # TLS handshake is its TLS layer refusing our certificate (see tls.py).
+            raise Refused(TLS_REFUSED.format(address=address)) from exc
         raise RelayUnreachable(f"relay {address} broke off the handshake: {exc}") from exc
     if isinstance(event, ErrorFrame | Goodbye):
         channel.abort()
+        if event.code == ErrorCode.UNAUTHORIZED:
+            raise Refused(f"relay {address} refused the session: {event.message}", event.code)
         raise ConnectionClosed(f"relay {address} refused the session: {event.message}", event.code)
     assert isinstance(event, Welcome)
     interval = event.heartbeat_interval_ms / 1000

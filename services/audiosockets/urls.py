@@ -1,23 +1,39 @@
-"""Relay addresses: ``tcp://HOST:PORT`` (IPv6 as ``tcp://[::1]:7400``)."""
+"""Relay addresses: ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (IPv6 as ``tcp://[::1]:7400``).
+
+``tls://`` means TLS on the protocol port (see ``tls.py``): clients verify the
+relay's certificate and host name by default. A URL without a scheme is ``tcp://``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
 DEFAULT_PORT = 7400
 
+Scheme = Literal["tcp", "tls"]
+SCHEMES: tuple[Scheme, ...] = ("tcp", "tls")
+
 
 @dataclass(frozen=True, slots=True)
 class RelayAddress:
+    """A relay's host, port and whether the session runs over TLS."""
+
     host: str
     port: int
+    scheme: Scheme = "tcp"
+
+    @property
+    def tls(self) -> bool:
+        """True for ``tls://``: the connection is wrapped in TLS before HELLO."""
+        return self.scheme == "tls"
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
 
 def parse_url(url: str, *, default_port: int = DEFAULT_PORT) -> RelayAddress:
@@ -26,10 +42,15 @@ def parse_url(url: str, *, default_port: int = DEFAULT_PORT) -> RelayAddress:
     if "://" not in text:
         text = "tcp://" + text
     parts = urlsplit(text)
-    if parts.scheme != "tcp":
-        raise ConfigError(f"relay URL {url!r} must start with tcp:// (got {parts.scheme}://)")
+    scheme = parts.scheme
+    if scheme not in SCHEMES:
+        raise ConfigError(
+            f"relay URL {url!r} must start with tcp:// or tls:// (got {parts.scheme}://)"
+        )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"relay URL {url!r} must be tcp://HOST:PORT with nothing after the port")
+        raise ConfigError(
+            f"relay URL {url!r} must be {scheme}://HOST:PORT with nothing after the port"
+        )
     try:
         port = parts.port
     except ValueError:
@@ -37,4 +58,6 @@ def parse_url(url: str, *, default_port: int = DEFAULT_PORT) -> RelayAddress:
     host = parts.hostname
     if not host:
         raise ConfigError(f"relay URL {url!r} has no host")
-    return RelayAddress(host, default_port if port is None else port)
+    return RelayAddress(
+        host, default_port if port is None else port, "tls" if scheme == "tls" else "tcp"
+    )

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from typing import Any
 
 import numpy as np
 
 from ..audio import AudioFormat
-from ..errors import ConnectionClosed
+from ..errors import ConnectionClosed, Refused
 from ..metrics import Metrics
 from ..protocol import (
     CHUNK_HEAD,
@@ -214,7 +215,11 @@ class Publisher(ReconnectingClient):
         name: this client's name in HELLO and the relay's status report.
         history_seconds: audio kept per stream for re-sending after a
             reconnect (the spool), in seconds; > 0, else ValueError.
-        token: HELLO token (reserved for authentication).
+        token: HELLO token: the relay's shared ``--token``, or this client's
+            token from its ``--credentials`` file.
+        tls: the ``ssl.SSLContext`` for a ``tls://`` relay
+            (``audiosockets.tls.client_context``: CA, client certificate);
+            None: the system's trust store, host name checked.
         metrics: where to count (a fresh ``Metrics()`` by default).
         retry: reconnect backoff (``RetryPolicy()`` by default).
         limits: protocol limits; ``max_frame_size`` bounds one chunk.
@@ -231,6 +236,7 @@ class Publisher(ReconnectingClient):
         name: str = "publisher",
         history_seconds: float = 60.0,
         token: str = "",
+        tls: ssl.SSLContext | None = None,
         metrics: Metrics | None = None,
         retry: RetryPolicy | None = None,
         limits: Limits | None = None,
@@ -243,6 +249,7 @@ class Publisher(ReconnectingClient):
             metrics=metrics,
             retry=retry,
             limits=limits,
+            tls=tls,
         )
         if history_seconds <= 0:
             raise ValueError("history_seconds must be > 0")
@@ -279,10 +286,13 @@ class Publisher(ReconnectingClient):
         """Wait until every queued chunk is written to the relay's socket.
 
         Returns False if ``timeout`` seconds passed first (None: no limit).
+        Raises ``Refused`` once the relay has refused this publisher for good.
         """
         try:
             async with asyncio.timeout(timeout):
                 while self._pending():
+                    if self.refused is not None:
+                        raise self.refused
                     self._idle.clear()
                     self._wake.set()
                     await self._idle.wait()
@@ -300,7 +310,7 @@ class Publisher(ReconnectingClient):
         ``timeout`` are counted as dropped (``reason="closed_unsent"``), unless
         ``drop_unsent=False``: then they stay in ``history`` for the caller
         to keep (the recorder's disk spool does)."""
-        if self._pending() and self._task is not None:
+        if self._pending() and self._task is not None and self.refused is None:
             await self.flush(timeout)
         channel = self.channel
         if channel is not None and not channel.closed and not self._pending():
@@ -316,6 +326,9 @@ class Publisher(ReconnectingClient):
                 stream.dropped += stream.unsent
                 stream.unsent = 0
         await self._stop_task(farewell=True)
+
+    def _on_refused(self, exc: Refused) -> None:
+        self._idle.set()  # wake flush(), which raises the refusal
 
     async def __aenter__(self) -> Publisher:
         """``start()`` and return self; connecting goes on in the background."""

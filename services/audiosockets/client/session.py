@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from ..errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
+from ..errors import ConnectionClosed, ErrorCode, Refused, RelayUnreachable, RemoteProtocolError
 from ..metrics import Metrics
 from ..protocol import (
     ErrorFrame,
@@ -71,7 +72,13 @@ class ReconnectingClient:
     runs the subclass's ``_session(channel)`` until it ends, and reconnects.
     Public state: ``channel`` (the current session or None), ``connected``
     (an ``asyncio.Event``), ``attempts`` (connects tried), ``sessions``
-    (sessions established), ``last_error`` (the last failure, one sentence).
+    (sessions established), ``last_error`` (the last failure, one sentence),
+    ``refused`` (the ``Refused`` error that ended the client, or None).
+
+    A refusal retrying cannot change (bad token, role, stream or group not
+    allowed, a certificate refused either way) ends the background task for
+    good: ``refused`` is set, ``wait_connected``/``wait_refused`` return it,
+    and the subclasses raise it to the application.
     """
 
     role: Role
@@ -85,10 +92,12 @@ class ReconnectingClient:
         metrics: Metrics | None,
         retry: RetryPolicy | None,
         limits: Limits | None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = url if isinstance(url, RelayAddress) else parse_url(url)
         self.name = name
         self.token = token
+        self.tls = tls
         self.metrics = metrics or Metrics()
         self.retry = retry or RetryPolicy()
         self.limits = limits or Limits()
@@ -98,6 +107,8 @@ class ReconnectingClient:
         self.attempts = 0
         self.sessions = 0
         self.last_error: str | None = None
+        self.refused: Refused | None = None
+        self._refusal = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self.metrics.reconnects.labels(self.role.label)
@@ -112,13 +123,40 @@ class ReconnectingClient:
         """Wait until a session is established (a publisher's streams accepted).
 
         Returns False if ``timeout`` seconds passed first (None: no limit).
+        Raises ``Refused`` when the relay refused this client for good.
         """
         try:
             async with asyncio.timeout(timeout):
-                await self.connected.wait()
+                waiters = [
+                    asyncio.ensure_future(self.connected.wait()),
+                    asyncio.ensure_future(self._refusal.wait()),
+                ]
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waiters:
+                        waiter.cancel()
         except TimeoutError:
             return False
+        if self.refused is not None:
+            raise self.refused
         return True
+
+    async def wait_refused(self) -> Refused:
+        """Wait until the relay refuses this client for good; returns the ``Refused``."""
+        await self._refusal.wait()
+        assert self.refused is not None
+        return self.refused
+
+    def _refuse(self, exc: Refused) -> None:
+        self.refused = exc
+        self.last_error = str(exc)
+        log.error("%s %r: %s", self.role.label, self.name, exc)
+        self._refusal.set()
+        self._on_refused(exc)
+
+    def _on_refused(self, exc: Refused) -> None:
+        """Subclasses hand the refusal to the application (e.g. wake a reader)."""
 
     async def _connect_once(self) -> Channel:
         self.attempts += 1
@@ -130,6 +168,7 @@ class ReconnectingClient:
             limits=self.limits,
             connect_timeout=self.retry.connect_timeout,
             rcvbuf=self.rcvbuf,
+            tls=self.tls,
         )
 
     def _before_sleep(self, state: RetryCallState) -> None:
@@ -156,18 +195,29 @@ class ReconnectingClient:
         )
         short_sessions = 0
         while not self._closing:
-            channel: Channel = await retrying(self._connect_once)
+            try:
+                channel: Channel = await retrying(self._connect_once)
+            except Refused as exc:
+                self._refuse(exc)
+                return
             self.channel = channel
             self.sessions += 1
             started = time.monotonic()
             refused = False  # did the relay end this session because of us?
+            fatal: Refused | None = None  # ... for a reason retrying cannot change?
             try:
                 await self._session(channel)
+            except Refused as exc:
+                fatal = exc
             except _RETRYABLE as exc:
+                if isinstance(exc, ConnectionClosed) and exc.code == ErrorCode.UNAUTHORIZED:
+                    # A request refused by rule (stream, group, ownership): the
+                    # same request would be refused again.
+                    fatal = Refused(f"relay {self.address} refused: {_reason(exc)}")
                 refused = isinstance(exc, RemoteProtocolError) or (
                     isinstance(exc, ConnectionClosed) and exc.code not in _BENIGN_CLOSE
                 )
-                if not self._closing:
+                if fatal is None and not self._closing:
                     self.last_error = str(exc)
                     log.warning("%s %r: session lost: %s", self.role.label, self.name, exc)
                     if isinstance(exc, RemoteProtocolError):
@@ -185,6 +235,9 @@ class ReconnectingClient:
                 self._session_ended()
                 if not channel.closed:
                     channel.abort()
+            if fatal is not None:
+                self._refuse(fatal)
+                return
             # A session the relay ends right away (it refuses what we send)
             # must not turn into a reconnect storm: back off as for a failed
             # connect, with the same tenacity strategy, until one lasts.
@@ -206,7 +259,7 @@ class ReconnectingClient:
                 short_sessions = 0
 
     async def _session(self, channel: Channel) -> None:
-        raise NotImplementedError
+        raise NotImplementedError  # Publisher and Subscriber define the session
 
     def _session_ended(self) -> None:
         pass
@@ -221,3 +274,9 @@ class ReconnectingClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+
+
+def _reason(exc: ConnectionClosed) -> str:
+    """The relay's own sentence from ``relay ended the session: SENTENCE``."""
+    text = str(exc)
+    return text.split(": ", 1)[1] if text.startswith("relay ended the session: ") else text

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from typing import Any
 
-from ..errors import ErrorCode, RelayUnreachable
+from ..errors import ErrorCode, Refused, RelayUnreachable
 from ..protocol import (
+    ErrorFrame,
     Goodbye,
     Hello,
     Role,
@@ -19,18 +21,25 @@ from ..urls import RelayAddress, parse_url
 
 
 async def fetch_status(
-    url: str | RelayAddress, *, timeout: float = 5.0, token: str = ""
+    url: str | RelayAddress,
+    *,
+    timeout: float = 5.0,
+    token: str = "",
+    tls: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
     """Ask a relay for its status report (one attempt, no retries).
 
     ``timeout`` (seconds) bounds the connect and, separately, the answer.
     Returns the report's JSON document as a dict (see the relay's status
-    module for its keys). Raises RelayUnreachable when the relay cannot be
-    reached or does not answer with STATUS, ConnectionClosed when it refuses
-    the session.
+    module for its keys). ``tls``: as for ``Publisher``. Raises
+    RelayUnreachable when the relay cannot be reached or does not answer
+    with STATUS, Refused when it refuses the session or the request (token,
+    role, certificate), ConnectionClosed when it ends the session otherwise.
     """
     address = url if isinstance(url, RelayAddress) else parse_url(url)
-    channel = await connect(address, Hello(Role.OBSERVER, "status", token), connect_timeout=timeout)
+    channel = await connect(
+        address, Hello(Role.OBSERVER, "status", token), connect_timeout=timeout, tls=tls
+    )
     try:
         channel.send(StatusRequest())
         async with asyncio.timeout(timeout):
@@ -39,6 +48,8 @@ async def fetch_status(
         raise RelayUnreachable(f"relay {address} did not answer the status request") from None
     finally:
         await channel.close(Goodbye(ErrorCode.NORMAL, "bye"))
+    if isinstance(event, ErrorFrame) and event.code == ErrorCode.UNAUTHORIZED:
+        raise Refused(f"relay {address} refused: {event.message}")
     if not isinstance(event, Status):
         raise RelayUnreachable(f"relay {address} answered {type(event).__name__}, not STATUS")
     result: dict[str, Any] = json.loads(event.document)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Set as AbstractSet
 from typing import Any, Literal
 
 from ..audio import AudioFormat, Chunk
-from ..errors import ConnectionClosed
+from ..errors import ConnectionClosed, Refused
 from ..metrics import Metrics
 from ..protocol import (
     Ack,
@@ -56,7 +57,7 @@ class Subscriber(ReconnectingClient):
         name: this client's name in HELLO and the relay's status report.
         start: ``"live"`` (next chunk) or ``"earliest"`` (oldest chunk in the
             relay's replay window), for streams with no resume position.
-        token: HELLO token (reserved for authentication).
+        token, tls: as for ``Publisher``.
         metrics, retry, limits: as for ``Publisher``.
         queue_chunks: bound of the hand-off queue between the socket reader
             and the application, in chunks; when full, reading pauses.
@@ -81,6 +82,7 @@ class Subscriber(ReconnectingClient):
         name: str = "subscriber",
         start: StartName = "live",
         token: str = "",
+        tls: ssl.SSLContext | None = None,
         metrics: Metrics | None = None,
         retry: RetryPolicy | None = None,
         limits: Limits | None = None,
@@ -96,6 +98,7 @@ class Subscriber(ReconnectingClient):
             metrics=metrics,
             retry=retry,
             limits=limits,
+            tls=tls,
         )
         self.rcvbuf = socket_buffer_bytes
         self.pattern = pattern
@@ -108,7 +111,8 @@ class Subscriber(ReconnectingClient):
         self.duplicates = 0
         self.gaps = 0
         self._ids: dict[str, int] = {}
-        self._queue: asyncio.Queue[Chunk] = asyncio.Queue(maxsize=queue_chunks)
+        # Chunks, then possibly the Refused that ended the subscriber (wakes a waiting reader).
+        self._queue: asyncio.Queue[Chunk | Refused] = asyncio.Queue(maxsize=queue_chunks)
         self._unacked: Chunk | None = None
         self._on_stream_closed = on_stream_closed
         # Group members ACK what they processed. By default a chunk counts as
@@ -148,9 +152,16 @@ class Subscriber(ReconnectingClient):
 
         Waits (without timeout) while the queue is empty, across reconnects.
         Without ``manual_ack``, asking for the next chunk ACKs the previous one.
+        Raises ``Refused`` once the chunks received are handed out, if the
+        relay refused this subscriber for good.
         """
         self._ack_previous()
-        chunk = await self._queue.get()
+        if self.refused is not None and self._queue.empty():
+            raise self.refused
+        item = await self._queue.get()
+        if isinstance(item, Refused):
+            raise item
+        chunk = item
         self.positions[chunk.stream] = chunk.seq
         if not self.manual_ack:
             self._unacked = chunk
@@ -292,6 +303,10 @@ class Subscriber(ReconnectingClient):
         self._gap_logged[stream] = now
         self._gap_pending[stream] = 0
         log.warning("stream %r: %d chunks missing (latest gap before seq %d)", stream, pending, seq)
+
+    def _on_refused(self, exc: Refused) -> None:
+        if not self._queue.full():  # full: the reader is not waiting, and sees it when empty
+            self._queue.put_nowait(exc)
 
     def _session_ended(self) -> None:
         self._assigned.clear()

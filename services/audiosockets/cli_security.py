@@ -1,0 +1,118 @@
+"""The command line's security options: TLS files and token files.
+
+Kept apart from ``cli.py`` so each command takes the same options through one
+decorator and turns them into the same objects:
+
+* ``client_tls_options``: ``--tls-ca``, ``--tls-cert``, ``--tls-key`` for
+  clients (``record``, ``process``, ``status``, ``loadtest``);
+  ``client_tls(relay_url, ...)`` builds the ``ssl.SSLContext`` (None for
+  ``tcp://``) and refuses TLS files given for a ``tcp://`` relay.
+* ``token_file_option``: ``--token-file FILE``; ``read_token`` picks the
+  token from ``--token``, ``--token-file`` or their environment variables.
+  A token typed on the command line is visible to every local user
+  (``/proc/PID/cmdline``): it works, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import click
+
+from .errors import ConfigError
+from .urls import parse_url
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+log = logging.getLogger("audiosockets.cli")
+
+_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+def client_tls_options(func: Callable[P, T]) -> Callable[P, T]:
+    """``--tls-ca``, ``--tls-cert``, ``--tls-key`` (PEM files) for a client command."""
+    func = click.option(
+        "--tls-key",
+        type=_FILE,
+        default=None,
+        help="Key of --tls-cert (PEM; omit when the certificate file holds it).",
+    )(func)
+    func = click.option(
+        "--tls-cert",
+        type=_FILE,
+        default=None,
+        help="Client certificate (PEM) for a relay that requires one (mutual TLS).",
+    )(func)
+    return click.option(
+        "--tls-ca",
+        type=_FILE,
+        default=None,
+        help="CA certificate(s) (PEM) to verify a tls:// relay with "
+        "(default: the system's trust store).",
+    )(func)
+
+
+def client_tls(
+    relay_url: str, ca: Path | None, cert: Path | None, key: Path | None
+) -> ssl.SSLContext | None:
+    """The TLS context for ``relay_url``: None for ``tcp://``; ConfigError for a
+    ``tcp://`` relay given TLS files, or files that cannot be used."""
+    from .tls import client_context
+
+    address = parse_url(relay_url)
+    if not address.tls:
+        given = [
+            flag for flag, v in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)) if v
+        ]
+        if given:
+            raise ConfigError(
+                f"{given[0]} needs a tls:// relay URL (got {address}); "
+                f"use tls://{str(address).removeprefix('tcp://')}"
+            )
+        return None
+    return client_context(ca=ca, cert=cert, key=key)
+
+
+token_file_option = click.option(
+    "--token-file",
+    type=_FILE,
+    default=None,
+    help="Read the token from this file (first line; keeps it off the command line).",
+)
+
+
+def read_token(token: str | None, token_file: Path | None) -> str:
+    """The token from ``--token`` or ``--token-file`` ("" for none).
+
+    The file's first line, without its line ending; both flags together, an
+    unreadable file or an empty one are ConfigErrors. A ``--token`` typed on
+    the command line (not from the environment) logs a warning.
+    """
+    if token_file is not None:
+        if token:
+            raise ConfigError("give --token or --token-file, not both")
+        try:
+            text = token_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"cannot read token file {token_file}: {reason}") from exc
+        lines = text.splitlines()
+        first = lines[0].strip() if lines else ""
+        if not first:
+            raise ConfigError(f"token file {token_file} is empty")
+        return first
+    if token:
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            source = ctx.get_parameter_source("token")
+            if source is click.core.ParameterSource.COMMANDLINE:
+                log.warning(
+                    "--token on the command line is visible to every local user; "
+                    "use --token-file or the environment variable"
+                )
+    return token or ""
