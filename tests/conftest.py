@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from audiosockets.metrics import Metrics
-from audiosockets.relay import Relay, RelayConfig
+from audiosockets.relay import Clock, Relay, RelayConfig
 
 
 @pytest.fixture
@@ -22,8 +23,14 @@ def relay_config() -> RelayConfig:
 
 
 @pytest.fixture
-async def relay(relay_config: RelayConfig) -> AsyncIterator[Relay]:
-    r = Relay(relay_config, metrics=Metrics())
+def relay_clock() -> Clock:
+    """The relay's clock; a test parametrizes this to drive a fake one."""
+    return time.monotonic
+
+
+@pytest.fixture
+async def relay(relay_config: RelayConfig, relay_clock: Clock) -> AsyncIterator[Relay]:
+    r = Relay(relay_config, metrics=Metrics(), clock=relay_clock)
     await r.start()
     try:
         yield r

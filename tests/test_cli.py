@@ -8,13 +8,20 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Coroutine
+from typing import get_args
 
 import click
 import pytest
 from click.testing import CliRunner
 
-from audiosockets.cli import format_status, main
+from audiosockets.audio import DTypeName
+from audiosockets.cli import LogLevel, LoopName, configure, format_status, main
+from audiosockets.client import StartName
 from audiosockets.errors import AddressInUse, ConfigError, GateFailed, RelayUnreachable
+from audiosockets.loadtest import ClientName, RateName
+from audiosockets.processor import ProcessorConfig
+from audiosockets.relay import RelayConfig
 
 
 def run_cli(
@@ -267,3 +274,81 @@ def test_loadtest_raw_clients_measure_the_relay() -> None:
     assert report["chunks_duplicated"] == 0
     assert report["relay_chunks_sent"] == report["chunks_received"]
     assert report["relay_chunks_per_cpu_s"] > 0
+
+
+# --- one configuration path, one exit status for configuration errors --------------
+
+
+@pytest.mark.parametrize(
+    ("command", "param", "alias"),
+    [
+        (None, "log_level", LogLevel),
+        ("relay", "loop_name", LoopName),
+        ("record", "dtype", DTypeName),
+        ("process", "start", StartName),
+        ("loadtest", "rate", RateName),
+        ("loadtest", "client", ClientName),
+    ],
+)
+def test_choices_are_the_literal_aliases(command: str | None, param: str, alias: object) -> None:
+    cmd = main if command is None else main.commands[command]
+    (option,) = [p for p in cmd.params if p.name == param]
+    assert isinstance(option.type, click.Choice)
+    assert tuple(option.type.choices) == get_args(alias)
+
+
+def test_configure_turns_a_config_objects_value_error_into_config_error() -> None:
+    with pytest.raises(ConfigError, match="queue_seconds"):
+        configure(RelayConfig, queue_seconds=0)
+    with pytest.raises(ConfigError, match="--workers"):
+        configure(ProcessorConfig, handler="level", workers=-1)  # validate() ran
+    with pytest.raises(ConfigError, match="tcp://"):
+        configure(ProcessorConfig, handler="level", relay="http://x")
+    assert configure(ProcessorConfig, handler="level").handler == "level"
+
+
+def test_a_value_error_that_is_a_bug_is_not_reported_as_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import audiosockets.client
+
+    async def broken(*args: object, **kwargs: object) -> dict[str, object]:
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr(audiosockets.client, "fetch_status", broken)
+    result = CliRunner().invoke(main, ["status", "--relay", "tcp://127.0.0.1:1"])
+    assert result.exit_code != ConfigError.exit_code
+    assert isinstance(result.exception, ValueError)  # raised as it is: traceback, not one line
+
+
+def test_too_large_a_frame_limit_is_a_configuration_error() -> None:
+    result = CliRunner().invoke(main, ["relay", "--max-frame-bytes", str(2**32)])
+    assert result.exit_code == ConfigError.exit_code
+    assert "max-frame-bytes" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--relay", "tcp://127.0.0.1:1", "--json"],
+        ["process", "--handler", "level"],
+        ["demo", "--seconds", "1"],
+        ["record", "--source", "synth:sine"],
+        ["relay", "--listen", "tcp://127.0.0.1:0"],
+    ],
+)
+def test_every_service_command_runs_through_run_async_with_its_loop(
+    args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import audiosockets.cli
+
+    seen: list[str] = []
+
+    def fake_run_async(coro: Coroutine[object, object, object], loop: str = "auto") -> None:
+        coro.close()
+        seen.append(loop)
+
+    monkeypatch.setattr(audiosockets.cli, "run_async", fake_run_async)
+    result = CliRunner().invoke(main, [*args, "--loop", "asyncio"])
+    assert result.exit_code == 0, result.output
+    assert seen == ["asyncio"]

@@ -215,12 +215,27 @@ async def test_group_rebalances_when_a_member_joins(relay: Relay, publisher: Pub
     await b.close()
 
 
+class FakeClock:
+    """The relay's clock, advanced by the test: arrival times and staleness
+    follow it, not the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.mark.parametrize(
-    "relay_config", [RelayConfig(port=0, queue_seconds=0.3, replay_seconds=60)]
+    # Heartbeats every 60 s of the fake clock: none during the test's 3 s of it.
+    "relay_config",
+    [RelayConfig(port=0, queue_seconds=0.3, replay_seconds=60, heartbeat_interval=60)],
 )
+@pytest.mark.parametrize("relay_clock", [FakeClock()])
 async def test_stalled_subscriber_loses_only_its_own_chunks_counted_exactly(
-    relay: Relay, publisher: Publisher
+    relay: Relay, relay_clock: FakeClock, publisher: Publisher
 ) -> None:
+    clock = relay_clock
     fmt = AudioFormat(48000, 2, SampleType.INT16)
     frames = 4800  # 100 ms, 19.2 kB: a few hundred overflow any socket buffer
     healthy = await start_subscriber(relay, "mic", name="healthy")
@@ -229,9 +244,26 @@ async def test_stalled_subscriber_loses_only_its_own_chunks_counted_exactly(
     await wait_until(lambda: publisher.connected.is_set())
     n = 300
     healthy_task = asyncio.create_task(collect(healthy, {"mic": n - 1}, timeout=30))
-    for seq in range(n):
-        stream.send(block(seq, frames, 2))
-        await asyncio.sleep(0.004)  # arrivals spread over > queue_seconds
+    for first in range(0, n, 10):
+        # Ten chunks arrive at one relay time, then 0.1 s of it passes: 3 s in
+        # all, ten times queue_seconds, whatever the wall clock does.
+        for seq in range(first, first + 10):
+            stream.send(block(seq, frames, 2))
+        last = first + 9
+        await wait_until(
+            lambda last=last: "mic" in relay.streams and relay.streams["mic"].last_seq == last,  # type: ignore[misc]
+            what=f"the relay to hold seq {last}",
+        )
+        await wait_until(
+            lambda: all(
+                c.next_ord == c.stream.window.end
+                for s in relay.subscribers
+                if s.name == "healthy"
+                for c in relay.subscriptions.of_session(s)
+            ),
+            what="the healthy subscriber's writer to catch up",
+        )
+        clock.now += 0.1
     got_healthy = await healthy_task
     assert got_healthy["mic"] == list(range(n))
     # Now the stalled one reads everything that is left.
@@ -669,3 +701,46 @@ async def test_a_new_group_starts_live(relay: Relay, publisher: Publisher) -> No
     got = await collect(fresh, {"s0": 10})
     assert got["s0"] == [10]
     await fresh.close()
+
+
+async def test_a_bug_in_one_session_ends_that_session_only_counted_and_logged(
+    relay: Relay,
+    publisher: Publisher,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected exception in a subscriber's writer task closes that
+    connection (ERROR internal), is counted as ``internal_error`` and logged
+    once with its traceback; the relay and every other session keep going."""
+    from audiosockets.relay import SubscriberSession
+
+    collect_frames = SubscriberSession._collect
+    failed: list[SubscriberSession] = []
+
+    def faulty(self: SubscriberSession) -> list[bytes]:
+        if self.name == "doomed" and not failed:
+            failed.append(self)
+            raise RuntimeError("injected writer bug")
+        return collect_frames(self)
+
+    monkeypatch.setattr(SubscriberSession, "_collect", faulty)
+    healthy = await start_subscriber(relay, "other", name="healthy")
+    doomed = await start_subscriber(relay, "mic", name="doomed")
+    mic = publisher.stream("mic", FMT)
+    other = publisher.stream("other", FMT)
+    mic.send(block(0))
+    await wait_until(lambda: bool(failed), what="the injected bug to fire")
+    victim = failed[0]
+    await wait_until(lambda: victim not in relay.sessions, what="the failed session to end")
+    assert victim.channel.closed
+    assert sample(relay, "audiosockets_protocol_errors_total", reason="internal_error") == 1
+    logged = [r for r in caplog.records if r.exc_info and "internal error" in r.getMessage()]
+    assert len(logged) == 1
+    assert "injected writer bug" in caplog.text
+    for seq in range(20):
+        other.send(block(seq))
+    got = await collect(healthy, {"other": 19})
+    assert got["other"] == list(range(20))
+    assert any(s.name == "healthy" for s in relay.sessions)
+    await healthy.close()
+    await doomed.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import cast
 
 from prometheus_client import CollectorRegistry
 
@@ -94,3 +95,48 @@ def test_metric_names_follow_the_conventions() -> None:
     assert registry.get_sample_value("audiosockets_connected_clients", {"role": "publisher"}) == 0
     assert LATENCY_BUCKETS[0] == 0.0001
     assert LATENCY_BUCKETS[-1] == 5.0
+
+
+def test_subscriptions_keep_both_indexes_in_one_step() -> None:
+    from prometheus_client import Counter, Histogram
+
+    from audiosockets.audio import AudioFormat, SampleType
+    from audiosockets.relay import (
+        Cursor,
+        StreamCounters,
+        StreamState,
+        SubscriberSession,
+        Subscriptions,
+    )
+
+    registry = CollectorRegistry()
+    counters = StreamCounters(
+        Counter("c", "c", registry=registry),
+        Counter("b", "b", registry=registry),
+        Histogram("h", "h", registry=registry),
+    )
+    fmt = AudioFormat(16000, 1, SampleType.INT16)
+    mic, line = StreamState(1, "mic", fmt, counters), StreamState(2, "line", fmt, counters)
+    for seq in range(5):
+        mic.window.append(seq, b"x", 0.02, arrived=float(seq))
+    # Any hashable object stands in for a subscriber session here.
+    a, b = cast(SubscriberSession, object()), cast(SubscriberSession, object())
+    subs = Subscriptions()
+    subs.add(a, Cursor(mic, 2, 1, 0.0))
+    subs.add(a, Cursor(line, 0, -1, 0.0))
+    subs.add(b, Cursor(mic, 0, -1, 0.0))
+    assert subs.streams_of(a) == ["line", "mic"]
+    assert set(subs.readers("mic")) == {a, b}
+    assert subs.stream_lag("mic") == 3 + 5
+    assert subs.session_lag(a) == 3
+    replaced = Cursor(mic, 4, 3, 0.0)
+    subs.add(a, replaced)
+    assert subs.get(a, "mic") is replaced
+    assert subs.readers("mic")[a] is replaced
+    assert subs.remove(a, "mic") is replaced
+    assert set(subs.readers("mic")) == {b}
+    assert subs.remove(a, "mic") is None
+    assert [c.stream.name for c in subs.remove_session(b)] == ["mic"]
+    assert dict(subs.readers("mic")) == {}
+    assert subs.streams_of(a) == ["line"]
+    assert subs.stream_lag("mic") == 0

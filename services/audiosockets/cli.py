@@ -9,57 +9,34 @@ user can cause.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Literal, ParamSpec, TypeVar
 
 import click
 
-from . import __version__, loops
+from . import __version__
+from .audio import DTypeName
 from .cli_security import client_tls, client_tls_options, read_token, token_file_option
-from .errors import AudiosocketsError, ConfigError
-from .loops import LOOP_NAMES, LoopName
+from .cli_support import (
+    LoopName,
+    choice,
+    configure,
+    format_status,
+    listen_address,
+    run_async,
+    user_errors,
+)
+from .client import StartName
+from .loadtest import ClientName, RateName
 from .urls import parse_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-#: Exit codes (beyond the error classes' own): 130 after Ctrl-C.
-EXIT_INTERRUPTED = 130
-
-
-def fail(message: str, code: int = 1) -> None:
-    """One clear line on stderr, then exit ``code``."""
-    click.echo(f"audiosockets: error: {message}", err=True)
-    sys.exit(code)
-
-
-def user_errors(func: Callable[P, T]) -> Callable[P, T]:
-    """Map our errors to one line and a named exit code; no tracebacks."""
-
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return func(*args, **kwargs)
-        except AudiosocketsError as exc:
-            fail(str(exc), exc.exit_code)
-        except ValueError as exc:  # config objects validate their fields
-            fail(str(exc), ConfigError.exit_code)
-        except KeyboardInterrupt:
-            sys.exit(EXIT_INTERRUPTED)
-        raise AssertionError("unreachable")
-
-    return wrapper
-
-
-def run_async(coro: Coroutine[Any, Any, T], loop: LoopName = "auto") -> T:
-    """Run ``coro`` on uvloop when available (or asked for), else asyncio."""
-    return loops.run(coro, loop)
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, T]]:
@@ -83,26 +60,21 @@ token_option = click.option(
 loop_option = click.option(
     "--loop",
     "loop_name",
-    type=click.Choice(LOOP_NAMES),
+    type=choice(LoopName),
     default="auto",
     help="Event loop implementation.",
 )
-
-
-def listen_address(value: str) -> tuple[str, int]:
-    address = parse_url(value)
-    return address.host, address.port
 
 
 @click.group(context_settings={"auto_envvar_prefix": "AUDIOSOCKETS", "show_default": True})
 @click.version_option(__version__, prog_name="audiosockets")
 @click.option(
     "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
+    type=choice(LogLevel),
     default="info",
     help="How much to log (to stderr).",
 )
-def main(log_level: str) -> None:
+def main(log_level: LogLevel) -> None:
     """Real-time audio over sockets: record, relay, process."""
     from .untrusted import EscapingFormatter
 
@@ -137,7 +109,10 @@ def main(log_level: str) -> None:
     help="PING interval; a peer silent for 3 intervals is dead.",
 )
 @click.option(
-    "--max-frame-bytes", type=click.IntRange(64), default=1 << 20, help="Largest frame accepted."
+    "--max-frame-bytes",
+    type=click.IntRange(64, 2**32 - 1),
+    default=1 << 20,
+    help="Largest frame accepted.",
 )
 @click.option(
     "--token",
@@ -162,13 +137,14 @@ def relay(
     from .relay import Relay, RelayConfig
 
     host, port = listen_address(listen)
-    config = RelayConfig(
+    config = configure(
+        RelayConfig,
         host=host,
         port=port,
         replay_seconds=replay_seconds,
         queue_seconds=queue_seconds,
         heartbeat_interval=heartbeat_seconds,
-        limits=Limits(max_frame_size=max_frame_bytes),
+        limits=configure(Limits, max_frame_size=max_frame_bytes),
         token=token or "",
     )
     metrics = Metrics()
@@ -196,6 +172,7 @@ def relay(
 @token_option
 @token_file_option
 @client_tls_options
+@loop_option
 @user_errors
 def status(
     relay_url: str,
@@ -206,6 +183,7 @@ def status(
     tls_ca: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
+    loop_name: LoopName,
 ) -> None:
     """Show a relay's streams, clients, groups and drops."""
     from .client import fetch_status
@@ -213,7 +191,7 @@ def status(
 
     tls = client_tls(relay_url, tls_ca, tls_cert, tls_key)
     secret = read_token(token, token_file)
-    report = asyncio.run(fetch_status(relay_url, timeout=timeout, token=secret, tls=tls))
+    report = run_async(fetch_status(relay_url, timeout=timeout, token=secret, tls=tls), loop_name)
     if as_json:
         click.echo(json.dumps(report, indent=2))  # JSON escapes control characters itself
         return
@@ -239,7 +217,7 @@ def status(
 )
 @click.option(
     "--rate",
-    type=click.Choice(["realtime", "max"]),
+    type=choice(RateName),
     default="realtime",
     help="realtime: one chunk per chunk duration; max: as fast as the relay takes them.",
 )
@@ -258,7 +236,7 @@ def status(
 )
 @click.option(
     "--client",
-    type=click.Choice(["library", "raw"]),
+    type=choice(ClientName),
     default="library",
     help="library: subscribers are audiosockets Subscribers (what processors use); "
     "raw: header-only readers, to measure the relay's own ceiling.",
@@ -288,12 +266,12 @@ def loadtest(
     subscribers: int,
     group: str,
     duration: float,
-    rate: Literal["realtime", "max"],
+    rate: RateName,
     relay_url: str,
     sample_rate: int,
     chunk_ms: float,
     subscriber_processes: int,
-    client: Literal["library", "raw"],
+    client: ClientName,
     max_loss: float | None,
     max_p99_ms: float | None,
     as_json: bool,
@@ -303,7 +281,8 @@ def loadtest(
 
     if relay_url:
         parse_url(relay_url)
-    cfg = LoadTestConfig(
+    cfg = configure(
+        LoadTestConfig,
         streams=streams,
         subscribers=subscribers,
         group=group,
@@ -328,46 +307,6 @@ def loadtest(
     check_gates(report, max_loss, max_p99_ms)
 
 
-def format_status(report: dict[str, Any]) -> str:
-    lines = [
-        f"relay {report['server']} {report['version']}, up {report['uptime_s']} s, "
-        f"replay {report['replay_seconds']} s, queue {report['queue_seconds']} s",
-        "",
-        f"{'STREAM':<24} {'FORMAT':<22} {'PUBLISHER':<16} {'RATE/s':>8} {'LAST SEQ':>10} {'WINDOW s':>9}  SUBSCRIBERS",
-    ]
-    for s in report["streams"]:
-        fmt = s["format"]
-        fmt_text = f"{fmt['rate']} Hz {fmt['channels']}ch {fmt['sample_type']}"
-        lines.append(
-            f"{s['name']:<24} {fmt_text:<22} {s['publisher'] or '-':<16} {s['rate_chunks_per_s']:>8} "
-            f"{s['last_seq']:>10} {s['window_seconds']:>9}  {', '.join(s['subscribers']) or '-'}"
-        )
-    if not report["streams"]:
-        lines.append("(no streams)")
-    lines += [
-        "",
-        f"{'SUBSCRIBER':<24} {'PATTERN':<12} {'GROUP':<12} {'LAG':>6} {'DROPPED':>8}  STREAMS",
-    ]
-    for sub in report["subscribers"]:
-        lines.append(
-            f"{sub['name']:<24} {sub['pattern']:<12} {sub['group'] or '-':<12} {sub['lag_chunks']:>6} "
-            f"{sub['dropped']:>8}  {', '.join(sub['streams']) or '-'}"
-        )
-    if not report["subscribers"]:
-        lines.append("(no subscribers)")
-    for name, group in report["groups"].items():
-        lines.append("")
-        lines.append(f"group {name}: members {', '.join(group['members']) or '-'}")
-        for stream, member in group["assignment"].items():
-            lines.append(f"  {stream} -> {member}")
-    drops = report["drops"]
-    lines.append("")
-    lines.append(
-        "drops: " + (", ".join(f"{k}={int(v)}" for k, v in sorted(drops.items())) or "none")
-    )
-    return "\n".join(lines)
-
-
 # --- record, devices (recorder) ---------------------------------------------
 
 
@@ -384,7 +323,7 @@ def format_status(report: dict[str, Any]) -> str:
 @click.option("--channels", type=click.IntRange(1, 64), default=1, help="Channel count.")
 @click.option(
     "--dtype",
-    type=click.Choice(["int16", "int32", "float32"]),
+    type=choice(DTypeName),
     default="int16",
     help="Sample type on the wire.",
 )
@@ -419,7 +358,7 @@ def record(
     source: str,
     rate: int,
     channels: int,
-    dtype: Literal["int16", "int32", "float32"],
+    dtype: DTypeName,
     block_ms: float,
     spool_seconds: float,
     spool_dir: Path | None,
@@ -434,7 +373,8 @@ def record(
     from .recorder import record as run_recorder
 
     parse_url(relay_url)  # a malformed URL is an error before any device is opened
-    config = RecorderConfig(
+    config = configure(
+        RecorderConfig,
         relay=relay_url,
         stream=stream,
         source=source,
@@ -506,7 +446,7 @@ def devices() -> None:
 )
 @click.option(
     "--start",
-    type=click.Choice(["live", "earliest"]),
+    type=choice(StartName),
     default="live",
     help="live: from now; earliest: from the oldest audio the relay still holds.",
 )
@@ -515,6 +455,7 @@ def devices() -> None:
 )
 @token_option
 @metrics_port_option(9402)
+@loop_option
 @user_errors
 def process(
     relay_url: str,
@@ -526,19 +467,17 @@ def process(
     events: str | None,
     segment_seconds: float,
     max_failures: int,
-    start: Literal["live", "earliest"],
+    start: StartName,
     name: str | None,
     token: str | None,
     metrics_port: int,
+    loop_name: LoopName,
 ) -> None:
     """Run a handler on every chunk of the matching streams."""
-    from .handlers import HandlerOptions
-    from .processor import ProcessorConfig, check_handler, parse_spec, serve
+    from .processor import ProcessorConfig, serve
 
-    parse_url(relay_url)
-    # A bad spec is one line before anything connects.
-    check_handler(parse_spec(handler_spec), HandlerOptions(segment_seconds=segment_seconds))
-    config = ProcessorConfig(
+    config = configure(
+        ProcessorConfig,
         handler=handler_spec,
         relay=relay_url,
         stream=stream,
@@ -553,7 +492,7 @@ def process(
         start=start,
         token=token,
     )
-    asyncio.run(serve(config))
+    run_async(serve(config), loop_name)  # checks the handler once, before connecting
 
 
 @main.command()
@@ -574,13 +513,15 @@ def process(
     default=0.0,
     help="Stop after this many seconds (0: run until Ctrl-C).",
 )
+@loop_option
 @user_errors
-def demo(listen: str, streams: int, seconds: float) -> None:
+def demo(listen: str, streams: int, seconds: float, loop_name: LoopName) -> None:
     """Relay, synthetic recorders and the level and vad processors, with a live table."""
     from .demo import DemoConfig, run_demo
 
     host, port = listen_address(listen)
-    asyncio.run(run_demo(DemoConfig(host=host, port=port, streams=streams, seconds=seconds)))
+    config = configure(DemoConfig, host=host, port=port, streams=streams, seconds=seconds)
+    run_async(run_demo(config), loop_name)
 
 
 # --- certs (security) --------------------------------------------------------

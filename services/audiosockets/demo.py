@@ -24,7 +24,8 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 
 from .metrics import Metrics
-from .processor import Processor, _stop_on_signals
+from .processor import Processor
+from .service import signal_handlers
 
 #: Sources handed out to the demo streams in turn.
 SOURCES = ("synth:speechlike", "synth:sine:440", "synth:noise", "synth:silence")
@@ -222,7 +223,7 @@ async def run_demo(
             sub = Subscriber(relay.url, "*", name=f"demo-{spec}", start="earliest", metrics=metrics)
             await stack.enter_async_context(sub)
             procs.append(proc)
-            runs.append(asyncio.create_task(proc.run(sub)))
+            runs.append(asyncio.create_task(proc.run(sub, signals=())))
         for stream in demo.streams:
             rec = Recorder(
                 RecorderConfig(
@@ -241,7 +242,7 @@ async def run_demo(
             started(demo)
         t0 = time.monotonic()
         rows: list[StreamRow] = []
-        with _stop_on_signals(stop.set):
+        with signal_handlers(stop.set):
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), config.refresh)
@@ -255,8 +256,8 @@ async def run_demo(
                 if config.seconds and elapsed >= config.seconds:
                     break
         for rec in recorders:
-            await rec.close()
+            await rec.stop()
         for proc in procs:
-            proc.stop()
+            proc.request_stop()
         await asyncio.gather(*runs)
     return rows

@@ -30,10 +30,12 @@ import asyncio
 import contextlib
 import logging
 import re
+import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
@@ -41,21 +43,57 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from .audio import AudioFormat, DTypeName, SampleType
 from .errors import ConfigError, DeviceError
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
+from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from prometheus_client.core import Metric
 
 log = logging.getLogger(__name__)
 
 
 class PublisherStream(Protocol):
-    """The part of the client library's stream handle the recorder uses."""
+    """The part of the client library's stream handle the recorder uses.
+
+    ``unsent`` is how many chunks the publisher holds that the relay has not
+    taken (the in-memory spool); ``send`` returns the chunk's seq.
+    """
+
+    @property
+    def unsent(self) -> int: ...
 
     def send(self, samples: Any, *, captured_ns: int) -> int: ...
+
+
+class SpooledEntry(Protocol):
+    """One chunk of a publisher's history: its payload bytes and capture time (ns)."""
+
+    @property
+    def payload(self) -> bytes: ...
+
+    @property
+    def captured_ns(self) -> int: ...
+
+
+@runtime_checkable
+class StreamHistory(Protocol):
+    """A stream handle that exposes its history (oldest first); the unsent chunks
+    are its last ``unsent`` entries. The recorder saves them to disk at exit."""
+
+    @property
+    def unsent(self) -> int: ...
+
+    @property
+    def history(self) -> Iterable[SpooledEntry]: ...
+
+
+@runtime_checkable
+class SpooledSeconds(Protocol):
+    """A stream handle that knows the seconds of audio in its unsent chunks."""
+
+    @property
+    def spooled_seconds(self) -> float: ...
 
 
 class PublisherLike(Protocol):
@@ -63,7 +101,7 @@ class PublisherLike(Protocol):
 
     async def start(self) -> None: ...
 
-    def stream(self, name: str, fmt: AudioFormat) -> Any: ...
+    def stream(self, name: str, fmt: AudioFormat) -> PublisherStream: ...
 
     async def flush(self, timeout: float | None = ...) -> bool: ...
 
@@ -208,7 +246,7 @@ class Recorder:
         self.publisher = (
             publisher if publisher is not None else _make_publisher(config, self.metrics)
         )
-        self._stream: Any = None
+        self._stream: PublisherStream | None = None
         self._stopping = asyncio.Event()
         self._capture: asyncio.Task[None] | None = None
         self._seen_overflows = 0
@@ -233,7 +271,9 @@ class Recorder:
         name = config.stream
         self.metrics.declare_stream(name)
         self.recorder_metrics.declare_stream(name)
-        self.metrics.registry.register(CallbackCollector(self._spool_gauges))
+        self.metrics.registry.register(
+            CallbackCollector(lambda: _spool_gauges(name, *self.spool_depth()))
+        )
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -262,12 +302,12 @@ class Recorder:
             self.config.stream,
         )
 
-    def stop(self) -> None:
-        """Ask ``wait``/``run`` to finish (safe from a signal handler)."""
+    def request_stop(self) -> None:
+        """Ask ``serve_forever`` to return (safe from a signal handler); ``stop`` drains."""
         self._stopping.set()
 
-    async def wait(self) -> None:
-        """Return when stopped or when a finite source has ended."""
+    async def serve_forever(self) -> None:
+        """Return when stopped or when a finite source has ended; raises a capture failure."""
         assert self._capture is not None, "start() first"
         stop = asyncio.create_task(self._stopping.wait())
         try:
@@ -277,8 +317,11 @@ class Recorder:
         if self._capture.done() and not self._capture.cancelled():
             self._capture.result()  # re-raise a capture failure
 
-    async def close(self) -> bool:
-        """Stop capturing, flush within ``flush_timeout``, close. True if all was taken."""
+    async def stop(self) -> bool:
+        """Stop capturing, flush within ``flush_timeout``, close. True if all was taken.
+
+        Safe to call twice (the second call returns the first one's result); after
+        ``stop`` whatever the relay did not take stays in the disk spool, if any."""
         if self._closed is not None:
             return self._closed
         self._closed = False
@@ -328,14 +371,16 @@ class Recorder:
             if not flushed or self.disk is None or not self.disk.chunks:
                 return flushed and (self.disk is None or not self.disk.chunks)
 
-    async def run(self) -> bool:
-        """``start``, ``wait``, ``close``; returns whether the final flush completed."""
-        await self.start()
-        try:
-            await self.wait()
-        finally:
-            flushed = await self.close()
-        return flushed
+    async def run(
+        self,
+        *,
+        ready: Callable[[Recorder], object] | None = None,
+        signals: Iterable[signal.Signals] = STOP_SIGNALS,
+    ) -> bool:
+        """``start``, ``serve_forever``, ``stop`` with SIGINT/SIGTERM handling
+        (``run_service``); returns whether the final flush completed."""
+        await run_service(self, ready=ready, signals=signals)
+        return self._closed is True
 
     # --- capture -----------------------------------------------------------------
 
@@ -365,14 +410,15 @@ class Recorder:
             m.capture_gap_seconds.labels(name).inc(max(0, captured_ns - self._last_end_ns) / 1e9)
         self._last_end_ns = captured_ns + block_ns
         m.frames_captured.labels(name).inc(frames)
-        disk = self.disk
-        if disk is not None and (disk.chunks or self._stream.unsent >= self.high_water):
+        disk, stream = self.disk, self._stream
+        assert stream is not None, "start() opens the stream before capturing"
+        if disk is not None and (disk.chunks or stream.unsent >= self.high_water):
             dropped = disk.append(samples, captured_ns)
             if dropped:
                 self.metrics.chunks_dropped.labels(name, "spool_full").inc(dropped)
             self._disk_pending.set()
         else:
-            self.last_seq = self._stream.send(samples, captured_ns=captured_ns)
+            self.last_seq = stream.send(samples, captured_ns=captured_ns)
         self.blocks_captured += 1
         m.capture_to_send_latency.labels(name).observe(
             max(0.0, (time.time_ns() - captured_ns - block_ns) / 1e9)
@@ -394,11 +440,9 @@ class Recorder:
     def _keep_unsent_on_disk(self, disk: DiskSpool) -> None:
         """Save what the closed Publisher never sent, ahead of the disk spool."""
         stream = self._stream
-        unsent = int(getattr(stream, "unsent", 0) or 0)
-        history = getattr(stream, "history", None)
-        if not unsent or history is None:
+        if not isinstance(stream, StreamHistory) or not stream.unsent:
             return
-        entries = list(history)[-unsent:]
+        entries = list(stream.history)[-stream.unsent :]
         dropped = disk.prepend([(bytes(e.payload), int(e.captured_ns)) for e in entries])
         if dropped:
             self.metrics.chunks_dropped.labels(self.config.stream, "spool_full").inc(dropped)
@@ -449,35 +493,36 @@ class Recorder:
 
     # --- metrics ------------------------------------------------------------------
 
-    def _spool_gauges(self) -> Iterable[Metric]:
-        chunks = gauge_family(
-            "audiosockets_spool_depth_chunks",
-            "Chunks captured but not yet taken by the relay (the spool).",
-            ["stream"],
-        )
-        seconds = gauge_family(
-            "audiosockets_spool_depth_seconds",
-            "Seconds of audio captured but not yet taken by the relay.",
-            ["stream"],
-        )
-        depth, depth_seconds = self.spool_depth()
-        chunks.add_metric([self.config.stream], float(depth))
-        seconds.add_metric([self.config.stream], depth_seconds)
-        return [chunks, seconds]
-
     def spool_depth(self) -> tuple[int, float]:
         """Chunks (and seconds of audio) the publisher holds that the relay has not taken."""
         stream = self._stream
         if stream is None:
             return 0, 0.0
-        chunks = int(getattr(stream, "unsent", 0))
-        seconds = getattr(stream, "spooled_seconds", None)
-        if not isinstance(seconds, float):
+        chunks = stream.unsent
+        if isinstance(stream, SpooledSeconds):
+            seconds = stream.spooled_seconds
+        else:
             seconds = chunks * self.config.block_frames / self.format.rate
         if self.disk is not None:
             chunks += self.disk.chunks
             seconds += self.disk.seconds
         return chunks, seconds
+
+
+def _spool_gauges(stream: str, depth: int, depth_seconds: float) -> Iterable[Metric]:
+    chunks = gauge_family(
+        "audiosockets_spool_depth_chunks",
+        "Chunks captured but not yet taken by the relay (the spool).",
+        ["stream"],
+    )
+    seconds = gauge_family(
+        "audiosockets_spool_depth_seconds",
+        "Seconds of audio captured but not yet taken by the relay.",
+        ["stream"],
+    )
+    chunks.add_metric([stream], float(depth))
+    seconds.add_metric([stream], depth_seconds)
+    return [chunks, seconds]
 
 
 # --- entry points for the CLI ---------------------------------------------------
@@ -489,25 +534,13 @@ async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
     ``metrics_port`` 0 disables the metrics endpoint. Returns whether the final
     flush completed; errors a user can cause raise ``AudiosocketsError``.
     """
-    import signal
-
     from .metrics import serve_metrics
 
     metrics = Metrics()
     recorder = Recorder(config, metrics=metrics)
     if metrics_port > 0:
         serve_metrics(metrics_port, metrics.registry)  # raises AddressInUse
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, recorder.stop)
-            installed.append(sig)
-    try:
-        return await recorder.run()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+    return await recorder.run()
 
 
 def describe_input_devices() -> list[str]:

@@ -52,7 +52,7 @@ class Member:
         self.task = asyncio.create_task(self.processor.run(self.sub))
 
     async def stop(self) -> None:
-        self.processor.stop()
+        await self.processor.stop()
         assert self.task is not None
         await asyncio.wait_for(self.task, 10)
         await self.sub.close()

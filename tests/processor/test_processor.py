@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import signal
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from audiosockets.cli import main
 from audiosockets.errors import ConfigError, HandlerError
 from audiosockets.metrics import Metrics
 from audiosockets.processor import ChunkBacklog, Processor, parse_spec
+from audiosockets.processor.backlog import CompletionOrder
 
 RATE = 16000
 
@@ -369,7 +371,7 @@ async def test_a_hung_thread_handler_does_not_stop_the_processor_from_stopping()
         for chunk in chunks(5):
             yield chunk
         assert await loop.run_in_executor(None, hft.STARTED.wait, 10)
-        proc.stop()
+        proc.request_stop()
         await asyncio.Event().wait()  # a live stream never ends by itself
 
     await asyncio.wait_for(proc.run(source()), 10)
@@ -404,7 +406,7 @@ async def test_a_hung_worker_process_is_terminated_at_shutdown(
     async def source() -> AsyncIterator[Chunk]:
         yield chunks(1)[0]
         await wait_until(pid_file.exists, what="worker started the handler")
-        proc.stop()
+        proc.request_stop()
         await asyncio.Event().wait()
 
     await asyncio.wait_for(proc.run(source()), 30)
@@ -483,3 +485,77 @@ async def test_a_handler_file_can_import_its_sibling_modules(tmp_path: Path) -> 
     out = io.StringIO()
     await Processor(f"{tmp_path / 'detector.py'}:handle", events=out).run(paced(chunks(1)))
     assert events_of(out)[0]["loud_at"] == 0.1
+
+
+async def test_sigterm_stops_a_running_processor_and_drains_its_backlog() -> None:
+    m = Metrics()
+    out = io.StringIO()
+    proc = Processor("handlers_for_tests:sleepy", metrics=m, events=out)
+    sent = chunks(5)  # 100 ms of audio, 1 s of handling: most of it is still queued at SIGTERM
+
+    async def live() -> AsyncIterator[Chunk]:
+        for chunk in sent:
+            yield chunk
+        await asyncio.Event().wait()  # a live stream never ends by itself
+
+    before = signal.getsignal(signal.SIGTERM)
+    run = asyncio.create_task(proc.run(live()))
+    await wait_until(lambda: proc.stats.received == len(sent), what="all chunks received")
+    assert proc.stats.processed < len(sent)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(run, 10)
+    # the drain handled every chunk queued at SIGTERM: none dropped, none left behind
+    assert proc.stats.processed == len(sent)
+    assert proc.stats.dropped == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_completion_order_moves_done_only_past_a_contiguous_prefix() -> None:
+    order = CompletionOrder()
+    for seq in (4, 5, 6, 7):
+        order.received("a", seq)
+    order.received("b", 1)
+    assert order.finish("a", 6) is None  # 4 and 5 are still in flight
+    assert order.finish("a", 4) == 4
+    assert order.finish("b", 1) == 1  # streams are independent
+    assert order.finish("a", 5) == 6  # 5 completes the prefix up to the finished 6
+    assert order.finish("a", 7) == 7
+    assert order.finish("unknown", 1) is None
+
+
+async def test_stop_returns_once_the_backlog_is_drained_and_the_handler_torn_down() -> None:
+    out = io.StringIO()
+    proc = Processor("handlers_for_tests:PerStream", events=out)
+    sent = chunks(6)
+
+    async def live() -> AsyncIterator[Chunk]:
+        for chunk in sent:
+            yield chunk
+        await asyncio.Event().wait()
+
+    await proc.start(live())
+    serving = asyncio.create_task(proc.serve_forever())
+    await wait_until(lambda: proc.stats.received == len(sent), what="all chunks received")
+    await proc.stop()
+    assert proc.stats.processed == len(sent)  # drained before stop() returned
+    assert events_of(out) == [
+        {
+            "handler": "handlers_for_tests:PerStream",
+            "stream": "mic-1",
+            "event": "summary",
+            "chunks": len(sent),
+            "rate": RATE,
+        }
+    ]  # torn down
+    assert serving.done()
+    await serving
+    await proc.stop()  # a second stop is harmless
+    assert proc.stats.processed == len(sent)
+
+
+async def test_stop_on_a_started_processor_that_never_served_still_drains() -> None:
+    proc = Processor("handlers_for_tests:record", events=io.StringIO())
+    await proc.start(paced(chunks(3)))
+    await wait_until(lambda: proc.stats.received == 3, what="all chunks received")
+    await proc.stop()
+    assert proc.stats.processed + proc.stats.dropped == 3

@@ -19,7 +19,7 @@ from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import Publisher, RetryPolicy, Subscriber
 from audiosockets.handlers import HandlerOptions
 from audiosockets.metrics import Metrics
-from audiosockets.processor import Processor, ProcessorConfig, serve
+from audiosockets.processor import HandlerSpec, Processor, ProcessorConfig, serve
 from audiosockets.relay import Relay, RelayConfig
 
 FMT = AudioFormat(16000, 1, SampleType.INT16)
@@ -72,8 +72,8 @@ async def test_slow_processor_drops_counted_exactly_fast_one_gets_everything(rel
         assert await pub.flush(5)
         await wait_until(lambda: fast.stats.processed == n, what="fast processor done")
         await wait_until(lambda: slow.stats.received == n, what="slow processor received all")
-        fast.stop()
-        slow.stop()
+        await fast.stop()
+        await slow.stop()
         await asyncio.gather(*runs)
     await pub.close(0.5)
 
@@ -144,12 +144,12 @@ async def test_archive_is_sample_exact_across_a_relay_restart(tmp_path: Path) ->
                     await holder["relay"].stop()
                     holder["relay"] = Relay(config, metrics=Metrics())
                     await holder["relay"].start()
-                await asyncio.sleep(0.003)
+                await asyncio.sleep(0.003)  # pacing the sender, not waiting on anything
             assert await pub.flush(10)
             await wait_until(
                 lambda: proc.stats.processed >= n, timeout=20, what="archive got every chunk"
             )
-            proc.stop()
+            await proc.stop()
             await run
         assert sub.metrics.registry.get_sample_value(
             "audiosockets_reconnects_total", {"role": "subscriber"}
@@ -188,7 +188,7 @@ async def test_serve_runs_a_builtin_from_config_and_writes_events_to_a_file(
     await wait_until(
         lambda: bool(started) and started[0].stats.processed == len(audio) // BLOCK, what="vad done"
     )
-    started[0].stop()
+    await started[0].stop()
     await asyncio.wait_for(task, 10)
     await pub.close(0.5)
     lines = events.read_text().splitlines()
@@ -238,12 +238,40 @@ async def test_archive_completes_a_stream_handed_to_another_group_member(
                 lambda: any((tmp_path / "a").glob(f"{moved}_*.wav")), what="segment completed"
             )
             assert not run_a.done()
-            proc_b.stop()
+            await proc_b.stop()
             await run_b
-        proc_a.stop()
+        await proc_a.stop()
         await run_a
     await pub.close(0.5)
     (wav,) = (tmp_path / "a").glob(f"{moved}_*.wav")
     with wave.open(str(wav)) as w:
         assert w.readframes(w.getnframes()) == b"".join(data[moved])
     assert json.loads(wav.with_suffix(".json").read_text())["ended_by"] == "closed"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_serve_checks_the_handler_once_before_connecting(
+    relay: Relay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    import audiosockets.processor.loading as loading
+    import audiosockets.processor.runners as runners
+    import audiosockets.processor.server as server
+
+    calls: list[str] = []
+    real = loading.check_handler
+
+    def counting(spec: HandlerSpec, options: HandlerOptions) -> object:
+        calls.append(spec.text)
+        return real(spec, options)
+
+    monkeypatch.setattr(server, "check_handler", counting)
+    monkeypatch.setattr(runners, "check_handler", counting)
+    started: list[Processor] = []
+    config = ProcessorConfig(
+        handler=f"archive:{tmp_path}", relay=relay.url, workers=workers, metrics_port=0
+    )
+    task = asyncio.create_task(serve(config, metrics=Metrics(), started=started.append))
+    await wait_until(lambda: bool(started), what="processor built")
+    started[0].request_stop()  # serve still starts the runners (loading the handler), then drains
+    await asyncio.wait_for(task, 10)
+    assert calls == [f"archive:{tmp_path}"]  # serve's check; the runner only loads

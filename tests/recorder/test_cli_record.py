@@ -84,7 +84,7 @@ def test_devices_without_portaudio_is_one_error_line(monkeypatch: pytest.MonkeyP
     def missing() -> Any:
         raise DeviceError("PortAudio is not available (library not found); install libportaudio2")
 
-    monkeypatch.setattr(sources, "_import_sounddevice", missing)
+    monkeypatch.setattr(sources.device, "_import_sounddevice", missing)
     assert_one_line_error(invoke("devices"), DeviceError.exit_code, "install libportaudio2")
 
 
@@ -152,7 +152,7 @@ def fake_sounddevice(*, settings_error: str | None = None, open_error: str | Non
 
 def test_record_unsupported_format_is_a_device_error(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = fake_sounddevice(settings_error="Invalid sample rate")
-    monkeypatch.setattr(sources, "_import_sounddevice", lambda: fake)
+    monkeypatch.setattr(sources.device, "_import_sounddevice", lambda: fake)
     result = invoke("record", "--metrics-port", "0", "--source", "device", "--rate", "12345")
     assert_one_line_error(result, DeviceError.exit_code, "cannot capture 12345 Hz, 1 ch, int16")
     assert "Invalid sample rate" in result.stderr
@@ -160,7 +160,7 @@ def test_record_unsupported_format_is_a_device_error(monkeypatch: pytest.MonkeyP
 
 def test_record_busy_device_is_a_device_error(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = fake_sounddevice(open_error="Device unavailable")
-    monkeypatch.setattr(sources, "_import_sounddevice", lambda: fake)
+    monkeypatch.setattr(sources.device, "_import_sounddevice", lambda: fake)
     result = invoke("record", "--metrics-port", "0", "--source", "device:0")
     assert_one_line_error(result, DeviceError.exit_code, "busy or gone?): Device unavailable")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -146,11 +148,11 @@ async def test_stop_ends_a_live_source_and_flushes() -> None:
     recorder = Recorder(config(source="synth:sine"), publisher=publisher)
     task = asyncio.create_task(recorder.run())
     await wait_until(lambda: recorder.blocks_captured >= 3, timeout=5, what="three blocks")
-    recorder.stop()
+    recorder.request_stop()
     assert await asyncio.wait_for(task, 5) is False  # the fake relay never took it all
     assert publisher.closed
     assert publisher.flush_timeouts == [pytest.approx(0.5, abs=0.05)]
-    assert await recorder.close() is False  # a second close changes nothing
+    assert await recorder.stop() is False  # a second stop changes nothing
     assert len(publisher.flush_timeouts) == 1
 
 
@@ -174,7 +176,7 @@ async def test_spool_depth_is_read_from_the_publisher_stream() -> None:
     publisher.streams["mic-t"].unsent = 7
     assert value(metrics, "audiosockets_spool_depth_chunks", stream="mic-t") == 7
     assert value(metrics, "audiosockets_spool_depth_seconds", stream="mic-t") == pytest.approx(0.14)
-    await recorder.close()
+    await recorder.stop()
 
 
 @pytest.mark.parametrize(
@@ -190,3 +192,16 @@ async def test_spool_depth_is_read_from_the_publisher_stream() -> None:
 def test_bad_config_is_one_clear_error(kw: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Recorder(config(**kw), publisher=FakePublisher(), source=ScriptedSource([]))
+
+
+async def test_sigterm_stops_a_running_recorder_and_flushes() -> None:
+    publisher = FakePublisher(flush_result=True)
+    recorder = Recorder(config(source="synth:sine"), publisher=publisher)
+    before = signal.getsignal(signal.SIGTERM)
+    task = asyncio.create_task(recorder.run())
+    await wait_until(lambda: recorder.blocks_captured >= 3, timeout=5, what="three blocks")
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(task, 5) is True  # flushed: everything was taken
+    assert publisher.closed
+    assert len(publisher.flush_timeouts) == 1
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -118,10 +118,10 @@ async def test_relay_sigkill_loses_no_sample(relay_process: RelayProcess, tmp_pa
         # An outage of at least a second and a half of audio, measured by the spool.
         await wait_until(lambda: stream.unsent >= 75, timeout=15, what="1.5 s spooled")
         await relay_process.start()
-        await asyncio.wait_for(recorder.wait(), 15)  # the file has been captured
+        await asyncio.wait_for(recorder.serve_forever(), 15)  # the file has been captured
         await wait_until(lambda: len(received) >= 250, timeout=20, what="every chunk")
     finally:
-        await recorder.close()
+        await recorder.stop()
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
         await sub.close()
@@ -161,7 +161,7 @@ async def test_an_outage_longer_than_the_spool_drops_exactly_the_oldest(tmp_path
     get = metrics.registry.get_sample_value
     try:
         await recorder.start()
-        await asyncio.wait_for(recorder.wait(), 10)
+        await asyncio.wait_for(recorder.serve_forever(), 10)
         labels = {"stream": "outage-1"}
         assert get("audiosockets_chunks_dropped_total", {**labels, "reason": "spool_full"}) == 68
         assert get("audiosockets_spool_depth_chunks", labels) == 32
@@ -173,7 +173,7 @@ async def test_an_outage_longer_than_the_spool_drops_exactly_the_oldest(tmp_path
         assert await recorder.publisher.flush(timeout=5)
         assert get("audiosockets_spool_depth_chunks", labels) == 0
     finally:
-        await recorder.close()
+        await recorder.stop()
         if reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)

@@ -165,7 +165,7 @@ async def test_an_outage_beyond_memory_goes_to_disk_and_arrives_whole(tmp_path: 
     labels = {"stream": "disk-1"}
     try:
         await recorder.start()
-        await asyncio.wait_for(recorder.wait(), 10)  # all 200 captured, relay down
+        await asyncio.wait_for(recorder.serve_forever(), 10)  # all 200 captured, relay down
         assert recorder.disk is not None
         assert recorder.disk.chunks == 200 - 16
         assert get("audiosockets_spool_depth_chunks", labels) == 200
@@ -175,7 +175,7 @@ async def test_an_outage_beyond_memory_goes_to_disk_and_arrives_whole(tmp_path: 
         reader = asyncio.create_task(collect(sub, received))
         await wait_until(lambda: len(received) >= 200, timeout=20, what="all 200 chunks")
     finally:
-        await recorder.close()
+        await recorder.stop()
         if reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)

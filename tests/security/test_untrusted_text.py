@@ -8,7 +8,7 @@ import logging
 from hypothesis import given
 from hypothesis import strategies as st
 
-from audiosockets.cli import format_status
+from audiosockets.cli_support import format_status
 from audiosockets.untrusted import EscapingFormatter, escape, escape_all
 
 HOSTILE = "mic-1\n2026-01-01 ERROR forged line\x1b[2J\x1b]0;pwned\x07\u202eevil\r\t\\"

@@ -91,17 +91,33 @@ class HandlerContext:
     sink: MetricSink
 
 
-#: Spec name -> (``module:Class``, whether the spec takes ``:ARG``, keeps state across chunks).
-BUILTINS: dict[str, tuple[str, Literal["none", "optional", "required"], bool]] = {
-    "level": ("audiosockets.handlers.level:Level", "optional", True),
-    "vad": ("audiosockets.handlers.vad:Vad", "optional", True),
-    "archive": ("audiosockets.handlers.archive:Archive", "required", True),
-    "spectrum": ("audiosockets.handlers.spectrum:Spectrum", "none", False),
+class Builtin(NamedTuple):
+    """One built-in handler: where its class lives and how its spec is written."""
+
+    #: ``module:Class``, imported only when the built-in is used.
+    target: str
+    #: Whether the spec takes ``:ARG`` (``archive:DIR``, ``vad:key=value``).
+    takes_arg: Literal["none", "optional", "required"]
+    #: Keeps state across chunks, so it must see every chunk of a stream in order
+    #: (one instance per stream; at most one worker process).
+    stateful: bool
+
+
+#: Spec name -> the built-in it names.
+BUILTINS: dict[str, Builtin] = {
+    "level": Builtin("audiosockets.handlers.level:Level", "optional", stateful=True),
+    "vad": Builtin("audiosockets.handlers.vad:Vad", "optional", stateful=True),
+    "archive": Builtin("audiosockets.handlers.archive:Archive", "required", stateful=True),
+    "spectrum": Builtin("audiosockets.handlers.spectrum:Spectrum", "none", stateful=False),
 }
 
 
 def builtin_class(name: str) -> type[Any]:
-    target = BUILTINS[name][0]
+    """Import and return the class of built-in ``name`` (a key of ``BUILTINS``).
+
+    Raises ``KeyError`` for an unknown name (``parse_spec`` checks names first).
+    """
+    target = BUILTINS[name].target
     module, _, attr = target.partition(":")
     cls: type[Any] = getattr(importlib.import_module(module), attr)
     return cls
@@ -160,6 +176,7 @@ __all__ = [
     "FLOOR_DBFS",
     "FULL_SCALE",
     "GAUGES",
+    "Builtin",
     "CounterName",
     "Event",
     "GaugeName",

@@ -75,6 +75,11 @@ def wav_header(fmt: AudioFormat, data_bytes: int) -> bytes:
 
 
 def segment_name(stream: str, captured_ns: int, seq: int) -> str:
+    """File name of a segment: ``STREAM_YYYYmmddTHHMMSS.uuuuuuZ_SEQ.wav``.
+
+    ``captured_ns`` (ns since the epoch, UTC) is the capture time of its first
+    chunk, ``seq`` that chunk's seq (10 digits, so names sort in order); characters
+    unsafe in file names are replaced by ``_``."""
     stamp = datetime.fromtimestamp(captured_ns // 1_000_000_000, UTC).strftime("%Y%m%dT%H%M%S")
     micros = (captured_ns % 1_000_000_000) // 1000
     return f"{_UNSAFE.sub('_', stream)}_{stamp}.{micros:06d}Z_{seq:010d}.wav"
@@ -164,6 +169,8 @@ class Archive:
         self._prior: tuple[int, int] | None = None
 
     def setup(self, fmt: AudioFormat) -> None:
+        """Declare the stream's archive series and find the last segment an earlier run
+        (or another group member) archived, to continue after it without overlap."""
         self.ctx.sink.inc("archive_segments", (self.ctx.stream,), 0)
         self.ctx.sink.inc("archive_bytes", (self.ctx.stream,), 0)
         self._prior = self._last_archived()
@@ -205,6 +212,9 @@ class Archive:
         return True
 
     def handle(self, chunk: Chunk) -> None:
+        """Append the chunk to the open WAV segment, rotating after ``segment_seconds``
+        and on a gap or format change; chunks already archived (at-least-once
+        delivery after a handover) are skipped. Raises ``OSError`` if the disk fails."""
         if self._prior is not None and not self._continue_prior(chunk):
             return
         if self._next_seq is not None and chunk.seq < self._next_seq:
@@ -299,5 +309,6 @@ class Archive:
         self.ctx.sink.inc("archive_segments", (self.ctx.stream,))
 
     def teardown(self) -> None:
+        """Complete the open segment (fsync, rename to its final name). No events."""
         if self._seg is not None:
             self._close(self._seg, "closed")

@@ -34,6 +34,7 @@ class Level:
         self._sound_end_ns: int | None = None
 
     def setup(self, fmt: AudioFormat) -> None:
+        """Take the stream's format: full scale and clipping thresholds follow its sample type."""
         self._fmt = fmt
         if fmt.sample_type is SampleType.FLOAT32:
             self._clip_hi, self._clip_lo = 1.0, -1.0
@@ -42,6 +43,10 @@ class Level:
             self._clip_hi, self._clip_lo = float(info.max), float(info.min)
 
     def handle(self, chunk: Chunk) -> None:
+        """Set ``level_dbfs`` (rms and peak per channel, dBFS, floor -120), count
+        ``clipped_samples`` (samples at or beyond full scale) and set
+        ``seconds_since_sound`` (capture-time seconds since a chunk whose rms exceeded
+        ``silence_dbfs``). Returns no events."""
         stream, sink = chunk.stream, self.ctx.sink
         raw = np.asarray(chunk.samples, dtype=np.float64)
         if raw.shape[0] == 0:
@@ -64,4 +69,5 @@ class Level:
         sink.set("seconds_since_sound", (stream,), (end_ns - self._sound_end_ns) / 1e9)
 
     def teardown(self) -> None:
+        """Nothing to release; no events."""
         pass

@@ -38,11 +38,16 @@ class Spectrum:
         self._window: npt.NDArray[np.float64] = np.zeros(0)
 
     def setup(self, fmt: AudioFormat) -> None:
+        """Keep the octave bands whose lower edge lies below the stream's Nyquist frequency."""
         nyquist = fmt.rate / 2
         self.bands = [(label, fc) for label, fc in BANDS if fc / np.sqrt(2) < nyquist]
         self.rate = fmt.rate
 
     def band_powers(self, mono: npt.NDArray[np.float64]) -> dict[str, float]:
+        """Power per octave band of ``mono`` (samples in [-1, 1), shape ``(frames,)``).
+
+        Hann-windowed, one-sided periodogram, normalised by the window's energy;
+        returns band label -> mean-square power (full scale = 1, no unit)."""
         n = len(mono)
         if len(self._window) != n:
             self._window = np.hanning(n) if n > 1 else np.ones(n)
@@ -58,6 +63,7 @@ class Spectrum:
         return out
 
     def handle(self, chunk: Chunk) -> None:
+        """Set ``band_energy_dbfs`` per band for the chunk (channels averaged). No events."""
         mono = normalized(chunk).mean(axis=1)
         if len(mono) == 0:
             return
@@ -66,4 +72,5 @@ class Spectrum:
             self.ctx.sink.set("band_energy_dbfs", (chunk.stream, label), value)
 
     def teardown(self) -> None:
+        """Nothing to release; no events."""
         pass

@@ -54,6 +54,7 @@ class Vad:
             raise HandlerError("handler vad: frame_ms must be > 0, other durations >= 0")
 
     def setup(self, fmt: AudioFormat) -> None:
+        """Size the analysis frames (``frame_ms``) for the stream's rate and reset the state."""
         self.rate = fmt.rate
         self.frame = max(1, round(fmt.rate * self.frame_ms / 1000))
         self.onset_frames = max(1, round(self.min_speech_ms / self.frame_ms))
@@ -68,6 +69,10 @@ class Vad:
         self.ctx.sink.set("vad_active", (self.ctx.stream,), 0)
 
     def handle(self, chunk: Chunk) -> list[dict[str, Any]]:
+        """Feed the chunk's frames to the detector; returns ``vad_start``/``vad_end`` events
+        (capture times in ns, segment length in s) for segments that started or ended.
+
+        A duplicate seq (after a group handover) is skipped; a gap resets the partial frame."""
         events: list[dict[str, Any]] = []
         if self._next_seq is not None and chunk.seq != self._next_seq:
             if chunk.seq < self._next_seq:

@@ -1,0 +1,136 @@
+"""What every ``audiosockets`` command shares: error mapping, configuration, the loop.
+
+- ``user_errors``: our errors become one line on stderr and their exit status
+  (``ConfigError``: 2); anything else is a bug and shows as one.
+- ``configure``: the one path a command's configuration is built and validated.
+- ``run_async``: every command's coroutine runs here, on the ``--loop`` asked for.
+- ``choice``: ``click.Choice`` from a ``Literal`` alias.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, Protocol, TypeVar, get_args, runtime_checkable
+
+import click
+
+from . import loops
+from .errors import AudiosocketsError, ConfigError
+from .loops import LoopName as LoopName
+from .urls import parse_url
+
+P = ParamSpec("P")
+T = TypeVar("T")
+C = TypeVar("C")
+
+#: Exit codes (beyond the error classes' own): 130 after Ctrl-C.
+EXIT_INTERRUPTED = 130
+
+
+def fail(message: str, code: int = 1) -> None:
+    """One clear line on stderr, then exit ``code``."""
+    click.echo(f"audiosockets: error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(func: Callable[P, T]) -> Callable[P, T]:
+    """Map our errors to one line and a named exit code; no tracebacks.
+
+    Only ``AudiosocketsError`` is a user error (``ConfigError``: exit 2). Any
+    other exception is a bug and shows as one, with its traceback.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return func(*args, **kwargs)
+        except AudiosocketsError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+@runtime_checkable
+class Validated(Protocol):
+    """A config object that checks its fields as a whole (raises ``ConfigError``)."""
+
+    def validate(self) -> None: ...
+
+
+def configure(factory: Callable[P, C], /, *args: P.args, **kwargs: P.kwargs) -> C:
+    """The one path a command's configuration goes through: build it, validate it.
+
+    Calls ``factory`` (a config class) and then its ``validate()`` if it has one.
+    A ``ValueError`` raised there is the config rejecting a value (the relay's
+    ``RelayConfig`` and ``Limits`` still raise ``ValueError``) and becomes a
+    ``ConfigError`` (exit status 2); a ``ValueError`` anywhere else is a bug.
+    """
+    try:
+        config = factory(*args, **kwargs)
+        if isinstance(config, Validated):
+            config.validate()
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return config
+
+
+def choice(alias: Any) -> click.Choice[str]:
+    """A ``click.Choice`` of the values of a ``Literal`` alias (one list, in the code)."""
+    return click.Choice(get_args(alias))
+
+
+def run_async(coro: Coroutine[Any, Any, T], loop: LoopName = "auto") -> T:
+    """Run ``coro`` on uvloop when available (or asked for), else asyncio (see ``loops``)."""
+    return loops.run(coro, loop)
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    address = parse_url(value)
+    return address.host, address.port
+
+
+def format_status(report: dict[str, Any]) -> str:
+    lines = [
+        f"relay {report['server']} {report['version']}, up {report['uptime_s']} s, "
+        f"replay {report['replay_seconds']} s, queue {report['queue_seconds']} s",
+        "",
+        f"{'STREAM':<24} {'FORMAT':<22} {'PUBLISHER':<16} {'RATE/s':>8} {'LAST SEQ':>10} {'WINDOW s':>9}  SUBSCRIBERS",
+    ]
+    for s in report["streams"]:
+        fmt = s["format"]
+        fmt_text = f"{fmt['rate']} Hz {fmt['channels']}ch {fmt['sample_type']}"
+        lines.append(
+            f"{s['name']:<24} {fmt_text:<22} {s['publisher'] or '-':<16} {s['rate_chunks_per_s']:>8} "
+            f"{s['last_seq']:>10} {s['window_seconds']:>9}  {', '.join(s['subscribers']) or '-'}"
+        )
+    if not report["streams"]:
+        lines.append("(no streams)")
+    lines += [
+        "",
+        f"{'SUBSCRIBER':<24} {'PATTERN':<12} {'GROUP':<12} {'LAG':>6} {'DROPPED':>8}  STREAMS",
+    ]
+    for sub in report["subscribers"]:
+        lines.append(
+            f"{sub['name']:<24} {sub['pattern']:<12} {sub['group'] or '-':<12} {sub['lag_chunks']:>6} "
+            f"{sub['dropped']:>8}  {', '.join(sub['streams']) or '-'}"
+        )
+    if not report["subscribers"]:
+        lines.append("(no subscribers)")
+    for name, group in report["groups"].items():
+        lines.append("")
+        lines.append(f"group {name}: members {', '.join(group['members']) or '-'}")
+        for stream, member in group["assignment"].items():
+            lines.append(f"  {stream} -> {member}")
+    drops = report["drops"]
+    lines.append("")
+    lines.append(
+        "drops: " + (", ".join(f"{k}={int(v)}" for k, v in sorted(drops.items())) or "none")
+    )
+    return "\n".join(lines)

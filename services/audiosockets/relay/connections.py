@@ -1,0 +1,132 @@
+"""One client connection on the relay: the handshake, the session's task
+group, and how the connection ends.
+
+Every task a session starts (the subscriber's writer, a takeover's goodbye)
+lives in the session's ``asyncio.TaskGroup``, so none can die unseen: a
+protocol error ends the session with its ERROR code, an unexpected exception
+(a bug of ours) with ERROR ``INTERNAL``, a count in
+``audiosockets_protocol_errors_total{reason="internal_error"}`` and one log
+line with the traceback. Either way only that connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import TYPE_CHECKING
+
+from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
+from ..protocol import Connection, ErrorFrame, Goodbye, Hello, Welcome
+from ..transport import Channel, tune_socket
+from .sessions import SESSION_TYPES, Session, SubscriberSession
+
+if TYPE_CHECKING:
+    from .server import Relay
+
+log = logging.getLogger("audiosockets.relay")
+
+
+def _the_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception of a session's task group to handle: a bug first,
+    then whatever came first."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending[:0] = exc.exceptions
+        else:
+            leaves.append(exc)
+    expected = (RemoteProtocolError, ConnectionClosed, asyncio.CancelledError)
+    return next((e for e in leaves if not isinstance(e, expected)), leaves[0])
+
+
+async def serve_connection(
+    relay: Relay, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Serve one client of ``relay`` until it leaves, breaks the protocol,
+    goes silent for three heartbeat intervals, or the relay stops. Raises
+    nothing but ``CancelledError``: every end is handled here."""
+    tune_socket(writer, sndbuf=relay.config.socket_buffer_bytes)
+    writer.transport.set_write_buffer_limits(high=64 * 1024)
+    cfg = relay.config
+    channel = Channel(
+        reader,
+        writer,
+        Connection("relay", cfg.limits),
+        heartbeat_interval=cfg.heartbeat_interval,
+        heartbeat_timeout=3 * cfg.heartbeat_interval,
+        clock=relay.clock,
+    )
+    session: Session | None = None
+    try:
+        hello = await _handshake(relay, channel)
+        if hello is None:
+            return
+        session = SESSION_TYPES[hello.role](relay, channel, hello, next(relay.session_ids))
+        relay.sessions.add(session)
+        relay.metrics.connected_clients.labels(session.role.label).inc()
+        log.info("%s %r connected from %s", session.role.label, session.name, channel.peer)
+        try:
+            async with asyncio.TaskGroup() as session.tasks:
+                await _read_events(session)
+        except BaseExceptionGroup as group:
+            raise _the_error(group) from None
+    except RemoteProtocolError as exc:
+        relay.metrics.protocol_errors.labels(exc.code.name.lower()).inc()
+        who = f"{session.role.label} {session.name!r}" if session else "client"
+        log.warning("closing %s from %s: %s", who, channel.peer, exc)
+        await channel.close(ErrorFrame(exc.code, str(exc)))
+    except ConnectionClosed as exc:
+        if session is not None:
+            log.info("%s %r disconnected: %s", session.role.label, session.name, exc)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # a bug of ours: close this connection, keep the relay
+        relay.metrics.protocol_errors.labels("internal_error").inc()
+        log.exception("internal error serving %s", channel.peer)
+        await channel.close(ErrorFrame(ErrorCode.INTERNAL, "internal relay error"))
+    finally:
+        if session is not None:
+            relay.sessions.discard(session)
+            session.detach()
+            relay.metrics.connected_clients.labels(session.role.label).dec()
+        await channel.close()
+
+
+async def _handshake(relay: Relay, channel: Channel) -> Hello | None:
+    """Read HELLO, check the token, answer WELCOME, start heartbeats.
+    None when the client left or was refused (already answered)."""
+    cfg = relay.config
+    try:
+        async with asyncio.timeout(cfg.limits.handshake_timeout):
+            hello = await channel.next_event()
+    except TimeoutError:
+        raise RemoteProtocolError(
+            f"no HELLO within {cfg.limits.handshake_timeout:g} s",
+            ErrorCode.HANDSHAKE_TIMEOUT,
+        ) from None
+    if not isinstance(hello, Hello):
+        return None  # GOODBYE/ERROR before the handshake: just close
+    if cfg.token and not hmac.compare_digest(hello.token.encode(), cfg.token.encode()):
+        relay.metrics.auth_failures.inc()
+        await channel.close(ErrorFrame(ErrorCode.UNAUTHORIZED, "missing or wrong token"))
+        return None
+    heartbeat_ms = max(1, int(cfg.heartbeat_interval * 1000))
+    replay_ms = int(cfg.replay_seconds * 1000)
+    channel.send(Welcome(cfg.server_name, heartbeat_ms, cfg.limits.max_frame_size, replay_ms))
+    channel.start_heartbeat()
+    return hello
+
+
+async def _read_events(session: Session) -> None:
+    """Hand the session its events until GOODBYE/ERROR; then stop its writer."""
+    while True:
+        event = await session.channel.next_event()
+        if isinstance(event, Goodbye | ErrorFrame):
+            log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
+            break
+        await session.handle(event)
+    if isinstance(session, SubscriberSession) and session.writer is not None:
+        session.writer.cancel()

@@ -1,0 +1,371 @@
+"""The relay server: listens, runs one session per connection, routes chunks
+from publishers to the subscriptions that want them.
+
+Invariants:
+- Publishing never waits on a subscriber: a chunk is appended to the window
+  and subscribers' writers are woken; nothing else happens on the publisher's
+  path.
+- Every chunk a subscriber should get is either written to its socket or
+  counted in ``audiosockets_chunks_dropped_total`` with a reason:
+  ``subscriber_slow`` when it fell further behind than ``queue_seconds`` of
+  live audio, ``replay_window_exceeded`` when what it needed was trimmed.
+- A protocol error closes that one connection with an ERROR frame and bumps
+  ``audiosockets_protocol_errors_total``; nothing else is touched. So does a
+  bug of ours in one session's tasks (``reason="internal_error"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..audio import AudioFormat
+from ..errors import AddressInUse, ErrorCode
+from ..metrics import CallbackCollector, Metrics
+from ..protocol import (
+    ChunkData,
+    Goodbye,
+    Limits,
+    encode_chunk,
+)
+from ..urls import RelayAddress
+from .connections import serve_connection
+from .groups import Group
+from .sessions import PublisherSession, Session, SubscriberSession
+from .status import collect_gauges, status_report
+from .streams import StreamCounters, StreamState
+from .subscriptions import Subscriptions
+
+log = logging.getLogger("audiosockets.relay")
+
+Clock = Callable[[], float]
+"""A monotonic clock in seconds, ``time.monotonic`` unless a test drives one."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """How the relay listens and how much it holds.
+
+    ``replay_seconds``: audio kept per stream for replay and resume (s, >= 0);
+    ``queue_seconds``: how far a subscriber may fall behind live audio before
+    its oldest chunks are dropped as ``subscriber_slow`` (s, > 0);
+    ``heartbeat_interval``: PING period (s, > 0; a peer silent for three is
+    dead); ``max_window_bytes``: cap per stream on top of ``replay_seconds``;
+    ``max_batch_bytes``: frames written to one subscriber per drain;
+    ``socket_buffer_bytes``: kernel send buffer per connection (0: OS
+    default); ``token``: shared secret clients present in HELLO (empty:
+    none). Raises ``ValueError`` for a value out of range.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 7400
+    replay_seconds: float = 30.0
+    queue_seconds: float = 2.0
+    heartbeat_interval: float = 2.0
+    max_window_bytes: int = 256 << 20  # per stream, on top of replay_seconds
+    max_batch_bytes: int = 256 << 10  # per write to one subscriber
+    socket_buffer_bytes: int = 1 << 20  # kernel send buffer per connection (0: OS default)
+    server_name: str = "audiosockets-relay"
+    token: str = ""  # shared secret clients must present in HELLO; empty: none
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if self.replay_seconds < 0:
+            raise ValueError("replay_seconds must be >= 0")
+        if self.queue_seconds <= 0:
+            raise ValueError("queue_seconds must be > 0")
+        if self.heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be > 0")
+
+
+class Relay:
+    """The relay server. ``start()`` binds and returns; ``serve_forever()``
+    runs until ``stop()`` (or a signal, via ``run``).
+
+    State: ``streams`` (by name; they outlive their publishers),
+    ``subscriptions`` (every subscriber's cursor in every stream), ``groups``
+    (by name), ``sessions`` and ``subscribers`` (live ones). ``clock`` is the
+    monotonic clock (seconds) arrivals, heartbeats and staleness are measured
+    with; ``metrics`` the registry everything is counted in.
+    """
+
+    def __init__(
+        self,
+        config: RelayConfig | None = None,
+        *,
+        metrics: Metrics | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.config = config or RelayConfig()
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.streams: dict[str, StreamState] = {}
+        self._stream_ids: dict[int, StreamState] = {}
+        self.subscriptions = Subscriptions()
+        self.groups: dict[str, Group] = {}
+        self.sessions: set[Session] = set()
+        self.subscribers: set[SubscriberSession] = set()
+        self._next_stream_id = itertools.count(1)
+        self.session_ids = itertools.count(1)  # numbers sessions, from 1
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # one per connection
+        self._stopped = asyncio.Event()
+        self.address: RelayAddress | None = None
+        self.started_at = time.time()
+        self.metrics.registry.register(CallbackCollector(lambda: collect_gauges(self)))
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> RelayAddress:
+        """Bind the listening socket and return the address clients reach it
+        at (the real port when the config says 0). Raises ``AddressInUse``
+        when it cannot listen there."""
+        try:
+            self._server = await asyncio.start_server(
+                self._on_connect, self.config.host, self.config.port, limit=1 << 20
+            )
+        except OSError as exc:
+            where = f"{self.config.host}:{self.config.port}"
+            if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+                raise AddressInUse(f"cannot listen on {where}: address already in use") from exc
+            raise AddressInUse(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        sock = self._server.sockets[0]
+        host, port = sock.getsockname()[:2]
+        self.address = RelayAddress(self.config.host if host in ("0.0.0.0", "::") else host, port)
+        log.info("relay listening on %s", self.address)
+        return self.address
+
+    @property
+    def url(self) -> str:
+        """``audiosockets://host:port`` once started (AssertionError before)."""
+        assert self.address is not None, "relay not started"
+        return str(self.address)
+
+    async def serve_forever(self) -> None:
+        """Return once the relay has stopped."""
+        await self._stopped.wait()
+
+    async def stop(self, *, timeout: float = 2.0) -> None:
+        """Tell every client goodbye, close the listener, wait for sessions to
+        end (at most ``timeout`` seconds for each step)."""
+        if self._server is not None:
+            self._server.close()
+        farewell = Goodbye(ErrorCode.SHUTTING_DOWN, "relay shutting down")
+        await asyncio.gather(
+            *(s.channel.close(farewell, timeout=timeout) for s in list(self.sessions)),
+            return_exceptions=True,
+        )
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), timeout)
+        self._stopped.set()
+
+    async def __aenter__(self) -> Relay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- connections ---------------------------------------------------------
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await serve_connection(self, reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    # -- publishing ----------------------------------------------------------
+
+    def open_stream(self, publisher: PublisherSession, name: str, fmt: AudioFormat) -> StreamState:
+        """Make ``publisher`` the publisher of stream ``name`` and return it.
+
+        A new name makes a new stream (and its zeroed metric series); a known
+        one keeps its window, unless ``fmt`` differs (window cleared, readers
+        get OPEN_STREAM again). A previous publisher is told GOODBYE
+        ``REPLACED``. Readers waiting for a CLOSE_STREAM of it no longer get one.
+        """
+        stream = self.streams.get(name)
+        if stream is None:
+            m = self.metrics
+            m.declare_stream(name)
+            counters = StreamCounters(
+                m.chunks_received.labels(name),
+                m.bytes_received.labels(name),
+                m.end_to_end_latency.labels(name),
+            )
+            stream = StreamState(next(self._next_stream_id), name, fmt, counters)
+            self.streams[name] = stream
+            self._stream_ids[stream.id] = stream
+            log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
+        elif stream.format != fmt:
+            log.warning(
+                "stream %r changed format %s -> %s; replay window cleared", name, stream.format, fmt
+            )
+            stream.format = fmt
+            stream.window.clear()
+            for cursor in self.subscriptions.readers(name).values():
+                cursor.declared = False
+                cursor.next_ord = stream.window.end
+        old = stream.publisher
+        if old is not None and old is not publisher:
+            log.warning("stream %r taken over by %r from %r", name, publisher.name, old.name)
+            farewell = Goodbye(
+                ErrorCode.REPLACED, f"stream {name!r} taken over by another publisher"
+            )
+            old.start_task(old.channel.close(farewell), name=f"replace {old.name}")
+        stream.publisher = publisher
+        for cursor in self.subscriptions.readers(name).values():
+            cursor.end_after = None  # back before readers caught up: not ended
+        self._offer(stream)
+        return stream
+
+    def publish(self, stream: StreamState, chunk: ChunkData) -> None:
+        """Append ``chunk`` to ``stream``'s window and wake its readers.
+
+        A sequence number at or below the last one is a duplicate (counted in
+        ``audiosockets_duplicates_suppressed_total``, dropped); one beyond the
+        next counts the missing ones in ``audiosockets_sequence_gaps_total``.
+        """
+        name = stream.name
+        m = self.metrics
+        if chunk.seq <= stream.last_seq:
+            m.duplicates_suppressed.labels(name).inc()
+            return
+        if stream.last_seq >= 0 and chunk.seq > stream.last_seq + 1:
+            m.sequence_gaps.labels(name).inc(chunk.seq - stream.last_seq - 1)
+        fmt = stream.format
+        nbytes = len(chunk.payload)
+        seconds = nbytes / (fmt.frame_bytes * fmt.rate)
+        frame = encode_chunk(stream.id, chunk.seq, chunk.captured_ns, chunk.payload)
+        window = stream.window
+        window.append(chunk.seq, frame, seconds, self.clock())
+        window.trim(self.config.replay_seconds, self.config.max_window_bytes)
+        stream.last_seq = chunk.seq
+        stream.last_captured_ns = chunk.captured_ns
+        stream.chunks_total += 1
+        counters = stream.counters
+        counters.received.inc()
+        counters.received_bytes.inc(nbytes)
+        counters.latency.observe(max(0.0, (time.time_ns() - chunk.captured_ns) / 1e9))
+        for reader in self.subscriptions.readers(name):
+            reader.wake.set()
+
+    def stream_ended(self, stream: StreamState) -> None:
+        """The publisher closed the stream: each reader gets CLOSE_STREAM after
+        the last chunk (processors finish their files), unless it reopens first."""
+        log.info("stream %r closed by its publisher at seq %d", stream.name, stream.last_seq)
+        for reader, cursor in self.subscriptions.readers(stream.name).items():
+            cursor.end_after = stream.last_seq
+            reader.wake.set()
+
+    # -- subscribing ---------------------------------------------------------
+
+    def subscribe(self, session: SubscriberSession) -> None:
+        """``session`` sent SUBSCRIBE: join its group (and rebalance it) or
+        attach every matching stream at its resume point."""
+        self.subscribers.add(session)
+        group_name = session.group_name
+        if group_name:
+            group = self.groups.setdefault(group_name, Group(group_name))
+            group.members.append(session)
+            session.group = group
+            group.rebalance(self.streams, self.subscriptions)
+        else:
+            for stream in list(self.streams.values()):
+                if session.matches(stream.name):
+                    session.attach(stream, session.resume.get(stream.name))
+
+    def unsubscribe(self, session: SubscriberSession) -> None:
+        """``session`` ended: leave its group, whose other members take over."""
+        self.subscribers.discard(session)
+        group = session.group
+        if group is not None:
+            with contextlib.suppress(ValueError):
+                group.members.remove(session)
+            session.group = None
+            group.rebalance(self.streams, self.subscriptions)
+
+    def _offer(self, stream: StreamState) -> None:
+        """A stream appeared (or came back): attach it where it belongs."""
+        for session in list(self.subscribers):
+            if (
+                session.group is None
+                and session.matches(stream.name)
+                and self.subscriptions.get(session, stream.name) is None
+            ):
+                session.attach(stream, session.resume.get(stream.name))
+        for group in list(self.groups.values()):
+            group.rebalance(self.streams, self.subscriptions)
+
+    def ack(self, session: SubscriberSession, stream_id: int, seq: int) -> None:
+        """``session`` confirmed ``seq`` in the stream with relay id ``stream_id``
+        (its group's resume point; ignored outside a group or for another
+        member's stream)."""
+        stream = self._stream_ids.get(stream_id)
+        if stream is not None and session.group is not None:
+            session.group.ack(session, stream.name, seq)
+
+    # -- accounting ----------------------------------------------------------
+
+    def count_drop(self, stream: str, reason: str, n: int) -> None:
+        """Count ``n`` chunks of ``stream`` lost for ``reason`` (a DROP_REASONS value)."""
+        self.metrics.chunks_dropped.labels(stream, reason).inc(n)
+
+    def count_sent(self, stream: str, chunks: int, nbytes: int) -> None:
+        """Count ``chunks`` chunks (``nbytes`` bytes of frames) of ``stream`` written."""
+        self.metrics.chunks_sent.labels(stream).inc(chunks)
+        self.metrics.bytes_sent.labels(stream).inc(nbytes)
+
+    def status(self) -> dict[str, object]:
+        """The report ``audiosockets status`` prints (see ``status_report``)."""
+        return status_report(self)
+
+    # -- running as a service -------------------------------------------------
+
+    async def run(
+        self,
+        *,
+        ready: Callable[[Relay], None] | None = None,
+        signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+    ) -> None:
+        """Serve until SIGINT/SIGTERM (or ``stop()``), then drain and return.
+
+        Signal handlers go in before the socket is bound and ``ready`` is
+        called, so a signal sent as soon as we announce ourselves is handled;
+        the handlers are removed on the way out. Raises ``AddressInUse`` as
+        ``start`` does.
+        """
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        installed = []
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+        try:
+            if self._server is None:
+                await self.start()
+            if ready is not None:
+                ready(self)
+            waiter = asyncio.ensure_future(stop.wait())
+            stopped = asyncio.ensure_future(self._stopped.wait())
+            await asyncio.wait([waiter, stopped], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopped.cancel()
+            log.info("relay shutting down")
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()

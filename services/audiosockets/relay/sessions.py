@@ -1,0 +1,338 @@
+"""One client's session on the relay, by role: publisher, subscriber, observer.
+
+A session turns the events of its connection into calls on the relay. A
+subscriber never gets a private copy of the audio: its writer task reads
+frames out of the shared replay windows at its cursors, so replay and live
+delivery are one code path, and a slow subscriber costs memory only in the
+windows that exist anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
+from ..protocol import (
+    Ack,
+    ChunkData,
+    CloseReason,
+    CloseStream,
+    Hello,
+    OpenStream,
+    Role,
+    StartPosition,
+    Status,
+    StatusRequest,
+    StreamAccepted,
+    Subscribe,
+)
+from ..transport import Channel
+from .streams import StreamState
+from .subscriptions import Cursor
+
+if TYPE_CHECKING:
+    from .groups import Group
+    from .server import Relay
+
+
+class Session:
+    """Base class of one client's session on the relay.
+
+    ``name`` is the client name from HELLO (``client-<id>`` when empty), ``id``
+    a relay-wide session number, ``connected_at`` Unix seconds. ``tasks`` is
+    the session's task group, set by the relay while the session runs: tasks
+    started there end with the session, and an unexpected exception in one of
+    them ends the session as an internal error.
+    """
+
+    role: Role
+
+    def __init__(self, relay: Relay, channel: Channel, hello: Hello, session_id: int) -> None:
+        self.relay = relay
+        self.channel = channel
+        self.name = hello.client_name or f"client-{session_id}"
+        self.id = session_id
+        self.connected_at = time.time()
+        self.tasks: asyncio.TaskGroup | None = None
+
+    def start_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None] | None:
+        """Run ``coro`` in this session's task group; returns the task, or
+        None (and closes ``coro``) when the session is no longer running."""
+        if self.tasks is not None:
+            with contextlib.suppress(RuntimeError):  # the group is finished
+                return self.tasks.create_task(coro, name=name)
+        coro.close()
+        return None
+
+    async def handle(self, event: object) -> None:
+        """Act on one event from the client. Raises ``RemoteProtocolError``
+        (``UNEXPECTED_FRAME``) for an event this role may not send."""
+        raise RemoteProtocolError(f"unexpected {type(event).__name__}", ErrorCode.UNEXPECTED_FRAME)
+
+    def detach(self) -> None:
+        """Forget this session everywhere; called once when it ends."""
+
+
+class PublisherSession(Session):
+    """A recorder's session: OPEN_STREAM, CHUNK, CLOSE_STREAM."""
+
+    role = Role.PUBLISHER
+
+    def __init__(self, relay: Relay, channel: Channel, hello: Hello, session_id: int) -> None:
+        super().__init__(relay, channel, hello, session_id)
+        self.streams: dict[int, StreamState] = {}  # by this connection's stream id
+
+    async def handle(self, event: object) -> None:
+        """Publish a chunk, open a stream (answered with STREAM_ACCEPTED and
+        the next sequence number the relay expects) or close one."""
+        if isinstance(event, ChunkData):
+            stream = self.streams.get(event.stream_id)
+            if stream is None or stream.publisher is not self:
+                return  # taken over by another publisher: ignore the late chunk
+            self.relay.publish(stream, event)
+        elif isinstance(event, OpenStream):
+            stream = self.relay.open_stream(self, event.name, event.format)
+            self.streams[event.stream_id] = stream
+            next_seq = stream.last_seq + 1 if stream.last_seq >= 0 else 0
+            self.channel.send(StreamAccepted(event.stream_id, next_seq))
+        elif isinstance(event, CloseStream):
+            stream = self.streams.pop(event.stream_id, None)
+            if stream is not None and stream.publisher is self:
+                stream.publisher = None
+                self.relay.stream_ended(stream)
+        else:
+            await super().handle(event)
+
+    def detach(self) -> None:
+        """Give up every stream this session publishes (they stay on the relay)."""
+        for stream in self.streams.values():
+            if stream.publisher is self:
+                stream.publisher = None
+        self.streams.clear()
+
+
+class SubscriberSession(Session):
+    """A processor's session: one SUBSCRIBE, then ACKs; a writer task sends
+    the chunks of every stream it is given, round-robin."""
+
+    role = Role.SUBSCRIBER
+
+    def __init__(self, relay: Relay, channel: Channel, hello: Hello, session_id: int) -> None:
+        super().__init__(relay, channel, hello, session_id)
+        self.subscription: Subscribe | None = None
+        self.resume: dict[str, int] = {}  # stream name -> last seq the client has
+        self.wake = asyncio.Event()
+        self.writer: asyncio.Task[None] | None = None
+        self.group: Group | None = None
+        self.dropped = 0  # chunks this subscriber lost, every reason
+
+    @property
+    def group_name(self) -> str:
+        """The group from SUBSCRIBE; empty when none (or not subscribed yet)."""
+        return self.subscription.group if self.subscription else ""
+
+    async def handle(self, event: object) -> None:
+        """ACK, the one SUBSCRIBE (a second raises ``RemoteProtocolError``
+        ``UNEXPECTED_FRAME``) or STATUS_REQUEST."""
+        if isinstance(event, Ack):
+            self.relay.ack(self, event.stream_id, event.seq)
+        elif isinstance(event, Subscribe):
+            if self.subscription is not None:
+                raise RemoteProtocolError(
+                    "only one SUBSCRIBE per session", ErrorCode.UNEXPECTED_FRAME
+                )
+            self.subscription = event
+            self.resume = dict(event.resume)
+            self.writer = self.start_task(self._write_loop(), name=f"writer {self.name}")
+            self.relay.subscribe(self)
+        elif isinstance(event, StatusRequest):
+            self.channel.send(Status(json.dumps(self.relay.status())))
+        else:
+            await super().handle(event)
+
+    def matches(self, stream: str) -> bool:
+        """Whether this session's pattern takes ``stream`` (False before SUBSCRIBE)."""
+        return self.subscription is not None and self.subscription.matches(stream)
+
+    def attach(self, stream: StreamState, after_seq: int | None, *, earliest: bool = False) -> None:
+        """Start delivering ``stream`` after ``after_seq`` (None: live, or the
+        oldest chunk held when ``earliest`` or the subscription says so).
+
+        Chunks between ``after_seq`` and the oldest one held are gone: they are
+        counted as ``replay_window_exceeded``.
+        """
+        assert self.subscription is not None
+        now = self.relay.clock()
+        window = stream.window
+        if after_seq is None and (earliest or self.subscription.start is StartPosition.EARLIEST):
+            after_seq = -1
+            start = window.base
+        elif after_seq is None:
+            after_seq = stream.last_seq
+            start = window.end
+        else:
+            start = window.ordinal_after_seq(after_seq)
+            trimmed_from = window.base if len(window) else window.end
+            first = window.first_seq()
+            if (
+                start == window.base
+                and first is not None
+                and first > after_seq + 1
+                and trimmed_from > 0
+            ):
+                # The chunks between the resume point and the window are gone.
+                missing = first - after_seq - 1
+                self.relay.count_drop(stream.name, "replay_window_exceeded", missing)
+                self.dropped += missing
+        self.relay.subscriptions.add(self, Cursor(stream, start, after_seq, now))
+        self.wake.set()
+
+    def unassign(self, stream: StreamState, reason: CloseReason) -> None:
+        """Stop delivering ``stream``; the client gets CLOSE_STREAM with
+        ``reason`` if it was told the stream was open."""
+        cursor = self.relay.subscriptions.remove(self, stream.name)
+        if cursor is not None and cursor.declared and not self.channel.closed:
+            with contextlib.suppress(Exception):
+                self.channel.send(CloseStream(stream.id, reason))
+
+    def detach(self) -> None:
+        """Drop every cursor, stop the writer, leave the group."""
+        self.relay.subscriptions.remove_session(self)
+        if self.writer is not None:
+            self.writer.cancel()
+        self.relay.unsubscribe(self)
+
+    def lag(self) -> int:
+        """Chunks held for this subscriber and not yet sent, all streams."""
+        return self.relay.subscriptions.session_lag(self)
+
+    async def _write_loop(self) -> None:
+        channel = self.channel
+        try:
+            while not channel.closed:
+                await self.wake.wait()
+                self.wake.clear()
+                while not channel.closed:
+                    frames = self._collect()
+                    if not frames:
+                        break
+                    channel.writelines(frames)
+                    await channel.drain()
+        except ConnectionClosed:
+            # The read side sees the same loss and ends the session.
+            channel.abort()
+
+    def _collect(self) -> list[bytes]:
+        """Take the next batch of frames from every cursor, round-robin."""
+        relay = self.relay
+        now = relay.clock()
+        stale_before = now - relay.config.queue_seconds
+        budget = relay.config.max_batch_bytes
+        frames: list[bytes] = []
+        for cursor in relay.subscriptions.of_session(self):
+            stream = cursor.stream
+            window = stream.window
+            if cursor.next_ord < window.base:
+                # Trimmed before we sent them. Only chunks after our resume
+                # point were needed: after a relay restart the publisher
+                # re-sends history the subscriber already has, and trimming
+                # that is no loss. Seqs are increasing, so those needed lie in
+                # (after_seq, first held seq).
+                trimmed = window.base - cursor.next_ord
+                first = window.first_seq()
+                needed = trimmed if first is None else max(0, first - cursor.after_seq - 1)
+                lost = min(trimmed, needed)
+                cursor.next_ord = window.base
+                if lost:
+                    cursor.dropped_window += lost
+                    self.dropped += lost
+                    relay.count_drop(stream.name, "replay_window_exceeded", lost)
+            if cursor.next_ord >= window.end:
+                self._end_if_done(cursor, frames)
+                continue
+            # Live chunks older than queue_seconds are dropped (oldest first);
+            # chunks that were already in the window when we attached are
+            # replay and exempt.
+            fresh_from = window.ordinal_arrived_at(max(stale_before, cursor.assigned_at))
+            exempt_until = window.ordinal_arrived_at(cursor.assigned_at)
+            if exempt_until <= cursor.next_ord < fresh_from:
+                skipped = self._skip(cursor, fresh_from)
+                if skipped:
+                    relay.count_drop(stream.name, "subscriber_slow", skipped)
+            if not cursor.declared:
+                frames.append(
+                    self.channel.conn.send(OpenStream(stream.id, stream.name, stream.format))
+                )
+                cursor.declared = True
+            i = cursor.next_ord - window.base + window.head
+            end = len(window.seqs)
+            sent = 0
+            nbytes = 0
+            while i < end and budget > 0:
+                if window.seqs[i] > cursor.after_seq:
+                    frame = window.frames[i]
+                    frames.append(frame)
+                    budget -= len(frame)
+                    nbytes += len(frame)
+                    cursor.after_seq = window.seqs[i]
+                    sent += 1
+                i += 1
+            cursor.next_ord = i - window.head + window.base
+            if sent:
+                cursor.sent += sent
+                relay.count_sent(stream.name, sent, nbytes)
+            self._end_if_done(cursor, frames)
+            if budget <= 0:
+                self.wake.set()  # more to do after this batch is flushed
+                break
+        return frames
+
+    def _end_if_done(self, cursor: Cursor, frames: list[bytes]) -> None:
+        """After the last chunk of a stream its publisher closed, say so, in order."""
+        window = cursor.stream.window
+        if cursor.end_after is None or cursor.next_ord < window.end:
+            return
+        cursor.end_after = None
+        if cursor.declared:
+            frames.append(self.channel.conn.send(CloseStream(cursor.stream.id, CloseReason.ENDED)))
+            cursor.declared = False  # a reopened stream is declared again
+
+    def _skip(self, cursor: Cursor, to_ord: int) -> int:
+        window = cursor.stream.window
+        skipped = 0
+        for i in range(
+            cursor.next_ord - window.base + window.head, to_ord - window.base + window.head
+        ):
+            seq = window.seqs[i]
+            if seq > cursor.after_seq:
+                skipped += 1
+                cursor.after_seq = seq
+        cursor.next_ord = to_ord
+        cursor.dropped_slow += skipped
+        self.dropped += skipped
+        return skipped
+
+
+class ObserverSession(Session):
+    """``audiosockets status``: STATUS_REQUEST only."""
+
+    role = Role.OBSERVER
+
+    async def handle(self, event: object) -> None:
+        """Answer STATUS_REQUEST with the relay's status report as JSON."""
+        if isinstance(event, StatusRequest):
+            self.channel.send(Status(json.dumps(self.relay.status())))
+        else:
+            await super().handle(event)
+
+
+SESSION_TYPES: dict[Role, type[Session]] = {
+    Role.PUBLISHER: PublisherSession,
+    Role.SUBSCRIBER: SubscriberSession,
+    Role.OBSERVER: ObserverSession,
+}
