@@ -584,9 +584,10 @@ async def test_resent_history_longer_than_the_window_is_not_counted_as_loss(rela
 @pytest.mark.parametrize("relay_config", [RelayConfig(port=0, token="s3cret")])
 async def test_token_is_required_when_the_relay_has_one(relay: Relay) -> None:
     from audiosockets.client import fetch_status
-    from audiosockets.errors import ConnectionClosed
+    from audiosockets.errors import Refused
 
-    with pytest.raises(ConnectionClosed, match="token") as info:
+    # A refusal retrying cannot change: Refused (the CLI's exit status 1), not a retry.
+    with pytest.raises(Refused, match="bad token") as info:
         await fetch_status(relay.url, token="wrong")
     assert info.value.code is ErrorCode.UNAUTHORIZED
     assert relay.metrics.registry.get_sample_value("audiosockets_auth_failures_total") == 1

@@ -20,7 +20,14 @@ import click
 
 from . import __version__
 from .audio import DTypeName
-from .cli_security import client_tls, client_tls_options, read_token, token_file_option
+from .cli_security import (
+    client_tls,
+    client_tls_options,
+    read_token,
+    relay_security_options,
+    relay_tls,
+    token_file_option,
+)
 from .cli_support import (
     LoopName,
     choice,
@@ -117,8 +124,10 @@ def main(log_level: LogLevel) -> None:
 @click.option(
     "--token",
     default=None,
-    help="Shared secret every client must present (unset: no authentication).",
+    help="Shared secret every client must present: the simplest mode, one identity "
+    "with every role (unset, and no --credentials: no authentication).",
 )
+@relay_security_options
 @loop_option
 @user_errors
 def relay(
@@ -129,6 +138,11 @@ def relay(
     heartbeat_seconds: float,
     max_frame_bytes: int,
     token: str | None,
+    token_file: Path | None,
+    credentials: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
     loop_name: LoopName,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out."""
@@ -145,7 +159,9 @@ def relay(
         queue_seconds=queue_seconds,
         heartbeat_interval=heartbeat_seconds,
         limits=configure(Limits, max_frame_size=max_frame_bytes),
-        token=token or "",
+        token=read_token(token, token_file),
+        credentials=credentials,
+        tls=relay_tls(listen, tls_cert, tls_key, tls_client_ca),
     )
     metrics = Metrics()
 
@@ -154,7 +170,8 @@ def relay(
             serve_metrics(metrics_port, metrics.registry)
         click.echo(f"relay listening on {server.url}", err=True)
 
-    run_async(Relay(config, metrics=metrics).run(ready=ready), loop_name)
+    server = Relay(config, metrics=metrics)  # reads --credentials: a bad file is exit 2
+    run_async(server.run(ready=ready), loop_name)
 
 
 @main.command()
@@ -349,6 +366,8 @@ def loadtest(
 )
 @click.option("--name", default=None, help="Client name the relay shows (default recorder-STREAM).")
 @token_option
+@token_file_option
+@client_tls_options
 @metrics_port_option(9401)
 @loop_option
 @user_errors
@@ -365,6 +384,10 @@ def record(
     flush_seconds: float,
     name: str | None,
     token: str | None,
+    token_file: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     metrics_port: int,
     loop_name: LoopName,
 ) -> None:
@@ -386,7 +409,8 @@ def record(
         spool_dir=spool_dir,
         flush_timeout=flush_seconds,
         name=name,
-        token=token,
+        token=read_token(token, token_file),
+        tls=client_tls(relay_url, tls_ca, tls_cert, tls_key),
     )
     run_async(run_recorder(config, metrics_port=metrics_port), loop_name)
 
@@ -454,6 +478,8 @@ def devices() -> None:
     "--name", default=None, help="Client name at the relay (default process-HANDLER@HOSTNAME)."
 )
 @token_option
+@token_file_option
+@client_tls_options
 @metrics_port_option(9402)
 @loop_option
 @user_errors
@@ -470,6 +496,10 @@ def process(
     start: StartName,
     name: str | None,
     token: str | None,
+    token_file: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     metrics_port: int,
     loop_name: LoopName,
 ) -> None:
@@ -490,7 +520,8 @@ def process(
         segment_seconds=segment_seconds,
         exit_after=max_failures,
         start=start,
-        token=token,
+        token=read_token(token, token_file),
+        tls=client_tls(relay_url, tls_ca, tls_cert, tls_key),
     )
     run_async(serve(config), loop_name)  # checks the handler once, before connecting
 

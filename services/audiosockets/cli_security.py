@@ -116,3 +116,51 @@ def read_token(token: str | None, token_file: Path | None) -> str:
                     "use --token-file or the environment variable"
                 )
     return token or ""
+
+
+def relay_security_options(func: Callable[P, T]) -> Callable[P, T]:
+    """The relay's ``--token-file``, ``--credentials``, ``--tls-cert``, ``--tls-key``,
+    ``--tls-client-ca``."""
+    func = click.option(
+        "--tls-client-ca",
+        type=_FILE,
+        default=None,
+        help="Require client certificates signed by this CA (PEM): mutual TLS.",
+    )(func)
+    func = click.option(
+        "--tls-key",
+        type=_FILE,
+        default=None,
+        help="Key of --tls-cert (PEM; omit when the certificate file holds it).",
+    )(func)
+    func = click.option(
+        "--tls-cert",
+        type=_FILE,
+        default=None,
+        help="Serve TLS with this certificate (PEM); clients then use tls://.",
+    )(func)
+    func = click.option(
+        "--credentials",
+        type=_FILE,
+        default=None,
+        help="TOML file of [[client]] identities with roles, streams and groups "
+        "(instead of --token); reloaded on SIGHUP.",
+    )(func)
+    return token_file_option(func)
+
+
+def relay_tls(
+    listen: str, cert: Path | None, key: Path | None, client_ca: Path | None
+) -> ssl.SSLContext | None:
+    """The relay's TLS context (None: plain TCP). ConfigError for ``tls://``
+    without a certificate, a key or client CA without one, or unusable files."""
+    from .tls import server_context
+
+    if cert is None:
+        if parse_url(listen).tls:
+            raise ConfigError(f"--listen {listen} needs --tls-cert and --tls-key")
+        if key is not None or client_ca is not None:
+            flag = "--tls-key" if key is not None else "--tls-client-ca"
+            raise ConfigError(f"{flag} needs --tls-cert (the relay's certificate)")
+        return None
+    return server_context(cert=cert, key=key, client_ca=client_ca)

@@ -51,6 +51,7 @@ RefusalReason = Literal[
     "stream_not_allowed",
     "group_not_allowed",
     "stream_owned",  # a live stream another identity publishes
+    "certificate_required",  # mutual TLS and the client sent no certificate
 ]
 REFUSAL_REASONS: tuple[RefusalReason, ...] = (
     "bad_token",
@@ -58,6 +59,7 @@ REFUSAL_REASONS: tuple[RefusalReason, ...] = (
     "stream_not_allowed",
     "group_not_allowed",
     "stream_owned",
+    "certificate_required",
 )
 
 #: The permission each session role needs in HELLO.
@@ -151,12 +153,17 @@ class Credentials:
     source: str = "<credentials>"
 
     def authenticate(self, token: str) -> Identity | Refusal:
-        presented = hashlib.sha256(token.encode()).digest()
+        if not token:
+            return BAD_TOKEN
+        return self.identify(hashlib.sha256(token.encode()).digest())
+
+    def identify(self, token_sha256: bytes) -> Identity | Refusal:
+        """The identity whose ``token_sha256`` this is (``authenticate`` without the token)."""
         found: Identity | None = None
         for client in self.clients:  # every entry, whichever matches
-            if hmac.compare_digest(presented, client.token_sha256) and found is None:
+            if hmac.compare_digest(token_sha256, client.token_sha256) and found is None:
                 found = client.identity
-        return BAD_TOKEN if found is None or not token else found
+        return BAD_TOKEN if found is None else found
 
     def names(self) -> frozenset[str]:
         """Every identity name in the file."""

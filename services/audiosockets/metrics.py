@@ -159,6 +159,20 @@ class Metrics:
             "Connections refused because the token was missing or wrong.",
             registry=r,
         )
+        self.refusals = Counter(
+            "audiosockets_refusals",
+            "Handshakes and requests the relay refused, by the rule that refused them "
+            "(bad_token, role_not_allowed, stream_not_allowed, group_not_allowed, stream_owned).",
+            ["reason"],
+            registry=r,
+        )
+        self.tls_handshake_failures = Counter(
+            "audiosockets_tls_handshake_failures",
+            "Connections cut in or right after the TLS handshake, by reason (not_tls: "
+            "plain TCP or HTTP on the TLS port; client_certificate_missing/untrusted).",
+            ["reason"],
+            registry=r,
+        )
 
     # Label children are created on first use of a stream so the zero shows
     # up in the first scrape after the stream appears.

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import re
 import signal
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from .audio import AudioFormat, DTypeName, SampleType
-from .errors import ConfigError, DeviceError
+from .errors import ConfigError, DeviceError, Refused
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
 from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
@@ -107,6 +108,10 @@ class PublisherLike(Protocol):
 
     async def close(self, timeout: float = ..., *, drop_unsent: bool = ...) -> None: ...
 
+    async def wait_refused(self) -> Exception:
+        """Return (not raise) the error once the relay refused us for good."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class RecorderConfig:
@@ -126,6 +131,8 @@ class RecorderConfig:
     memory_seconds: float = 10.0
     name: str | None = None
     token: str | None = None
+    #: The TLS context for a ``tls://`` relay (``tls.client_context``); None: defaults.
+    tls: ssl.SSLContext | None = None
     flush_timeout: float = 2.0
     #: Longest wait between two attempts to reopen a lost device.
     retry_max_wait: float = 2.0
@@ -213,6 +220,7 @@ def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
         history_seconds=config.history_seconds,
         metrics=metrics,
         token=config.token or "",
+        tls=config.tls,
     )
     return publisher
 
@@ -307,13 +315,19 @@ class Recorder:
         self._stopping.set()
 
     async def serve_forever(self) -> None:
-        """Return when stopped or when a finite source has ended; raises a capture failure."""
+        """Return when stopped or when a finite source has ended; raises a capture
+        failure, or ``Refused`` when the relay refused this recorder for good
+        (its token, role, stream or certificate: retrying would not help)."""
         assert self._capture is not None, "start() first"
         stop = asyncio.create_task(self._stopping.wait())
+        refused = asyncio.create_task(self.publisher.wait_refused())
         try:
-            await asyncio.wait({self._capture, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({self._capture, stop, refused}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
+            refused.cancel()
+        if refused.done() and not refused.cancelled():
+            raise refused.result()
         if self._capture.done() and not self._capture.cancelled():
             self._capture.result()  # re-raise a capture failure
 
@@ -339,6 +353,8 @@ class Recorder:
         deadline = time.monotonic() + self.config.flush_timeout
         try:
             flushed = await self._flush_all(deadline)
+        except Refused:
+            flushed = False  # serve_forever raises it; what is unsent stays on disk
         finally:
             await self.publisher.close(
                 timeout=max(0.0, deadline - time.monotonic()), drop_unsent=self.disk is None

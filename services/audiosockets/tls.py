@@ -147,8 +147,10 @@ def requires_client_certificate(ctx: ssl.SSLContext | None) -> bool:
 
 def handshake_failure(exc: BaseException) -> HandshakeFailure:
     """Classify a failed server-side handshake for the metric and the log line."""
-    if isinstance(exc, TimeoutError):
-        return "timeout"
+    if isinstance(exc, TimeoutError) or (
+        isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc)
+    ):
+        return "timeout"  # asyncio's ssl_handshake_timeout aborts with that sentence
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "client_certificate_untrusted"
     if isinstance(exc, ssl.SSLError):

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterable, Callable, Iterable
@@ -405,6 +406,7 @@ class ProcessorConfig:
     exit_after: int = 100
     start: StartName = "live"
     token: str | None = None
+    tls: ssl.SSLContext | None = None  # for a tls:// relay (tls.client_context); None: defaults
 
     def validate(self) -> None:
         """Check the fields a flag sets; ``ConfigError`` naming the flag.
@@ -473,6 +475,7 @@ async def serve(
             name=config.name or f"process-{spec.name}@{socket.gethostname()}",
             start=config.start,
             token=config.token or "",
+            tls=config.tls,
             metrics=metrics,
             on_stream_closed=processor.stream_closed,
             manual_ack=True,

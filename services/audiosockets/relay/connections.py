@@ -12,13 +12,14 @@ line with the traceback. Either way only that connection ends.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from typing import TYPE_CHECKING
 
+from ..credentials import Identity, Refusal, may_open
 from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
 from ..protocol import Connection, ErrorFrame, Goodbye, Hello, Welcome
 from ..transport import Channel, tune_socket
+from .access import RequestRefused, source_address, token_digest
 from .sessions import SESSION_TYPES, Session, SubscriberSession
 
 if TYPE_CHECKING:
@@ -46,11 +47,17 @@ async def serve_connection(
     relay: Relay, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     """Serve one client of ``relay`` until it leaves, breaks the protocol,
-    goes silent for three heartbeat intervals, or the relay stops. Raises
-    nothing but ``CancelledError``: every end is handled here."""
-    tune_socket(writer, sndbuf=relay.config.socket_buffer_bytes)
-    writer.transport.set_write_buffer_limits(high=64 * 1024)
+    goes silent for three heartbeat intervals, is refused, or the relay stops.
+    Raises nothing but ``CancelledError``: every end is handled here."""
     cfg = relay.config
+    access = relay.access
+    address = source_address(writer)
+    if access.tls is not None and not await access.accept_tls(
+        writer, address, cfg.limits.handshake_timeout
+    ):
+        return
+    tune_socket(writer, sndbuf=cfg.socket_buffer_bytes)
+    writer.transport.set_write_buffer_limits(high=64 * 1024)
     channel = Channel(
         reader,
         writer,
@@ -61,10 +68,13 @@ async def serve_connection(
     )
     session: Session | None = None
     try:
-        hello = await _handshake(relay, channel)
-        if hello is None:
+        admitted = await _handshake(relay, channel, address)
+        if admitted is None:
             return
+        hello, identity = admitted
         session = SESSION_TYPES[hello.role](relay, channel, hello, next(relay.session_ids))
+        session.identity = identity
+        session.token_sha256 = token_digest(hello.token)
         relay.sessions.add(session)
         relay.metrics.connected_clients.labels(session.role.label).inc()
         log.info("%s %r connected from %s", session.role.label, session.name, channel.peer)
@@ -78,6 +88,10 @@ async def serve_connection(
         who = f"{session.role.label} {session.name!r}" if session else "client"
         log.warning("closing %s from %s: %s", who, channel.peer, exc)
         await channel.close(ErrorFrame(exc.code, str(exc)))
+    except RequestRefused as exc:
+        who = f"{session.role.label} {session.name!r}" if session else "client"
+        await relay.access.refuse(address, exc.refusal, who)
+        await channel.close(ErrorFrame(ErrorCode.UNAUTHORIZED, exc.refusal.message))
     except ConnectionClosed as exc:
         if session is not None:
             log.info("%s %r disconnected: %s", session.role.label, session.name, exc)
@@ -95,9 +109,10 @@ async def serve_connection(
         await channel.close()
 
 
-async def _handshake(relay: Relay, channel: Channel) -> Hello | None:
-    """Read HELLO, check the token, answer WELCOME, start heartbeats.
-    None when the client left or was refused (already answered)."""
+async def _handshake(relay: Relay, channel: Channel, address: str) -> tuple[Hello, Identity] | None:
+    """Read HELLO, identify the client and check its role, answer WELCOME,
+    start heartbeats. None when the client left; ``RequestRefused`` when a
+    rule refuses it (its certificate, token or role)."""
     cfg = relay.config
     try:
         async with asyncio.timeout(cfg.limits.handshake_timeout):
@@ -109,15 +124,19 @@ async def _handshake(relay: Relay, channel: Channel) -> Hello | None:
         ) from None
     if not isinstance(hello, Hello):
         return None  # GOODBYE/ERROR before the handshake: just close
-    if cfg.token and not hmac.compare_digest(hello.token.encode(), cfg.token.encode()):
-        relay.metrics.auth_failures.inc()
-        await channel.close(ErrorFrame(ErrorCode.UNAUTHORIZED, "missing or wrong token"))
-        return None
+    access = relay.access
+    found: Identity | Refusal | None = access.client_certificate_refusal(channel.writer)
+    if found is None:
+        found = access.identify(hello.token)
+    if isinstance(found, Identity):
+        found = may_open(found, hello.role) or found
+    if isinstance(found, Refusal):
+        raise RequestRefused(found)
     heartbeat_ms = max(1, int(cfg.heartbeat_interval * 1000))
     replay_ms = int(cfg.replay_seconds * 1000)
     channel.send(Welcome(cfg.server_name, heartbeat_ms, cfg.limits.max_frame_size, replay_ms))
     channel.start_heartbeat()
-    return hello
+    return hello, found
 
 
 async def _read_events(session: Session) -> None:

@@ -21,20 +21,24 @@ import contextlib
 import itertools
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..audio import AudioFormat
-from ..errors import AddressInUse, ErrorCode
+from ..errors import AddressInUse, ConfigError, ErrorCode
 from ..metrics import CallbackCollector, Metrics
 from ..protocol import (
     ChunkData,
+    ErrorFrame,
     Goodbye,
     Limits,
     encode_chunk,
 )
 from ..urls import RelayAddress
+from .access import AccessControl
 from .connections import serve_connection
 from .groups import Group
 from .sessions import PublisherSession, Session, SubscriberSession
@@ -60,7 +64,12 @@ class RelayConfig:
     ``max_batch_bytes``: frames written to one subscriber per drain;
     ``socket_buffer_bytes``: kernel send buffer per connection (0: OS
     default); ``token``: shared secret clients present in HELLO (empty:
-    none). Raises ``ValueError`` for a value out of range.
+    none; the simplest mode: one identity with every role);
+    ``credentials``: a credentials file instead (``credentials`` module:
+    identities with roles, stream and group scopes; reloaded on SIGHUP);
+    ``tls``: a server context (``tls.server_context``: certificate, key and
+    optionally the client CA for mutual TLS) or None for plain TCP. Raises
+    ``ValueError`` for a value out of range.
     """
 
     host: str = "127.0.0.1"
@@ -73,6 +82,8 @@ class RelayConfig:
     socket_buffer_bytes: int = 1 << 20  # kernel send buffer per connection (0: OS default)
     server_name: str = "audiosockets-relay"
     token: str = ""  # shared secret clients must present in HELLO; empty: none
+    credentials: Path | None = None
+    tls: ssl.SSLContext | None = None
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -105,6 +116,10 @@ class Relay:
         self.config = config or RelayConfig()
         self.metrics = metrics or Metrics()
         self.clock = clock
+        cfg = self.config
+        self.access = AccessControl(
+            self.metrics, tls=cfg.tls, token=cfg.token, credentials=cfg.credentials, clock=clock
+        )
         self.streams: dict[str, StreamState] = {}
         self._stream_ids: dict[int, StreamState] = {}
         self.subscriptions = Subscriptions()
@@ -137,7 +152,11 @@ class Relay:
             raise AddressInUse(f"cannot listen on {where}: {exc.strerror or exc}") from exc
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
-        self.address = RelayAddress(self.config.host if host in ("0.0.0.0", "::") else host, port)
+        self.address = RelayAddress(
+            self.config.host if host in ("0.0.0.0", "::") else host,
+            port,
+            "tcp" if self.access.tls is None else "tls",
+        )
         log.info("relay listening on %s", self.address)
         return self.address
 
@@ -206,6 +225,7 @@ class Relay:
                 m.end_to_end_latency.labels(name),
             )
             stream = StreamState(next(self._next_stream_id), name, fmt, counters)
+            stream.owner = publisher.identity.name  # "" without per-client credentials
             self.streams[name] = stream
             self._stream_ids[stream.id] = stream
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
@@ -332,6 +352,36 @@ class Relay:
         """The report ``audiosockets status`` prints (see ``status_report``)."""
         return status_report(self)
 
+    # -- credentials ----------------------------------------------------------
+
+    def reload_credentials(self) -> bool:
+        """Read the ``--credentials`` file again (SIGHUP). Sessions still allowed
+        keep running with their new identity; the others are closed with ERROR
+        UNAUTHORIZED saying which rule now refuses them. A file that does not
+        load is logged and the previous credentials stay: returns False."""
+        try:
+            credentials = self.access.reload()
+        except ConfigError as exc:
+            log.error("credentials not reloaded (the previous ones stay in force): %s", exc)
+            return False
+        closed = 0
+        for session in list(self.sessions):
+            refusal = self.access.recheck(session)
+            if refusal is None:
+                continue
+            closed += 1
+            self.metrics.refusals.labels(refusal.reason).inc()
+            log.warning("closing %s %r: %s", session.role.label, session.name, refusal.message)
+            farewell = ErrorFrame(ErrorCode.UNAUTHORIZED, refusal.message)
+            session.start_task(session.channel.close(farewell), name=f"revoke {session.name}")
+        log.info(
+            "credentials reloaded from %s: %d clients; %d sessions closed",
+            credentials.source,
+            len(credentials.clients),
+            closed,
+        )
+        return True
+
     # -- running as a service -------------------------------------------------
 
     async def run(
@@ -354,6 +404,10 @@ class Relay:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, stop.set)
                 installed.append(sig)
+        if self.access.credentials_path is not None and hasattr(signal, "SIGHUP"):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGHUP, self.reload_credentials)
+                installed.append(signal.SIGHUP)
         try:
             if self._server is None:
                 await self.start()

@@ -16,6 +16,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from ..credentials import EVERYONE, may_publish, may_request_status, may_subscribe, may_take_over
 from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
 from ..protocol import (
     Ack,
@@ -32,6 +33,7 @@ from ..protocol import (
     Subscribe,
 )
 from ..transport import Channel
+from .access import RequestRefused
 from .streams import StreamState
 from .subscriptions import Cursor
 
@@ -44,7 +46,10 @@ class Session:
     """Base class of one client's session on the relay.
 
     ``name`` is the client name from HELLO (``client-<id>`` when empty), ``id``
-    a relay-wide session number, ``connected_at`` Unix seconds. ``tasks`` is
+    a relay-wide session number, ``connected_at`` Unix seconds, ``identity``
+    who the client is and what it may do (``credentials.Identity``; set after
+    the handshake, replaced when the credentials are reloaded),
+    ``token_sha256`` the SHA-256 of its token (to recheck it). ``tasks`` is
     the session's task group, set by the relay while the session runs: tasks
     started there end with the session, and an unexpected exception in one of
     them ends the session as an internal error.
@@ -58,6 +63,8 @@ class Session:
         self.name = hello.client_name or f"client-{session_id}"
         self.id = session_id
         self.connected_at = time.time()
+        self.identity = EVERYONE
+        self.token_sha256 = b""
         self.tasks: asyncio.TaskGroup | None = None
 
     def start_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None] | None:
@@ -96,6 +103,12 @@ class PublisherSession(Session):
                 return  # taken over by another publisher: ignore the late chunk
             self.relay.publish(stream, event)
         elif isinstance(event, OpenStream):
+            refusal = may_publish(self.identity, event.name)
+            known = self.relay.streams.get(event.name)
+            if refusal is None and known is not None and known.owner:
+                refusal = may_take_over(known.owner, self.identity.name, event.name)
+            if refusal is not None:
+                raise RequestRefused(refusal)
             stream = self.relay.open_stream(self, event.name, event.format)
             self.streams[event.stream_id] = stream
             next_seq = stream.last_seq + 1 if stream.last_seq >= 0 else 0
@@ -146,11 +159,17 @@ class SubscriberSession(Session):
                 raise RemoteProtocolError(
                     "only one SUBSCRIBE per session", ErrorCode.UNEXPECTED_FRAME
                 )
+            refusal = may_subscribe(self.identity, event.pattern, event.group)
+            if refusal is not None:
+                raise RequestRefused(refusal)
             self.subscription = event
             self.resume = dict(event.resume)
             self.writer = self.start_task(self._write_loop(), name=f"writer {self.name}")
             self.relay.subscribe(self)
         elif isinstance(event, StatusRequest):
+            refusal = may_request_status(self.identity)
+            if refusal is not None:
+                raise RequestRefused(refusal)
             self.channel.send(Status(json.dumps(self.relay.status())))
         else:
             await super().handle(event)

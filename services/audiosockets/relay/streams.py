@@ -31,7 +31,9 @@ class StreamState:
     ``id`` is the relay-wide stream id used on subscriber connections,
     ``last_seq`` the newest sequence number published (-1: none yet),
     ``last_captured_ns`` its capture time (Unix nanoseconds), ``chunks_total``
-    the chunks accepted since the relay started. Who reads the stream is kept
+    the chunks accepted since the relay started, ``owner`` the identity that
+    first published it (credentials name; "" without per-client credentials):
+    no other identity may publish it while the relay holds it. Who reads the stream is kept
     in the relay's ``Subscriptions``, not here.
     """
 
@@ -44,6 +46,7 @@ class StreamState:
     last_captured_ns: int = 0
     publisher: PublisherSession | None = None
     chunks_total: int = 0
+    owner: str = ""
 
     def rate(self, now: float, span: float = 5.0) -> float:
         """Chunks per second that arrived in the last ``span`` seconds before
