@@ -134,3 +134,26 @@ def test_optional_extra_modules_are_typed_as_any_everywhere() -> None:
     assert not unlisted, "optional-extra modules missing from the mypy skip override:\n" + (
         "\n".join(unlisted)
     )
+
+
+# --- modules small enough to read in one sitting -------------------------------------------
+
+MAX_MODULE_LINES = 600
+MAX_CLASS_LINES = 300
+
+
+def test_no_module_or_class_too_long_to_read() -> None:
+    """STYLE.md 12: a module stays readable in one sitting; past that it is split along
+    its seams. Limits from issue 10: 600 lines a module, 300 a class."""
+    too_long = []
+    for path in sorted((ROOT / "services").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"{path.relative_to(ROOT)}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_CLASS_LINES:
+                    too_long.append(f"{path.relative_to(ROOT)}: class {node.name} {length} lines")
+    assert not too_long, "split along the seams:\n" + "\n".join(too_long)

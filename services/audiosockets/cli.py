@@ -21,6 +21,7 @@ import click
 from . import __version__
 from .audio import DTypeName
 from .cli_security import (
+    certs,
     client_tls,
     client_tls_options,
     read_token,
@@ -555,43 +556,7 @@ def demo(listen: str, streams: int, seconds: float, loop_name: LoopName) -> None
     run_async(run_demo(config), loop_name)
 
 
-# --- certs (security) --------------------------------------------------------
-
-
-@main.group()
-def certs() -> None:
-    """Make a site's TLS certificates (needs the `certs` extra: cryptography)."""
-
-
-@certs.command("init")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@user_errors
-def certs_init(directory: Path) -> None:
-    """Create DIRECTORY holding a new site CA: ca.pem, and ca.key (mode 0600)."""
-    from .certs import init_site
-
-    issued = init_site(directory)
-    click.echo(f"site CA: {issued.cert} (key {issued.key}: keep it secret)")
-
-
-@certs.command("issue")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("name")
-@click.option("--ip", "ips", multiple=True, help="IP address the certificate is for (repeatable).")
-@click.option(
-    "--dns", multiple=True, help="Host name the certificate is for (repeatable; default NAME)."
-)
-@user_errors
-def certs_issue(directory: Path, name: str, ips: tuple[str, ...], dns: tuple[str, ...]) -> None:
-    """Issue DIRECTORY/NAME.pem and NAME.key (mode 0600), signed by the site CA.
-
-    One certificate serves a relay (give the --dns/--ip clients connect to)
-    or a client (mutual TLS).
-    """
-    from .certs import issue
-
-    issued = issue(directory, name, ips=ips, dns=dns)
-    click.echo(f"certificate: {issued.cert} (key {issued.key})")
+main.add_command(certs)  # audiosockets certs init/issue (cli_security)
 
 
 # --- env vars (keep last: runs after every command is registered) -----------

@@ -1,4 +1,4 @@
-"""The command line's security options: TLS files and token files.
+"""The command line's security options (TLS files, token files) and ``certs``.
 
 Kept apart from ``cli.py`` so each command takes the same options through one
 decorator and turns them into the same objects:
@@ -23,6 +23,7 @@ from typing import ParamSpec, TypeVar
 
 import click
 
+from .cli_support import user_errors
 from .errors import ConfigError
 from .urls import parse_url
 
@@ -164,3 +165,42 @@ def relay_tls(
             raise ConfigError(f"{flag} needs --tls-cert (the relay's certificate)")
         return None
     return server_context(cert=cert, key=key, client_ca=client_ca)
+
+
+# -- audiosockets certs ---------------------------------------------------------
+
+
+@click.group()
+def certs() -> None:
+    """Make a site's TLS certificates (needs the `certs` extra: cryptography)."""
+
+
+@certs.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@user_errors
+def certs_init(directory: Path) -> None:
+    """Create DIRECTORY holding a new site CA: ca.pem, and ca.key (mode 0600)."""
+    from .certs import init_site
+
+    issued = init_site(directory)
+    click.echo(f"site CA: {issued.cert} (key {issued.key}: keep it secret)")
+
+
+@certs.command("issue")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name")
+@click.option("--ip", "ips", multiple=True, help="IP address the certificate is for (repeatable).")
+@click.option(
+    "--dns", multiple=True, help="Host name the certificate is for (repeatable; default NAME)."
+)
+@user_errors
+def certs_issue(directory: Path, name: str, ips: tuple[str, ...], dns: tuple[str, ...]) -> None:
+    """Issue DIRECTORY/NAME.pem and NAME.key (mode 0600), signed by the site CA.
+
+    One certificate serves a relay (give the --dns/--ip clients connect to)
+    or a client (mutual TLS).
+    """
+    from .certs import issue
+
+    issued = issue(directory, name, ips=ips, dns=dns)
+    click.echo(f"certificate: {issued.cert} (key {issued.key})")

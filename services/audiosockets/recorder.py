@@ -36,12 +36,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from .audio import AudioFormat, DTypeName, SampleType
+from .client.interfaces import SpoolingStream
 from .errors import ConfigError, DeviceError, Refused
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
 from .service import STOP_SIGNALS, run_service
@@ -54,55 +55,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class PublisherStream(Protocol):
-    """The part of the client library's stream handle the recorder uses.
-
-    ``unsent`` is how many chunks the publisher holds that the relay has not
-    taken (the in-memory spool); ``send`` returns the chunk's seq.
-    """
-
-    @property
-    def unsent(self) -> int: ...
-
-    def send(self, samples: Any, *, captured_ns: int) -> int: ...
-
-
-class SpooledEntry(Protocol):
-    """One chunk of a publisher's history: its payload bytes and capture time (ns)."""
-
-    @property
-    def payload(self) -> bytes: ...
-
-    @property
-    def captured_ns(self) -> int: ...
-
-
-@runtime_checkable
-class StreamHistory(Protocol):
-    """A stream handle that exposes its history (oldest first); the unsent chunks
-    are its last ``unsent`` entries. The recorder saves them to disk at exit."""
-
-    @property
-    def unsent(self) -> int: ...
-
-    @property
-    def history(self) -> Iterable[SpooledEntry]: ...
-
-
-@runtime_checkable
-class SpooledSeconds(Protocol):
-    """A stream handle that knows the seconds of audio in its unsent chunks."""
-
-    @property
-    def spooled_seconds(self) -> float: ...
-
-
 class PublisherLike(Protocol):
     """The part of ``client.Publisher`` the recorder uses (see ARCHITECTURE.md)."""
 
     async def start(self) -> None: ...
 
-    def stream(self, name: str, fmt: AudioFormat) -> PublisherStream: ...
+    def stream(self, name: str, fmt: AudioFormat) -> SpoolingStream: ...
 
     async def flush(self, timeout: float | None = ...) -> bool: ...
 
@@ -254,7 +212,7 @@ class Recorder:
         self.publisher = (
             publisher if publisher is not None else _make_publisher(config, self.metrics)
         )
-        self._stream: PublisherStream | None = None
+        self._stream: SpoolingStream | None = None
         self._stopping = asyncio.Event()
         self._capture: asyncio.Task[None] | None = None
         self._seen_overflows = 0
@@ -456,9 +414,9 @@ class Recorder:
     def _keep_unsent_on_disk(self, disk: DiskSpool) -> None:
         """Save what the closed Publisher never sent, ahead of the disk spool."""
         stream = self._stream
-        if not isinstance(stream, StreamHistory) or not stream.unsent:
+        if stream is None or not stream.unsent:
             return
-        entries = list(stream.history)[-stream.unsent :]
+        entries = stream.unsent_chunks()
         dropped = disk.prepend([(bytes(e.payload), int(e.captured_ns)) for e in entries])
         if dropped:
             self.metrics.chunks_dropped.labels(self.config.stream, "spool_full").inc(dropped)
@@ -514,11 +472,7 @@ class Recorder:
         stream = self._stream
         if stream is None:
             return 0, 0.0
-        chunks = stream.unsent
-        if isinstance(stream, SpooledSeconds):
-            seconds = stream.spooled_seconds
-        else:
-            seconds = chunks * self.config.block_frames / self.format.rate
+        chunks, seconds = stream.unsent, stream.spooled_seconds
         if self.disk is not None:
             chunks += self.disk.chunks
             seconds += self.disk.seconds

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from audiosockets.audio import AudioFormat
+from audiosockets.client import SpooledChunk
 
 
 class FakeClock:
@@ -87,8 +88,22 @@ class FakeStream:
     sent: list[SentBlock] = field(default_factory=list)
     unsent: int = 0
 
-    def send(self, samples: Any, *, captured_ns: int) -> int:
+    #: Duration of one unsent chunk (the recorder's default 20 ms block).
+    block_seconds: float = 0.02
+
+    @property
+    def spooled_seconds(self) -> float:
+        return self.unsent * self.block_seconds
+
+    def unsent_chunks(self) -> list[SpooledChunk]:
+        return [
+            SpooledChunk(b.seq, b.captured_ns, b.samples.tobytes(), 0.0)
+            for b in self.sent[len(self.sent) - self.unsent :]
+        ]
+
+    def send(self, samples: Any, captured_ns: int | None = None) -> int:
         seq = len(self.sent)
+        assert captured_ns is not None
         self.sent.append(SentBlock(np.array(samples, copy=True), captured_ns, seq))
         return seq
 

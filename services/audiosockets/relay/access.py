@@ -46,11 +46,13 @@ from ..credentials import (
     may_publish,
     may_subscribe,
 )
-from ..errors import ConfigError
+from ..errors import ConfigError, ErrorCode
+from ..protocol import ErrorFrame
 from ..tls import HANDSHAKE_FAILURES, handshake_failure, requires_client_certificate
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
+    from .server import Relay
     from .sessions import Session
 
 log = logging.getLogger("audiosockets.relay")
@@ -272,3 +274,35 @@ class AccessControl:
 def token_digest(token: str) -> bytes:
     """The SHA-256 a session keeps of its token (for rechecks; never the token)."""
     return hashlib.sha256(token.encode()).digest()
+
+
+def reload_credentials(relay: Relay) -> bool:
+    """Read ``relay``'s ``--credentials`` file again (SIGHUP).
+
+    Sessions still allowed keep running with their new identity; the others
+    are closed with ERROR UNAUTHORIZED saying which rule now refuses them
+    (counted in ``audiosockets_refusals_total``). A file that does not load is
+    logged and the previous credentials stay in force: returns False.
+    """
+    try:
+        credentials = relay.access.reload()
+    except ConfigError as exc:
+        log.error("credentials not reloaded (the previous ones stay in force): %s", exc)
+        return False
+    closed = 0
+    for session in list(relay.sessions):
+        refusal = relay.access.recheck(session)
+        if refusal is None:
+            continue
+        closed += 1
+        relay.metrics.refusals.labels(refusal.reason).inc()
+        log.warning("closing %s %r: %s", session.role.label, session.name, refusal.message)
+        farewell = ErrorFrame(ErrorCode.UNAUTHORIZED, refusal.message)
+        session.start_task(session.channel.close(farewell), name=f"revoke {session.name}")
+    log.info(
+        "credentials reloaded from %s: %d clients; %d sessions closed",
+        credentials.source,
+        len(credentials.clients),
+        closed,
+    )
+    return True

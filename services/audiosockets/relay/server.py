@@ -28,17 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..audio import AudioFormat
-from ..errors import AddressInUse, ConfigError, ErrorCode
+from ..errors import AddressInUse, ErrorCode
 from ..metrics import CallbackCollector, Metrics
 from ..protocol import (
     ChunkData,
-    ErrorFrame,
     Goodbye,
     Limits,
     encode_chunk,
 )
+from ..service import STOP_SIGNALS, run_service, signal_handlers
 from ..urls import RelayAddress
-from .access import AccessControl
+from .access import AccessControl, reload_credentials
 from .connections import serve_connection
 from .groups import Group
 from .sessions import PublisherSession, Session, SubscriberSession
@@ -141,6 +141,8 @@ class Relay:
         """Bind the listening socket and return the address clients reach it
         at (the real port when the config says 0). Raises ``AddressInUse``
         when it cannot listen there."""
+        if self._server is not None and self.address is not None:
+            return self.address  # already started (e.g. by a test before run())
         try:
             self._server = await asyncio.start_server(
                 self._on_connect, self.config.host, self.config.port, limit=1 << 20
@@ -167,7 +169,7 @@ class Relay:
         return str(self.address)
 
     async def serve_forever(self) -> None:
-        """Return once the relay has stopped."""
+        """Return once the relay has stopped (``stop()`` was called)."""
         await self._stopped.wait()
 
     async def stop(self, *, timeout: float = 2.0) -> None:
@@ -355,32 +357,8 @@ class Relay:
     # -- credentials ----------------------------------------------------------
 
     def reload_credentials(self) -> bool:
-        """Read the ``--credentials`` file again (SIGHUP). Sessions still allowed
-        keep running with their new identity; the others are closed with ERROR
-        UNAUTHORIZED saying which rule now refuses them. A file that does not
-        load is logged and the previous credentials stay: returns False."""
-        try:
-            credentials = self.access.reload()
-        except ConfigError as exc:
-            log.error("credentials not reloaded (the previous ones stay in force): %s", exc)
-            return False
-        closed = 0
-        for session in list(self.sessions):
-            refusal = self.access.recheck(session)
-            if refusal is None:
-                continue
-            closed += 1
-            self.metrics.refusals.labels(refusal.reason).inc()
-            log.warning("closing %s %r: %s", session.role.label, session.name, refusal.message)
-            farewell = ErrorFrame(ErrorCode.UNAUTHORIZED, refusal.message)
-            session.start_task(session.channel.close(farewell), name=f"revoke {session.name}")
-        log.info(
-            "credentials reloaded from %s: %d clients; %d sessions closed",
-            credentials.source,
-            len(credentials.clients),
-            closed,
-        )
-        return True
+        """Read ``--credentials`` again (SIGHUP); see ``access.reload_credentials``."""
+        return reload_credentials(self)
 
     # -- running as a service -------------------------------------------------
 
@@ -388,38 +366,17 @@ class Relay:
         self,
         *,
         ready: Callable[[Relay], None] | None = None,
-        signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+        signals: Iterable[signal.Signals] = STOP_SIGNALS,
     ) -> None:
         """Serve until SIGINT/SIGTERM (or ``stop()``), then drain and return.
 
-        Signal handlers go in before the socket is bound and ``ready`` is
-        called, so a signal sent as soon as we announce ourselves is handled;
-        the handlers are removed on the way out. Raises ``AddressInUse`` as
-        ``start`` does.
+        The one service lifecycle (``service.run_service``): signal handlers go in
+        before the socket is bound and ``ready`` is called, so a signal sent as soon
+        as we announce ourselves is handled; the previous handlers are restored on
+        the way out. Raises ``AddressInUse`` as ``start`` does.
         """
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        installed = []
-        for sig in signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
+        hangup: tuple[signal.Signals, ...] = ()
         if self.access.credentials_path is not None and hasattr(signal, "SIGHUP"):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(signal.SIGHUP, self.reload_credentials)
-                installed.append(signal.SIGHUP)
-        try:
-            if self._server is None:
-                await self.start()
-            if ready is not None:
-                ready(self)
-            waiter = asyncio.ensure_future(stop.wait())
-            stopped = asyncio.ensure_future(self._stopped.wait())
-            await asyncio.wait([waiter, stopped], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopped.cancel()
-            log.info("relay shutting down")
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self.stop()
+            hangup = (signal.SIGHUP,)  # reload --credentials; sessions stay
+        with signal_handlers(self.reload_credentials, hangup):
+            await run_service(self, ready=ready, signals=signals)
