@@ -296,7 +296,10 @@ async def connect(
             # Our relay answers every HELLO with WELCOME or ERROR; silence after the
             # TLS handshake is its TLS layer refusing our certificate (see tls.py).
             raise Refused(TLS_REFUSED.format(address=address)) from exc
-        raise RelayUnreachable(f"relay {address} broke off the handshake: {exc}") from exc
+        hint = ""
+        if context is None and isinstance(exc, ConnectionClosed) and channel.bytes_received == 0:
+            hint = f" (if the relay serves TLS, connect to tls://{str(address)[6:]})"
+        raise RelayUnreachable(f"relay {address} broke off the handshake: {exc}{hint}") from exc
     if isinstance(event, ErrorFrame | Goodbye):
         channel.abort()
         if event.code == ErrorCode.UNAUTHORIZED:

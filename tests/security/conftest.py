@@ -18,4 +18,4 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
     other = tmp_path_factory.mktemp("other") / "pki"
     other_ca = init_site(other)
     stranger = issue(other, "intruder")
-    return Site(ca.cert, relay, client, other_ca.cert, stranger)
+    return Site(ca.cert, relay, client, other_ca.cert, stranger, home)
