@@ -19,16 +19,8 @@ from typing import Literal, ParamSpec, TypeVar
 import click
 
 from . import __version__
+from . import cli_security as security
 from .audio import DTypeName
-from .cli_security import (
-    certs,
-    client_tls,
-    client_tls_options,
-    read_token,
-    relay_security_options,
-    relay_tls,
-    token_file_option,
-)
 from .cli_support import (
     LoopName,
     choice,
@@ -128,7 +120,7 @@ def main(log_level: LogLevel) -> None:
     help="Shared secret every client must present: the simplest mode, one identity "
     "with every role (unset, and no --credentials: no authentication).",
 )
-@relay_security_options
+@security.relay_security_options
 @loop_option
 @user_errors
 def relay(
@@ -160,9 +152,9 @@ def relay(
         queue_seconds=queue_seconds,
         heartbeat_interval=heartbeat_seconds,
         limits=configure(Limits, max_frame_size=max_frame_bytes),
-        token=read_token(token, token_file),
+        token=security.read_token(token, token_file),
         credentials=credentials,
-        tls=relay_tls(listen, tls_cert, tls_key, tls_client_ca),
+        tls=security.relay_tls(listen, tls_cert, tls_key, tls_client_ca),
     )
     metrics = Metrics()
 
@@ -188,8 +180,8 @@ def relay(
     "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait."
 )
 @token_option
-@token_file_option
-@client_tls_options
+@security.token_file_option
+@security.client_tls_options
 @loop_option
 @user_errors
 def status(
@@ -207,8 +199,8 @@ def status(
     from .client import fetch_status
     from .untrusted import escape_all
 
-    tls = client_tls(relay_url, tls_ca, tls_cert, tls_key)
-    secret = read_token(token, token_file)
+    tls = security.client_tls(relay_url, tls_ca, tls_cert, tls_key)
+    secret = security.read_token(token, token_file)
     report = run_async(fetch_status(relay_url, timeout=timeout, token=secret, tls=tls), loop_name)
     if as_json:
         click.echo(json.dumps(report, indent=2))  # JSON escapes control characters itself
@@ -278,6 +270,9 @@ def status(
     envvar="AUDIOSOCKETS_LOADTEST_JSON",
     help="Print one JSON object on stdout.",
 )
+@token_option
+@security.token_file_option
+@security.client_tls_options
 @user_errors
 def loadtest(
     streams: int,
@@ -293,12 +288,16 @@ def loadtest(
     max_loss: float | None,
     max_p99_ms: float | None,
     as_json: bool,
+    token: str | None,
+    token_file: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Drive synthetic publishers and subscribers; report loss and latency."""
     from .loadtest import LoadTestConfig, check_gates, format_report, run_loadtest
 
-    if relay_url:
-        parse_url(relay_url)
+    secret = security.loadtest_security(relay_url, token, token_file, tls_ca, tls_cert, tls_key)
     cfg = configure(
         LoadTestConfig,
         streams=streams,
@@ -311,6 +310,10 @@ def loadtest(
         chunk_ms=chunk_ms,
         subscriber_processes=subscriber_processes,
         client=client,
+        token=secret,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     show = sys.stderr.isatty()
 
@@ -367,8 +370,8 @@ def loadtest(
 )
 @click.option("--name", default=None, help="Client name the relay shows (default recorder-STREAM).")
 @token_option
-@token_file_option
-@client_tls_options
+@security.token_file_option
+@security.client_tls_options
 @metrics_port_option(9401)
 @loop_option
 @user_errors
@@ -410,8 +413,8 @@ def record(
         spool_dir=spool_dir,
         flush_timeout=flush_seconds,
         name=name,
-        token=read_token(token, token_file),
-        tls=client_tls(relay_url, tls_ca, tls_cert, tls_key),
+        token=security.read_token(token, token_file),
+        tls=security.client_tls(relay_url, tls_ca, tls_cert, tls_key),
     )
     run_async(run_recorder(config, metrics_port=metrics_port), loop_name)
 
@@ -479,8 +482,8 @@ def devices() -> None:
     "--name", default=None, help="Client name at the relay (default process-HANDLER@HOSTNAME)."
 )
 @token_option
-@token_file_option
-@client_tls_options
+@security.token_file_option
+@security.client_tls_options
 @metrics_port_option(9402)
 @loop_option
 @user_errors
@@ -521,8 +524,8 @@ def process(
         segment_seconds=segment_seconds,
         exit_after=max_failures,
         start=start,
-        token=read_token(token, token_file),
-        tls=client_tls(relay_url, tls_ca, tls_cert, tls_key),
+        token=security.read_token(token, token_file),
+        tls=security.client_tls(relay_url, tls_ca, tls_cert, tls_key),
     )
     run_async(serve(config), loop_name)  # checks the handler once, before connecting
 
@@ -556,7 +559,7 @@ def demo(listen: str, streams: int, seconds: float, loop_name: LoopName) -> None
     run_async(run_demo(config), loop_name)
 
 
-main.add_command(certs)  # audiosockets certs init/issue (cli_security)
+main.add_command(security.certs)  # audiosockets certs init/issue
 
 
 # --- env vars (keep last: runs after every command is registered) -----------

@@ -167,6 +167,25 @@ def relay_tls(
     return server_context(cert=cert, key=key, client_ca=client_ca)
 
 
+def loadtest_security(
+    relay_url: str,
+    token: str | None,
+    token_file: Path | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+) -> str:
+    """``loadtest``'s token, after checking its TLS files now (exit 2 before any
+    process starts). Without ``--relay`` it starts its own open relay: then
+    token and TLS options are a ConfigError."""
+    secret = read_token(token, token_file)
+    if relay_url:
+        client_tls(relay_url, ca, cert, key)
+    elif secret or ca or cert or key:
+        raise ConfigError("--token and --tls-* need --relay (loadtest's own relay has neither)")
+    return secret
+
+
 # -- audiosockets certs ---------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ TOKENS = {
     "archiver": "archiver-token",
     "listener": "listener-token",
     "ops": "ops-token",
+    "loader": "loader-token",
 }
 
 
@@ -43,6 +44,7 @@ def credentials_toml(**overrides: str) -> str:
         "archiver": 'roles = ["subscribe"]\nstreams = ["mic-*"]\ngroups = ["archivers"]',
         "listener": 'roles = ["subscribe"]\nstreams = ["mic-*"]',
         "ops": 'roles = ["admin"]',
+        "loader": 'roles = ["publish", "subscribe"]\nstreams = ["load-*"]',
     }
     bodies.update(overrides)
     return "".join(

@@ -157,6 +157,18 @@ def test_sighup_reloads_the_credentials(relay: RelayProcess, site: Site) -> None
     assert cli(relay, site, "status", who="listener").returncode == 0
 
 
+def test_loadtest_runs_over_mutual_tls_with_credentials(relay: RelayProcess, site: Site) -> None:
+    import json
+
+    result = cli(
+        relay, site, "loadtest", "--streams", "2", "--subscribers", "1", "--duration", "1",
+        "--json", who="loader",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["chunks_received"] == report["chunks_expected"] > 0
+
+
 HOSTILE = "mic-\x1b]0;pwned\x07\nFORGED LINE\x1b[2J"
 
 
