@@ -2,7 +2,12 @@
 # Regenerate docker/requirements.lock (exact pins of the runtime dependencies and
 # the "speed" extra declared in pyproject.toml, as pip resolves them today) and
 # docker/build-requirements.lock (the build backend the image builds with).
-# Run with the images' Python minor version: PYTHON=python3.11 docker/lock.sh
+# Every pin carries the sha256 of its wheels for the images' platforms
+# (CPython 3.11 on x86_64 and aarch64), so pip installs in hash-checking mode:
+# a wheel in docker/wheels/ or from an index that is not the one locked fails
+# the build. Run with the images' Python minor version:
+#   PYTHON=python3.11 docker/lock.sh
+#   LOCK_KEEP_PINS=1 docker/lock.sh     # same versions, hashes only
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
@@ -31,12 +36,55 @@ lock() {  # lock NAME OUT [FREEZE_FLAG...]: resolve $work/NAME.txt into a venv, 
     } >"$out"
 }
 
+hashes() {  # hashes LOCK: add --hash lines for the wheels of every pin, for the images' platforms
+    local lock=$1 arch minor
+    local -a platforms
+    for arch in x86_64 aarch64; do
+        # Older pips do not expand manylinux_2_N to the older tags it accepts: list them.
+        platforms=(--platform any --platform "manylinux2014_$arch")
+        for ((minor = 17; minor <= 36; minor++)); do
+            platforms+=(--platform "manylinux_2_${minor}_$arch")
+        done
+        grep -E '^[A-Za-z0-9]' "$lock" | sed 's/ .*//' >"$work/pins.txt"
+        "$python" -m pip download --quiet --disable-pip-version-check --no-deps \
+            --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
+            "${platforms[@]}" -r "$work/pins.txt" -d "$work/wheels"
+    done
+    "$python" - "$lock" "$work/wheels" <<'PY'
+import hashlib, re, sys
+from pathlib import Path
+
+lock, wheels = Path(sys.argv[1]), Path(sys.argv[2])
+canon = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+found: dict[str, set[str]] = {}
+for wheel in wheels.glob("*.whl"):
+    name = canon(wheel.name.split("-")[0])
+    found.setdefault(name, set()).add(hashlib.sha256(wheel.read_bytes()).hexdigest())
+out = []
+for line in lock.read_text().splitlines():
+    if line.startswith(" "):  # a hash of the previous run: written anew below
+        continue
+    if not line or line.startswith("#"):
+        out.append(line)
+        continue
+    pin = line.split()[0]
+    digests = sorted(found[canon(pin.split("==")[0])])
+    out.append(pin + "".join(f" \\\n    --hash=sha256:{d}" for d in digests))
+lock.write_text("\n".join(out) + "\n")
+PY
+}
+
 # The images carry the "speed" extra too: the services pick uvloop up when present.
-{
-    requirements project dependencies
-    requirements project optional-dependencies speed
-} >"$work/runtime.txt"
-requirements build-system requires >"$work/build.txt"
-lock runtime "$here/requirements.lock"
-lock build "$here/build-requirements.lock" --all
-echo "lock.sh: wrote docker/requirements.lock and docker/build-requirements.lock"
+# LOCK_KEEP_PINS=1: keep the versions pinned today, only (re)write the hashes.
+if [[ "${LOCK_KEEP_PINS:-0}" != 1 ]]; then
+    {
+        requirements project dependencies
+        requirements project optional-dependencies speed
+    } >"$work/runtime.txt"
+    requirements build-system requires >"$work/build.txt"
+    lock runtime "$here/requirements.lock"
+    lock build "$here/build-requirements.lock" --all
+fi
+hashes "$here/requirements.lock"
+hashes "$here/build-requirements.lock"
+echo "lock.sh: wrote docker/requirements.lock and docker/build-requirements.lock (with hashes)"

@@ -139,6 +139,7 @@ def relay(
     loop_name: LoopName,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out."""
+    from .health import Health
     from .metrics import Metrics, serve_metrics
     from .protocol import Limits
     from .relay import Relay, RelayConfig
@@ -160,7 +161,9 @@ def relay(
 
     def ready(server: Relay) -> None:
         if metrics_port:
-            serve_metrics(metrics_port, metrics.registry)
+            # Called on the loop once the socket is bound: listening is ready.
+            health = Health.watch_running_loop()
+            serve_metrics(metrics_port, metrics.registry, health=health)
         click.echo(f"relay listening on {server.url}", err=True)
 
     server = Relay(config, metrics=metrics)  # reads --credentials: a bad file is exit 2

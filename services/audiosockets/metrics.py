@@ -18,13 +18,16 @@ from __future__ import annotations
 import platform
 import threading
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .health import Health
 
 #: Latency buckets for audio: 0.1 ms (loopback) up to 5 s (a stalled consumer).
 LATENCY_BUCKETS: Final = (
@@ -215,21 +218,26 @@ def gauge_family(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=labels)
 
 
-def serve_metrics(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> int:
+def serve_metrics(
+    port: int,
+    registry: CollectorRegistry,
+    addr: str = "0.0.0.0",
+    *,
+    health: Health | None = None,
+) -> int:
     """Serve ``registry`` over HTTP on ``port`` in a daemon thread.
 
-    Returns the bound port (useful with ``port=0`` in tests); ``port < 0``
-    means disabled and returns 0. The CLI maps ``--metrics-port 0`` to
-    disabled before calling this.
+    With ``health``, the same port also answers ``/healthz`` (event loop alive)
+    and ``/readyz`` (service ready); see ``health.py``. Returns the bound port
+    (useful with ``port=0`` in tests); ``port < 0`` means disabled and returns
+    0. The CLI maps ``--metrics-port 0`` to disabled before calling this.
     """
-    from prometheus_client import start_http_server
-
     from .errors import AddressInUse
+    from .health import serve_http
 
     if port < 0:
         return 0
     try:
-        server, _thread = start_http_server(port, addr=addr, registry=registry)
+        return serve_http(port, registry, health, addr)
     except OSError as exc:
         raise AddressInUse(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from exc
-    return int(server.server_address[1])

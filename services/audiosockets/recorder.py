@@ -245,7 +245,10 @@ class Recorder:
 
     async def start(self) -> None:
         """Open the source (errors are raised here), start publishing and capturing."""
-        await self.source.open()
+        try:
+            await self.source.open()
+        except DeviceError as err:
+            raise explain_capture_failure(err) from err
         try:
             await self.publisher.start()
             self._stream = self.publisher.stream(self.config.stream, self.format)
@@ -504,28 +507,34 @@ async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
     ``metrics_port`` 0 disables the metrics endpoint. Returns whether the final
     flush completed; errors a user can cause raise ``AudiosocketsError``.
     """
+    from .health import Health, session_ready
     from .metrics import serve_metrics
 
     metrics = Metrics()
     recorder = Recorder(config, metrics=metrics)
     if metrics_port > 0:
-        serve_metrics(metrics_port, metrics.registry)  # raises AddressInUse
+        health = Health.watch_running_loop(session_ready(metrics.registry, "publisher"))
+        serve_metrics(metrics_port, metrics.registry, health=health)  # raises AddressInUse
     return await recorder.run()
 
 
 def describe_input_devices() -> list[str]:
     """Lines for ``audiosockets devices``: one per input device, ``*`` marks the default.
 
-    A machine without input devices gets one sentence instead of a table.
+    Raises ``DeviceError`` (one sentence with the cause, when it can be found) on a
+    machine without input devices: a script or a container check can test the
+    exit status.
     """
     from .sources import list_input_devices
 
     devices, default = list_input_devices()
     if not devices:
-        return [
-            "No audio input devices found: PortAudio sees no sound card or sound server "
-            "(use --source synth:sine or file:PATH to record without one)."
-        ]
+        raise explain_capture_failure(
+            DeviceError(
+                "no audio input devices found: PortAudio sees no sound card or sound server "
+                "(use --source synth:sine or file:PATH to record without one)"
+            )
+        )
     lines = [f"  {'index':>5}  {'name':<40} {'channels':>8} {'default rate':>12}"]
     for dev in devices:
         mark = "*" if dev.get("index") == default else " "
@@ -535,6 +544,22 @@ def describe_input_devices() -> list[str]:
             f"{dev['max_input_channels']:>8} {rate:>12}"
         )
     return lines
+
+
+def explain_capture_failure(err: DeviceError) -> DeviceError:
+    """``err`` plus the cause found on this machine (audio_diagnose), if one is found.
+
+    Not for a PortAudio library that failed to load (an ``OSError`` cause): that
+    message already says what to install.
+    """
+    from .audio_diagnose import diagnose_capture
+
+    if isinstance(err.__cause__, OSError):
+        return err
+    cause = diagnose_capture()
+    if cause is None:
+        return err
+    return DeviceError(f"{err}; cause: {cause}")
 
 
 def _safe_name(stream: str) -> str:

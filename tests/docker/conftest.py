@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -9,7 +10,9 @@ from docker_harness import build_images, docker_engine_available
 
 from _support import require
 
-IMAGE_TAG = "e2e"
+# The engine may be shared with another checkout's test run: a tag of our own
+# (AUDIOSOCKETS_TEST_IMAGE_TAG) keeps the two from testing each other's images.
+IMAGE_TAG = os.environ.get("AUDIOSOCKETS_TEST_IMAGE_TAG", "e2e")
 
 
 @pytest.fixture(scope="session")

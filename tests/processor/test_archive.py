@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import wave
 from pathlib import Path
@@ -140,6 +141,28 @@ def test_unwritable_archive_directory_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(HandlerError, match="archive directory"):
         Harness(f"archive:{blocker}/sub")
+
+
+def test_a_directory_we_may_not_write_names_our_uid_its_owner_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The usual mistake: a bind-mounted host directory owned by the host user,
+    # not by the image's uid 10001. (Faked: the suite may run as root.)
+    directory = tmp_path / "archive"
+    directory.mkdir(mode=0o755)
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == directory else real_access(p, mode)
+    )
+    uid, gid = os.getuid(), os.getgid()
+    st = directory.stat()
+    with pytest.raises(HandlerError) as caught:
+        Harness(f"archive:{directory}")
+    assert str(caught.value) == (
+        f"archive directory {directory} is not writable by uid {uid} gid {gid} "
+        f"(owned by uid {st.st_uid} gid {st.st_gid}, mode 0755): make it theirs, e.g. "
+        f"`chown {uid}:{gid} HOST_DIR` for a bind-mounted directory (the images run as uid 10001)"
+    )
 
 
 def test_a_restarted_archive_continues_skips_what_it_has_and_records_a_gap(tmp_path: Path) -> None:

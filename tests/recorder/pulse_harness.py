@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from _support import require
 
 SINK = "audiosockets_test"
@@ -41,7 +43,13 @@ def require_pulse() -> None:
 
 @dataclass
 class PulseServer:
-    """A daemon we own; ``env`` is what a client process needs to reach it."""
+    """A daemon we own; ``env`` is what a client process needs to reach it.
+
+    ``user`` (uid, gid): the daemon runs as that ordinary user, the way a desktop
+    runs it: default socket ``$XDG_RUNTIME_DIR/pulse/native`` in a 0700 directory,
+    cookie authentication on (``~/.config/pulse/cookie``, 0600). Our own tools
+    (pactl, paplay) then run as that user too (``setpriv``; needs root).
+    """
 
     root: Path
     rate: int
@@ -49,10 +57,23 @@ class PulseServer:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     sink: str = SINK
+    user: tuple[int, int] | None = None
 
     @property
     def socket(self) -> Path:
+        if self.user is not None:
+            return self.root / "run" / "pulse" / "native"
         return self.root / "run" / "native"
+
+    @property
+    def cookie(self) -> Path:
+        return self.root / ".config" / "pulse" / "cookie"
+
+    def as_user(self, argv: list[str]) -> list[str]:
+        if self.user is None:
+            return argv
+        uid, gid = self.user
+        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *argv]
 
     @property
     def log(self) -> str:
@@ -61,7 +82,12 @@ class PulseServer:
 
     def pactl(self, *args: str) -> str:
         done = subprocess.run(
-            ["pactl", *args], env=self.env, capture_output=True, text=True, timeout=10, check=False
+            self.as_user(["pactl", *args]),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
         if done.returncode != 0:
             raise RuntimeError(f"pactl {' '.join(args)} failed: {done.stderr.strip()}")
@@ -70,22 +96,30 @@ class PulseServer:
     def launch(self, timeout: float = 15.0) -> None:
         """Start the daemon (again, after ``kill``) and wait until it answers."""
         with (self.root / "pulseaudio.log").open("ab") as log:
+            # A desktop's default: the socket where libpulse looks, cookie auth.
+            native = (
+                "module-native-protocol-unix"
+                if self.user is not None
+                else f"module-native-protocol-unix socket={self.socket} auth-anonymous=1"
+            )
             self.process = subprocess.Popen(
-                [
-                    "pulseaudio",
-                    "--daemonize=no",
-                    "-n",  # no default.pa: load exactly what we say
-                    "--exit-idle-time=-1",
-                    "--use-pid-file=no",
-                    "--disable-shm=yes",
-                    "--log-target=stderr",
-                    "--log-level=warning",
-                    "-L",
-                    f"module-native-protocol-unix socket={self.socket} auth-anonymous=1",
-                    "-L",
-                    f"module-null-sink sink_name={SINK} rate={self.rate} "
-                    f"channels={self.channels} sink_properties=device.description=audiosockets-test",
-                ],
+                self.as_user(
+                    [
+                        "pulseaudio",
+                        "--daemonize=no",
+                        "-n",  # no default.pa: load exactly what we say
+                        "--exit-idle-time=-1",
+                        "--use-pid-file=no",
+                        "--disable-shm=yes",
+                        "--log-target=stderr",
+                        "--log-level=warning",
+                        "-L",
+                        native,
+                        "-L",
+                        f"module-null-sink sink_name={SINK} rate={self.rate} "
+                        f"channels={self.channels} sink_properties=device.description=audiosockets-test",
+                    ]
+                ),
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -113,7 +147,7 @@ class PulseServer:
     def play(self, wav: Path) -> subprocess.Popen[bytes]:
         """Start playing ``wav`` into the null sink (paplay paces it in real time)."""
         return subprocess.Popen(
-            ["paplay", f"--device={self.sink}", str(wav)],
+            self.as_user(["paplay", f"--device={self.sink}", str(wav)]),
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -138,27 +172,76 @@ class PulseServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_pulse(rate: int = 22050, channels: int = 1, timeout: float = 15.0) -> PulseServer:
-    """Start a daemon whose null sink runs at ``rate``/``channels`` (no resampling)."""
+def start_pulse(
+    rate: int = 22050,
+    channels: int = 1,
+    timeout: float = 15.0,
+    user: tuple[int, int] | None = None,
+) -> PulseServer:
+    """Start a daemon whose null sink runs at ``rate``/``channels`` (no resampling).
+
+    With ``user`` (uid, gid) it runs as that user with a desktop's defaults (see
+    ``PulseServer``); that needs root and ``setpriv``.
+    """
     require_pulse()
     # A short path: a unix socket path must fit in 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="as-pulse-"))
     runtime = root / "run"
     runtime.mkdir(mode=0o700)
     env = dict(os.environ)
-    env.update(
-        PULSE_SERVER=f"unix:{runtime / 'native'}",
-        XDG_RUNTIME_DIR=str(runtime),
-        PULSE_RUNTIME_PATH=str(runtime / "pulse"),
-        PULSE_STATE_PATH=str(root / "state"),
-        PULSE_COOKIE=str(root / "cookie"),
-        HOME=str(root),
-    )
+    if user is None:
+        env.update(
+            PULSE_SERVER=f"unix:{runtime / 'native'}",
+            XDG_RUNTIME_DIR=str(runtime),
+            PULSE_RUNTIME_PATH=str(runtime / "pulse"),
+            PULSE_STATE_PATH=str(root / "state"),
+            PULSE_COOKIE=str(root / "cookie"),
+            HOME=str(root),
+        )
+    else:
+        require(os.geteuid() == 0, "running PulseAudio as another user needs root")
+        require(shutil.which("setpriv") is not None, "setpriv is not installed (util-linux)")
+        root.chmod(0o755)  # the desktop user's home: traversable, as /home/USER is
+        for path in (root, runtime):
+            os.chown(path, *user)
+        env = {
+            "PATH": env.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(root),
+            "XDG_RUNTIME_DIR": str(runtime),
+            "LANG": "C.UTF-8",
+        }
     env.pop("DISPLAY", None)
-    server = PulseServer(root, rate, channels, env)
+    server = PulseServer(root, rate, channels, env, user=user)
     try:
         server.launch(timeout)
     except BaseException:
         server.stop()
         raise
     return server
+
+
+# --- speech in, speech out ----------------------------------------------------------
+
+
+def espeak_wav(path: Path, text: str) -> Path:
+    """Speech from espeak-ng as a WAV file at its own rate (22050 Hz mono, int16)."""
+    espeak = shutil.which("espeak-ng")
+    require(espeak is not None, "espeak-ng is not installed (apt: espeak-ng)")
+    assert espeak is not None
+    subprocess.run([espeak, "-w", str(path), text], check=True, timeout=30)
+    return path
+
+
+def best_normalised_correlation(reference: np.ndarray, recording: np.ndarray) -> float:
+    """Max over lags of the normalised cross-correlation of ``reference`` inside ``recording``."""
+    ref = reference.astype(np.float64)
+    rec = recording.astype(np.float64)
+    if len(rec) < len(ref):
+        return 0.0
+    n = len(ref) + len(rec)
+    size = 1 << (n - 1).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(rec, size) * np.conj(np.fft.rfft(ref, size)), size)
+    lag = int(np.argmax(corr[: len(rec) - len(ref) + 1]))
+    window = rec[lag : lag + len(ref)]
+    denom = np.linalg.norm(ref) * np.linalg.norm(window)
+    return float(np.dot(ref, window) / denom) if denom else 0.0

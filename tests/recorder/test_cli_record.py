@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from recorder_fakes import write_pcm_wav
 
 from _support import wait_until
-from audiosockets import sources
+from audiosockets import audio_diagnose, sources
 from audiosockets.audio import Chunk
 from audiosockets.cli import main
 from audiosockets.client import Subscriber
@@ -74,10 +74,28 @@ def test_devices_on_a_machine_without_any_says_so_in_one_sentence(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake_devices(monkeypatch, [], default=None)
+    monkeypatch.setattr(audio_diagnose, "diagnose_capture", lambda: None)
     result = invoke("devices")
-    assert result.exit_code == 0
-    assert result.stdout.strip().startswith("No audio input devices found")
-    assert len(result.stdout.strip().splitlines()) == 1
+    assert_one_line_error(result, DeviceError.exit_code, "no audio input devices found")
+
+
+def test_devices_without_any_names_the_cause_it_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A container given no /dev/snd and no sound server socket.
+    fake_devices(monkeypatch, [], default=None)
+    monkeypatch.setattr(
+        audio_diagnose,
+        "diagnose_capture",
+        lambda: (
+            "sound server socket missing at /run/pulse/native (is PulseAudio/PipeWire running there?)"
+        ),
+    )
+    assert_one_line_error(
+        invoke("devices"),
+        DeviceError.exit_code,
+        "no audio input devices found: PortAudio sees no sound card or sound server "
+        "(use --source synth:sine or file:PATH to record without one); "
+        "cause: sound server socket missing at /run/pulse/native",
+    )
 
 
 def test_devices_without_portaudio_is_one_error_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -146,6 +146,21 @@ class _Segment:
     gap_before: dict[str, int] | None = None
 
 
+def _not_writable(directory: Path) -> str:
+    """Who we are, who owns ``directory``, and the fix: the usual bind-mount mistake."""
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        st = directory.stat()
+        owner = f"owned by uid {st.st_uid} gid {st.st_gid}, mode {st.st_mode & 0o7777:04o}"
+    except OSError as exc:
+        owner = exc.strerror or str(exc)
+    return (
+        f"archive directory {directory} is not writable by uid {uid} gid {gid} ({owner}): "
+        f"make it theirs, e.g. `chown {uid}:{gid} HOST_DIR` for a bind-mounted directory "
+        "(the images run as uid 10001)"
+    )
+
+
 class Archive:
     """Writes each stream to rotating WAV segments under ``DIR``."""
 
@@ -161,7 +176,7 @@ class Archive:
         except OSError as exc:
             raise HandlerError(f"archive directory {self.dir}: {exc.strerror or exc}") from exc
         if not os.access(self.dir, os.W_OK):
-            raise HandlerError(f"archive directory {self.dir} is not writable")
+            raise HandlerError(_not_writable(self.dir))
         self._seg: _Segment | None = None
         self._writer = f"{WRITER}-{next(_instances)}"
         self._next_seq: int | None = None

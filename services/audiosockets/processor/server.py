@@ -442,6 +442,7 @@ async def serve(
     for a taken metrics port.
     """
     from ..client import Subscriber
+    from ..health import Health, session_ready
     from ..metrics import serve_metrics
 
     spec = parse_spec(config.handler)
@@ -466,7 +467,8 @@ async def serve(
             checked=True,
         )
         if config.metrics_port > 0:
-            serve_metrics(config.metrics_port, metrics.registry)  # raises AddressInUse
+            health = Health.watch_running_loop(session_ready(metrics.registry, "subscriber"))
+            serve_metrics(config.metrics_port, metrics.registry, health=health)  # AddressInUse
         sub = Subscriber(
             config.relay,
             config.stream,
