@@ -32,6 +32,7 @@ from .cli_support import (
 )
 from .client import StartName
 from .loadtest import ClientName, RateName
+from .metrics_http import MetricsEndpoint
 from .urls import parse_url
 
 P = ParamSpec("P")
@@ -122,6 +123,7 @@ def main(log_level: LogLevel) -> None:
 )
 @security.relay_security_options
 @loop_option
+@security.metrics_endpoint_options("the --listen host")
 @user_errors
 def relay(
     listen: str,
@@ -137,6 +139,7 @@ def relay(
     tls_key: Path | None,
     tls_client_ca: Path | None,
     loop_name: LoopName,
+    metrics_endpoint: MetricsEndpoint,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out."""
     from .health import Health
@@ -158,12 +161,14 @@ def relay(
         tls=security.relay_tls(listen, tls_cert, tls_key, tls_client_ca),
     )
     metrics = Metrics()
+    metrics_tls = metrics_endpoint.context()  # unusable files: exit 2 before listening
 
     def ready(server: Relay) -> None:
         if metrics_port:
             # Called on the loop once the socket is bound: listening is ready.
             health = Health.watch_running_loop()
-            serve_metrics(metrics_port, metrics.registry, health=health)
+            where = metrics_endpoint.host or host
+            serve_metrics(metrics_port, metrics.registry, where, health=health, tls=metrics_tls)
         click.echo(f"relay listening on {server.url}", err=True)
 
     server = Relay(config, metrics=metrics)  # reads --credentials: a bad file is exit 2
@@ -377,6 +382,7 @@ def loadtest(
 @security.client_tls_options
 @metrics_port_option(9401)
 @loop_option
+@security.metrics_endpoint_options("127.0.0.1")
 @user_errors
 def record(
     relay_url: str,
@@ -397,6 +403,7 @@ def record(
     tls_key: Path | None,
     metrics_port: int,
     loop_name: LoopName,
+    metrics_endpoint: MetricsEndpoint,
 ) -> None:
     """Capture audio and publish it; keeps recording whatever the relay does."""
     from .recorder import RecorderConfig
@@ -419,7 +426,7 @@ def record(
         token=security.read_token(token, token_file),
         tls=security.client_tls(relay_url, tls_ca, tls_cert, tls_key),
     )
-    run_async(run_recorder(config, metrics_port=metrics_port), loop_name)
+    run_async(run_recorder(config, metrics_port=metrics_port, endpoint=metrics_endpoint), loop_name)
 
 
 @main.command()
@@ -489,6 +496,7 @@ def devices() -> None:
 @security.client_tls_options
 @metrics_port_option(9402)
 @loop_option
+@security.metrics_endpoint_options("127.0.0.1")
 @user_errors
 def process(
     relay_url: str,
@@ -509,6 +517,7 @@ def process(
     tls_key: Path | None,
     metrics_port: int,
     loop_name: LoopName,
+    metrics_endpoint: MetricsEndpoint,
 ) -> None:
     """Run a handler on every chunk of the matching streams."""
     from .processor import ProcessorConfig, serve
@@ -522,6 +531,8 @@ def process(
         name=name,
         workers=workers,
         metrics_port=metrics_port,
+        metrics_host=metrics_endpoint.host or "127.0.0.1",
+        metrics_tls=metrics_endpoint.context(),
         backlog_seconds=backlog_seconds,
         events=events,
         segment_seconds=segment_seconds,

@@ -15,11 +15,12 @@ decorator and turns them into the same objects:
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import click
 
@@ -184,6 +185,55 @@ def loadtest_security(
     elif secret or ca or cert or key:
         raise ConfigError("--token and --tls-* need --relay (loadtest's own relay has neither)")
     return secret
+
+
+def metrics_endpoint_options(default_host: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """``--metrics-host`` and ``--metrics-tls-cert/-key/-client-ca``, handed to the
+    command as one ``metrics_endpoint: MetricsEndpoint`` argument.
+
+    ``default_host`` is said in the help; the command resolves a missing host
+    (the relay: its ``--listen`` host). Files are checked when the command
+    calls ``context()``.
+    """
+    from .metrics_http import MetricsEndpoint
+
+    def decorate(func: Callable[P, T]) -> Callable[P, T]:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> T:
+            kwargs["metrics_endpoint"] = MetricsEndpoint(
+                kwargs.pop("metrics_host"),
+                kwargs.pop("metrics_tls_cert"),
+                kwargs.pop("metrics_tls_key"),
+                kwargs.pop("metrics_tls_client_ca"),
+            )
+            return func(*args, **kwargs)
+
+        options = [
+            click.option(
+                "--metrics-host",
+                default=None,
+                help=f"Address to serve metrics on (default: {default_host}; "
+                "0.0.0.0 or :: for every interface).",
+            ),
+            click.option(
+                "--metrics-tls-cert", type=_FILE, default=None, help="Serve metrics over HTTPS."
+            ),
+            click.option(
+                "--metrics-tls-key", type=_FILE, default=None, help="Key of --metrics-tls-cert."
+            ),
+            click.option(
+                "--metrics-tls-client-ca",
+                type=_FILE,
+                default=None,
+                help="Require scrapers' client certificates signed by this CA.",
+            ),
+        ]
+        decorated: Callable[..., T] = wrapper
+        for option in reversed(options):
+            decorated = option(decorated)
+        return decorated
+
+    return decorate
 
 
 # -- audiosockets certs ---------------------------------------------------------

@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import platform
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
@@ -221,23 +222,35 @@ def gauge_family(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
 def serve_metrics(
     port: int,
     registry: CollectorRegistry,
-    addr: str = "0.0.0.0",
+    addr: str = "127.0.0.1",
     *,
     health: Health | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
-    """Serve ``registry`` over HTTP on ``port`` in a daemon thread.
+    """Serve ``registry`` over HTTP on ``addr``:``port`` from daemon threads.
 
+    ``addr``: a host name or an IPv4/IPv6 address (no brackets; ``::`` is
+    dual-stack) — services pass ``--metrics-host``, by default their listen
+    host. ``tls``: serve HTTPS (``metrics_http.MetricsEndpoint.context``).
     With ``health``, the same port also answers ``/healthz`` (event loop alive)
-    and ``/readyz`` (service ready); see ``health.py``. Returns the bound port
-    (useful with ``port=0`` in tests); ``port < 0`` means disabled and returns
-    0. The CLI maps ``--metrics-port 0`` to disabled before calling this.
+    and ``/readyz`` (service ready); see ``health.py``. Connections are bounded
+    and time out (``metrics_http``). Returns the bound port (useful with
+    ``port=0`` in tests); ``port < 0`` means disabled and returns 0. The CLI
+    maps ``--metrics-port 0`` to disabled before calling this. A taken port
+    raises ``AddressInUse``; an address this host cannot bind ``ConfigError``.
     """
-    from .errors import AddressInUse
+    import errno
+
+    from .errors import AddressInUse, ConfigError
     from .health import serve_http
 
     if port < 0:
         return 0
+    where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
     try:
-        return serve_http(port, registry, health, addr)
+        return serve_http(port, registry, health, addr, tls=tls)
     except OSError as exc:
-        raise AddressInUse(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from exc
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"cannot serve metrics on {where}: {reason}") from exc
+        raise ConfigError(f"cannot serve metrics on {where}: {reason}") from exc

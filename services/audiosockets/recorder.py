@@ -52,6 +52,8 @@ from .spool import DiskSpool
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
+    from .metrics_http import MetricsEndpoint
+
 log = logging.getLogger(__name__)
 
 
@@ -501,20 +503,27 @@ def _spool_gauges(stream: str, depth: int, depth_seconds: float) -> Iterable[Met
 # --- entry points for the CLI ---------------------------------------------------
 
 
-async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
+async def record(
+    config: RecorderConfig, *, metrics_port: int = 0, endpoint: MetricsEndpoint | None = None
+) -> bool:
     """Run a recorder until SIGTERM/SIGINT or the end of a finite source.
 
-    ``metrics_port`` 0 disables the metrics endpoint. Returns whether the final
+    ``metrics_port`` 0 disables the metrics endpoint; ``endpoint`` says where
+    (host, default 127.0.0.1) and whether over TLS. Returns whether the final
     flush completed; errors a user can cause raise ``AudiosocketsError``.
     """
     from .health import Health, session_ready
     from .metrics import serve_metrics
+    from .metrics_http import MetricsEndpoint
 
+    endpoint = endpoint or MetricsEndpoint()
+    tls = endpoint.context()  # unusable files: ConfigError before anything starts
     metrics = Metrics()
     recorder = Recorder(config, metrics=metrics)
     if metrics_port > 0:
         health = Health.watch_running_loop(session_ready(metrics.registry, "publisher"))
-        serve_metrics(metrics_port, metrics.registry, health=health)  # raises AddressInUse
+        host = endpoint.host or "127.0.0.1"
+        serve_metrics(metrics_port, metrics.registry, host, health=health, tls=tls)
     return await recorder.run()
 
 

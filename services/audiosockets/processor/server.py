@@ -400,6 +400,8 @@ class ProcessorConfig:
     name: str | None = None
     workers: int = 0
     metrics_port: int = 9402
+    metrics_host: str = "127.0.0.1"  # --metrics-host (0.0.0.0 in the images)
+    metrics_tls: ssl.SSLContext | None = None  # HTTPS for /metrics
     backlog_seconds: float = 10.0
     events: str | None = None  # path; None means stdout
     segment_seconds: float = 60.0
@@ -468,7 +470,13 @@ async def serve(
         )
         if config.metrics_port > 0:
             health = Health.watch_running_loop(session_ready(metrics.registry, "subscriber"))
-            serve_metrics(config.metrics_port, metrics.registry, health=health)  # AddressInUse
+            serve_metrics(
+                config.metrics_port,
+                metrics.registry,
+                config.metrics_host,
+                health=health,
+                tls=config.metrics_tls,
+            )  # AddressInUse
         sub = Subscriber(
             config.relay,
             config.stream,
