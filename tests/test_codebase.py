@@ -79,6 +79,10 @@ def _declared_requirements() -> set[str]:
     return {canonicalize_name(Requirement(text).name) for text in requirements}
 
 
+#: Modules that exist for the compiler or type checker only (typeshed's stdlib helpers).
+TYPING_ONLY = {"__future__", "_typeshed"}
+
+
 def test_every_imported_module_is_a_declared_dependency() -> None:
     """A module imported anywhere in services/ or tests/ comes from the standard library,
     from this repository, or from a distribution declared in pyproject.toml (a dependency
@@ -90,7 +94,7 @@ def test_every_imported_module_is_a_declared_dependency() -> None:
     problems: list[str] = []
     for path in sorted([*(ROOT / "services").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]):
         for module in sorted(_top_level_imports(path)):
-            if module in sys.stdlib_module_names or module in local or module == "__future__":
+            if module in sys.stdlib_module_names or module in local or module in TYPING_ONLY:
                 continue
             dists = {canonicalize_name(d) for d in providers.get(module, [])}
             if not dists:

@@ -7,7 +7,8 @@ Invariants:
 - Names start ``audiosockets_``, counters end ``_total``, units are base units
   (seconds, bytes). Labels stay low-cardinality: ``stream``, ``role``,
   ``group``, ``reason``, ``handler``, ``channel``, ``measure``, ``band``,
-  never a sequence number or a client address.
+  ``subscriber`` (a client name, one per processor), never a sequence
+  number or a client address.
 - The same names are used by the relay, the recorder and the processor; each
   service serves its own endpoint, so Prometheus' ``job``/``instance`` labels
   say which stage a series comes from.
@@ -30,23 +31,79 @@ from . import __version__
 if TYPE_CHECKING:
     from .health import Health
 
-#: Latency buckets for audio: 0.1 ms (loopback) up to 5 s (a stalled consumer).
+
+# Histogram bucket layouts. ``histogram_quantile`` interpolates linearly
+# inside the bucket a quantile falls in, so a quantile can read as high as
+# the bucket's upper bound: the ratio between neighbouring bounds is the
+# worst-case relative error. Bounds follow the E-series of preferred numbers
+# (IEC 60063), which keep that ratio even across a decade.
+
+#: E12: 12 bounds per decade, neighbours at most 25 % apart.
+E12: Final = (1.0, 1.2, 1.5, 1.8, 2.2, 2.7, 3.3, 3.9, 4.7, 5.6, 6.8, 8.2)
+#: E24: 24 bounds per decade, neighbours at most 15.4 % apart (1.3 -> 1.5).
+E24: Final = (
+    1.0, 1.1, 1.2, 1.3, 1.5, 1.6, 1.8, 2.0, 2.2, 2.4, 2.7, 3.0,
+    3.3, 3.6, 3.9, 4.3, 4.7, 5.1, 5.6, 6.2, 6.8, 7.5, 8.2, 9.1,
+)  # fmt: skip
+
+
+def decades(series: tuple[float, ...], first: int, last: int) -> tuple[float, ...]:
+    """``series`` scaled to each decade from 10**first up to and including 10**last.
+
+    ``decades(E12, -3, 0)`` is 0.001, 0.0012, ... 0.82, 1.0 (seconds). Values
+    are rounded to the series' two significant digits, so bucket labels read
+    ``0.0012`` rather than ``0.0012000000000000001``.
+    """
+    bounds = [
+        round(m * 10.0**exponent, 6 - exponent) for exponent in range(first, last) for m in series
+    ]
+    return (*bounds, float(10.0**last))
+
+
+#: Capture-to-somewhere latencies (end-to-end, capture-to-send, handler
+#: start): 0.1 ms (loopback) to 300 s. E12 between 1 ms and 1 s (a quantile
+#: reads at most 25 % high there), then steps of about 1.5x up to 300 s, so
+#: catching up after an outage (a spool replayed minutes late) reads as its
+#: real lateness instead of piling into the top bucket.
 LATENCY_BUCKETS: Final = (
     0.0001,
-    0.00025,
+    0.0002,
     0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
+    *decades(E12, -3, 0),
+    1.5,
+    2.0,
+    3.0,
     5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+    90.0,
+    120.0,
+    180.0,
+    300.0,
+)
+
+#: Time one handler call takes: E24 between 1 ms and 1 s (a quantile reads at
+#: most 15.4 % high; a handler that always takes 50 ms reads 50-56 ms), then
+#: 1.5 s to 60 s for handlers that hang. One series set per handler, so the
+#: finer layout costs little.
+PROCESSING_TIME_BUCKETS: Final = (
+    0.0001,
+    0.0002,
+    0.0005,
+    *decades(E24, -3, 0),
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
 )
 
 #: Drop reasons, created up front so a zero is visible before the first drop.
@@ -60,6 +117,10 @@ DROP_REASONS: Final = (
     "input_overflow",  # recorder: PortAudio reported lost input
     "capture_queue_full",  # recorder: capture thread could not hand off
 )
+
+#: What the relay itself drops (per subscriber); every other reason is
+#: counted where the chunk was lost, by the recorder or the processor.
+RELAY_DROP_REASONS: Final = ("subscriber_slow", "replay_window_exceeded")
 
 ROLES: Final = ("publisher", "subscriber", "observer")
 
@@ -105,6 +166,24 @@ class Metrics:
             "audiosockets_chunks_dropped",
             "Audio chunks dropped, by reason. Never silent: every loss is here.",
             ["stream", "reason"],
+            registry=r,
+        )
+        # The relay's deliveries broken down by subscriber (its client name):
+        # summed over subscribers they equal the relay's chunks_sent and
+        # chunks_dropped. A drop here is a chunk the relay held and let go
+        # before this subscriber got it; chunks that never reached the relay
+        # are the publisher's loss (spool_full), never counted here.
+        self.subscriber_chunks_sent = Counter(
+            "audiosockets_subscriber_chunks_sent",
+            "Audio chunks the relay sent to each subscriber (relay only).",
+            ["subscriber", "stream"],
+            registry=r,
+        )
+        self.subscriber_chunks_dropped = Counter(
+            "audiosockets_subscriber_chunks_dropped",
+            "Audio chunks the relay held but dropped before each subscriber got them, "
+            "by reason (relay only).",
+            ["subscriber", "stream", "reason"],
             registry=r,
         )
         self.duplicates_suppressed = Counter(

@@ -56,7 +56,8 @@ def responds(url: str) -> bool:
 def scrape(port: int) -> dict[str, float]:
     """One service's metrics as ``{'name{labels}': value}`` (exposition text as is)."""
     samples: dict[str, float] = {}
-    for line in http_get(f"http://127.0.0.1:{port}/metrics").splitlines():
+    # generous: on a loaded machine a service can take seconds to answer
+    for line in http_get(f"http://127.0.0.1:{port}/metrics", timeout=20).splitlines():
         if line and not line.startswith("#"):
             key, _, value = line.rpartition(" ")
             samples[key] = float(value)
@@ -98,10 +99,22 @@ class Service:
 
         wait_until_sync(ready, timeout=timeout, what=f"{self.name} metrics")
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process hangs (sockets stay open, nothing is read or
+        answered), as a relay does in a long GC pause, a VM freeze or behind
+        a network partition."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self, grace: float = 10.0) -> None:
         process = self.process
         if process is None or process.poll() is not None:
             return
+        process.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=grace)
@@ -171,7 +184,7 @@ class Prometheus:
     def api(self, path: str, **params: str) -> Any:
         url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
         try:
-            body = json.loads(http_get(url, timeout=10))
+            body = json.loads(http_get(url, timeout=30))
         except urllib.error.HTTPError as exc:
             body = json.loads(exc.read().decode("utf-8"))
         if body.get("status") != "success":
@@ -232,7 +245,7 @@ class Stack:
         self.services[name] = service
         return service
 
-    def add_relay(self) -> Service:
+    def add_relay(self, *args: str) -> Service:
         return self.add(
             "relay",
             "relay",
@@ -241,9 +254,10 @@ class Stack:
             self.relay_url,
             "--heartbeat-seconds",
             "1",
+            *args,
         )
 
-    def add_recorder(self, stream: str, source: str) -> Service:
+    def add_recorder(self, stream: str, source: str, *args: str) -> Service:
         return self.add(
             f"recorder-{stream}",
             "recorder",
@@ -256,6 +270,7 @@ class Stack:
             source,
             "--block-ms",
             "20",
+            *args,
         )
 
     def add_processor(self, name: str, *args: str, env: dict[str, str] | None = None) -> Service:

@@ -207,7 +207,9 @@ def test_dashboards_dir_holds_only_dashboards() -> None:
     ("alert", "dashboard", "panel"),
     [
         ("AudiosocketsStreamSilent", "recorder.json", "Seconds since last sound"),
-        ("AudiosocketsDropRatioHigh", "overview.json", "Drop ratio by stage and reason"),
+        ("AudiosocketsDropRatioHigh", "overview.json", "Lost at source"),
+        ("AudiosocketsDropRatioHigh", "overview.json", "Lost in delivery"),
+        ("AudiosocketsDropRatioHigh", "processors.json", "Lost in processor"),
         ("AudiosocketsLatencyP99High", "overview.json", "End-to-end latency"),
     ],
 )

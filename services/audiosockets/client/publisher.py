@@ -6,7 +6,10 @@ unsent chunks beyond the history are dropped and counted
 (``reason="spool_full"``). On every (re)connect the relay answers each
 OPEN_STREAM with the next sequence number it expects, and the publisher
 re-sends from there, so a relay that crashed and came back empty gets
-everything still in the history.
+everything still in the history. Chunks written to a connection that broke
+before the relay read them, and trimmed from the history before the next
+session, are counted ``spool_full`` too once a relay that kept its state says
+it never got them: every chunk lost before the relay is counted here, once.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ from .session import ReconnectingClient, RetryPolicy
 log = logging.getLogger(__name__)
 
 
+#: Runs of trimmed, sent sequence numbers a stream remembers between two
+#: resumes (a new run starts only where the spool also dropped unsent audio).
+MAX_TRIMMED_RUNS = 64
+
+
 class PublishedStream:
     """One stream of a Publisher: ``send`` appends to the history (spool).
 
@@ -62,6 +70,10 @@ class PublishedStream:
         self.next_seq = 0
         self.accepted = False  # the relay answered OPEN_STREAM on this session
         self.dropped = 0
+        # Runs [first, last] of seqs written to the relay and trimmed from the
+        # history since the relay last said what it holds: if the connection
+        # broke before the relay read them, they can no longer be resent.
+        self._trimmed_sent: list[list[int]] = []
         m = publisher.metrics
         m.declare_stream(name)
         self._sent = m.chunks_sent.labels(name)
@@ -131,6 +143,14 @@ class PublishedStream:
                 self._unsent_seconds -= entry.seconds
                 self.dropped += 1
                 self._dropped.inc()
+            else:
+                runs = self._trimmed_sent
+                if runs and runs[-1][1] + 1 == entry.seq:
+                    runs[-1][1] = entry.seq
+                else:
+                    runs.append([entry.seq, entry.seq])
+                    if len(runs) > MAX_TRIMMED_RUNS:
+                        del runs[0]
 
     def resume_from(self, next_seq: int) -> None:
         """The relay holds everything before ``next_seq``: send the rest.
@@ -147,6 +167,7 @@ class PublishedStream:
                 entry.seq += offset
             self.next_seq += offset
             log.info("stream %r continues the relay's numbering at seq %d", self.name, next_seq)
+        self._count_unconfirmed(next_seq)
         n = 0
         for entry in reversed(self.history):
             if entry.seq < next_seq:
@@ -154,6 +175,27 @@ class PublishedStream:
             n += 1
         self.unsent = n
         self.accepted = True
+
+    def _count_unconfirmed(self, next_seq: int) -> None:
+        """Chunks written to a connection that broke before the relay read them
+        (it holds up to ``next_seq - 1``) and that have left the history since:
+        lost at the source, like the never-sent ones the spool dropped
+        (``reason="spool_full"``). A relay without the stream (``next_seq`` 0,
+        e.g. restarted) cannot say what it got, and nothing is counted."""
+        runs, self._trimmed_sent = self._trimmed_sent, []
+        if next_seq <= 0:
+            return
+        lost = sum(last - max(first, next_seq) + 1 for first, last in runs if last >= next_seq)
+        if not lost:
+            return
+        self.dropped += lost
+        self._dropped.inc(lost)
+        log.warning(
+            "stream %r: %d chunks sent before the connection broke never reached the relay "
+            "and have left the spool",
+            self.name,
+            lost,
+        )
 
     @property
     def unsent(self) -> int:

@@ -9,7 +9,7 @@ from typing import ClassVar
 from prometheus_client import Counter, Gauge, Histogram
 
 from ..handlers import COUNTERS, GAUGES, MetricOp
-from ..metrics import LATENCY_BUCKETS, Metrics
+from ..metrics import LATENCY_BUCKETS, PROCESSING_TIME_BUCKETS, Metrics
 
 # --- metrics --------------------------------------------------------------------
 
@@ -48,7 +48,7 @@ class ProcessorMetrics:
             "audiosockets_processing_time_seconds",
             "Time one handler call took (successful or not).",
             ["handler"],
-            buckets=LATENCY_BUCKETS,
+            buckets=PROCESSING_TIME_BUCKETS,
             registry=r,
         )
         self.handler_start_latency = Histogram(

@@ -8,7 +8,9 @@ Invariants:
 - Every chunk a subscriber should get is either written to its socket or
   counted in ``audiosockets_chunks_dropped_total`` with a reason:
   ``subscriber_slow`` when it fell further behind than ``queue_seconds`` of
-  live audio, ``replay_window_exceeded`` when what it needed was trimmed.
+  live audio, ``replay_window_exceeded`` when what it needed was trimmed; per
+  subscriber too (``audiosockets_subscriber_chunks_*``). Sequence numbers that
+  never reached the relay are the publisher's loss, never counted here.
 - A protocol error closes that one connection with an ERROR frame and bumps
   ``audiosockets_protocol_errors_total``; nothing else is touched. So does a
   bug of ours in one session's tasks (``reason="internal_error"``).
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from ..audio import AudioFormat
 from ..errors import AddressInUse, ErrorCode
-from ..metrics import CallbackCollector, Metrics
+from ..metrics import RELAY_DROP_REASONS, CallbackCollector, Metrics
 from ..protocol import (
     ChunkData,
     Goodbye,
@@ -341,14 +343,24 @@ class Relay:
 
     # -- accounting ----------------------------------------------------------
 
-    def count_drop(self, stream: str, reason: str, n: int) -> None:
-        """Count ``n`` chunks of ``stream`` lost for ``reason`` (a DROP_REASONS value)."""
+    def count_drop(self, stream: str, reason: str, n: int, subscriber: str) -> None:
+        """Count ``n`` chunks of ``stream`` the relay held and lost for
+        ``subscriber`` (its client name) for ``reason`` (``RELAY_DROP_REASONS``)."""
         self.metrics.chunks_dropped.labels(stream, reason).inc(n)
+        self.metrics.subscriber_chunks_dropped.labels(subscriber, stream, reason).inc(n)
 
-    def count_sent(self, stream: str, chunks: int, nbytes: int) -> None:
-        """Count ``chunks`` chunks (``nbytes`` bytes of frames) of ``stream`` written."""
+    def count_sent(self, stream: str, chunks: int, nbytes: int, subscriber: str) -> None:
+        """Count ``chunks`` chunks (``nbytes`` bytes of frames) of ``stream``
+        written to ``subscriber``."""
         self.metrics.chunks_sent.labels(stream).inc(chunks)
         self.metrics.bytes_sent.labels(stream).inc(nbytes)
+        self.metrics.subscriber_chunks_sent.labels(subscriber, stream).inc(chunks)
+
+    def declare_subscriber(self, subscriber: str, stream: str) -> None:
+        """Zeros for a subscriber's delivery counters before its first chunk."""
+        self.metrics.subscriber_chunks_sent.labels(subscriber, stream)
+        for reason in RELAY_DROP_REASONS:
+            self.metrics.subscriber_chunks_dropped.labels(subscriber, stream, reason)
 
     def status(self) -> dict[str, object]:
         """The report ``audiosockets status`` prints (see ``status_report``)."""

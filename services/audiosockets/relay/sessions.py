@@ -143,6 +143,7 @@ class SubscriberSession(Session):
         self.writer: asyncio.Task[None] | None = None
         self.group: Group | None = None
         self.dropped = 0  # chunks this subscriber lost, every reason
+        self._losses: list[tuple[str, str, int]] = []  # counted once proven alive
 
     @property
     def group_name(self) -> str:
@@ -182,8 +183,9 @@ class SubscriberSession(Session):
         """Start delivering ``stream`` after ``after_seq`` (None: live, or the
         oldest chunk held when ``earliest`` or the subscription says so).
 
-        Chunks between ``after_seq`` and the oldest one held are gone: they are
-        counted as ``replay_window_exceeded``.
+        Chunks after ``after_seq`` that the window held and trimmed are lost
+        here: they are counted as ``replay_window_exceeded``. Sequence numbers
+        the relay never received (the publisher's own loss) are not.
         """
         assert self.subscription is not None
         now = self.relay.clock()
@@ -196,18 +198,10 @@ class SubscriberSession(Session):
             start = window.end
         else:
             start = window.ordinal_after_seq(after_seq)
-            trimmed_from = window.base if len(window) else window.end
-            first = window.first_seq()
-            if (
-                start == window.base
-                and first is not None
-                and first > after_seq + 1
-                and trimmed_from > 0
-            ):
-                # The chunks between the resume point and the window are gone.
-                missing = first - after_seq - 1
-                self.relay.count_drop(stream.name, "replay_window_exceeded", missing)
-                self.dropped += missing
+            missing, after_seq = window.trimmed_after(after_seq)
+            if missing:
+                self.count_drop(stream.name, "replay_window_exceeded", missing)
+        self.relay.declare_subscriber(self.name, stream.name)
         self.relay.subscriptions.add(self, Cursor(stream, start, after_seq, now))
         self.wake.set()
 
@@ -238,9 +232,15 @@ class SubscriberSession(Session):
                 self.wake.clear()
                 while not channel.closed:
                     frames = self._collect()
+                    if frames:
+                        # Writing to a peer that reset the connection fails
+                        # at once: its losses were never this subscriber's
+                        # (it resumes on another session) and are not counted.
+                        channel.writelines(frames)
+                    if not self._peer_gone():
+                        self._commit_losses()
                     if not frames:
                         break
-                    channel.writelines(frames)
                     await channel.drain()
         except ConnectionClosed:
             # The read side sees the same loss and ends the session.
@@ -253,6 +253,8 @@ class SubscriberSession(Session):
         stale_before = now - relay.config.queue_seconds
         budget = relay.config.max_batch_bytes
         frames: list[bytes] = []
+        if self._peer_gone():
+            return frames
         for cursor in relay.subscriptions.of_session(self):
             stream = cursor.stream
             window = stream.window
@@ -260,17 +262,13 @@ class SubscriberSession(Session):
                 # Trimmed before we sent them. Only chunks after our resume
                 # point were needed: after a relay restart the publisher
                 # re-sends history the subscriber already has, and trimming
-                # that is no loss. Seqs are increasing, so those needed lie in
-                # (after_seq, first held seq).
-                trimmed = window.base - cursor.next_ord
-                first = window.first_seq()
-                needed = trimmed if first is None else max(0, first - cursor.after_seq - 1)
-                lost = min(trimmed, needed)
+                # that is no loss. Nor are numbers the window never held (the
+                # publisher's own gap): only what it trimmed counts.
+                lost, cursor.after_seq = window.trimmed_after(cursor.after_seq)
                 cursor.next_ord = window.base
                 if lost:
                     cursor.dropped_window += lost
-                    self.dropped += lost
-                    relay.count_drop(stream.name, "replay_window_exceeded", lost)
+                    self.count_drop(stream.name, "replay_window_exceeded", lost)
             if cursor.next_ord >= window.end:
                 self._end_if_done(cursor, frames)
                 continue
@@ -282,7 +280,7 @@ class SubscriberSession(Session):
             if exempt_until <= cursor.next_ord < fresh_from:
                 skipped = self._skip(cursor, fresh_from)
                 if skipped:
-                    relay.count_drop(stream.name, "subscriber_slow", skipped)
+                    self.count_drop(stream.name, "subscriber_slow", skipped)
             if not cursor.declared:
                 frames.append(
                     self.channel.conn.send(OpenStream(stream.id, stream.name, stream.format))
@@ -304,7 +302,7 @@ class SubscriberSession(Session):
             cursor.next_ord = i - window.head + window.base
             if sent:
                 cursor.sent += sent
-                relay.count_sent(stream.name, sent, nbytes)
+                relay.count_sent(stream.name, sent, nbytes, self.name)
             self._end_if_done(cursor, frames)
             if budget <= 0:
                 self.wake.set()  # more to do after this batch is flushed
@@ -333,8 +331,25 @@ class SubscriberSession(Session):
                 cursor.after_seq = seq
         cursor.next_ord = to_ord
         cursor.dropped_slow += skipped
-        self.dropped += skipped
         return skipped
+
+    def count_drop(self, stream: str, reason: str, n: int) -> None:
+        """``n`` chunks of ``stream`` the relay held are lost to this subscriber:
+        counted once the session has shown it is alive (its next write went
+        out), so an abandoned session (a handshake the client gave up on, a
+        connection reset while the relay hung) is not charged for chunks the
+        client's next session gets, or is charged for itself."""
+        self._losses.append((stream, reason, n))
+        self.wake.set()
+
+    def _commit_losses(self) -> None:
+        losses, self._losses = self._losses, []
+        for stream, reason, n in losses:
+            self.dropped += n
+            self.relay.count_drop(stream, reason, n, self.name)
+
+    def _peer_gone(self) -> bool:
+        return self.channel.closed or self.channel.writer.transport.is_closing()
 
 
 class ObserverSession(Session):

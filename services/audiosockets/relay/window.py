@@ -13,7 +13,9 @@ class ReplayWindow:
     held and ``end`` the ordinal the next one will get. Sequence numbers and
     arrival times are non-decreasing, so both can be searched with bisect.
     Trimmed entries are blanked at once and their list slots compacted away in
-    bulk, so ``append`` and ``trim`` are amortised O(1).
+    bulk, so ``append`` and ``trim`` are amortised O(1). The sequence numbers
+    trimmed are remembered as runs (``trimmed_after``): what a late subscriber
+    lost *here*, as opposed to numbers that never reached the relay.
     """
 
     __slots__ = (
@@ -25,7 +27,12 @@ class ReplayWindow:
         "seqs",
         "total_bytes",
         "total_seconds",
+        "trimmed_runs",
     )
+
+    #: Runs of trimmed sequence numbers remembered: a new run starts only at a
+    #: gap in the numbers (the publisher lost chunks), so this is a long time.
+    MAX_TRIMMED_RUNS = 4096
 
     def __init__(self) -> None:
         self.seqs: list[int] = []
@@ -36,6 +43,8 @@ class ReplayWindow:
         self.base = 0  # ordinal of the oldest live entry
         self.total_seconds = 0.0
         self.total_bytes = 0
+        # [first, last] runs of sequence numbers held and trimmed, oldest first.
+        self.trimmed_runs: list[list[int]] = []
 
     def __len__(self) -> int:
         """Number of chunks held."""
@@ -69,6 +78,7 @@ class ReplayWindow:
         ``RelayConfig.replay_seconds`` and ``RelayConfig.max_window_bytes``."""
         limit = max_seconds + 1e-9  # sums of float durations drift by ulps
         while len(self) > 1 and (self.total_seconds > limit or self.total_bytes > max_bytes):
+            self._remember_trimmed(self.seqs[self.head])
             self.total_seconds -= self.durations[self.head]
             self.total_bytes -= len(self.frames[self.head])
             self.frames[self.head] = b""
@@ -78,6 +88,28 @@ class ReplayWindow:
             for lst in (self.seqs, self.frames, self.durations, self.arrivals):
                 del lst[: self.head]
             self.head = 0
+
+    def _remember_trimmed(self, seq: int) -> None:
+        runs = self.trimmed_runs
+        if runs and runs[-1][1] + 1 == seq:
+            runs[-1][1] = seq
+            return
+        runs.append([seq, seq])
+        if len(runs) > self.MAX_TRIMMED_RUNS:
+            del runs[0]
+
+    def trimmed_after(self, seq: int) -> tuple[int, int]:
+        """How many chunks with a sequence number above ``seq`` this window held
+        and trimmed, and the highest such number (``seq`` when none). Numbers
+        in the gaps between runs never reached the relay and are not counted."""
+        count = 0
+        last = seq
+        for first, end in reversed(self.trimmed_runs):
+            if end <= seq:
+                break
+            count += end - max(first, seq + 1) + 1
+            last = max(last, end)
+        return count, last
 
     def clear(self) -> None:
         """Drop every chunk; ordinals keep counting from ``end``."""

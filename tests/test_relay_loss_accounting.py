@@ -1,0 +1,221 @@
+"""The relay counts a lost chunk only where it was lost (issue 17).
+
+A subscriber's sequence gap is the sum of what the publisher never got to the
+relay (counted ``spool_full`` by the publisher) and what the relay held but
+trimmed or skipped before this subscriber got it (counted by the relay, per
+subscriber). The relay must never count the publisher's gap as its own: each
+test below makes a publisher gap, and checks the books balance exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from _support import wait_until
+from audiosockets.audio import AudioFormat, SampleType
+from audiosockets.client import Publisher, RetryPolicy, Subscriber
+from audiosockets.metrics import Metrics
+from audiosockets.protocol import Connection, Hello, Role, Subscribe, Welcome
+from audiosockets.relay import Relay, RelayConfig
+
+FMT = AudioFormat(16000, 1, SampleType.INT16)
+BLOCK = 320  # 20 ms
+FAST_RETRY = RetryPolicy(initial=0.02, cap=0.2, jitter=0.02, connect_timeout=1.0)
+#: The subscriber had seqs 0..RESUME_AT before (as after a relay outage).
+RESUME_AT = 20
+#: The publisher numbered this many chunks while it could not send...
+NUMBERED = 250
+#: ...and its spool (history) holds the newest HELD of them: 100..249.
+HELD = 150
+PUBLISHER_GAP = (NUMBERED - HELD) - (RESUME_AT + 1)  # seqs 21..99: never reached the relay
+
+
+def block(seq: int) -> np.ndarray:
+    return np.full((BLOCK, 1), seq % 30000, dtype=np.int16)
+
+
+def value(relay: Relay, name: str, **labels: str) -> float:
+    return relay.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def relay_lost(relay: Relay, subscriber: str) -> float:
+    return sum(
+        value(
+            relay,
+            "audiosockets_subscriber_chunks_dropped_total",
+            subscriber=subscriber,
+            stream="mic",
+            reason=reason,
+        )
+        for reason in ("replay_window_exceeded", "subscriber_slow")
+    )
+
+
+@pytest.fixture
+async def spooled(relay: Relay) -> AsyncIterator[Publisher]:
+    """A publisher that recorded NUMBERED chunks into a HELD-chunk spool, not yet started."""
+    pub = Publisher(
+        relay.url, name="rec", retry=FAST_RETRY, history_seconds=HELD * 0.02, metrics=Metrics()
+    )
+    stream = pub.stream("mic", FMT)
+    for seq in range(NUMBERED):
+        stream.send(block(seq))
+    assert stream.dropped == NUMBERED - HELD  # spool_full: lost at the source
+    yield pub
+    await pub.close(timeout=0.5)
+
+
+async def resuming_subscriber(relay: Relay, name: str) -> Subscriber:
+    sub = Subscriber(relay.url, "mic", name=name, retry=FAST_RETRY, metrics=Metrics())
+    sub.received["mic"] = RESUME_AT
+    await sub.start()
+    await wait_until(
+        lambda: any(s.subscription for s in relay.subscribers if s.name == name),
+        what="the relay to register the subscription",
+    )
+    return sub
+
+
+async def read_until(sub: Subscriber, last: int, timeout: float = 10.0) -> list[int]:
+    seqs: list[int] = []
+    async with asyncio.timeout(timeout):
+        async for chunk in sub:
+            seqs.append(chunk.seq)
+            if chunk.seq >= last:
+                return seqs
+    return seqs
+
+
+async def start_publishing(relay: Relay, pub: Publisher) -> None:
+    await pub.start()
+    await wait_until(
+        lambda: value(relay, "audiosockets_chunks_received_total", stream="mic") == HELD,
+        what="the relay to take the spool",
+    )
+
+
+@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, replay_seconds=1.0)])
+async def test_a_subscriber_attached_before_the_burst_is_charged_only_what_the_relay_trimmed(
+    relay: Relay, spooled: Publisher
+) -> None:
+    sub = await resuming_subscriber(relay, "early")
+    await start_publishing(relay, spooled)
+    got = await read_until(sub, NUMBERED - 1)
+    lost_here = relay_lost(relay, "early")
+    # Everything the relay held reached the subscriber or is counted, once.
+    assert len(got) + lost_here == HELD
+    assert got == sorted(set(got))
+    assert got[-1] == NUMBERED - 1
+    # The subscriber's gap is the publisher's gap plus the relay's loss, exactly.
+    assert sub.gaps == PUBLISHER_GAP + lost_here
+    assert value(
+        relay, "audiosockets_chunks_dropped_total", stream="mic", reason="replay_window_exceeded"
+    ) == value(
+        relay,
+        "audiosockets_subscriber_chunks_dropped_total",
+        subscriber="early",
+        stream="mic",
+        reason="replay_window_exceeded",
+    )
+    await sub.close()
+
+
+@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, replay_seconds=1.0)])
+async def test_a_subscriber_resuming_after_the_trim_is_charged_only_what_the_relay_held(
+    relay: Relay, spooled: Publisher
+) -> None:
+    await start_publishing(relay, spooled)  # 150 chunks into a 50-chunk window
+    sub = await resuming_subscriber(relay, "late")
+    got = await read_until(sub, NUMBERED - 1)
+    window = 50
+    assert got == list(range(NUMBERED - window, NUMBERED))
+    # The relay held and trimmed 100..199: those are its loss. 21..99 never
+    # reached it (the old count charged all 179 to the relay).
+    assert relay_lost(relay, "late") == HELD - window
+    assert sub.gaps == PUBLISHER_GAP + (HELD - window)
+    status = relay.status()
+    (entry,) = [s for s in status["subscribers"] if s["name"] == "late"]  # type: ignore[union-attr]
+    assert entry["dropped"] == HELD - window
+    await sub.close()
+
+
+@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, replay_seconds=60.0)])
+async def test_a_publisher_gap_alone_is_no_relay_loss(relay: Relay, spooled: Publisher) -> None:
+    early = await resuming_subscriber(relay, "early")
+    await start_publishing(relay, spooled)
+    late = await resuming_subscriber(relay, "late")
+    for sub in (early, late):
+        assert await read_until(sub, NUMBERED - 1) == list(range(NUMBERED - HELD, NUMBERED))
+        assert sub.gaps == PUBLISHER_GAP
+        assert relay_lost(relay, sub.name) == 0
+        # declared up front: a zero the dashboards can rate from
+        assert (
+            relay.metrics.registry.get_sample_value(
+                "audiosockets_subscriber_chunks_dropped_total",
+                {"subscriber": sub.name, "stream": "mic", "reason": "replay_window_exceeded"},
+            )
+            == 0
+        )
+        assert (
+            value(
+                relay,
+                "audiosockets_subscriber_chunks_sent_total",
+                subscriber=sub.name,
+                stream="mic",
+            )
+            == HELD
+        )
+        await sub.close()
+    assert value(relay, "audiosockets_chunks_sent_total", stream="mic") == 2 * HELD
+
+
+@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, replay_seconds=1.0)])
+async def test_a_session_the_client_abandoned_is_not_charged(
+    relay: Relay, spooled: Publisher
+) -> None:
+    """A client that gave up on a session (a handshake the relay answered too
+    late, a reset while the relay hung) resumes on its next session; the
+    abandoned one must not charge it for the same chunks a second time."""
+    await start_publishing(relay, spooled)  # 100..199 trimmed
+    conn, peer = Connection("client"), Connection("relay")
+    hello = conn.send(Hello(Role.SUBSCRIBER, "late"))
+    peer.receive_data(hello)
+    peer.next_event()
+    conn.receive_data(peer.send(Welcome("relay", 1000, 1 << 20, 1000)))
+    conn.next_event()  # what the relay will say; the client does not wait for it
+    data = hello + conn.send(Subscribe("mic", resume=(("mic", RESUME_AT),)))
+    assert relay.address is not None
+    # Handshake, subscription and reset reach the relay before it reads any.
+    with socket.create_connection((relay.address.host, relay.address.port)) as raw:
+        raw.sendall(data)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await wait_until(
+        lambda: not any(s.name == "late" for s in relay.sessions),
+        what="the relay to end the abandoned session",
+    )
+    sub = await resuming_subscriber(relay, "late")
+    got = await read_until(sub, NUMBERED - 1)
+    assert got == list(range(NUMBERED - 50, NUMBERED))
+    assert relay_lost(relay, "late") == HELD - 50  # once, by the session that delivered
+    await sub.close()
+
+
+def test_the_window_remembers_what_it_trimmed_not_the_gaps_between() -> None:
+    from audiosockets.relay.window import ReplayWindow
+
+    window = ReplayWindow()
+    for seq in [*range(0, 10), *range(50, 60)]:  # 10..49 never reached the relay
+        window.append(seq, b"x", 0.02, arrived=float(seq))
+        window.trim(max_seconds=0.1, max_bytes=1 << 20)  # keeps 5 chunks
+    assert window.first_seq() == 55
+    assert window.trimmed_runs == [[0, 9], [50, 54]]
+    assert window.trimmed_after(-1) == (15, 54)
+    assert window.trimmed_after(5) == (9, 54)  # 6..9 and 50..54
+    assert window.trimmed_after(20) == (5, 54)  # not 21..49
+    assert window.trimmed_after(54) == (0, 54)
