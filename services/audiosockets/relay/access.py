@@ -63,9 +63,10 @@ Clock = Callable[[], float]
 class RequestRefused(Exception):
     """A session's request (or its HELLO) broke a rule: end it with ERROR UNAUTHORIZED."""
 
-    def __init__(self, refusal: Refusal) -> None:
+    def __init__(self, refusal: Refusal, who: str = "") -> None:
         super().__init__(refusal.message)
         self.refusal = refusal
+        self.who = who  # "publisher 'rec-1'": who asked, for the log line
 
 
 @dataclass(frozen=True, slots=True)

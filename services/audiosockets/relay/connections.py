@@ -89,7 +89,7 @@ async def serve_connection(
         log.warning("closing %s from %s: %s", who, channel.peer, exc)
         await channel.close(ErrorFrame(exc.code, str(exc)))
     except RequestRefused as exc:
-        who = f"{session.role.label} {session.name!r}" if session else "client"
+        who = f"{session.role.label} {session.name!r}" if session else exc.who or "client"
         await relay.access.refuse(address, exc.refusal, who)
         await channel.close(ErrorFrame(ErrorCode.UNAUTHORIZED, exc.refusal.message))
     except ConnectionClosed as exc:
@@ -131,7 +131,7 @@ async def _handshake(relay: Relay, channel: Channel, address: str) -> tuple[Hell
     if isinstance(found, Identity):
         found = may_open(found, hello.role) or found
     if isinstance(found, Refusal):
-        raise RequestRefused(found)
+        raise RequestRefused(found, f"{hello.role.label} {hello.client_name!r}")
     heartbeat_ms = max(1, int(cfg.heartbeat_interval * 1000))
     replay_ms = int(cfg.replay_seconds * 1000)
     channel.send(Welcome(cfg.server_name, heartbeat_ms, cfg.limits.max_frame_size, replay_ms))
