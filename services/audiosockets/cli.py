@@ -77,12 +77,10 @@ loop_option = click.option(
 )
 def main(log_level: LogLevel) -> None:
     """Real-time audio over sockets: record, relay, process."""
-    from .untrusted import EscapingFormatter
+    from .untrusted import configure_logging
 
-    handler = logging.StreamHandler(sys.stderr)
     # Log messages carry names that came from the network: one escaped line each.
-    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
+    configure_logging(getattr(logging, log_level.upper()))
 
 
 # --- relay, status, loadtest (lead) -----------------------------------------
