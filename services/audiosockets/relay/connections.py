@@ -68,7 +68,7 @@ async def serve_connection(
     )
     session: Session | None = None
     try:
-        admitted = await _handshake(relay, channel, address)
+        admitted = await _handshake(relay, channel)
         if admitted is None:
             return
         hello, identity = admitted
@@ -109,7 +109,7 @@ async def serve_connection(
         await channel.close()
 
 
-async def _handshake(relay: Relay, channel: Channel, address: str) -> tuple[Hello, Identity] | None:
+async def _handshake(relay: Relay, channel: Channel) -> tuple[Hello, Identity] | None:
     """Read HELLO, identify the client and check its role, answer WELCOME,
     start heartbeats. None when the client left; ``RequestRefused`` when a
     rule refuses it (its certificate, token or role)."""
