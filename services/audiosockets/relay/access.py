@@ -255,7 +255,8 @@ class AccessControl:
                     if penalty.suppressed
                     else ""
                 )
-                log.warning("TLS handshake with %s failed (%s): %s%s", address, reason, exc, more)
+                what = str(exc) or type(exc).__name__  # a reset or EOF says nothing itself
+                log.warning("TLS handshake with %s failed (%s): %s%s", address, reason, what, more)
             writer.close()
             return False
         return True
