@@ -10,6 +10,8 @@ Modules, from the pure state outward:
 - ``groups``: ``Group``, a consumer group's state and how an assignment is applied.
 - ``sessions``: one client's session by role, and the subscriber's writer.
 - ``status``: the ``status`` report and the gauges computed at scrape time.
+- ``access``: TLS handshakes, identities from tokens, refusals and their
+  throttle, credentials reload (``AccessControl``).
 - ``server``: ``Relay`` (lifecycle, connections, routing) and ``RelayConfig``.
 """
 
