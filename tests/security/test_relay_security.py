@@ -169,6 +169,23 @@ async def test_the_relay_host_name_is_checked(site: Site, tls: ssl.SSLContext) -
             await fetch_status(relay.url, tls=tls)
 
 
+async def test_a_client_hello_sent_before_the_relay_gets_to_the_connection_is_not_lost(
+    relay: Relay, tls: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load the relay reaches a new connection late, after the ClientHello
+    arrived; the handshake must still complete (it used to stall until timeout)."""
+    accept = relay.access.accept_tls
+
+    async def late(writer: asyncio.StreamWriter, address: str, timeout: float) -> bool:
+        await asyncio.sleep(0.3)  # pacing: the client's ClientHello is in the socket by now
+        return await accept(writer, address, timeout)
+
+    monkeypatch.setattr(relay.access, "accept_tls", late)
+    for _ in range(3):
+        report = await fetch_status(relay.url, token=TOKENS["ops"], tls=tls, timeout=3)
+        assert report["streams"] == []
+
+
 async def test_plain_tcp_on_the_tls_port_is_cut_and_counted(relay: Relay) -> None:
     assert relay.address is not None
     url = f"tcp://127.0.0.1:{relay.address.port}"

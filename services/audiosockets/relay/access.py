@@ -28,7 +28,7 @@ import logging
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -271,6 +271,39 @@ class AccessControl:
             "a client certificate is required: this relay uses mutual TLS "
             "(give --tls-cert and --tls-key)",
         )
+
+
+class _SilentUntilTLS(asyncio.StreamReaderProtocol):
+    """A server connection that reads nothing until TLS takes it over.
+
+    A client sends its ClientHello right after connecting. Had the plain
+    protocol read it into the StreamReader before ``start_tls`` swapped the
+    protocol, TLS would never see it and both sides would wait for each other
+    (a handshake that stalls only when the relay is slow to get to the new
+    connection, as under load). ``start_tls`` resumes reading itself.
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()
+        super().connection_made(transport)
+
+
+async def start_tls_server(
+    on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    host: str,
+    port: int,
+    limit: int,
+) -> asyncio.Server:
+    """``asyncio.start_server`` for a TLS port: each connection is handed to
+    ``on_connect`` unread, for ``AccessControl.accept_tls`` to wrap (so that a
+    failed handshake is seen, counted and logged, unlike with ``ssl=``)."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> asyncio.StreamReaderProtocol:
+        return _SilentUntilTLS(asyncio.StreamReader(limit=limit, loop=loop), on_connect, loop=loop)
+
+    return await loop.create_server(factory, host, port)
 
 
 def token_digest(token: str) -> bytes:

@@ -40,7 +40,7 @@ from ..protocol import (
 )
 from ..service import STOP_SIGNALS, run_service, signal_handlers
 from ..urls import RelayAddress
-from .access import AccessControl, reload_credentials
+from .access import AccessControl, reload_credentials, start_tls_server
 from .connections import serve_connection
 from .groups import Group
 from .sessions import PublisherSession, Session, SubscriberSession
@@ -146,7 +146,8 @@ class Relay:
         if self._server is not None and self.address is not None:
             return self.address  # already started (e.g. by a test before run())
         try:
-            self._server = await asyncio.start_server(
+            listen = asyncio.start_server if self.access.tls is None else start_tls_server
+            self._server = await listen(
                 self._on_connect, self.config.host, self.config.port, limit=1 << 20
             )
         except OSError as exc:
