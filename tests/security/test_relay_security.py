@@ -10,6 +10,7 @@ real clients lose nothing.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from audiosockets.client import Publisher, RetryPolicy, Subscriber, fetch_status
 from audiosockets.errors import Refused, RelayUnreachable
 from audiosockets.metrics import Metrics
 from audiosockets.relay import Relay, RelayConfig
-from audiosockets.relay.access import AuthThrottle
+from audiosockets.relay.access import AuthThrottle, TLSListener
 from audiosockets.tls import client_context, server_context
 
 FMT = AudioFormat(16000, 1, SampleType.INT16)
@@ -173,14 +174,17 @@ async def test_a_client_hello_sent_before_the_relay_gets_to_the_connection_is_no
     relay: Relay, tls: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under load the relay reaches a new connection late, after the ClientHello
-    arrived; the handshake must still complete (it used to stall until timeout)."""
-    accept = relay.access.accept_tls
+    arrived; the handshake must still complete (with a plain reader first and
+    ``start_tls`` after, it stalled until timeout)."""
+    listener = relay._server
+    assert isinstance(listener, TLSListener)
+    serve = listener._serve
 
-    async def late(writer: asyncio.StreamWriter, address: str, timeout: float) -> bool:
+    async def late(conn: socket.socket, address: str) -> None:
         await asyncio.sleep(0.3)  # pacing: the client's ClientHello is in the socket by now
-        return await accept(writer, address, timeout)
+        await serve(conn, address)
 
-    monkeypatch.setattr(relay.access, "accept_tls", late)
+    monkeypatch.setattr(listener, "_serve", late)
     for _ in range(3):
         report = await fetch_status(relay.url, token=TOKENS["ops"], tls=tls, timeout=3)
         assert report["streams"] == []

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import socket
 import ssl
 import time
 from collections import OrderedDict
@@ -236,30 +237,18 @@ class AccessControl:
         session.identity = found
         return None
 
-    async def accept_tls(self, writer: asyncio.StreamWriter, address: str, timeout: float) -> bool:
-        """Run the server side of the TLS handshake on ``writer`` (within
-        ``timeout`` seconds). False when it failed: counted by reason, logged
-        at a rate limit, the connection closed."""
-        assert self.tls is not None
-        try:
-            await writer.start_tls(self.tls, ssl_handshake_timeout=timeout)
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            reason = handshake_failure(exc)
-            self.metrics.tls_handshake_failures.labels(reason).inc()
-            penalty = self.throttle.refused(
-                address, failed_auth=reason == "client_certificate_untrusted"
-            )
-            if penalty.log:
-                more = (
-                    f" ({penalty.suppressed} more since the last line)"
-                    if penalty.suppressed
-                    else ""
-                )
-                what = str(exc) or type(exc).__name__  # a reset or EOF says nothing itself
-                log.warning("TLS handshake with %s failed (%s): %s%s", address, reason, what, more)
-            writer.close()
-            return False
-        return True
+    def tls_failed(self, exc: BaseException, address: str) -> None:
+        """A TLS handshake with ``address`` failed: count it by reason, log it at a
+        rate limit, and let an untrusted certificate count toward the throttle."""
+        reason = handshake_failure(exc)
+        self.metrics.tls_handshake_failures.labels(reason).inc()
+        penalty = self.throttle.refused(
+            address, failed_auth=reason == "client_certificate_untrusted"
+        )
+        if penalty.log:
+            more = f" ({penalty.suppressed} more since the last line)" if penalty.suppressed else ""
+            what = str(exc) or type(exc).__name__  # a reset or EOF says nothing itself
+            log.warning("TLS handshake with %s failed (%s): %s%s", address, reason, what, more)
 
     def client_certificate_refusal(self, writer: asyncio.StreamWriter) -> Refusal | None:
         """With ``--tls-client-ca``: a refusal when the client sent no certificate
@@ -273,37 +262,108 @@ class AccessControl:
         )
 
 
-class _SilentUntilTLS(asyncio.StreamReaderProtocol):
-    """A server connection that reads nothing until TLS takes it over.
-
-    A client sends its ClientHello right after connecting. Had the plain
-    protocol read it into the StreamReader before ``start_tls`` swapped the
-    protocol, TLS would never see it and both sides would wait for each other
-    (a handshake that stalls only when the relay is slow to get to the new
-    connection, as under load). ``start_tls`` resumes reading itself.
+class TLSListener:
+    """The relay's TLS port: accepts connections and runs each TLS handshake from
+    the first byte (``loop.connect_accepted_socket(ssl=...)``), so that a failed
+    handshake raises here, where it is counted and logged, instead of vanishing
+    inside the event loop (``start_server(ssl=...)``) or racing a plain reader
+    for the ClientHello (``start_tls`` after accepting). Has the parts of
+    ``asyncio.Server`` the relay uses: ``sockets``, ``close``, ``wait_closed``.
     """
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.ReadTransport)
-        transport.pause_reading()
-        super().connection_made(transport)
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        access: AccessControl,
+        on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        *,
+        handshake_timeout: float,
+        limit: int,
+    ) -> None:
+        self.sockets = sockets
+        self._access = access
+        self._on_connect = on_connect
+        self._timeout = handshake_timeout
+        self._limit = limit
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting = [
+            asyncio.create_task(self._accept(sock), name=f"accept {sock.getsockname()}")
+            for sock in sockets
+        ]
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as exc:  # out of file descriptors, say: keep accepting
+                log.warning("accepting a connection failed: %s", exc)
+                await asyncio.sleep(0.1)  # pacing: do not spin while the condition lasts
+                continue
+            task = asyncio.create_task(self._serve(conn, str(peer[0])))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=self._limit, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self._access.tls, ssl_handshake_timeout=self._timeout
+            )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            conn.close()
+            self._access.tls_failed(exc, address)
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        await self._on_connect(reader, writer)
+
+    def close(self) -> None:
+        """Stop accepting (connections already served go on)."""
+        for task in self._accepting:
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        """Wait for the accept loops to end."""
+        await asyncio.gather(*self._accepting, return_exceptions=True)
 
 
 async def start_tls_server(
+    access: AccessControl,
     on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     host: str,
     port: int,
+    *,
+    handshake_timeout: float,
     limit: int,
-) -> asyncio.Server:
-    """``asyncio.start_server`` for a TLS port: each connection is handed to
-    ``on_connect`` unread, for ``AccessControl.accept_tls`` to wrap (so that a
-    failed handshake is seen, counted and logged, unlike with ``ssl=``)."""
+) -> TLSListener:
+    """Listen on ``host``:``port`` (every address it resolves to) for TLS clients.
+    Raises OSError when the address cannot be bound."""
     loop = asyncio.get_running_loop()
-
-    def factory() -> asyncio.StreamReaderProtocol:
-        return _SilentUntilTLS(asyncio.StreamReader(limit=limit, loop=loop), on_connect, loop=loop)
-
-    return await loop.create_server(factory, host, port)
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, sockaddr in dict.fromkeys(infos):
+            address = (sockaddr[0], port or sockaddr[1], *sockaddr[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
+            sock.bind(address)
+            sock.listen(100)
+            sock.setblocking(False)
+            port = port or int(sock.getsockname()[1])  # port 0: the others take the same one
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return TLSListener(
+        sockets, access, on_connect, handshake_timeout=handshake_timeout, limit=limit
+    )
 
 
 def token_digest(token: str) -> bytes:

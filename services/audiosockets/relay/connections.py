@@ -50,12 +50,7 @@ async def serve_connection(
     goes silent for three heartbeat intervals, is refused, or the relay stops.
     Raises nothing but ``CancelledError``: every end is handled here."""
     cfg = relay.config
-    access = relay.access
-    address = source_address(writer)
-    if access.tls is not None and not await access.accept_tls(
-        writer, address, cfg.limits.handshake_timeout
-    ):
-        return
+    address = source_address(writer)  # (on a TLS port the handshake is done: TLSListener)
     tune_socket(writer, sndbuf=cfg.socket_buffer_bytes)
     writer.transport.set_write_buffer_limits(high=64 * 1024)
     channel = Channel(

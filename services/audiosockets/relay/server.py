@@ -40,7 +40,7 @@ from ..protocol import (
 )
 from ..service import STOP_SIGNALS, run_service, signal_handlers
 from ..urls import RelayAddress
-from .access import AccessControl, reload_credentials, start_tls_server
+from .access import AccessControl, TLSListener, reload_credentials, start_tls_server
 from .connections import serve_connection
 from .groups import Group
 from .sessions import PublisherSession, Session, SubscriberSession
@@ -130,7 +130,7 @@ class Relay:
         self.subscribers: set[SubscriberSession] = set()
         self._next_stream_id = itertools.count(1)
         self.session_ids = itertools.count(1)  # numbers sessions, from 1
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | TLSListener | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # one per connection
         self._stopped = asyncio.Event()
         self.address: RelayAddress | None = None
@@ -146,10 +146,15 @@ class Relay:
         if self._server is not None and self.address is not None:
             return self.address  # already started (e.g. by a test before run())
         try:
-            listen = asyncio.start_server if self.access.tls is None else start_tls_server
-            self._server = await listen(
-                self._on_connect, self.config.host, self.config.port, limit=1 << 20
-            )
+            if self.access.tls is None:
+                self._server = await asyncio.start_server(
+                    self._on_connect, self.config.host, self.config.port, limit=1 << 20
+                )
+            else:
+                self._server = await start_tls_server(
+                    self.access, self._on_connect, self.config.host, self.config.port,
+                    handshake_timeout=self.config.limits.handshake_timeout, limit=1 << 20,
+                )  # fmt: skip
         except OSError as exc:
             where = f"{self.config.host}:{self.config.port}"
             if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
