@@ -53,7 +53,7 @@ from ..tls import HANDSHAKE_FAILURES, handshake_failure, requires_client_certifi
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
-    from .server import Relay
+    from .server import Relay, RelayConfig
     from .sessions import Session
 
 log = logging.getLogger("audiosockets.relay")
@@ -363,6 +363,25 @@ async def start_tls_server(
         raise
     return TLSListener(
         sockets, access, on_connect, handshake_timeout=handshake_timeout, limit=limit
+    )
+
+
+async def listen(
+    access: AccessControl,
+    on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    config: RelayConfig,
+) -> asyncio.Server | TLSListener:
+    """Listen where ``config`` says: plain TCP (``asyncio.start_server``), or TLS
+    when ``access`` has a context (``start_tls_server``). Raises OSError."""
+    if access.tls is None:
+        return await asyncio.start_server(on_connect, config.host, config.port, limit=1 << 20)
+    return await start_tls_server(
+        access,
+        on_connect,
+        config.host,
+        config.port,
+        handshake_timeout=config.limits.handshake_timeout,
+        limit=1 << 20,
     )
 
 

@@ -40,7 +40,7 @@ from ..protocol import (
 )
 from ..service import STOP_SIGNALS, run_service, signal_handlers
 from ..urls import RelayAddress
-from .access import AccessControl, TLSListener, reload_credentials, start_tls_server
+from .access import AccessControl, TLSListener, listen, reload_credentials
 from .connections import serve_connection
 from .groups import Group
 from .sessions import PublisherSession, Session, SubscriberSession
@@ -146,15 +146,7 @@ class Relay:
         if self._server is not None and self.address is not None:
             return self.address  # already started (e.g. by a test before run())
         try:
-            if self.access.tls is None:
-                self._server = await asyncio.start_server(
-                    self._on_connect, self.config.host, self.config.port, limit=1 << 20
-                )
-            else:
-                self._server = await start_tls_server(
-                    self.access, self._on_connect, self.config.host, self.config.port,
-                    handshake_timeout=self.config.limits.handshake_timeout, limit=1 << 20,
-                )  # fmt: skip
+            self._server = await listen(self.access, self._on_connect, self.config)
         except OSError as exc:
             where = f"{self.config.host}:{self.config.port}"
             if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
