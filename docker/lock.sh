@@ -74,12 +74,14 @@ lock.write_text("\n".join(out) + "\n")
 PY
 }
 
-# The images carry the "speed" extra too: the services pick uvloop up when present.
+# The images carry the "speed" extra too: the services pick uvloop up when present;
+# and the "nats" extra, so the same images serve nats:// URLs (compose.nats.yaml).
 # LOCK_KEEP_PINS=1: keep the versions pinned today, only (re)write the hashes.
 if [[ "${LOCK_KEEP_PINS:-0}" != 1 ]]; then
     {
         requirements project dependencies
         requirements project optional-dependencies speed
+        requirements project optional-dependencies nats
     } >"$work/runtime.txt"
     requirements build-system requires >"$work/build.txt"
     lock runtime "$here/requirements.lock"

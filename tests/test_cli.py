@@ -352,3 +352,84 @@ def test_every_service_command_runs_through_run_async_with_its_loop(
     result = CliRunner().invoke(main, [*args, "--loop", "asyncio"])
     assert result.exit_code == 0, result.output
     assert seen == ["asyncio"]
+
+
+LONG = "x" * 201  # one byte over the protocol's 200-byte name limit (Limits.max_name_length)
+WIDE = "é" * 101  # 101 characters, 202 bytes of UTF-8: the limit counts bytes
+UNREACHABLE = "tcp://127.0.0.1:1"
+RECORD = ["record", "--relay", UNREACHABLE, "--source", "synth:sine"]
+BIG_CHUNK = [*RECORD, "--rate", "48000", "--channels", "16", "--dtype", "float32"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["status", "--relay", "tcp://[::1"], "relay URL"),
+        (["relay", "--listen", "tcp://[::1", "--metrics-port", "0"], "tcp://[::1"),
+        (["record", "--relay", "tcp://[::1", "--source", "synth:sine"], "relay URL"),
+        ([*RECORD, "--stream", WIDE], "--stream"),
+        ([*RECORD, "--name", LONG], "--name"),
+        ([*RECORD, "--token", LONG], "--token"),
+        (
+            # 48000 frames x 16 channels x 4 bytes = 3,072,000 bytes in one chunk
+            [*BIG_CHUNK, "--block-ms", "1000"],
+            "--block-ms",
+        ),
+        (["process", "--relay", UNREACHABLE, "--handler", "level", "--stream", LONG], "--stream"),
+        (["process", "--relay", UNREACHABLE, "--handler", "level", "--group", WIDE], "--group"),
+        (["process", "--relay", UNREACHABLE, "--handler", "level", "--name", LONG], "--name"),
+        (["process", "--relay", UNREACHABLE, "--handler", "level", "--token", LONG], "--token"),
+        (["relay", "--listen", "tcp://127.0.0.1:0", "--token", LONG], "--token"),
+    ],
+)
+def test_a_value_the_relay_must_refuse_is_a_configuration_error_before_connecting(
+    args: list[str], words: str
+) -> None:
+    """Names, tokens and chunks the protocol cannot carry (over 200 bytes of
+    UTF-8, over the 1 MiB frame) and URLs that do not parse are exit 2 with one
+    line at start, not a traceback or a reconnect loop against a refusal."""
+    metrics = ["--metrics-port", "0"] if args[0] in ("record", "process") else []
+    result = run_cli(*args, *metrics, timeout=30)
+    assert result.returncode == ConfigError.exit_code, result.stderr
+    assert words in one_error_line(result.stderr)
+
+
+def test_names_at_the_protocol_limit_are_accepted() -> None:
+    from audiosockets.recorder import RecorderConfig
+
+    at_limit = "x" * 200
+    configure(RecorderConfig, stream=at_limit, name=at_limit, token=at_limit)
+    configure(ProcessorConfig, handler="level", stream=at_limit, group=at_limit, name=at_limit)
+    configure(RelayConfig, token=at_limit)
+
+
+def test_the_default_processor_name_fits_the_protocol_whatever_the_handler_path() -> None:
+    from audiosockets.processor.server import default_client_name
+
+    name = default_client_name("/" + "d" * 300 + "/handler.py:handle")
+    assert 0 < len(name.encode()) <= 200
+    assert name.startswith("process-")
+    assert name.endswith(f"/handler.py:handle@{socket.gethostname()}")  # the end says most
+    assert default_client_name("level") == f"process-level@{socket.gethostname()}"
+
+
+def test_the_top_level_options_are_env_vars_too_and_help_says_so() -> None:
+    """--log-level is AUDIOSOCKETS_LOG_LEVEL (what compose and k8s set), shown
+    in --help like every command's env var."""
+    help_text = CliRunner().invoke(main, ["--help"]).output
+    assert "AUDIOSOCKETS_LOG_LEVEL" in help_text
+    assert "AUDIOSOCKETS_VERSION" not in help_text  # an env var must not print the version
+    env = {"AUDIOSOCKETS_LOG_LEVEL": "nonsense"}
+    result = CliRunner().invoke(main, ["status", "--relay", "tcp://[::1"], env=env)
+    assert result.exit_code == 2
+    assert "'nonsense' is not one of" in result.output
+
+
+def test_an_environment_variable_named_like_the_version_flag_does_not_stop_a_command() -> None:
+    """AUDIOSOCKETS_VERSION is a natural name for a release tag in .env or CI;
+    click's auto env vars made it mean --version, so every command printed the
+    version and exited 0 instead of running."""
+    env = {"AUDIOSOCKETS_VERSION": "0.1.0"}
+    result = CliRunner().invoke(main, ["status", "--relay", "tcp://[::1"], env=env)
+    assert "version" not in result.output
+    assert result.exit_code == ConfigError.exit_code

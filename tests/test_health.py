@@ -240,3 +240,28 @@ def test_relay_recorder_and_processor_serve_health_beside_metrics() -> None:
     finally:
         for proc in procs:
             stop(proc)
+
+
+# --- the relay's readiness ------------------------------------------------------------
+
+
+async def test_relay_is_ready_only_while_it_listens() -> None:
+    """/readyz of the relay says "not ready" once its listener is gone: during
+    the drain after SIGTERM, or if the listening socket was closed under it. A
+    heartbeat alone (the loop runs) is liveness, not readiness."""
+    from audiosockets.relay import Relay, RelayConfig
+
+    relay = Relay(RelayConfig(host="127.0.0.1", port=0), metrics=Metrics())
+    assert relay.readiness() == "relay has not started listening"
+    await relay.start()
+    health = Health.watch_running_loop(relay.readiness)
+    try:
+        assert health.readiness() == Verdict(True, "ready")
+        await relay.stop()
+        verdict = health.readiness()
+        assert not verdict.ok
+        assert verdict.reason == f"relay not listening on {relay.url}"
+        assert health.liveness().ok  # draining is not a reason to restart
+    finally:
+        health.heartbeat.stop()
+        await relay.stop()

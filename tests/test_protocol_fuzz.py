@@ -313,7 +313,7 @@ def publisher_sessions(draw: st.DrawFn) -> list[Event]:
             out.append(opened)
         elif kind == "chunk":
             sid = draw(st.sampled_from(sorted(declared)))
-            size = declared[sid].frame_bytes * draw(st.integers(0, 4))
+            size = declared[sid].frame_bytes * draw(st.integers(1, 4))  # at least one frame
             pcm = draw(st.binary(min_size=size, max_size=size))
             out.append(ChunkData(sid, draw(u64), draw(i64), pcm))
         elif kind == "ping":

@@ -14,13 +14,14 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import click
 
 from . import __version__
 from . import cli_security as security
 from .audio import DTypeName
+from .cli_nats import nats_group
 from .cli_support import (
     LoopName,
     choice,
@@ -31,9 +32,10 @@ from .cli_support import (
     user_errors,
 )
 from .client import StartName
+from .errors import ConfigError
 from .loadtest import ClientName, RateName
 from .metrics_http import MetricsEndpoint
-from .urls import parse_url
+from .urls import check_url, is_nats_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -68,7 +70,9 @@ loop_option = click.option(
 
 
 @click.group(context_settings={"auto_envvar_prefix": "AUDIOSOCKETS", "show_default": True})
-@click.version_option(__version__, prog_name="audiosockets")
+# Not from the environment: AUDIOSOCKETS_VERSION (a release tag, say) must not
+# turn every command into "print the version and exit 0".
+@click.version_option(__version__, prog_name="audiosockets", allow_from_autoenv=False)
 @click.option(
     "--log-level",
     type=choice(LogLevel),
@@ -84,6 +88,31 @@ def main(log_level: LogLevel) -> None:
 
 
 # --- relay, status, loadtest (lead) -----------------------------------------
+
+#: The relay's limits against runaway and hostile clients (README, "Limits"):
+#: flag, type, default, help; each becomes the ``RelayConfig`` field of its name.
+RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
+    ("--max-streams", click.IntRange(1), 1024, "Stream names held at once."),
+    ("--max-streams-per-publisher", click.IntRange(1), 64, "Names one publisher may declare."),
+    ("--stream-grace-seconds", click.FloatRange(0), 60.0, "Keep an abandoned empty stream."),
+    ("--max-sessions", click.IntRange(1), 1024, "Connections at once (below the fd limit)."),
+    ("--max-sessions-per-address", click.IntRange(1), 256, "Connections from one address."),
+    ("--idle-timeout", click.FloatRange(0, min_open=True), 60.0, "Close sessions holding nothing."),
+    ("--max-write-buffer-bytes", click.IntRange(1), 4 << 20, "Replies queued to a non-reader."),
+    ("--status-interval", click.FloatRange(0), 1.0, "Least seconds between STATUS replies."),
+    (
+        "--max-inflight-seconds",
+        click.FloatRange(0, min_open=True),
+        1.0,
+        "Audio written to a subscriber, not yet acknowledged.",
+    ),
+]
+
+
+def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
+    for flag, kind, default, help in reversed(RELAY_LIMITS):
+        func = click.option(flag, type=kind, default=default, show_default=True, help=help)(func)
+    return func
 
 
 @main.command()
@@ -114,12 +143,51 @@ def main(log_level: LogLevel) -> None:
     help="Largest frame accepted.",
 )
 @click.option(
+    "--max-window-memory",
+    type=click.IntRange(1 << 20),
+    default=256 << 20,
+    help="Bytes all replay windows may hold together; beyond it the oldest audio of the "
+    "largest window goes first (counted window_memory_exceeded).",
+)
+@click.option(
+    "--max-input-bytes",
+    type=click.IntRange(64),
+    default=16 << 20,
+    help="Bytes all connections may hold of frames not yet complete; beyond it the "
+    "connection holding the most is cut.",
+)
+@click.option(
+    "--frame-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    help="Seconds a frame may take from its first byte to its last.",
+)
+@click.option(
+    "--max-chunk-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=2.0,
+    help="Audio one CHUNK may carry, in seconds of its stream's format.",
+)
+@click.option(
+    "--max-capture-ahead",
+    type=click.FloatRange(0, min_open=True),
+    default=300.0,
+    help="Seconds a chunk's capture time may be ahead of the relay's clock.",
+)
+@click.option(
+    "--max-capture-age",
+    type=click.FloatRange(0, min_open=True),
+    default=3650 * 86400.0,
+    help="Seconds a chunk's capture time may be behind the relay's clock.",
+)
+@click.option(
     "--token",
     default=None,
     help="Shared secret every client must present: the simplest mode, one identity "
     "with every role (unset, and no --credentials: no authentication).",
 )
 @security.relay_security_options
+@relay_limit_options
 @loop_option
 @security.metrics_endpoint_options("the --listen host")
 @user_errors
@@ -130,6 +198,12 @@ def relay(
     queue_seconds: float,
     heartbeat_seconds: float,
     max_frame_bytes: int,
+    max_window_memory: int,
+    max_input_bytes: int,
+    frame_timeout: float,
+    max_chunk_seconds: float,
+    max_capture_ahead: float,
+    max_capture_age: float,
     token: str | None,
     token_file: Path | None,
     credentials: Path | None,
@@ -138,6 +212,7 @@ def relay(
     tls_client_ca: Path | None,
     loop_name: LoopName,
     metrics_endpoint: MetricsEndpoint,
+    **limits: Any,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out."""
     from .health import Health
@@ -153,10 +228,18 @@ def relay(
         replay_seconds=replay_seconds,
         queue_seconds=queue_seconds,
         heartbeat_interval=heartbeat_seconds,
-        limits=configure(Limits, max_frame_size=max_frame_bytes),
+        limits=configure(
+            Limits, max_frame_size=max_frame_bytes, max_chunk_seconds=max_chunk_seconds
+        ),
+        max_window_memory=max_window_memory,
+        max_input_bytes=max_input_bytes,
+        frame_timeout=frame_timeout,
+        max_capture_ahead=max_capture_ahead,
+        max_capture_age=max_capture_age,
         token=security.read_token(token, token_file),
         credentials=credentials,
         tls=security.relay_tls(listen, tls_cert, tls_key, tls_client_ca),
+        **limits,
     )
     metrics = Metrics()
     metrics_tls = metrics_endpoint.context()  # unusable files: exit 2 before listening
@@ -164,7 +247,7 @@ def relay(
     def ready(server: Relay) -> None:
         if metrics_port:
             # Called on the loop once the socket is bound: listening is ready.
-            health = Health.watch_running_loop()
+            health = Health.watch_running_loop(server.readiness)
             where = metrics_endpoint.host or host
             serve_metrics(metrics_port, metrics.registry, where, health=health, tls=metrics_tls)
         click.echo(f"relay listening on {server.url}", err=True)
@@ -202,7 +285,7 @@ def status(
     loop_name: LoopName,
 ) -> None:
     """Show a relay's streams, clients, groups and drops."""
-    from .client import fetch_status
+    from .connect import fetch_status
     from .untrusted import escape_all
 
     tls = security.client_tls(relay_url, tls_ca, tls_cert, tls_key)
@@ -210,6 +293,11 @@ def status(
     report = run_async(fetch_status(relay_url, timeout=timeout, token=secret, tls=tls), loop_name)
     if as_json:
         click.echo(json.dumps(report, indent=2))  # JSON escapes control characters itself
+        return
+    if report.get("binding") == "nats":
+        from .jetstream.admin import format_status as format_nats_status
+
+        click.echo(format_nats_status(escape_all(report)))
         return
     # Names in the report came from the network: control characters escaped.
     click.echo(format_status(escape_all(report)))
@@ -304,6 +392,12 @@ def loadtest(
     from .loadtest import LoadTestConfig, check_gates, format_report, run_loadtest
 
     secret = security.loadtest_security(relay_url, token, token_file, tls_ca, tls_cert, tls_key)
+    if relay_url:
+        check_url(relay_url)
+        if client == "raw" and is_nats_url(relay_url):
+            raise ConfigError(
+                "--client raw reads the relay protocol; use --client library for NATS"
+            )
     cfg = configure(
         LoadTestConfig,
         streams=streams,
@@ -407,7 +501,7 @@ def record(
     from .recorder import RecorderConfig
     from .recorder import record as run_recorder
 
-    parse_url(relay_url)  # a malformed URL is an error before any device is opened
+    check_url(relay_url)  # a malformed URL is an error before any device is opened
     config = configure(
         RecorderConfig,
         relay=relay_url,
@@ -475,6 +569,13 @@ def devices() -> None:
     help="archive: length of one WAV segment.",
 )
 @click.option(
+    "--max-open-segments",
+    type=click.IntRange(1),
+    default=256,
+    help="archive: segment files open at once; past it the least recently written is "
+    "completed early (audiosockets_archive_evictions_total).",
+)
+@click.option(
     "--max-failures",
     type=click.IntRange(0),
     default=100,
@@ -505,6 +606,7 @@ def process(
     backlog_seconds: float,
     events: str | None,
     segment_seconds: float,
+    max_open_segments: int,
     max_failures: int,
     start: StartName,
     name: str | None,
@@ -534,6 +636,7 @@ def process(
         backlog_seconds=backlog_seconds,
         events=events,
         segment_seconds=segment_seconds,
+        max_open_segments=max_open_segments,
         exit_after=max_failures,
         start=start,
         token=security.read_token(token, token_file),
@@ -574,6 +677,11 @@ def demo(listen: str, streams: int, seconds: float, loop_name: LoopName) -> None
 main.add_command(security.certs)  # audiosockets certs init/issue
 
 
+# --- nats (the JetStream binding): cli_nats.py ------------------------------------
+
+main.add_command(nats_group)
+
+
 # --- env vars (keep last: runs after every command is registered) -----------
 
 
@@ -585,6 +693,12 @@ def name_env_vars_after_flags(group: click.Group, prefix: str = "AUDIOSOCKETS") 
     users (and compose files) go by the flag. Options with an explicit
     ``envvar`` keep it.
     """
+    for param in group.params:  # the group's own: PREFIX_FLAG (--log-level, not --version)
+        if isinstance(param, click.Option) and param.expose_value:
+            if not param.envvar:
+                flag = max(param.opts, key=len).lstrip("-").replace("-", "_").upper()
+                param.envvar = f"{prefix}_{flag}"
+            param.show_envvar = True
     for name, command in group.commands.items():
         for param in command.params:
             if not isinstance(param, click.Option):

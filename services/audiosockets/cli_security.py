@@ -10,13 +10,12 @@ decorator and turns them into the same objects:
 * ``token_file_option``: ``--token-file FILE``; ``read_token`` picks the
   token from ``--token``, ``--token-file`` or their environment variables.
   A token typed on the command line is visible to every local user
-  (``/proc/PID/cmdline``): it works, with a warning.
+  (``/proc/PID/cmdline``): prefer the file or the variable.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,6 @@ from .urls import parse_url
 P = ParamSpec("P")
 T = TypeVar("T")
 
-log = logging.getLogger("audiosockets.cli")
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
@@ -65,7 +63,13 @@ def client_tls(
     """The TLS context for ``relay_url``: None for ``tcp://``; ConfigError for a
     ``tcp://`` relay given TLS files, or files that cannot be used."""
     from .tls import client_context
+    from .urls import is_nats_url
 
+    files = [flag for flag, v in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)) if v]
+    if is_nats_url(relay_url):
+        if files:
+            raise ConfigError(f"{files[0]} is for a tls:// relay; NATS takes ?ca= in its URL")
+        return None
     address = parse_url(relay_url)
     if not address.tls:
         given = [
@@ -92,8 +96,7 @@ def read_token(token: str | None, token_file: Path | None) -> str:
     """The token from ``--token`` or ``--token-file`` ("" for none).
 
     The file's first line, without its line ending; both flags together, an
-    unreadable file or an empty one are ConfigErrors. A ``--token`` typed on
-    the command line (not from the environment) logs a warning.
+    unreadable file or an empty one are ConfigErrors.
     """
     if token_file is not None:
         if token:
@@ -108,15 +111,6 @@ def read_token(token: str | None, token_file: Path | None) -> str:
         if not first:
             raise ConfigError(f"token file {token_file} is empty")
         return first
-    if token:
-        ctx = click.get_current_context(silent=True)
-        if ctx is not None:
-            source = ctx.get_parameter_source("token")
-            if source is click.core.ParameterSource.COMMANDLINE:
-                log.warning(
-                    "--token on the command line is visible to every local user; "
-                    "use --token-file or the environment variable"
-                )
     return token or ""
 
 

@@ -27,6 +27,7 @@ class ErrorCode(IntEnum):
     REPLACED = 11
     SHUTTING_DOWN = 12
     INTERNAL = 13
+    OVERLOADED = 14  # a session cap was reached at accept; retry later
 
 
 class AudiosocketsError(Exception):
@@ -42,11 +43,19 @@ class ConfigError(AudiosocketsError):
 
 
 class ProtocolError(AudiosocketsError):
-    """The wire protocol was broken; ``code`` says how."""
+    """The wire protocol was broken; ``code`` says how, ``reason`` is the
+    ``audiosockets_protocol_errors_total`` label (the code's name in lower
+    case unless a finer one is given, e.g. ``empty_chunk``)."""
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.MALFORMED_FRAME) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: ErrorCode = ErrorCode.MALFORMED_FRAME,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason or code.name.lower()
 
 
 class LocalProtocolError(ProtocolError):
@@ -65,19 +74,22 @@ class ConnectionClosed(AudiosocketsError):
         self.code = code
 
 
-class Refused(AudiosocketsError):
-    """The relay refused us for a reason retrying cannot change (token, role, stream,
-    group, certificate): the client ends with this sentence instead of retrying."""
-
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.UNAUTHORIZED) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class RelayUnreachable(AudiosocketsError):
     """The relay could not be reached (refused, timed out, name not resolved)."""
 
     exit_code = 3
+
+
+class Refused(AudiosocketsError):
+    """The server refused what we asked for (token, role, stream, group, certificate,
+    NATS credentials and permissions): a retry cannot help, the client ends with
+    this sentence. ``code``: the relay's ERROR code (UNAUTHORIZED unless it said)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.UNAUTHORIZED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class AddressInUse(AudiosocketsError):

@@ -110,6 +110,7 @@ PROCESSING_TIME_BUCKETS: Final = (
 DROP_REASONS: Final = (
     "subscriber_slow",  # relay: a subscriber fell further behind than its queue
     "replay_window_exceeded",  # relay: a resume asked for chunks older than the window
+    "window_memory_exceeded",  # relay: trimmed unsent to keep all windows in max_window_memory
     "spool_full",  # recorder/publisher: outage longer than the spool
     "closed_unsent",  # publisher: closed before the relay took these
     "processor_overrun",  # processor: handler slower than real time, backlog full
@@ -231,6 +232,14 @@ class Metrics:
             ["role"],
             registry=r,
         )
+        self.positions_clamped = Counter(
+            "audiosockets_positions_clamped",
+            "ACKs and resume points beyond what exists, clamped (relay), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("ack_beyond_sent", "resume_beyond_stream"):
+            self.positions_clamped.labels(reason)
         self.protocol_errors = Counter(
             "audiosockets_protocol_errors",
             "Connections closed because the peer broke the protocol, by error code.",

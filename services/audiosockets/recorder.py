@@ -45,9 +45,12 @@ from .audio import AudioFormat, DTypeName, SampleType
 from .client.interfaces import SpoolingStream
 from .errors import ConfigError, DeviceError, Refused
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
+from .names import check_name
+from .protocol import CHUNK_HEAD, Limits
 from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
+from .urls import parse_url, redact
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -67,10 +70,6 @@ class PublisherLike(Protocol):
     async def flush(self, timeout: float | None = ...) -> bool: ...
 
     async def close(self, timeout: float = ..., *, drop_unsent: bool = ...) -> None: ...
-
-    async def wait_refused(self) -> Exception:
-        """Return (not raise) the error once the relay refused us for good."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +115,21 @@ class RecorderConfig:
         return min(self.spool_seconds, self.memory_seconds)
 
     def validate(self) -> None:
-        if not self.stream or len(self.stream) > 255:
-            raise ConfigError("--stream must be a name of 1 to 255 characters")
+        parse_url(self.relay)
+        check_name("--stream", self.stream)
+        check_name("--name", self.name, optional=True)
+        check_name("--token", self.token, optional=True)
         if not self.spool_seconds > 0:
             raise ConfigError(f"--spool-seconds must be positive, got {self.spool_seconds:g}")
         self.format  # noqa: B018 - validates rate/channels/dtype
-        self.block_frames  # noqa: B018
+        chunk_bytes = self.block_frames * self.format.frame_bytes
+        room = Limits().max_frame_size - CHUNK_HEAD.size
+        if chunk_bytes > room:
+            raise ConfigError(
+                f"one chunk of --block-ms {self.block_ms:g} at {self.rate} Hz, {self.channels} ch, "
+                f"{self.dtype} is {chunk_bytes} bytes; a frame carries at most {room}: "
+                "lower --block-ms"
+            )
 
 
 class RecorderMetrics:
@@ -172,9 +180,9 @@ class RecorderMetrics:
 
 
 def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
-    from .client import Publisher
+    from .connect import connect_publisher
 
-    publisher: PublisherLike = Publisher(
+    publisher: PublisherLike = connect_publisher(
         config.relay,
         name=config.name or f"recorder-{config.stream}",
         history_seconds=config.history_seconds,
@@ -269,7 +277,7 @@ class Recorder:
         log.info(
             "recording %s -> %s as %r",
             self.source.description,
-            self.config.relay,
+            redact(self.config.relay),
             self.config.stream,
         )
 
@@ -283,13 +291,19 @@ class Recorder:
         (its token, role, stream or certificate: retrying would not help)."""
         assert self._capture is not None, "start() first"
         stop = asyncio.create_task(self._stopping.wait())
-        refused = asyncio.create_task(self.publisher.wait_refused())
+        # The relay binding's Publisher says when it was refused for good.
+        wait_refused = getattr(self.publisher, "wait_refused", None)
+        waiting: set[asyncio.Future[Any]] = {self._capture, stop}
+        refused = asyncio.ensure_future(wait_refused()) if wait_refused is not None else None
+        if refused is not None:
+            waiting.add(refused)
         try:
-            await asyncio.wait({self._capture, stop, refused}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-            refused.cancel()
-        if refused.done() and not refused.cancelled():
+            if refused is not None:
+                refused.cancel()
+        if refused is not None and refused.done() and not refused.cancelled():
             raise refused.result()
         if self._capture.done() and not self._capture.cancelled():
             self._capture.result()  # re-raise a capture failure

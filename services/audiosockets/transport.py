@@ -7,6 +7,13 @@ heartbeat interval, and declares the peer dead when nothing at all arrived for
 ``heartbeat_timeout`` while it was waiting to read. Waiting to read is the
 only time the peer's silence counts: a consumer that stops reading on purpose
 (backpressure) does not time its peer out.
+
+A frame once begun must be complete within ``frame_timeout`` (when given):
+trickling a byte now and then keeps a connection alive, not a half-sent
+frame. What is buffered of incomplete frames is reported to an
+``InputAccount`` (the relay's relay-wide budget), which may ``cut`` this or
+another channel; a cut channel ends with the ``RemoteProtocolError`` it was
+given, from wherever its reader is waiting.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol, SupportsIndex
 
 from .errors import ConnectionClosed, ErrorCode, Refused, RelayUnreachable, RemoteProtocolError
 from .protocol import (
@@ -60,8 +68,83 @@ def tune_socket(writer: asyncio.StreamWriter, *, sndbuf: int = 0, rcvbuf: int = 
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
 
 
+class InputAccount(Protocol):
+    """Where channels report the bytes they hold of incomplete frames."""
+
+    def hold(self, channel: Channel, nbytes: int) -> None:
+        """``channel`` now holds ``nbytes`` (0: nothing, it may be forgotten)."""
+
+
+class AccountedReader(asyncio.StreamReader):
+    """A ``StreamReader`` that reports what it holds the moment bytes arrive.
+
+    asyncio reads up to 256 KiB per socket per loop iteration into each
+    reader before any task runs; with hundreds of connections that is
+    hundreds of MiB no task has seen yet. This reader tells the
+    ``InputAccount`` at once (bytes here plus the codec's partial frame, via
+    its ``owner`` channel), so a budget can cut a hoarder before the next
+    socket is read.
+    """
+
+    def __init__(self, limit: int, account: InputAccount) -> None:
+        super().__init__(limit=limit)
+        self.account = account
+        self.owner: Channel | None = None
+        self.pending = 0  # bytes received and not yet read
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        super().feed_data(data)
+        self.pending += len(data)  # type: ignore[arg-type]  # bytes from the protocol
+        if self.owner is not None:
+            self.account.hold(self.owner, self.owner.held_bytes)
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self.pending -= len(data)
+        return data
+
+    def discard(self) -> None:
+        """Free what was received and not read, now: the connection is being
+        cut, and its bytes must not outlive the budget's decision until its
+        task next runs. (StreamReader keeps them in ``_buffer``.)"""
+        self._buffer = bytearray()
+        self.pending = 0
+
+
+async def start_accounted_server(
+    on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    host: str,
+    port: int,
+    account: InputAccount,
+    *,
+    limit: int = 64 << 10,
+) -> asyncio.Server:
+    """``asyncio.start_server`` with an ``AccountedReader`` per connection
+    (``limit``: bytes a reader buffers before it pauses the socket)."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> asyncio.StreamReaderProtocol:
+        return asyncio.StreamReaderProtocol(AccountedReader(limit, account), on_connect)
+
+    return await loop.create_server(factory, host, port)
+
+
+class WriteBufferFull(ConnectionClosed):
+    """The peer stopped reading and what we queued for it passed the
+    channel's ``max_write_buffer``: the session cannot go on without holding
+    unbounded memory for it."""
+
+
 class Channel:
-    """A framed, heartbeated session over one TCP connection."""
+    """A framed, heartbeated session over one TCP connection.
+
+    ``frame_timeout``: seconds a frame may take from its first byte to its
+    last (None: no limit); ``input_account``: told after every read how many
+    bytes of incomplete frames this channel holds.
+    ``max_write_buffer`` (bytes, 0: no limit) bounds what ``send`` may leave
+    queued for a peer that does not read (replies such as PONG and STATUS):
+    past it ``send`` raises ``WriteBufferFull`` instead of queueing more.
+    """
 
     def __init__(
         self,
@@ -72,8 +155,12 @@ class Channel:
         heartbeat_interval: float = 2.0,
         heartbeat_timeout: float = 6.0,
         clock: Clock = time.monotonic,
+        frame_timeout: float | None = None,
+        input_account: InputAccount | None = None,
+        max_write_buffer: int = 0,
     ) -> None:
         self.reader = reader
+        self.max_write_buffer = max_write_buffer
         self.writer = writer
         self.conn = conn
         self.heartbeat_interval = heartbeat_interval
@@ -86,6 +173,14 @@ class Channel:
         self.rtt: float | None = None
         self.bytes_received = 0
         self._ping_sent_at: dict[int, float] = {}
+        self.frame_timeout = frame_timeout
+        self._input_account = input_account
+        self._frame_began: float | None = None  # when the pending frame's first byte came
+        self._frame_number = -1  # frames_received when that was
+        self._cut: RemoteProtocolError | None = None
+        if isinstance(reader, AccountedReader):
+            reader.owner = self
+        self._pings = 0  # PINGs answered
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
@@ -94,9 +189,17 @@ class Channel:
     def send(self, event: Event) -> None:
         """Encode ``event`` through the codec and write it (no drain).
 
-        Raises LocalProtocolError when the codec refuses the event; writes
-        nothing once the channel is closed.
+        Raises LocalProtocolError when the codec refuses the event, and
+        ``WriteBufferFull`` when ``max_write_buffer`` is set and more than that
+        is already queued (nothing is written then); writes nothing once the
+        channel is closed.
         """
+        limit = self.max_write_buffer
+        if limit and not self.closed and self.write_buffer_size > limit:
+            raise WriteBufferFull(
+                f"{self.peer} does not read: more than {limit} bytes queued for it",
+                ErrorCode.INTERNAL,
+            )
         data = self.conn.send(event)
         self.write(data)
 
@@ -148,6 +251,9 @@ class Channel:
             if isinstance(event, Ping):
                 if not self.closed:
                     self.send(Pong(event.nonce))
+                self._pings += 1
+                if self._pings % 32 == 0:
+                    await asyncio.sleep(0)  # a PING flood does not keep the loop
                 continue
             if isinstance(event, Pong):
                 sent = self._ping_sent_at.pop(event.nonce, None)
@@ -156,20 +262,70 @@ class Channel:
                 continue
             return event
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes received and not yet part of a complete frame handed out."""
+        return getattr(self.reader, "pending", 0) + self.conn.buffered
+
+    def cut(self, error: RemoteProtocolError) -> None:
+        """End this channel with ``error``: its reader raises it as soon as it
+        runs (a budget decided this channel holds too much); nothing more is
+        read from its socket meanwhile."""
+        if self._cut is None:
+            self._cut = error
+            transport = self.writer.transport
+            if isinstance(transport, asyncio.ReadTransport):
+                with contextlib.suppress(Exception):
+                    transport.pause_reading()
+            if isinstance(self.reader, AccountedReader):
+                self.reader.discard()
+            # Its bytes go now, not when its task next runs: a budget that cuts
+            # many connections in one loop iteration must see their memory go.
+            self.conn.discard_input()
+            self.reader.feed_eof()  # wake a pending read
+
     async def _read(self) -> None:
+        if self._cut is not None:
+            raise self._cut
+        if self._input_account is not None:  # complete frames were drained
+            self._input_account.hold(self, self.held_bytes)
+        timeout = self.heartbeat_timeout
+        frame_deadline = None
+        if self.frame_timeout is not None and self.conn.buffered:
+            received = self.conn.frames_received
+            if self._frame_began is None or self._frame_number != received:
+                self._frame_began = self._clock()
+                self._frame_number = received
+            frame_deadline = self._frame_began + self.frame_timeout
+            timeout = min(timeout, max(0.0, frame_deadline - self._clock()))
+        else:
+            self._frame_began = None
         try:
-            async with asyncio.timeout(self.heartbeat_timeout):
+            async with asyncio.timeout(timeout):
                 data = await self.reader.read(READ_SIZE)
         except TimeoutError:
+            if frame_deadline is not None and self._clock() >= frame_deadline - 1e-3:
+                raise RemoteProtocolError(
+                    f"frame not completed within {self.frame_timeout:g} s of its first byte "
+                    f"({self.conn.buffered} bytes of it arrived)",
+                    ErrorCode.MALFORMED_FRAME,
+                    "frame_timeout",
+                ) from None
             raise ConnectionClosed(
                 f"no data from {self.peer} for {self.heartbeat_timeout:g} s",
                 ErrorCode.HEARTBEAT_TIMEOUT,
             ) from None
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
+        if self._cut is not None:
+            raise self._cut
         if data:
             self.bytes_received += len(data)
             self.conn.receive_data(data)
+            if self._input_account is not None:
+                self._input_account.hold(self, self.held_bytes)
+                if self._cut is not None:
+                    raise self._cut
         else:
             # The codec decides whether the stream ended cleanly or mid-frame.
             self.conn.receive_eof()
@@ -209,6 +365,8 @@ class Channel:
             with contextlib.suppress(Exception):
                 self.writer.write(self.conn.send(farewell))
         self.closed = True
+        if self._input_account is not None:
+            self._input_account.hold(self, 0)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         with contextlib.suppress(Exception):
@@ -222,6 +380,8 @@ class Channel:
     def abort(self) -> None:
         """Drop the connection at once (no farewell)."""
         self.closed = True
+        if self._input_account is not None:
+            self._input_account.hold(self, 0)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         self.writer.transport.abort()

@@ -35,7 +35,7 @@ from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.cli import main as cli_main
 from audiosockets.processor import parse_spec
 from audiosockets.sources import block_frames_for, parse_source
-from audiosockets.urls import parse_url
+from audiosockets.urls import check_url, is_nats_url, parse_nats_url, parse_url
 
 try:
     import kubernetes_validate
@@ -150,11 +150,18 @@ def pod_spec(workload: Doc) -> Doc:
     return spec
 
 
-def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+def all_containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
     """(workload, container) for every container, init containers included."""
     for workload in workloads(docs):
         spec = pod_spec(workload)
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            yield workload, container
+
+
+def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+    """(workload, container) for every audiosockets container (not NATS servers)."""
+    for workload, container in all_containers(docs):
+        if str(container.get("image", "")).startswith("audiosockets/"):
             yield workload, container
 
 
@@ -212,7 +219,10 @@ def relay_service(docs: list[Doc]) -> Doc:
 
 
 def relay_workload(docs: list[Doc]) -> Doc:
-    (relay,) = [w for w, c in containers(docs) if command_of(c) == "relay"]
+    relays = [w for w, c in containers(docs) if command_of(c) == "relay"]
+    if not relays and of_kind(docs, "StatefulSet"):
+        pytest.skip("this overlay has no relay: its clients use NATS")
+    (relay,) = relays
     return relay
 
 
@@ -350,7 +360,7 @@ def test_every_container_environment_is_accepted_by_its_command(
         except click.ClickException as exc:
             raise AssertionError(f"{ident(workload)}: {exc.format_message()}") from None
         if command in ("record", "process"):
-            parse_url(params["relay_url"])
+            check_url(params["relay_url"])
         if command == "process":
             parse_spec(params["handler_spec"])
         if command == "record":
@@ -368,6 +378,7 @@ def test_every_container_environment_is_accepted_by_its_command(
 
 
 def test_recorders_and_processors_reach_the_relay_service(overlay: list[Doc]) -> None:
+    relay_workload(overlay)  # skips an overlay without a relay
     service = relay_service(overlay)
     namespace = service["metadata"]["namespace"]
     service_ports = {p["port"]: p for p in service["spec"]["ports"]}
@@ -394,6 +405,7 @@ def test_recorders_and_processors_reach_the_relay_service(overlay: list[Doc]) ->
 
 
 def test_relay_service_exposes_protocol_and_metrics(overlay: list[Doc]) -> None:
+    relay_workload(overlay)  # skips an overlay without a relay
     service = relay_service(overlay)
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     ports = {p["port"]: p for p in service["spec"]["ports"]}
@@ -606,7 +618,7 @@ def effective(workload: Doc, container: Doc, key: str) -> Any:
 
 
 def test_no_container_runs_as_root(overlay: list[Doc]) -> None:
-    for workload, container in containers(overlay):
+    for workload, container in all_containers(overlay):
         where = f"{ident(workload)}/{container['name']}"
         assert effective(workload, container, "runAsNonRoot") is True, where
         uid = effective(workload, container, "runAsUser")
@@ -616,7 +628,7 @@ def test_no_container_runs_as_root(overlay: list[Doc]) -> None:
 
 
 def test_containers_are_locked_down(overlay: list[Doc]) -> None:
-    for workload, container in containers(overlay):
+    for workload, container in all_containers(overlay):
         where = f"{ident(workload)}/{container['name']}"
         context = container.get("securityContext", {})
         assert context.get("readOnlyRootFilesystem") is True, where
@@ -784,7 +796,7 @@ def test_components_are_the_prometheus_jobs_the_dashboards_use(overlay: list[Doc
 
 
 def test_resources_and_grace_period_are_set(overlay: list[Doc]) -> None:
-    for workload, container in containers(overlay):
+    for workload, container in all_containers(overlay):
         resources = container.get("resources", {})
         for bound in ("requests", "limits"):
             for resource in ("cpu", "memory"):
@@ -891,7 +903,8 @@ def test_readme_scrape_job_finds_each_metrics_port_once_under_its_job(
         for w, c in containers(overlay)
     )
     assert sorted((t["__address__"], t["job"]) for t in targets) == expected
-    assert {t["job"] for t in targets} == {"relay", "recorder", "processor"}
+    relay = {"relay"} if any(command_of(c) == "relay" for _, c in containers(overlay)) else set()
+    assert {t["job"] for t in targets} == {"recorder", "processor"} | relay
 
 
 def test_relabel_simulation_drops_what_it_should() -> None:
@@ -1039,3 +1052,54 @@ def test_checkov_catches_a_bad_manifest(tmp_path: Path) -> None:
     pod_spec(bad)["containers"][0]["securityContext"]["privileged"] = True
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert "CKV_K8S_16" in checkov_findings(tmp_path)
+
+
+# --- NATS (overlays/fleet) ------------------------------------------------------
+
+
+def nats_overlays() -> list[Path]:
+    return [p for p in OVERLAYS if of_kind(render(p), "StatefulSet")]
+
+
+def test_fleet_is_a_nats_overlay() -> None:
+    assert "fleet" in {p.name for p in nats_overlays()}
+
+
+@pytest.mark.parametrize("directory", nats_overlays(), ids=lambda p: p.name)
+def test_nats_cluster_keeps_three_replicas_and_clients_reach_every_server(
+    directory: Path,
+) -> None:
+    docs = render(directory)
+    (nats,) = of_kind(docs, "StatefulSet")
+    assert nats["spec"]["replicas"] == 3
+    assert nats["spec"]["podManagementPolicy"] == "Parallel"
+    (claim,) = nats["spec"]["volumeClaimTemplates"]
+    (container,) = [c for c in pod_spec(nats)["containers"] if c["name"] == "nats"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    config = find(docs, "ConfigMap", "nats-config")["data"]["nats.conf"]
+    # JetStream keeps its store on the claimed volume, not in the container.
+    assert re.search(rf"store_dir:\s*{mounts[claim['metadata']['name']]}\b", config)
+    service = find(docs, "Service", nats["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert selects(service["spec"]["selector"], nats["spec"]["template"]["metadata"]["labels"])
+    pods = {f"{nats['metadata']['name']}-{i}.{service['metadata']['name']}" for i in range(3)}
+    routes = set(re.findall(r"nats://([\w.-]+):6222", config))
+    assert routes == pods, routes
+    assert container_port(container, "client") == 4222
+    # Prometheus finds the servers like every other pod: annotated, a port named metrics.
+    (exporter,) = [c for c in pod_spec(nats)["containers"] if c["name"] == "exporter"]
+    annotations = nats["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == container_port(exporter, "metrics")
+    assert "http://localhost:8222" in exporter["args"]
+    assert container_port(container, "monitor") == 8222
+    clients = 0
+    for workload, c in containers(docs):
+        url = resolve_env(docs, c)[f"AUDIOSOCKETS_{command_of(c).upper()}_RELAY"]
+        assert is_nats_url(url), f"{ident(workload)}: {url}"
+        address = parse_nats_url(url)
+        assert {s.split("//")[1].rsplit(":", 1)[0] for s in address.servers} == pods
+        assert {int(s.rsplit(":", 1)[1]) for s in address.servers} == {4222}
+        assert dict(address.options).get("replicas") == "3", url
+        clients += 1
+    assert clients >= 4  # a recorder and the three processors

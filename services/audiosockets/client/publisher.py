@@ -94,7 +94,7 @@ class PublishedStream:
         dropped (``reason="spool_full"``).
 
         Raises:
-            ValueError: wrong dtype or channel count, a partial frame, or a
+            ValueError: wrong dtype or channel count, no frame or a partial one, or a
                 chunk larger than ``Limits.max_frame_size`` minus the 20-byte
                 chunk head (the relay would refuse the frame).
         """
@@ -110,6 +110,8 @@ class PublishedStream:
             payload = samples.tobytes()
         else:
             payload = bytes(samples)
+        if not payload:
+            raise ValueError("a chunk carries at least one frame; this one is empty")
         if len(payload) % self.format.frame_bytes:
             raise ValueError("payload is not a whole number of frames")
         limit = self.publisher.limits.max_frame_size - CHUNK_HEAD.size

@@ -30,7 +30,9 @@ from ..audio import Chunk, SampleType
 from ..errors import HandlerError
 
 GaugeName = Literal["level_dbfs", "seconds_since_sound", "vad_active", "band_energy_dbfs"]
-CounterName = Literal["clipped_samples", "vad_segments", "archive_segments", "archive_bytes"]
+CounterName = Literal[
+    "clipped_samples", "vad_segments", "archive_segments", "archive_bytes", "archive_evictions"
+]
 GAUGES: tuple[GaugeName, ...] = (
     "level_dbfs",
     "seconds_since_sound",
@@ -42,6 +44,7 @@ COUNTERS: tuple[CounterName, ...] = (
     "vad_segments",
     "archive_segments",
     "archive_bytes",
+    "archive_evictions",
 )
 
 #: A JSON-serialisable event: a mapping, or a dataclass instance.
@@ -79,6 +82,10 @@ class HandlerOptions:
     """Knobs the CLI passes to built-ins (picklable: sent to worker processes)."""
 
     segment_seconds: float = 60.0
+    #: archive: segment files open at once (one per stream being written); past
+    #: it the least recently written is completed early. Below the process's
+    #: descriptor limit (1024 by default), with room for sockets and logs.
+    max_open_segments: int = 256
 
 
 @dataclass(slots=True)

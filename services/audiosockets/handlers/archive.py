@@ -24,6 +24,11 @@ end are skipped as already archived, and the seq carries on from its
 ``last_seq``, so chunks lost in between are a recorded gap like any other.
 
 State (one instance per stream): the open segment's file object and counters.
+Open files are bounded (``HandlerOptions.max_open_segments``): the instances
+one handler thread runs share an LRU of open segments, and opening one past
+the cap completes the least recently written (``ended_by: "open_file_cap"``,
+``audiosockets_archive_evictions_total``); that stream goes on in a new
+segment with its next chunk, with no gap.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import os
 import re
 import socket
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,7 +53,7 @@ from . import HandlerContext
 
 log = logging.getLogger("audiosockets.handlers.archive")
 
-EndReason = Literal["rotation", "gap", "format_change", "closed"]
+EndReason = Literal["rotation", "gap", "format_change", "closed", "open_file_cap"]
 #: RIFF sizes are 32-bit: rotate well before that whatever --segment-seconds says.
 MAX_DATA_BYTES = 2**32 - 1024
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -161,6 +168,18 @@ def _not_writable(directory: Path) -> str:
     )
 
 
+class _OpenSegments(threading.local):
+    """The archives with an open segment, least recently written first: per
+    handler thread, since one thread runs all of a processor's instances and
+    only it may close their files."""
+
+    def __init__(self) -> None:
+        self.lru: OrderedDict[Archive, None] = OrderedDict()
+
+
+_OPEN = _OpenSegments()
+
+
 class Archive:
     """Writes each stream to rotating WAV segments under ``DIR``."""
 
@@ -271,6 +290,7 @@ class Archive:
         # to the relay once we return, so a killed process must not take it
         # with it in a user-space buffer (the next owner will not re-send it).
         seg.file.flush()
+        _OPEN.lru.move_to_end(self)
         seg.data_bytes += len(payload)
         seg.chunks += 1
         seg.last_seq = chunk.seq
@@ -278,6 +298,17 @@ class Archive:
         self.ctx.sink.inc("archive_bytes", (chunk.stream,), len(payload))
 
     def _open(self, chunk: Chunk) -> _Segment:
+        lru = _OPEN.lru
+        while len(lru) >= self.ctx.options.max_open_segments:
+            oldest, _ = lru.popitem(last=False)
+            if oldest._seg is not None:
+                log.info(
+                    "archive %s: %d segment files open, completing the least recently written",
+                    oldest.ctx.stream,
+                    self.ctx.options.max_open_segments,
+                )
+                oldest._close(oldest._seg, "open_file_cap")
+                self.ctx.sink.inc("archive_evictions", (oldest.ctx.stream,))
         name = segment_name(chunk.stream, chunk.captured_ns, chunk.seq)
         path = self.dir / name
         tmp = self.dir / f".{name}.{self._writer}.part"
@@ -286,12 +317,14 @@ class Archive:
         seg = _Segment(path, tmp, f, chunk.format, chunk.seq, chunk.captured_ns)
         seg.gap_before, self._pending_gap = self._pending_gap, None
         self._seg = seg
+        lru[self] = None
         return seg
 
     def _close(
         self, seg: _Segment, reason: EndReason, gap_after: dict[str, int] | None = None
     ) -> None:
         self._seg = None
+        _OPEN.lru.pop(self, None)
         f = seg.file
         f.seek(0)
         f.write(wav_header(seg.fmt, seg.data_bytes))

@@ -108,6 +108,14 @@ class Report:
     relay_chunks_per_cpu_s: float | None = None
     relay_max_rss_mb: float | None = None
     machine: dict[str, Any] = field(default_factory=dict)
+    # Where the chunks expected and not received are (``account``):
+    # chunks_expected == chunks_received + chunks_unsent + chunks_in_flight
+    # + sum(chunks_dropped.values()) + chunks_unaccounted.
+    chunks_unsent: int = 0  # given to a publisher, never written to the relay
+    chunks_in_flight: int | None = None  # held by the relay or in transit at the end
+    chunks_in_relay: int | None = None  # of those: still held by the relay
+    chunks_dropped: dict[str, int] = field(default_factory=dict)  # by reason, anywhere
+    chunks_unaccounted: int | None = None  # 0 when every chunk is accounted for
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -191,6 +199,52 @@ def run_loadtest(cfg: LoadTestConfig, *, progress: Callable[[str], None] | None 
     return _report(cfg, pub_result, sub_results, relay_result)
 
 
+def account(
+    sent: int,
+    fanout: int,
+    received: int,
+    pub: dict[str, Any],
+    relay: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Where each expected chunk is: ``sent`` chunks were given to the
+    publishers, each expected by ``fanout`` subscribers (1 for a group),
+    ``received`` arrived. Returns ``chunks_unsent`` (still in the publishers'
+    spools, times the fan-out), ``chunks_dropped`` by reason (the publishers'
+    ``spool_full`` times the fan-out, the relay's own reasons as counted),
+    ``chunks_in_relay`` (accepted by the relay, neither sent nor dropped),
+    ``chunks_in_flight`` (that plus what the relay sent and no subscriber had
+    received at the end) and ``chunks_unaccounted``: expected minus all of
+    those, 0 when the books balance (None for each relay figure with an
+    external relay, whose counters we do not read).
+    """
+    unsent = int(pub.get("unsent", 0)) * fanout
+    dropped: dict[str, int] = {}
+    if pub.get("spool_drops"):
+        dropped["spool_full"] = int(pub["spool_drops"]) * fanout
+    if relay is None:
+        return {
+            "chunks_unsent": unsent,
+            "chunks_dropped": dropped,
+            "chunks_in_relay": None,
+            "chunks_in_flight": None,
+            "chunks_unaccounted": None,
+        }
+    for reason, n in relay["drops"].items():
+        dropped[reason] = dropped.get(reason, 0) + int(n)
+    relay_drops = sum(int(n) for n in relay["drops"].values())
+    in_relay = int(relay["received"]) * fanout - int(relay["sent"]) - relay_drops
+    in_transit = int(relay["sent"]) - received
+    in_flight = in_relay + in_transit
+    expected = sent * fanout
+    return {
+        "chunks_unsent": unsent,
+        "chunks_dropped": dropped,
+        "chunks_in_relay": in_relay,
+        "chunks_in_flight": in_flight,
+        "chunks_unaccounted": expected - received - unsent - in_flight - sum(dropped.values()),
+    }
+
+
 def _report(
     cfg: LoadTestConfig,
     pub: dict[str, Any],
@@ -256,6 +310,7 @@ def _report(
             "python": sys.version.split()[0],
             "platform": sys.platform,
         },
+        **account(sent, 1 if cfg.group else cfg.subscribers, received, pub, relay),
     )
 
 
@@ -271,6 +326,10 @@ def check_gates(report: Report, max_loss: float | None, max_p99_ms: float | None
         raise GateFailed("load test gate failed: " + "; ".join(problems))
 
 
+def _known(n: int | None) -> str:
+    return "? (external relay)" if n is None else str(n)
+
+
 def format_report(r: Report) -> str:
     lat = r.latency_ms
     mode = f"group {r.group}" if r.group else "fan-out"
@@ -281,7 +340,12 @@ def format_report(r: Report) -> str:
             f"  chunks sent      {r.chunks_sent}",
             f"  chunks expected  {r.chunks_expected}",
             f"  chunks received  {r.chunks_received}",
-            f"  lost             {r.chunks_lost} ({r.loss_ratio:.4%})",
+            f"  lost             {r.chunks_lost} ({r.loss_ratio:.4%}): unsent in publishers "
+            f"{r.chunks_unsent}, in flight at the end {_known(r.chunks_in_flight)} "
+            f"(held by the relay {_known(r.chunks_in_relay)}), dropped "
+            f"{sum(r.chunks_dropped.values())}{' ' + str(r.chunks_dropped) if r.chunks_dropped else ''}"
+            f", unaccounted "
+            f"{_known(r.chunks_unaccounted)}",
             f"  duplicated       {r.chunks_duplicated}",
             f"  out of order     {r.chunks_out_of_order}",
             f"  latency ms       p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}  max {lat['max']}",

@@ -37,7 +37,15 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
     async def main() -> None:
         relay = Relay(
             RelayConfig(
-                host="127.0.0.1", port=0, replay_seconds=replay_seconds, queue_seconds=queue_seconds
+                host="127.0.0.1",
+                port=0,
+                replay_seconds=replay_seconds,
+                queue_seconds=queue_seconds,
+                # Every client of a load test comes from loopback, in any
+                # number: only the descriptor limit caps sessions here.
+                max_streams=1 << 20,
+                max_sessions=1 << 20,
+                max_sessions_per_address=1 << 20,
             )
         )
         await relay.start()
@@ -51,14 +59,17 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
                     drops[s.labels["reason"]] = drops.get(s.labels["reason"], 0) + s.value
         await relay.stop()
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        sent = 0.0
+        sent = received = 0.0
         for metric in relay.metrics.chunks_sent.collect():
             sent += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+        for metric in relay.metrics.chunks_received.collect():
+            received += sum(s.value for s in metric.samples if s.name.endswith("_total"))
         pipe.send(
             {
                 "cpu_s": usage.ru_utime + usage.ru_stime,
                 "drops": drops,
                 "sent": sent,
+                "received": received,
                 "max_rss_mb": usage.ru_maxrss / 1024,  # Linux reports KiB
             }
         )
@@ -71,13 +82,13 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
 
 def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
     from ..audio import AudioFormat, SampleType
-    from ..client import Publisher
+    from ..connect import connect_publisher
 
     async def main() -> None:
         fmt = AudioFormat(cfg.sample_rate, 1, SampleType.INT16)
         history = max(cfg.replay_seconds, 2 * cfg.duration) + 10
         pubs = [
-            Publisher(
+            connect_publisher(
                 url,
                 name=f"load-pub-{i}",
                 history_seconds=history,
@@ -117,6 +128,7 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
         elapsed = time.monotonic() - start
         await asyncio.gather(*(p.flush(10) for p in pubs))
         spool_drops = sum(s.dropped for s in streams)
+        unsent = sum(s.unsent for s in streams)  # accepted by send(), never written
         last = {s.name: s.next_seq - 1 for s in streams}
         pipe.send(
             {
@@ -125,6 +137,7 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
                 "started_ns": started_ns,
                 "last": last,
                 "spool_drops": spool_drops,
+                "unsent": unsent,
                 "bytes_per_chunk": cfg.frames * 2,
             }
         )
@@ -140,11 +153,11 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
 def subscriber_process(
     pipe: Pipe, url: str, cfg: LoadTestConfig, names: list[str], progress: Any
 ) -> None:
-    from ..client import Subscriber
+    from ..connect import connect_subscriber
 
     async def main() -> None:
         subs = [
-            Subscriber(
+            connect_subscriber(
                 url,
                 "load-*",
                 group=cfg.group,
@@ -172,7 +185,7 @@ def subscriber_process(
         final: dict[str, int] = {}
         last_rx = [0]
 
-        async def consume(i: int, sub: Subscriber) -> None:
+        async def consume(i: int, sub: Any) -> None:
             nonlocal fill, buf, out_of_order
             last = seen[i]
             async for chunk in sub:

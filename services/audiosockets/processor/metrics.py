@@ -124,6 +124,13 @@ class ProcessorMetrics:
             ["stream"],
             registry=r,
         )
+        self.archive_evictions = Counter(
+            "audiosockets_archive_evictions",
+            "WAV segments completed early because --max-open-segments files were open "
+            "(the least recently written goes; its stream continues in a new segment).",
+            ["stream"],
+            registry=r,
+        )
         self._gauges: dict[str, Gauge] = {name: getattr(self, name) for name in GAUGES}
         self._counters: dict[str, Counter] = {name: getattr(self, name) for name in COUNTERS}
 

@@ -19,8 +19,9 @@ from ..audio import Chunk
 from ..errors import ConfigError, HandlerError
 from ..handlers import HandlerOptions
 from ..metrics import Metrics
+from ..names import check_name, fit_name
 from ..service import STOP_SIGNALS, run_service
-from ..urls import parse_url
+from ..urls import check_url
 from .backlog import ChunkBacklog, CompletionOrder, StreamClosed
 from .loading import HandlerSpec, _one_line, check_handler, parse_spec
 from .metrics import ProcessorMetrics
@@ -405,6 +406,7 @@ class ProcessorConfig:
     backlog_seconds: float = 10.0
     events: str | None = None  # path; None means stdout
     segment_seconds: float = 60.0
+    max_open_segments: int = 256
     exit_after: int = 100
     start: StartName = "live"
     token: str | None = None
@@ -416,7 +418,11 @@ class ProcessorConfig:
         The handler spec is not checked here: ``serve`` loads it (once), and a bad
         one is a ``HandlerError``.
         """
-        parse_url(self.relay)
+        check_url(self.relay)
+        check_name("--stream", self.stream)
+        check_name("--group", self.group, optional=True)
+        check_name("--name", self.name, optional=True)
+        check_name("--token", self.token, optional=True)
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if not 0 <= self.metrics_port <= 65535:
@@ -425,8 +431,17 @@ class ProcessorConfig:
             raise ConfigError(f"--backlog-seconds must be positive, got {self.backlog_seconds:g}")
         if not self.segment_seconds > 0:
             raise ConfigError(f"--segment-seconds must be positive, got {self.segment_seconds:g}")
+        if self.max_open_segments < 1:
+            raise ConfigError(f"--max-open-segments must be >= 1, got {self.max_open_segments}")
         if self.exit_after < 0:
             raise ConfigError(f"--max-failures must be >= 0, got {self.exit_after}")
+
+
+def default_client_name(handler: str) -> str:
+    """``process-HANDLER@HOSTNAME``, the client name of a processor without
+    ``--name``; a long handler path is shortened from its start so the name
+    fits the protocol's 200 bytes (``names.fit_name``)."""
+    return fit_name("process-", handler, f"@{socket.gethostname()}")
 
 
 async def serve(
@@ -443,12 +458,14 @@ async def serve(
     ``ConfigError`` for an events file that cannot be opened, ``AddressInUse``
     for a taken metrics port.
     """
-    from ..client import Subscriber
+    from ..connect import connect_subscriber
     from ..health import Health, session_ready
     from ..metrics import serve_metrics
 
     spec = parse_spec(config.handler)
-    options = HandlerOptions(segment_seconds=config.segment_seconds)
+    options = HandlerOptions(
+        segment_seconds=config.segment_seconds, max_open_segments=config.max_open_segments
+    )
     check_handler(spec, options)  # a bad spec fails here, before any connection; only here
     metrics = metrics if metrics is not None else Metrics()
     with contextlib.ExitStack() as stack:
@@ -477,12 +494,12 @@ async def serve(
                 health=health,
                 tls=config.metrics_tls,
             )  # AddressInUse
-        sub = Subscriber(
+        sub = connect_subscriber(
             config.relay,
             config.stream,
             group=config.group or "",
             # Replicas need names of their own to be told apart in status and metrics.
-            name=config.name or f"process-{spec.name}@{socket.gethostname()}",
+            name=config.name or default_client_name(spec.name),
             start=config.start,
             token=config.token or "",
             tls=config.tls,

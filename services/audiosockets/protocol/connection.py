@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -47,7 +48,15 @@ from .events import (
     Subscribe,
     Welcome,
 )
-from .frames import FrameDecoder, FrameType, decode_payload, encode, encode_chunk
+from .frames import (
+    FrameDecoder,
+    FrameType,
+    decode_payload,
+    encode,
+    encode_chunk,
+    max_chunk_payload,
+    payload_limits,
+)
 from .limits import Limits
 
 
@@ -120,12 +129,35 @@ class _Streams:
         if opened is None:
             raise error(f"chunk for undeclared stream id {stream_id}", ErrorCode.UNKNOWN_STREAM)
         frame_bytes = opened.format.frame_bytes
+        if not payload_bytes:
+            # An empty chunk carries no audio but costs a window entry; a
+            # flood of them is memory with no seconds to show for it.
+            raise error(
+                f"empty chunk for stream {opened.name!r}: a chunk carries at least one frame",
+                ErrorCode.BAD_FORMAT,
+                "empty_chunk",
+            )
         if payload_bytes % frame_bytes:
             raise error(
                 f"chunk payload of {payload_bytes} bytes is not a whole number of "
                 f"{frame_bytes}-byte frames for stream {opened.name!r}",
                 ErrorCode.BAD_FORMAT,
             )
+
+
+def _admit(conn: Connection, ftype: FrameType, stream_id: int | None) -> int:
+    """A frame judged from its header (``frames.Admit``): its type must be
+    allowed now; it may weigh ``payload_limits`` (a CHUNK: what its stream's
+    format allows, ``max_chunk_payload``)."""
+    conn._check_incoming_type(ftype)
+    if ftype is FrameType.CHUNK and stream_id is not None:
+        opened = conn.their_streams.by_id.get(stream_id)
+        if opened is None:
+            raise RemoteProtocolError(
+                f"chunk for undeclared stream id {stream_id}", ErrorCode.UNKNOWN_STREAM
+            )
+        return max_chunk_payload(opened.format, conn.limits)
+    return conn._payload_limits[ftype]
 
 
 class Connection:
@@ -152,7 +184,8 @@ class Connection:
         self.peer_name = ""
         self.token = ""
         self.welcome: Welcome | None = None
-        self._decoder = FrameDecoder(self.limits)
+        self._payload_limits = payload_limits(self.limits)
+        self._decoder = FrameDecoder(self.limits, functools.partial(_admit, self))
         self._sent_hello = False
         self._eof = False
         self._error: LocalProtocolError | RemoteProtocolError | None = None
@@ -235,7 +268,7 @@ class Connection:
         if self.state is State.ERROR:
             error = self._error
             if isinstance(error, RemoteProtocolError):  # the peer's error stands
-                raise RemoteProtocolError(str(error), error.code)
+                raise RemoteProtocolError(str(error), error.code, error.reason)
             raise self._after_error("receive")
         if self.state is State.CLOSED:
             return END_OF_STREAM if self._eof else NEED_DATA
@@ -250,14 +283,22 @@ class Connection:
                         "of it arrived)"
                     )
                 return END_OF_STREAM
-            ftype, payload = frame
-            self._check_incoming_type(ftype)
+            ftype, payload = frame  # its type was checked from the header (``_admit``)
             event = decode_payload(ftype, payload, self.limits)
             self._apply_incoming(event)
         except RemoteProtocolError as exc:
             self._fail(exc)
             raise
         return event
+
+    def discard_input(self) -> None:
+        """Free every byte buffered and not yet parsed (the connection is being cut)."""
+        self._decoder.discard()
+
+    @property
+    def frames_received(self) -> int:
+        """Complete frames parsed so far (the I/O adapter times partial ones)."""
+        return self._decoder.frames
 
     def _check_incoming_type(self, ftype: FrameType) -> None:
         if self.state is State.HANDSHAKE:

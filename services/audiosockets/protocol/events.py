@@ -43,6 +43,7 @@ class CloseReason(enum.IntEnum):
     UNASSIGNED = 1  # group rebalance moved it to another member
     REPLACED = 2  # another publisher took over the stream name
     PUBLISHER_LOST = 3  # the publisher's connection went away
+    REFUSED = 4  # relay -> publisher: a stream cap was reached; the stream is not open
 
 
 def _check_u(name: str, value: int, bits: int) -> None:

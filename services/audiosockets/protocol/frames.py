@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from typing import Final
 
 from ..audio import AudioFormat, SampleType
@@ -82,6 +83,61 @@ _NONCE = struct.Struct(">Q")
 _CODE = struct.Struct(">H")
 
 _FULL_HEADER_CHUNK = struct.Struct(">2sBBIIQq")
+_STREAM_ID = struct.Struct(">I")
+
+#: Bytes a control frame may carry beyond its layout's largest value: room for
+#: a field a later version appends, without letting a frame weigh more than a
+#: few hundred bytes.
+CONTROL_SLACK: Final = 256
+
+
+def payload_limits(limits: Limits) -> dict[FrameType, int]:
+    """The most payload bytes each frame type can need under ``limits``: its
+    layout with every string at ``max_name_length`` (GOODBYE/ERROR messages at
+    their u16 maximum), plus ``CONTROL_SLACK``, and never above
+    ``max_frame_size``. CHUNK's entry is the frame limit: what a CHUNK may
+    weigh depends on its stream's format (``Connection`` narrows it). STATUS
+    is a document as long as the frame limit allows."""
+    name = 2 + limits.max_name_length
+    layout = {
+        FrameType.HELLO: _HELLO.size + 2 * name,
+        FrameType.WELCOME: _WELCOME.size + name,
+        FrameType.OPEN_STREAM: _OPEN.size + name,
+        FrameType.STREAM_ACCEPTED: _ACCEPTED.size,
+        FrameType.SUBSCRIBE: _SUBSCRIBE.size
+        + 2 * name
+        + _U16.size
+        + limits.max_resume_entries * (name + _SEQ.size),
+        FrameType.ACK: _ACK.size,
+        FrameType.CLOSE_STREAM: _CLOSE.size,
+        FrameType.PING: _NONCE.size,
+        FrameType.PONG: _NONCE.size,
+        FrameType.STATUS_REQUEST: 0,
+        FrameType.GOODBYE: _CODE.size + 2 + 0xFFFF,
+        FrameType.ERROR: _CODE.size + 2 + 0xFFFF,
+    }
+    out = {
+        ftype: min(size + CONTROL_SLACK, limits.max_frame_size) for ftype, size in layout.items()
+    }
+    out[FrameType.CHUNK] = limits.max_frame_size
+    out[FrameType.STATUS] = limits.max_frame_size
+    return out
+
+
+def max_chunk_payload(fmt: AudioFormat, limits: Limits) -> int:
+    """The most payload bytes a CHUNK of a stream in ``fmt`` may have: the
+    chunk head and ``limits.max_chunk_seconds`` of audio (at least 4 KiB of
+    PCM, so very low rates keep usable blocks), within ``max_frame_size``."""
+    frames = -(-int(fmt.rate * limits.max_chunk_seconds * 1000) // 1000)
+    frames = max(frames, 4096 // fmt.frame_bytes)
+    return min(limits.max_frame_size, CHUNK_HEAD.size + frames * fmt.frame_bytes)
+
+
+Admit = Callable[[FrameType, int | None], int]
+"""Called once per frame when its header (and, for a CHUNK, its stream id)
+has arrived, before the payload is awaited: ``(type, stream id or None)`` ->
+the most payload bytes this frame may have. It may raise
+``RemoteProtocolError`` to refuse the frame from its header alone."""
 
 
 def _pack_str(value: str) -> bytes:
@@ -309,14 +365,23 @@ class FrameDecoder:
     is awaited.
     """
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, admit: Admit | None = None) -> None:
         self.limits = limits or Limits()
         self._buf = bytearray()
         self._pos = 0
+        self._admit = admit
+        self._admitted = -1  # buffer position of the frame ``admit`` accepted
+        self.frames = 0  # complete frames returned so far
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes (any split) to the buffer; parses nothing."""
         self._buf += data
+
+    def discard(self) -> None:
+        """Free every byte buffered; the next frame starts with the next byte."""
+        self._buf = bytearray()
+        self._pos = 0
+        self._admitted = -1
 
     @property
     def buffered(self) -> int:
@@ -353,11 +418,30 @@ class FrameDecoder:
                 ErrorCode.FRAME_TOO_LARGE,
             )
         end = pos + HEADER_SIZE + length
+        if self._admit is not None and self._admitted != pos:
+            stream_id = None
+            if ftype == FrameType.CHUNK and length >= _STREAM_ID.size:
+                if len(buf) < pos + HEADER_SIZE + _STREAM_ID.size:
+                    self._admit(FrameType.CHUNK, None)  # is a CHUNK allowed at all?
+                    self._compact()
+                    return None
+                (stream_id,) = _STREAM_ID.unpack_from(buf, pos + HEADER_SIZE)
+            limit = self._admit(FrameType(ftype), stream_id)
+            if length > limit:
+                raise RemoteProtocolError(
+                    f"{FrameType(ftype).name} frame of {length} bytes exceeds the limit of "
+                    f"{limit} for its type",
+                    ErrorCode.FRAME_TOO_LARGE,
+                    "chunk_too_long" if ftype == FrameType.CHUNK else "control_frame_too_large",
+                )
+            self._admitted = pos
         if len(buf) < end:
             self._compact()
             return None
         payload = bytes(buf[pos + HEADER_SIZE : end])
         self._pos = end
+        self._admitted = -1
+        self.frames += 1
         if end == len(buf):
             buf.clear()
             self._pos = 0
@@ -365,5 +449,7 @@ class FrameDecoder:
 
     def _compact(self) -> None:
         if self._pos:
+            if self._admitted == self._pos:
+                self._admitted = 0
             del self._buf[: self._pos]
             self._pos = 0

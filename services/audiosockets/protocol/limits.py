@@ -21,6 +21,11 @@ class Limits:
     - ``max_resume_entries``: (stream, seq) pairs in one SUBSCRIBE.
     - ``handshake_timeout``: seconds from connect to WELCOME; enforced by the
       I/O adapter (``transport.connect``), not by the sans-I/O codec.
+    - ``max_chunk_seconds``: audio one CHUNK may carry, in seconds of its
+      stream's declared format (so a CHUNK of a 16 kHz mono int16 stream is at
+      most 64,000 bytes of PCM by default); the recorder's longest block is
+      1 s. At least 4 KiB of PCM is always allowed (very low rates);
+      ``max_frame_size`` still applies on top.
 
     Raises ValueError for a value outside its range.
     """
@@ -30,6 +35,7 @@ class Limits:
     max_streams: int = 4096  # streams declared on one connection
     max_resume_entries: int = 4096
     handshake_timeout: float = 5.0  # seconds; enforced by the I/O adapter
+    max_chunk_seconds: float = 2.0  # audio in one CHUNK, by its stream's format
 
     def __post_init__(self) -> None:
         if not 64 <= self.max_frame_size <= 0xFFFF_FFFF:
@@ -38,3 +44,5 @@ class Limits:
             raise ValueError("max_name_length must be between 1 and 65535")
         if self.handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be positive")
+        if self.max_chunk_seconds <= 0:
+            raise ValueError("max_chunk_seconds must be positive")

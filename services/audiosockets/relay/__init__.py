@@ -10,6 +10,11 @@ Modules, from the pure state outward:
 - ``groups``: ``Group``, a consumer group's state and how an assignment is applied.
 - ``sessions``: one client's session by role, and the subscriber's writer.
 - ``status``: the ``status`` report and the gauges computed at scrape time.
+- ``inflight``: ``InFlight``, the audio written to a subscriber and not yet
+  acknowledged by its host (the writer waits beyond ``max_inflight_seconds``).
+- ``admission``: session caps, stream caps, cuts, their counters (``Guard``).
+- ``expiry``: ``Housekeeping``: audio expires by age, abandoned streams and
+  idle sessions go.
 - ``access``: TLS handshakes, identities from tokens, refusals and their
   throttle, credentials reload (``AccessControl``).
 - ``server``: ``Relay`` (lifecycle, connections, routing) and ``RelayConfig``.

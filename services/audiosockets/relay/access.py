@@ -50,6 +50,7 @@ from ..credentials import (
 from ..errors import ConfigError, ErrorCode
 from ..protocol import ErrorFrame
 from ..tls import HANDSHAKE_FAILURES, handshake_failure, requires_client_certificate
+from ..transport import AccountedReader, InputAccount, start_accounted_server
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -278,13 +279,13 @@ class TLSListener:
         on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
         *,
         handshake_timeout: float,
-        limit: int,
+        reader: Callable[[], asyncio.StreamReader],
     ) -> None:
         self.sockets = sockets
         self._access = access
         self._on_connect = on_connect
         self._timeout = handshake_timeout
-        self._limit = limit
+        self._reader = reader
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = [
             asyncio.create_task(self._accept(sock), name=f"accept {sock.getsockname()}")
@@ -306,7 +307,7 @@ class TLSListener:
 
     async def _serve(self, conn: socket.socket, address: str) -> None:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=self._limit, loop=loop)
+        reader = self._reader()
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
             transport, _ = await loop.connect_accepted_socket(
@@ -318,6 +319,10 @@ class TLSListener:
             return
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         await self._on_connect(reader, writer)
+
+    def is_serving(self) -> bool:
+        """True while it accepts connections."""
+        return any(not task.done() for task in self._accepting)
 
     def close(self) -> None:
         """Stop accepting (connections already served go on)."""
@@ -338,7 +343,7 @@ async def start_tls_server(
     port: int,
     *,
     handshake_timeout: float,
-    limit: int,
+    reader: Callable[[], asyncio.StreamReader],
 ) -> TLSListener:
     """Listen on ``host``:``port`` (every address it resolves to) for TLS clients.
     Raises OSError when the address cannot be bound."""
@@ -362,7 +367,7 @@ async def start_tls_server(
             sock.close()
         raise
     return TLSListener(
-        sockets, access, on_connect, handshake_timeout=handshake_timeout, limit=limit
+        sockets, access, on_connect, handshake_timeout=handshake_timeout, reader=reader
     )
 
 
@@ -370,18 +375,21 @@ async def listen(
     access: AccessControl,
     on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     config: RelayConfig,
+    account: InputAccount,
 ) -> asyncio.Server | TLSListener:
-    """Listen where ``config`` says: plain TCP (``asyncio.start_server``), or TLS
-    when ``access`` has a context (``start_tls_server``). Raises OSError."""
+    """Listen where ``config`` says: plain TCP (``start_accounted_server``), or
+    TLS when ``access`` has a context (``start_tls_server``); either way each
+    connection reads through an ``AccountedReader`` told to ``account``.
+    Raises OSError."""
     if access.tls is None:
-        return await asyncio.start_server(on_connect, config.host, config.port, limit=1 << 20)
+        return await start_accounted_server(on_connect, config.host, config.port, account)
     return await start_tls_server(
         access,
         on_connect,
         config.host,
         config.port,
         handshake_timeout=config.limits.handshake_timeout,
-        limit=1 << 20,
+        reader=lambda: AccountedReader(64 << 10, account),
     )
 
 

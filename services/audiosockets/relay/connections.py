@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..credentials import Identity, Refusal, may_open
 from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
 from ..protocol import Connection, ErrorFrame, Goodbye, Hello, Welcome
-from ..transport import Channel, tune_socket
+from ..transport import Channel, WriteBufferFull, tune_socket
 from .access import RequestRefused, source_address, token_digest
 from .sessions import SESSION_TYPES, Session, SubscriberSession
 
@@ -26,6 +26,12 @@ if TYPE_CHECKING:
     from .server import Relay
 
 log = logging.getLogger("audiosockets.relay")
+
+#: SO_RCVBUF of a relay connection (Linux doubles it): 64 KiB holds 100 ms of
+#: 48 kHz 64-channel int16 audio, and bounds what one read brings in.
+RECEIVE_BUFFER_BYTES = 64 << 10
+#: Events one session handles before it lets the others run.
+FAIR_SHARE = 32
 
 
 def _the_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -49,10 +55,12 @@ async def serve_connection(
     """Serve one client of ``relay`` until it leaves, breaks the protocol,
     goes silent for three heartbeat intervals, is refused, or the relay stops.
     Raises nothing but ``CancelledError``: every end is handled here."""
+    # A small receive buffer: each read takes at most this much off the socket,
+    # so what a connection holds before the input budget sees it stays small.
+    tune_socket(writer, sndbuf=relay.config.socket_buffer_bytes, rcvbuf=RECEIVE_BUFFER_BYTES)
+    writer.transport.set_write_buffer_limits(high=64 * 1024)
     cfg = relay.config
     address = source_address(writer)  # (on a TLS port the handshake is done: TLSListener)
-    tune_socket(writer, sndbuf=cfg.socket_buffer_bytes)
-    writer.transport.set_write_buffer_limits(high=64 * 1024)
     channel = Channel(
         reader,
         writer,
@@ -60,6 +68,9 @@ async def serve_connection(
         heartbeat_interval=cfg.heartbeat_interval,
         heartbeat_timeout=3 * cfg.heartbeat_interval,
         clock=relay.clock,
+        frame_timeout=cfg.frame_timeout,
+        input_account=relay.input_budget,
+        max_write_buffer=cfg.write_buffer_limit,
     )
     session: Session | None = None
     try:
@@ -79,14 +90,28 @@ async def serve_connection(
         except BaseExceptionGroup as group:
             raise _the_error(group) from None
     except RemoteProtocolError as exc:
-        relay.metrics.protocol_errors.labels(exc.code.name.lower()).inc()
-        who = f"{session.role.label} {session.name!r}" if session else "client"
-        log.warning("closing %s from %s: %s", who, channel.peer, exc)
+        relay.metrics.protocol_errors.labels(exc.reason).inc()
+        # One line per reason per interval; the counter has every one.
+        now, held = relay.refusals_logged.allow(exc.reason)
+        if now:
+            who = f"{session.role.label} {session.name!r}" if session else "client"
+            more = f" ({held} more {exc.reason} since the last line)" if held else ""
+            log.warning("closing %s from %s: %s%s", who, channel.peer, exc, more)
         await channel.close(ErrorFrame(exc.code, str(exc)))
     except RequestRefused as exc:
         who = f"{session.role.label} {session.name!r}" if session else exc.who or "client"
         await relay.access.refuse(address, exc.refusal, who)
         await channel.close(ErrorFrame(ErrorCode.UNAUTHORIZED, exc.refusal.message))
+    except WriteBufferFull as exc:
+        # It does not read: no farewell could reach it, and waiting for one
+        # to flush would hold the buffer longer.
+        channel.abort()
+        if session is not None:
+            relay.guard.cut_session(
+                session, "write_buffer_full", ErrorFrame(ErrorCode.INTERNAL, str(exc))
+            )
+        else:
+            relay.guard.counters.sessions_cut.labels("write_buffer_full").inc()
     except ConnectionClosed as exc:
         if session is not None:
             log.info("%s %r disconnected: %s", session.role.label, session.name, exc)
@@ -135,12 +160,21 @@ async def _handshake(relay: Relay, channel: Channel) -> tuple[Hello, Identity] |
 
 
 async def _read_events(session: Session) -> None:
-    """Hand the session its events until GOODBYE/ERROR; then stop its writer."""
+    """Hand the session its events until GOODBYE/ERROR; then stop its writer.
+    Every ``FAIR_SHARE`` events it yields to the other sessions."""
+    handled = 0
     while True:
         event = await session.channel.next_event()
         if isinstance(event, Goodbye | ErrorFrame):
             log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
             break
+        session.last_active = session.relay.clock()
         await session.handle(event)
+        handled += 1
+        if handled % FAIR_SHARE == 0:
+            # A client whose frames arrive faster than we handle them would
+            # keep the loop to itself for a whole read (thousands of frames):
+            # let the other sessions run.
+            await asyncio.sleep(0)
     if isinstance(session, SubscriberSession) and session.writer is not None:
         session.writer.cancel()

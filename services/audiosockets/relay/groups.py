@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..protocol import CloseReason, StartPosition
 from .assignment import assign_streams
+from .plausible import clamp
 from .streams import StreamState
 
 if TYPE_CHECKING:
@@ -44,8 +45,18 @@ class Group:
 
     def ack(self, member: SubscriberSession, stream: str, seq: int) -> None:
         """Record an ACK of ``seq`` in ``stream``; ignored unless ``member``
-        owns the stream and ``seq`` is beyond what the group confirmed."""
-        if self.assignment.get(stream) is member and seq > self.acked.get(stream, -1):
+        owns the stream and ``seq`` is beyond what the group confirmed. An ACK
+        beyond the highest seq sent to ``member`` is clamped to it (counted
+        ``ack_beyond_sent``): a forged ACK must not make the next owner skip
+        audio nobody received."""
+        if self.assignment.get(stream) is not member:
+            return
+        cursor = member.relay.subscriptions.get(member, stream)
+        sent = cursor.after_seq if cursor is not None else -1
+        seq = clamp(
+            member.relay, "ack_beyond_sent", seq, sent, f"{member.name!r} ACK in {stream!r}"
+        )
+        if seq > self.acked.get(stream, -1):
             self.acked[stream] = seq
 
     def rebalance(self, streams: Mapping[str, StreamState], subscriptions: Subscriptions) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from ..audio import AudioFormat
 from ..errors import AddressInUse, ErrorCode
 from ..metrics import RELAY_DROP_REASONS, CallbackCollector, Metrics
+from ..names import name_problem
 from ..protocol import (
     ChunkData,
     Goodbye,
@@ -41,12 +42,17 @@ from ..protocol import (
 from ..service import STOP_SIGNALS, run_service, signal_handlers
 from ..urls import RelayAddress
 from .access import AccessControl, TLSListener, listen, reload_credentials
+from .admission import Guard
+from .budget import InputBudget, MemoryLedger, readers_lose, trim_windows
 from .connections import serve_connection
+from .expiry import Housekeeping
 from .groups import Group
+from .lograte import LogRateLimit
 from .sessions import PublisherSession, Session, SubscriberSession
-from .status import collect_gauges, status_report
+from .status import StatusCache, collect_gauges, status_report
 from .streams import StreamCounters, StreamState
 from .subscriptions import Subscriptions
+from .window import ReplayWindow
 
 log = logging.getLogger("audiosockets.relay")
 
@@ -62,7 +68,18 @@ class RelayConfig:
     ``queue_seconds``: how far a subscriber may fall behind live audio before
     its oldest chunks are dropped as ``subscriber_slow`` (s, > 0);
     ``heartbeat_interval``: PING period (s, > 0; a peer silent for three is
-    dead); ``max_window_bytes``: cap per stream on top of ``replay_seconds``;
+    dead); ``max_window_bytes``: memory cap per stream on top of
+    ``replay_seconds`` (bytes, frames + per-chunk overhead);
+    ``max_window_memory``: what all windows together may hold (bytes; over
+    it the oldest audio of the largest window goes first, counted
+    ``window_memory_exceeded`` for each reader that had not been sent it);
+    ``max_input_bytes``: what all connections together may hold of frames
+    not yet complete (bytes; over it the connection holding the most is cut,
+    ``protocol_errors_total{reason="input_budget"}``); ``frame_timeout``:
+    seconds a frame may take from its first byte to its last (then ERROR,
+    ``reason="frame_timeout"``); ``max_capture_ahead``/``max_capture_age``:
+    how far a CHUNK's capture time may be from the relay's wall clock (s;
+    beyond, ERROR ``reason="capture_time"``; see ``plausible``);
     ``max_batch_bytes``: frames written to one subscriber per drain;
     ``socket_buffer_bytes``: kernel send buffer per connection (0: OS
     default); ``token``: shared secret clients present in HELLO (empty:
@@ -70,8 +87,27 @@ class RelayConfig:
     ``credentials``: a credentials file instead (``credentials`` module:
     identities with roles, stream and group scopes; reloaded on SIGHUP);
     ``tls``: a server context (``tls.server_context``: certificate, key and
-    optionally the client CA for mutual TLS) or None for plain TCP. Raises
-    ``ValueError`` for a value out of range.
+    optionally the client CA for mutual TLS) or None for plain TCP.
+
+    Limits against runaway and hostile clients (README, "Limits"):
+    ``max_streams``: stream names the relay holds at once (an OPEN_STREAM
+    beyond it gets CLOSE_STREAM ``refused``); ``max_streams_per_publisher``:
+    distinct names one publisher session may declare; ``stream_grace_seconds``:
+    how long a stream with no publisher and nothing left in its window is kept
+    before it is forgotten with its metric series (s, >= 0);
+    ``max_sessions``: connections held at once (lowered at start to the
+    descriptor limit minus ``DESCRIPTOR_RESERVE``); ``max_sessions_per_address``:
+    connections from one source address; ``idle_timeout``: a session that
+    holds nothing (observer, publisher without streams, subscriber before
+    SUBSCRIBE) and asks nothing for this long is closed (s, > 0);
+    ``max_write_buffer_bytes``: replies queued to a session that does not
+    read, beyond which it is cut (bytes; see ``write_buffer_limit``);
+    ``status_interval``: least time between two STATUS replies to one session
+    (s, >= 0; a request earlier waits, and the session's reading with it);
+    ``max_inflight_seconds``: audio written to one subscriber that its host
+    has not acknowledged, beyond which nothing more is written (s, > 0;
+    ``inflight``). Raises ``ValueError`` for a
+    value out of range.
     """
 
     host: str = "127.0.0.1"
@@ -80,6 +116,11 @@ class RelayConfig:
     queue_seconds: float = 2.0
     heartbeat_interval: float = 2.0
     max_window_bytes: int = 256 << 20  # per stream, on top of replay_seconds
+    max_window_memory: int = 256 << 20  # all windows together
+    max_input_bytes: int = 16 << 20  # incomplete frames, all connections together
+    frame_timeout: float = 10.0  # seconds from a frame's first byte to its last
+    max_capture_ahead: float = 300.0  # seconds a capture time may be ahead of the relay
+    max_capture_age: float = 3650 * 86400.0  # seconds behind it (an old spool is no forgery)
     max_batch_bytes: int = 256 << 10  # per write to one subscriber
     socket_buffer_bytes: int = 1 << 20  # kernel send buffer per connection (0: OS default)
     server_name: str = "audiosockets-relay"
@@ -87,6 +128,15 @@ class RelayConfig:
     credentials: Path | None = None
     tls: ssl.SSLContext | None = None
     limits: Limits = field(default_factory=Limits)
+    max_streams: int = 1024  # stream names held at once, relay-wide
+    max_streams_per_publisher: int = 64  # distinct names one publisher session declares
+    stream_grace_seconds: float = 60.0  # an abandoned, empty stream is forgotten after
+    max_sessions: int = 1024  # connections at once (and below the descriptor limit)
+    max_sessions_per_address: int = 256  # connections from one source address
+    idle_timeout: float = 60.0  # a session holding nothing and asking nothing is closed
+    max_write_buffer_bytes: int = 4 << 20  # replies queued to a non-reading session
+    status_interval: float = 1.0  # least seconds between STATUS replies to one session
+    max_inflight_seconds: float = 1.0  # audio written to a subscriber, not yet acknowledged
 
     def __post_init__(self) -> None:
         if self.replay_seconds < 0:
@@ -95,6 +145,46 @@ class RelayConfig:
             raise ValueError("queue_seconds must be > 0")
         if self.heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be > 0")
+        if self.max_window_memory < 1 << 20:
+            raise ValueError("max_window_memory must be at least 1 MiB")
+        if self.max_input_bytes < self.limits.max_frame_size:
+            raise ValueError("max_input_bytes must hold at least one frame of max_frame_size")
+        if self.frame_timeout <= 0:
+            raise ValueError("frame_timeout must be > 0")
+        if self.max_capture_ahead <= 0 or self.max_capture_age <= 0:
+            raise ValueError("max_capture_ahead and max_capture_age must be > 0")
+        for name in (
+            "max_streams",
+            "max_streams_per_publisher",
+            "max_sessions",
+            "max_sessions_per_address",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.stream_grace_seconds < 0:
+            raise ValueError("stream_grace_seconds must be >= 0")
+        if self.idle_timeout <= 0:
+            raise ValueError("idle_timeout must be > 0")
+        if self.max_inflight_seconds <= 0:
+            raise ValueError("max_inflight_seconds must be > 0")
+        if self.status_interval < 0:
+            raise ValueError("status_interval must be >= 0")
+        if self.max_write_buffer_bytes < 1:
+            raise ValueError("max_write_buffer_bytes must be >= 1")
+
+        token_problem = name_problem(
+            "--token", self.token, optional=True, limit=self.limits.max_name_length
+        )
+        if token_problem is not None:  # no client could ever present it
+            raise ValueError(token_problem)
+
+    @property
+    def write_buffer_limit(self) -> int:
+        """Bytes queued to one session beyond which it is cut: the
+        configured ``max_write_buffer_bytes``, but never less than one batch
+        of audio plus two frames of ``max_frame_size`` (a STATUS reply)."""
+        floor = self.max_batch_bytes + 2 * (self.limits.max_frame_size + 16)
+        return max(self.max_write_buffer_bytes, floor)
 
 
 class Relay:
@@ -123,7 +213,10 @@ class Relay:
             self.metrics, tls=cfg.tls, token=cfg.token, credentials=cfg.credentials, clock=clock
         )
         self.streams: dict[str, StreamState] = {}
-        self._stream_ids: dict[int, StreamState] = {}
+        self.window_memory = MemoryLedger()  # what every window holds, bytes
+        self.input_budget = InputBudget(self.config.max_input_bytes)
+        self.refusals_logged = LogRateLimit(10.0, clock)  # protocol errors, by reason
+        self.stream_ids: dict[int, StreamState] = {}  # by relay-wide id
         self.subscriptions = Subscriptions()
         self.groups: dict[str, Group] = {}
         self.sessions: set[Session] = set()
@@ -136,17 +229,23 @@ class Relay:
         self.address: RelayAddress | None = None
         self.started_at = time.time()
         self.metrics.registry.register(CallbackCollector(lambda: collect_gauges(self)))
+        self.guard = Guard(self)  # the limits: caps, cuts, their counters and log
+        self.housekeeping = Housekeeping(self)
+        self.status_cache = StatusCache()
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> RelayAddress:
         """Bind the listening socket and return the address clients reach it
         at (the real port when the config says 0). Raises ``AddressInUse``
-        when it cannot listen there."""
+        when it cannot listen there. Raises the descriptor limit first (``Guard.start``)."""
         if self._server is not None and self.address is not None:
             return self.address  # already started (e.g. by a test before run())
+        self.guard.start(asyncio.get_running_loop())
         try:
-            self._server = await listen(self.access, self._on_connect, self.config)
+            self._server = await listen(
+                self.access, self._on_connect, self.config, self.input_budget
+            )
         except OSError as exc:
             where = f"{self.config.host}:{self.config.port}"
             if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
@@ -159,6 +258,7 @@ class Relay:
             port,
             "tcp" if self.access.tls is None else "tls",
         )
+        self.housekeeping.start()
         log.info("relay listening on %s", self.address)
         return self.address
 
@@ -167,6 +267,17 @@ class Relay:
         """``audiosockets://host:port`` once started (AssertionError before)."""
         assert self.address is not None, "relay not started"
         return str(self.address)
+
+    def readiness(self) -> str | None:
+        """None while the relay accepts clients, else why not (one sentence):
+        the readiness check of ``/readyz`` (see ``health.py``). Callable from
+        any thread: it only reads the listener's state."""
+        server = self._server
+        if server is None or self.address is None:
+            return "relay has not started listening"
+        if not server.is_serving():
+            return f"relay not listening on {self.address}"
+        return None
 
     async def serve_forever(self) -> None:
         """Return once the relay has stopped (``stop()`` was called)."""
@@ -177,6 +288,8 @@ class Relay:
         end (at most ``timeout`` seconds for each step)."""
         if self._server is not None:
             self._server.close()
+        self.housekeeping.stop()
+        self.guard.stop()
         farewell = Goodbye(ErrorCode.SHUTTING_DOWN, "relay shutting down")
         await asyncio.gather(
             *(s.channel.close(farewell, timeout=timeout) for s in list(self.sessions)),
@@ -201,11 +314,13 @@ class Relay:
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)
-        try:
-            await serve_connection(self, reader, writer)
-        finally:
-            self._tasks.discard(task)
+        async with self.guard.admitted(writer) as admitted:
+            if admitted:
+                self._tasks.add(task)
+                try:
+                    await serve_connection(self, reader, writer)
+                finally:
+                    self._tasks.discard(task)
 
     # -- publishing ----------------------------------------------------------
 
@@ -216,8 +331,14 @@ class Relay:
         one keeps its window, unless ``fmt`` differs (window cleared, readers
         get OPEN_STREAM again). A previous publisher is told GOODBYE
         ``REPLACED``. Readers waiting for a CLOSE_STREAM of it no longer get one.
+
+        Raises ``StreamRefused`` past a stream cap (``Guard.check_stream``).
+        Only a new stream is offered: re-declaring a name rebalances nothing.
         """
+        self.guard.check_stream(publisher, name)
+        publisher.names.add(name)
         stream = self.streams.get(name)
+        new = stream is None
         if stream is None:
             m = self.metrics
             m.declare_stream(name)
@@ -226,10 +347,16 @@ class Relay:
                 m.bytes_received.labels(name),
                 m.end_to_end_latency.labels(name),
             )
-            stream = StreamState(next(self._next_stream_id), name, fmt, counters)
+            stream = StreamState(
+                next(self._next_stream_id),
+                name,
+                fmt,
+                counters,
+                window=ReplayWindow(self.window_memory),
+            )
             stream.owner = publisher.identity.name  # "" without per-client credentials
             self.streams[name] = stream
-            self._stream_ids[stream.id] = stream
+            self.stream_ids[stream.id] = stream
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
         elif stream.format != fmt:
             log.warning(
@@ -248,9 +375,11 @@ class Relay:
             )
             old.start_task(old.channel.close(farewell), name=f"replace {old.name}")
         stream.publisher = publisher
+        stream.abandoned_at = None
         for cursor in self.subscriptions.readers(name).values():
             cursor.end_after = None  # back before readers caught up: not ended
-        self._offer(stream)
+        if new:
+            self._offer(stream)
         return stream
 
     def publish(self, stream: StreamState, chunk: ChunkData) -> None:
@@ -272,8 +401,16 @@ class Relay:
         seconds = nbytes / (fmt.frame_bytes * fmt.rate)
         frame = encode_chunk(stream.id, chunk.seq, chunk.captured_ns, chunk.payload)
         window = stream.window
-        window.append(chunk.seq, frame, seconds, self.clock())
+        stream.last_arrival = now = self.clock()
+        window.append(chunk.seq, frame, seconds, now)
         window.trim(self.config.replay_seconds, self.config.max_window_bytes)
+        if self.window_memory.held > self.config.max_window_memory:
+            trim_windows(
+                list(self.streams.values()),
+                self.window_memory,
+                self.config.max_window_memory,
+                lambda s, n: readers_lose(s, n, self.subscriptions.readers(s.name)),
+            )
         stream.last_seq = chunk.seq
         stream.last_captured_ns = chunk.captured_ns
         stream.chunks_total += 1
@@ -317,7 +454,10 @@ class Relay:
             with contextlib.suppress(ValueError):
                 group.members.remove(session)
             session.group = None
-            group.rebalance(self.streams, self.subscriptions)
+            if group.members:
+                group.rebalance(self.streams, self.subscriptions)
+            elif self.groups.get(group.name) is group:
+                del self.groups[group.name]  # empty: its state goes with its last member
 
     def _offer(self, stream: StreamState) -> None:
         """A stream appeared (or came back): attach it where it belongs."""
@@ -329,13 +469,14 @@ class Relay:
             ):
                 session.attach(stream, session.resume.get(stream.name))
         for group in list(self.groups.values()):
-            group.rebalance(self.streams, self.subscriptions)
+            if any(m.matches(stream.name) for m in group.members):
+                group.rebalance(self.streams, self.subscriptions)
 
     def ack(self, session: SubscriberSession, stream_id: int, seq: int) -> None:
         """``session`` confirmed ``seq`` in the stream with relay id ``stream_id``
         (its group's resume point; ignored outside a group or for another
         member's stream)."""
-        stream = self._stream_ids.get(stream_id)
+        stream = self.stream_ids.get(stream_id)
         if stream is not None and session.group is not None:
             session.group.ack(session, stream.name, seq)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -34,12 +34,20 @@ from ..protocol import (
 )
 from ..transport import Channel
 from .access import RequestRefused
+from .admission import StreamRefused
+from .inflight import InFlight
+from .plausible import check_capture_time, check_seq, clamp
 from .streams import StreamState
 from .subscriptions import Cursor
 
 if TYPE_CHECKING:
     from .groups import Group
     from .server import Relay
+
+
+log = logging.getLogger("audiosockets.relay")
+#: How often a subscriber with too much audio in flight looks again (s).
+INFLIGHT_POLL = 0.05
 
 
 class Session:
@@ -66,6 +74,9 @@ class Session:
         self.identity = EVERYONE
         self.token_sha256 = b""
         self.tasks: asyncio.TaskGroup | None = None
+        self.last_active = relay.clock()  # relay clock at the last request (not PING)
+        self.cut_reason = ""  # set when the relay ends the session to protect itself
+        self._status_at: float | None = None  # relay clock at the last STATUS reply
 
     def start_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None] | None:
         """Run ``coro`` in this session's task group; returns the task, or
@@ -84,6 +95,20 @@ class Session:
     def detach(self) -> None:
         """Forget this session everywhere; called once when it ends."""
 
+    async def send_status(self) -> None:
+        """Answer STATUS_REQUEST, at most once per ``status_interval``: an
+        earlier request waits (and this session's reading with it), counted in
+        ``audiosockets_requests_throttled_total{reason="status_rate"}``."""
+        relay = self.relay
+        interval = relay.config.status_interval
+        if self._status_at is not None:
+            wait = self._status_at + interval - relay.clock()
+            if wait > 0:
+                relay.guard.counters.requests_throttled.labels("status_rate").inc()
+                await asyncio.sleep(wait)
+        self._status_at = relay.clock()
+        self.channel.send(Status(relay.status_cache.document(relay)))
+
 
 class PublisherSession(Session):
     """A recorder's session: OPEN_STREAM, CHUNK, CLOSE_STREAM."""
@@ -93,6 +118,7 @@ class PublisherSession(Session):
     def __init__(self, relay: Relay, channel: Channel, hello: Hello, session_id: int) -> None:
         super().__init__(relay, channel, hello, session_id)
         self.streams: dict[int, StreamState] = {}  # by this connection's stream id
+        self.names: set[str] = set()  # every name declared in this session (capped)
 
     async def handle(self, event: object) -> None:
         """Publish a chunk, open a stream (answered with STREAM_ACCEPTED and
@@ -101,6 +127,16 @@ class PublisherSession(Session):
             stream = self.streams.get(event.stream_id)
             if stream is None or stream.publisher is not self:
                 return  # taken over by another publisher: ignore the late chunk
+            cfg = self.relay.config
+            check_seq(
+                event.seq,
+                stream.last_seq,
+                stream.format.rate,
+                self.relay.clock() - stream.last_arrival,
+            )
+            check_capture_time(
+                event.captured_ns, time.time_ns(), cfg.max_capture_ahead, cfg.max_capture_age
+            )
             self.relay.publish(stream, event)
         elif isinstance(event, OpenStream):
             refusal = may_publish(self.identity, event.name)
@@ -109,7 +145,32 @@ class PublisherSession(Session):
                 refusal = may_take_over(known.owner, self.identity.name, event.name)
             if refusal is not None:
                 raise RequestRefused(refusal)
-            stream = self.relay.open_stream(self, event.name, event.format)
+            previous = self.streams.get(event.stream_id)
+            if previous is not None and previous.name != event.name:
+                # The id now names another stream: this session stops
+                # publishing the old one (it stays on the relay).
+                del self.streams[event.stream_id]
+                if previous.publisher is self:
+                    previous.publisher = None
+                    self.relay.stream_ended(previous)
+            try:
+                stream = self.relay.open_stream(self, event.name, event.format)
+            except StreamRefused as exc:
+                self.channel.send(CloseStream(event.stream_id, CloseReason.REFUSED))
+                self.relay.guard.log.warning(
+                    f"stream:{exc.reason}",
+                    "refused stream %r of publisher %r from %s: %s",
+                    event.name,
+                    self.name,
+                    self.channel.peer,
+                    exc,
+                )
+                return
+            except Exception:  # a bug of ours: this stream fails, the session goes on
+                self.relay.metrics.protocol_errors.labels("open_stream_failed").inc()
+                log.exception("opening stream %r for %r failed", event.name, self.name)
+                self.channel.send(CloseStream(event.stream_id, CloseReason.ENDED))
+                return
             self.streams[event.stream_id] = stream
             next_seq = stream.last_seq + 1 if stream.last_seq >= 0 else 0
             self.channel.send(StreamAccepted(event.stream_id, next_seq))
@@ -143,6 +204,8 @@ class SubscriberSession(Session):
         self.writer: asyncio.Task[None] | None = None
         self.group: Group | None = None
         self.dropped = 0  # chunks this subscriber lost, every reason
+        self.inflight = InFlight(channel)  # audio written, not yet acknowledged
+        self._batch_seconds = 0.0
         self._losses: list[tuple[str, str, int]] = []  # counted once proven alive
 
     @property
@@ -171,7 +234,7 @@ class SubscriberSession(Session):
             refusal = may_request_status(self.identity)
             if refusal is not None:
                 raise RequestRefused(refusal)
-            self.channel.send(Status(json.dumps(self.relay.status())))
+            await self.send_status()
         else:
             await super().handle(event)
 
@@ -197,6 +260,11 @@ class SubscriberSession(Session):
             after_seq = stream.last_seq
             start = window.end
         else:
+            if stream.last_seq >= 0:  # a forged resume point must not silence the stream
+                what = f"{self.name!r} resuming {stream.name!r}"
+                after_seq = clamp(
+                    self.relay, "resume_beyond_stream", after_seq, stream.last_seq, what
+                )
             start = window.ordinal_after_seq(after_seq)
             missing, after_seq = window.trimmed_after(after_seq)
             if missing:
@@ -231,12 +299,16 @@ class SubscriberSession(Session):
                 await self.wake.wait()
                 self.wake.clear()
                 while not channel.closed:
+                    if self.inflight.seconds() > self.relay.config.max_inflight_seconds:
+                        await self._stalled()
+                        continue
                     frames = self._collect()
                     if frames:
                         # Writing to a peer that reset the connection fails
                         # at once: its losses were never this subscriber's
                         # (it resumes on another session) and are not counted.
                         channel.writelines(frames)
+                        self.inflight.record(sum(map(len, frames)), self._batch_seconds)
                     if not self._peer_gone():
                         self._commit_losses()
                     if not frames:
@@ -253,34 +325,16 @@ class SubscriberSession(Session):
         stale_before = now - relay.config.queue_seconds
         budget = relay.config.max_batch_bytes
         frames: list[bytes] = []
+        self._batch_seconds = 0.0  # the most audio of one stream in this batch
         if self._peer_gone():
             return frames
         for cursor in relay.subscriptions.of_session(self):
             stream = cursor.stream
             window = stream.window
-            if cursor.next_ord < window.base:
-                # Trimmed before we sent them. Only chunks after our resume
-                # point were needed: after a relay restart the publisher
-                # re-sends history the subscriber already has, and trimming
-                # that is no loss. Nor are numbers the window never held (the
-                # publisher's own gap): only what it trimmed counts.
-                lost, cursor.after_seq = window.trimmed_after(cursor.after_seq)
-                cursor.next_ord = window.base
-                if lost:
-                    cursor.dropped_window += lost
-                    self.count_drop(stream.name, "replay_window_exceeded", lost)
+            self._account(cursor, stale_before)
             if cursor.next_ord >= window.end:
                 self._end_if_done(cursor, frames)
                 continue
-            # Live chunks older than queue_seconds are dropped (oldest first);
-            # chunks that were already in the window when we attached are
-            # replay and exempt.
-            fresh_from = window.ordinal_arrived_at(max(stale_before, cursor.assigned_at))
-            exempt_until = window.ordinal_arrived_at(cursor.assigned_at)
-            if exempt_until <= cursor.next_ord < fresh_from:
-                skipped = self._skip(cursor, fresh_from)
-                if skipped:
-                    self.count_drop(stream.name, "subscriber_slow", skipped)
             if not cursor.declared:
                 frames.append(
                     self.channel.conn.send(OpenStream(stream.id, stream.name, stream.format))
@@ -290,9 +344,11 @@ class SubscriberSession(Session):
             end = len(window.seqs)
             sent = 0
             nbytes = 0
+            seconds = 0.0
             while i < end and budget > 0:
                 if window.seqs[i] > cursor.after_seq:
                     frame = window.frames[i]
+                    seconds += window.durations[i]
                     frames.append(frame)
                     budget -= len(frame)
                     nbytes += len(frame)
@@ -300,6 +356,7 @@ class SubscriberSession(Session):
                     sent += 1
                 i += 1
             cursor.next_ord = i - window.head + window.base
+            self._batch_seconds = max(self._batch_seconds, seconds)
             if sent:
                 cursor.sent += sent
                 relay.count_sent(stream.name, sent, nbytes, self.name)
@@ -308,6 +365,46 @@ class SubscriberSession(Session):
                 self.wake.set()  # more to do after this batch is flushed
                 break
         return frames
+
+    def _account(self, cursor: Cursor, stale_before: float) -> None:
+        """Count what ``cursor`` lost: chunks trimmed before they were sent
+        (``replay_window_exceeded``) and live chunks older than
+        ``stale_before`` on the relay clock (``subscriber_slow``), skipped."""
+        stream = cursor.stream
+        window = stream.window
+        if cursor.next_ord < window.base:
+            # Trimmed before we sent them. Only chunks after our resume
+            # point were needed: after a relay restart the publisher
+            # re-sends history the subscriber already has, and trimming
+            # that is no loss. Nor are numbers the window never held (the
+            # publisher's own gap): only what it trimmed counts.
+            lost, cursor.after_seq = window.trimmed_after(cursor.after_seq)
+            cursor.next_ord = window.base
+            if lost:
+                cursor.dropped_window += lost
+                self.count_drop(stream.name, "replay_window_exceeded", lost)
+        if cursor.next_ord >= window.end:
+            return
+        # Live chunks older than queue_seconds are dropped (oldest first);
+        # chunks that were already in the window when we attached are
+        # replay and exempt.
+        fresh_from = window.ordinal_arrived_at(max(stale_before, cursor.assigned_at))
+        exempt_until = window.ordinal_arrived_at(cursor.assigned_at)
+        if exempt_until <= cursor.next_ord < fresh_from:
+            skipped = self._skip(cursor, fresh_from)
+            if skipped:
+                self.count_drop(stream.name, "subscriber_slow", skipped)
+
+    async def _stalled(self) -> None:
+        """More audio is in flight than ``max_inflight_seconds``: send nothing,
+        but skip and count what goes stale meanwhile, until the peer takes
+        some or leaves (checked every ``INFLIGHT_POLL`` seconds)."""
+        stale_before = self.relay.clock() - self.relay.config.queue_seconds
+        for cursor in self.relay.subscriptions.of_session(self):
+            self._account(cursor, stale_before)
+        if not self._peer_gone():
+            self._commit_losses()
+        await asyncio.sleep(INFLIGHT_POLL)
 
     def _end_if_done(self, cursor: Cursor, frames: list[bytes]) -> None:
         """After the last chunk of a stream its publisher closed, say so, in order."""
@@ -360,7 +457,7 @@ class ObserverSession(Session):
     async def handle(self, event: object) -> None:
         """Answer STATUS_REQUEST with the relay's status report as JSON."""
         if isinstance(event, StatusRequest):
-            self.channel.send(Status(json.dumps(self.relay.status())))
+            await self.send_status()
         else:
             await super().handle(event)
 

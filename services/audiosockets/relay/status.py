@@ -3,6 +3,7 @@ computed at scrape time."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ def status_report(relay: Relay) -> dict[str, object]:
     relay was made), ``replay_seconds`` and ``queue_seconds`` (from the
     config), ``streams`` (by name: format, publisher, last seq, chunks, rate
     over the last 5 s of arrivals in chunks/s, window seconds and chunks,
-    subscriber names), ``publishers``, ``subscribers`` (pattern, group,
+    subscriber names, window bytes), ``publishers``, ``subscribers`` (pattern, group,
     streams, lag in chunks, chunks dropped), ``groups`` (members, assignment)
     and ``drops`` (``audiosockets_chunks_dropped_total`` summed by reason).
     """
@@ -45,6 +46,7 @@ def status_report(relay: Relay) -> dict[str, object]:
                 "rate_chunks_per_s": round(s.rate(now), 2),
                 "window_seconds": round(s.window.total_seconds, 3),
                 "window_chunks": len(s.window),
+                "window_bytes": s.window.memory_bytes,
                 "subscribers": sorted(r.name for r in subs.readers(s.name)),
             }
         )
@@ -98,6 +100,91 @@ def status_report(relay: Relay) -> dict[str, object]:
     }
 
 
+class StatusCache:
+    """The status report as a STATUS frame's JSON, built at most once per
+    ``status_interval`` relay-wide: requests within it get the same document,
+    so many observers cost one build. Cut to fit ``max_frame_size``
+    (``fit_status``)."""
+
+    def __init__(self) -> None:
+        self._built: tuple[float, str] | None = None  # (relay clock, document)
+
+    def document(self, relay: Relay) -> str:
+        now = relay.clock()
+        if self._built is not None and now - self._built[0] < relay.config.status_interval:
+            return self._built[1]
+        document = fit_status(status_report(relay), relay.config.limits.max_frame_size)
+        self._built = (now, document)
+        return document
+
+
+def fit_status(report: dict[str, object], max_bytes: int) -> str:
+    """``report`` as JSON of at most ``max_bytes`` UTF-8 bytes (a STATUS frame's
+    payload limit, ``Limits.max_frame_size``).
+
+    When the whole report does not fit, the lists ``streams``, ``publishers``,
+    ``subscribers`` and ``groups`` (and each entry's own lists of streams) are
+    cut to their first N entries, N as large as fits, and the key
+    ``truncated`` says how many entries of each were left out. A client gets
+    a smaller report, never an oversized frame.
+    """
+    document = json.dumps(report)
+    if len(document.encode()) <= max_bytes:
+        return document
+
+    def cut(keep: int) -> str:
+        out = dict(report)
+        omitted: dict[str, int] = {}
+        for key in ("streams", "publishers", "subscribers"):
+            entries = report.get(key)
+            assert isinstance(entries, list)
+            kept = []
+            for entry in entries[:keep]:
+                entry = dict(entry)
+                for inner in ("streams", "subscribers"):
+                    full = entry.get(inner)
+                    if isinstance(full, list) and len(full) > keep:
+                        entry[inner] = full[:keep]
+                        entry[f"{inner}_omitted"] = len(full) - keep
+                kept.append(entry)
+            out[key] = kept
+            omitted[key] = len(entries) - len(kept)
+        groups = report.get("groups")
+        assert isinstance(groups, dict)
+        cut_groups = {}
+        for name in list(groups)[:keep]:
+            group = dict(groups[name])
+            assignment = group["assignment"]
+            if len(assignment) > keep:
+                group["assignment"] = dict(list(assignment.items())[:keep])
+                group["assignment_omitted"] = len(assignment) - keep
+            if len(group["members"]) > keep:
+                group["members_omitted"] = len(group["members"]) - keep
+                group["members"] = group["members"][:keep]
+            cut_groups[name] = group
+        out["groups"] = cut_groups
+        omitted["groups"] = len(groups) - len(cut_groups)
+        out["truncated"] = omitted
+        return json.dumps(out)
+
+    # The largest N that fits lies in [lo, hi].
+    lengths = [len(v) for v in report.values() if isinstance(v, list | dict)]
+    for key in ("streams", "subscribers"):
+        entries = report[key]
+        assert isinstance(entries, list)
+        lengths += [len(e.get(inner, ())) for e in entries for inner in ("streams", "subscribers")]
+    lo, hi = 0, max(lengths)
+    best = cut(0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        candidate = cut(mid)
+        if len(candidate.encode()) <= max_bytes:
+            best, lo = candidate, mid
+        else:
+            hi = mid - 1
+    return best
+
+
 def collect_gauges(relay: Relay) -> Iterator[Metric]:
     """The gauges read from the relay's state at scrape time: queue depth
     (chunks held and not yet sent, by stream), replay window (seconds), last
@@ -115,6 +202,11 @@ def collect_gauges(relay: Relay) -> Iterator[Metric]:
         "Audio held for replay, by stream.",
         labels=["stream"],
     )
+    window_bytes = GaugeMetricFamily(
+        "audiosockets_replay_window_bytes",
+        "Memory held for replay (frames plus per-chunk overhead), by stream.",
+        labels=["stream"],
+    )
     last = GaugeMetricFamily(
         "audiosockets_last_chunk_timestamp_seconds",
         "Capture time (Unix seconds) of the newest chunk, by stream.",
@@ -123,9 +215,15 @@ def collect_gauges(relay: Relay) -> Iterator[Metric]:
     for s in streams:
         depth.add_metric([s.name], relay.subscriptions.stream_lag(s.name))
         window.add_metric([s.name], s.window.total_seconds)
+        window_bytes.add_metric([s.name], s.window.memory_bytes)
         last.add_metric([s.name], s.last_captured_ns / 1e9)
     count = GaugeMetricFamily("audiosockets_streams", "Streams known to the relay.")
     count.add_metric([], len(streams))
+    memory = GaugeMetricFamily(
+        "audiosockets_window_memory_bytes",
+        "Memory every replay window holds together (bounded by max_window_memory).",
+    )
+    memory.add_metric([], relay.window_memory.held)
     members = GaugeMetricFamily(
         "audiosockets_group_members", "Members of each group.", labels=["group"]
     )
@@ -142,4 +240,4 @@ def collect_gauges(relay: Relay) -> Iterator[Metric]:
             loads[m.name] = loads.get(m.name, 0) + group.load(m)
         for member_name, load in sorted(loads.items()):
             assigned.add_metric([group.name, member_name], load)
-    yield from (depth, window, last, count, members, assigned)
+    yield from (depth, window, window_bytes, last, count, memory, members, assigned)

@@ -1,8 +1,18 @@
-"""The replay window: the recent encoded CHUNK frames of one stream, pure state."""
+"""The replay window: the recent encoded CHUNK frames of one stream, pure state.
+
+Memory is accounted as it really is: ``memory_bytes`` counts each frame's
+bytes plus ``ENTRY_OVERHEAD_BYTES`` per chunk (the bytes object's header, the
+four list slots, the seq int and the two floats), so a flood of tiny chunks
+costs what it costs. Every change is also applied to the relay-wide
+``MemoryLedger`` the window was made with, so the relay's total is the sum of
+its windows without a scan.
+"""
 
 from __future__ import annotations
 
 import bisect
+
+from .budget import ENTRY_OVERHEAD_BYTES, MemoryLedger
 
 
 class ReplayWindow:
@@ -24,8 +34,9 @@ class ReplayWindow:
         "durations",
         "frames",
         "head",
+        "ledger",
+        "memory_bytes",
         "seqs",
-        "total_bytes",
         "total_seconds",
         "trimmed_runs",
     )
@@ -34,7 +45,8 @@ class ReplayWindow:
     #: gap in the numbers (the publisher lost chunks), so this is a long time.
     MAX_TRIMMED_RUNS = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, ledger: MemoryLedger | None = None) -> None:
+        self.ledger = ledger if ledger is not None else MemoryLedger()
         self.seqs: list[int] = []
         self.frames: list[bytes] = []
         self.durations: list[float] = []
@@ -42,7 +54,7 @@ class ReplayWindow:
         self.head = 0  # list index of the oldest live entry
         self.base = 0  # ordinal of the oldest live entry
         self.total_seconds = 0.0
-        self.total_bytes = 0
+        self.memory_bytes = 0  # frames + ENTRY_OVERHEAD_BYTES per chunk held
         # [first, last] runs of sequence numbers held and trimmed, oldest first.
         self.trimmed_runs: list[list[int]] = []
 
@@ -69,21 +81,43 @@ class ReplayWindow:
         self.durations.append(seconds)
         self.arrivals.append(arrived)
         self.total_seconds += seconds
-        self.total_bytes += len(frame)
+        cost = len(frame) + ENTRY_OVERHEAD_BYTES
+        self.memory_bytes += cost
+        self.ledger.held += cost
 
     def trim(self, max_seconds: float, max_bytes: int) -> None:
         """Drop the oldest chunks until at most ``max_seconds`` of audio and
-        ``max_bytes`` of frames are held, but always keep the newest chunk
-        (so a resume can always be answered). The limits come from
-        ``RelayConfig.replay_seconds`` and ``RelayConfig.max_window_bytes``."""
+        ``max_bytes`` of memory (``memory_bytes``) are held, but always keep
+        the newest chunk (so a resume can always be answered). The limits come
+        from ``RelayConfig.replay_seconds`` and ``RelayConfig.max_window_bytes``."""
         limit = max_seconds + 1e-9  # sums of float durations drift by ulps
-        while len(self) > 1 and (self.total_seconds > limit or self.total_bytes > max_bytes):
-            self._remember_trimmed(self.seqs[self.head])
-            self.total_seconds -= self.durations[self.head]
-            self.total_bytes -= len(self.frames[self.head])
-            self.frames[self.head] = b""
-            self.head += 1
-            self.base += 1
+        n = 0
+        seconds = self.total_seconds
+        memory = self.memory_bytes
+        i = self.head
+        while len(self) - n > 1 and (seconds > limit or memory > max_bytes):
+            seconds -= self.durations[i]
+            memory -= len(self.frames[i]) + ENTRY_OVERHEAD_BYTES
+            i += 1
+            n += 1
+        if n:
+            self.drop_oldest(n)
+
+    def drop_oldest(self, n: int) -> None:
+        """Drop the ``n`` oldest chunks held (at most ``len(self)``)."""
+        n = min(n, len(self))
+        freed = 0
+        for i in range(self.head, self.head + n):
+            self._remember_trimmed(self.seqs[i])
+            self.total_seconds -= self.durations[i]
+            freed += len(self.frames[i]) + ENTRY_OVERHEAD_BYTES
+            self.frames[i] = b""
+        self.head += n
+        self.base += n
+        self.memory_bytes -= freed
+        self.ledger.held -= freed
+        if not len(self):
+            self.total_seconds = 0.0  # no drift left behind in an empty window
         if self.head > 1024 and self.head * 2 > len(self.seqs):
             for lst in (self.seqs, self.frames, self.durations, self.arrivals):
                 del lst[: self.head]
@@ -118,7 +152,8 @@ class ReplayWindow:
             lst.clear()
         self.head = 0
         self.total_seconds = 0.0
-        self.total_bytes = 0
+        self.ledger.held -= self.memory_bytes
+        self.memory_bytes = 0
 
     def ordinal_after_seq(self, seq: int) -> int:
         """Ordinal of the first held chunk with a sequence number above ``seq``
@@ -131,6 +166,12 @@ class ReplayWindow:
         (relay clock seconds; ``end`` when there is none)."""
         i = bisect.bisect_left(self.arrivals, when, lo=self.head)
         return self.base + (i - self.head)
+
+    def seq_at(self, ordinal: int) -> int:
+        """Sequence number of the held chunk with ``ordinal`` (IndexError if not held)."""
+        if not self.base <= ordinal < self.end:
+            raise IndexError(f"ordinal {ordinal} is not held")
+        return self.seqs[ordinal - self.base + self.head]
 
     def first_seq(self) -> int | None:
         """Sequence number of the oldest chunk held, None when empty."""

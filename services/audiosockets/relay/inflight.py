@@ -1,0 +1,71 @@
+"""Audio in flight to one subscriber: written by the relay, not yet taken by
+the subscriber's host.
+
+A subscriber that stops reading does not stop the relay from writing: the
+batches pile up in the transport's buffer and the kernel's send queue, where
+no queue bound or drop counter of ours sees them, and the subscriber gets
+audio tens of seconds old when it reads again. ``InFlight`` measures that
+hidden queue in seconds of audio: every batch written is recorded with the
+audio it carries, and what the peer's TCP stack acknowledged (bytes written
+minus the transport's buffer minus the kernel's unacknowledged send queue,
+``SIOCOUTQ``) is taken off. The writer sends nothing more while the audio in
+flight exceeds ``RelayConfig.max_inflight_seconds``; what it holds back ages
+in the window and is dropped as ``subscriber_slow`` after ``queue_seconds``,
+counted as it is skipped. The peer's own receive buffer is the peer's: the
+library subscriber keeps it small (``socket_buffer_bytes``) and counts its
+own drops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import struct
+import termios
+from collections import deque
+
+from ..transport import Channel
+
+
+def unacknowledged_bytes(channel: Channel) -> int:
+    """Bytes written to ``channel`` that its peer has not acknowledged yet:
+    asyncio's write buffer plus the kernel's send queue (``SIOCOUTQ``, 0 where
+    it cannot be read)."""
+    queued = channel.write_buffer_size
+    sock = channel.writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+            queued += struct.unpack("i", raw)[0]
+    return queued
+
+
+class InFlight:
+    """The audio written to one subscriber and not yet acknowledged.
+
+    ``record(nbytes, seconds)`` after each batch written (``seconds``: the
+    most audio of any one stream in it); ``seconds()`` is the audio still in
+    flight, an upper bound for each stream.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.written = 0  # bytes written, ever
+        self._batches: deque[tuple[int, float]] = deque()  # (written after it, seconds)
+        self._seconds = 0.0
+
+    def record(self, nbytes: int, seconds: float) -> None:
+        self.written += nbytes
+        if seconds > 0:
+            self._batches.append((self.written, seconds))
+            self._seconds += seconds
+
+    def seconds(self) -> float:
+        """Audio in flight now (s)."""
+        acknowledged = self.written - unacknowledged_bytes(self.channel)
+        batches = self._batches
+        while batches and batches[0][0] <= acknowledged:
+            self._seconds -= batches.popleft()[1]
+        if not batches:
+            self._seconds = 0.0  # no float drift left behind
+        return self._seconds

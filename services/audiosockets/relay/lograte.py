@@ -1,0 +1,32 @@
+"""One log line per kind of refusal per interval, however many clients earn one.
+
+A flood of bad clients must not become a flood of log lines (issue 11: 133 MB
+of tracebacks). ``LogRateLimit.allow(key)`` says whether to log now; when it
+does after a quiet spell it also says how many lines of that key it held
+back, so the next line carries the count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class LogRateLimit:
+    """At most one line per ``key`` every ``interval`` seconds (``clock``: monotonic)."""
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str) -> tuple[bool, int]:
+        """``(log now, lines held back since the last one)`` for ``key``."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False, 0
+        self._last[key] = now
+        return True, self._held.pop(key, 0)
