@@ -341,6 +341,7 @@ def test_every_service_command_runs_through_run_async_with_its_loop(
     args: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import audiosockets.cli
+    import audiosockets.cli_tools
 
     seen: list[str] = []
 
@@ -349,6 +350,7 @@ def test_every_service_command_runs_through_run_async_with_its_loop(
         seen.append(loop)
 
     monkeypatch.setattr(audiosockets.cli, "run_async", fake_run_async)
+    monkeypatch.setattr(audiosockets.cli_tools, "run_async", fake_run_async)  # demo
     result = CliRunner().invoke(main, [*args, "--loop", "asyncio"])
     assert result.exit_code == 0, result.output
     assert seen == ["asyncio"]

@@ -40,7 +40,7 @@ def test_a_window_budget_below_one_mib_is_a_usage_error() -> None:
 
 def test_ingest_limits_flags_and_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
     default = relay_config(monkeypatch)
-    assert default.max_input_bytes == 16 << 20
+    assert default.max_input_bytes == 8 << 20
     assert default.frame_timeout == 10.0
     assert default.limits.max_chunk_seconds == 2.0
     flags = relay_config(
@@ -57,12 +57,12 @@ def test_ingest_limits_flags_and_env_vars(monkeypatch: pytest.MonkeyPatch) -> No
     assert flags.limits.max_chunk_seconds == 0.5
     env = relay_config(
         monkeypatch,
-        AUDIOSOCKETS_RELAY_MAX_INPUT_BYTES="8388608",
+        AUDIOSOCKETS_RELAY_MAX_INPUT_BYTES="12582912",
         AUDIOSOCKETS_RELAY_FRAME_TIMEOUT="4",
         AUDIOSOCKETS_RELAY_MAX_CHUNK_SECONDS="1",
     )
     assert (env.max_input_bytes, env.frame_timeout, env.limits.max_chunk_seconds) == (
-        8 << 20,
+        12 << 20,
         4.0,
         1.0,
     )

@@ -12,13 +12,15 @@ from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import (
     ChunkSubscription,
+    ChunkTooLarge,
     Publisher,
     RetryPolicy,
     SpoolingStream,
     Subscriber,
 )
+from audiosockets.errors import ErrorCode
 from audiosockets.metrics import Metrics
-from audiosockets.protocol import Limits
+from audiosockets.protocol import Connection, ErrorFrame, Hello, Limits, Welcome
 from audiosockets.relay import Relay, RelayConfig
 
 FMT = AudioFormat(16000, 1, SampleType.INT16)
@@ -74,32 +76,77 @@ async def test_oversized_chunk_and_long_name_are_refused_locally(relay: Relay) -
 
 
 @pytest.mark.parametrize("relay_config", [RelayConfig(port=0, limits=Limits(max_frame_size=256))])
-async def test_a_session_the_relay_refuses_backs_off(relay: Relay) -> None:
-    """A relay that ends every session at once must not see a reconnect storm."""
+async def test_a_chunk_over_the_relays_frame_limit_ends_the_publisher_not_a_retry_loop(
+    relay: Relay,
+) -> None:
+    """The relay announces its frame limit in WELCOME; a chunk that does not fit would
+    be refused on every reconnect (163 sessions in 10 s): the publisher fails at once,
+    sends nothing and never reports the chunk as taken."""
     metrics = Metrics()
     pub = Publisher(relay.url, retry=RetryPolicy(initial=0.2, cap=0.4, jitter=0.0), metrics=metrics)
     stream = pub.stream("mic", FMT)
     stream.send(block(1))  # 640 bytes: more than this relay accepts
-    started = time.monotonic()
     await pub.start()
-    # Each refused session is followed by the tenacity backoff: 0.2, 0.4, 0.4 s
-    # (initial doubling up to the cap, no jitter), so the 4th session cannot
-    # start before 1.0 s. A reconnect storm would get there in milliseconds.
-    await wait_until(lambda: pub.sessions >= 4, timeout=10, what="4 refused sessions")
-    elapsed = time.monotonic() - started
-    assert elapsed >= 0.2 + 0.4 + 0.4 - 0.05, f"4 sessions in {elapsed:.2f} s: no backoff"
-    reconnects = metrics.registry.get_sample_value(
-        "audiosockets_reconnects_total", {"role": "publisher"}
-    )
-    assert reconnects is not None
-    assert reconnects >= 3  # every session after the first one is a counted reconnect
-    errors = relay.metrics.registry.get_sample_value(
-        "audiosockets_protocol_errors_total", {"reason": "frame_too_large"}
-    )
-    assert errors is not None
-    assert errors >= 1
-    assert "frame" in (pub.last_error or "")
+    await asyncio.wait_for(pub.failed.wait(), 5)
+    assert isinstance(pub.failure, ChunkTooLarge)
+    assert pub.failure.exit_code == 2
+    assert pub.failure.fits_frames == (256 - 20) // 2
+    assert "at most 236 bytes of audio per chunk (118 frames)" in str(pub.failure)
+    assert await pub.flush(1.0) is False  # not taken, and said so at once
     await pub.close(0.1)
+    assert (
+        metrics.registry.get_sample_value("audiosockets_reconnects_total", {"role": "publisher"})
+        == 0
+    )
+    assert relay.metrics.registry.get_sample_value(
+        "audiosockets_chunks_received_total", {"stream": "mic"}
+    ) in (None, 0)
+    assert (
+        metrics.registry.get_sample_value(
+            "audiosockets_chunks_dropped_total", {"stream": "mic", "reason": "closed_unsent"}
+        )
+        == 1
+    )
+
+
+async def test_a_session_the_relay_keeps_ending_backs_off() -> None:
+    """A relay that ends every session at once with a retryable code (INTERNAL) must
+    not see a reconnect storm."""
+    sessions = 0
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sessions
+        sessions += 1
+        conn = Connection("relay")
+        while not isinstance(conn.next_event(), Hello):
+            conn.receive_data(await reader.read(4096))
+        writer.write(conn.send(Welcome("flaky", 2000, 1 << 20, 0)))
+        writer.write(conn.send(ErrorFrame(ErrorCode.INTERNAL, "internal relay error")))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    metrics = Metrics()
+    pub = Publisher(
+        f"tcp://127.0.0.1:{port}",
+        retry=RetryPolicy(initial=0.2, cap=0.4, jitter=0.0),
+        metrics=metrics,
+    )
+    pub.stream("mic", FMT).send(block(1))
+    async with server:
+        started = time.monotonic()
+        await pub.start()
+        # Each ended session is followed by the tenacity backoff: 0.2, 0.4, 0.4 s
+        # (initial doubling up to the cap, no jitter), so the 4th session cannot
+        # start before 1.0 s. A reconnect storm would get there in milliseconds.
+        await wait_until(lambda: pub.sessions >= 4, timeout=10, what="4 ended sessions")
+        elapsed = time.monotonic() - started
+        await pub.close(0.1)
+    assert elapsed >= 0.2 + 0.4 + 0.4 - 0.05, f"4 sessions in {elapsed:.2f} s: no backoff"
+    assert sessions >= 4
+    assert pub.failure is None  # retryable: still trying until closed
+    assert "internal relay error" in (pub.last_error or "")
 
 
 async def test_subscriber_counts_gaps_and_suppresses_duplicates(relay: Relay) -> None:

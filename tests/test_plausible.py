@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -24,7 +25,7 @@ from audiosockets.protocol import (
     Subscribe,
     encode_chunk,
 )
-from audiosockets.relay import Relay
+from audiosockets.relay import Relay, RelayConfig
 from audiosockets.relay.plausible import (
     MAX_FIRST_SEQ,
     MAX_SEQ,
@@ -189,30 +190,64 @@ async def _chunks_until(session: RawSession, last_seq: int, timeout: float = 10.
     return seqs
 
 
+class Reader:
+    """A raw subscriber's view: stream names by id, CHUNK seqs by stream name."""
+
+    def __init__(self, session: RawSession) -> None:
+        self.session = session
+        self.names: dict[int, str] = {}
+        self.seqs: dict[str, list[int]] = {}
+
+    async def until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
+        conn = self.session.conn
+        async with asyncio.timeout(timeout):
+            while not done():
+                event = conn.next_event()
+                if isinstance(event, NeedData):
+                    conn.receive_data(await self.session.reader.read(1 << 16))
+                elif isinstance(event, OpenStream):
+                    self.names[event.stream_id] = event.name
+                elif isinstance(event, ChunkData):
+                    self.seqs.setdefault(self.names[event.stream_id], []).append(event.seq)
+
+    def last(self, stream: str) -> int:
+        return self.seqs.get(stream, [-1])[-1]
+
+
 async def test_a_forged_ack_cannot_make_the_next_owner_skip_audio(relay: Relay) -> None:
     publisher = await raw_session(relay.url, "publisher", "rec")
-    publisher.send(OpenStream(1, "s", MONO16))
+    publisher.send(OpenStream(1, "s1", MONO16))
+    publisher.send(OpenStream(2, "s2", MONO16))
 
     def publish(seqs: range) -> None:
         for seq in seqs:
-            publisher.writer.write(encode_chunk(1, seq, time.time_ns(), b"\0\0"))
+            for sid in (1, 2):
+                publisher.writer.write(encode_chunk(sid, seq, time.time_ns(), b"\0\0"))
 
     publish(range(10))
-    await wait_until(lambda: "s" in relay.streams and relay.streams["s"].last_seq == 9)
-    rogue = await raw_session(relay.url, "subscriber", "rogue")
-    rogue.send(Subscribe("s", "g", StartPosition.EARLIEST, ()))
-    assert await _chunks_until(rogue, 9) == list(range(10))
-    rogue.send(Ack(relay.streams["s"].id, 2**64 - 1))
-    await wait_until(lambda: relay.groups["g"].acked.get("s") is not None, what="the ACK")
-    assert relay.groups["g"].acked["s"] == 9  # clamped to the highest seq sent to it
+    await wait_until(
+        lambda: all(s in relay.streams and relay.streams[s].last_seq == 9 for s in ("s1", "s2"))
+    )
+    rightful = Reader(await raw_session(relay.url, "subscriber", "rightful"))
+    rightful.session.send(Subscribe("s*", "g", StartPosition.EARLIEST, ()))
+    await rightful.until(lambda: rightful.last("s1") == 9 and rightful.last("s2") == 9)
+    # The rogue joins: the rebalance gives it one of the two streams.
+    rogue = Reader(await raw_session(relay.url, "subscriber", "rogue"))
+    rogue.session.send(Subscribe("s*", "g", StartPosition.EARLIEST, ()))
+    await rogue.until(lambda: any(rogue.last(s) == 9 for s in ("s1", "s2")))
+    (taken,) = [s for s in ("s1", "s2") if rogue.last(s) == 9]
+    rogue.session.send(Ack(relay.streams[taken].id, 2**64 - 1))
+    await wait_until(lambda: relay.groups["g"].acked.get(taken) is not None, what="the ACK")
+    assert relay.groups["g"].acked[taken] == 9  # clamped to the highest seq sent to it
     assert sample(relay, "audiosockets_positions_clamped_total", reason="ack_beyond_sent") == 1
-    rogue.close()
-    await wait_until(lambda: not relay.groups["g"].members, what="the rogue to leave")
-    rightful = await raw_session(relay.url, "subscriber", "rightful")
-    rightful.send(Subscribe("s", "g", StartPosition.EARLIEST, ()))
+    rogue.session.close()
+    await wait_until(lambda: len(relay.groups["g"].members) == 1, what="the rogue to leave")
+    # The stream comes back to the rightful member, which resumes after seq 9.
+    before = len(rightful.seqs[taken])
     publish(range(10, 20))
-    assert await _chunks_until(rightful, 19) == list(range(10, 20))
-    rightful.close()
+    await rightful.until(lambda: rightful.last(taken) == 19 and rightful.last("s1") == 19)
+    assert rightful.seqs[taken][before:] == list(range(10, 20))
+    rightful.session.close()
     publisher.close()
 
 
@@ -233,4 +268,53 @@ async def test_a_resume_point_beyond_the_stream_is_clamped_and_counted(relay: Re
         publisher.writer.write(encode_chunk(1, seq, time.time_ns(), b"\0\0"))
     assert await _chunks_until(sub, 7) == [5, 6, 7]  # not silenced by the forged point
     sub.close()
+    publisher.close()
+
+
+class FakeClock:
+    """The relay's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+GRACE_CLOCK = FakeClock()
+
+
+@pytest.mark.parametrize("relay_clock", [GRACE_CLOCK])
+@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, stream_grace_seconds=5.0)])
+async def test_an_empty_group_keeps_its_acks_for_the_grace_then_is_forgotten(
+    relay: Relay,
+) -> None:
+    """Members that all restart at once resume after the group's ACK; a group
+    nobody comes back to is forgotten after ``stream_grace_seconds``."""
+    publisher = await raw_session(relay.url, "publisher", "rec")
+    publisher.send(OpenStream(1, "s", MONO16))
+    for seq in range(10):
+        publisher.writer.write(encode_chunk(1, seq, time.time_ns(), b"\0\0"))
+    await wait_until(lambda: "s" in relay.streams and relay.streams["s"].last_seq == 9)
+    first = await raw_session(relay.url, "subscriber", "member-a")
+    first.send(Subscribe("s", "g", StartPosition.EARLIEST, ()))
+    assert await _chunks_until(first, 9) == list(range(10))
+    first.send(Ack(relay.streams["s"].id, 4))
+    await wait_until(lambda: relay.groups["g"].acked.get("s") == 4, what="the ACK")
+    first.close()
+    await wait_until(lambda: not relay.groups["g"].members, what="the member to leave")
+    GRACE_CLOCK.now += 4.0  # within the grace: the group and its point stay
+    relay.housekeeping.forget_empty_groups(GRACE_CLOCK.now)
+    assert relay.groups["g"].acked == {"s": 4}
+    second = await raw_session(relay.url, "subscriber", "member-b")
+    second.send(Subscribe("s", "g", StartPosition.EARLIEST, ()))
+    assert await _chunks_until(second, 9) == list(range(5, 10))  # after the ACK
+    second.close()
+    await wait_until(lambda: not relay.groups["g"].members, what="the member to leave")
+    GRACE_CLOCK.now += 4.9
+    relay.housekeeping.forget_empty_groups(GRACE_CLOCK.now)
+    assert "g" in relay.groups
+    GRACE_CLOCK.now += 0.2
+    relay.housekeeping.forget_empty_groups(GRACE_CLOCK.now)
+    assert "g" not in relay.groups
     publisher.close()

@@ -61,6 +61,8 @@ EXAMPLES: list[Event] = [
     Hello(Role.PUBLISHER, "rec-1"),
     Hello(Role.SUBSCRIBER, "proc-ü", token="s3cret"),
     Hello(Role.OBSERVER, ""),
+    Hello(Role.PUBLISHER, "rec-2", instance=1),
+    Hello(Role.PUBLISHER, "rec-3", token="t", instance=U64_MAX),
     WELCOME,
     Welcome("", U32_MAX, U32_MAX, 0),
     OpenStream(7, "mic-1", MONO16),
@@ -185,6 +187,23 @@ def test_header_layout_is_as_documented() -> None:
         + b"\x01"
         + b"\x00\x01m"
     )
+
+
+def test_hello_carries_the_publisher_instance_after_the_token_when_flag_bit_0_is_set() -> None:
+    assert encode(Hello(Role.PUBLISHER, "rec", instance=0x0102030405060708)) == (
+        b"AS\x01\x01\x00\x00\x00\x11"
+        + b"\x01\x01"  # role publisher, flags: instance follows
+        + b"\x00\x03rec"
+        + b"\x00\x00"
+        + b"\x01\x02\x03\x04\x05\x06\x07\x08"
+    )
+    # Reserved flag bits are ignored; bit 0 without the 8 bytes is a truncated frame.
+    body = b"\x01\xfe" + u16_str(b"rec") + u16_str(b"")
+    assert decode_all(raw_frame(FrameType.HELLO, body)) == [Hello(Role.PUBLISHER, "rec")]
+    truncated = raw_frame(FrameType.HELLO, b"\x01\x01" + u16_str(b"rec") + u16_str(b"") + b"\x00")
+    assert remote_error(Connection("relay"), truncated).code is ErrorCode.MALFORMED_FRAME
+    with pytest.raises(LocalProtocolError, match="instance"):
+        Hello(Role.PUBLISHER, "rec", instance=2**64)
 
 
 def test_unknown_error_code_from_a_newer_peer_reads_as_internal() -> None:

@@ -77,7 +77,13 @@ formats = st.builds(
 resume_entries = st.lists(st.tuples(names, u64), max_size=6).map(tuple)
 
 events: st.SearchStrategy[Event] = st.one_of(
-    st.builds(Hello, st.sampled_from(Role), optional_names, optional_names),
+    st.builds(
+        Hello,
+        st.sampled_from(Role),
+        optional_names,
+        optional_names,
+        st.integers(0, 2**64 - 1),
+    ),
     st.builds(Welcome, optional_names, st.integers(1, 2**32 - 1), u32, u32),
     st.builds(OpenStream, stream_ids, names, formats),
     st.builds(StreamAccepted, stream_ids, u64),

@@ -584,12 +584,14 @@ async def test_resent_history_longer_than_the_window_is_not_counted_as_loss(rela
 @pytest.mark.parametrize("relay_config", [RelayConfig(port=0, token="s3cret")])
 async def test_token_is_required_when_the_relay_has_one(relay: Relay) -> None:
     from audiosockets.client import fetch_status
-    from audiosockets.errors import Refused
+    from audiosockets.errors import Refused, RelayRefused
 
-    # A refusal retrying cannot change: Refused (the CLI's exit status 1), not a retry.
-    with pytest.raises(Refused, match="bad token") as info:
+    # A refusal retrying cannot change: RelayRefused, a Refused (the CLI's exit status 1).
+    with pytest.raises(RelayRefused, match="bad token") as info:
         await fetch_status(relay.url, token="wrong")
+    assert isinstance(info.value, Refused)
     assert info.value.code is ErrorCode.UNAUTHORIZED
+    assert info.value.exit_code == 1
     assert relay.metrics.registry.get_sample_value("audiosockets_auth_failures_total") == 1
     report = await fetch_status(relay.url, token="s3cret")
     assert report["streams"] == []
@@ -614,7 +616,11 @@ async def test_closing_a_stream_reaches_subscribers_after_its_last_chunk(relay: 
     await pub.close()
     got = await collect(sub, {"mic": 29})
     assert got["mic"] == list(range(30))
+    assert events == []  # the close waits behind the chunks: here, until we ask for more
+    reader = asyncio.create_task(sub.get())
     await wait_until(lambda: events == ["closed mic"], what="CLOSE_STREAM")
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
     assert "mic" not in sub.assigned
     # The stream comes back: declared again, delivered again.
     pub2 = Publisher(relay.url, name="rec", retry=FAST_RETRY)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -158,7 +159,7 @@ async def test_audio_expires_by_age_and_an_abandoned_stream_is_forgotten_with_it
     pub.send(OpenStream(1, "dead", FMT))
     assert isinstance(await pub.next(), StreamAccepted)
     for seq in range(3):
-        pub.send(ChunkData(1, seq, 1, BLOCK))
+        pub.send(ChunkData(1, seq, time.time_ns(), BLOCK))
     await wait_until(lambda: relay.streams["dead"].last_seq == 2, what="3 chunks")
     clock.now += 4.9
     relay.housekeeping.run_once()
@@ -199,7 +200,7 @@ async def test_a_publisher_comes_back_to_a_forgotten_name_as_a_new_stream(
     pub = await Raw.session(relay)
     pub.send(OpenStream(1, "s", FMT))
     assert isinstance(await pub.next(), StreamAccepted)
-    pub.send(ChunkData(1, 0, 1, BLOCK))
+    pub.send(ChunkData(1, 0, time.time_ns(), BLOCK))
     pub.send(CloseStream(1))
     await wait_until(lambda: relay.streams["s"].publisher is None, what="closed")
     clock.now += 2
@@ -234,7 +235,7 @@ async def test_names_count_against_the_publisher_cap_and_a_refusal_keeps_the_ses
     # A name it already declared is no new name: still accepted; the session lives.
     pub.send(OpenStream(2, "name-3", FMT))
     assert isinstance(await pub.next(), StreamAccepted)
-    pub.send(ChunkData(2, 0, 1, BLOCK))
+    pub.send(ChunkData(2, 0, time.time_ns(), BLOCK))
     await wait_until(lambda: relay.streams["name-3"].last_seq == 0, what="chunk")
 
 
@@ -261,9 +262,9 @@ async def test_the_relay_wide_cap_counts_names_and_makes_room_from_empty_abandon
 
 
 async def test_empty_groups_are_deleted_and_a_new_stream_rebalances_only_matching_groups(
-    make_relay: Any, monkeypatch: pytest.MonkeyPatch
+    make_relay: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    relay = await make_relay()
+    relay = await make_relay(stream_grace_seconds=10.0)
     calls: list[str] = []
     original = Group.rebalance
 
@@ -292,7 +293,14 @@ async def test_empty_groups_are_deleted_and_a_new_stream_rebalances_only_matchin
     assert calls == []
     for sub in members:
         sub.close()
-    await wait_until(lambda: not relay.groups, what="every group deleted")
+    await wait_until(
+        lambda: not any(g.members for g in relay.groups.values()), what="every member gone"
+    )
+    calls.clear()
+    clock.now += 10.0  # empty groups keep their ACKs for the grace period, then go
+    relay.housekeeping.run_once()
+    assert not relay.groups
+    assert calls == []  # leaving an empty group rebalances nothing
 
 
 # -- item 8: sessions ---------------------------------------------------------
@@ -458,7 +466,8 @@ def test_every_relay_limit_is_a_config_field_a_flag_and_an_env_var_with_one_defa
 
     import click
 
-    from audiosockets.cli import RELAY_LIMITS, main
+    from audiosockets.cli import main
+    from audiosockets.cli_support import RELAY_LIMITS
 
     fields = {f.name for f in dataclasses.fields(RelayConfig)}
     command = main.commands["relay"]

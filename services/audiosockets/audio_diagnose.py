@@ -33,6 +33,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from .errors import DeviceError
+
 ASOUND_CONF: Final = Path("/etc/asound.conf")
 DEV_SND: Final = Path("/dev/snd")
 
@@ -195,3 +197,45 @@ def diagnose_capture(
     if server is not None:
         return diagnose_sound_server(server)
     return diagnose_alsa(dev_snd)
+
+
+def describe_input_devices() -> list[str]:
+    """Lines for ``audiosockets devices``: one per input device, ``*`` marks the default.
+
+    Raises ``DeviceError`` (one sentence with the cause, when it can be found) on a
+    machine without input devices: a script or a container check can test the
+    exit status.
+    """
+    from .sources import list_input_devices
+
+    devices, default = list_input_devices()
+    if not devices:
+        raise explain_capture_failure(
+            DeviceError(
+                "no audio input devices found: PortAudio sees no sound card or sound server "
+                "(use --source synth:sine or file:PATH to record without one)"
+            )
+        )
+    lines = [f"  {'index':>5}  {'name':<40} {'channels':>8} {'default rate':>12}"]
+    for dev in devices:
+        mark = "*" if dev.get("index") == default else " "
+        rate = f"{float(dev['default_samplerate']):.0f} Hz"
+        lines.append(
+            f"{mark} {dev['index']:>5}  {str(dev['name'])[:40]:<40} "
+            f"{dev['max_input_channels']:>8} {rate:>12}"
+        )
+    return lines
+
+
+def explain_capture_failure(err: DeviceError) -> DeviceError:
+    """``err`` plus the cause found on this machine (audio_diagnose), if one is found.
+
+    Not for a PortAudio library that failed to load (an ``OSError`` cause): that
+    message already says what to install.
+    """
+    if isinstance(err.__cause__, OSError):
+        return err
+    cause = diagnose_capture()
+    if cause is None:
+        return err
+    return DeviceError(f"{err}; cause: {cause}")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -28,45 +26,22 @@ from .cli_support import (
     configure,
     format_status,
     listen_address,
+    loop_option,
+    metrics_port_option,
+    relay_limit_options,
+    relay_option,
     run_async,
+    token_option,
     user_errors,
 )
+from .cli_tools import demo, loadtest
 from .client import StartName
-from .errors import ConfigError
-from .loadtest import ClientName, RateName
 from .metrics_http import MetricsEndpoint
-from .urls import check_url, is_nats_url
+from .urls import check_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
 LogLevel = Literal["debug", "info", "warning", "error"]
-
-
-def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, T]]:
-    return click.option(
-        "--metrics-port",
-        type=click.IntRange(0, 65535),
-        default=default,
-        help="Serve Prometheus metrics on this port (0 disables).",
-    )
-
-
-def relay_option(
-    help: str, default: str = "tcp://127.0.0.1:7400"
-) -> Callable[[Callable[P, T]], Callable[P, T]]:
-    return click.option("--relay", "relay_url", default=default, help=help)
-
-
-token_option = click.option(
-    "--token", default=None, help="Shared secret, if the relay requires one."
-)
-loop_option = click.option(
-    "--loop",
-    "loop_name",
-    type=choice(LoopName),
-    default="auto",
-    help="Event loop implementation.",
-)
 
 
 @click.group(context_settings={"auto_envvar_prefix": "AUDIOSOCKETS", "show_default": True})
@@ -87,32 +62,7 @@ def main(log_level: LogLevel) -> None:
     configure_logging(getattr(logging, log_level.upper()))
 
 
-# --- relay, status, loadtest (lead) -----------------------------------------
-
-#: The relay's limits against runaway and hostile clients (README, "Limits"):
-#: flag, type, default, help; each becomes the ``RelayConfig`` field of its name.
-RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
-    ("--max-streams", click.IntRange(1), 1024, "Stream names held at once."),
-    ("--max-streams-per-publisher", click.IntRange(1), 64, "Names one publisher may declare."),
-    ("--stream-grace-seconds", click.FloatRange(0), 60.0, "Keep an abandoned empty stream."),
-    ("--max-sessions", click.IntRange(1), 1024, "Connections at once (below the fd limit)."),
-    ("--max-sessions-per-address", click.IntRange(1), 256, "Connections from one address."),
-    ("--idle-timeout", click.FloatRange(0, min_open=True), 60.0, "Close sessions holding nothing."),
-    ("--max-write-buffer-bytes", click.IntRange(1), 4 << 20, "Replies queued to a non-reader."),
-    ("--status-interval", click.FloatRange(0), 1.0, "Least seconds between STATUS replies."),
-    (
-        "--max-inflight-seconds",
-        click.FloatRange(0, min_open=True),
-        1.0,
-        "Audio written to a subscriber, not yet acknowledged.",
-    ),
-]
-
-
-def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
-    for flag, kind, default, help in reversed(RELAY_LIMITS):
-        func = click.option(flag, type=kind, default=default, show_default=True, help=help)(func)
-    return func
+# --- relay, status (lead) -----------------------------------------
 
 
 @main.command()
@@ -143,42 +93,10 @@ def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
     help="Largest frame accepted.",
 )
 @click.option(
-    "--max-window-memory",
-    type=click.IntRange(1 << 20),
-    default=256 << 20,
-    help="Bytes all replay windows may hold together; beyond it the oldest audio of the "
-    "largest window goes first (counted window_memory_exceeded).",
-)
-@click.option(
-    "--max-input-bytes",
-    type=click.IntRange(64),
-    default=16 << 20,
-    help="Bytes all connections may hold of frames not yet complete; beyond it the "
-    "connection holding the most is cut.",
-)
-@click.option(
-    "--frame-timeout",
-    type=click.FloatRange(0, min_open=True),
-    default=10.0,
-    help="Seconds a frame may take from its first byte to its last.",
-)
-@click.option(
     "--max-chunk-seconds",
     type=click.FloatRange(0, min_open=True),
     default=2.0,
     help="Audio one CHUNK may carry, in seconds of its stream's format.",
-)
-@click.option(
-    "--max-capture-ahead",
-    type=click.FloatRange(0, min_open=True),
-    default=300.0,
-    help="Seconds a chunk's capture time may be ahead of the relay's clock.",
-)
-@click.option(
-    "--max-capture-age",
-    type=click.FloatRange(0, min_open=True),
-    default=3650 * 86400.0,
-    help="Seconds a chunk's capture time may be behind the relay's clock.",
 )
 @click.option(
     "--token",
@@ -198,12 +116,7 @@ def relay(
     queue_seconds: float,
     heartbeat_seconds: float,
     max_frame_bytes: int,
-    max_window_memory: int,
-    max_input_bytes: int,
-    frame_timeout: float,
     max_chunk_seconds: float,
-    max_capture_ahead: float,
-    max_capture_age: float,
     token: str | None,
     token_file: Path | None,
     credentials: Path | None,
@@ -231,11 +144,6 @@ def relay(
         limits=configure(
             Limits, max_frame_size=max_frame_bytes, max_chunk_seconds=max_chunk_seconds
         ),
-        max_window_memory=max_window_memory,
-        max_input_bytes=max_input_bytes,
-        frame_timeout=frame_timeout,
-        max_capture_ahead=max_capture_ahead,
-        max_capture_age=max_capture_age,
         token=security.read_token(token, token_file),
         credentials=credentials,
         tls=security.relay_tls(listen, tls_cert, tls_key, tls_client_ca),
@@ -301,131 +209,6 @@ def status(
         return
     # Names in the report came from the network: control characters escaped.
     click.echo(format_status(escape_all(report)))
-
-
-@main.command()
-@click.option(
-    "--streams", type=click.IntRange(1), default=10, help="Synthetic publishers, one stream each."
-)
-@click.option(
-    "--subscribers", type=click.IntRange(1), default=2, help="Subscribers (all streams each)."
-)
-@click.option(
-    "--group", default="", help="Put the subscribers in this group (each stream to one member)."
-)
-@click.option(
-    "--duration",
-    type=click.FloatRange(0, min_open=True),
-    default=10.0,
-    help="Seconds of publishing.",
-)
-@click.option(
-    "--rate",
-    type=choice(RateName),
-    default="realtime",
-    help="realtime: one chunk per chunk duration; max: as fast as the relay takes them.",
-)
-@relay_option("Use this relay instead of starting one.", default="")
-@click.option(
-    "--sample-rate", type=click.IntRange(1), default=16000, help="Synthetic stream sample rate."
-)
-@click.option(
-    "--chunk-ms", type=click.FloatRange(0, min_open=True), default=20.0, help="Chunk duration."
-)
-@click.option(
-    "--subscriber-processes",
-    type=click.IntRange(1),
-    default=1,
-    help="Spread the subscribers over this many processes.",
-)
-@click.option(
-    "--client",
-    type=choice(ClientName),
-    default="library",
-    help="library: subscribers are audiosockets Subscribers (what processors use); "
-    "raw: header-only readers, to measure the relay's own ceiling.",
-)
-@click.option(
-    "--max-loss",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Fail (exit 7) when the lost fraction exceeds this.",
-)
-@click.option(
-    "--max-p99-ms",
-    type=click.FloatRange(0),
-    default=None,
-    help="Fail (exit 7) when p99 latency exceeds this many ms.",
-)
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    envvar="AUDIOSOCKETS_LOADTEST_JSON",
-    help="Print one JSON object on stdout.",
-)
-@token_option
-@security.token_file_option
-@security.client_tls_options
-@user_errors
-def loadtest(
-    streams: int,
-    subscribers: int,
-    group: str,
-    duration: float,
-    rate: RateName,
-    relay_url: str,
-    sample_rate: int,
-    chunk_ms: float,
-    subscriber_processes: int,
-    client: ClientName,
-    max_loss: float | None,
-    max_p99_ms: float | None,
-    as_json: bool,
-    token: str | None,
-    token_file: Path | None,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-) -> None:
-    """Drive synthetic publishers and subscribers; report loss and latency."""
-    from .loadtest import LoadTestConfig, check_gates, format_report, run_loadtest
-
-    secret = security.loadtest_security(relay_url, token, token_file, tls_ca, tls_cert, tls_key)
-    if relay_url:
-        check_url(relay_url)
-        if client == "raw" and is_nats_url(relay_url):
-            raise ConfigError(
-                "--client raw reads the relay protocol; use --client library for NATS"
-            )
-    cfg = configure(
-        LoadTestConfig,
-        streams=streams,
-        subscribers=subscribers,
-        group=group,
-        duration=duration,
-        rate=rate,
-        relay_url=relay_url,
-        sample_rate=sample_rate,
-        chunk_ms=chunk_ms,
-        subscriber_processes=subscriber_processes,
-        client=client,
-        token=secret,
-        tls_ca=tls_ca,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-    )
-    show = sys.stderr.isatty()
-
-    def progress(line: str) -> None:
-        if show:
-            click.echo(f"\r{line}", nl=False, err=True)
-
-    report = run_loadtest(cfg, progress=progress)
-    if show:
-        click.echo("", err=True)
-    click.echo(report.to_json() if as_json else format_report(report))
-    check_gates(report, max_loss, max_p99_ms)
 
 
 # --- record, devices (recorder) ---------------------------------------------
@@ -525,13 +308,13 @@ def record(
 @user_errors
 def devices() -> None:
     """List the audio input devices PortAudio sees; * marks the default."""
-    from .recorder import describe_input_devices
+    from .audio_diagnose import describe_input_devices
 
     for line in describe_input_devices():
         click.echo(line)
 
 
-# --- process, demo (processor) ----------------------------------------------
+# --- process (processor) ----------------------------------------------
 
 
 @main.command()
@@ -645,33 +428,10 @@ def process(
     run_async(serve(config), loop_name)  # checks the handler once, before connecting
 
 
-@main.command()
-@click.option(
-    "--listen",
-    default="tcp://127.0.0.1:7400",
-    help="Where the demo's relay listens (port 0: any free port).",
-)
-@click.option(
-    "--streams",
-    type=click.IntRange(1, 16),
-    default=2,
-    help="Synthetic streams: speech-like, 440 Hz sine, noise, silence, in turn.",
-)
-@click.option(
-    "--seconds",
-    type=click.FloatRange(0),
-    default=0.0,
-    help="Stop after this many seconds (0: run until Ctrl-C).",
-)
-@loop_option
-@user_errors
-def demo(listen: str, streams: int, seconds: float, loop_name: LoopName) -> None:
-    """Relay, synthetic recorders and the level and vad processors, with a live table."""
-    from .demo import DemoConfig, run_demo
+# --- loadtest, demo: cli_tools.py ------------------------------------------------
 
-    host, port = listen_address(listen)
-    config = configure(DemoConfig, host=host, port=port, streams=streams, seconds=seconds)
-    run_async(run_demo(config), loop_name)
+main.add_command(loadtest)
+main.add_command(demo)
 
 
 main.add_command(security.certs)  # audiosockets certs init/issue

@@ -137,3 +137,93 @@ def format_status(report: dict[str, Any]) -> str:
         "drops: " + (", ".join(f"{k}={int(v)}" for k, v in sorted(drops.items())) or "none")
     )
     return "\n".join(lines)
+
+
+#: The relay's limits against runaway and hostile clients (README, "Limits"):
+#: flag, type, default, help; each becomes the ``RelayConfig`` field of its name.
+RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
+    (
+        "--max-window-memory",
+        click.IntRange(1 << 20),
+        256 << 20,
+        "Bytes all replay windows may hold together; beyond it the oldest audio of the "
+        "largest window goes first (counted window_memory_exceeded).",
+    ),
+    (
+        "--max-input-bytes",
+        click.IntRange(64),
+        8 << 20,
+        "Bytes all connections may hold of frames not yet complete; beyond it the "
+        "connection holding the most is cut.",
+    ),
+    (
+        "--frame-timeout",
+        click.FloatRange(0, min_open=True),
+        10.0,
+        "Seconds a frame may take from its first byte to its last.",
+    ),
+    (
+        "--max-capture-ahead",
+        click.FloatRange(0, min_open=True),
+        300.0,
+        "Seconds a chunk's capture time may be ahead of the relay's clock.",
+    ),
+    (
+        "--max-capture-age",
+        click.FloatRange(0, min_open=True),
+        3650 * 86400.0,
+        "Seconds a chunk's capture time may be behind the relay's clock.",
+    ),
+    ("--max-streams", click.IntRange(1), 1024, "Stream names held at once."),
+    ("--max-streams-per-publisher", click.IntRange(1), 64, "Names one publisher may declare."),
+    ("--stream-grace-seconds", click.FloatRange(0), 60.0, "Keep an abandoned empty stream."),
+    ("--max-sessions", click.IntRange(1), 1024, "Connections at once (below the fd limit)."),
+    ("--max-sessions-per-address", click.IntRange(1), 256, "Connections from one address."),
+    ("--idle-timeout", click.FloatRange(0, min_open=True), 60.0, "Close sessions holding nothing."),
+    ("--max-write-buffer-bytes", click.IntRange(1), 4 << 20, "Replies queued to a non-reader."),
+    ("--status-interval", click.FloatRange(0), 1.0, "Least seconds between STATUS replies."),
+    (
+        "--max-inflight-seconds",
+        click.FloatRange(0, min_open=True),
+        1.0,
+        "Audio written to a subscriber, not yet acknowledged.",
+    ),
+]
+
+
+def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
+    for flag, kind, default, help in reversed(RELAY_LIMITS):
+        func = click.option(flag, type=kind, default=default, show_default=True, help=help)(func)
+    return func
+
+
+# --- options shared by several commands --------------------------------------
+
+
+def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """``--metrics-port`` with the service's own default port."""
+    return click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        default=default,
+        help="Serve Prometheus metrics on this port (0 disables).",
+    )
+
+
+def relay_option(
+    help: str, default: str = "tcp://127.0.0.1:7400"
+) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """``--relay URL`` (stored as ``relay_url``): ``tcp://``, ``tls://`` or ``nats://``."""
+    return click.option("--relay", "relay_url", default=default, help=help)
+
+
+token_option = click.option(
+    "--token", default=None, help="Shared secret, if the relay requires one."
+)
+loop_option = click.option(
+    "--loop",
+    "loop_name",
+    type=choice(LoopName),
+    default="auto",
+    help="Event loop implementation.",
+)

@@ -28,6 +28,7 @@ class ErrorCode(IntEnum):
     SHUTTING_DOWN = 12
     INTERNAL = 13
     OVERLOADED = 14  # a session cap was reached at accept; retry later
+    STREAM_IN_USE = 15  # a stream another publisher instance holds
 
 
 class AudiosocketsError(Exception):
@@ -74,22 +75,49 @@ class ConnectionClosed(AudiosocketsError):
         self.code = code
 
 
-class RelayUnreachable(AudiosocketsError):
-    """The relay could not be reached (refused, timed out, name not resolved)."""
-
-    exit_code = 3
-
-
 class Refused(AudiosocketsError):
     """The server refused what we asked for (token, role, stream, group, certificate,
     NATS credentials and permissions): a retry cannot help, the client ends with
-    this sentence. ``code``: the relay's ERROR code (UNAUTHORIZED unless it said)."""
+    this sentence. ``code``: the relay's ERROR code (UNAUTHORIZED unless it said).
+    Our relay's refusals are the subclass ``RelayRefused``."""
 
     exit_code = 1
 
     def __init__(self, message: str, code: ErrorCode = ErrorCode.UNAUTHORIZED) -> None:
         super().__init__(message)
         self.code = code
+
+
+class RelayRefused(Refused):
+    """The relay refused the session or a stream, and retrying cannot change that.
+
+    ``exit_code`` is 2 when what we send is the problem (a name too long, a chunk
+    larger than the relay's frame limit, a format it rejects), else 1 (a wrong
+    token, a role, stream or group not allowed, a certificate refused, a stream
+    another publisher holds).
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.UNAUTHORIZED) -> None:
+        super().__init__(message, code)
+        self.exit_code = 2 if code in CONFIGURATION_REFUSALS else 1
+
+
+#: Refusals caused by what the client is configured to send: exit 2.
+CONFIGURATION_REFUSALS = frozenset(
+    {ErrorCode.NAME_TOO_LONG, ErrorCode.FRAME_TOO_LARGE, ErrorCode.BAD_FORMAT}
+)
+#: Codes in an ERROR/GOODBYE from the relay that no retry can change: the client ends.
+FATAL_REFUSALS = CONFIGURATION_REFUSALS | {
+    ErrorCode.UNAUTHORIZED,
+    ErrorCode.STREAM_IN_USE,
+    ErrorCode.UNSUPPORTED_VERSION,
+}
+
+
+class RelayUnreachable(AudiosocketsError):
+    """The relay could not be reached (refused, timed out, name not resolved)."""
+
+    exit_code = 3
 
 
 class AddressInUse(AudiosocketsError):

@@ -196,6 +196,8 @@ def serve_http(
     ``/healthz`` and ``/readyz`` on ``addr:port`` (``metrics_http``: bounded
     threads, idle timeout, any address family, HTTPS with ``tls``).
 
+    ``family`` is ``addr``'s address family (``AF_INET6`` for an IPv6 address;
+    ``::`` then accepts IPv4 clients too where the OS allows dual-stack).
     Returns the bound port (``port=0`` picks one). Raises ``OSError`` when the
     address cannot be resolved or bound.
     """

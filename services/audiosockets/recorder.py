@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
+import math
 import signal
 import ssl
 import time
@@ -42,15 +42,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from .audio import AudioFormat, DTypeName, SampleType
+from .audio_diagnose import explain_capture_failure
 from .client.interfaces import SpoolingStream
 from .errors import ConfigError, DeviceError, Refused
+from .filenames import stream_stem
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
-from .names import check_name
 from .protocol import CHUNK_HEAD, Limits
 from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
-from .urls import parse_url, redact
+from .urls import check_url, redact
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -114,11 +115,27 @@ class RecorderConfig:
             return self.spool_seconds
         return min(self.spool_seconds, self.memory_seconds)
 
+    @property
+    def client_name(self) -> str:
+        """The name the relay shows for this recorder (``--name``, else ``recorder-STREAM``)."""
+        return self.name or f"recorder-{self.stream}"
+
     def validate(self) -> None:
-        parse_url(self.relay)
-        check_name("--stream", self.stream)
-        check_name("--name", self.name, optional=True)
-        check_name("--token", self.token, optional=True)
+        """Every value checked before anything is opened or sent (``ConfigError``)."""
+        if not self.stream:
+            raise ConfigError("--stream must not be empty")
+        check_url(self.relay)
+        from .client import check_wire_names
+
+        check_wire_names(
+            {
+                "--stream": self.stream,
+                "--name" if self.name else "the client name (shorten --stream or set --name)": (
+                    self.client_name
+                ),
+                "--token": self.token or "",
+            }
+        )
         if not self.spool_seconds > 0:
             raise ConfigError(f"--spool-seconds must be positive, got {self.spool_seconds:g}")
         self.format  # noqa: B018 - validates rate/channels/dtype
@@ -184,7 +201,7 @@ def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
 
     publisher: PublisherLike = connect_publisher(
         config.relay,
-        name=config.name or f"recorder-{config.stream}",
+        name=config.client_name,
         history_seconds=config.history_seconds,
         metrics=metrics,
         token=config.token or "",
@@ -286,27 +303,27 @@ class Recorder:
         self._stopping.set()
 
     async def serve_forever(self) -> None:
-        """Return when stopped or when a finite source has ended; raises a capture
-        failure, or ``Refused`` when the relay refused this recorder for good
-        (its token, role, stream or certificate: retrying would not help)."""
+        """Return when stopped or when a finite source has ended.
+
+        Raises what ended the capture, or the publisher's failure: a refusal of the
+        relay that no retry can change (``RelayRefused``: its token, role, stream or
+        certificate, a stream another publisher holds; a chunk too large for the
+        relay's frame limit becomes a ``ConfigError`` naming the block length that fits).
+        """
         assert self._capture is not None, "start() first"
-        stop = asyncio.create_task(self._stopping.wait())
-        # The relay binding's Publisher says when it was refused for good.
-        wait_refused = getattr(self.publisher, "wait_refused", None)
-        waiting: set[asyncio.Future[Any]] = {self._capture, stop}
-        refused = asyncio.ensure_future(wait_refused()) if wait_refused is not None else None
-        if refused is not None:
-            waiting.add(refused)
+        failed: asyncio.Event | None = getattr(self.publisher, "failed", None)  # a refusal
+        events = (self._stopping, failed)
+        waiters = {asyncio.create_task(e.wait()) for e in events if e is not None}
         try:
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({self._capture, *waiters}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stop.cancel()
-            if refused is not None:
-                refused.cancel()
-        if refused is not None and refused.done() and not refused.cancelled():
-            raise refused.result()
+            for waiter in waiters:
+                waiter.cancel()
         if self._capture.done() and not self._capture.cancelled():
             self._capture.result()  # re-raise a capture failure
+        failure = getattr(self.publisher, "failure", None)
+        if failure is not None:
+            raise in_recorder_terms(failure, self.config)
 
     async def stop(self) -> bool:
         """Stop capturing, flush within ``flush_timeout``, close. True if all was taken.
@@ -346,10 +363,13 @@ class Recorder:
             )
         else:
             kept = f"; {self.disk.seconds:.1f} s stay on disk" if self.disk else ""
+            refused = getattr(self.publisher, "failure", None) is not None
             log.warning(
-                "recorder stopped: %d chunks captured, the relay did not take all within %g s%s",
+                "recorder stopped: %d chunks captured, the relay did not take all%s%s",
                 self.blocks_captured,
-                self.config.flush_timeout,
+                " (it refused the session)"
+                if refused
+                else f" within {self.config.flush_timeout:g} s",
                 kept,
             )
         self._closed = flushed
@@ -454,18 +474,15 @@ class Recorder:
             await self.publisher.flush(timeout=None)
 
     def _account_source_counters(self) -> None:
-        name = self.config.stream
-        overflows, dropped = self.source.overflows, self.source.dropped
-        if overflows != self._seen_overflows:
-            delta = overflows - self._seen_overflows
+        """Count the source's new overflows and capture-queue drops (the source
+        keeps running totals; the audio callback cannot touch metrics)."""
+        name, source = self.config.stream, self.source
+        if delta := source.overflows - self._seen_overflows:
             self.recorder_metrics.input_overflows.labels(name).inc(delta)
             self.metrics.chunks_dropped.labels(name, "input_overflow").inc(delta)
-            self._seen_overflows = overflows
-        if dropped != self._seen_dropped:
-            self.metrics.chunks_dropped.labels(name, "capture_queue_full").inc(
-                dropped - self._seen_dropped
-            )
-            self._seen_dropped = dropped
+        if dropped := source.dropped - self._seen_dropped:
+            self.metrics.chunks_dropped.labels(name, "capture_queue_full").inc(dropped)
+        self._seen_overflows, self._seen_dropped = source.overflows, source.dropped
 
     async def _reopen(self) -> None:
         await self.source.close()
@@ -541,50 +558,30 @@ async def record(
     return await recorder.run()
 
 
-def describe_input_devices() -> list[str]:
-    """Lines for ``audiosockets devices``: one per input device, ``*`` marks the default.
-
-    Raises ``DeviceError`` (one sentence with the cause, when it can be found) on a
-    machine without input devices: a script or a container check can test the
-    exit status.
-    """
-    from .sources import list_input_devices
-
-    devices, default = list_input_devices()
-    if not devices:
-        raise explain_capture_failure(
-            DeviceError(
-                "no audio input devices found: PortAudio sees no sound card or sound server "
-                "(use --source synth:sine or file:PATH to record without one)"
-            )
-        )
-    lines = [f"  {'index':>5}  {'name':<40} {'channels':>8} {'default rate':>12}"]
-    for dev in devices:
-        mark = "*" if dev.get("index") == default else " "
-        rate = f"{float(dev['default_samplerate']):.0f} Hz"
-        lines.append(
-            f"{mark} {dev['index']:>5}  {str(dev['name'])[:40]:<40} "
-            f"{dev['max_input_channels']:>8} {rate:>12}"
-        )
-    return lines
-
-
-def explain_capture_failure(err: DeviceError) -> DeviceError:
-    """``err`` plus the cause found on this machine (audio_diagnose), if one is found.
-
-    Not for a PortAudio library that failed to load (an ``OSError`` cause): that
-    message already says what to install.
-    """
-    from .audio_diagnose import diagnose_capture
-
-    if isinstance(err.__cause__, OSError):
-        return err
-    cause = diagnose_capture()
-    if cause is None:
-        return err
-    return DeviceError(f"{err}; cause: {cause}")
+def in_recorder_terms(failure: BaseException, config: RecorderConfig) -> BaseException:
+    """The publisher's failure as the recorder's user can act on it: a chunk over the
+    relay's frame limit (``fits_frames``) becomes a ``ConfigError`` naming the
+    ``--block-ms`` that fits (rounded down to 0.1 ms); anything else is unchanged."""
+    fits = getattr(failure, "fits_frames", None)
+    if not isinstance(fits, int):
+        return failure
+    fmt = config.format
+    limit = getattr(failure, "max_payload", 0)
+    block_ms = math.floor(fits * 1000 / fmt.rate * 10) / 10
+    if block_ms > 0 and block_frames_for(fmt.rate, block_ms) > fits:
+        block_ms -= 0.1  # rounding to 0.1 ms went over
+    if block_ms < 1:
+        advice = "a block of even 1 ms does not fit: raise the relay's --max-frame-bytes"
+    else:
+        advice = f"use --block-ms {block_ms:g} or less, or raise the relay's --max-frame-bytes"
+    return ConfigError(
+        f"the relay takes at most {limit} bytes of audio per chunk ({fits} frames of "
+        f"{fmt}), but a {config.block_ms:g} ms block is "
+        f"{config.block_frames * fmt.frame_bytes} bytes; {advice}"
+    )
 
 
 def _safe_name(stream: str) -> str:
-    """A stream name as one directory name."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stream).lstrip(".") or "stream"
+    """A stream name as one directory name: ``filenames.stream_stem``, so two streams
+    (``mic 1``, ``mic_1``) never share a spool."""
+    return stream_stem(stream)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,7 @@ class Evidence:
     fanout_segments: list[Segment] = field(default_factory=list)
     group_segments: list[Segment] = field(default_factory=list)
     exit_codes: dict[str, int] = field(default_factory=dict)
+    lockdown: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def owners(replicas: list[str], streams: tuple[str, ...] | list[str]) -> dict[str, list[int]]:
@@ -95,6 +97,42 @@ def owners(replicas: list[str], streams: tuple[str, ...] | list[str]) -> dict[st
 
 def stream_table(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in status["streams"]}
+
+
+def lockdown_of(container: str) -> dict[str, Any]:
+    """How the engine runs a container, and what a write to its root and /tmp does."""
+    info = inspect(container)
+    host = info["HostConfig"]
+    probe = subprocess.run(
+        ["docker", "exec", container, "python", "-c", WRITE_PROBE],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    return {
+        "read_only": host["ReadonlyRootfs"],
+        "cap_drop": host["CapDrop"],
+        "cap_add": host["CapAdd"],
+        "privileged": host["Privileged"],
+        "security_opt": host["SecurityOpt"],
+        "uid": probe.stdout.split()[0] if probe.returncode == 0 else probe.stderr,
+        "writes": probe.stdout.split()[1:],
+        "effective_caps": probe.stdout.split()[-1] if probe.returncode == 0 else "",
+    }
+
+
+# Run inside each container: its uid, then whether / and /tmp take a file, then
+# the effective capability set (CapEff from /proc).
+WRITE_PROBE = """
+import os, tempfile
+print(os.getuid(), end=" ")
+for d in ("/", "/tmp"):
+    try:
+        tempfile.TemporaryFile(dir=d).close()
+        print(d + ":written", end=" ")
+    except OSError as e:
+        print(d + ":" + (os.strerror(e.errno) if e.errno else str(e)).replace(" ", "_"), end=" ")
+caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")]
+print(caps[0])
+"""
 
 
 def run_scenario(compose: Compose, ev: Evidence) -> None:
@@ -127,6 +165,11 @@ def run_scenario(compose: Compose, ev: Evidence) -> None:
         )
 
     must(lambda: streams_flowing(100), 60, "three streams flowing and assigned", compose)
+    ev.lockdown = {
+        f"{name}/{container[:12]}": lockdown_of(container)
+        for name in ("relay", "fanout", GROUP_SERVICE, *RECORDERS)
+        for container in compose.containers(name)
+    }
     must(
         lambda: all(owners(replicas, STREAMS).values()),
         30,
@@ -294,3 +337,19 @@ def test_group_archive_holds_every_seq_across_the_handover(e2e: Evidence) -> Non
             f"{s}: {len(missing)} seq(s) missing, first {missing[:5]}; segments: "
             + json.dumps([seg.__dict__ for seg in e2e.group_segments if seg.stream == s])
         )
+
+
+def test_every_container_ran_locked_down(e2e: Evidence) -> None:
+    # compose.yaml's lockdown as the engine applied it, and what it does: the
+    # root filesystem refuses a file, /tmp (tmpfs) takes one, no capability
+    # is in effect, and nobody is root.
+    assert len(e2e.lockdown) == 1 + 1 + REPLICAS + len(RECORDERS)
+    for container, seen in e2e.lockdown.items():
+        assert seen["read_only"] is True, container
+        assert seen["cap_drop"] == ["ALL"], container
+        assert not seen["cap_add"], container
+        assert seen["privileged"] is False, container
+        assert "no-new-privileges:true" in seen["security_opt"], container
+        assert seen["uid"] == "10001", (container, seen)
+        assert seen["writes"][:2] == ["/:Read-only_file_system", "/tmp:written"], (container, seen)
+        assert int(seen["effective_caps"], 16) == 0, (container, seen)

@@ -92,6 +92,7 @@ async def test_half_sent_frames_end_and_the_relay_keeps_its_memory() -> None:
                 *(_half_send(relay.url, i, body) for i in range(SESSIONS))
             )
         text = relay.scrape()
+        healthy_reconnects = relay.log_text().count("publisher 'healthy-pub' connected") - 1
         await wait_for(
             lambda: relay.sample("audiosockets_connected_clients", role="publisher") == 1,
             timeout=60,
@@ -102,6 +103,7 @@ async def test_half_sent_frames_end_and_the_relay_keeps_its_memory() -> None:
         assert relay.alive()
     timed_out = relay.sample("audiosockets_protocol_errors_total", text, reason="frame_timeout")
     cut = relay.sample("audiosockets_protocol_errors_total", text, reason="input_budget")
+    assert healthy_reconnects == 0, "the healthy publisher was cut"
     assert timed_out + cut == SESSIONS, (timed_out, cut)
     assert timed_out > 0
     assert cut > 0

@@ -125,15 +125,15 @@ async def test_windows_together_stay_within_max_window_memory() -> None:
         stalled = await raw_session(relay.url, "subscriber", "stalled")
         stalled.send(Subscribe("big-*", "", StartPosition.LIVE, ()))
 
-        async def publish(i: int) -> None:
+        async def publish(i: int) -> RawSession:
             session = await raw_session(relay.url, "publisher", f"big-{i}")
             session.send(OpenStream(1, f"big-{i}", STEREO48))
             for seq in range(chunks):
                 session.writer.write(encode_chunk(1, seq, time.time_ns(), pcm))
                 await session.writer.drain()
-            session.close()
+            return session  # open until the relay has it all: an abort would drop the tail
 
-        await asyncio.gather(*(publish(i) for i in range(streams)))
+        publishers = await asyncio.gather(*(publish(i) for i in range(streams)))
         await wait_for(
             lambda: (
                 sum(relay.sample("audiosockets_chunks_received_total", stream=s) for s in names)
@@ -142,6 +142,8 @@ async def test_windows_together_stay_within_max_window_memory() -> None:
             timeout=120,
             what="the relay to take every big chunk",
         )
+        for publisher in publishers:
+            publisher.close()
         held = relay.sample("audiosockets_window_memory_bytes")
         grown = relay.rss_bytes() - rss0
         # Now the stalled subscriber reads: what it gets plus what the relay

@@ -137,14 +137,14 @@ def run_attack(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def poll(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
-    """Wait for ``predicate`` (which scrapes the relay) twice a second: a
+    """Wait for ``predicate`` (which scrapes the relay) once a second: a
     scrape renders every series while holding the relay's GIL, so polling
     it faster would be an attack of its own (Prometheus scrapes every 15 s)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(1.0)
 
 
 def metric_lines(text: str, needle: str) -> list[str]:
@@ -352,29 +352,15 @@ def test_case7_replies_nobody_reads_cost_the_others_nothing() -> None:
 # -- case 8: connections and descriptors ---------------------------------------------
 
 
-async def _hold_observers(
-    relay: RelayProcess, counts: dict[str, int]
-) -> tuple[list[Client], dict[str, int]]:
-    held: list[Client] = []
-    refusals: dict[str, int] = {}
-    for source, n in counts.items():
-        for i in range(n):
-            answer = await connect(relay, Role.OBSERVER, f"obs-{source}-{i}", source=source)
-            if isinstance(answer, Client):
-                held.append(answer)
-            else:
-                assert answer.code is ErrorCode.OVERLOADED, answer
-                refusals[source] = refusals.get(source, 0) + 1
-    return held, refusals
-
-
 async def _case8(
     relay: RelayProcess, counts: dict[str, int], idle: float
 ) -> tuple[int, dict[str, int], int]:
-    held, refusals = await _hold_observers(relay, counts)
+    """Open ``counts`` observer sessions per source address, each kept alive
+    with a PING every 0.5 s from the moment it is admitted; returns (admitted,
+    refusals by address, sessions the relay ended)."""
 
     async def keep_alive(client: Client) -> bool:
-        """PING every 0.5 s until the relay ends the session; True if it said GOODBYE."""
+        """PING every 0.5 s until the relay ends the session; True if it did."""
         ended = asyncio.create_task(client.next(timeout=idle * 10))
         while not ended.done():
             with contextlib.suppress(Exception):
@@ -382,20 +368,34 @@ async def _case8(
             await asyncio.wait([ended], timeout=0.5)
         event = ended.result()
         client.close()
-        return isinstance(event, Goodbye) and event.code is ErrorCode.NORMAL
+        # GOODBYE NORMAL, or the end of the connection: a PING of ours that
+        # crossed the relay's close makes its kernel reset the connection,
+        # and a reset discards the GOODBYE we had not read yet.
+        return event is None or (isinstance(event, Goodbye) and event.code is ErrorCode.NORMAL)
 
-    told = await asyncio.gather(*(keep_alive(c) for c in held))
+    held: list[asyncio.Task[bool]] = []
+    refusals: dict[str, int] = {}
+    for source, n in counts.items():
+        for i in range(n):
+            answer = await connect(relay, Role.OBSERVER, f"obs-{source}-{i}", source=source)
+            if isinstance(answer, Client):
+                held.append(asyncio.create_task(keep_alive(answer)))
+            else:
+                assert answer.code is ErrorCode.OVERLOADED, answer
+                refusals[source] = refusals.get(source, 0) + 1
+    told = await asyncio.gather(*held)
     return len(held), refusals, sum(told)
 
 
 def test_case8_session_caps_keep_room_for_healthy_clients_and_idle_ones_go() -> None:
-    idle = 3.0
+    idle = 10.0  # longer than it takes to open the sessions on a loaded machine
     if FULL:
+        idle = 30.0  # longer than it takes to open 1100 sessions
         from audiosockets.relay.admission import raise_nofile
 
         raise_nofile()  # this process holds 1100 sockets
         caps = {"max_sessions": 1024, "max_sessions_per_address": 256}
-        counts = {"127.0.0.2": 400, "127.0.0.3": 400, "127.0.0.4": 300}
+        counts = {"127.0.0.2": 300, "127.0.0.3": 300, "127.0.0.4": 300, "127.0.0.5": 200}
     else:
         caps = {"max_sessions": 200, "max_sessions_per_address": 80}
         counts = {"127.0.0.2": 100, "127.0.0.3": 100, "127.0.0.4": 100}
@@ -421,9 +421,12 @@ def test_case8_session_caps_keep_room_for_healthy_clients_and_idle_ones_go() -> 
                 total += 1
                 from_address += 1
                 admitted += 1
-    assert expect_address_full > 0
-    assert expect_relay_full > 0
-    print(f"case 8: admitted {held}, refused {refusals}, idle-closed {told}")
+    if not FULL:  # the reduced case is sized to hit both caps
+        assert expect_address_full > 0
+        assert expect_relay_full > 0
+    print(f"case 8: admitted {held}, refused {refusals}, ended {told}")
+    print("\n".join(metric_lines(text, "_cut_total") + metric_lines(text, "protocol_errors_total")))
+    print("heartbeat timeouts in the log:", log.count("HEARTBEAT") + log.count("no data from"))
     assert held == admitted
     assert sum(refusals.values()) == expect_address_full + expect_relay_full
     assert relay.sample("audiosockets_sessions_refused_total", text, reason="address_full") == (

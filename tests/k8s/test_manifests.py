@@ -319,6 +319,9 @@ def test_every_audiosockets_variable_is_a_flag_of_its_command(overlay: list[Doc]
     for workload, container in containers(overlay):
         command = command_of(container)
         known = env_names_of(command) | {GLOBAL_ENV}
+        if command == "relay":
+            # `kubectl exec deploy/relay -- audiosockets status` (overlays/secure).
+            known |= env_names_of("status")
         names = {v["name"] for v in container.get("env", [])}
         unknown = {n for n in names if n.startswith("AUDIOSOCKETS_")} - known
         assert not unknown, f"{ident(workload)}: {command} has no flag for {sorted(unknown)}"
@@ -627,20 +630,83 @@ def test_no_container_runs_as_root(overlay: list[Doc]) -> None:
         assert effective(workload, container, "runAsGroup") != 0, where
 
 
+def lockdown_problems(workload: Doc, container: Doc) -> list[str]:
+    """What one container lacks of the lockdown every workload has (empty: nothing)."""
+    problems = []
+    context = container.get("securityContext", {})
+    if context.get("readOnlyRootFilesystem") is not True:
+        problems.append("readOnlyRootFilesystem is not true")
+    if context.get("capabilities", {}).get("drop") != ["ALL"]:
+        problems.append("capabilities.drop is not [ALL]")
+    if context.get("capabilities", {}).get("add"):
+        problems.append("adds capabilities")
+    if effective(workload, container, "runAsNonRoot") is not True:
+        problems.append("runAsNonRoot is not true")
+    uid = effective(workload, container, "runAsUser")
+    if not isinstance(uid, int) or uid <= 0:
+        problems.append(f"runAsUser is {uid!r}")
+    seccomp = effective(workload, container, "seccompProfile") or {}
+    if seccomp.get("type") != "RuntimeDefault":
+        problems.append("seccompProfile is not RuntimeDefault")
+    if context.get("privileged"):
+        # Only the microphone recorder of overlays/microphone (/dev/snd from a
+        # hostPath opens only there; overlays/microphone-device-plugin needs no
+        # privilege), and the API server refuses privileged together with
+        # allowPrivilegeEscalation false.
+        if not (workload["metadata"].get("namespace") == MICROPHONE_NAMESPACE and
+                command_of(container) == "record"):  # fmt: skip
+            problems.append("privileged outside the microphone recorder's namespace")
+        if context.get("allowPrivilegeEscalation", True) is not True:
+            problems.append("privileged with allowPrivilegeEscalation false (refused)")
+    elif context.get("allowPrivilegeEscalation") is not False:
+        problems.append("allowPrivilegeEscalation is not false")
+    if pod_spec(workload).get("automountServiceAccountToken") is not False:
+        problems.append("automountServiceAccountToken is not false")
+    return problems
+
+
 def test_containers_are_locked_down(overlay: list[Doc]) -> None:
-    for workload, container in all_containers(overlay):
-        where = f"{ident(workload)}/{container['name']}"
-        context = container.get("securityContext", {})
-        assert context.get("readOnlyRootFilesystem") is True, where
-        assert context.get("capabilities", {}).get("drop") == ["ALL"], where
-        seccomp = effective(workload, container, "seccompProfile") or {}
-        assert seccomp.get("type") == "RuntimeDefault", where
-        if context.get("privileged"):
-            # The API server refuses privileged with allowPrivilegeEscalation false.
-            assert context.get("allowPrivilegeEscalation", True) is True, where
-        else:
-            assert context.get("allowPrivilegeEscalation") is False, where
-        assert pod_spec(workload).get("automountServiceAccountToken") is False, where
+    problems = [
+        f"{ident(workload)}/{container['name']}: {problem}"
+        for workload, container in all_containers(overlay)
+        for problem in lockdown_problems(workload, container)
+    ]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "bad"),
+    [
+        ("container", "readOnlyRootFilesystem", False),
+        ("container", "readOnlyRootFilesystem", None),
+        ("container", "allowPrivilegeEscalation", True),
+        ("container", "allowPrivilegeEscalation", None),
+        ("container", "capabilities", {"drop": ["NET_RAW"]}),
+        ("container", "capabilities", {"drop": ["ALL"], "add": ["NET_ADMIN"]}),
+        ("container", "runAsNonRoot", False),
+        ("container", "runAsUser", 0),
+        ("pod", "runAsNonRoot", None),
+        ("container", "privileged", True),
+    ],
+)
+def test_the_lockdown_check_catches_each_missing_protection(where: str, key: str, bad: Any) -> None:
+    # Guards the test above against a check that passes everything.
+    relay = relay_workload(render(OVERLAYS[0]))
+    assert lockdown_problems(relay, pod_spec(relay)["containers"][0]) == []
+    broken = yaml.safe_load(yaml.safe_dump(relay))
+    container = pod_spec(broken)["containers"][0]
+    context = (
+        container["securityContext"]
+        if where == "container"
+        else pod_spec(broken)["securityContext"]
+    )
+    if bad is None:
+        context.pop(key, None)
+    else:
+        context[key] = bad
+    if where == "pod":
+        container["securityContext"].pop(key, None)
+    assert lockdown_problems(broken, container), f"{where} {key}={bad!r} passed"
 
 
 def test_namespace_enforces_restricted_unless_a_pod_needs_privilege(overlay: list[Doc]) -> None:
@@ -1052,6 +1118,281 @@ def test_checkov_catches_a_bad_manifest(tmp_path: Path) -> None:
     pod_spec(bad)["containers"][0]["securityContext"]["privileged"] = True
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert "CKV_K8S_16" in checkov_findings(tmp_path)
+
+
+# --- network policies ---------------------------------------------------------------
+
+#: Pods that are not ours, as a cluster has them: Prometheus (the Operator's and
+#: the community charts' label) in its own namespace, and strangers.
+PROMETHEUS_POD = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+STRANGERS = [
+    ("monitoring", {"app.kubernetes.io/name": "grafana"}),
+    (NAMESPACE, {"app": "debug-shell"}),
+    ("default", {"app.kubernetes.io/name": "audiosockets", "app.kubernetes.io/component": "x"}),
+    ("default", {"app.kubernetes.io/component": "recorder"}),  # a recorder's label, elsewhere
+]
+Pod = tuple[str, dict[str, str]]  # (namespace, labels)
+
+
+def label_selector_matches(selector: Doc, labels: dict[str, str]) -> bool:
+    """A LabelSelector: matchLabels and matchExpressions (In, NotIn, Exists, DoesNotExist)."""
+    if not selects(selector.get("matchLabels", {}), labels):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator = expression["key"], expression["operator"]
+        values = expression.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not ok:
+            return False
+    return True
+
+
+def peer_admits(peer: Doc, policy_namespace: str, source: Pod) -> bool:
+    namespace, labels = source
+    # The namespace's automatic label is the only one a namespace selector here may rely on.
+    namespace_labels = {"kubernetes.io/metadata.name": namespace}
+    if "ipBlock" in peer:
+        return False  # pods are not matched by address here
+    if "namespaceSelector" in peer:
+        if not label_selector_matches(peer["namespaceSelector"], namespace_labels):
+            return False
+    elif namespace != policy_namespace:
+        return False
+    return label_selector_matches(peer.get("podSelector", {}), labels)
+
+
+def port_matches(rule_port: Doc, container: Doc, port_name: str) -> bool:
+    wanted = rule_port.get("port")
+    if rule_port.get("protocol", "TCP") != "TCP":
+        return False
+    return wanted is None or wanted in (port_name, container_port(container, port_name))
+
+
+def admitted(docs: list[Doc], source: Pod, workload: Doc, container: Doc, port_name: str) -> bool:
+    """Whether NetworkPolicy lets ``source`` open ``port_name`` of ``workload``'s pods."""
+    namespace = workload["metadata"]["namespace"]
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    policies = [
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if p["metadata"]["namespace"] == namespace
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and label_selector_matches(p["spec"]["podSelector"], labels)
+    ]
+    if not policies:
+        return True  # no policy selects the pod: all traffic allowed
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            ports = rule.get("ports")
+            if peers is not None and not any(
+                peer_admits(peer, namespace, source) for peer in peers
+            ):
+                continue
+            if ports is not None and not any(port_matches(p, container, port_name) for p in ports):
+                continue
+            return True
+    return False
+
+
+def pods_of(docs: list[Doc]) -> list[tuple[Pod, Doc, Doc]]:
+    """(pod as a traffic source, workload, container) for every container, NATS included."""
+    return [
+        ((w["metadata"]["namespace"], w["spec"]["template"]["metadata"]["labels"]), w, c)
+        for w, c in all_containers(docs)
+    ]
+
+
+def component(workload: Doc) -> str:
+    return str(workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
+def test_only_recorders_and_processors_reach_the_relays_protocol_port(overlay: list[Doc]) -> None:
+    relay = relay_workload(overlay)
+    relay_container = pod_spec(relay)["containers"][0]
+    for source, workload, _ in pods_of(overlay):
+        expected = component(workload) in ("recorder", "processor")
+        got = admitted(overlay, source, relay, relay_container, "relay")
+        assert got == expected, f"{ident(workload)} -> relay:7400 admitted={got}"
+    for source in (PROMETHEUS_POD, *STRANGERS):
+        assert not admitted(overlay, source, relay, relay_container, "relay"), source
+
+
+def test_only_clients_reach_nats_and_only_its_servers_the_routes(overlay: list[Doc]) -> None:
+    servers = [(w, c) for w, c in all_containers(overlay) if component(w) == "nats"]
+    if not servers:
+        pytest.skip("this overlay has no NATS servers")
+    for nats, container in servers:
+        if container["name"] != "nats":
+            continue
+        for source, workload, _ in pods_of(overlay):
+            client = admitted(overlay, source, nats, container, "client")
+            assert client == (component(workload) in ("recorder", "processor")), ident(workload)
+            route = admitted(overlay, source, nats, container, "cluster")
+            assert route == (component(workload) == "nats"), ident(workload)
+        for source in (PROMETHEUS_POD, *STRANGERS):
+            for port in ("client", "cluster", "monitor"):
+                assert not admitted(overlay, source, nats, container, port), (source, port)
+
+
+def test_only_prometheus_reaches_the_metrics_ports(overlay: list[Doc]) -> None:
+    for _, workload, container in pods_of(overlay):
+        if "metrics" not in {p.get("name") for p in container.get("ports", [])}:
+            continue
+        assert admitted(overlay, PROMETHEUS_POD, workload, container, "metrics"), ident(workload)
+        for source in STRANGERS:
+            assert not admitted(overlay, source, workload, container, "metrics"), (
+                f"{source} -> {ident(workload)} metrics"
+            )
+        for peer, other, peer_container in pods_of(overlay):
+            assert not admitted(overlay, peer, workload, container, "metrics"), (
+                f"{ident(other)}/{peer_container['name']} -> {ident(workload)} metrics"
+            )
+
+
+def test_every_pod_is_selected_by_an_ingress_policy(overlay: list[Doc]) -> None:
+    # A pod no policy selects takes traffic from anywhere, on any port.
+    for _, workload, container in pods_of(overlay):
+        for port in container.get("ports", []):
+            assert not admitted(overlay, STRANGERS[1], workload, container, port["name"]), (
+                f"{ident(workload)}:{port['name']} is open to any pod"
+            )
+
+
+def test_the_policy_simulation_admits_what_no_policy_restricts() -> None:
+    # Guards the tests above: without the policies everything is admitted.
+    docs = [d for d in render(OVERLAYS[0]) if d["kind"] != "NetworkPolicy"]
+    relay = relay_workload(docs)
+    relay_container = pod_spec(relay)["containers"][0]
+    for source in (PROMETHEUS_POD, *STRANGERS):
+        assert admitted(docs, source, relay, relay_container, "relay")
+        assert admitted(docs, source, relay, relay_container, "metrics")
+
+
+# --- overlays/secure ----------------------------------------------------------------
+
+SECURE = K8S / "overlays" / "secure"
+#: Each command's file options: where its TLS material and token come from.
+SECURE_FILES = {
+    "relay": ("TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA", "CREDENTIALS"),
+    "record": ("TLS_CA", "TLS_CERT", "TLS_KEY", "TOKEN_FILE"),
+    "process": ("TLS_CA", "TLS_CERT", "TLS_KEY", "TOKEN_FILE"),
+}
+
+#: The Secret item each file option must come from (kubectl create secret tls
+#: names them tls.crt and tls.key).
+SECRET_KEY_OF = {
+    "TLS_CERT": "tls.crt",
+    "TLS_KEY": "tls.key",
+    "TLS_CA": "ca.crt",
+    "TLS_CLIENT_CA": "ca.crt",
+    "CREDENTIALS": "credentials.toml",
+    "TOKEN_FILE": "token",
+}
+
+
+def secret_file(workload: Doc, container: Doc, path: str) -> tuple[str, str, Doc]:
+    """(Secret name, key, volume) that the file ``path`` of the container is made from."""
+    spec = pod_spec(workload)
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(prefix):
+            continue
+        assert "subPath" not in mount, f"{path}: a subPath mount is never refreshed"
+        assert mount.get("readOnly") is True, path
+        relative = path.removeprefix(prefix)
+        volume = volumes[mount["name"]]
+        sources = volume.get("projected", {}).get("sources", [])
+        if "secret" in volume:
+            sources = [{"secret": {"name": volume["secret"]["secretName"],
+                                   "items": volume["secret"].get("items")}}]  # fmt: skip
+        for source in sources:
+            secret = source.get("secret")
+            if secret is None:
+                continue
+            for item in secret.get("items") or []:
+                if item["path"] == relative:
+                    return secret["name"], item["key"], volume
+        raise AssertionError(f"{path}: no Secret item in volume {mount['name']}")
+    raise AssertionError(f"{path} is not in any mounted volume")
+
+
+def test_secure_overlay_turns_on_tls_mutual_tls_and_credentials() -> None:
+    docs = render(SETUP) + render(SECURE)
+    seen_commands = set()
+    for workload, container in containers(docs):
+        command = command_of(container)
+        seen_commands.add(command)
+        env = resolve_env(docs, container)
+        prefix = f"AUDIOSOCKETS_{command.upper()}_"
+        url = env[prefix + ("LISTEN" if command == "relay" else "RELAY")]
+        assert url.startswith("tls://"), f"{ident(workload)}: {url}"
+        # No secret in the environment, only paths to files.
+        assert prefix + "TOKEN" not in env, ident(workload)
+        for option in SECURE_FILES[command]:
+            path = env.get(prefix + option)
+            assert path, f"{ident(workload)} lacks {prefix + option}"
+            name, key, volume = secret_file(workload, container, path)
+            mode = volume.get("projected", volume.get("secret", {})).get("defaultMode")
+            assert mode == 0o440, f"{ident(workload)}: {name} mode {mode!r}"
+            # Readable by the service's group (fsGroup), by nobody else.
+            security = pod_spec(workload)["securityContext"]
+            assert security.get("fsGroup") == security["runAsGroup"], ident(workload)
+            # The right item: a key where a key is wanted, the CA where the CA is.
+            assert key == SECRET_KEY_OF[option], f"{ident(workload)}: {option} is {name}/{key}"
+    assert seen_commands == {"relay", "record", "process"}
+
+
+def test_secure_overlay_gives_status_in_the_relay_pod_an_admin_identity() -> None:
+    docs = render(SECURE)
+    relay = relay_workload(docs)
+    container = pod_spec(relay)["containers"][0]
+    env = resolve_env(docs, container)
+    # `kubectl exec deploy/relay -- audiosockets status` dials the relay inside
+    # the pod (the network policy admits no other pod to the protocol port).
+    assert parse_url(env["AUDIOSOCKETS_STATUS_RELAY"]).host == "localhost"
+    for option in ("TLS_CA", "TLS_CERT", "TLS_KEY", "TOKEN_FILE"):
+        name, key, _ = secret_file(relay, container, env[f"AUDIOSOCKETS_STATUS_{option}"])
+        assert key == SECRET_KEY_OF[option], (option, name, key)
+        if option != "TLS_CA":
+            assert "admin" in name, f"status's {option} is {name}, not the admin identity's"
+    # Variables that are no option of `status` would be silently ignored by click.
+    status = cli_main.commands["status"]
+    known = {p.envvar for p in status.params if isinstance(p, click.Option)}
+    ours = {k for k in env if k.startswith("AUDIOSOCKETS_STATUS_")}
+    assert ours <= known, sorted(ours - known)
+
+
+def test_secure_overlay_documents_every_secret_it_mounts() -> None:
+    docs = render(SECURE)
+    used = set()
+    for workload in workloads(docs):
+        for volume in pod_spec(workload).get("volumes", []):
+            for source in volume.get("projected", {}).get("sources", []):
+                if "secret" in source:
+                    used.add(
+                        (
+                            source["secret"]["name"],
+                            tuple(i["key"] for i in source["secret"]["items"]),
+                        )
+                    )
+    text = (SECURE / "kustomization.yaml").read_text()
+    created = {}
+    for name, rest in re.findall(r"kubectl -n audiosockets create secret \w+ (\S+) (.*)", text):
+        keys = re.findall(r"--from-file=([\w.-]+)=", rest)
+        if "--cert=" in rest:
+            keys += ["tls.crt", "tls.key"]
+        created[name] = set(keys)
+    for name, keys in used:
+        assert name in created, f"Secret {name} is mounted but not created in the comment"
+        assert set(keys) <= created[name], (name, keys, created[name])
+    assert set(created) == {name for name, _ in used}, "a documented Secret is never mounted"
 
 
 # --- NATS (overlays/fleet) ------------------------------------------------------

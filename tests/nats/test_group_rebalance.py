@@ -31,7 +31,6 @@ async def test_join_and_leave_hand_streams_over(nats_server: NatsServer) -> None
             group="g",
             name=name,
             start="earliest",
-            member_ttl=1.5,
             on_stream_closed=lambda s: closed.append((name, s)),
         )
 

@@ -95,7 +95,11 @@ async def test_group_of_three_survives_a_member_sigkill(
             held = archived_chunks(archive, BLOCK * 2)
             return all(len(held.get(s, {})) >= sent for s in STREAMS)
 
-        await wait_until(complete, timeout=40, what="every chunk archived")
+        try:
+            await wait_until(complete, timeout=120, what="every chunk archived")
+        except AssertionError as exc:
+            missing = {s: sorted(set(range(sent)) - set(held.get(s, {}))) for s in STREAMS}
+            raise AssertionError(f"{exc}; missing: {_summary(missing)}") from None
     finally:
         await pub.close()
         codes = [m.stop() for m in members]
@@ -157,3 +161,7 @@ def test_plan_is_balanced_and_sticky_with_one_pattern(
     assert all(after[s].startswith("n") for s in moved)
     loads = Counter(after.values())
     assert max(loads.values(), default=0) - min((loads.get(m, 0) for m in grown), default=0) <= 1
+
+
+def _summary(missing: dict[str, list[int]]) -> str:
+    return ", ".join(f"{s}: {len(m)} ({m[:3]}..{m[-3:]})" for s, m in missing.items() if m)

@@ -126,3 +126,17 @@ def test_stream_config_for_edge_and_central() -> None:
         "$JS.edge1.API",
         "$JS.edge2.API",
     ]
+
+
+def test_prev_header_and_the_hole_rule() -> None:
+    from audiosockets.jetstream.subscriber import skipped
+
+    headers = chunk_headers("p", 1, 5, 0, FMT, prev=41)
+    assert decode_message("audiosockets.x", headers, b"", "audiosockets").prev == 41  # type: ignore[union-attr]
+    sourced = {**headers, "Nats-Stream-Source": "AUDIOSOCKETS 41 edge1"}
+    assert decode_message("audiosockets.x", sourced, b"", "audiosockets").prev is None  # type: ignore[union-attr]
+    assert not skipped(None, 10, 1)  # a stream's first message
+    assert not skipped(41, 41, 1)  # follows the last one taken
+    assert skipped(41, 30, 1)  # the consumer passed over stream seq 31..41
+    assert skipped(41, None, 1)  # read from the start, yet an earlier message exists
+    assert not skipped(41, None, 42)  # asked to start after it (live, or resumed)

@@ -75,3 +75,12 @@ class PerStream:
 
     def teardown(self) -> dict[str, Any]:
         return {"event": "summary", "chunks": self.count, "rate": self.fmt.rate}
+
+
+def fails_on_bad_streams(chunk: Chunk) -> dict[str, Any]:
+    """Fails every chunk of a stream whose name starts with ``bad`` (as an archive whose
+    file names the file system refuses did)."""
+    if chunk.stream.startswith("bad"):
+        raise OSError(36, "File name too long")
+    SEEN.append(chunk.seq)
+    return {"stream": chunk.stream, "seq": chunk.seq}

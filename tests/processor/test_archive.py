@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -69,7 +70,8 @@ def test_names_carry_stream_and_capture_time_and_sort_in_capture_order(tmp_path:
         names,
         key=lambda n: json.loads((tmp_path / n).with_suffix(".json").read_text())["captured_ns"],
     )
-    assert sorted(names)[0] == "room_left_20231114T221320.000000Z_0000000000.wav"
+    stem = "room_left~" + hashlib.sha256(b"room/left").hexdigest()[:16]
+    assert sorted(names)[0] == f"{stem}_20231114T221320.000000Z_0000000000.wav"
 
 
 def test_a_gap_closes_the_segment_and_is_recorded_not_papered_over(
@@ -232,3 +234,97 @@ def test_two_writers_of_the_same_segment_never_overwrite_each_other(tmp_path: Pa
     sizes = sorted(p.stat().st_size - 44 for p in wavs)
     assert sizes == [6 * 640, 10 * 640]
     assert not list(tmp_path.glob(".*.part"))
+
+
+# --- file names: one stream, one set of files (issue 13, item 5) ----------------------
+
+
+def test_mic_space_underscore_and_slash_never_share_files_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Earlier, ``mic 1`` and ``mic_1`` had the same names: after a restart ``mic_1``
+    took ``mic 1``'s newer sidecar as its own past and skipped every chunk."""
+    names = ["mic 1", "mic_1", "mic/1"]
+    late = {"mic 1": 10_000_000_000, "mic_1": 0, "mic/1": 5_000_000_000}
+    first_run = {n: random_chunks(10, stream=n) for n in names}
+    for name in names:
+        chunks = [
+            Chunk(c.stream, c.seq, c.captured_ns + late[name], c.format, c.payload)
+            for c in first_run[name]
+        ]
+        h = archive(tmp_path, segment_seconds=60)
+        h.feed(chunks[:5])
+        h.close()
+        again = archive(tmp_path, segment_seconds=60)  # the restarted processor
+        again.feed(chunks[5:])
+        again.close()
+        assert again.value("audiosockets_archive_bytes_total", stream=name) == 5 * 800 * 2
+    sidecars = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert len(sidecars) == 6
+    for name in names:
+        mine = sorted((s for s in sidecars if s["stream"] == name), key=lambda s: s["first_seq"])
+        assert [(s["first_seq"], s["last_seq"]) for s in mine] == [(0, 4), (5, 9)]
+        assert all(s["gap_before"] is None for s in mine)
+        pcm = b"".join(read_pcm(tmp_path / s["file"]) for s in mine)
+        assert pcm == b"".join(bytes(c.payload) for c in first_run[name])
+    assert len({s["file"] for s in sidecars}) == 6
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "m" * 200,  # 200 bytes of ASCII: failed every write with ENAMETOOLONG
+        "🎤" * 50,  # 200 bytes of UTF-8, 50 characters
+        "Küche/Fenster links " * 9 + "ende",
+    ],
+)
+def test_a_stream_name_up_to_the_wire_limit_is_archived_and_continued(
+    tmp_path: Path, name: str
+) -> None:
+    chunks = random_chunks(10, stream=name)
+    h = archive(tmp_path, segment_seconds=60)
+    h.feed(chunks[:6])
+    h.close()
+    assert h.errors == []
+    again = archive(tmp_path, segment_seconds=60)
+    again.feed(chunks[4:])  # 4 and 5 replayed: skipped, found through the sidecar
+    again.close()
+    assert again.errors == []
+    wavs = sorted(tmp_path.glob("*.wav"))
+    assert len(wavs) == 2
+    assert all(len(p.name.encode()) <= 255 for p in tmp_path.iterdir())
+    assert b"".join(read_pcm(p) for p in wavs) == b"".join(bytes(c.payload) for c in chunks)
+    assert {json.loads(p.with_suffix(".json").read_text())["stream"] for p in wavs} == {name}
+
+
+def test_a_sidecar_from_the_old_name_scheme_still_continues_its_stream(tmp_path: Path) -> None:
+    chunks = random_chunks(10, stream="mic 1")
+    h = archive(tmp_path, segment_seconds=60)
+    h.feed(chunks[:5])
+    h.close()
+    for p in tmp_path.iterdir():  # rename to what earlier versions wrote: "mic_1_<stamp>..."
+        p.rename(p.with_name("mic_1_" + p.name.partition("_")[2].partition("_")[2]))
+    assert sorted(p.name[:6] for p in tmp_path.iterdir()) == ["mic_1_", "mic_1_"]
+    again = archive(tmp_path, segment_seconds=60)
+    again.feed(chunks[3:])
+    again.close()
+    assert again.value("audiosockets_archive_bytes_total", stream="mic 1") == 5 * 800 * 2
+
+
+def test_names_fit_a_file_system_with_a_short_name_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from audiosockets.handlers.archive import RESERVED_BYTES
+
+    limit = RESERVED_BYTES + 30
+    monkeypatch.setattr(os, "pathconf", lambda _p, _n: limit)
+    h = archive(tmp_path, segment_seconds=60)
+    h.feed(random_chunks(3, stream="x" * 200))
+    h.close()
+    (wav,) = tmp_path.glob("*.wav")
+    assert wav.name.startswith("x" * (30 - 17) + "~")
+    monkeypatch.setattr(os, "pathconf", lambda _p, _n: RESERVED_BYTES + 5)
+    with pytest.raises(HandlerError, match="allows names of at most"):
+        archive(tmp_path).feed(random_chunks(1))

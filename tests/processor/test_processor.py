@@ -559,3 +559,56 @@ async def test_stop_on_a_started_processor_that_never_served_still_drains() -> N
     await wait_until(lambda: proc.stats.received == 3, what="all chunks received")
     await proc.stop()
     assert proc.stats.processed + proc.stats.dropped == 3
+
+
+async def test_one_streams_failures_never_end_the_run_for_the_others() -> None:
+    """A stream whose every chunk fails (a name the file system refused) used to
+    count toward the failed-in-a-row exit and take the healthy streams down (exit 6)."""
+    m = Metrics()
+    proc = Processor(
+        "handlers_for_tests:fails_on_bad_streams",
+        metrics=m,
+        events=io.StringIO(),
+        failing_after=3,
+        exit_after=8,
+    )
+    good = chunks(30, stream="good-1")
+    bad = chunks(100, stream="bad-1")
+
+    async def source() -> AsyncIterator[Chunk]:
+        # The bad stream's chunks come in long bursts (a replay), far over exit_after.
+        for i in range(0, 30, 10):
+            for chunk in good[i : i + 10]:
+                yield chunk
+                await asyncio.sleep(0)
+            for chunk in bad[i * 3 : i * 3 + 30]:
+                yield chunk
+                await asyncio.sleep(0)
+
+    await asyncio.wait_for(proc.run(source()), 20)  # ends with its source, no HandlerError
+    handler = "handlers_for_tests:fails_on_bad_streams"
+    assert value(m, "audiosockets_chunks_processed_total", stream="good-1", handler=handler) == 30
+    assert value(m, "audiosockets_handler_errors_total", handler=handler) == 90
+    assert value(m, "audiosockets_handler_failing", handler=handler) == 1  # bad-1 is failing
+    assert list(range(30)) == hft.SEEN
+
+
+async def test_every_stream_failing_still_ends_the_run() -> None:
+    proc = Processor(
+        "handlers_for_tests:fails_on_bad_streams",
+        metrics=Metrics(),
+        events=io.StringIO(),
+        failing_after=3,
+        exit_after=8,
+    )
+    a, b = chunks(20, stream="bad-a"), chunks(20, stream="bad-b")
+
+    async def source() -> AsyncIterator[Chunk]:
+        for pair in zip(a, b, strict=True):
+            for chunk in pair:
+                yield chunk
+                await asyncio.sleep(0)
+        await asyncio.Event().wait()  # live: never ends by itself
+
+    with pytest.raises(HandlerError, match="failed 8 times in a row on each of its 2 streams"):
+        await asyncio.wait_for(proc.run(source()), 20)

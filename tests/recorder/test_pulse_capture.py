@@ -194,11 +194,18 @@ async def test_speech_played_into_pulseaudio_arrives_intact(
     ncc = best_normalised_correlation(reference, recording)
     print(f"normalised cross-correlation {ncc:.4f} over {len(reference)} frames")
     assert ncc > 0.9, f"normalised cross-correlation {ncc:.3f}"
-    # Timestamps come from the stream clock: increasing, about one block apart.
+    # Capture times come from a frame counter steered toward the ADC times: one block
+    # apart within the 1000 ppm slew, although PortAudio's ADC times after the open start
+    # ~0.5 s in the past (they used to be passed through: 20 ms chunks 40 ms apart).
+    # Longer steps only where frames were really lost (an overflow under load).
     stamps = np.array([c.captured_ns for c in chunks], dtype=np.int64)
     steps = np.diff(stamps) / 1e6
-    assert np.all(steps > 0)
-    assert np.median(steps) == pytest.approx(1000 * chunks[0].frames / RATE, rel=0.05)
+    block_ms = 1000 * chunks[0].frames / RATE
+    slew_ms = block_ms * 1e-3
+    print(f"steps: min {steps.min():.4f} max {steps.max():.4f} ms, block {block_ms} ms")
+    assert np.all(steps >= block_ms - slew_ms - 1e-6)
+    assert np.mean(np.abs(steps - block_ms) <= slew_ms + 1e-6) >= 0.99
+    assert abs(stamps[0] - played_until) < 60e9  # wall clock, not the stream's own epoch
 
 
 async def test_a_blocked_processor_costs_the_recorder_nothing(

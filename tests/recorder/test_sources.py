@@ -11,6 +11,7 @@ import pytest
 from recorder_fakes import FakeClock, write_pcm_wav, write_raw_wav
 
 from audiosockets.audio import AudioFormat, SampleType
+from audiosockets.convert import to_sample_type
 from audiosockets.errors import ConfigError
 from audiosockets.sources import (
     CapturedBlock,
@@ -21,7 +22,6 @@ from audiosockets.sources import (
     block_frames_for,
     parse_source,
     read_wav_info,
-    to_sample_type,
 )
 
 MONO16 = AudioFormat(16000, 1, SampleType.INT16)
@@ -100,12 +100,13 @@ async def test_other_synths_produce_the_stream_format(kind: str) -> None:
 
 
 def test_to_sample_type_scales_between_encodings() -> None:
+    """Full scale to full scale: -1.0 is -32768, and int16 -> int32 is exact (<< 16)."""
     x = np.array([[-1.0], [0.0], [0.5], [1.5]])
-    assert to_sample_type(x, SampleType.INT16).ravel().tolist() == [-32767, 0, 16384, 32767]
+    assert to_sample_type(x, SampleType.INT16).ravel().tolist() == [-32768, 0, 16384, 32767]
     pcm = np.array([[-32768], [16384]], dtype=np.int16)
     assert to_sample_type(pcm, SampleType.FLOAT32).ravel().tolist() == [-1.0, 0.5]
     as32 = to_sample_type(pcm, SampleType.INT32).ravel()
-    assert as32.tolist() == [-2147483647, 1073741824]
+    assert as32.tolist() == [-2147483648, 1073741824]
 
 
 # --- source specs -------------------------------------------------------------------
@@ -243,6 +244,23 @@ async def test_convert_resamples_and_mixes_down(tmp_path: Path) -> None:
     assert np.max(np.abs(signal)) == pytest.approx(0.375, abs=0.01)  # mean of 0.5 and 0.25
 
 
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [("int16", 100), ("int32", 100 * 65536), ("float32", 100 / 32768)],
+)
+async def test_a_stereo_int16_file_at_100_is_a_mono_stream_at_the_same_level(
+    tmp_path: Path, dtype: str, expected: float
+) -> None:
+    """The issue's file: 2 channels of int16 100 gave 32767 / 2147483647 / 100.0."""
+    wav = write_pcm_wav(tmp_path / "s.wav", np.full((1600, 2), 100, np.int16), 16000)
+    fmt = AudioFormat(16000, 1, SampleType.parse(dtype))
+    source = FileSource(fmt, 320, wav, convert=True, clock=FakeClock())
+    signal = np.concatenate([b.samples for b in await read_all(source)])
+    assert signal.dtype == fmt.dtype
+    assert signal.shape == (1600, 1)
+    assert np.all(signal == np.asarray(expected, dtype=fmt.dtype))
+
+
 def test_convert_refuses_stereo_to_six_channels(tmp_path: Path) -> None:
     wav = write_pcm_wav(tmp_path / "s.wav", ramp(100, 2), 16000)
     with pytest.raises(ConfigError, match="only to or from mono"):
@@ -306,3 +324,40 @@ async def test_a_silent_device_is_reported_lost() -> None:
     source._on_finished()
     with pytest.raises(DeviceLost, match="stopped delivering"):
         await source.read()
+
+
+async def test_device_stamps_advance_by_one_block_while_adc_times_converge_after_open() -> None:
+    """PortAudio through PulseAudio/ALSA reports the first block's ADC time ~0.5 s in the
+    past, converging over ~100 blocks; stamps used to follow (20 ms chunks 25 ms apart)."""
+    source = DeviceSource(MONO16, 160, ring_seconds=4.0)  # 10 ms blocks
+    source._loop = __import__("asyncio").get_running_loop()
+    source._stream = object()
+    source._offset_ns = 5_000_000_000
+    stamps = []
+    for i in range(300):
+        true_adc = 100.0 + i * 0.01
+        error = -0.5 * max(0.0, 1 - i / 100)
+        info = SimpleNamespace(inputBufferAdcTime=true_adc + error, currentTime=true_adc + 0.01)
+        source._callback(np.zeros((160, 1), np.int16), 160, info, _status())
+        block = await source.read()
+        assert block is not None
+        stamps.append(block.captured_ns)
+    steps = np.diff(stamps)
+    assert np.all(np.abs(steps - 10_000_000) <= 10_000)  # 1000 ppm of a block at most
+    assert stamps[0] == 105_000_000_000  # anchored at the first callback, not 0.5 s back
+    assert abs(stamps[-1] - (105_000_000_000 + 299 * 10_000_000)) <= 2_000_000
+
+
+async def test_device_stamps_skip_exactly_the_blocks_lost_in_a_full_ring() -> None:
+    source = DeviceSource(MONO16, 160, ring_seconds=0.0)  # 16 slots
+    source._loop = __import__("asyncio").get_running_loop()
+    source._stream = object()
+    for i in range(20):  # 4 blocks do not fit: dropped, their frames counted as lost
+        source._callback(np.full((160, 1), i, np.int16), 160, _time(100.0 + i * 0.01), _status())
+    got = [await source.read() for _ in range(16)]
+    source._callback(np.full((160, 1), 20, np.int16), 160, _time(100.2), _status())
+    after = await source.read()
+    assert after is not None
+    stamps = [b.captured_ns for b in got if b is not None] + [after.captured_ns]
+    assert np.diff(stamps).tolist() == [10_000_000] * 15 + [50_000_000]  # 4 blocks missing
+    assert source.capture_clock.lost_frames == 4 * 160

@@ -219,3 +219,22 @@ async def test_audio_left_on_disk_is_sent_first_by_the_next_run(tmp_path: Path) 
     assert [c.seq for c in received] == list(range(70))
     got = np.concatenate([c.samples for c in received])
     assert np.array_equal(got, np.concatenate([first, second]))
+
+
+def test_look_alike_streams_never_share_a_spool_directory(tmp_path: Path) -> None:
+    """``mic 1`` and ``mic_1`` used to share ``spool/mic_1``: one recorder would send the
+    other's audio as its own. Each stream gets its own directory, within NAME_MAX."""
+    wav = tmp_path / "in.wav"
+    noise_wav(wav, 2, seed=1)
+    dirs = []
+    for stream in ("mic 1", "mic_1", "mic/1", "m" * 190):  # recorder-m…: 199 bytes
+        config = RecorderConfig(
+            relay="tcp://127.0.0.1:9", stream=stream, source=f"file:{wav}", spool_dir=tmp_path
+        )
+        recorder = Recorder(config, clock=FakeClock())
+        assert recorder.disk is not None
+        dirs.append(recorder.disk.directory)
+        recorder.disk.close()
+    assert len(set(dirs)) == 4
+    assert all(d.parent == tmp_path and len(d.name) <= 255 for d in dirs)
+    assert dirs[1] == tmp_path / "mic_1"  # plain names keep their directory

@@ -26,8 +26,14 @@ from typing import TYPE_CHECKING
 
 from .history import History, SpooledChunk
 from .interfaces import ChunkSubscription, SpoolingStream
-from .publisher import PublishedStream, Publisher
-from .session import ReconnectingClient, RetryPolicy
+from .publisher import ChunkTooLarge, PublishedStream, Publisher
+from .session import (
+    ReconnectingClient,
+    RetryPolicy,
+    check_wire_name,
+    check_wire_names,
+    refusal,
+)
 from .status import fetch_status
 from .subscriber import StartName, Subscriber
 
@@ -41,6 +47,7 @@ if TYPE_CHECKING:  # mypy holds the concrete classes to the seams
 
 __all__ = [
     "ChunkSubscription",
+    "ChunkTooLarge",
     "History",
     "PublishedStream",
     "Publisher",
@@ -50,5 +57,8 @@ __all__ = [
     "SpoolingStream",
     "StartName",
     "Subscriber",
+    "check_wire_name",
+    "check_wire_names",
     "fetch_status",
+    "refusal",
 ]

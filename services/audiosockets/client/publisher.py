@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import ssl
 import time
 from typing import Any
@@ -24,22 +25,30 @@ from typing import Any
 import numpy as np
 
 from ..audio import AudioFormat
-from ..errors import ConnectionClosed, Refused
+from ..errors import (
+    AudiosocketsError,
+    ConnectionClosed,
+    ErrorCode,
+    LocalProtocolError,
+    RelayRefused,
+)
 from ..metrics import Metrics
 from ..protocol import (
     CHUNK_HEAD,
     CloseStream,
     ErrorFrame,
     Goodbye,
+    Hello,
     Limits,
     OpenStream,
     Role,
+    State,
     StreamAccepted,
 )
 from ..transport import Channel
 from ..urls import RelayAddress
 from .history import History, SpooledChunk
-from .session import ReconnectingClient, RetryPolicy
+from .session import ReconnectingClient, RetryPolicy, check_wire_name
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,7 @@ class PublishedStream:
         self._unsent_seconds = 0.0
         self.next_seq = 0
         self.accepted = False  # the relay answered OPEN_STREAM on this session
+        self.ever_accepted = False  # ... on any session of this publisher run
         self.dropped = 0
         # Runs [first, last] of seqs written to the relay and trimmed from the
         # history since the relay last said what it holds: if the connection
@@ -157,12 +167,22 @@ class PublishedStream:
     def resume_from(self, next_seq: int) -> None:
         """The relay holds everything before ``next_seq``: send the rest.
 
-        When the relay expects more than we ever numbered, the stream had
-        an earlier life (this publisher restarted while the relay kept the
-        stream): continue its numbering at ``next_seq`` instead of sending
-        numbers the relay would take for duplicates.
+        A publisher run numbers its chunks from 0 until the relay first answers
+        for the stream; that first answer (this run has sent nothing yet) shifts
+        every number by ``next_seq``, so whatever this run captured before it
+        connected continues the stream's numbering and none of it is taken for a
+        duplicate of an earlier run's chunks. Later answers are resumes: when the
+        relay expects more than we ever numbered (another run published the
+        stream while we were away), continue at ``next_seq`` the same way.
         """
-        if next_seq > self.next_seq:
+        if not self.ever_accepted:
+            self.ever_accepted = True
+            if next_seq:
+                for entry in self.history:
+                    entry.seq += next_seq
+                self.next_seq += next_seq
+                log.info("stream %r continues the relay's numbering at seq %d", self.name, next_seq)
+        elif next_seq > self.next_seq:
             first_unsent = self.history[-self.unsent].seq if self.unsent else self.next_seq
             offset = next_seq - first_unsent
             for entry in self.history:
@@ -213,16 +233,24 @@ class PublishedStream:
             self.history[i].seconds for i in range(len(self.history) - n, len(self.history))
         )
 
-    def take(self, budget: int) -> list[SpooledChunk]:
+    def take(self, budget: int, max_payload: int | None = None) -> list[SpooledChunk]:
         """Take the oldest unsent chunks, up to ``budget`` payload bytes (at least
         one chunk), and count them as sent. Nothing before the relay accepted
-        the stream on this session. The chunks stay in ``history``."""
+        the stream on this session. The chunks stay in ``history``.
+
+        A chunk larger than ``max_payload`` (the relay's limit) is never taken:
+        ``ChunkTooLarge`` once the chunks before it are.
+        """
         out: list[SpooledChunk] = []
         if not self.accepted or not self.unsent:
             return out
         history = self.history
         for i in range(len(history) - self._unsent, len(history)):
             entry = history[i]
+            if max_payload is not None and len(entry.payload) > max_payload:
+                if out:
+                    break
+                raise ChunkTooLarge(self.name, self.format, len(entry.payload), max_payload)
             out.append(entry)
             self._unsent_seconds -= entry.seconds
             budget -= len(entry.payload)
@@ -269,6 +297,14 @@ class Publisher(ReconnectingClient):
         limits: protocol limits; ``max_frame_size`` bounds one chunk.
         max_batch_bytes: payload bytes written per stream before draining
             the socket (256 KiB).
+        instance: this publisher run's id in HELLO (random and non-zero by
+            default; the same on every reconnect). The relay gives a stream back
+            at once to the same run and refuses any other while one holds it.
+
+    After a refusal no retry can change (``failure``, ``failed``: a wrong token, a
+    role or stream not allowed, a certificate refused, a stream another publisher
+    holds, a chunk over the relay's frame limit), the
+    publisher stops; ``flush`` then returns False at once.
     """
 
     role = Role.PUBLISHER
@@ -285,6 +321,7 @@ class Publisher(ReconnectingClient):
         retry: RetryPolicy | None = None,
         limits: Limits | None = None,
         max_batch_bytes: int = 256 << 10,
+        instance: int | None = None,
     ) -> None:
         super().__init__(
             url,
@@ -297,12 +334,23 @@ class Publisher(ReconnectingClient):
         )
         if history_seconds <= 0:
             raise ValueError("history_seconds must be > 0")
+        #: This publisher run, in HELLO: random (non-zero), the same on every reconnect.
+        self.instance = instance if instance else secrets.randbits(64) or 1
+        #: Largest PCM payload per CHUNK, from the relay's WELCOME once connected.
+        self.max_payload: int | None = None
         self.history_seconds = history_seconds
         self.max_batch_bytes = max_batch_bytes
         self.streams: dict[str, PublishedStream] = {}
         self._by_id: dict[int, PublishedStream] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
+
+    def _hello(self) -> Hello:
+        return Hello(self.role, self.name, self.token, self.instance)
+
+    def _fail(self, failure: AudiosocketsError) -> None:
+        super()._fail(failure)
+        self._idle.set()  # flush() returns (False) instead of waiting on a dead session
 
     def stream(self, name: str, fmt: AudioFormat) -> PublishedStream:
         """Declare (or get) a stream. Its format is fixed for its lifetime.
@@ -311,8 +359,9 @@ class Publisher(ReconnectingClient):
         ``Limits.max_name_length`` bytes of UTF-8, or a name already declared
         with another format.
         """
-        if not name or len(name.encode("utf-8")) > self.limits.max_name_length:
-            raise ValueError(f"stream name must be 1..{self.limits.max_name_length} bytes of UTF-8")
+        if not name:
+            raise ValueError("stream name must not be empty")
+        check_wire_name(name, "stream name", self.limits)
         existing = self.streams.get(name)
         if existing is not None:
             if existing.format != fmt:
@@ -327,22 +376,52 @@ class Publisher(ReconnectingClient):
         return stream
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued chunk is written to the relay's socket.
+        """Wait until the relay has taken every queued chunk.
 
-        Returns False if ``timeout`` seconds passed first (None: no limit).
-        Raises ``Refused`` once the relay has refused this publisher for good.
+        Taken means written to the relay's socket *and* confirmed by a PING/PONG
+        round trip behind them on the same session (the relay answers a PING after
+        handling every frame before it), so a chunk the relay refused, or one lost
+        with a session that broke, is never reported as taken: after a reconnect
+        the relay says what it lacks and it is sent again.
+
+        Returns False if ``timeout`` seconds passed first (None: no limit), or at
+        once when the publisher has failed (a refusal).
         """
         try:
             async with asyncio.timeout(timeout):
-                while self._pending():
-                    if self.refused is not None:
-                        raise self.refused
-                    self._idle.clear()
-                    self._wake.set()
-                    await self._idle.wait()
+                while True:
+                    while self._pending():
+                        if self.failure is not None:
+                            return False
+                        self._idle.clear()
+                        self._wake.set()
+                        await self._idle.wait()
+                    if self.failure is not None:
+                        return False
+                    if await self._confirmed():
+                        return True
         except TimeoutError:
             return False
-        return True
+
+    async def _confirmed(self) -> bool:
+        """One round trip on the current session after everything written; False
+        if there is no session (it is awaited) or it ended before the answer."""
+        channel = self.channel
+        if channel is None or channel.closed or not self.connected.is_set():
+            waiters = [asyncio.ensure_future(self.connected.wait())]
+            waiters.append(asyncio.ensure_future(self.failed.wait()))
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            return False  # look again: the new session may have chunks to re-send
+        try:
+            await channel.round_trip()
+        except (ConnectionClosed, LocalProtocolError):
+            await asyncio.sleep(0)  # let the session's end be handled first
+            return False
+        return not self._pending()
 
     def _pending(self) -> bool:
         return any(s.unsent for s in self.streams.values())
@@ -354,7 +433,7 @@ class Publisher(ReconnectingClient):
         ``timeout`` are counted as dropped (``reason="closed_unsent"``), unless
         ``drop_unsent=False``: then they stay in ``history`` for the caller
         to keep (the recorder's disk spool does)."""
-        if self._pending() and self._task is not None and self.refused is None:
+        if self._pending() and self._task is not None and self.failure is None:
             await self.flush(timeout)
         channel = self.channel
         if channel is not None and not channel.closed and not self._pending():
@@ -371,9 +450,6 @@ class Publisher(ReconnectingClient):
                 stream.unsent = 0
         await self._stop_task(farewell=True)
 
-    def _on_refused(self, exc: Refused) -> None:
-        self._idle.set()  # wake flush(), which raises the refusal
-
     async def __aenter__(self) -> Publisher:
         """``start()`` and return self; connecting goes on in the background."""
         await self.start()
@@ -384,6 +460,9 @@ class Publisher(ReconnectingClient):
         await self.close()
 
     async def _session(self, channel: Channel) -> None:
+        welcome = channel.conn.welcome
+        if welcome is not None:
+            self.max_payload = welcome.max_frame_size - CHUNK_HEAD.size
         for stream in self.streams.values():
             stream.accepted = False
             channel.send(OpenStream(stream.id, stream.name, stream.format))
@@ -391,7 +470,9 @@ class Publisher(ReconnectingClient):
         writer = asyncio.create_task(self._write_loop(channel))
         try:
             done, _ = await asyncio.wait([reader, writer], return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
+            # The reader's end first: when the relay refused us, that is the cause,
+            # and whatever the writer then hit is a consequence.
+            for task in sorted(done, key=lambda t: t is not reader):
                 task.result()
         finally:
             reader.cancel()
@@ -426,8 +507,10 @@ class Publisher(ReconnectingClient):
             self._wake.clear()
             while True:
                 frames: list[bytes] = []
+                if conn.state is not State.OPEN:  # the relay ended the session
+                    raise ConnectionClosed("the relay closed the session")
                 for stream in list(self.streams.values()):
-                    entries = stream.take(self.max_batch_bytes)
+                    entries = stream.take(self.max_batch_bytes, self.max_payload)
                     if not entries:
                         continue
                     nbytes = 0
@@ -446,3 +529,23 @@ class Publisher(ReconnectingClient):
     def _session_ended(self) -> None:
         for stream in self.streams.values():
             stream.accepted = False
+
+
+class ChunkTooLarge(RelayRefused):
+    """A chunk does not fit the frame limit the relay announced in WELCOME (exit 2).
+
+    ``chunk_bytes``: its PCM; ``max_payload``: the most PCM bytes a CHUNK may carry;
+    ``fits_frames``: the most frames of the stream a chunk may hold.
+    """
+
+    def __init__(self, stream: str, fmt: AudioFormat, chunk_bytes: int, max_payload: int) -> None:
+        self.stream = stream
+        self.chunk_bytes = chunk_bytes
+        self.max_payload = max_payload
+        self.fits_frames = max(0, max_payload) // fmt.frame_bytes
+        super().__init__(
+            f"chunks of stream {stream} are {chunk_bytes} bytes "
+            f"({chunk_bytes // fmt.frame_bytes} frames of {fmt}) but the relay takes at most "
+            f"{max_payload} bytes of audio per chunk ({self.fits_frames} frames)",
+            ErrorCode.FRAME_TOO_LARGE,
+        )

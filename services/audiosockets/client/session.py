@@ -21,11 +21,21 @@ from dataclasses import dataclass
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     wait_exponential_jitter,
 )
 
-from ..errors import ConnectionClosed, ErrorCode, Refused, RelayUnreachable, RemoteProtocolError
+from ..errors import (
+    FATAL_REFUSALS,
+    AudiosocketsError,
+    ConfigError,
+    ConnectionClosed,
+    ErrorCode,
+    Refused,
+    RelayRefused,
+    RelayUnreachable,
+    RemoteProtocolError,
+)
 from ..metrics import Metrics
 from ..protocol import (
     ErrorFrame,
@@ -60,6 +70,45 @@ class RetryPolicy:
 
 
 _RETRYABLE = (RelayUnreachable, ConnectionClosed, RemoteProtocolError, OSError)
+
+
+def refusal(exc: BaseException) -> Refused | None:
+    """The relay's answer in ``exc`` as a refusal no retry can change, else None.
+
+    A session ended with UNAUTHORIZED (a request refused by rule: stream, group,
+    ownership, credentials reloaded) is said with the relay's own sentence.
+    """
+    if isinstance(exc, ConnectionClosed) and exc.code in FATAL_REFUSALS:
+        return RelayRefused(_refusal_sentence(exc), exc.code)
+    if isinstance(exc, Refused):
+        return exc
+    return None
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, _RETRYABLE) and refusal(exc) is None
+
+
+def check_wire_name(value: str, what: str, limits: Limits | None = None) -> None:
+    """``ValueError`` naming ``what`` when ``value`` is longer than the wire allows
+    (``max_name_length`` bytes of UTF-8: a relay would refuse it on every attempt)."""
+    limit = (limits or Limits()).max_name_length
+    size = len(value.encode("utf-8"))
+    if size > limit:
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise ValueError(f"{what} {shown!r} is {size} bytes of UTF-8; the protocol allows {limit}")
+
+
+def check_wire_names(names: dict[str, str], limits: Limits | None = None) -> None:
+    """Check every name a command will send, keyed by what the user sets it with
+    (``{"--stream": ..., "--name": ...}``); ``ConfigError`` (exit 2) for the first too long."""
+    for what, value in names.items():
+        try:
+            check_wire_name(value, what, limits)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 #: Session ends that are nobody's fault: reconnect at once (tenacity still
 #: backs off if the relay is not back yet).
 _BENIGN_CLOSE = frozenset({ErrorCode.NORMAL, ErrorCode.SHUTTING_DOWN, ErrorCode.HEARTBEAT_TIMEOUT})
@@ -73,12 +122,14 @@ class ReconnectingClient:
     Public state: ``channel`` (the current session or None), ``connected``
     (an ``asyncio.Event``), ``attempts`` (connects tried), ``sessions``
     (sessions established), ``last_error`` (the last failure, one sentence),
-    ``refused`` (the ``Refused`` error that ended the client, or None).
+    ``failure`` and ``failed``: set when the relay refused for a reason no retry
+    can change (``errors.FATAL_REFUSALS``: a bad token, a role, stream or group
+    not allowed, a certificate refused either way, a stream another publisher
+    holds, what we send too large); the client has then stopped, and
+    ``wait_connected`` and the subclasses raise ``failure`` to the application.
 
-    A refusal retrying cannot change (bad token, role, stream or group not
-    allowed, a certificate refused either way) ends the background task for
-    good: ``refused`` is set, ``wait_connected``/``wait_refused`` return it,
-    and the subclasses raise it to the application.
+    Raises ValueError at construction for a name or token over
+    ``Limits.max_name_length`` bytes of UTF-8.
     """
 
     role: Role
@@ -95,20 +146,24 @@ class ReconnectingClient:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = url if isinstance(url, RelayAddress) else parse_url(url)
+        self.limits = limits or Limits()
+        check_wire_name(name, "client name", self.limits)
+        check_wire_name(token, "token", self.limits)
         self.name = name
         self.token = token
         self.tls = tls
         self.metrics = metrics or Metrics()
         self.retry = retry or RetryPolicy()
-        self.limits = limits or Limits()
         self.rcvbuf = 0
         self.channel: Channel | None = None
         self.connected = asyncio.Event()
         self.attempts = 0
         self.sessions = 0
         self.last_error: str | None = None
-        self.refused: Refused | None = None
-        self._refusal = asyncio.Event()
+        #: Why the client ended by itself (a refusal no retry can change), if it did.
+        self.failure: AudiosocketsError | None = None
+        #: Set when ``failure`` is.
+        self.failed = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self.metrics.reconnects.labels(self.role.label)
@@ -123,13 +178,13 @@ class ReconnectingClient:
         """Wait until a session is established (a publisher's streams accepted).
 
         Returns False if ``timeout`` seconds passed first (None: no limit).
-        Raises ``Refused`` when the relay refused this client for good.
+        Raises ``failure`` (a ``Refused``) when the relay refused this client for good.
         """
         try:
             async with asyncio.timeout(timeout):
                 waiters = [
                     asyncio.ensure_future(self.connected.wait()),
-                    asyncio.ensure_future(self._refusal.wait()),
+                    asyncio.ensure_future(self.failed.wait()),
                 ]
                 try:
                     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -138,25 +193,9 @@ class ReconnectingClient:
                         waiter.cancel()
         except TimeoutError:
             return False
-        if self.refused is not None:
-            raise self.refused
+        if self.failure is not None and not self.connected.is_set():
+            raise self.failure
         return True
-
-    async def wait_refused(self) -> Refused:
-        """Wait until the relay refuses this client for good; returns the ``Refused``."""
-        await self._refusal.wait()
-        assert self.refused is not None
-        return self.refused
-
-    def _refuse(self, exc: Refused) -> None:
-        self.refused = exc
-        self.last_error = str(exc)
-        log.error("%s %r: %s", self.role.label, self.name, exc)
-        self._refusal.set()
-        self._on_refused(exc)
-
-    def _on_refused(self, exc: Refused) -> None:
-        """Subclasses hand the refusal to the application (e.g. wake a reader)."""
 
     async def _connect_once(self) -> Channel:
         self.attempts += 1
@@ -164,12 +203,23 @@ class ReconnectingClient:
             self.metrics.reconnects.labels(self.role.label).inc()
         return await connect(
             self.address,
-            Hello(self.role, self.name, self.token),
+            self._hello(),
             limits=self.limits,
             connect_timeout=self.retry.connect_timeout,
             rcvbuf=self.rcvbuf,
             tls=self.tls,
         )
+
+    def _hello(self) -> Hello:
+        return Hello(self.role, self.name, self.token)
+
+    def _fail(self, failure: AudiosocketsError) -> None:
+        """End the client: ``failure`` cannot be cured by retrying."""
+        if self.failure is None:
+            self.failure = failure
+            self.last_error = str(failure)
+            log.info("%s %r: giving up: %s", self.role.label, self.name, failure)
+        self.failed.set()
 
     def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -189,31 +239,34 @@ class ReconnectingClient:
             wait=wait_exponential_jitter(
                 multiplier=self.retry.initial, max=self.retry.cap, jitter=self.retry.jitter
             ),
-            retry=retry_if_exception_type(_RETRYABLE),
+            retry=retry_if_exception(_retryable),
             before_sleep=self._before_sleep,
             reraise=True,
         )
         short_sessions = 0
+        fatal: Refused | None = None  # a refusal retrying cannot change
         while not self._closing:
             try:
                 channel: Channel = await retrying(self._connect_once)
-            except Refused as exc:
-                self._refuse(exc)
+            except (Refused, ConnectionClosed) as exc:  # the handshake was refused for good
+                fatal = refusal(exc)
+                if fatal is None:
+                    raise
+                self._fail(fatal)
                 return
             self.channel = channel
             self.sessions += 1
             started = time.monotonic()
             refused = False  # did the relay end this session because of us?
-            fatal: Refused | None = None  # ... for a reason retrying cannot change?
+            fatal = None
             try:
                 await self._session(channel)
-            except Refused as exc:
-                fatal = exc
+            except Refused as exc:  # we found we cannot send what we have
+                self._fail(exc)
             except _RETRYABLE as exc:
-                if isinstance(exc, ConnectionClosed) and exc.code == ErrorCode.UNAUTHORIZED:
-                    # A request refused by rule (stream, group, ownership): the
-                    # same request would be refused again.
-                    fatal = Refused(f"relay {self.address} refused: {_reason(exc)}")
+                fatal = refusal(exc)
+                if fatal is not None and not self._closing:
+                    self._fail(fatal)
                 refused = isinstance(exc, RemoteProtocolError) or (
                     isinstance(exc, ConnectionClosed) and exc.code not in _BENIGN_CLOSE
                 )
@@ -235,13 +288,10 @@ class ReconnectingClient:
                 self._session_ended()
                 if not channel.closed:
                     channel.abort()
-            if fatal is not None:
-                self._refuse(fatal)
-                return
             # A session the relay ends right away (it refuses what we send)
             # must not turn into a reconnect storm: back off as for a failed
             # connect, with the same tenacity strategy, until one lasts.
-            if self._closing:
+            if self._closing or self.failure is not None:
                 break
             if refused and time.monotonic() - started < self.retry.healthy_session:
                 short_sessions += 1
@@ -276,7 +326,8 @@ class ReconnectingClient:
             self._task = None
 
 
-def _reason(exc: ConnectionClosed) -> str:
-    """The relay's own sentence from ``relay ended the session: SENTENCE``."""
+def _refusal_sentence(exc: ConnectionClosed) -> str:
+    """``relay ended the session: SENTENCE`` said as a refusal; other texts as they are."""
     text = str(exc)
-    return text.split(": ", 1)[1] if text.startswith("relay ended the session: ") else text
+    prefix = "relay ended the session: "
+    return "relay refused: " + text[len(prefix) :] if text.startswith(prefix) else text

@@ -7,7 +7,7 @@ import json
 import ssl
 from typing import Any
 
-from ..errors import ErrorCode, Refused, RelayUnreachable
+from ..errors import ConnectionClosed, ErrorCode, RelayRefused, RelayUnreachable
 from ..protocol import (
     ErrorFrame,
     Goodbye,
@@ -18,6 +18,7 @@ from ..protocol import (
 )
 from ..transport import connect
 from ..urls import RelayAddress, parse_url
+from .session import check_wire_names, refusal
 
 
 async def fetch_status(
@@ -31,15 +32,24 @@ async def fetch_status(
 
     ``timeout`` (seconds) bounds the connect and, separately, the answer.
     Returns the report's JSON document as a dict (see the relay's status
-    module for its keys). ``tls``: as for ``Publisher``. Raises
-    RelayUnreachable when the relay cannot be reached or does not answer
-    with STATUS, Refused when it refuses the session or the request (token,
-    role, certificate), ConnectionClosed when it ends the session otherwise.
+    module for its keys). ``tls``: as for ``Publisher``. Raises ConfigError
+    for a token over the protocol's name limit (before connecting),
+    RelayUnreachable when the relay cannot be reached or does not answer with
+    STATUS, Refused (``RelayRefused`` from our relay) when it refuses the
+    session or the request for good (token, role, certificate: exit 1),
+    ConnectionClosed for any other end.
     """
     address = url if isinstance(url, RelayAddress) else parse_url(url)
-    channel = await connect(
-        address, Hello(Role.OBSERVER, "status", token), connect_timeout=timeout, tls=tls
-    )
+    check_wire_names({"--token": token})
+    try:
+        channel = await connect(
+            address, Hello(Role.OBSERVER, "status", token), connect_timeout=timeout, tls=tls
+        )
+    except ConnectionClosed as exc:
+        fatal = refusal(exc)
+        if fatal is None:
+            raise
+        raise fatal from exc
     try:
         channel.send(StatusRequest())
         async with asyncio.timeout(timeout):
@@ -49,7 +59,7 @@ async def fetch_status(
     finally:
         await channel.close(Goodbye(ErrorCode.NORMAL, "bye"))
     if isinstance(event, ErrorFrame) and event.code == ErrorCode.UNAUTHORIZED:
-        raise Refused(f"relay {address} refused: {event.message}")
+        raise RelayRefused(f"relay {address} refused: {event.message}", event.code)
     if not isinstance(event, Status):
         raise RelayUnreachable(f"relay {address} answered {type(event).__name__}, not STATUS")
     result: dict[str, Any] = json.loads(event.document)

@@ -6,6 +6,9 @@ queue survives reconnects, so a reconnect resumes after ``received`` and
 duplicates (seq <= received) are suppressed and counted. Subscribers apply
 backpressure, not loss: when the application stops iterating, the reader
 stops reading, and the relay (which owns the bounded queue) drops and counts.
+Every chunk of one read is handed over as one batch with one wake-up
+(``handoff.Handoff``), and a group member's ACKs are coalesced per turn of the
+event loop: per-chunk costs are the decode and the ``Chunk``, nothing else.
 """
 
 from __future__ import annotations
@@ -15,18 +18,21 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..audio import AudioFormat, Chunk
-from ..errors import ConnectionClosed, Refused
+from ..errors import AudiosocketsError, ConnectionClosed
+from ..handoff import Handoff
 from ..metrics import Metrics
 from ..protocol import (
     Ack,
     ChunkData,
     CloseStream,
     ErrorFrame,
+    Event,
     Goodbye,
     Limits,
     OpenStream,
@@ -36,11 +42,22 @@ from ..protocol import (
 )
 from ..transport import Channel
 from ..urls import RelayAddress
-from .session import ReconnectingClient, RetryPolicy
+from .session import ReconnectingClient, RetryPolicy, check_wire_name
 
 log = logging.getLogger(__name__)
 
 StartName = Literal["live", "earliest"]
+
+
+@dataclass(frozen=True, slots=True)
+class _StreamEnded:
+    """In the hand-off queue: the relay closed ``stream`` after the chunks before this."""
+
+    stream: str
+
+
+#: In the hand-off queue: the subscriber failed (``failure``) after the chunks before this.
+_FAILED = _StreamEnded("")
 
 
 class Subscriber(ReconnectingClient):
@@ -64,9 +81,16 @@ class Subscriber(ReconnectingClient):
         socket_buffer_bytes: kernel receive buffer (SO_RCVBUF), in bytes:
             small, so a slow consumer's backlog stays in the relay's counted
             queue rather than in the kernel.
-        on_stream_closed: called with a stream's name when the relay closes it.
+        on_stream_closed: called with a stream's name when the relay closes it,
+            inside the iteration, once the application has taken the stream's
+            last chunk (the close waits behind queued chunks, never ahead).
         manual_ack: ACK only through ``ack()`` (else taking the next chunk
             ACKs the previous one).
+
+    After a refusal no retry can change (``failure``: a wrong token), iterating
+    raises it once the chunks received before are taken. Raises ValueError at
+    construction for a name, token, pattern or group over
+    ``Limits.max_name_length`` bytes of UTF-8.
 
     Satisfies ``client.ChunkSubscription``.
     """
@@ -91,6 +115,8 @@ class Subscriber(ReconnectingClient):
         on_stream_closed: Callable[[str], None] | None = None,
         manual_ack: bool = False,
     ) -> None:
+        check_wire_name(pattern, "stream pattern", limits)
+        check_wire_name(group, "group", limits)
         super().__init__(
             url,
             name=name,
@@ -111,9 +137,11 @@ class Subscriber(ReconnectingClient):
         self.duplicates = 0
         self.gaps = 0
         self._ids: dict[str, int] = {}
-        # Chunks, then possibly the Refused that ended the subscriber (wakes a waiting reader).
-        self._queue: asyncio.Queue[Chunk | Refused] = asyncio.Queue(maxsize=queue_chunks)
+        # Chunks and end-of-stream marks (and _FAILED), in the order they came off the socket.
+        self._handoff: Handoff[Chunk | _StreamEnded] = Handoff(queue_chunks)
         self._unacked: Chunk | None = None
+        self._acks_due: set[str] = set()  # streams whose latest ACK has not been sent
+        self._acks_scheduled = False
         self._on_stream_closed = on_stream_closed
         # Group members ACK what they processed. By default a chunk counts as
         # processed when the application asks for the next one; with
@@ -141,6 +169,7 @@ class Subscriber(ReconnectingClient):
         network trouble.
         """
         self._ack_previous()
+        self._send_acks()  # before the GOODBYE
         await self._stop_task(farewell=True)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
@@ -152,37 +181,70 @@ class Subscriber(ReconnectingClient):
 
         Waits (without timeout) while the queue is empty, across reconnects.
         Without ``manual_ack``, asking for the next chunk ACKs the previous one.
-        Raises ``Refused`` once the chunks received are handed out, if the
-        relay refused this subscriber for good.
+        Runs ``on_stream_closed`` for a stream whose last chunk was taken before.
+        Raises ``failure`` (a refusal, e.g. ``RelayRefused``) once the chunks
+        received before it are taken.
         """
         self._ack_previous()
-        if self.refused is not None and self._queue.empty():
-            raise self.refused
-        item = await self._queue.get()
-        if isinstance(item, Refused):
-            raise item
-        chunk = item
+        if self.failure is not None and not len(self._handoff):
+            raise self.failure  # refused for good: iterating ends with the reason
+        chunk = await self._handoff.get()
+        while not isinstance(chunk, Chunk):
+            if chunk is _FAILED:
+                assert self.failure is not None
+                raise self.failure
+            # Only now, after the application took the stream's last chunk, is the
+            # stream over for it (the processor then completes the handler's files).
+            if self._on_stream_closed is not None:
+                self._on_stream_closed(chunk.stream)
+            chunk = await self._handoff.get()
         self.positions[chunk.stream] = chunk.seq
         if not self.manual_ack:
             self._unacked = chunk
         return chunk
 
+    def _fail(self, failure: AudiosocketsError) -> None:
+        super()._fail(failure)
+        self._handoff.put_marker(_FAILED)  # after the chunks already handed over
+        self._handoff.publish()
+
     def ack(self, stream: str, seq: int) -> None:
         """Tell the relay this group member is done with ``stream`` up to ``seq``.
 
         Only meaningful in a group (a new owner resumes after the last ACK);
-        lower or repeated values are ignored.
+        lower or repeated values are ignored. The first ACK of a turn of the
+        event loop leaves at once; the ones after it in the same turn are
+        coalesced, the latest per stream, into one write at the end of the turn
+        (a batch of chunks costs two writes, not one per chunk).
         """
         if seq <= self.acked.get(stream, -1):
             return
         self.acked[stream] = seq
         if not self.group:
             return
+        if self._acks_scheduled:
+            self._acks_due.add(stream)
+            return
+        self._acks_scheduled = True
+        asyncio.get_running_loop().call_soon(self._send_acks)
+        self._write_acks([stream])
+
+    def _send_acks(self) -> None:
+        self._acks_scheduled = False
+        due, self._acks_due = self._acks_due, set()
+        self._write_acks(due)
+
+    def _write_acks(self, streams: Iterable[str]) -> None:
         channel = self.channel
-        stream_id = self._ids.get(stream)
-        if channel is not None and not channel.closed and stream_id is not None:
-            with contextlib.suppress(Exception):
-                channel.send(Ack(stream_id, seq))
+        if channel is None or channel.closed:
+            return
+        frames = []
+        for stream in streams:
+            stream_id = self._ids.get(stream)
+            if stream_id is not None:
+                frames.append(channel.conn.send(Ack(stream_id, self.acked[stream])))
+        with contextlib.suppress(Exception):
+            channel.writelines(frames)
 
     async def get(self, timeout: float | None = None) -> Chunk:
         """``__anext__`` with a deadline: raises TimeoutError after ``timeout`` seconds."""
@@ -199,7 +261,7 @@ class Subscriber(ReconnectingClient):
     @property
     def backlog(self) -> int:
         """Chunks received and waiting in the hand-off queue (at most ``queue_chunks``)."""
-        return self._queue.qsize()
+        return len(self._handoff)
 
     def _ack_previous(self) -> None:
         chunk, self._unacked = self._unacked, None
@@ -234,30 +296,46 @@ class Subscriber(ReconnectingClient):
         self.connected.set()
         self.metrics.connected.labels(self.role.label).set(1)
         streams: dict[int, tuple[str, AudioFormat]] = {}
+        handoff = self._handoff
         while True:
-            event = await channel.next_event()
-            if isinstance(event, ChunkData):
-                name, fmt = streams[event.stream_id]
-                await self._deliver(name, fmt, event.seq, event.captured_ns, event.payload)
-            elif isinstance(event, OpenStream):
-                streams[event.stream_id] = (event.name, event.format)
-                self._ids[event.name] = event.stream_id
-                self._stream_opened(event.name, event.format)
-            elif isinstance(event, CloseStream):
-                entry = streams.get(event.stream_id)
-                if entry is not None:
-                    self._stream_closed(entry[0], event.reason.name.lower())
-            elif isinstance(event, Goodbye | ErrorFrame):
-                raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
+            # Every event of one read, then one wake-up for the consumer; a full
+            # hand-off stops the reading (the rest stays in the socket).
+            event: Event | None = await channel.next_event()
+            try:
+                while event is not None:
+                    self._receive(event, streams)
+                    if handoff.full():
+                        break
+                    event = channel.poll_event()
+            finally:
+                handoff.publish()  # what arrived before an error is delivered too
+            if handoff.full():
+                await handoff.wait_for_space()
+
+    def _receive(self, event: Event, streams: dict[int, tuple[str, AudioFormat]]) -> None:
+        if isinstance(event, ChunkData):
+            name, fmt = streams[event.stream_id]
+            self._deliver(name, fmt, event.seq, event.captured_ns, event.payload)
+        elif isinstance(event, OpenStream):
+            streams[event.stream_id] = (event.name, event.format)
+            self._ids[event.name] = event.stream_id
+            self._stream_opened(event.name, event.format)
+        elif isinstance(event, CloseStream):
+            entry = streams.get(event.stream_id)
+            if entry is not None:
+                self._stream_closed(entry[0], event.reason.name.lower())
+        elif isinstance(event, Goodbye | ErrorFrame):
+            raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
 
     # -- delivery: independent of the wire, shared by any transport ------------
 
-    async def _deliver(
+    def _deliver(
         self, name: str, fmt: AudioFormat, seq: int, captured_ns: int, payload: bytes
     ) -> None:
         """Suppress a duplicate, count a gap, hand the chunk to the application.
 
-        Waits while the hand-off queue is full: that is the backpressure.
+        The caller checks ``_handoff.full()`` first and waits for space when it
+        is full: that is the backpressure.
         """
         m = self.metrics
         last = self.received.get(name, -1)
@@ -277,9 +355,9 @@ class Subscriber(ReconnectingClient):
         received.inc()
         nbytes.inc(len(payload))
         latency.observe(max(0.0, (now - captured_ns) / 1e9))
-        if self._queue.full():
-            depth.set(self._queue.qsize())
-        await self._queue.put(chunk)
+        self._handoff.put(chunk)
+        if self._handoff.full():
+            depth.set(len(self._handoff))
 
     def _stream_opened(self, name: str, fmt: AudioFormat) -> None:
         self.formats[name] = fmt
@@ -290,7 +368,8 @@ class Subscriber(ReconnectingClient):
         self._assigned.discard(name)
         log.info("stream %r closed by relay (%s)", name, reason)
         if self._on_stream_closed is not None:
-            self._on_stream_closed(name)
+            # Behind the chunks still queued for the application, never ahead of them.
+            self._handoff.put_marker(_StreamEnded(name))
 
     def _log_gap(self, stream: str, missing: int, seq: int) -> None:
         # Rate-limited: a slow consumer can see thousands of gaps a second;
@@ -303,10 +382,6 @@ class Subscriber(ReconnectingClient):
         self._gap_logged[stream] = now
         self._gap_pending[stream] = 0
         log.warning("stream %r: %d chunks missing (latest gap before seq %d)", stream, pending, seq)
-
-    def _on_refused(self, exc: Refused) -> None:
-        if not self._queue.full():  # full: the reader is not waiting, and sees it when empty
-            self._queue.put_nowait(exc)
 
     def _session_ended(self) -> None:
         self._assigned.clear()

@@ -26,7 +26,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ..audio import Chunk, SampleType
+from ..audio import Chunk
+from ..convert import FULL_SCALE as _CONVERT_FULL_SCALE
 from ..errors import HandlerError
 
 GaugeName = Literal["level_dbfs", "seconds_since_sound", "vad_active", "band_energy_dbfs"]
@@ -130,12 +131,9 @@ def builtin_class(name: str) -> type[Any]:
     return cls
 
 
-#: Full scale per sample type: the magnitude that maps to 1.0 (0 dBFS peak).
-FULL_SCALE: dict[SampleType, float] = {
-    SampleType.INT16: 32768.0,
-    SampleType.INT32: 2147483648.0,
-    SampleType.FLOAT32: 1.0,
-}
+#: Full scale per sample type: the magnitude that maps to 1.0 (0 dBFS peak). One table
+#: for the meters and the converters (``convert.FULL_SCALE``).
+FULL_SCALE = _CONVERT_FULL_SCALE
 
 #: dBFS reported for digital silence instead of -inf (alerting rules stay simple).
 FLOOR_DBFS = -120.0

@@ -9,9 +9,14 @@ the sidecar ``<segment>.json`` of the segment before it says
 ``ended_by: "gap"`` with the missing seq range, the next one carries the same
 range as ``gap_before``.
 
-File names: ``<stream>_<UTC capture time of the first frame>_<first seq>.wav``
+File names: ``<stem>_<UTC capture time of the first frame>_<first seq>.wav``
 with a fixed-width ``YYYYMMDDTHHMMSS.ffffffZ`` stamp, so names sort in
-capture order within a stream. While open, a segment is ``.<name>.<writer>.part``
+capture order within a stream. ``<stem>`` is ``filenames.stream_stem``: the
+stream name itself when it is plain (``mic-1``), else a readable prefix plus
+``~`` and a hash of the exact name (``mic 1`` -> ``mic_1~3c9e…``), so two
+streams never share a file, and every name the archive creates fits the file
+system's ``NAME_MAX`` (the stem's budget is that limit minus the longest
+suffix, ``RESERVED_BYTES``). While open, a segment is ``.<name>.<writer>.part``
 (a dot file not ending in ``.wav``); closing patches the RIFF sizes, fsyncs
 and renames it, so a crash never leaves a half file under a final name. Group
 replicas may share DIR: temp names carry the writer, and a final name another
@@ -19,9 +24,12 @@ replica already took gets ``_<writer>`` appended instead of being replaced.
 Duplicates (seq already written, e.g. after a group handover) are skipped.
 
 Continuity: a new instance (processor restart, stream handed back) reads the
-newest sidecar of its stream in DIR; chunks that end before that segment's
-end are skipped as already archived, and the seq carries on from its
+newest sidecar of its stream in DIR, matched on the exact stream name stored
+inside it (not on the file name); chunks that end before that segment's end
+are skipped as already archived, and the seq carries on from its
 ``last_seq``, so chunks lost in between are a recorded gap like any other.
+Sidecars written by earlier versions under the old name scheme (every
+character outside ``A-Za-z0-9._-`` replaced by ``_``) are found too.
 
 State (one instance per stream): the open segment's file object and counters.
 Open files are bounded (``HandlerOptions.max_open_segments``): the instances
@@ -49,6 +57,7 @@ from typing import Any, BinaryIO, Literal
 
 from ..audio import AudioFormat, Chunk, SampleType
 from ..errors import HandlerError
+from ..filenames import stem_budget, stream_stem
 from . import HandlerContext
 
 log = logging.getLogger("audiosockets.handlers.archive")
@@ -56,7 +65,8 @@ log = logging.getLogger("audiosockets.handlers.archive")
 EndReason = Literal["rotation", "gap", "format_change", "closed", "open_file_cap"]
 #: RIFF sizes are 32-bit: rotate well before that whatever --segment-seconds says.
 MAX_DATA_BYTES = 2**32 - 1024
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+#: How names were made before ``filenames.stream_stem`` (read for continuity only).
+_LEGACY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def wav_header(fmt: AudioFormat, data_bytes: int) -> bytes:
@@ -81,15 +91,26 @@ def wav_header(fmt: AudioFormat, data_bytes: int) -> bytes:
     return b"RIFF" + struct.pack("<I", len(body) + data_bytes) + body
 
 
-def segment_name(stream: str, captured_ns: int, seq: int) -> str:
-    """File name of a segment: ``STREAM_YYYYmmddTHHMMSS.uuuuuuZ_SEQ.wav``.
+def segment_name(stem: str, captured_ns: int, seq: int) -> str:
+    """File name of a segment: ``STEM_YYYYmmddTHHMMSS.uuuuuuZ_SEQ.wav``.
 
-    ``captured_ns`` (ns since the epoch, UTC) is the capture time of its first
-    chunk, ``seq`` that chunk's seq (10 digits, so names sort in order); characters
-    unsafe in file names are replaced by ``_``."""
+    ``stem`` is ``filenames.stream_stem`` of the stream; ``captured_ns`` (ns since
+    the epoch, UTC) is the capture time of its first chunk, ``seq`` that chunk's
+    seq (at least 10 digits, so names sort in order)."""
     stamp = datetime.fromtimestamp(captured_ns // 1_000_000_000, UTC).strftime("%Y%m%dT%H%M%S")
     micros = (captured_ns % 1_000_000_000) // 1000
-    return f"{_UNSAFE.sub('_', stream)}_{stamp}.{micros:06d}Z_{seq:010d}.wav"
+    return f"{stem}_{stamp}.{micros:06d}Z_{seq:010d}.wav"
+
+
+def part_name(name: str, writer: str) -> str:
+    """The temporary name of ``name`` while ``writer`` writes it: a dot file ending ``.part``."""
+    return f".{name}.{writer}.part"
+
+
+def claimed_name(name: str, writer: str) -> str:
+    """``name`` with ``_<writer>`` before its suffix: a final name another writer took."""
+    path = Path(name)
+    return f"{path.stem}_{writer}{path.suffix}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,8 +127,22 @@ def _fsync_dir(path: Path) -> None:
 #: Who writes, in temp names: replicas of a group may share DIR (containers
 #: can even share a pid), and two of them can hold the same segment during an
 #: at-least-once handover. Neither may truncate or overwrite the other's file.
-WRITER = re.sub(r"[^A-Za-z0-9_-]", "_", f"{socket.gethostname()}-{os.getpid()}")[:48]
+WRITER_MAX = 48
+WRITER = re.sub(r"[^A-Za-z0-9_-]", "_", f"{socket.gethostname()}-{os.getpid()}")[:WRITER_MAX]
+#: A writer id with its instance number (``WRITER-N``), as long as it may get.
+WRITER_ID_MAX = WRITER_MAX + 1 + 10
 _instances = itertools.count(1)
+
+
+def _longest_name(stem: str) -> str:
+    """The longest name the archive can create for ``stem``: the temp file of the
+    sidecar of a segment renamed for its writer, with a 20-digit (u64) seq."""
+    segment = claimed_name(segment_name(stem, 0, 2**64 - 1), "w" * WRITER_ID_MAX)
+    return part_name(str(Path(segment).with_suffix(".json")), "w" * WRITER_MAX)
+
+
+#: Bytes every file name adds around the stream's stem, at most.
+RESERVED_BYTES = len(_longest_name(""))
 
 
 def _publish(tmp: Path, path: Path, writer: str) -> Path:
@@ -116,7 +151,7 @@ def _publish(tmp: Path, path: Path, writer: str) -> Path:
     A name already taken (another replica archived the same first chunk)
     gets this writer's id appended; the duplicate audio stays visible.
     """
-    ours = path.with_name(f"{path.stem}_{writer}{path.suffix}")
+    ours = path.with_name(claimed_name(path.name, writer))
     try:
         os.link(tmp, path)  # atomic, and fails rather than replace
     except FileExistsError:
@@ -131,7 +166,7 @@ def _publish(tmp: Path, path: Path, writer: str) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{WRITER}.part")
+    tmp = path.with_name(part_name(path.name, WRITER))
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -196,6 +231,10 @@ class Archive:
             raise HandlerError(f"archive directory {self.dir}: {exc.strerror or exc}") from exc
         if not os.access(self.dir, os.W_OK):
             raise HandlerError(_not_writable(self.dir))
+        try:
+            self._stem = stream_stem(ctx.stream, stem_budget(self.dir, RESERVED_BYTES))
+        except ValueError as exc:
+            raise HandlerError(f"archive: {exc}") from exc
         self._seg: _Segment | None = None
         self._writer = f"{WRITER}-{next(_instances)}"
         self._next_seq: int | None = None
@@ -210,24 +249,41 @@ class Archive:
         self._prior = self._last_archived()
 
     def _last_archived(self) -> tuple[int, int] | None:
-        """(last seq, capture end ns) of this stream's newest complete segment in DIR."""
-        prefix = _UNSAFE.sub("_", self.ctx.stream) + "_"
-        pattern = re.compile(
-            re.escape(prefix) + r"\d{8}T\d{6}\.\d{6}Z_\d{10}(_[A-Za-z0-9_-]+)?\.json"
-        )
+        """(last seq, capture end ns) of this stream's newest complete segment in DIR.
+
+        Sidecars are matched on the exact stream name inside them: a file name
+        only narrows the search (and earlier versions gave ``mic 1`` and ``mic_1``
+        the same names).
+        """
+        stems = {self._stem, _LEGACY_UNSAFE.sub("_", self.ctx.stream)}
         try:
-            names = sorted(p.name for p in self.dir.iterdir() if pattern.fullmatch(p.name))
+            listing = [p.name for p in self.dir.iterdir()]
         except OSError:
             return None
-        for name in reversed(names):
-            try:
-                meta = json.loads((self.dir / name).read_text())
-                return int(meta["last_seq"]), int(meta["captured_ns"]) + round(
-                    meta["seconds"] * 1e9
-                )
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # an unreadable sidecar: try the one before
-        return None
+        newest: tuple[int, int] | None = None
+        for stem in stems:
+            pattern = re.compile(
+                re.escape(stem) + r"_\d{8}T\d{6}\.\d{6}Z_\d{10,}(_[A-Za-z0-9_-]+)?\.json"
+            )
+            # Within one stem, names sort in capture order: the first readable match
+            # from the end is that stem's newest.
+            for name in sorted((n for n in listing if pattern.fullmatch(n)), reverse=True):
+                found = self._read_sidecar(self.dir / name)
+                if found is not None:
+                    if newest is None or found[1] > newest[1]:
+                        newest = found
+                    break
+        return newest
+
+    def _read_sidecar(self, path: Path) -> tuple[int, int] | None:
+        """(last seq, capture end ns) from a sidecar of this very stream, else None."""
+        try:
+            meta = json.loads(path.read_text())
+            if meta["stream"] != self.ctx.stream:
+                return None  # another stream whose name maps to a similar file name
+            return int(meta["last_seq"]), int(meta["captured_ns"]) + round(meta["seconds"] * 1e9)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # an unreadable sidecar: the caller tries the one before
 
     def _continue_prior(self, chunk: Chunk) -> bool:
         """First chunk after a restart or handover: skip what DIR already holds, and
@@ -309,9 +365,9 @@ class Archive:
                 )
                 oldest._close(oldest._seg, "open_file_cap")
                 self.ctx.sink.inc("archive_evictions", (oldest.ctx.stream,))
-        name = segment_name(chunk.stream, chunk.captured_ns, chunk.seq)
+        name = segment_name(self._stem, chunk.captured_ns, chunk.seq)
         path = self.dir / name
-        tmp = self.dir / f".{name}.{self._writer}.part"
+        tmp = self.dir / part_name(name, self._writer)
         f = open(tmp, "wb")  # noqa: SIM115 - lives until the segment is closed
         f.write(wav_header(chunk.format, 0))
         seg = _Segment(path, tmp, f, chunk.format, chunk.seq, chunk.captured_ns)

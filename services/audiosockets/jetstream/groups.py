@@ -244,9 +244,11 @@ class GroupMember:
             if seq > sub.acked.get(stream, -1):
                 sub.acked[stream] = seq
             sub.acked_stream_seq[stream] = int(point["stream_seq"])
+            sub._last_stream_seq[stream] = int(point["stream_seq"])
             self._written[stream] = int(point["stream_seq"])
         else:
             first = start_seq
+            sub._last_stream_seq.pop(stream, None)
         sub._unacked_seqs.pop(stream, None)
         self.owned.add(stream)
         sub.assigned.add(stream)

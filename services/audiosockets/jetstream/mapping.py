@@ -37,6 +37,9 @@ SEQ: Final = "Audiosockets-Seq"
 CAPTURED: Final = "Audiosockets-Captured-Ns"
 FORMAT: Final = "Audiosockets-Format"
 EVENT: Final = "Audiosockets-Event"
+#: The stream sequence of the subject's previous message (absent on its first):
+#: lets a reader tell a hole in what a consumer delivered from a real gap.
+PREV: Final = "Audiosockets-Prev"
 MSG_ID: Final = "Nats-Msg-Id"
 END: Final = "end"
 
@@ -100,19 +103,32 @@ def message_id(publisher: str, stream_index: int, seq: int) -> str:
 
 
 def chunk_headers(
-    publisher: str, stream_index: int, seq: int, captured_ns: int, fmt: AudioFormat
+    publisher: str,
+    stream_index: int,
+    seq: int,
+    captured_ns: int,
+    fmt: AudioFormat,
+    prev: int | None = None,
 ) -> dict[str, str]:
-    return {
+    headers = {
         MSG_ID: message_id(publisher, stream_index, seq),
         SEQ: str(seq),
         CAPTURED: str(captured_ns),
         FORMAT: format_label(fmt),
     }
+    if prev is not None:
+        headers[PREV] = str(prev)
+    return headers
 
 
-def end_headers(publisher: str, stream_index: int, last_seq: int) -> dict[str, str]:
+def end_headers(
+    publisher: str, stream_index: int, last_seq: int, prev: int | None = None
+) -> dict[str, str]:
     """The end-of-stream marker: no payload, ``Audiosockets-Seq`` is the last chunk's."""
-    return {MSG_ID: f"{publisher}.{stream_index}.end.{last_seq}", SEQ: str(last_seq), EVENT: END}
+    headers = {MSG_ID: f"{publisher}.{stream_index}.end.{last_seq}", SEQ: str(last_seq), EVENT: END}
+    if prev is not None:
+        headers[PREV] = str(prev)
+    return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +138,14 @@ class ChunkMessage:
     captured_ns: int
     format: AudioFormat
     payload: bytes
+    prev: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class EndMessage:
     stream: str
     last_seq: int
+    prev: int | None = None
 
 
 def stream_of_subject(subject: str, prefix: str) -> str:
@@ -160,7 +178,7 @@ def decode_message(
     seq = _int_header(headers, SEQ, -1, 2**64 - 1)
     event = headers.get(EVENT)
     if event == END:
-        return EndMessage(stream, seq)
+        return EndMessage(stream, seq, _prev(headers))
     if event is not None:
         raise RemoteProtocolError(f"unknown {EVENT} {event!r}")
     if seq < 0:
@@ -172,7 +190,15 @@ def decode_message(
     fmt = parse_format(fmt_text)
     if len(payload) % fmt.frame_bytes:
         raise RemoteProtocolError("payload is not a whole number of frames", ErrorCode.BAD_FORMAT)
-    return ChunkMessage(stream, seq, captured, fmt, payload)
+    return ChunkMessage(stream, seq, captured, fmt, payload, _prev(headers))
+
+
+def _prev(headers: Mapping[str, str]) -> int | None:
+    # A message sourced from another stream (an edge site's) carries that
+    # stream's sequence numbers, not ours: no continuity check there.
+    if PREV not in headers or "Nats-Stream-Source" in headers:
+        return None
+    return _int_header(headers, PREV, 1, 2**64 - 1)
 
 
 def pattern_subject(pattern: str, prefix: str) -> str:

@@ -79,6 +79,8 @@ class JetStreamStream:
         self.next_seq = 0
         self.dropped = 0
         self.accepted = False  # synced with the server on this connection
+        #: Stream sequence of the subject's last stored message (its ``Audiosockets-Prev``).
+        self.last_stored: int | None = None
         self._inflight: int | None = None
         self.wake = asyncio.Event()
         m = publisher.metrics
@@ -307,7 +309,9 @@ class JetStreamPublisher:
                         stream.subject,
                         b"",
                         timeout=left,
-                        headers=end_headers(self.identity, stream.id, stream.next_seq - 1),
+                        headers=end_headers(
+                            self.identity, stream.id, stream.next_seq - 1, stream.last_stored
+                        ),
                     )
         for stream in self.streams.values():
             if stream.history and drop_unsent:
@@ -398,7 +402,12 @@ class JetStreamPublisher:
                         entry.payload,
                         timeout=self.publish_timeout,
                         headers=chunk_headers(
-                            self.identity, stream.id, entry.seq, entry.captured_ns, stream.format
+                            self.identity,
+                            stream.id,
+                            entry.seq,
+                            entry.captured_ns,
+                            stream.format,
+                            stream.last_stored,
                         ),
                     )
                 finally:
@@ -433,6 +442,7 @@ class JetStreamPublisher:
             if ack.duplicate:
                 log.debug("stream %r seq %d was already stored", stream.name, entry.seq)
             stream._stored(entry.seq)
+            stream.last_stored = ack.seq
             self._progress.set()
 
     def _refusal(self, stream: JetStreamStream) -> Refused | None:
@@ -452,8 +462,10 @@ class JetStreamPublisher:
         try:
             last = await js.get_last_msg(self.settings.stream, stream.subject)
         except nats.js.errors.NotFoundError:
+            stream.last_stored = None
             stream.accepted = True
             return
+        stream.last_stored = last.seq
         headers = last.headers or {}
         try:
             seq = int(headers.get(SEQ, ""))

@@ -51,7 +51,7 @@ class Reader:
         self,
         link: NatsLink,
         filter_subject: str,
-        deliver: Callable[[Msg, int], Awaitable[None]],
+        deliver: Callable[[Msg, int, int], Awaitable[bool]],
         *,
         first: int | None,
         refused: Callable[[Exception], None] | None = None,
@@ -65,6 +65,8 @@ class Reader:
         self.refused = refused or (lambda exc: None)
         self.first = first
         self.last: int | None = None if first is None else first - 1
+        #: The first stream sequence this reader was asked for (0: not known yet).
+        self.start_seq = first or 0
         self.batch = batch
         self.heartbeat = heartbeat
         self.expires = expires
@@ -99,6 +101,8 @@ class Reader:
         if self.last is None:
             info = await js.stream_info(stream)
             self.last = info.state.last_seq
+        if self.start_seq == 0:
+            self.start_seq = self.last + 1
         name = f"as_{secrets.token_hex(8)}"
         config = ConsumerConfig(
             name=name,
@@ -217,5 +221,9 @@ class Reader:
                 continue
             if self.last is not None and seq <= self.last:
                 continue  # from a request to an earlier consumer
+            if not await self.deliver(msg, seq, self.start_seq):
+                # The consumer skipped a message before this one: a new consumer
+                # reads again from after the last message taken.
+                await asyncio.sleep(self.heartbeat / 2)
+                return
             self.last = seq
-            await self.deliver(msg, seq)

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 StartName = Literal["live", "earliest"]
 #: Most (seq, stream seq) pairs remembered per stream for chunks not yet acked.
 _MAX_UNACKED = 65536
+#: Consumers re-created for one hole before it counts as a gap (a second or so each).
+_MAX_REWINDS = 8
 
 
 class JetStreamSubscriber:
@@ -114,6 +116,9 @@ class JetStreamSubscriber:
         self._failure: Exception | None = None
         self._member: Any = None  # groups.GroupMember, when in a group
         self._gap_logged: dict[str, float] = {}
+        #: Stream sequence of the last message taken per stream (chunks and ends).
+        self._last_stream_seq: dict[str, int] = {}
+        self._rewinds: dict[str, int] = {}
 
     @property
     def last_error(self) -> str | None:
@@ -274,28 +279,44 @@ class JetStreamSubscriber:
             self._children[stream] = child
         return child
 
-    async def _deliver(self, msg: Msg, stream_seq: int) -> None:
+    def _hole(self, name: str, prev: int | None, start: int) -> bool:
+        """Read again (True) after a consumer skipped a message of ``name``; see ``skipped``."""
+        if not skipped(prev, self._last_stream_seq.get(name), start):
+            self._rewinds.pop(name, None)
+            return False
+        tries = self._rewinds[name] = self._rewinds.get(name, 0) + 1
+        if tries <= _MAX_REWINDS:
+            log.info("stream %r: a consumer skipped stream seq %s; reading again", name, prev)
+            return True
+        self._rewinds.pop(name, None)
+        log.warning("stream %r: stream seq %s never delivered; counted as a gap", name, prev)
+        return False
+
+    async def _deliver(self, msg: Msg, stream_seq: int, start: int) -> bool:
         try:
             decoded = decode_message(msg.subject, msg.headers, msg.data, self.settings.prefix)
         except RemoteProtocolError as exc:
             self.protocol_errors += 1
             self.metrics.protocol_errors.labels("foreign_message").inc()
             log.warning("skipped message %d on %s: %s", stream_seq, msg.subject, exc)
-            return
+            return True
         name = decoded.stream
         if not fnmatchcase(name, self.pattern):
-            return
+            return True
+        if self._hole(name, decoded.prev, start):
+            return False
+        self._last_stream_seq[name] = stream_seq
         if not isinstance(decoded, ChunkMessage):
             log.info("stream %r ended (last seq %d)", name, decoded.last_seq)
             if name in self.assigned:
                 self.stream_closed(name)
-            return
+            return True
         m = self.metrics
         last = self.received.get(name, -1)
         if decoded.seq <= last:
             self.duplicates += 1
             m.duplicates_suppressed.labels(name).inc()
-            return
+            return True
         fresh = name in self._fresh
         self._fresh.discard(name)
         if last >= 0 and decoded.seq > last + 1:
@@ -304,7 +325,7 @@ class JetStreamSubscriber:
             m.sequence_gaps.labels(name).inc(missing)
             if fresh:  # the retention no longer reached back to where we resumed
                 m.chunks_dropped.labels(name, "replay_window_exceeded").inc(missing)
-            self._log_gap(name, missing, decoded.seq)
+            _log_gap(self._gap_logged, name, missing, decoded.seq)
         self.received[name] = decoded.seq
         self.formats[name] = decoded.format
         self.assigned.add(name)
@@ -321,10 +342,30 @@ class JetStreamSubscriber:
         if self._queue.full():
             depth.set(self._queue.qsize())
         await self._queue.put(chunk)
+        return True
 
-    def _log_gap(self, stream: str, missing: int, seq: int) -> None:
-        now = time.monotonic()
-        if now - self._gap_logged.get(stream, -1e9) < 5.0:
-            return
-        self._gap_logged[stream] = now
-        log.warning("stream %r: %d chunks missing before seq %d", stream, missing, seq)
+
+def _log_gap(logged: dict[str, float], stream: str, missing: int, seq: int) -> None:
+    """One line per stream every 5 s at most (the counter has every gap)."""
+    now = time.monotonic()
+    if now - logged.get(stream, -1e9) < 5.0:
+        return
+    logged[stream] = now
+    log.warning("stream %r: %d chunks missing before seq %d", stream, missing, seq)
+
+
+def skipped(prev: int | None, expected: int | None, start: int) -> bool:
+    """Did the consumer pass over a stored message before this one?
+
+    ``prev``: the message's ``Audiosockets-Prev`` (the stream sequence of the
+    subject's previous stored message; None on the first, or for a sourced
+    message). ``expected``: the stream sequence of the last message taken from
+    this subject (None before the first). ``start``: the first stream sequence
+    the reader asked for. A consumer reading a replica that is still catching
+    up after a restart can pass over messages it does not hold yet; the reader
+    then reads again with a new consumer, ``_MAX_REWINDS`` times at most, after
+    which (the message is really gone: aged out) the gap is counted as usual.
+    """
+    if prev is None:
+        return False
+    return prev != expected if expected is not None else prev >= start

@@ -80,6 +80,10 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
 # --- child: publishers ------------------------------------------------------
 
 
+#: At ``--rate max``, the chunks a publisher may have queued before it waits for its socket.
+MAX_RATE_UNSENT = 256
+
+
 def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
     from ..audio import AudioFormat, SampleType
     from ..connect import connect_publisher
@@ -123,8 +127,13 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
                 if delay > 0:
                     await asyncio.sleep(delay)
             elif tick % 8 == 0:
-                # As fast as the relay takes it: wait for the socket, not a clock.
-                await asyncio.gather(*(p.flush(5) for p in pubs))
+                # As fast as the relay takes it: wait for the socket, not a clock,
+                # and only when it is backed up. Flushing every 8 chunks capped
+                # the rate at 8 chunks per turn of the writer, below the relay's.
+                if any(s.unsent >= MAX_RATE_UNSENT for s in streams):
+                    await asyncio.gather(*(p.flush(5) for p in pubs))
+                else:
+                    await asyncio.sleep(0)  # a turn for the writers
         elapsed = time.monotonic() - start
         await asyncio.gather(*(p.flush(10) for p in pubs))
         spool_drops = sum(s.dropped for s in streams)
@@ -183,6 +192,10 @@ def subscriber_process(
         out_of_order = 0
         done = asyncio.Event()
         final: dict[str, int] = {}
+        # Once the final positions are known: the streams each subscriber (fan-out)
+        # or the group (one set) still lacks, emptied chunk by chunk, so checking
+        # completion costs O(1) per chunk, not a scan of every stream.
+        unfinished: list[set[str]] = []
         last_rx = [0]
 
         async def consume(i: int, sub: Any) -> None:
@@ -204,10 +217,14 @@ def subscriber_process(
                 counts[i] += 1
                 if counts[i] % 256 == 0:
                     progress.value = sum(counts)
-                if final and _complete(i):
-                    done.set()
+                if unfinished:
+                    lacking = unfinished[0 if cfg.group else i]
+                    if chunk.stream in lacking and chunk.seq >= final[chunk.stream]:
+                        lacking.discard(chunk.stream)
+                        if not any(unfinished):
+                            done.set()
 
-        def _complete(i: int) -> bool:
+        def _track_completion() -> None:
             if cfg.group:
                 # Only the streams the relay gave to this process's members.
                 merged: dict[str, int] = {}
@@ -215,15 +232,18 @@ def subscriber_process(
                     for k, v in d.items():
                         merged[k] = max(merged.get(k, -1), v)
                 mine = set().union(*(s.assigned for s in subs))
-                return all(merged.get(k, -1) >= final[k] for k in mine if k in final)
-            return all(all(d.get(k, -1) >= v for k, v in final.items()) for d in seen)
+                unfinished.append({k for k in mine if k in final and merged.get(k, -1) < final[k]})
+            else:
+                for d in seen:
+                    unfinished.append({k for k, v in final.items() if d.get(k, -1) < v})
+            if not any(unfinished):
+                done.set()
 
         tasks = [asyncio.create_task(consume(i, s)) for i, s in enumerate(subs)]
         pipe.send("ready")
         loop = asyncio.get_running_loop()
         final.update(await loop.run_in_executor(None, pipe.recv))  # last seq per stream
-        if _complete(0):
-            done.set()
+        _track_completion()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(cfg.drain_seconds):
                 await done.wait()

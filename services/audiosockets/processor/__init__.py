@@ -1,10 +1,14 @@
 """The processor: Subscriber -> bounded backlog -> handler (thread or processes).
 
 Invariants:
-- The receive loop never waits on the handler. It only appends to a
-  ``ChunkBacklog`` whose size is fixed at construction (seconds of audio and/or
-  chunks); when full, the *oldest* chunk is dropped and counted
-  ``audiosockets_chunks_dropped_total{reason="processor_overrun"}``.
+- The receive loop appends to a ``ChunkBacklog`` whose size is fixed at
+  construction (seconds of audio and/or chunks). Beyond it, live audio the
+  handler let fall more than ``backlog_seconds`` behind is dropped, oldest
+  first, and counted
+  ``audiosockets_chunks_dropped_total{reason="processor_overrun"}``; audio
+  that arrived as a replay (catching up after ``--start earliest`` or a
+  resume) is never dropped: the receive loop stops taking chunks until the
+  handler makes room (backpressure: the relay keeps that audio).
 - Handlers run off the event loop: in one dedicated thread by default, or in
   ``workers`` single-process pools (``--workers N``) where each worker loads
   the handler by its spec and rebuilds ``Chunk`` from bytes + metadata.
@@ -14,11 +18,14 @@ Invariants:
   the event loop writes events and touches Prometheus objects.
 - Failure policy: each handler exception is counted
   (``audiosockets_handler_errors_total``), logged at most once per
-  ``LOG_INTERVAL`` seconds, and the next chunk is processed. After
-  ``failing_after`` failures in a row ``audiosockets_handler_failing`` is 1
-  (a success resets both); after ``exit_after`` in a row the processor stops
+  ``LOG_INTERVAL`` seconds, and the next chunk is processed. Failures in a
+  row are counted per stream (``failures.FailureTracker``; a success on that
+  stream resets its count): ``audiosockets_handler_failing`` is 1 while some
+  stream has ``failing_after`` in a row; once *every* active stream has
+  ``exit_after`` in a row, the handler itself is broken: the processor stops
   and ``run`` raises ``HandlerError`` (exit status 6), so a supervisor sees
-  and restarts it instead of it spinning silently. ``exit_after=0`` never exits.
+  and restarts it instead of it spinning silently. One stream's failures
+  never end the run for the others. ``exit_after=0`` never exits.
 - Stopping: a source that ends by itself is processed completely; after
   ``stop()`` the backlog gets ``drain_timeout`` seconds, what is left is counted
   as dropped, and a handler thread or worker stuck in user code cannot keep
@@ -33,7 +40,8 @@ handlers) inside the thread or worker process that runs the handler.
 
 Modules: ``api`` (the typed handler API: ``Handler``, ``SetsUp``, ``TearsDown``),
 ``loading`` (specs, importing handlers), ``runners`` (handler thread,
-worker processes, ``Outcome``), ``backlog`` (``ChunkBacklog``), ``metrics``
+worker processes, ``Outcome``), ``backlog`` (``ChunkBacklog``), ``failures``
+(``FailureTracker``), ``metrics``
 (``ProcessorMetrics``), ``server`` (``Processor``, ``ProcessorConfig``, ``serve``).
 """
 

@@ -19,10 +19,11 @@ from ..audio import Chunk
 from ..errors import ConfigError, HandlerError
 from ..handlers import HandlerOptions
 from ..metrics import Metrics
-from ..names import check_name, fit_name
+from ..names import fit_name
 from ..service import STOP_SIGNALS, run_service
 from ..urls import check_url
-from .backlog import ChunkBacklog, CompletionOrder, StreamClosed
+from .backlog import ChunkBacklog, CompletionOrder, StreamClosed, make_room
+from .failures import FailureTracker
 from .loading import HandlerSpec, _one_line, check_handler, parse_spec
 from .metrics import ProcessorMetrics
 from .runners import HandlerPool, Outcome
@@ -82,7 +83,6 @@ class ProcessorStats:
     processed: int = 0
     errors: int = 0
     dropped: int = 0
-    consecutive_errors: int = 0
     last_latency: float | None = None
     worker_cpu: dict[int, float] = field(default_factory=dict)
     streams: set[str] = field(default_factory=set)
@@ -131,8 +131,11 @@ class Processor:
         self.drain_timeout = drain_timeout
         self.stats = ProcessorStats()
         self._errlog = _RateLimitedLog(LOG_INTERVAL, clock)
+        gauge = self.pm.handler_failing.labels(self.spec.name)
+        self._failures = FailureTracker(self.spec.name, failing_after, exit_after, clock, gauge.set)
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()  # the handler took a chunk off the backlog
         self._closing = False
         self._fatal: HandlerError | None = None
         self.pool = HandlerPool(self.spec, self.options, workers, checked=checked)
@@ -255,7 +258,7 @@ class Processor:
             left = 0
             while (item := self.backlog.pop()) is not None:
                 if isinstance(item, Chunk):  # StreamClosed: teardown follows anyway
-                    self._count_drop(item)
+                    self._drop([item], finish=False)
                     left += 1
             if left:
                 log.warning("%s: %d chunk(s) not processed before shutdown", self.spec.name, left)
@@ -282,6 +285,8 @@ class Processor:
     async def _receive(self, chunks: AsyncIterable[Chunk]) -> None:
         async for chunk in chunks:
             self._accept(chunk)
+            if self.backlog.over_limit:  # backpressure: the relay keeps the audio
+                await make_room(self.backlog, self._room, self._drop)
 
     def _accept(self, chunk: Chunk) -> None:
         stats = self.stats
@@ -294,16 +299,19 @@ class Processor:
         if isinstance(self.source, GroupShare):  # a group Subscriber knows its share
             self.pm.assigned_streams.labels(self.spec.name).set(len(self.source.assigned))
         self._completion.received(chunk.stream, chunk.seq)
-        for old in self.backlog.push(chunk):
-            self._count_drop(old)
-            self._finish(old)
+        self._drop(self.backlog.push(chunk))
         self.metrics.queue_depth.labels(chunk.stream).set(self.backlog.depth[chunk.stream])
         self._wake.set()
 
-    def _count_drop(self, chunk: Chunk) -> None:
-        self.stats.dropped += 1
-        self.metrics.chunks_dropped.labels(chunk.stream, "processor_overrun").inc()
-        self.metrics.queue_depth.labels(chunk.stream).set(self.backlog.depth.get(chunk.stream, 0))
+    def _drop(self, chunks: Iterable[Chunk], *, finish: bool = True) -> None:
+        """Count ``chunks`` as dropped (``processor_overrun``); ``finish`` moves the ACK on."""
+        for chunk in chunks:
+            self.stats.dropped += 1
+            self.metrics.chunks_dropped.labels(chunk.stream, "processor_overrun").inc()
+            depth = self.backlog.depth.get(chunk.stream, 0)
+            self.metrics.queue_depth.labels(chunk.stream).set(depth)
+            if finish:
+                self._finish(chunk)
 
     # -- handling --
 
@@ -312,6 +320,7 @@ class Processor:
             if self._fatal is not None:
                 return
             chunk = self.backlog.pop()
+            self._room.set()
             if chunk is None:
                 if self._closing:
                     return
@@ -333,6 +342,7 @@ class Processor:
             self.on_done(chunk.stream, last)
 
     async def _release(self, stream: str) -> None:
+        self._failures.forget(stream)
         for result in await self.pool.release(stream):
             self._apply_teardown(result, f"releasing {stream}")
 
@@ -347,35 +357,26 @@ class Processor:
             stats.last_latency = latency
             pm.handler_start_latency.labels(chunk.stream, name).observe(max(0.0, latency))
             pm.processing_time.labels(name).observe(out.duration)
+        stream = chunk.stream
         if out.error is None:
             stats.processed += 1
-            pm.chunks_processed.labels(chunk.stream, name).inc()
-            if stats.consecutive_errors >= self.failing_after:
-                log.info("%s: handler recovered", name)
-            stats.consecutive_errors = 0
-            pm.handler_failing.labels(name).set(0)
+            pm.chunks_processed.labels(stream, name).inc()
+            self._failures.succeeded(stream)
             return
         stats.errors += 1
-        stats.consecutive_errors += 1
+        in_a_row = self._failures.failed(stream)  # per stream: see failures.py
         pm.handler_errors.labels(name).inc()
         if self._errlog.ready():
             more = self._errlog.suppressed
             self._errlog.suppressed = 0
             note = f" ({more} more since the last report)" if more else ""
-            log.error(
-                "%s failed on %s seq %d: %s%s", name, chunk.stream, chunk.seq, out.error, note
-            )
+            log.error("%s failed on %s seq %d: %s%s", name, stream, chunk.seq, out.error, note)
             if out.trace:
                 log.debug("%s", out.trace)
-        if stats.consecutive_errors == self.failing_after:
-            pm.handler_failing.labels(name).set(1)
-            log.error("%s: %d failures in a row, marked failing", name, stats.consecutive_errors)
-        if self.exit_after and stats.consecutive_errors >= self.exit_after and self._fatal is None:
-            self._fatal = HandlerError(
-                f"handler {name} failed {stats.consecutive_errors} times in a row "
-                f"(last: {out.error}); giving up"
-            )
-            self._stop.set()
+        if self._fatal is None:  # every active stream failing: the handler is broken
+            self._fatal = self._failures.give_up(in_a_row, out.error)
+            if self._fatal is not None:
+                self._stop.set()
 
     def _write_events(self, lines: list[str]) -> None:
         if not lines:
@@ -419,10 +420,6 @@ class ProcessorConfig:
         one is a ``HandlerError``.
         """
         check_url(self.relay)
-        check_name("--stream", self.stream)
-        check_name("--group", self.group, optional=True)
-        check_name("--name", self.name, optional=True)
-        check_name("--token", self.token, optional=True)
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if not 0 <= self.metrics_port <= 65535:
@@ -435,6 +432,16 @@ class ProcessorConfig:
             raise ConfigError(f"--max-open-segments must be >= 1, got {self.max_open_segments}")
         if self.exit_after < 0:
             raise ConfigError(f"--max-failures must be >= 0, got {self.exit_after}")
+        from ..client import check_wire_names
+
+        check_wire_names(  # every name this processor sends: the relay would refuse it
+            {
+                "--stream": self.stream,
+                "--group": self.group or "",
+                "--name": self.name or "",
+                "--token": self.token or "",
+            }
+        )
 
 
 def default_client_name(handler: str) -> str:
@@ -458,15 +465,20 @@ async def serve(
     ``ConfigError`` for an events file that cannot be opened, ``AddressInUse``
     for a taken metrics port.
     """
+    from ..client import check_wire_names
     from ..connect import connect_subscriber
     from ..health import Health, session_ready
     from ..metrics import serve_metrics
 
+    config.validate()
     spec = parse_spec(config.handler)
     options = HandlerOptions(
         segment_seconds=config.segment_seconds, max_open_segments=config.max_open_segments
     )
     check_handler(spec, options)  # a bad spec fails here, before any connection; only here
+    # Replicas need names of their own to be told apart in status and metrics.
+    name = config.name or default_client_name(spec.name)
+    check_wire_names({"the client name (set --name)": name})
     metrics = metrics if metrics is not None else Metrics()
     with contextlib.ExitStack() as stack:
         events: IO[str] = sys.stdout
@@ -498,8 +510,7 @@ async def serve(
             config.relay,
             config.stream,
             group=config.group or "",
-            # Replicas need names of their own to be told apart in status and metrics.
-            name=config.name or default_client_name(spec.name),
+            name=name,
             start=config.start,
             token=config.token or "",
             tls=config.tls,

@@ -49,6 +49,7 @@ from .events import (
     Welcome,
 )
 from .frames import (
+    CHUNK_HEAD,
     FrameDecoder,
     FrameType,
     decode_payload,
@@ -110,6 +111,9 @@ class _Streams:
 
     limit: int
     by_id: dict[int, OpenStream] = field(default_factory=dict)
+    # Per declared id, the bytes of one frame: checked against every chunk, so
+    # looked up once here rather than derived from the format each time.
+    frame_bytes: dict[int, int] = field(default_factory=dict)
 
     def declare(
         self, event: OpenStream, error: type[LocalProtocolError | RemoteProtocolError]
@@ -117,6 +121,7 @@ class _Streams:
         if event.stream_id not in self.by_id and len(self.by_id) >= self.limit:
             raise error(f"more than {self.limit} streams on one connection")
         self.by_id[event.stream_id] = event
+        self.frame_bytes[event.stream_id] = event.format.frame_bytes
 
     def check_chunk(
         self,
@@ -125,24 +130,36 @@ class _Streams:
         error: type[LocalProtocolError | RemoteProtocolError],
     ) -> None:
         """The one check every CHUNK passes, sent or received."""
-        opened = self.by_id.get(stream_id)
-        if opened is None:
+        frame_bytes = self.frame_bytes.get(stream_id)
+        if frame_bytes is None:
             raise error(f"chunk for undeclared stream id {stream_id}", ErrorCode.UNKNOWN_STREAM)
-        frame_bytes = opened.format.frame_bytes
         if not payload_bytes:
             # An empty chunk carries no audio but costs a window entry; a
             # flood of them is memory with no seconds to show for it.
             raise error(
-                f"empty chunk for stream {opened.name!r}: a chunk carries at least one frame",
+                f"empty chunk for stream {self.by_id[stream_id].name!r}: a chunk carries"
+                " at least one frame",
                 ErrorCode.BAD_FORMAT,
                 "empty_chunk",
             )
         if payload_bytes % frame_bytes:
             raise error(
                 f"chunk payload of {payload_bytes} bytes is not a whole number of "
-                f"{frame_bytes}-byte frames for stream {opened.name!r}",
+                f"{frame_bytes}-byte frames for stream {self.by_id[stream_id].name!r}",
                 ErrorCode.BAD_FORMAT,
             )
+
+
+def _decode_chunk(payload: bytes, streams: _Streams) -> ChunkData:
+    """A received CHUNK's event, without ``decode_payload``'s generic reader and
+    with the same checks (RemoteProtocolError: truncated, undeclared stream,
+    empty or partial frames)."""
+    if len(payload) < CHUNK_HEAD.size:
+        raise RemoteProtocolError("CHUNK frame is truncated")
+    stream_id, seq, captured_ns = CHUNK_HEAD.unpack_from(payload)
+    audio = payload[CHUNK_HEAD.size :]
+    streams.check_chunk(stream_id, len(audio), RemoteProtocolError)
+    return ChunkData(stream_id, seq, captured_ns, audio)
 
 
 def _admit(conn: Connection, ftype: FrameType, stream_id: int | None) -> int:
@@ -284,6 +301,8 @@ class Connection:
                     )
                 return END_OF_STREAM
             ftype, payload = frame  # its type was checked from the header (``_admit``)
+            if ftype is FrameType.CHUNK:  # nearly every frame of a session
+                return _decode_chunk(payload, self.their_streams)
             event = decode_payload(ftype, payload, self.limits)
             self._apply_incoming(event)
         except RemoteProtocolError as exc:
@@ -294,6 +313,10 @@ class Connection:
     def discard_input(self) -> None:
         """Free every byte buffered and not yet parsed (the connection is being cut)."""
         self._decoder.discard()
+
+    @property
+    def pending_frame_length(self) -> int:  # the incomplete frame's announced payload (0: none)
+        return self._decoder.pending_length
 
     @property
     def frames_received(self) -> int:

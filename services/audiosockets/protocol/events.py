@@ -56,16 +56,21 @@ class Hello:
     """Client -> relay, first frame: who is speaking and in which role.
 
     ``client_name`` is at most ``Limits.max_name_length`` bytes of UTF-8 (the
-    relay enforces it). Raises LocalProtocolError for a role that is not a ``Role``.
+    relay enforces it). ``instance`` identifies one run of a publisher: a random
+    u64 drawn per process start, the same on all its reconnects; 0 means none
+    (HELLO flag bit 0 clear). Raises LocalProtocolError for a role that is not a
+    ``Role`` or an instance that is not a u64.
     """
 
     role: Role
     client_name: str
-    token: str = ""  # reserved for authentication; empty means none
+    token: str = ""  # empty means none
+    instance: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, Role):
             raise LocalProtocolError(f"unknown role {self.role!r}")
+        _check_u("instance", self.instance, 64)
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,9 @@ class FrameType(enum.IntEnum):
     ERROR = 0x0E
 
 
+_FRAME_TYPES: Final[dict[int, FrameType]] = {int(t): t for t in FrameType}
+
+
 # --------------------------------------------------------------------------
 # Codec: payload layouts. Big-endian integers, strings as u16 length + UTF-8,
 # PCM payloads little-endian as declared by the stream's sample type.
@@ -70,7 +73,9 @@ class FrameType(enum.IntEnum):
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
-_HELLO = struct.Struct(">BB")  # role, flags (reserved, 0)
+_HELLO = struct.Struct(">BB")  # role, flags
+#: HELLO flag bit 0: an instance id (u64) follows the token. Other bits: reserved, 0.
+HELLO_HAS_INSTANCE = 0x01
 _WELCOME = struct.Struct(">III")
 _OPEN = struct.Struct(">IIHB")  # stream id, rate, channels, sample type
 _ACCEPTED = struct.Struct(">IQ")
@@ -183,8 +188,11 @@ def encode(event: Event) -> bytes:
     match event:
         case ChunkData(stream_id, seq, captured_ns, payload):
             return encode_chunk(stream_id, seq, captured_ns, payload)
-        case Hello(role, client_name, token):
-            body = _HELLO.pack(role, 0) + _pack_str(client_name) + _pack_str(token)
+        case Hello(role, client_name, token, instance):
+            flags = HELLO_HAS_INSTANCE if instance else 0
+            body = _HELLO.pack(role, flags) + _pack_str(client_name) + _pack_str(token)
+            if instance:
+                body += _SEQ.pack(instance)
             return _frame(FrameType.HELLO, body)
         case Welcome(server_name, hb, max_frame, window):
             return _frame(
@@ -297,10 +305,12 @@ def _decode(ftype: FrameType, r: _Reader) -> Event:
         stream_id, seq, captured_ns = r.unpack(CHUNK_HEAD)
         return ChunkData(stream_id, seq, captured_ns, r.rest())
     if ftype is FrameType.HELLO:
-        role, _flags = r.unpack(_HELLO)
+        role, flags = r.unpack(_HELLO)
         if role not in Role._value2member_map_:
             raise RemoteProtocolError(f"unknown role {role}")
-        event = Hello(Role(role), r.string("client name"), r.string("token"))
+        name, token = r.string("client name"), r.string("token")
+        instance = r.unpack(_SEQ)[0] if flags & HELLO_HAS_INSTANCE else 0
+        event = Hello(Role(role), name, token, instance)
     elif ftype is FrameType.WELCOME:
         hb, max_frame, window = r.unpack(_WELCOME)
         event = Welcome(r.string("server name"), hb, max_frame, window)
@@ -377,6 +387,13 @@ class FrameDecoder:
         """Append received bytes (any split) to the buffer; parses nothing."""
         self._buf += data
 
+    @property
+    def pending_length(self) -> int:
+        """Payload length the incomplete frame's header announced (0: no header yet)."""
+        if len(self._buf) - self._pos < HEADER_SIZE:
+            return 0
+        return int(HEADER.unpack_from(self._buf, self._pos)[3])
+
     def discard(self) -> None:
         """Free every byte buffered; the next frame starts with the next byte."""
         self._buf = bytearray()
@@ -410,7 +427,8 @@ class FrameDecoder:
                 f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})",
                 ErrorCode.UNSUPPORTED_VERSION,
             )
-        if ftype not in FrameType._value2member_map_:
+        frame_type = _FRAME_TYPES.get(ftype)
+        if frame_type is None:
             raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
         if length > self.limits.max_frame_size:
             raise RemoteProtocolError(
@@ -438,14 +456,15 @@ class FrameDecoder:
         if len(buf) < end:
             self._compact()
             return None
-        payload = bytes(buf[pos + HEADER_SIZE : end])
+        with memoryview(buf) as view:  # one copy, not a bytearray slice and then bytes
+            payload = bytes(view[pos + HEADER_SIZE : end])
         self._pos = end
         self._admitted = -1
         self.frames += 1
         if end == len(buf):
             buf.clear()
             self._pos = 0
-        return FrameType(ftype), payload
+        return frame_type, payload
 
     def _compact(self) -> None:
         if self._pos:

@@ -50,11 +50,11 @@ from ..credentials import (
 from ..errors import ConfigError, ErrorCode
 from ..protocol import ErrorFrame
 from ..tls import HANDSHAKE_FAILURES, handshake_failure, requires_client_certificate
-from ..transport import AccountedReader, InputAccount, start_accounted_server
+from ..transport import LISTEN_BACKLOG
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
-    from .server import Relay, RelayConfig
+    from .server import Relay
     from .sessions import Session
 
 log = logging.getLogger("audiosockets.relay")
@@ -345,8 +345,9 @@ async def start_tls_server(
     handshake_timeout: float,
     reader: Callable[[], asyncio.StreamReader],
 ) -> TLSListener:
-    """Listen on ``host``:``port`` (every address it resolves to) for TLS clients.
-    Raises OSError when the address cannot be bound."""
+    """Listen on ``host``:``port`` (every address it resolves to) for TLS clients;
+    ``::`` is one dual-stack socket (IPv4 clients too) where the OS allows it, as
+    for plain TCP (``server.listen``). Raises OSError when the address cannot be bound."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
@@ -357,9 +358,10 @@ async def start_tls_server(
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
+                dual = host == "::" and socket.has_dualstack_ipv6()
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
             sock.bind(address)
-            sock.listen(100)
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
             port = port or int(sock.getsockname()[1])  # port 0: the others take the same one
     except OSError:
@@ -368,28 +370,6 @@ async def start_tls_server(
         raise
     return TLSListener(
         sockets, access, on_connect, handshake_timeout=handshake_timeout, reader=reader
-    )
-
-
-async def listen(
-    access: AccessControl,
-    on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-    config: RelayConfig,
-    account: InputAccount,
-) -> asyncio.Server | TLSListener:
-    """Listen where ``config`` says: plain TCP (``start_accounted_server``), or
-    TLS when ``access`` has a context (``start_tls_server``); either way each
-    connection reads through an ``AccountedReader`` told to ``account``.
-    Raises OSError."""
-    if access.tls is None:
-        return await start_accounted_server(on_connect, config.host, config.port, account)
-    return await start_tls_server(
-        access,
-        on_connect,
-        config.host,
-        config.port,
-        handshake_timeout=config.limits.handshake_timeout,
-        reader=lambda: AccountedReader(64 << 10, account),
     )
 
 

@@ -20,6 +20,7 @@ from ..errors import ErrorCode, RemoteProtocolError
 
 if TYPE_CHECKING:
     from ..transport import Channel
+    from .server import Relay
     from .sessions import SubscriberSession
     from .streams import StreamState
     from .subscriptions import Cursor
@@ -108,10 +109,10 @@ class InputBudget:
     """The bytes every connection holds of frames not yet complete, relay-wide
     (``RelayConfig.max_input_bytes``). Channels report after each read
     (``transport.InputAccount``); when the total passes ``max_bytes`` the
-    channel holding the most is cut (ERROR MALFORMED_FRAME, counted
-    ``reason="input_budget"``), then the next largest, until it fits. A
-    healthy client holds at most a part of one frame; whoever hoards is cut
-    first. ``cuts`` counts the channels cut."""
+    channel holding, or announcing in a frame in progress, the most is cut
+    (ERROR MALFORMED_FRAME, counted ``reason="input_budget"``), then the next,
+    until it fits. A healthy client holds at most a part of one small frame;
+    whoever hoards is cut first. ``cuts`` counts the channels cut."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -126,7 +127,13 @@ class InputBudget:
             self._by_channel[channel] = nbytes
         self.held += nbytes - before
         while self.held > self.max_bytes and self._by_channel:
-            victim = max(self._by_channel, key=self._by_channel.__getitem__)
+            # Whoever holds or has announced the most: a hoarder's frame in
+            # progress counts at its announced size, so it goes before a
+            # healthy client whose turn on the loop came late.
+            victim = max(
+                self._by_channel,
+                key=lambda c: max(c.conn.pending_frame_length, self._by_channel[c]),
+            )
             self.held -= self._by_channel.pop(victim)
             self.cuts += 1
             victim.cut(
@@ -137,3 +144,23 @@ class InputBudget:
                     "input_budget",
                 )
             )
+
+
+def hold_frame(
+    relay: Relay, stream: StreamState, seq: int, frame: bytes, seconds: float, now: float
+) -> None:
+    """Hold one encoded CHUNK ``frame`` in ``stream``'s window (``seconds`` of
+    audio, arrived at relay clock ``now``), trim that window to
+    ``replay_seconds``/``max_window_bytes``, then keep every window together
+    within ``max_window_memory`` (``trim_windows``)."""
+    cfg = relay.config
+    window = stream.window
+    window.append(seq, frame, seconds, now)
+    window.trim(cfg.replay_seconds, cfg.max_window_bytes)
+    if relay.window_memory.held > cfg.max_window_memory:
+        trim_windows(
+            list(relay.streams.values()),
+            relay.window_memory,
+            cfg.max_window_memory,
+            lambda s, n: readers_lose(s, n, relay.subscriptions.readers(s.name)),
+        )

@@ -16,14 +16,16 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..credentials import Identity, Refusal, may_open
-from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
-from ..protocol import Connection, ErrorFrame, Goodbye, Hello, Welcome
+from ..errors import ConnectionClosed, ErrorCode, RelayRefused, RemoteProtocolError
+from ..protocol import ChunkData, Connection, ErrorFrame, Event, Goodbye, Hello, Welcome
 from ..transport import Channel, WriteBufferFull, tune_socket
 from .access import RequestRefused, source_address, token_digest
-from .sessions import SESSION_TYPES, Session, SubscriberSession
+from .sessions import SESSION_TYPES, PublisherSession, Session, SubscriberSession
 
 if TYPE_CHECKING:
     from .server import Relay
+
+_FAREWELL = (Goodbye, ErrorFrame)
 
 log = logging.getLogger("audiosockets.relay")
 
@@ -45,7 +47,13 @@ def _the_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             pending[:0] = exc.exceptions
         else:
             leaves.append(exc)
-    expected = (RemoteProtocolError, ConnectionClosed, asyncio.CancelledError)
+    expected = (
+        RemoteProtocolError,
+        RelayRefused,
+        RequestRefused,
+        ConnectionClosed,
+        asyncio.CancelledError,
+    )
     return next((e for e in leaves if not isinstance(e, expected)), leaves[0])
 
 
@@ -112,6 +120,10 @@ async def serve_connection(
             )
         else:
             relay.guard.counters.sessions_cut.labels("write_buffer_full").inc()
+    except RelayRefused as exc:  # e.g. a stream another publisher holds
+        who = f"{session.role.label} {session.name!r}" if session else "client"
+        log.warning("refused %s from %s: %s", who, channel.peer, exc)
+        await channel.close(ErrorFrame(exc.code, str(exc)))
     except ConnectionClosed as exc:
         if session is not None:
             log.info("%s %r disconnected: %s", session.role.label, session.name, exc)
@@ -161,20 +173,32 @@ async def _handshake(relay: Relay, channel: Channel) -> tuple[Hello, Identity] |
 
 async def _read_events(session: Session) -> None:
     """Hand the session its events until GOODBYE/ERROR; then stop its writer.
-    Every ``FAIR_SHARE`` events it yields to the other sessions."""
+
+    Every event of one read is handled before the next read, without an await
+    per event, and a publisher's chunks (nearly every event) go to
+    ``PublisherSession.on_chunk`` directly. Every ``FAIR_SHARE`` events it
+    yields to the other sessions."""
+    channel = session.channel
+    clock = session.relay.clock
+    on_chunk = session.on_chunk if isinstance(session, PublisherSession) else None
     handled = 0
     while True:
-        event = await session.channel.next_event()
-        if isinstance(event, Goodbye | ErrorFrame):
-            log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
-            break
-        session.last_active = session.relay.clock()
-        await session.handle(event)
-        handled += 1
-        if handled % FAIR_SHARE == 0:
-            # A client whose frames arrive faster than we handle them would
-            # keep the loop to itself for a whole read (thousands of frames):
-            # let the other sessions run.
-            await asyncio.sleep(0)
-    if isinstance(session, SubscriberSession) and session.writer is not None:
-        session.writer.cancel()
+        event: Event | None = await channel.next_event()
+        while event is not None:
+            if isinstance(event, _FAREWELL):
+                log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
+                if isinstance(session, SubscriberSession) and session.writer is not None:
+                    session.writer.cancel()
+                return
+            session.last_active = clock()
+            if on_chunk is not None and type(event) is ChunkData:
+                on_chunk(event)
+            else:
+                await session.handle(event)
+            handled += 1
+            if handled % FAIR_SHARE == 0:
+                # A client whose frames arrive faster than we handle them would
+                # keep the loop to itself for a whole read (thousands of frames):
+                # let the other sessions run.
+                await asyncio.sleep(0)
+            event = channel.poll_event()

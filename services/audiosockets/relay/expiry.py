@@ -14,6 +14,9 @@ how tests drive it with a fake clock):
   the stream is open gets CLOSE_STREAM ``publisher_lost``) and every metric
   series labelled with it. A publisher that comes back under that name later
   starts a new stream, as after a relay restart (``next_seq`` 0).
+- **Empty groups are forgotten.** A group whose last member left keeps its
+  ACKed points for ``stream_grace_seconds`` (members that all restart at once
+  resume where the group left off), then it is removed.
 - **Idle sessions are closed.** A session that holds nothing (an observer, a
   publisher with no stream open, a subscriber before SUBSCRIBE) and sent no
   request for ``idle_timeout`` gets GOODBYE ``NORMAL`` and is closed, counted
@@ -90,6 +93,7 @@ class Housekeeping:
         now = self.relay.clock()
         self.expire_audio(now)
         self.forget_abandoned(now)
+        self.forget_empty_groups(now)
         self.close_idle(now)
 
     def expire_audio(self, now: float) -> None:
@@ -119,6 +123,17 @@ class Housekeeping:
             if now - stream.abandoned_at >= grace:
                 doomed.append(stream)
         forget_streams(relay, doomed)
+
+    def forget_empty_groups(self, now: float) -> None:
+        """Forget groups that have had no member for ``stream_grace_seconds``
+        (with their ACKed points)."""
+        relay = self.relay
+        grace = relay.config.stream_grace_seconds
+        for name, group in list(relay.groups.items()):
+            if group.members:
+                group.empty_since = None
+            elif group.empty_since is not None and now - group.empty_since >= grace:
+                del relay.groups[name]  # its gauges are computed at scrape time
 
     def close_idle(self, now: float) -> None:
         """Close sessions that hold nothing and asked nothing for ``idle_timeout``."""

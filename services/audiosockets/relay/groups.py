@@ -37,6 +37,11 @@ class Group:
     members: list[SubscriberSession] = field(default_factory=list)
     assignment: dict[str, SubscriberSession] = field(default_factory=dict)
     acked: dict[str, int] = field(default_factory=dict)
+    #: Relay clock since when the group has had no member (None: it has some).
+    #: An empty group keeps its ACKed points for ``stream_grace_seconds``, so
+    #: members that all restart at once (a rolling update, a host reboot)
+    #: resume where the group left off; then housekeeping forgets it.
+    empty_since: float | None = None
 
     def load(self, member: SubscriberSession) -> int:
         """Number of streams assigned to ``member``."""

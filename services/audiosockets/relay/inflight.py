@@ -43,21 +43,27 @@ def unacknowledged_bytes(channel: Channel) -> int:
 class InFlight:
     """The audio written to one subscriber and not yet acknowledged.
 
-    ``record(nbytes, seconds)`` after each batch written (``seconds``: the
-    most audio of any one stream in it); ``seconds()`` is the audio still in
-    flight, an upper bound for each stream.
+    ``record(nbytes, seconds, now)`` after each batch written (``seconds``:
+    the most audio of any one stream in it; ``now``: the relay clock);
+    ``seconds()`` is the audio still in flight, an upper bound for each
+    stream; ``stalled(now, limit, grace)`` says whether the writer should
+    wait: more than ``limit`` seconds of audio in flight, the oldest of it
+    unacknowledged for more than ``grace`` seconds. A peer that reads acks
+    within milliseconds, so a burst (a replay, a backlog) goes out at full
+    speed; only a peer that stopped taking data is held back.
     """
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.written = 0  # bytes written, ever
-        self._batches: deque[tuple[int, float]] = deque()  # (written after it, seconds)
+        # (bytes written after it, its seconds of audio, relay clock when written)
+        self._batches: deque[tuple[int, float, float]] = deque()
         self._seconds = 0.0
 
-    def record(self, nbytes: int, seconds: float) -> None:
+    def record(self, nbytes: int, seconds: float, now: float) -> None:
         self.written += nbytes
         if seconds > 0:
-            self._batches.append((self.written, seconds))
+            self._batches.append((self.written, seconds, now))
             self._seconds += seconds
 
     def seconds(self) -> float:
@@ -69,3 +75,8 @@ class InFlight:
         if not batches:
             self._seconds = 0.0  # no float drift left behind
         return self._seconds
+
+    def stalled(self, now: float, limit: float, grace: float) -> bool:
+        """Whether more than ``limit`` s of audio is in flight and the oldest
+        of it was written more than ``grace`` s ago (relay clock)."""
+        return self.seconds() > limit and now - self._batches[0][2] > grace

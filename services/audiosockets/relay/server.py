@@ -23,15 +23,16 @@ import contextlib
 import itertools
 import logging
 import signal
+import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..audio import AudioFormat
-from ..errors import AddressInUse, ErrorCode
-from ..metrics import RELAY_DROP_REASONS, CallbackCollector, Metrics
+from ..errors import AddressInUse, ErrorCode, RelayRefused
+from ..metrics import CallbackCollector, Metrics
 from ..names import name_problem
 from ..protocol import (
     ChunkData,
@@ -40,19 +41,20 @@ from ..protocol import (
     encode_chunk,
 )
 from ..service import STOP_SIGNALS, run_service, signal_handlers
+from ..transport import AccountedReader, start_accounted_server
 from ..urls import RelayAddress
-from .access import AccessControl, TLSListener, listen, reload_credentials
+from .access import AccessControl, TLSListener, reload_credentials, start_tls_server
+from .accounting import DeliveryCounters
 from .admission import Guard
-from .budget import InputBudget, MemoryLedger, readers_lose, trim_windows
+from .budget import InputBudget, MemoryLedger, hold_frame
 from .connections import serve_connection
 from .expiry import Housekeeping
 from .groups import Group
 from .lograte import LogRateLimit
 from .sessions import PublisherSession, Session, SubscriberSession
 from .status import StatusCache, collect_gauges, status_report
-from .streams import StreamCounters, StreamState
+from .streams import StreamState
 from .subscriptions import Subscriptions
-from .window import ReplayWindow
 
 log = logging.getLogger("audiosockets.relay")
 
@@ -117,7 +119,7 @@ class RelayConfig:
     heartbeat_interval: float = 2.0
     max_window_bytes: int = 256 << 20  # per stream, on top of replay_seconds
     max_window_memory: int = 256 << 20  # all windows together
-    max_input_bytes: int = 16 << 20  # incomplete frames, all connections together
+    max_input_bytes: int = 8 << 20  # incomplete frames, all connections together
     frame_timeout: float = 10.0  # seconds from a frame's first byte to its last
     max_capture_ahead: float = 300.0  # seconds a capture time may be ahead of the relay
     max_capture_age: float = 3650 * 86400.0  # seconds behind it (an old spool is no forgery)
@@ -187,6 +189,44 @@ class RelayConfig:
         return max(self.max_write_buffer_bytes, floor)
 
 
+async def listen(
+    host: str,
+    port: int,
+    on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    budget: InputBudget,
+    *,
+    access: AccessControl | None = None,
+    handshake_timeout: float = 5.0,
+) -> asyncio.Server | TLSListener:
+    """The relay's listening server on ``host``:``port``, each connection's
+    input counted in ``budget``: plain TCP, or TLS when ``access`` has a context
+    (``access.start_tls_server``; ``handshake_timeout`` seconds for a handshake).
+
+    The IPv6 wildcard ``::`` is one dual-stack socket (``IPV6_V6ONLY=0``: IPv4
+    clients too) where the OS allows it; asyncio alone would bind it IPv6-only.
+    Raises ``AddressInUse`` (one sentence) when it cannot listen there.
+    """
+    try:
+        if access is not None and access.tls is not None:
+            return await start_tls_server(
+                access,
+                on_connect,
+                host,
+                port,
+                handshake_timeout=handshake_timeout,
+                reader=lambda: AccountedReader(64 << 10, budget),
+            )
+        sock = None
+        if host == "::" and socket.has_dualstack_ipv6():
+            sock = socket.create_server((host, port), family=socket.AF_INET6, dualstack_ipv6=True)
+        return await start_accounted_server(on_connect, host, port, budget, sock=sock)
+    except OSError as exc:
+        where = str(RelayAddress(host, port)).removeprefix("tcp://")
+        if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+            raise AddressInUse(f"cannot listen on {where}: address already in use") from exc
+        raise AddressInUse(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+
+
 class Relay:
     """The relay server. ``start()`` binds and returns; ``serve_forever()``
     runs until ``stop()`` (or a signal, via ``run``).
@@ -213,6 +253,7 @@ class Relay:
             self.metrics, tls=cfg.tls, token=cfg.token, credentials=cfg.credentials, clock=clock
         )
         self.streams: dict[str, StreamState] = {}
+        self.delivery = DeliveryCounters(self.metrics)  # per-subscriber counts
         self.window_memory = MemoryLedger()  # what every window holds, bytes
         self.input_budget = InputBudget(self.config.max_input_bytes)
         self.refusals_logged = LogRateLimit(10.0, clock)  # protocol errors, by reason
@@ -238,19 +279,19 @@ class Relay:
     async def start(self) -> RelayAddress:
         """Bind the listening socket and return the address clients reach it
         at (the real port when the config says 0). Raises ``AddressInUse``
-        when it cannot listen there. Raises the descriptor limit first (``Guard.start``)."""
+        when it cannot listen there (see ``listen``). Raises the descriptor
+        limit first (``Guard.start``)."""
         if self._server is not None and self.address is not None:
             return self.address  # already started (e.g. by a test before run())
         self.guard.start(asyncio.get_running_loop())
-        try:
-            self._server = await listen(
-                self.access, self._on_connect, self.config, self.input_budget
-            )
-        except OSError as exc:
-            where = f"{self.config.host}:{self.config.port}"
-            if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
-                raise AddressInUse(f"cannot listen on {where}: address already in use") from exc
-            raise AddressInUse(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        self._server = await listen(
+            self.config.host,
+            self.config.port,
+            self._on_connect,
+            self.input_budget,
+            access=self.access,
+            handshake_timeout=self.config.limits.handshake_timeout,
+        )
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
         self.address = RelayAddress(
@@ -329,50 +370,45 @@ class Relay:
 
         A new name makes a new stream (and its zeroed metric series); a known
         one keeps its window, unless ``fmt`` differs (window cleared, readers
-        get OPEN_STREAM again). A previous publisher is told GOODBYE
-        ``REPLACED``. Readers waiting for a CLOSE_STREAM of it no longer get one.
+        get OPEN_STREAM again). A stream has one publisher at a time: the same
+        owner (its identity with ``--credentials``, else the publisher run, HELLO
+        ``instance``) reconnecting takes it back at once, and
+        its earlier (stale) session is told GOODBYE ``REPLACED``; any other is
+        refused: ``RelayRefused`` STREAM_IN_USE, which ends its session. Readers
+        waiting for a CLOSE_STREAM of it no longer get one.
 
-        Raises ``StreamRefused`` past a stream cap (``Guard.check_stream``).
-        Only a new stream is offered: re-declaring a name rebalances nothing.
-        """
+        Raises ``StreamRefused`` past a stream cap (``Guard.check_stream``);
+        only a new stream is offered (re-declaring rebalances nothing)."""
         self.guard.check_stream(publisher, name)
         publisher.names.add(name)
         stream = self.streams.get(name)
+        holder = stream.publisher if stream is not None else None
+        if holder is not None and holder is not publisher and not holder.same_owner(publisher):
+            raise RelayRefused(
+                f"stream {name} is already published by {holder.name} from {holder.channel.peer}",
+                ErrorCode.STREAM_IN_USE,
+            )
         new = stream is None
         if stream is None:
-            m = self.metrics
-            m.declare_stream(name)
-            counters = StreamCounters(
-                m.chunks_received.labels(name),
-                m.bytes_received.labels(name),
-                m.end_to_end_latency.labels(name),
-            )
-            stream = StreamState(
-                next(self._next_stream_id),
-                name,
-                fmt,
-                counters,
-                window=ReplayWindow(self.window_memory),
+            stream = StreamState.create(
+                next(self._next_stream_id), name, fmt, self.metrics, self.window_memory
             )
             stream.owner = publisher.identity.name  # "" without per-client credentials
             self.streams[name] = stream
             self.stream_ids[stream.id] = stream
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
         elif stream.format != fmt:
-            log.warning(
-                "stream %r changed format %s -> %s; replay window cleared", name, stream.format, fmt
-            )
-            stream.format = fmt
-            stream.window.clear()
-            for cursor in self.subscriptions.readers(name).values():
-                cursor.declared = False
-                cursor.next_ord = stream.window.end
+            stream.change_format(fmt, self.subscriptions.readers(name).values())
         old = stream.publisher
         if old is not None and old is not publisher:
-            log.warning("stream %r taken over by %r from %r", name, publisher.name, old.name)
-            farewell = Goodbye(
-                ErrorCode.REPLACED, f"stream {name!r} taken over by another publisher"
+            log.info(
+                "stream %r: publisher %r is back from %s; its earlier session from %s ends",
+                name,
+                publisher.name,
+                publisher.channel.peer,
+                old.channel.peer,
             )
+            farewell = Goodbye(ErrorCode.REPLACED, f"stream {name!r} taken back by a newer session")
             old.start_task(old.channel.close(farewell), name=f"replace {old.name}")
         stream.publisher = publisher
         stream.abandoned_at = None
@@ -383,12 +419,9 @@ class Relay:
         return stream
 
     def publish(self, stream: StreamState, chunk: ChunkData) -> None:
-        """Append ``chunk`` to ``stream``'s window and wake its readers.
-
-        A sequence number at or below the last one is a duplicate (counted in
-        ``audiosockets_duplicates_suppressed_total``, dropped); one beyond the
-        next counts the missing ones in ``audiosockets_sequence_gaps_total``.
-        """
+        """Append ``chunk`` to ``stream``'s window (``budget.hold_frame``), wake its readers.
+        A seq at or below the last is a duplicate (``duplicates_suppressed_total``,
+        dropped); one beyond the next counts the missing in ``sequence_gaps_total``."""
         name = stream.name
         m = self.metrics
         if chunk.seq <= stream.last_seq:
@@ -396,21 +429,10 @@ class Relay:
             return
         if stream.last_seq >= 0 and chunk.seq > stream.last_seq + 1:
             m.sequence_gaps.labels(name).inc(chunk.seq - stream.last_seq - 1)
-        fmt = stream.format
         nbytes = len(chunk.payload)
-        seconds = nbytes / (fmt.frame_bytes * fmt.rate)
         frame = encode_chunk(stream.id, chunk.seq, chunk.captured_ns, chunk.payload)
-        window = stream.window
         stream.last_arrival = now = self.clock()
-        window.append(chunk.seq, frame, seconds, now)
-        window.trim(self.config.replay_seconds, self.config.max_window_bytes)
-        if self.window_memory.held > self.config.max_window_memory:
-            trim_windows(
-                list(self.streams.values()),
-                self.window_memory,
-                self.config.max_window_memory,
-                lambda s, n: readers_lose(s, n, self.subscriptions.readers(s.name)),
-            )
+        hold_frame(self, stream, chunk.seq, frame, stream.format.seconds(nbytes), now)
         stream.last_seq = chunk.seq
         stream.last_captured_ns = chunk.captured_ns
         stream.chunks_total += 1
@@ -439,6 +461,7 @@ class Relay:
         if group_name:
             group = self.groups.setdefault(group_name, Group(group_name))
             group.members.append(session)
+            group.empty_since = None
             session.group = group
             group.rebalance(self.streams, self.subscriptions)
         else:
@@ -456,8 +479,9 @@ class Relay:
             session.group = None
             if group.members:
                 group.rebalance(self.streams, self.subscriptions)
-            elif self.groups.get(group.name) is group:
-                del self.groups[group.name]  # empty: its state goes with its last member
+            else:  # kept with its ACKs for the grace period (expiry.forget_empty_groups)
+                group.assignment.clear()
+                group.empty_since = self.clock()
 
     def _offer(self, stream: StreamState) -> None:
         """A stream appeared (or came back): attach it where it belongs."""
@@ -481,25 +505,6 @@ class Relay:
             session.group.ack(session, stream.name, seq)
 
     # -- accounting ----------------------------------------------------------
-
-    def count_drop(self, stream: str, reason: str, n: int, subscriber: str) -> None:
-        """Count ``n`` chunks of ``stream`` the relay held and lost for
-        ``subscriber`` (its client name) for ``reason`` (``RELAY_DROP_REASONS``)."""
-        self.metrics.chunks_dropped.labels(stream, reason).inc(n)
-        self.metrics.subscriber_chunks_dropped.labels(subscriber, stream, reason).inc(n)
-
-    def count_sent(self, stream: str, chunks: int, nbytes: int, subscriber: str) -> None:
-        """Count ``chunks`` chunks (``nbytes`` bytes of frames) of ``stream``
-        written to ``subscriber``."""
-        self.metrics.chunks_sent.labels(stream).inc(chunks)
-        self.metrics.bytes_sent.labels(stream).inc(nbytes)
-        self.metrics.subscriber_chunks_sent.labels(subscriber, stream).inc(chunks)
-
-    def declare_subscriber(self, subscriber: str, stream: str) -> None:
-        """Zeros for a subscriber's delivery counters before its first chunk."""
-        self.metrics.subscriber_chunks_sent.labels(subscriber, stream)
-        for reason in RELAY_DROP_REASONS:
-            self.metrics.subscriber_chunks_dropped.labels(subscriber, stream, reason)
 
     def status(self) -> dict[str, object]:
         """The report ``audiosockets status`` prints (see ``status_report``)."""

@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..credentials import EVERYONE, may_publish, may_request_status, may_subscribe, may_take_over
-from ..errors import ConnectionClosed, ErrorCode, RemoteProtocolError
+from ..errors import ConnectionClosed, ErrorCode, RelayRefused, RemoteProtocolError
 from ..protocol import (
     Ack,
     ChunkData,
@@ -119,25 +119,46 @@ class PublisherSession(Session):
         super().__init__(relay, channel, hello, session_id)
         self.streams: dict[int, StreamState] = {}  # by this connection's stream id
         self.names: set[str] = set()  # every name declared in this session (capped)
+        #: The publisher's run (HELLO ``instance``; 0: it sent none).
+        self.instance = hello.instance
+
+    def same_run(self, other: PublisherSession) -> bool:
+        """Both sessions come from one publisher run (one process start)."""
+        return bool(self.instance) and self.instance == other.instance
+
+    def same_owner(self, other: PublisherSession) -> bool:
+        """May either session take a stream back from the other? With per-client
+        credentials, when both are the same identity (streams belong to identities);
+        without, when both come from the same publisher run."""
+        if self.identity.name or other.identity.name:
+            return self.identity.name == other.identity.name
+        return self.same_run(other)
+
+    def on_chunk(self, chunk: ChunkData) -> None:
+        """Check and publish ``chunk`` (synchronous: the relay's per-chunk path).
+
+        Raises RemoteProtocolError for an implausible sequence number or
+        capture time (``plausible.py``)."""
+        stream = self.streams.get(chunk.stream_id)
+        if stream is None or stream.publisher is not self:
+            return  # taken over by another publisher: ignore the late chunk
+        cfg = self.relay.config
+        check_seq(
+            chunk.seq,
+            stream.last_seq,
+            stream.format.rate,
+            self.relay.clock() - stream.last_arrival,
+        )
+        check_capture_time(
+            chunk.captured_ns, time.time_ns(), cfg.max_capture_ahead, cfg.max_capture_age
+        )
+        self.relay.publish(stream, chunk)
 
     async def handle(self, event: object) -> None:
         """Publish a chunk, open a stream (answered with STREAM_ACCEPTED and
         the next sequence number the relay expects) or close one."""
         if isinstance(event, ChunkData):
-            stream = self.streams.get(event.stream_id)
-            if stream is None or stream.publisher is not self:
-                return  # taken over by another publisher: ignore the late chunk
-            cfg = self.relay.config
-            check_seq(
-                event.seq,
-                stream.last_seq,
-                stream.format.rate,
-                self.relay.clock() - stream.last_arrival,
-            )
-            check_capture_time(
-                event.captured_ns, time.time_ns(), cfg.max_capture_ahead, cfg.max_capture_age
-            )
-            self.relay.publish(stream, event)
+            self.on_chunk(event)
         elif isinstance(event, OpenStream):
             refusal = may_publish(self.identity, event.name)
             known = self.relay.streams.get(event.name)
@@ -166,6 +187,8 @@ class PublisherSession(Session):
                     exc,
                 )
                 return
+            except RelayRefused:  # e.g. STREAM_IN_USE: a refusal that ends the session
+                raise
             except Exception:  # a bug of ours: this stream fails, the session goes on
                 self.relay.metrics.protocol_errors.labels("open_stream_failed").inc()
                 log.exception("opening stream %r for %r failed", event.name, self.name)
@@ -175,10 +198,10 @@ class PublisherSession(Session):
             next_seq = stream.last_seq + 1 if stream.last_seq >= 0 else 0
             self.channel.send(StreamAccepted(event.stream_id, next_seq))
         elif isinstance(event, CloseStream):
-            stream = self.streams.pop(event.stream_id, None)
-            if stream is not None and stream.publisher is self:
-                stream.publisher = None
-                self.relay.stream_ended(stream)
+            closed = self.streams.pop(event.stream_id, None)
+            if closed is not None and closed.publisher is self:
+                closed.publisher = None
+                self.relay.stream_ended(closed)
         else:
             await super().handle(event)
 
@@ -269,7 +292,7 @@ class SubscriberSession(Session):
             missing, after_seq = window.trimmed_after(after_seq)
             if missing:
                 self.count_drop(stream.name, "replay_window_exceeded", missing)
-        self.relay.declare_subscriber(self.name, stream.name)
+        self.relay.delivery.declare_subscriber(self.name, stream.name)
         self.relay.subscriptions.add(self, Cursor(stream, start, after_seq, now))
         self.wake.set()
 
@@ -299,7 +322,10 @@ class SubscriberSession(Session):
                 await self.wake.wait()
                 self.wake.clear()
                 while not channel.closed:
-                    if self.inflight.seconds() > self.relay.config.max_inflight_seconds:
+                    cfg = self.relay.config
+                    if self.inflight.stalled(
+                        self.relay.clock(), cfg.max_inflight_seconds, INFLIGHT_POLL
+                    ):
                         await self._stalled()
                         continue
                     frames = self._collect()
@@ -308,7 +334,9 @@ class SubscriberSession(Session):
                         # at once: its losses were never this subscriber's
                         # (it resumes on another session) and are not counted.
                         channel.writelines(frames)
-                        self.inflight.record(sum(map(len, frames)), self._batch_seconds)
+                        self.inflight.record(
+                            sum(map(len, frames)), self._batch_seconds, self.relay.clock()
+                        )
                     if not self._peer_gone():
                         self._commit_losses()
                     if not frames:
@@ -359,7 +387,7 @@ class SubscriberSession(Session):
             self._batch_seconds = max(self._batch_seconds, seconds)
             if sent:
                 cursor.sent += sent
-                relay.count_sent(stream.name, sent, nbytes, self.name)
+                relay.delivery.count_sent(stream.name, sent, nbytes, self.name)
             self._end_if_done(cursor, frames)
             if budget <= 0:
                 self.wake.set()  # more to do after this batch is flushed
@@ -443,7 +471,7 @@ class SubscriberSession(Session):
         losses, self._losses = self._losses, []
         for stream, reason, n in losses:
             self.dropped += n
-            self.relay.count_drop(stream, reason, n, self.name)
+            self.relay.delivery.count_drop(stream, reason, n, self.name)
 
     def _peer_gone(self) -> bool:
         return self.channel.closed or self.channel.writer.transport.is_closing()

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from prometheus_client import Counter, Histogram
-
 from ..audio import AudioFormat
+from ..metrics import LiveCounterChild, LiveHistogramChild
 from .window import ReplayWindow
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ..metrics import Metrics
+    from .budget import MemoryLedger
     from .sessions import PublisherSession
+    from .subscriptions import Cursor
+
+
+log = logging.getLogger("audiosockets.relay")
 
 
 class StreamCounters(NamedTuple):
-    """One stream's metric children, looked up once: ``labels()`` costs a lock
-    and a dict lookup, and publishing runs once per chunk."""
+    """One stream's metric children, looked up once: publishing runs once per
+    chunk and ``labels()`` is a dict lookup."""
 
-    received: Counter
-    received_bytes: Counter
-    latency: Histogram
+    received: LiveCounterChild
+    received_bytes: LiveCounterChild
+    latency: LiveHistogramChild
 
 
 @dataclass(eq=False)
@@ -50,6 +58,33 @@ class StreamState:
     chunks_total: int = 0
     abandoned_at: float | None = None  # relay clock since when no publisher and no audio
     owner: str = ""
+
+    @classmethod
+    def create(
+        cls, stream_id: int, name: str, fmt: AudioFormat, metrics: Metrics, ledger: MemoryLedger
+    ) -> StreamState:
+        """A new stream with its metric series declared (zeros) and an empty
+        window whose memory counts in ``ledger`` (the relay-wide budget)."""
+        metrics.declare_stream(name)
+        counters = StreamCounters(
+            metrics.chunks_received.labels(name),
+            metrics.bytes_received.labels(name),
+            metrics.end_to_end_latency.labels(name),
+        )
+        return cls(stream_id, name, fmt, counters, window=ReplayWindow(ledger))
+
+    def change_format(self, fmt: AudioFormat, readers: Iterable[Cursor]) -> None:
+        """The publisher re-opened the stream with another format: the window
+        is cleared (its audio cannot be mixed with the new) and every reader is
+        sent OPEN_STREAM again before the next chunk."""
+        log.warning(
+            "stream %r changed format %s -> %s; replay window cleared", self.name, self.format, fmt
+        )
+        self.format = fmt
+        self.window.clear()
+        for cursor in readers:
+            cursor.declared = False
+            cursor.next_ord = self.window.end
 
     def rate(self, now: float, span: float = 5.0) -> float:
         """Chunks per second that arrived in the last ``span`` seconds before

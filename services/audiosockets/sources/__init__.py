@@ -27,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..audio import AudioFormat
+from ..convert import to_sample_type
 from ..errors import ConfigError
 from .base import (
     SYNTH_KINDS,
@@ -40,7 +41,6 @@ from .base import (
     _flag,
     _split_options,
     block_frames_for,
-    to_sample_type,
 )
 from .device import DeviceSource, list_input_devices
 from .file import FileSource, WavInfo, read_wav_info

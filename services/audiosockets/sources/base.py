@@ -6,13 +6,12 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-import numpy as np
 import numpy.typing as npt
 
-from ..audio import AudioFormat, SampleType
+from ..audio import AudioFormat
 from ..errors import ConfigError, DeviceError
 
 Samples = npt.NDArray[Any]
@@ -128,25 +127,6 @@ def _flag(options: dict[str, str], key: str) -> bool:
     if value in ("0", "false", "no"):
         return False
     raise ConfigError(f"option {key}={value!r} must be 0 or 1")
-
-
-def to_sample_type(x: Samples, sample_type: SampleType) -> Samples:
-    """Convert float samples in [-1, 1] (or integer PCM) to ``sample_type``, scaled."""
-    target = sample_type.dtype
-    if x.dtype == target:
-        return x
-    if np.issubdtype(x.dtype, np.integer):
-        x = x.astype(np.float64) / _int_full_scale(x.dtype)
-    if sample_type is SampleType.FLOAT32:
-        return x.astype(np.float32)
-    info = np.iinfo(cast(Any, target))
-    out: Samples = np.clip(np.rint(x * info.max), info.min, info.max).astype(target)
-    return out
-
-
-def _int_full_scale(dtype: np.dtype[Any]) -> float:
-    """The magnitude of the most negative integer sample: maps PCM to [-1, 1)."""
-    return float(-np.iinfo(cast(Any, dtype)).min)
 
 
 # --- paced sources -----------------------------------------------------------

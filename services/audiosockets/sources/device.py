@@ -1,4 +1,12 @@
-"""``device:`` sources: a PortAudio input device through ``sounddevice`` (lazy import)."""
+"""``device:`` sources: a PortAudio input device through ``sounddevice`` (lazy import).
+
+Capture times come from ``capture_clock.CaptureClock``: a frame counter anchored at
+the first block after each open, steered toward PortAudio's ADC times with a bounded
+slew (the ADC times right after an open can be half a second off), so consecutive
+blocks are one block apart unless frames were really lost (an overflow, a full ring)
+or the device was reopened. The PortAudio callback only copies, stores its times and
+flags, and bumps counters.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..audio import AudioFormat
+from ..capture_clock import CaptureClock
 from ..errors import DeviceError
 from .base import CapturedBlock, DeviceLost, Samples, Source
 
@@ -63,12 +72,23 @@ class DeviceSource(Source):
         super().__init__(fmt, block_frames)
         self.device: int | str | None = int(device) if device and device.isdigit() else device
         slots = max(16, math.ceil(ring_seconds * fmt.rate / block_frames))
-        # Preallocated so the callback never allocates: block slots, capture times.
+        # Preallocated so the callback never allocates: block slots, and per slot the
+        # ADC time and callback time PortAudio reported (stream clock, s), whether an
+        # input overflow came before it, and frames lost in the hand-off before it.
         self._ring = np.zeros((slots, block_frames, fmt.channels), dtype=fmt.dtype)
         self._adc = np.zeros(slots, dtype=np.float64)
+        self._current = np.zeros(slots, dtype=np.float64)
+        self._overflowed = np.zeros(slots, dtype=np.bool_)
+        self._lost = np.zeros(slots, dtype=np.int64)
         self._slots = slots
         self._written = 0  # only the callback writes this
         self._read = 0  # only the event loop writes this
+        self._overflow_pending = False  # only the callback touches these two
+        self._lost_pending = 0
+        #: Capture times: a frame counter disciplined toward the ADC times (see
+        #: ``capture_clock``); anchored again at the first block after each open.
+        self.capture_clock = CaptureClock(fmt.rate)
+        self._anchor_pending = True
         self._waiting = False
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -88,6 +108,9 @@ class DeviceSource(Source):
         fmt = self.format
         self._loop = asyncio.get_running_loop()
         self._written = self._read = 0
+        self._overflow_pending = False
+        self._lost_pending = 0
+        self._anchor_pending = True
         self._finished = False
         self._wake = asyncio.Event()
         try:
@@ -141,31 +164,35 @@ class DeviceSource(Source):
 
     def _refresh_offset(self) -> None:
         # The stream clock and the wall clock drift apart slowly (and NTP slews the
-        # latter). Slew towards a fresh measurement by at most 1 ms per refresh so
-        # timestamps never jump backwards.
+        # latter): measure again once a second. The capture clock turns the reports
+        # into stamps with a bounded slew, so a fresh offset never makes them jump.
         now = time.monotonic()
-        if now - self._offset_refreshed < 10.0:
+        if now - self._offset_refreshed < 1.0:
             return
         self._offset_refreshed = now
         try:
-            fresh = self._measure_offset()
-        except Exception:  # the stream is closing; keep the old offset
+            self._offset_ns = self._measure_offset()
+        except Exception:  # the stream is closing (or a stand-in without a clock)
             return
-        step = max(-1_000_000, min(1_000_000, fresh - self._offset_ns))
-        self._offset_ns += step
 
     # Runs on PortAudio's thread: copy, hand off, return. Nothing else.
     def _callback(self, indata: Samples, frames: int, time_info: Any, status: Any) -> None:
         if status.input_overflow:
             self.overflows += 1
+            self._overflow_pending = True
         written = self._written
         if written - self._read >= self._slots or frames != self.block_frames:
             self.dropped += 1
+            self._lost_pending += frames
         else:
             slot = written % self._slots
             self._ring[slot] = indata
-            adc = time_info.inputBufferAdcTime
-            self._adc[slot] = adc if adc > 0 else time_info.currentTime
+            self._adc[slot] = time_info.inputBufferAdcTime
+            self._current[slot] = time_info.currentTime
+            self._overflowed[slot] = self._overflow_pending
+            self._lost[slot] = self._lost_pending
+            self._overflow_pending = False
+            self._lost_pending = 0
             self._written = written + 1
         if self._waiting:
             self._waiting = False
@@ -198,10 +225,30 @@ class DeviceSource(Source):
                 self._waiting = False
         slot = self._read % self._slots
         samples = self._ring[slot].copy()
-        captured_ns = round(float(self._adc[slot]) * 1e9) + self._offset_ns
+        captured_ns = self._stamp(slot)
         self._read += 1
         self._refresh_offset()
         return CapturedBlock(samples, captured_ns)
+
+    def _stamp(self, slot: int) -> int:
+        """The block's capture time from the capture clock, fed the device's report."""
+        block_ns = self.block_frames * 1_000_000_000 // self.format.rate
+        # The callback runs once the block's last frame is in: its first frame was
+        # captured one block earlier (PortAudio's input latency comes on top, and is
+        # what the ADC reports then steer in slowly).
+        called_ns = round(float(self._current[slot]) * 1e9) + self._offset_ns - block_ns
+        clock = self.capture_clock
+        if self._anchor_pending:
+            self._anchor_pending = False
+            clock.anchor(called_ns)
+        adc = float(self._adc[slot])
+        report = round(adc * 1e9) + self._offset_ns if adc > 0 else called_ns
+        return clock.stamp(
+            self.block_frames,
+            report,
+            lost_frames=int(self._lost[slot]),
+            overflow=bool(self._overflowed[slot]),
+        )
 
     async def close(self) -> None:
         stream, self._stream = self._stream, None

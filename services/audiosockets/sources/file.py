@@ -10,8 +10,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ..audio import AudioFormat, SampleType
+from ..convert import convert as convert_samples
+from ..convert import full_scale_of
 from ..errors import ConfigError
-from .base import Clock, PacedSource, Samples, _int_full_scale, to_sample_type
+from .base import Clock, PacedSource, Samples
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +94,8 @@ class FileSource(PacedSource):
 
     The file's rate and channel count must match the stream unless ``convert`` is
     set (then: channels are averaged to mono or mono duplicated, and the rate is
-    linearly interpolated). Sample types are always converted with proper scaling.
+    linearly interpolated). Sample types are always converted at full-scale-correct
+    level, before channels are mixed (``convert.convert``).
     The data is memory-mapped, so long files cost no memory up front.
     """
 
@@ -158,14 +161,10 @@ class FileSource(PacedSource):
             lo = np.minimum(pos.astype(np.int64), self.info.frames - 1)
             hi = np.minimum(lo + 1, self.info.frames - 1)
             frac = (pos - lo)[:, None]
-            a = self._data[lo].astype(np.float64)
-            b = self._data[hi].astype(np.float64)
+            scale = full_scale_of(src.dtype)  # interpolate at full scale 1.0
+            a = self._data[lo].astype(np.float64) / scale
+            b = self._data[hi].astype(np.float64) / scale
             block = a + (b - a) * frac
-            if np.issubdtype(src.dtype, np.integer):
-                block = block / _int_full_scale(src.dtype)
-        if src.channels != dst.channels:
-            if dst.channels == 1:
-                block = block.astype(np.float64).mean(axis=1, keepdims=True)
-            else:
-                block = np.repeat(block, dst.channels, axis=1)
-        return to_sample_type(block, dst.sample_type)
+        # The level first (full scale to full scale), then the channels: a stereo
+        # int16 file at 100 is a mono int16 stream at 100 (int32: 100 << 16).
+        return convert_samples(block, dst.sample_type, dst.channels)

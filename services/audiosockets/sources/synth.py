@@ -8,8 +8,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ..audio import AudioFormat
+from ..convert import to_sample_type
 from ..errors import ConfigError
-from .base import SYNTH_KINDS, Clock, PacedSource, Samples, to_sample_type
+from .base import SYNTH_KINDS, Clock, PacedSource, Samples
 
 
 class SynthSource(PacedSource):
