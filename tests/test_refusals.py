@@ -22,6 +22,7 @@ import pytest
 from _support import wait_until
 from audiosockets.audio import AudioFormat, Chunk, SampleType
 from audiosockets.client import Publisher, RetryPolicy, Subscriber
+from audiosockets.client.handshake import connect
 from audiosockets.errors import ErrorCode, RelayRefused
 from audiosockets.metrics import Metrics
 from audiosockets.protocol import (
@@ -39,7 +40,6 @@ from audiosockets.protocol import (
     Welcome,
 )
 from audiosockets.relay import Relay, RelayConfig
-from audiosockets.transport import connect
 from audiosockets.urls import parse_url
 
 FMT = AudioFormat(16000, 1, SampleType.INT16)

@@ -210,6 +210,18 @@ def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
     return publisher
 
 
+def keep_unsent_on_disk(stream: SpoolingStream | None, disk: DiskSpool, metrics: Metrics) -> None:
+    """Save what the closed Publisher never sent of ``stream``, ahead of the disk
+    spool; what the spool cannot hold is counted dropped (``reason="spool_full"``)."""
+    if stream is None or not stream.unsent:
+        return
+    entries = stream.unsent_chunks()
+    dropped = disk.prepend([(bytes(e.payload), int(e.captured_ns)) for e in entries])
+    if dropped:
+        metrics.chunks_dropped.labels(stream.name, "spool_full").inc(dropped)
+    log.info("%d unsent chunks kept on disk for the next run", len(entries))
+
+
 class Recorder:
     """Capture from a source and publish every block, whatever the relay does."""
 
@@ -354,7 +366,7 @@ class Recorder:
                 timeout=max(0.0, deadline - time.monotonic()), drop_unsent=self.disk is None
             )
             if self.disk is not None:
-                self._keep_unsent_on_disk(self.disk)
+                keep_unsent_on_disk(self._stream, self.disk, self.metrics)
                 self.disk.close()
         if flushed:
             log.info(
@@ -449,17 +461,6 @@ class Recorder:
             if block is None:
                 break
             self.last_seq = stream.send(block.samples, captured_ns=block.captured_ns)
-
-    def _keep_unsent_on_disk(self, disk: DiskSpool) -> None:
-        """Save what the closed Publisher never sent, ahead of the disk spool."""
-        stream = self._stream
-        if stream is None or not stream.unsent:
-            return
-        entries = stream.unsent_chunks()
-        dropped = disk.prepend([(bytes(e.payload), int(e.captured_ns)) for e in entries])
-        if dropped:
-            self.metrics.chunks_dropped.labels(self.config.stream, "spool_full").inc(dropped)
-        log.info("%d unsent chunks kept on disk for the next run", len(entries))
 
     async def _drain_disk(self) -> None:
         disk = self.disk

@@ -97,7 +97,10 @@ async def refused(client: Publisher | Subscriber) -> Refused:
     """Start ``client`` and wait for its refusal (it must come, and it must be final)."""
     await client.start()
     async with asyncio.timeout(10):
-        error = await client.wait_refused()
+        await client.failed.wait()
+    error = client.failure
+    assert isinstance(error, Refused)
+    assert error.exit_code == 1
     attempts = client.attempts
     await asyncio.sleep(0.3)  # pacing: a client that kept retrying would add attempts here
     assert client.attempts == attempts, "a refused client must not retry"
@@ -361,7 +364,9 @@ async def test_reload_keeps_allowed_sessions_and_closes_the_others(
     )
     assert relay.reload_credentials()
     async with asyncio.timeout(10):
-        error = await revoked.wait_refused()
+        await revoked.failed.wait()
+    error = revoked.failure
+    assert isinstance(error, Refused)
     assert (
         "credentials reloaded: stream not allowed: client 'rec-2' may not publish 'other'"
         in str(error)
@@ -389,7 +394,9 @@ async def test_reload_revokes_a_removed_token(
     write(credentials_file, text[:start] + text[end:])
     assert relay.reload_credentials()
     async with asyncio.timeout(10):
-        error = await sub.wait_refused()
+        await sub.failed.wait()
+    error = sub.failure
+    assert isinstance(error, Refused)
     assert "credentials reloaded: this token is no longer valid" in str(error)
     with pytest.raises(Refused):
         await sub.get(5)

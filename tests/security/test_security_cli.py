@@ -24,10 +24,10 @@ from security_support import TOKENS, Site, credentials_toml, write
 
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import Publisher
+from audiosockets.client.handshake import connect
 from audiosockets.errors import ErrorCode
 from audiosockets.protocol import ErrorFrame, Goodbye, Hello, Role, encode
 from audiosockets.tls import client_context
-from audiosockets.transport import connect
 from audiosockets.urls import parse_url
 
 CLI = [sys.executable, "-m", "audiosockets"]

@@ -1,7 +1,7 @@
 """The reconnect machinery Publisher and Subscriber share.
 
 ``ReconnectingClient`` owns one background task that connects (HELLO/WELCOME
-through ``transport.connect``), runs the subclass's ``_session`` on the
+through ``client.handshake.connect``), runs the subclass's ``_session`` on the
 channel, and reconnects with tenacity (exponential backoff with jitter and a
 cap) when the session ends. Every retry is logged and counted in
 ``audiosockets_reconnects_total``. The API-facing state (spool, positions)
@@ -44,8 +44,9 @@ from ..protocol import (
     Limits,
     Role,
 )
-from ..transport import Channel, connect
+from ..transport import Channel
 from ..urls import RelayAddress, parse_url
+from .handshake import connect
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,15 @@ class RetryPolicy:
 _RETRYABLE = (RelayUnreachable, ConnectionClosed, RemoteProtocolError, OSError)
 
 
-def refusal(exc: BaseException) -> Refused | None:
+def refusal(exc: BaseException, address: RelayAddress | None = None) -> Refused | None:
     """The relay's answer in ``exc`` as a refusal no retry can change, else None.
 
     A session ended with UNAUTHORIZED (a request refused by rule: stream, group,
-    ownership, credentials reloaded) is said with the relay's own sentence.
+    ownership, credentials reloaded) is said with the relay's own sentence,
+    naming ``address`` when given.
     """
     if isinstance(exc, ConnectionClosed) and exc.code in FATAL_REFUSALS:
-        return RelayRefused(_refusal_sentence(exc), exc.code)
+        return RelayRefused(_refusal_sentence(exc, address), exc.code)
     if isinstance(exc, Refused):
         return exc
     return None
@@ -117,7 +119,7 @@ _BENIGN_CLOSE = frozenset({ErrorCode.NORMAL, ErrorCode.SHUTTING_DOWN, ErrorCode.
 class ReconnectingClient:
     """Shared connect/reconnect machinery of Publisher and Subscriber.
 
-    One background task (``start``) connects through ``transport.connect``,
+    One background task (``start``) connects through ``client.handshake.connect``,
     runs the subclass's ``_session(channel)`` until it ends, and reconnects.
     Public state: ``channel`` (the current session or None), ``connected``
     (an ``asyncio.Event``), ``attempts`` (connects tried), ``sessions``
@@ -264,7 +266,7 @@ class ReconnectingClient:
             except Refused as exc:  # we found we cannot send what we have
                 self._fail(exc)
             except _RETRYABLE as exc:
-                fatal = refusal(exc)
+                fatal = refusal(exc, self.address)
                 if fatal is not None and not self._closing:
                     self._fail(fatal)
                 refused = isinstance(exc, RemoteProtocolError) or (
@@ -326,8 +328,12 @@ class ReconnectingClient:
             self._task = None
 
 
-def _refusal_sentence(exc: ConnectionClosed) -> str:
-    """``relay ended the session: SENTENCE`` said as a refusal; other texts as they are."""
+def _refusal_sentence(exc: ConnectionClosed, address: RelayAddress | None) -> str:
+    """``relay ended the session: SENTENCE`` said as a refusal (``relay ADDRESS
+    refused: SENTENCE``); other texts as they are."""
     text = str(exc)
     prefix = "relay ended the session: "
-    return "relay refused: " + text[len(prefix) :] if text.startswith(prefix) else text
+    if not text.startswith(prefix):
+        return text
+    relay = f"relay {address}" if address is not None else "relay"
+    return f"{relay} refused: {text[len(prefix) :]}"

@@ -16,8 +16,8 @@ from ..protocol import (
     Status,
     StatusRequest,
 )
-from ..transport import connect
 from ..urls import RelayAddress, parse_url
+from .handshake import connect
 from .session import check_wire_names, refusal
 
 

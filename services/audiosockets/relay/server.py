@@ -401,15 +401,7 @@ class Relay:
             stream.change_format(fmt, self.subscriptions.readers(name).values())
         old = stream.publisher
         if old is not None and old is not publisher:
-            log.info(
-                "stream %r: publisher %r is back from %s; its earlier session from %s ends",
-                name,
-                publisher.name,
-                publisher.channel.peer,
-                old.channel.peer,
-            )
-            farewell = Goodbye(ErrorCode.REPLACED, f"stream {name!r} taken back by a newer session")
-            old.start_task(old.channel.close(farewell), name=f"replace {old.name}")
+            old.replaced_by(publisher, name)
         stream.publisher = publisher
         stream.abandoned_at = None
         for cursor in self.subscriptions.readers(name).values():
@@ -472,16 +464,9 @@ class Relay:
     def unsubscribe(self, session: SubscriberSession) -> None:
         """``session`` ended: leave its group, whose other members take over."""
         self.subscribers.discard(session)
-        group = session.group
-        if group is not None:
-            with contextlib.suppress(ValueError):
-                group.members.remove(session)
+        if session.group is not None:
+            session.group.leave(session, self.streams, self.subscriptions, self.clock())
             session.group = None
-            if group.members:
-                group.rebalance(self.streams, self.subscriptions)
-            else:  # kept with its ACKs for the grace period (expiry.forget_empty_groups)
-                group.assignment.clear()
-                group.empty_since = self.clock()
 
     def _offer(self, stream: StreamState) -> None:
         """A stream appeared (or came back): attach it where it belongs."""

@@ -23,6 +23,7 @@ from ..protocol import (
     ChunkData,
     CloseReason,
     CloseStream,
+    Goodbye,
     Hello,
     OpenStream,
     Role,
@@ -133,6 +134,19 @@ class PublisherSession(Session):
         if self.identity.name or other.identity.name:
             return self.identity.name == other.identity.name
         return self.same_run(other)
+
+    def replaced_by(self, newer: PublisherSession, stream: str) -> None:
+        """``newer`` (the same owner, back) takes ``stream`` from this stale
+        session, which ends with GOODBYE ``REPLACED``."""
+        log.info(
+            "stream %r: publisher %r is back from %s; its earlier session from %s ends",
+            stream,
+            newer.name,
+            newer.channel.peer,
+            self.channel.peer,
+        )
+        farewell = Goodbye(ErrorCode.REPLACED, f"stream {stream!r} taken back by a newer session")
+        self.start_task(self.channel.close(farewell), name=f"replace {self.name}")
 
     def on_chunk(self, chunk: ChunkData) -> None:
         """Check and publish ``chunk`` (synchronous: the relay's per-chunk path).
