@@ -3,7 +3,6 @@ a publisher that records what it is given, and the skip-or-fail rule for tools."
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import wave
 from dataclasses import dataclass, field
@@ -131,7 +130,3 @@ class FakePublisher:
 
     async def close(self, timeout: float = 2.0, *, drop_unsent: bool = True) -> None:
         self.closed = True
-
-    async def wait_refused(self) -> Exception:
-        await asyncio.Event().wait()  # this fake is never refused
-        raise AssertionError("unreachable")
