@@ -76,9 +76,9 @@ _RETRYABLE = (RelayUnreachable, ConnectionClosed, RemoteProtocolError, OSError)
 def refusal(exc: BaseException, address: RelayAddress | None = None) -> Refused | None:
     """The relay's answer in ``exc`` as a refusal no retry can change, else None.
 
-    A session ended with UNAUTHORIZED (a request refused by rule: stream, group,
-    ownership, credentials reloaded) is said with the relay's own sentence,
-    naming ``address`` when given.
+    A session the relay ended with such a code (e.g. UNAUTHORIZED: a request
+    refused by rule, credentials reloaded) is said with the relay's own
+    sentence, naming ``address`` when given.
     """
     if isinstance(exc, ConnectionClosed) and exc.code in FATAL_REFUSALS:
         return RelayRefused(_refusal_sentence(exc, address), exc.code)
