@@ -584,10 +584,12 @@ async def test_resent_history_longer_than_the_window_is_not_counted_as_loss(rela
 @pytest.mark.parametrize("relay_config", [RelayConfig(port=0, token="s3cret")])
 async def test_token_is_required_when_the_relay_has_one(relay: Relay) -> None:
     from audiosockets.client import fetch_status
-    from audiosockets.errors import RelayRefused
+    from audiosockets.errors import Refused, RelayRefused
 
-    with pytest.raises(RelayRefused, match="token") as info:  # a refusal: exit 1
+    # A refusal retrying cannot change: RelayRefused, a Refused (the CLI's exit status 1).
+    with pytest.raises(RelayRefused, match="bad token") as info:
         await fetch_status(relay.url, token="wrong")
+    assert isinstance(info.value, Refused)
     assert info.value.code is ErrorCode.UNAUTHORIZED
     assert info.value.exit_code == 1
     assert relay.metrics.registry.get_sample_value("audiosockets_auth_failures_total") == 1

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
 import click
 
 from . import __version__
+from . import cli_security as security
 from .audio import DTypeName
 from .cli_nats import nats_group
 from .cli_support import (
@@ -36,6 +36,7 @@ from .cli_support import (
 )
 from .cli_tools import demo, loadtest
 from .client import StartName
+from .metrics_http import MetricsEndpoint
 from .urls import check_url
 
 P = ParamSpec("P")
@@ -55,11 +56,10 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 )
 def main(log_level: LogLevel) -> None:
     """Real-time audio over sockets: record, relay, process."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from .untrusted import configure_logging
+
+    # Log messages carry names that came from the network: one escaped line each.
+    configure_logging(getattr(logging, log_level.upper()))
 
 
 # --- relay, status (lead) -----------------------------------------
@@ -101,10 +101,13 @@ def main(log_level: LogLevel) -> None:
 @click.option(
     "--token",
     default=None,
-    help="Shared secret every client must present (unset: no authentication).",
+    help="Shared secret every client must present: the simplest mode, one identity "
+    "with every role (unset, and no --credentials: no authentication).",
 )
+@security.relay_security_options
 @relay_limit_options
 @loop_option
+@security.metrics_endpoint_options("the --listen host")
 @user_errors
 def relay(
     listen: str,
@@ -115,7 +118,13 @@ def relay(
     max_frame_bytes: int,
     max_chunk_seconds: float,
     token: str | None,
+    token_file: Path | None,
+    credentials: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
     loop_name: LoopName,
+    metrics_endpoint: MetricsEndpoint,
     **limits: Any,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out."""
@@ -135,19 +144,24 @@ def relay(
         limits=configure(
             Limits, max_frame_size=max_frame_bytes, max_chunk_seconds=max_chunk_seconds
         ),
-        token=token or "",
+        token=security.read_token(token, token_file),
+        credentials=credentials,
+        tls=security.relay_tls(listen, tls_cert, tls_key, tls_client_ca),
         **limits,
     )
     metrics = Metrics()
+    metrics_tls = metrics_endpoint.context()  # unusable files: exit 2 before listening
 
     def ready(server: Relay) -> None:
         if metrics_port:
             # Called on the loop once the socket is bound: listening is ready.
             health = Health.watch_running_loop(server.readiness)
-            serve_metrics(metrics_port, metrics.registry, host, health=health)
+            where = metrics_endpoint.host or host
+            serve_metrics(metrics_port, metrics.registry, where, health=health, tls=metrics_tls)
         click.echo(f"relay listening on {server.url}", err=True)
 
-    run_async(Relay(config, metrics=metrics).run(ready=ready), loop_name)
+    server = Relay(config, metrics=metrics)  # reads --credentials: a bad file is exit 2
+    run_async(server.run(ready=ready), loop_name)
 
 
 @main.command()
@@ -163,24 +177,38 @@ def relay(
     "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait."
 )
 @token_option
+@security.token_file_option
+@security.client_tls_options
 @loop_option
 @user_errors
 def status(
-    relay_url: str, as_json: bool, timeout: float, token: str | None, loop_name: LoopName
+    relay_url: str,
+    as_json: bool,
+    timeout: float,
+    token: str | None,
+    token_file: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    loop_name: LoopName,
 ) -> None:
     """Show a relay's streams, clients, groups and drops."""
     from .connect import fetch_status
+    from .untrusted import escape_all
 
-    report = run_async(fetch_status(relay_url, timeout=timeout, token=token or ""), loop_name)
+    tls = security.client_tls(relay_url, tls_ca, tls_cert, tls_key)
+    secret = security.read_token(token, token_file)
+    report = run_async(fetch_status(relay_url, timeout=timeout, token=secret, tls=tls), loop_name)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report, indent=2))  # JSON escapes control characters itself
         return
     if report.get("binding") == "nats":
         from .jetstream.admin import format_status as format_nats_status
 
-        click.echo(format_nats_status(report))
+        click.echo(format_nats_status(escape_all(report)))
         return
-    click.echo(format_status(report))
+    # Names in the report came from the network: control characters escaped.
+    click.echo(format_status(escape_all(report)))
 
 
 # --- record, devices (recorder) ---------------------------------------------
@@ -225,8 +253,11 @@ def status(
 )
 @click.option("--name", default=None, help="Client name the relay shows (default recorder-STREAM).")
 @token_option
+@security.token_file_option
+@security.client_tls_options
 @metrics_port_option(9401)
 @loop_option
+@security.metrics_endpoint_options("127.0.0.1")
 @user_errors
 def record(
     relay_url: str,
@@ -241,8 +272,13 @@ def record(
     flush_seconds: float,
     name: str | None,
     token: str | None,
+    token_file: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     metrics_port: int,
     loop_name: LoopName,
+    metrics_endpoint: MetricsEndpoint,
 ) -> None:
     """Capture audio and publish it; keeps recording whatever the relay does."""
     from .recorder import RecorderConfig
@@ -262,9 +298,10 @@ def record(
         spool_dir=spool_dir,
         flush_timeout=flush_seconds,
         name=name,
-        token=token,
+        token=security.read_token(token, token_file),
+        tls=security.client_tls(relay_url, tls_ca, tls_cert, tls_key),
     )
-    run_async(run_recorder(config, metrics_port=metrics_port), loop_name)
+    run_async(run_recorder(config, metrics_port=metrics_port, endpoint=metrics_endpoint), loop_name)
 
 
 @main.command()
@@ -337,8 +374,11 @@ def devices() -> None:
     "--name", default=None, help="Client name at the relay (default process-HANDLER@HOSTNAME)."
 )
 @token_option
+@security.token_file_option
+@security.client_tls_options
 @metrics_port_option(9402)
 @loop_option
+@security.metrics_endpoint_options("127.0.0.1")
 @user_errors
 def process(
     relay_url: str,
@@ -354,8 +394,13 @@ def process(
     start: StartName,
     name: str | None,
     token: str | None,
+    token_file: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     metrics_port: int,
     loop_name: LoopName,
+    metrics_endpoint: MetricsEndpoint,
 ) -> None:
     """Run a handler on every chunk of the matching streams."""
     from .processor import ProcessorConfig, serve
@@ -369,13 +414,16 @@ def process(
         name=name,
         workers=workers,
         metrics_port=metrics_port,
+        metrics_host=metrics_endpoint.host or "127.0.0.1",
+        metrics_tls=metrics_endpoint.context(),
         backlog_seconds=backlog_seconds,
         events=events,
         segment_seconds=segment_seconds,
         max_open_segments=max_open_segments,
         exit_after=max_failures,
         start=start,
-        token=token,
+        token=security.read_token(token, token_file),
+        tls=security.client_tls(relay_url, tls_ca, tls_cert, tls_key),
     )
     run_async(serve(config), loop_name)  # checks the handler once, before connecting
 
@@ -384,6 +432,9 @@ def process(
 
 main.add_command(loadtest)
 main.add_command(demo)
+
+
+main.add_command(security.certs)  # audiosockets certs init/issue
 
 
 # --- nats (the JetStream binding): cli_nats.py ------------------------------------

@@ -30,8 +30,11 @@ EXIT_INTERRUPTED = 130
 
 
 def fail(message: str, code: int = 1) -> None:
-    """One clear line on stderr, then exit ``code``."""
-    click.echo(f"audiosockets: error: {message}", err=True)
+    """One clear line on stderr, then exit ``code``. The message may quote a peer
+    (a relay's refusal): control characters are escaped (``untrusted.escape``)."""
+    from .untrusted import escape
+
+    click.echo(f"audiosockets: error: {escape(message)}", err=True)
     sys.exit(code)
 
 

@@ -1,13 +1,14 @@
 """One place that turns a ``--relay`` URL into a publisher, subscriber or status.
 
 ``tcp://`` goes to the relay binding (``client.Publisher``/``Subscriber``),
-``nats://`` and ``tls://`` to the JetStream binding (``jetstream``), which needs
+``nats://`` and ``nats+tls://`` to the JetStream binding (``jetstream``), which needs
 the ``nats`` extra. The recorder, the processor, ``status`` and ``loadtest``
 construct their clients here, so both bindings serve every command unchanged.
 """
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from .jetstream import JetStreamPublisher, JetStreamSubscriber
 
 #: Keyword arguments only the relay binding has (socket and frame tuning).
-_RELAY_ONLY = ("limits", "max_batch_bytes", "socket_buffer_bytes")
+_RELAY_ONLY = ("limits", "max_batch_bytes", "socket_buffer_bytes", "tls")
 
 
 def _jetstream() -> Any:
@@ -57,8 +58,11 @@ def connect_subscriber(
     return Subscriber(url, pattern, **kwargs)
 
 
-async def fetch_status(url: str, *, timeout: float = 5.0, token: str = "") -> dict[str, Any]:
-    """The status report of a relay, or of a JetStream stream and its groups."""
+async def fetch_status(
+    url: str, *, timeout: float = 5.0, token: str = "", tls: ssl.SSLContext | None = None
+) -> dict[str, Any]:
+    """The status report of a relay, or of a JetStream stream and its groups.
+    ``tls``: the relay binding's context for ``tls://`` (``tls.client_context``)."""
     if is_nats_url(url):
         report: dict[str, Any] = await _jetstream().admin.fetch_status(
             url, timeout=timeout, token=token
@@ -66,4 +70,4 @@ async def fetch_status(url: str, *, timeout: float = 5.0, token: str = "") -> di
         return report
     from .client import fetch_status as relay_status
 
-    return await relay_status(url, timeout=timeout, token=token)
+    return await relay_status(url, timeout=timeout, token=token, tls=tls)

@@ -75,17 +75,30 @@ class ConnectionClosed(AudiosocketsError):
         self.code = code
 
 
-class RelayRefused(AudiosocketsError):
+class Refused(AudiosocketsError):
+    """The server refused what we asked for (token, role, stream, group, certificate,
+    NATS credentials and permissions): a retry cannot help, the client ends with
+    this sentence. ``code``: the relay's ERROR code (UNAUTHORIZED unless it said).
+    Our relay's refusals are the subclass ``RelayRefused``."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.UNAUTHORIZED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RelayRefused(Refused):
     """The relay refused the session or a stream, and retrying cannot change that.
 
     ``exit_code`` is 2 when what we send is the problem (a name too long, a chunk
     larger than the relay's frame limit, a format it rejects), else 1 (a wrong
-    token, a stream another publisher holds).
+    token, a role, stream or group not allowed, a certificate refused, a stream
+    another publisher holds).
     """
 
-    def __init__(self, message: str, code: ErrorCode) -> None:
-        super().__init__(message)
-        self.code = code
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.UNAUTHORIZED) -> None:
+        super().__init__(message, code)
         self.exit_code = 2 if code in CONFIGURATION_REFUSALS else 1
 
 
@@ -105,12 +118,6 @@ class RelayUnreachable(AudiosocketsError):
     """The relay could not be reached (refused, timed out, name not resolved)."""
 
     exit_code = 3
-
-
-class Refused(AudiosocketsError):
-    """The server refused what we asked for (credentials, permissions): a retry cannot help."""
-
-    exit_code = 1
 
 
 class AddressInUse(AudiosocketsError):

@@ -26,14 +26,11 @@ reason, so ``curl`` and ``docker inspect`` show why.
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Final
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -165,15 +162,6 @@ def session_ready(registry: CollectorRegistry, role: str) -> ReadyCheck:
 # --- the HTTP side ---------------------------------------------------------------
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a slow scrape never holds the process up at exit
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        """Probes come every few seconds: no access log."""
-
-
 def _answer(start_response: StartResponse, verdict: Verdict) -> Iterable[bytes]:
     status = "200 OK" if verdict.ok else "503 Service Unavailable"
     start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
@@ -200,39 +188,29 @@ def serve_http(
     port: int,
     registry: CollectorRegistry,
     health: Health | None,
-    addr: str = "0.0.0.0",
+    addr: str = "127.0.0.1",
     *,
-    family: socket.AddressFamily = socket.AF_INET,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
     """Serve ``/metrics`` (and any other path, as Prometheus' own server does),
-    ``/healthz`` and ``/readyz`` on ``addr:port`` from a daemon thread.
+    ``/healthz`` and ``/readyz`` on ``addr:port`` (``metrics_http``: bounded
+    threads, idle timeout, any address family, HTTPS with ``tls``).
 
     ``family`` is ``addr``'s address family (``AF_INET6`` for an IPv6 address;
     ``::`` then accepts IPv4 clients too where the OS allows dual-stack).
     Returns the bound port (``port=0`` picks one). Raises ``OSError`` when the
-    address cannot be bound.
+    address cannot be resolved or bound.
     """
     from prometheus_client import make_wsgi_app
 
-    dual_stack = family == socket.AF_INET6 and addr == "::"
+    from .metrics import CallbackCollector
+    from .metrics_http import serve_wsgi
 
-    class Server(_Server):
-        address_family = family
-
-        def server_bind(self) -> None:
-            if dual_stack and socket.has_dualstack_ipv6():
-                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            super().server_bind()
-
-    server = make_server(
-        addr,
-        port,
+    server = serve_wsgi(
         with_health(make_wsgi_app(registry), health),
-        server_class=Server,
-        handler_class=_QuietHandler,
+        port,
+        host=addr,
+        tls=tls,
+        register=lambda srv: registry.register(CallbackCollector(srv.refusals)),
     )
-    thread = threading.Thread(
-        target=server.serve_forever, name=f"audiosockets-http:{port}", daemon=True
-    )
-    thread.start()
     return int(server.server_address[1])

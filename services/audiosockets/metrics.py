@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import platform
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -460,6 +461,20 @@ class Metrics:
             "Connections refused because the token was missing or wrong.",
             registry=r,
         )
+        self.refusals = Counter(
+            "audiosockets_refusals",
+            "Handshakes and requests the relay refused, by the rule that refused them "
+            "(bad_token, role_not_allowed, stream_not_allowed, group_not_allowed, stream_owned).",
+            ["reason"],
+            registry=r,
+        )
+        self.tls_handshake_failures = Counter(
+            "audiosockets_tls_handshake_failures",
+            "Connections cut in or right after the TLS handshake, by reason (not_tls: "
+            "plain TCP or HTTP on the TLS port; client_certificate_missing/untrusted).",
+            ["reason"],
+            registry=r,
+        )
 
     # Label children are created on first use of a stream so the zero shows
     # up in the first scrape after the stream appears.
@@ -505,24 +520,24 @@ def gauge_family(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
 def serve_metrics(
     port: int,
     registry: CollectorRegistry,
-    addr: str = "0.0.0.0",
+    addr: str = "127.0.0.1",
     *,
     health: Health | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
-    """Serve ``registry`` over HTTP on ``addr``:``port`` in a daemon thread.
+    """Serve ``registry`` over HTTP on ``addr``:``port`` from daemon threads.
 
-    ``addr`` is a host name or an IPv4/IPv6 address (no brackets); services pass
-    their listen host, so metrics follow the service's address family. ``::`` is
-    dual-stack (``IPV6_V6ONLY=0``: IPv4 clients too) where the OS allows it.
+    ``addr``: a host name or an IPv4/IPv6 address (no brackets; ``::`` is
+    dual-stack) — services pass ``--metrics-host``, by default their listen
+    host. ``tls``: serve HTTPS (``metrics_http.MetricsEndpoint.context``).
     With ``health``, the same port also answers ``/healthz`` (event loop alive)
-    and ``/readyz`` (service ready); see ``health.py``. Returns the bound port
-    (useful with ``port=0`` in tests); ``port < 0`` means disabled and returns
-    0. The CLI maps ``--metrics-port 0`` to disabled before calling this. A
-    taken port raises ``AddressInUse``, an address this host cannot bind (no
-    IPv6, not one of its addresses) ``ConfigError``.
+    and ``/readyz`` (service ready); see ``health.py``. Connections are bounded
+    and time out (``metrics_http``). Returns the bound port (useful with
+    ``port=0`` in tests); ``port < 0`` means disabled and returns 0. The CLI
+    maps ``--metrics-port 0`` to disabled before calling this. A taken port
+    raises ``AddressInUse``; an address this host cannot bind ``ConfigError``.
     """
     import errno
-    import socket
 
     from .errors import AddressInUse, ConfigError
     from .health import serve_http
@@ -531,12 +546,7 @@ def serve_metrics(
         return 0
     where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
     try:
-        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, sockaddr = infos[0]
-    except (OSError, IndexError) as exc:
-        raise ConfigError(f"cannot serve metrics on {where}: {exc}") from exc
-    try:
-        return serve_http(port, registry, health, str(sockaddr[0]), family=family)
+        return serve_http(port, registry, health, addr, tls=tls)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         if exc.errno == errno.EADDRINUSE:

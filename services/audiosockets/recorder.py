@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import signal
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from .audio import AudioFormat, DTypeName, SampleType
 from .audio_diagnose import explain_capture_failure
 from .client.interfaces import SpoolingStream
-from .errors import ConfigError, DeviceError
+from .errors import ConfigError, DeviceError, Refused
 from .filenames import stream_stem
 from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
 from .protocol import CHUNK_HEAD, Limits
@@ -54,6 +55,8 @@ from .urls import check_url, redact
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
+
+    from .metrics_http import MetricsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,8 @@ class RecorderConfig:
     memory_seconds: float = 10.0
     name: str | None = None
     token: str | None = None
+    #: The TLS context for a ``tls://`` relay (``tls.client_context``); None: defaults.
+    tls: ssl.SSLContext | None = None
     flush_timeout: float = 2.0
     #: Longest wait between two attempts to reopen a lost device.
     retry_max_wait: float = 2.0
@@ -200,8 +205,21 @@ def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
         history_seconds=config.history_seconds,
         metrics=metrics,
         token=config.token or "",
+        tls=config.tls,
     )
     return publisher
+
+
+def keep_unsent_on_disk(stream: SpoolingStream | None, disk: DiskSpool, metrics: Metrics) -> None:
+    """Save what the closed Publisher never sent of ``stream``, ahead of the disk
+    spool; what the spool cannot hold is counted dropped (``reason="spool_full"``)."""
+    if stream is None or not stream.unsent:
+        return
+    entries = stream.unsent_chunks()
+    dropped = disk.prepend([(bytes(e.payload), int(e.captured_ns)) for e in entries])
+    if dropped:
+        metrics.chunks_dropped.labels(stream.name, "spool_full").inc(dropped)
+    log.info("%d unsent chunks kept on disk for the next run", len(entries))
 
 
 class Recorder:
@@ -300,7 +318,8 @@ class Recorder:
         """Return when stopped or when a finite source has ended.
 
         Raises what ended the capture, or the publisher's failure: a refusal of the
-        relay that no retry can change (``RelayRefused``; a chunk too large for the
+        relay that no retry can change (``RelayRefused``: its token, role, stream or
+        certificate, a stream another publisher holds; a chunk too large for the
         relay's frame limit becomes a ``ConfigError`` naming the block length that fits).
         """
         assert self._capture is not None, "start() first"
@@ -340,12 +359,14 @@ class Recorder:
         deadline = time.monotonic() + self.config.flush_timeout
         try:
             flushed = await self._flush_all(deadline)
+        except Refused:
+            flushed = False  # serve_forever raises it; what is unsent stays on disk
         finally:
             await self.publisher.close(
                 timeout=max(0.0, deadline - time.monotonic()), drop_unsent=self.disk is None
             )
             if self.disk is not None:
-                self._keep_unsent_on_disk(self.disk)
+                keep_unsent_on_disk(self._stream, self.disk, self.metrics)
                 self.disk.close()
         if flushed:
             log.info(
@@ -441,17 +462,6 @@ class Recorder:
                 break
             self.last_seq = stream.send(block.samples, captured_ns=block.captured_ns)
 
-    def _keep_unsent_on_disk(self, disk: DiskSpool) -> None:
-        """Save what the closed Publisher never sent, ahead of the disk spool."""
-        stream = self._stream
-        if stream is None or not stream.unsent:
-            return
-        entries = stream.unsent_chunks()
-        dropped = disk.prepend([(bytes(e.payload), int(e.captured_ns)) for e in entries])
-        if dropped:
-            self.metrics.chunks_dropped.labels(self.config.stream, "spool_full").inc(dropped)
-        log.info("%d unsent chunks kept on disk for the next run", len(entries))
-
     async def _drain_disk(self) -> None:
         disk = self.disk
         assert disk is not None
@@ -525,20 +535,27 @@ def _spool_gauges(stream: str, depth: int, depth_seconds: float) -> Iterable[Met
 # --- entry points for the CLI ---------------------------------------------------
 
 
-async def record(config: RecorderConfig, *, metrics_port: int = 0) -> bool:
+async def record(
+    config: RecorderConfig, *, metrics_port: int = 0, endpoint: MetricsEndpoint | None = None
+) -> bool:
     """Run a recorder until SIGTERM/SIGINT or the end of a finite source.
 
-    ``metrics_port`` 0 disables the metrics endpoint. Returns whether the final
+    ``metrics_port`` 0 disables the metrics endpoint; ``endpoint`` says where
+    (host, default 127.0.0.1) and whether over TLS. Returns whether the final
     flush completed; errors a user can cause raise ``AudiosocketsError``.
     """
     from .health import Health, session_ready
     from .metrics import serve_metrics
+    from .metrics_http import MetricsEndpoint
 
+    endpoint = endpoint or MetricsEndpoint()
+    tls = endpoint.context()  # unusable files: ConfigError before anything starts
     metrics = Metrics()
     recorder = Recorder(config, metrics=metrics)
     if metrics_port > 0:
         health = Health.watch_running_loop(session_ready(metrics.registry, "publisher"))
-        serve_metrics(metrics_port, metrics.registry, health=health)  # raises AddressInUse
+        host = endpoint.host or "127.0.0.1"
+        serve_metrics(metrics_port, metrics.registry, host, health=health, tls=tls)
     return await recorder.run()
 
 

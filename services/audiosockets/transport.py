@@ -27,7 +27,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol, SupportsIndex
 
-from .errors import ConnectionClosed, ErrorCode, RelayUnreachable, RemoteProtocolError
+from .errors import (
+    ConnectionClosed,
+    ErrorCode,
+    RemoteProtocolError,
+)
 from .protocol import (
     ChunkData,
     Connection,
@@ -35,14 +39,10 @@ from .protocol import (
     ErrorFrame,
     Event,
     Goodbye,
-    Hello,
-    Limits,
     NeedData,
     Ping,
     Pong,
-    Welcome,
 )
-from .urls import RelayAddress
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,50 @@ class WriteBufferFull(ConnectionClosed):
     unbounded memory for it."""
 
 
+class Pings:
+    """A channel's PINGs in flight: the heartbeat's (its round trip is ``rtt``,
+    seconds of ``clock``) and ``round_trip`` waiters, each PONG matched by nonce."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._nonce = itertools.count(1)
+        self._sent_at: dict[int, float] = {}  # the latest heartbeat PING only
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self.rtt: float | None = None
+
+    def _next(self) -> int:
+        return next(self._nonce) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def heartbeat(self) -> Ping:
+        """A heartbeat PING to send now; its PONG sets ``rtt``."""
+        nonce = self._next()
+        self._sent_at = {nonce: self._clock()}
+        return Ping(nonce)
+
+    def round_trip(self) -> tuple[Ping, asyncio.Future[None]]:
+        """A PING to send and the future its PONG completes."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        nonce = self._next()
+        self._waiters[nonce] = waiter
+        return Ping(nonce), waiter
+
+    def answered(self, nonce: int) -> None:
+        """A PONG with ``nonce`` arrived."""
+        sent = self._sent_at.pop(nonce, None)
+        if sent is not None:
+            self.rtt = self._clock() - sent
+        waiter = self._waiters.pop(nonce, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail_all(self, error: ConnectionClosed) -> None:
+        """The channel closed: every round trip still waiting fails with ``error``."""
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+
+
 class Channel:
     """A framed, heartbeated session over one TCP connection.
 
@@ -177,13 +221,12 @@ class Channel:
         self.conn = conn
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self._clock = clock
-        self._last_sent = clock()
-        self._nonce = itertools.count(1)
+        self.clock = clock  # monotonic seconds
+        self.last_sent = clock()  # when we last wrote a frame
         self._heartbeat: asyncio.Task[None] | None = None
         self.closed = False
-        self.rtt: float | None = None
-        self._ping_sent_at: dict[int, float] = {}
+        self.bytes_received = 0
+        self.pings = Pings(clock)  # our PINGs in flight: rtt, round trips
         self.frame_timeout = frame_timeout
         self._input_account = input_account
         self._frame_began: float | None = None  # when the pending frame's first byte came
@@ -193,7 +236,6 @@ class Channel:
         if isinstance(reader, AccountedReader):
             reader.owner = self
         self._pings = 0  # PINGs answered
-        self._round_trips: dict[int, asyncio.Future[None]] = {}
         self._yield_due = False  # poll_event asks next_event to yield the loop once
         self._watchdog = _SilenceWatchdog(self)
         peer = writer.get_extra_info("peername")
@@ -223,14 +265,14 @@ class Channel:
         if self.closed:
             return
         self.writer.write(data)
-        self._last_sent = self._clock()
+        self.last_sent = self.clock()
 
     def writelines(self, frames: Iterable[bytes]) -> None:
         """Write several pre-encoded frames in one call (no drain); nothing once closed."""
         if self.closed:
             return
         self.writer.writelines(frames)
-        self._last_sent = self._clock()
+        self.last_sent = self.clock()
 
     @property
     def write_buffer_size(self) -> int:
@@ -288,12 +330,7 @@ class Channel:
                     return None
                 continue
             if isinstance(event, Pong):
-                sent = self._ping_sent_at.pop(event.nonce, None)
-                if sent is not None:
-                    self.rtt = self._clock() - sent
-                waiter = self._round_trips.pop(event.nonce, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+                self.pings.answered(event.nonce)
                 continue
             return event
 
@@ -329,10 +366,10 @@ class Channel:
         if self.frame_timeout is not None and self.conn.buffered:
             received = self.conn.frames_received
             if self._frame_began is None or self._frame_number != received:
-                self._frame_began = self._clock()
+                self._frame_began = self.clock()
                 self._frame_number = received
             frame_deadline = self._frame_began + self.frame_timeout
-            timeout = min(timeout, max(0.0, frame_deadline - self._clock()))
+            timeout = min(timeout, max(0.0, frame_deadline - self.clock()))
         else:
             self._frame_began = None
         try:
@@ -342,7 +379,7 @@ class Channel:
                 async with asyncio.timeout(timeout):
                     data = await self.reader.read(READ_SIZE)
         except TimeoutError:
-            if frame_deadline is not None and self._clock() >= frame_deadline - 1e-3:
+            if frame_deadline is not None and self.clock() >= frame_deadline - 1e-3:
                 data = await self._last_look()
             else:
                 raise ConnectionClosed(
@@ -354,6 +391,7 @@ class Channel:
         if self._cut is not None:
             raise self._cut
         if data:
+            self.bytes_received += len(data)
             self.conn.receive_data(data)
             if self._input_account is not None:
                 self._input_account.hold(self, self.held_bytes)
@@ -386,22 +424,8 @@ class Channel:
         """Start sending PING after ``heartbeat_interval`` seconds without sending; idempotent."""
         if self._heartbeat is None:
             self._heartbeat = asyncio.create_task(
-                self._heartbeat_loop(), name=f"heartbeat {self.peer}"
+                _send_heartbeats(self), name=f"heartbeat {self.peer}"
             )
-
-    async def _heartbeat_loop(self) -> None:
-        # A timer, not a poll: it sleeps for exactly the quiet time left.
-        while not self.closed:
-            quiet = self._clock() - self._last_sent
-            if quiet >= self.heartbeat_interval:
-                nonce = next(self._nonce) & 0xFFFF_FFFF_FFFF_FFFF
-                self._ping_sent_at = {nonce: self._clock()}
-                try:
-                    self.send(Ping(nonce))
-                except Exception:  # the session closed under us
-                    return
-                quiet = 0.0
-            await asyncio.sleep(self.heartbeat_interval - quiet)
 
     # -- closing -------------------------------------------------------------
 
@@ -414,20 +438,17 @@ class Channel:
         ``ConnectionClosed`` if the channel closes first. The PONG is only seen
         while someone reads (``next_event``).
         """
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ping, waiter = self.pings.round_trip()
         if self.closed:
-            waiter.set_exception(ConnectionClosed(f"connection to {self.peer} is closed"))
-            return waiter
-        nonce = next(self._nonce) & 0xFFFF_FFFF_FFFF_FFFF
-        self._round_trips[nonce] = waiter
-        self.send(Ping(nonce))
+            self.pings.fail_all(ConnectionClosed(f"connection to {self.peer} is closed"))
+        else:
+            self.send(ping)
         return waiter
 
-    def _fail_round_trips(self) -> None:
-        waiters, self._round_trips = self._round_trips, {}
-        for waiter in waiters.values():
-            if not waiter.done():
-                waiter.set_exception(ConnectionClosed(f"connection to {self.peer} closed"))
+    @property
+    def rtt(self) -> float | None:
+        """Seconds of the last heartbeat PING's round trip (None before one)."""
+        return self.pings.rtt
 
     async def close(
         self, farewell: Goodbye | ErrorFrame | None = None, *, timeout: float = 1.0
@@ -441,7 +462,7 @@ class Channel:
         self.closed = True
         if self._input_account is not None:
             self._input_account.hold(self, 0)
-        self._fail_round_trips()
+        self.pings.fail_all(ConnectionClosed(f"connection to {self.peer} closed"))
         self._stop_timers()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
@@ -456,7 +477,7 @@ class Channel:
         self.closed = True
         if self._input_account is not None:
             self._input_account.hold(self, 0)
-        self._fail_round_trips()
+        self.pings.fail_all(ConnectionClosed(f"connection to {self.peer} closed"))
         self._stop_timers()
         self.writer.transport.abort()
 
@@ -464,6 +485,20 @@ class Channel:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         self._watchdog.stop()
+
+
+async def _send_heartbeats(channel: Channel) -> None:
+    """PING after ``heartbeat_interval`` seconds in which ``channel`` sent nothing,
+    until it closes. A timer, not a poll: it sleeps for exactly the quiet time left."""
+    while not channel.closed:
+        quiet = channel.clock() - channel.last_sent
+        if quiet >= channel.heartbeat_interval:
+            try:
+                channel.send(channel.pings.heartbeat())
+            except Exception:  # the session closed under us
+                return
+            quiet = 0.0
+        await asyncio.sleep(channel.heartbeat_interval - quiet)
 
 
 class _SilenceWatchdog:
@@ -515,57 +550,3 @@ class _SilenceWatchdog:
             )
         else:
             self._timer = loop.call_later(channel.heartbeat_timeout - waited, self._check)
-
-
-async def connect(
-    address: RelayAddress,
-    hello: Hello,
-    *,
-    limits: Limits | None = None,
-    connect_timeout: float = 5.0,
-    rcvbuf: int = 0,
-    clock: Clock = time.monotonic,
-) -> Channel:
-    """Open a session: TCP connect, HELLO, wait for WELCOME.
-
-    Raises RelayUnreachable when the relay cannot be reached, and
-    ConnectionClosed when it refuses the session (ERROR/GOODBYE in reply).
-    """
-    limits = limits or Limits()
-    try:
-        async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_connection(
-                address.host, address.port, limit=READ_SIZE
-            )
-    except TimeoutError:
-        raise RelayUnreachable(
-            f"relay {address} did not answer within {connect_timeout:g} s"
-        ) from None
-    except ConnectionRefusedError as exc:
-        raise RelayUnreachable(f"cannot reach relay {address}: connection refused") from exc
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise RelayUnreachable(f"cannot reach relay {address}: {reason}") from exc
-    tune_socket(writer, rcvbuf=rcvbuf)
-    channel = Channel(reader, writer, Connection("client", limits), clock=clock)
-    try:
-        channel.send(hello)
-        async with asyncio.timeout(limits.handshake_timeout):
-            event = await channel.next_event()
-    except TimeoutError:
-        channel.abort()
-        raise RelayUnreachable(
-            f"relay {address} did not complete the handshake within {limits.handshake_timeout:g} s"
-        ) from None
-    except (ConnectionClosed, RemoteProtocolError) as exc:
-        channel.abort()
-        raise RelayUnreachable(f"relay {address} broke off the handshake: {exc}") from exc
-    if isinstance(event, ErrorFrame | Goodbye):
-        channel.abort()
-        raise ConnectionClosed(f"relay {address} refused the session: {event.message}", event.code)
-    assert isinstance(event, Welcome)
-    interval = event.heartbeat_interval_ms / 1000
-    channel.heartbeat_interval = interval
-    channel.heartbeat_timeout = 3 * interval
-    channel.start_heartbeat()
-    return channel

@@ -1,25 +1,45 @@
-"""Relay addresses: ``tcp://HOST:PORT`` (IPv6 as ``tcp://[::1]:7400``), and NATS server
-lists ``nats://HOST:4222[,nats://HOST2:4222][?OPTIONS]`` (``tls://`` for TLS)."""
+"""Relay addresses: ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (IPv6 as
+``tcp://[::1]:7400``), and NATS server lists
+``nats://HOST:4222[,nats://HOST2:4222][?OPTIONS]`` (``nats+tls://`` for TLS).
+
+``tls://`` is the relay's protocol over TLS (see ``tls.py``): clients verify the
+relay's certificate and host name by default. A URL without a scheme is
+``tcp://``. NATS over TLS is spelled ``nats+tls://`` so that the two bindings
+never claim the same URL; its servers are handed to the NATS client as
+``tls://``.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from .errors import ConfigError
 
 DEFAULT_PORT = 7400
 
+Scheme = Literal["tcp", "tls"]
+SCHEMES: tuple[Scheme, ...] = ("tcp", "tls")
+
 
 @dataclass(frozen=True, slots=True)
 class RelayAddress:
+    """A relay's host, port and whether the session runs over TLS."""
+
     host: str
     port: int
+    scheme: Scheme = "tcp"
+
+    @property
+    def tls(self) -> bool:
+        """True for ``tls://``: the connection is wrapped in TLS before HELLO."""
+        return self.scheme == "tls"
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
 
 def parse_url(url: str, *, default_port: int = DEFAULT_PORT) -> RelayAddress:
@@ -31,10 +51,15 @@ def parse_url(url: str, *, default_port: int = DEFAULT_PORT) -> RelayAddress:
         parts = urlsplit(text)
     except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 address
         raise ConfigError(f"relay URL {url!r} does not parse: {exc}") from None
-    if parts.scheme != "tcp":
-        raise ConfigError(f"relay URL {url!r} must start with tcp:// (got {parts.scheme}://)")
+    scheme = parts.scheme
+    if scheme not in SCHEMES:
+        raise ConfigError(
+            f"relay URL {url!r} must start with tcp:// or tls:// (got {parts.scheme}://)"
+        )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"relay URL {url!r} must be tcp://HOST:PORT with nothing after the port")
+        raise ConfigError(
+            f"relay URL {url!r} must be {scheme}://HOST:PORT with nothing after the port"
+        )
     try:
         port = parts.port
     except ValueError:
@@ -42,12 +67,14 @@ def parse_url(url: str, *, default_port: int = DEFAULT_PORT) -> RelayAddress:
     host = parts.hostname
     if not host:
         raise ConfigError(f"relay URL {url!r} has no host")
-    return RelayAddress(host, default_port if port is None else port)
+    return RelayAddress(
+        host, default_port if port is None else port, "tls" if scheme == "tls" else "tcp"
+    )
 
 
 # --- NATS (the JetStream binding, PROTOCOL.md "Second binding") ----------------
 
-NATS_SCHEMES = ("nats", "tls")
+NATS_SCHEMES = ("nats", "nats+tls")
 DEFAULT_NATS_PORT = 4222
 
 
@@ -66,6 +93,7 @@ class NatsAddress:
 
     @property
     def tls(self) -> bool:
+        """True when a server is ``nats+tls://`` (held here as nats-py's ``tls://``)."""
         return any(s.startswith("tls://") for s in self.servers)
 
     def __str__(self) -> str:
@@ -73,7 +101,7 @@ class NatsAddress:
 
 
 def is_nats_url(url: object) -> bool:
-    """True for ``nats://`` and ``tls://`` URLs (the JetStream binding)."""
+    """True for ``nats://`` and ``nats+tls://`` URLs (the JetStream binding)."""
     if isinstance(url, NatsAddress):
         return True
     if not isinstance(url, str):
@@ -94,7 +122,7 @@ def parse_nats_url(url: str) -> NatsAddress:
         parts = urlsplit(part)
         if parts.scheme not in NATS_SCHEMES:
             raise ConfigError(
-                f"NATS URL {part!r} must start with nats:// or tls:// (got {parts.scheme}://)"
+                f"NATS URL {part!r} must start with nats:// or nats+tls:// (got {parts.scheme}://)"
             )
         if parts.path not in ("", "/") or parts.fragment:
             raise ConfigError(f"NATS URL {part!r} must be nats://HOST:PORT[?OPTIONS]")
@@ -110,7 +138,8 @@ def parse_nats_url(url: str) -> NatsAddress:
             options[key] = value
         users.add((parts.username, parts.password))
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        servers.append(f"{parts.scheme}://{host}:{DEFAULT_NATS_PORT if port is None else port}")
+        scheme = "tls" if parts.scheme == "nats+tls" else "nats"  # nats-py's spelling
+        servers.append(f"{scheme}://{host}:{DEFAULT_NATS_PORT if port is None else port}")
     if len(users) > 1:
         raise ConfigError(f"NATS URL {url!r} names different users for different servers")
     user, password = users.pop()
@@ -118,7 +147,7 @@ def parse_nats_url(url: str) -> NatsAddress:
 
 
 def check_url(url: str) -> None:
-    """Validate a ``--relay`` value of either binding (tcp:// relay or NATS)."""
+    """Validate a ``--relay`` value of either binding (tcp:// or tls:// relay, or NATS)."""
     if is_nats_url(url):
         parse_nats_url(url)
     else:

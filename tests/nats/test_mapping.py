@@ -84,8 +84,9 @@ def test_nats_urls() -> None:
     assert (addr.user, addr.password) == ("u", "p")
     assert NatsSettings.from_options(dict(addr.options)) == NatsSettings(stream="S", replicas=3)
     assert str(addr) == "nats://a:1,nats://b:4222"  # no credentials
-    assert parse_nats_url("tls://[::1]:4443").tls
-    assert is_nats_url("tls://h:1")
+    assert parse_nats_url("nats+tls://[::1]:4443").tls
+    assert is_nats_url("nats+tls://h:1")
+    assert not is_nats_url("tls://h:1")  # the relay over TLS
     assert not is_nats_url("tcp://h:1")
     check_url("tcp://h:1")
     check_url("nats://h")

@@ -1,4 +1,4 @@
-"""``tls://`` NATS URLs: the client verifies the server against the CA given in
+"""``nats+tls://`` NATS URLs: the client verifies the server against the CA given in
 the URL (``?ca=``), and audio flows over the encrypted connection."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ async def test_audio_over_tls_verified_with_the_given_ca(
     )
     servers.append(server)
     server.start()
-    url = f"tls://127.0.0.1:{server.port}?ca={ca}"
+    url = f"nats+tls://127.0.0.1:{server.port}?ca={ca}"
     block = np.arange(320, dtype=np.int16)
     async with connect_publisher(url, name="rec") as pub:
         pub.stream("secure-1", FMT).send(block)

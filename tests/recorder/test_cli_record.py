@@ -276,5 +276,8 @@ def test_record_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = invoke("record", "--metrics-port", str(port), "--source", "synth:noise")
+        result = invoke(
+            "record", "--metrics-port", str(port), "--metrics-host", "0.0.0.0",
+            "--source", "synth:noise",
+        )  # fmt: skip
     assert_one_line_error(result, AddressInUse.exit_code, f"cannot serve metrics on 0.0.0.0:{port}")

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 import time
 from typing import Any
 
@@ -286,7 +287,11 @@ class Publisher(ReconnectingClient):
         name: this client's name in HELLO and the relay's status report.
         history_seconds: audio kept per stream for re-sending after a
             reconnect (the spool), in seconds; > 0, else ValueError.
-        token: HELLO token (reserved for authentication).
+        token: HELLO token: the relay's shared ``--token``, or this client's
+            token from its ``--credentials`` file.
+        tls: the ``ssl.SSLContext`` for a ``tls://`` relay
+            (``audiosockets.tls.client_context``: CA, client certificate);
+            None: the system's trust store, host name checked.
         metrics: where to count (a fresh ``Metrics()`` by default).
         retry: reconnect backoff (``RetryPolicy()`` by default).
         limits: protocol limits; ``max_frame_size`` bounds one chunk.
@@ -296,8 +301,9 @@ class Publisher(ReconnectingClient):
             default; the same on every reconnect). The relay gives a stream back
             at once to the same run and refuses any other while one holds it.
 
-    After a refusal no retry can change (``failure``, ``failed``: a wrong token,
-    a stream another publisher holds, a chunk over the relay's frame limit), the
+    After a refusal no retry can change (``failure``, ``failed``: a wrong token, a
+    role or stream not allowed, a certificate refused, a stream another publisher
+    holds, a chunk over the relay's frame limit), the
     publisher stops; ``flush`` then returns False at once.
     """
 
@@ -310,6 +316,7 @@ class Publisher(ReconnectingClient):
         name: str = "publisher",
         history_seconds: float = 60.0,
         token: str = "",
+        tls: ssl.SSLContext | None = None,
         metrics: Metrics | None = None,
         retry: RetryPolicy | None = None,
         limits: Limits | None = None,
@@ -323,6 +330,7 @@ class Publisher(ReconnectingClient):
             metrics=metrics,
             retry=retry,
             limits=limits,
+            tls=tls,
         )
         if history_seconds <= 0:
             raise ValueError("history_seconds must be > 0")
@@ -425,7 +433,7 @@ class Publisher(ReconnectingClient):
         ``timeout`` are counted as dropped (``reason="closed_unsent"``), unless
         ``drop_unsent=False``: then they stay in ``history`` for the caller
         to keep (the recorder's disk spool does)."""
-        if self._pending() and self._task is not None:
+        if self._pending() and self._task is not None and self.failure is None:
             await self.flush(timeout)
         channel = self.channel
         if channel is not None and not channel.closed and not self._pending():

@@ -1,7 +1,7 @@
 """The reconnect machinery Publisher and Subscriber share.
 
 ``ReconnectingClient`` owns one background task that connects (HELLO/WELCOME
-through ``transport.connect``), runs the subclass's ``_session`` on the
+through ``client.handshake.connect``), runs the subclass's ``_session`` on the
 channel, and reconnects with tenacity (exponential backoff with jitter and a
 cap) when the session ends. Every retry is logged and counted in
 ``audiosockets_reconnects_total``. The API-facing state (spool, positions)
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from ..errors import (
     ConfigError,
     ConnectionClosed,
     ErrorCode,
+    Refused,
     RelayRefused,
     RelayUnreachable,
     RemoteProtocolError,
@@ -42,8 +44,9 @@ from ..protocol import (
     Limits,
     Role,
 )
-from ..transport import Channel, connect
+from ..transport import Channel
 from ..urls import RelayAddress, parse_url
+from .handshake import connect
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +73,16 @@ class RetryPolicy:
 _RETRYABLE = (RelayUnreachable, ConnectionClosed, RemoteProtocolError, OSError)
 
 
-def refusal(exc: BaseException) -> RelayRefused | None:
-    """The relay's answer in ``exc`` as a refusal no retry can change, else None."""
+def refusal(exc: BaseException, address: RelayAddress | None = None) -> Refused | None:
+    """The relay's answer in ``exc`` as a refusal no retry can change, else None.
+
+    A session the relay ended with such a code (e.g. UNAUTHORIZED: a request
+    refused by rule, credentials reloaded) is said with the relay's own
+    sentence, naming ``address`` when given.
+    """
     if isinstance(exc, ConnectionClosed) and exc.code in FATAL_REFUSALS:
-        return RelayRefused(str(exc), exc.code)
-    if isinstance(exc, RelayRefused):
+        return RelayRefused(_refusal_sentence(exc, address), exc.code)
+    if isinstance(exc, Refused):
         return exc
     return None
 
@@ -111,13 +119,16 @@ _BENIGN_CLOSE = frozenset({ErrorCode.NORMAL, ErrorCode.SHUTTING_DOWN, ErrorCode.
 class ReconnectingClient:
     """Shared connect/reconnect machinery of Publisher and Subscriber.
 
-    One background task (``start``) connects through ``transport.connect``,
+    One background task (``start``) connects through ``client.handshake.connect``,
     runs the subclass's ``_session(channel)`` until it ends, and reconnects.
     Public state: ``channel`` (the current session or None), ``connected``
     (an ``asyncio.Event``), ``attempts`` (connects tried), ``sessions``
     (sessions established), ``last_error`` (the last failure, one sentence),
     ``failure`` and ``failed``: set when the relay refused for a reason no retry
-    can change (``errors.FATAL_REFUSALS``); the client has then stopped.
+    can change (``errors.FATAL_REFUSALS``: a bad token, a role, stream or group
+    not allowed, a certificate refused either way, a stream another publisher
+    holds, what we send too large); the client has then stopped, and
+    ``wait_connected`` and the subclasses raise ``failure`` to the application.
 
     Raises ValueError at construction for a name or token over
     ``Limits.max_name_length`` bytes of UTF-8.
@@ -134,6 +145,7 @@ class ReconnectingClient:
         metrics: Metrics | None,
         retry: RetryPolicy | None,
         limits: Limits | None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = url if isinstance(url, RelayAddress) else parse_url(url)
         self.limits = limits or Limits()
@@ -141,6 +153,7 @@ class ReconnectingClient:
         check_wire_name(token, "token", self.limits)
         self.name = name
         self.token = token
+        self.tls = tls
         self.metrics = metrics or Metrics()
         self.retry = retry or RetryPolicy()
         self.rcvbuf = 0
@@ -167,12 +180,23 @@ class ReconnectingClient:
         """Wait until a session is established (a publisher's streams accepted).
 
         Returns False if ``timeout`` seconds passed first (None: no limit).
+        Raises ``failure`` (a ``Refused``) when the relay refused this client for good.
         """
         try:
             async with asyncio.timeout(timeout):
-                await self.connected.wait()
+                waiters = [
+                    asyncio.ensure_future(self.connected.wait()),
+                    asyncio.ensure_future(self.failed.wait()),
+                ]
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waiters:
+                        waiter.cancel()
         except TimeoutError:
             return False
+        if self.failure is not None and not self.connected.is_set():
+            raise self.failure
         return True
 
     async def _connect_once(self) -> Channel:
@@ -185,6 +209,7 @@ class ReconnectingClient:
             limits=self.limits,
             connect_timeout=self.retry.connect_timeout,
             rcvbuf=self.rcvbuf,
+            tls=self.tls,
         )
 
     def _hello(self) -> Hello:
@@ -194,6 +219,7 @@ class ReconnectingClient:
         """End the client: ``failure`` cannot be cured by retrying."""
         if self.failure is None:
             self.failure = failure
+            self.last_error = str(failure)
             log.info("%s %r: giving up: %s", self.role.label, self.name, failure)
         self.failed.set()
 
@@ -220,10 +246,11 @@ class ReconnectingClient:
             reraise=True,
         )
         short_sessions = 0
+        fatal: Refused | None = None  # a refusal retrying cannot change
         while not self._closing:
             try:
                 channel: Channel = await retrying(self._connect_once)
-            except ConnectionClosed as exc:  # the handshake was refused for good
+            except (Refused, ConnectionClosed) as exc:  # the handshake was refused for good
                 fatal = refusal(exc)
                 if fatal is None:
                     raise
@@ -233,12 +260,13 @@ class ReconnectingClient:
             self.sessions += 1
             started = time.monotonic()
             refused = False  # did the relay end this session because of us?
+            fatal = None
             try:
                 await self._session(channel)
-            except RelayRefused as exc:  # we found we cannot send what we have
+            except Refused as exc:  # we found we cannot send what we have
                 self._fail(exc)
             except _RETRYABLE as exc:
-                fatal = refusal(exc)
+                fatal = refusal(exc, self.address)
                 if fatal is not None and not self._closing:
                     self._fail(fatal)
                 refused = isinstance(exc, RemoteProtocolError) or (
@@ -283,7 +311,7 @@ class ReconnectingClient:
                 short_sessions = 0
 
     async def _session(self, channel: Channel) -> None:
-        raise NotImplementedError
+        raise NotImplementedError  # Publisher and Subscriber define the session
 
     def _session_ended(self) -> None:
         pass
@@ -298,3 +326,14 @@ class ReconnectingClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+
+
+def _refusal_sentence(exc: ConnectionClosed, address: RelayAddress | None) -> str:
+    """``relay ended the session: SENTENCE`` said as a refusal (``relay ADDRESS
+    refused: SENTENCE``); other texts as they are."""
+    text = str(exc)
+    prefix = "relay ended the session: "
+    if not text.startswith(prefix):
+        return text
+    relay = f"relay {address}" if address is not None else "relay"
+    return f"{relay} refused: {text[len(prefix) :]}"

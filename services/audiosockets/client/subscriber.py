@@ -14,10 +14,10 @@ event loop: per-chunk costs are the decode and the ``Chunk``, nothing else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,7 +27,6 @@ from ..errors import AudiosocketsError, ConnectionClosed
 from ..handoff import Handoff
 from ..metrics import Metrics
 from ..protocol import (
-    Ack,
     ChunkData,
     CloseStream,
     ErrorFrame,
@@ -41,6 +40,7 @@ from ..protocol import (
 )
 from ..transport import Channel
 from ..urls import RelayAddress
+from .acks import GroupAcks
 from .session import ReconnectingClient, RetryPolicy, check_wire_name
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Subscriber(ReconnectingClient):
         name: this client's name in HELLO and the relay's status report.
         start: ``"live"`` (next chunk) or ``"earliest"`` (oldest chunk in the
             relay's replay window), for streams with no resume position.
-        token: HELLO token (reserved for authentication).
+        token, tls: as for ``Publisher``.
         metrics, retry, limits: as for ``Publisher``.
         queue_chunks: bound of the hand-off queue between the socket reader
             and the application, in chunks; when full, reading pauses.
@@ -105,6 +105,7 @@ class Subscriber(ReconnectingClient):
         name: str = "subscriber",
         start: StartName = "live",
         token: str = "",
+        tls: ssl.SSLContext | None = None,
         metrics: Metrics | None = None,
         retry: RetryPolicy | None = None,
         limits: Limits | None = None,
@@ -122,6 +123,7 @@ class Subscriber(ReconnectingClient):
             metrics=metrics,
             retry=retry,
             limits=limits,
+            tls=tls,
         )
         self.rcvbuf = socket_buffer_bytes
         self.pattern = pattern
@@ -137,15 +139,14 @@ class Subscriber(ReconnectingClient):
         # Chunks and end-of-stream marks (and _FAILED), in the order they came off the socket.
         self._handoff: Handoff[Chunk | _StreamEnded] = Handoff(queue_chunks)
         self._unacked: Chunk | None = None
-        self._acks_due: set[str] = set()  # streams whose latest ACK has not been sent
-        self._acks_scheduled = False
         self._on_stream_closed = on_stream_closed
         # Group members ACK what they processed. By default a chunk counts as
         # processed when the application asks for the next one; with
         # manual_ack the application calls ack() when its work is really done
         # (the processor does, after the handler returns).
         self.manual_ack = manual_ack
-        self.acked: dict[str, int] = {}
+        self._acks = GroupAcks(lambda: self.channel, self._ids)
+        self.acked = self._acks.acked  # stream name -> the last seq ACKed
         self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
         self._gap_logged: dict[str, float] = {}
         self._gap_pending: dict[str, int] = {}
@@ -166,7 +167,7 @@ class Subscriber(ReconnectingClient):
         network trouble.
         """
         self._ack_previous()
-        self._send_acks()  # before the GOODBYE
+        self._acks.send_due()  # before the GOODBYE
         await self._stop_task(farewell=True)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
@@ -214,34 +215,7 @@ class Subscriber(ReconnectingClient):
         coalesced, the latest per stream, into one write at the end of the turn
         (a batch of chunks costs two writes, not one per chunk).
         """
-        if seq <= self.acked.get(stream, -1):
-            return
-        self.acked[stream] = seq
-        if not self.group:
-            return
-        if self._acks_scheduled:
-            self._acks_due.add(stream)
-            return
-        self._acks_scheduled = True
-        asyncio.get_running_loop().call_soon(self._send_acks)
-        self._write_acks([stream])
-
-    def _send_acks(self) -> None:
-        self._acks_scheduled = False
-        due, self._acks_due = self._acks_due, set()
-        self._write_acks(due)
-
-    def _write_acks(self, streams: Iterable[str]) -> None:
-        channel = self.channel
-        if channel is None or channel.closed:
-            return
-        frames = []
-        for stream in streams:
-            stream_id = self._ids.get(stream)
-            if stream_id is not None:
-                frames.append(channel.conn.send(Ack(stream_id, self.acked[stream])))
-        with contextlib.suppress(Exception):
-            channel.writelines(frames)
+        self._acks.ack(stream, seq, send=bool(self.group))
 
     async def get(self, timeout: float | None = None) -> Chunk:
         """``__anext__`` with a deadline: raises TimeoutError after ``timeout`` seconds."""

@@ -224,7 +224,7 @@ class NatsSettings:
     seconds the server remembers ``Nats-Msg-Id`` values. ``domain``: the
     JetStream domain to use (a leaf node's or the hub's). ``create``: create the
     stream with these settings when it is missing. ``ca``: a PEM file of CA
-    certificates to verify ``tls://`` servers with (default: the system's).
+    certificates to verify ``nats+tls://`` servers with (default: the system's).
     """
 
     stream: str = "AUDIOSOCKETS"

@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection as Pipe
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -57,6 +59,18 @@ class LoadTestConfig:
     replay_seconds: float = 30.0
     queue_seconds: float = 2.0
     client: ClientName = "library"
+    #: With ``relay_url``: the HELLO token, and the TLS files of a ``tls://`` relay
+    #: (paths, not a context: the config travels to the child processes).
+    token: str = ""
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def client_tls(self, url: str) -> ssl.SSLContext | None:
+        """The clients' TLS context for ``url`` (None for ``tcp://``)."""
+        from ..cli_security import client_tls
+
+        return client_tls(url, self.tls_ca, self.tls_cert, self.tls_key)
 
     def __post_init__(self) -> None:
         if self.streams < 1 or self.subscribers < 1:

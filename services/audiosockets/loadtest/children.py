@@ -92,7 +92,13 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
         fmt = AudioFormat(cfg.sample_rate, 1, SampleType.INT16)
         history = max(cfg.replay_seconds, 2 * cfg.duration) + 10
         pubs = [
-            connect_publisher(url, name=f"load-pub-{i}", history_seconds=history)
+            connect_publisher(
+                url,
+                name=f"load-pub-{i}",
+                history_seconds=history,
+                token=cfg.token,
+                tls=cfg.client_tls(url),
+            )
             for i in range(cfg.streams)
         ]
         streams = [p.stream(f"load-{i:04d}", fmt) for i, p in enumerate(pubs)]
@@ -161,7 +167,14 @@ def subscriber_process(
     async def main() -> None:
         subs = [
             connect_subscriber(
-                url, "load-*", group=cfg.group, name=n, start="earliest", queue_chunks=1024
+                url,
+                "load-*",
+                group=cfg.group,
+                name=n,
+                start="earliest",
+                queue_chunks=1024,
+                token=cfg.token,
+                tls=cfg.client_tls(url),
             )
             for n in names
         ]
@@ -287,9 +300,12 @@ def raw_subscriber_process(
     async def one(
         name: str, stats: dict[str, Any], ready: asyncio.Event, stop: asyncio.Event
     ) -> None:
-        reader, writer = await asyncio.open_connection(address.host, address.port)
+        tls = cfg.client_tls(url)
+        reader, writer = await asyncio.open_connection(
+            address.host, address.port, ssl=tls, server_hostname=address.host if tls else None
+        )
         conn = Connection("client")
-        writer.write(conn.send(Hello(Role.SUBSCRIBER, name)))
+        writer.write(conn.send(Hello(Role.SUBSCRIBER, name, cfg.token)))
         while conn.welcome is None:
             data = await reader.read(65536)
             if not data:

@@ -283,6 +283,11 @@ _WORKER_RUNNER: HandlerRunner | None = None
 def _worker_init(spec: HandlerSpec, options: HandlerOptions, checked: bool) -> None:
     global _WORKER_RUNNER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    from ..untrusted import configure_logging
+
+    # A spawned worker starts with no logging: a handler's log lines (which may
+    # quote stream names) get the parent's escaped format.
+    configure_logging(logging.getLogger().getEffectiveLevel())
     _WORKER_RUNNER = HandlerRunner(spec, options, checked=checked)
 
 

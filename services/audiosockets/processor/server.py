@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterable, Callable, Iterable
@@ -401,6 +402,8 @@ class ProcessorConfig:
     name: str | None = None
     workers: int = 0
     metrics_port: int = 9402
+    metrics_host: str = "127.0.0.1"  # --metrics-host (0.0.0.0 in the images)
+    metrics_tls: ssl.SSLContext | None = None  # HTTPS for /metrics
     backlog_seconds: float = 10.0
     events: str | None = None  # path; None means stdout
     segment_seconds: float = 60.0
@@ -408,6 +411,7 @@ class ProcessorConfig:
     exit_after: int = 100
     start: StartName = "live"
     token: str | None = None
+    tls: ssl.SSLContext | None = None  # for a tls:// relay (tls.client_context); None: defaults
 
     def validate(self) -> None:
         """Check the fields a flag sets; ``ConfigError`` naming the flag.
@@ -495,7 +499,13 @@ async def serve(
         )
         if config.metrics_port > 0:
             health = Health.watch_running_loop(session_ready(metrics.registry, "subscriber"))
-            serve_metrics(config.metrics_port, metrics.registry, health=health)  # AddressInUse
+            serve_metrics(
+                config.metrics_port,
+                metrics.registry,
+                config.metrics_host,
+                health=health,
+                tls=config.metrics_tls,
+            )  # AddressInUse
         sub = connect_subscriber(
             config.relay,
             config.stream,
@@ -503,6 +513,7 @@ async def serve(
             name=name,
             start=config.start,
             token=config.token or "",
+            tls=config.tls,
             metrics=metrics,
             on_stream_closed=processor.stream_closed,
             manual_ack=True,

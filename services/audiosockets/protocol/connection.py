@@ -162,11 +162,38 @@ def _decode_chunk(payload: bytes, streams: _Streams) -> ChunkData:
     return ChunkData(stream_id, seq, captured_ns, audio)
 
 
+def _check_incoming_type(conn: Connection, ftype: FrameType) -> None:
+    """May a frame of type ``ftype`` arrive now (handshake order, the role's frames)?
+    Raises ``RemoteProtocolError`` UNEXPECTED_FRAME when not."""
+    if conn.state is State.HANDSHAKE:
+        expected = FrameType.HELLO if conn.side == "relay" else FrameType.WELCOME
+        if ftype in (FrameType.ERROR, FrameType.GOODBYE):
+            return
+        if ftype is expected and (conn.side == "relay" or conn._sent_hello):
+            return
+        if conn.side == "client" and not conn._sent_hello:
+            # A WELCOME we did not ask for would open a session with no role.
+            raise RemoteProtocolError(
+                f"{ftype.name} arrived before HELLO was sent", ErrorCode.UNEXPECTED_FRAME
+            )
+        raise RemoteProtocolError(
+            f"expected {expected.name} first, got {ftype.name}", ErrorCode.UNEXPECTED_FRAME
+        )
+    assert conn.role is not None
+    allowed = _FROM_CLIENT[conn.role] if conn.side == "relay" else _FROM_RELAY[conn.role]
+    if ftype not in allowed:
+        raise RemoteProtocolError(
+            f"{ftype.name} is not allowed from a {'client' if conn.side == 'relay' else 'relay'} "
+            f"in a {conn.role.label} session",
+            ErrorCode.UNEXPECTED_FRAME,
+        )
+
+
 def _admit(conn: Connection, ftype: FrameType, stream_id: int | None) -> int:
     """A frame judged from its header (``frames.Admit``): its type must be
     allowed now; it may weigh ``payload_limits`` (a CHUNK: what its stream's
     format allows, ``max_chunk_payload``)."""
-    conn._check_incoming_type(ftype)
+    _check_incoming_type(conn, ftype)
     if ftype is FrameType.CHUNK and stream_id is not None:
         opened = conn.their_streams.by_id.get(stream_id)
         if opened is None:
@@ -322,30 +349,6 @@ class Connection:
     def frames_received(self) -> int:
         """Complete frames parsed so far (the I/O adapter times partial ones)."""
         return self._decoder.frames
-
-    def _check_incoming_type(self, ftype: FrameType) -> None:
-        if self.state is State.HANDSHAKE:
-            expected = FrameType.HELLO if self.side == "relay" else FrameType.WELCOME
-            if ftype in (FrameType.ERROR, FrameType.GOODBYE):
-                return
-            if ftype is expected and (self.side == "relay" or self._sent_hello):
-                return
-            if self.side == "client" and not self._sent_hello:
-                # A WELCOME we did not ask for would open a session with no role.
-                raise RemoteProtocolError(
-                    f"{ftype.name} arrived before HELLO was sent", ErrorCode.UNEXPECTED_FRAME
-                )
-            raise RemoteProtocolError(
-                f"expected {expected.name} first, got {ftype.name}", ErrorCode.UNEXPECTED_FRAME
-            )
-        assert self.role is not None
-        allowed = _FROM_CLIENT[self.role] if self.side == "relay" else _FROM_RELAY[self.role]
-        if ftype not in allowed:
-            raise RemoteProtocolError(
-                f"{ftype.name} is not allowed from a {'client' if self.side == 'relay' else 'relay'} "
-                f"in a {self.role.label} session",
-                ErrorCode.UNEXPECTED_FRAME,
-            )
 
     def _apply_incoming(self, event: Event) -> None:
         if isinstance(event, ChunkData):

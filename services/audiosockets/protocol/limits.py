@@ -20,7 +20,7 @@ class Limits:
     - ``max_streams``: streams declared on one connection, per direction.
     - ``max_resume_entries``: (stream, seq) pairs in one SUBSCRIBE.
     - ``handshake_timeout``: seconds from connect to WELCOME; enforced by the
-      I/O adapter (``transport.connect``), not by the sans-I/O codec.
+      I/O adapter (``client.handshake.connect``), not by the sans-I/O codec.
     - ``max_chunk_seconds``: audio one CHUNK may carry, in seconds of its
       stream's declared format (so a CHUNK of a 16 kHz mono int16 stream is at
       most 64,000 bytes of PCM by default); the recorder's longest block is

@@ -15,6 +15,8 @@ Modules, from the pure state outward:
 - ``admission``: session caps, stream caps, cuts, their counters (``Guard``).
 - ``expiry``: ``Housekeeping``: audio expires by age, abandoned streams and
   idle sessions go.
+- ``access``: TLS handshakes, identities from tokens, refusals and their
+  throttle, credentials reload (``AccessControl``).
 - ``server``: ``Relay`` (lifecycle, connections, routing) and ``RelayConfig``.
 """
 

@@ -12,13 +12,14 @@ line with the traceback. Either way only that connection ends.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from typing import TYPE_CHECKING
 
+from ..credentials import Identity, Refusal, may_open
 from ..errors import ConnectionClosed, ErrorCode, RelayRefused, RemoteProtocolError
 from ..protocol import ChunkData, Connection, ErrorFrame, Event, Goodbye, Hello, Welcome
 from ..transport import Channel, WriteBufferFull, tune_socket
+from .access import RequestRefused, source_address, token_digest
 from .sessions import SESSION_TYPES, PublisherSession, Session, SubscriberSession
 
 if TYPE_CHECKING:
@@ -46,7 +47,13 @@ def _the_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             pending[:0] = exc.exceptions
         else:
             leaves.append(exc)
-    expected = (RemoteProtocolError, RelayRefused, ConnectionClosed, asyncio.CancelledError)
+    expected = (
+        RemoteProtocolError,
+        RelayRefused,
+        RequestRefused,
+        ConnectionClosed,
+        asyncio.CancelledError,
+    )
     return next((e for e in leaves if not isinstance(e, expected)), leaves[0])
 
 
@@ -54,13 +61,14 @@ async def serve_connection(
     relay: Relay, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     """Serve one client of ``relay`` until it leaves, breaks the protocol,
-    goes silent for three heartbeat intervals, or the relay stops. Raises
-    nothing but ``CancelledError``: every end is handled here."""
+    goes silent for three heartbeat intervals, is refused, or the relay stops.
+    Raises nothing but ``CancelledError``: every end is handled here."""
     # A small receive buffer: each read takes at most this much off the socket,
     # so what a connection holds before the input budget sees it stays small.
     tune_socket(writer, sndbuf=relay.config.socket_buffer_bytes, rcvbuf=RECEIVE_BUFFER_BYTES)
     writer.transport.set_write_buffer_limits(high=64 * 1024)
     cfg = relay.config
+    address = source_address(writer)  # (on a TLS port the handshake is done: TLSListener)
     channel = Channel(
         reader,
         writer,
@@ -74,10 +82,13 @@ async def serve_connection(
     )
     session: Session | None = None
     try:
-        hello = await _handshake(relay, channel)
-        if hello is None:
+        admitted = await _handshake(relay, channel)
+        if admitted is None:
             return
+        hello, identity = admitted
         session = SESSION_TYPES[hello.role](relay, channel, hello, next(relay.session_ids))
+        session.identity = identity
+        session.token_sha256 = token_digest(hello.token)
         relay.sessions.add(session)
         relay.metrics.connected_clients.labels(session.role.label).inc()
         log.info("%s %r connected from %s", session.role.label, session.name, channel.peer)
@@ -95,6 +106,10 @@ async def serve_connection(
             more = f" ({held} more {exc.reason} since the last line)" if held else ""
             log.warning("closing %s from %s: %s%s", who, channel.peer, exc, more)
         await channel.close(ErrorFrame(exc.code, str(exc)))
+    except RequestRefused as exc:
+        who = f"{session.role.label} {session.name!r}" if session else exc.who or "client"
+        await relay.access.refuse(address, exc.refusal, who)
+        await channel.close(ErrorFrame(ErrorCode.UNAUTHORIZED, exc.refusal.message))
     except WriteBufferFull as exc:
         # It does not read: no farewell could reach it, and waiting for one
         # to flush would hold the buffer longer.
@@ -126,9 +141,10 @@ async def serve_connection(
         await channel.close()
 
 
-async def _handshake(relay: Relay, channel: Channel) -> Hello | None:
-    """Read HELLO, check the token, answer WELCOME, start heartbeats.
-    None when the client left or was refused (already answered)."""
+async def _handshake(relay: Relay, channel: Channel) -> tuple[Hello, Identity] | None:
+    """Read HELLO, identify the client and check its role, answer WELCOME,
+    start heartbeats. None when the client left; ``RequestRefused`` when a
+    rule refuses it (its certificate, token or role)."""
     cfg = relay.config
     try:
         async with asyncio.timeout(cfg.limits.handshake_timeout):
@@ -140,15 +156,19 @@ async def _handshake(relay: Relay, channel: Channel) -> Hello | None:
         ) from None
     if not isinstance(hello, Hello):
         return None  # GOODBYE/ERROR before the handshake: just close
-    if cfg.token and not hmac.compare_digest(hello.token.encode(), cfg.token.encode()):
-        relay.metrics.auth_failures.inc()
-        await channel.close(ErrorFrame(ErrorCode.UNAUTHORIZED, "missing or wrong token"))
-        return None
+    access = relay.access
+    found: Identity | Refusal | None = access.client_certificate_refusal(channel.writer)
+    if found is None:
+        found = access.identify(hello.token)
+    if isinstance(found, Identity):
+        found = may_open(found, hello.role) or found
+    if isinstance(found, Refusal):
+        raise RequestRefused(found, f"{hello.role.label} {hello.client_name!r}")
     heartbeat_ms = max(1, int(cfg.heartbeat_interval * 1000))
     replay_ms = int(cfg.replay_seconds * 1000)
     channel.send(Welcome(cfg.server_name, heartbeat_ms, cfg.limits.max_frame_size, replay_ms))
     channel.start_heartbeat()
-    return hello
+    return hello, found
 
 
 async def _read_events(session: Session) -> None:

@@ -6,6 +6,7 @@ keeps a group's state and applies a new assignment to the subscribers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -89,6 +90,24 @@ class Group:
                     ", earliest held" if earliest else "",
                 )
                 owner.attach(streams[name], after, earliest=earliest)
+
+    def leave(
+        self,
+        member: SubscriberSession,
+        streams: Mapping[str, StreamState],
+        subscriptions: Subscriptions,
+        now: float,
+    ) -> None:
+        """``member`` left: the others take over its streams. With none left the
+        group keeps its ACKs for the grace period from ``now`` (relay clock,
+        seconds; ``expiry.forget_empty_groups``)."""
+        with contextlib.suppress(ValueError):
+            self.members.remove(member)
+        if self.members:
+            self.rebalance(streams, subscriptions)
+        else:
+            self.assignment.clear()
+            self.empty_since = now
 
     def start_position(self, stream: str) -> tuple[int | None, bool]:
         """Where a new owner of ``stream`` starts: ``(after_seq, earliest)``.

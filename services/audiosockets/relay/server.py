@@ -24,9 +24,11 @@ import itertools
 import logging
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..audio import AudioFormat
 from ..errors import AddressInUse, ErrorCode, RelayRefused
@@ -38,9 +40,10 @@ from ..protocol import (
     Limits,
     encode_chunk,
 )
-from ..service import STOP_SIGNALS, run_service
-from ..transport import start_accounted_server
+from ..service import STOP_SIGNALS, run_service, signal_handlers
+from ..transport import AccountedReader, start_accounted_server
 from ..urls import RelayAddress
+from .access import AccessControl, TLSListener, reload_credentials, start_tls_server
 from .accounting import DeliveryCounters
 from .admission import Guard
 from .budget import InputBudget, MemoryLedger, hold_frame
@@ -82,7 +85,11 @@ class RelayConfig:
     ``max_batch_bytes``: frames written to one subscriber per drain;
     ``socket_buffer_bytes``: kernel send buffer per connection (0: OS
     default); ``token``: shared secret clients present in HELLO (empty:
-    none).
+    none; the simplest mode: one identity with every role);
+    ``credentials``: a credentials file instead (``credentials`` module:
+    identities with roles, stream and group scopes; reloaded on SIGHUP);
+    ``tls``: a server context (``tls.server_context``: certificate, key and
+    optionally the client CA for mutual TLS) or None for plain TCP.
 
     Limits against runaway and hostile clients (README, "Limits"):
     ``max_streams``: stream names the relay holds at once (an OPEN_STREAM
@@ -120,6 +127,8 @@ class RelayConfig:
     socket_buffer_bytes: int = 1 << 20  # kernel send buffer per connection (0: OS default)
     server_name: str = "audiosockets-relay"
     token: str = ""  # shared secret clients must present in HELLO; empty: none
+    credentials: Path | None = None
+    tls: ssl.SSLContext | None = None
     limits: Limits = field(default_factory=Limits)
     max_streams: int = 1024  # stream names held at once, relay-wide
     max_streams_per_publisher: int = 64  # distinct names one publisher session declares
@@ -185,15 +194,28 @@ async def listen(
     port: int,
     on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     budget: InputBudget,
-) -> asyncio.Server:
+    *,
+    access: AccessControl | None = None,
+    handshake_timeout: float = 5.0,
+) -> asyncio.Server | TLSListener:
     """The relay's listening server on ``host``:``port``, each connection's
-    input counted in ``budget``.
+    input counted in ``budget``: plain TCP, or TLS when ``access`` has a context
+    (``access.start_tls_server``; ``handshake_timeout`` seconds for a handshake).
 
     The IPv6 wildcard ``::`` is one dual-stack socket (``IPV6_V6ONLY=0``: IPv4
     clients too) where the OS allows it; asyncio alone would bind it IPv6-only.
     Raises ``AddressInUse`` (one sentence) when it cannot listen there.
     """
     try:
+        if access is not None and access.tls is not None:
+            return await start_tls_server(
+                access,
+                on_connect,
+                host,
+                port,
+                handshake_timeout=handshake_timeout,
+                reader=lambda: AccountedReader(64 << 10, budget),
+            )
         sock = None
         if host == "::" and socket.has_dualstack_ipv6():
             sock = socket.create_server((host, port), family=socket.AF_INET6, dualstack_ipv6=True)
@@ -226,6 +248,10 @@ class Relay:
         self.config = config or RelayConfig()
         self.metrics = metrics or Metrics()
         self.clock = clock
+        cfg = self.config
+        self.access = AccessControl(
+            self.metrics, tls=cfg.tls, token=cfg.token, credentials=cfg.credentials, clock=clock
+        )
         self.streams: dict[str, StreamState] = {}
         self.delivery = DeliveryCounters(self.metrics)  # per-subscriber counts
         self.window_memory = MemoryLedger()  # what every window holds, bytes
@@ -238,7 +264,7 @@ class Relay:
         self.subscribers: set[SubscriberSession] = set()
         self._next_stream_id = itertools.count(1)
         self.session_ids = itertools.count(1)  # numbers sessions, from 1
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | TLSListener | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # one per connection
         self._stopped = asyncio.Event()
         self.address: RelayAddress | None = None
@@ -259,11 +285,20 @@ class Relay:
             return self.address  # already started (e.g. by a test before run())
         self.guard.start(asyncio.get_running_loop())
         self._server = await listen(
-            self.config.host, self.config.port, self._on_connect, self.input_budget
+            self.config.host,
+            self.config.port,
+            self._on_connect,
+            self.input_budget,
+            access=self.access,
+            handshake_timeout=self.config.limits.handshake_timeout,
         )
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
-        self.address = RelayAddress(self.config.host if host in ("0.0.0.0", "::") else host, port)
+        self.address = RelayAddress(
+            self.config.host if host in ("0.0.0.0", "::") else host,
+            port,
+            "tcp" if self.access.tls is None else "tls",
+        )
         self.housekeeping.start()
         log.info("relay listening on %s", self.address)
         return self.address
@@ -336,7 +371,8 @@ class Relay:
         A new name makes a new stream (and its zeroed metric series); a known
         one keeps its window, unless ``fmt`` differs (window cleared, readers
         get OPEN_STREAM again). A stream has one publisher at a time: the same
-        publisher run (HELLO ``instance``) reconnecting takes it back at once, and
+        owner (its identity with ``--credentials``, else the publisher run, HELLO
+        ``instance``) reconnecting takes it back at once, and
         its earlier (stale) session is told GOODBYE ``REPLACED``; any other is
         refused: ``RelayRefused`` STREAM_IN_USE, which ends its session. Readers
         waiting for a CLOSE_STREAM of it no longer get one.
@@ -347,7 +383,7 @@ class Relay:
         publisher.names.add(name)
         stream = self.streams.get(name)
         holder = stream.publisher if stream is not None else None
-        if holder is not None and holder is not publisher and not holder.same_run(publisher):
+        if holder is not None and holder is not publisher and not holder.same_owner(publisher):
             raise RelayRefused(
                 f"stream {name} is already published by {holder.name} from {holder.channel.peer}",
                 ErrorCode.STREAM_IN_USE,
@@ -357,6 +393,7 @@ class Relay:
             stream = StreamState.create(
                 next(self._next_stream_id), name, fmt, self.metrics, self.window_memory
             )
+            stream.owner = publisher.identity.name  # "" without per-client credentials
             self.streams[name] = stream
             self.stream_ids[stream.id] = stream
             log.info("stream %r opened by %r (%s)", name, publisher.name, fmt)
@@ -364,15 +401,7 @@ class Relay:
             stream.change_format(fmt, self.subscriptions.readers(name).values())
         old = stream.publisher
         if old is not None and old is not publisher:
-            log.info(
-                "stream %r: publisher %r is back from %s; its earlier session from %s ends",
-                name,
-                publisher.name,
-                publisher.channel.peer,
-                old.channel.peer,
-            )
-            farewell = Goodbye(ErrorCode.REPLACED, f"stream {name!r} taken back by a newer session")
-            old.start_task(old.channel.close(farewell), name=f"replace {old.name}")
+            old.replaced_by(publisher, name)
         stream.publisher = publisher
         stream.abandoned_at = None
         for cursor in self.subscriptions.readers(name).values():
@@ -435,16 +464,9 @@ class Relay:
     def unsubscribe(self, session: SubscriberSession) -> None:
         """``session`` ended: leave its group, whose other members take over."""
         self.subscribers.discard(session)
-        group = session.group
-        if group is not None:
-            with contextlib.suppress(ValueError):
-                group.members.remove(session)
+        if session.group is not None:
+            session.group.leave(session, self.streams, self.subscriptions, self.clock())
             session.group = None
-            if group.members:
-                group.rebalance(self.streams, self.subscriptions)
-            else:  # kept with its ACKs for the grace period (expiry.forget_empty_groups)
-                group.assignment.clear()
-                group.empty_since = self.clock()
 
     def _offer(self, stream: StreamState) -> None:
         """A stream appeared (or came back): attach it where it belongs."""
@@ -473,6 +495,12 @@ class Relay:
         """The report ``audiosockets status`` prints (see ``status_report``)."""
         return status_report(self)
 
+    # -- credentials ----------------------------------------------------------
+
+    def reload_credentials(self) -> bool:
+        """Read ``--credentials`` again (SIGHUP); see ``access.reload_credentials``."""
+        return reload_credentials(self)
+
     # -- running as a service -------------------------------------------------
 
     async def run(
@@ -488,4 +516,8 @@ class Relay:
         as we announce ourselves is handled; the previous handlers are restored on
         the way out. Raises ``AddressInUse`` as ``start`` does.
         """
-        await run_service(self, ready=ready, signals=signals)
+        hangup: tuple[signal.Signals, ...] = ()
+        if self.access.credentials_path is not None and hasattr(signal, "SIGHUP"):
+            hangup = (signal.SIGHUP,)  # reload --credentials; sessions stay
+        with signal_handlers(self.reload_credentials, hangup):
+            await run_service(self, ready=ready, signals=signals)

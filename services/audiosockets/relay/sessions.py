@@ -16,12 +16,14 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from ..credentials import EVERYONE, may_publish, may_request_status, may_subscribe, may_take_over
 from ..errors import ConnectionClosed, ErrorCode, RelayRefused, RemoteProtocolError
 from ..protocol import (
     Ack,
     ChunkData,
     CloseReason,
     CloseStream,
+    Goodbye,
     Hello,
     OpenStream,
     Role,
@@ -32,6 +34,7 @@ from ..protocol import (
     Subscribe,
 )
 from ..transport import Channel
+from .access import RequestRefused
 from .admission import StreamRefused
 from .inflight import InFlight
 from .plausible import check_capture_time, check_seq, clamp
@@ -52,7 +55,10 @@ class Session:
     """Base class of one client's session on the relay.
 
     ``name`` is the client name from HELLO (``client-<id>`` when empty), ``id``
-    a relay-wide session number, ``connected_at`` Unix seconds. ``tasks`` is
+    a relay-wide session number, ``connected_at`` Unix seconds, ``identity``
+    who the client is and what it may do (``credentials.Identity``; set after
+    the handshake, replaced when the credentials are reloaded),
+    ``token_sha256`` the SHA-256 of its token (to recheck it). ``tasks`` is
     the session's task group, set by the relay while the session runs: tasks
     started there end with the session, and an unexpected exception in one of
     them ends the session as an internal error.
@@ -66,6 +72,8 @@ class Session:
         self.name = hello.client_name or f"client-{session_id}"
         self.id = session_id
         self.connected_at = time.time()
+        self.identity = EVERYONE
+        self.token_sha256 = b""
         self.tasks: asyncio.TaskGroup | None = None
         self.last_active = relay.clock()  # relay clock at the last request (not PING)
         self.cut_reason = ""  # set when the relay ends the session to protect itself
@@ -119,6 +127,27 @@ class PublisherSession(Session):
         """Both sessions come from one publisher run (one process start)."""
         return bool(self.instance) and self.instance == other.instance
 
+    def same_owner(self, other: PublisherSession) -> bool:
+        """May either session take a stream back from the other? With per-client
+        credentials, when both are the same identity (streams belong to identities);
+        without, when both come from the same publisher run."""
+        if self.identity.name or other.identity.name:
+            return self.identity.name == other.identity.name
+        return self.same_run(other)
+
+    def replaced_by(self, newer: PublisherSession, stream: str) -> None:
+        """``newer`` (the same owner, back) takes ``stream`` from this stale
+        session, which ends with GOODBYE ``REPLACED``."""
+        log.info(
+            "stream %r: publisher %r is back from %s; its earlier session from %s ends",
+            stream,
+            newer.name,
+            newer.channel.peer,
+            self.channel.peer,
+        )
+        farewell = Goodbye(ErrorCode.REPLACED, f"stream {stream!r} taken back by a newer session")
+        self.start_task(self.channel.close(farewell), name=f"replace {self.name}")
+
     def on_chunk(self, chunk: ChunkData) -> None:
         """Check and publish ``chunk`` (synchronous: the relay's per-chunk path).
 
@@ -145,6 +174,12 @@ class PublisherSession(Session):
         if isinstance(event, ChunkData):
             self.on_chunk(event)
         elif isinstance(event, OpenStream):
+            refusal = may_publish(self.identity, event.name)
+            known = self.relay.streams.get(event.name)
+            if refusal is None and known is not None and known.owner:
+                refusal = may_take_over(known.owner, self.identity.name, event.name)
+            if refusal is not None:
+                raise RequestRefused(refusal)
             previous = self.streams.get(event.stream_id)
             if previous is not None and previous.name != event.name:
                 # The id now names another stream: this session stops
@@ -225,11 +260,17 @@ class SubscriberSession(Session):
                 raise RemoteProtocolError(
                     "only one SUBSCRIBE per session", ErrorCode.UNEXPECTED_FRAME
                 )
+            refusal = may_subscribe(self.identity, event.pattern, event.group)
+            if refusal is not None:
+                raise RequestRefused(refusal)
             self.subscription = event
             self.resume = dict(event.resume)
             self.writer = self.start_task(self._write_loop(), name=f"writer {self.name}")
             self.relay.subscribe(self)
         elif isinstance(event, StatusRequest):
+            refusal = may_request_status(self.identity)
+            if refusal is not None:
+                raise RequestRefused(refusal)
             await self.send_status()
         else:
             await super().handle(event)

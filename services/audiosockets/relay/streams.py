@@ -39,8 +39,10 @@ class StreamState:
     ``id`` is the relay-wide stream id used on subscriber connections,
     ``last_seq`` the newest sequence number published (-1: none yet),
     ``last_captured_ns`` its capture time (Unix nanoseconds), ``last_arrival``
-    the relay clock when it arrived, ``chunks_total``
-    the chunks accepted since the relay started. Who reads the stream is kept
+    the relay clock when it arrived, ``chunks_total`` the chunks accepted since
+    the relay started, ``owner`` the identity that first published it
+    (credentials name; "" without per-client credentials): no other identity may
+    publish it while the relay holds it. Who reads the stream is kept
     in the relay's ``Subscriptions``, not here.
     """
 
@@ -55,6 +57,7 @@ class StreamState:
     publisher: PublisherSession | None = None
     chunks_total: int = 0
     abandoned_at: float | None = None  # relay clock since when no publisher and no audio
+    owner: str = ""
 
     @classmethod
     def create(
