@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
@@ -172,12 +172,15 @@ class LiveCounterChild:
         self.value += amount
 
 
-class LiveCounter(Collector):
-    """A labelled Counter for per-chunk paths; ``labels(...).inc()`` without a lock.
+_Child = TypeVar("_Child")
 
-    Exposes ``<name>_total`` and ``<name>_created`` per label set, as
-    ``prometheus_client.Counter`` does. Only the event loop's thread may update it.
-    """
+
+class _LiveFamily(Collector, Generic[_Child]):
+    """What the lock-free families share: one child per label set, created on
+    first use; ``remove`` as prometheus_client's. Subclasses set ``_child`` (a
+    factory) and ``collect``."""
+
+    _child: Callable[[], _Child]
 
     def __init__(
         self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry
@@ -185,21 +188,31 @@ class LiveCounter(Collector):
         self._name = name
         self._doc = documentation
         self._labelnames = labelnames
-        self._children: dict[tuple[str, ...], LiveCounterChild] = {}
+        self._children: dict[tuple[str, ...], _Child] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> LiveCounterChild:
+    def labels(self, *values: str) -> _Child:
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self._labelnames):
                 raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
-            child = self._children[values] = LiveCounterChild()
+            child = self._children[values] = self._child()
         return child
 
     def remove(self, *values: str) -> None:
         """Forget the series of ``values`` (KeyError if there is none), as
         prometheus_client's ``remove`` does."""
         del self._children[values]
+
+
+class LiveCounter(_LiveFamily[LiveCounterChild]):
+    """A labelled Counter for per-chunk paths; ``labels(...).inc()`` without a lock.
+
+    Exposes ``<name>_total`` and ``<name>_created`` per label set, as
+    ``prometheus_client.Counter`` does. Only the event loop's thread may update it.
+    """
+
+    _child = LiveCounterChild
 
     def describe(self) -> Iterable[Metric]:
         return [CounterMetricFamily(self._name, self._doc, labels=self._labelnames)]
@@ -229,32 +242,12 @@ class LiveGaugeChild:
         self.value -= amount
 
 
-class LiveGauge(Collector):
+class LiveGauge(_LiveFamily[LiveGaugeChild]):
     """A labelled Gauge for per-chunk paths (queue depths); ``labels(...).set()`` without
     a lock. Exposed as ``prometheus_client.Gauge`` is. Only the event loop's thread may
     update it."""
 
-    def __init__(
-        self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry
-    ) -> None:
-        self._name = name
-        self._doc = documentation
-        self._labelnames = labelnames
-        self._children: dict[tuple[str, ...], LiveGaugeChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> LiveGaugeChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self._labelnames):
-                raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
-            child = self._children[values] = LiveGaugeChild()
-        return child
-
-    def remove(self, *values: str) -> None:
-        """Forget the series of ``values`` (KeyError if there is none), as
-        prometheus_client's ``remove`` does."""
-        del self._children[values]
+    _child = LiveGaugeChild
 
     def describe(self) -> Iterable[Metric]:
         return [GaugeMetricFamily(self._name, self._doc, labels=self._labelnames)]
