@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.errors import ConnectionClosed, ErrorCode
-from audiosockets.protocol import Connection, Hello, Ping, Role, Welcome
+from audiosockets.protocol import Connection, Hello, OpenStream, Ping, Role, Welcome
 from audiosockets.transport import Channel
 
 TIMEOUT = 0.3
+MONO16 = AudioFormat(16000, 1, SampleType.INT16)
 
 
 @pytest.fixture
@@ -26,12 +28,14 @@ async def pair() -> AsyncIterator[tuple[Channel, Connection, asyncio.StreamWrite
 
     server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    _reader, client_writer = await asyncio.open_connection("127.0.0.1", port)
+    client_reader, client_writer = await asyncio.open_connection("127.0.0.1", port)
     channel = await asyncio.wait_for(accepted.get(), 5)
     client = Connection("client")
     client_writer.write(client.send(Hello(Role.PUBLISHER, "p")))
     assert isinstance(await asyncio.wait_for(channel.next_event(), 5), Hello)
     channel.send(Welcome("relay", 1000, 1 << 20, 0))
+    client.receive_data(await asyncio.wait_for(client_reader.read(65536), 5))
+    assert isinstance(client.next_event(), Welcome)
     try:
         yield channel, client, client_writer
     finally:
@@ -82,6 +86,51 @@ async def test_not_reading_is_not_silence(
     silent meanwhile); its next read still waits a whole timeout."""
     channel, _client, _writer = pair
     await asyncio.sleep(2 * TIMEOUT)  # the owner is busy elsewhere: not a condition wait
+    started = time.monotonic()
+    with pytest.raises(ConnectionClosed) as caught:
+        await asyncio.wait_for(channel.next_event(), 5)
+    assert caught.value.code is ErrorCode.HEARTBEAT_TIMEOUT
+    assert time.monotonic() - started >= TIMEOUT * 0.9
+
+
+#: Longer than the watchdog's stall threshold plus the timeout: the process did
+#: not run at all for this long (what SIGSTOP, swapping or a long GC pause do).
+STALL = 1.5
+
+
+def _stall_the_process(seconds: float) -> None:
+    """Block the event loop, as a stopped process: a deliberate blocking sleep."""
+    time.sleep(seconds)  # the stall under test
+
+
+async def test_a_stalled_process_reads_what_the_peer_sent_meanwhile(
+    pair: tuple[Channel, Connection, asyncio.StreamWriter],
+) -> None:
+    """The peer kept talking while this process was stopped: its bytes wait in the
+    socket, and the session goes on with them instead of timing the peer out."""
+    channel, client, writer = pair
+    read = asyncio.create_task(channel.next_event())
+    await asyncio.sleep(0.05)
+    writer.write(client.send(OpenStream(1, "a", MONO16)))  # into the socket, unread
+    _stall_the_process(STALL)
+    first = await asyncio.wait_for(read, 5)
+    writer.write(client.send(OpenStream(2, "b", MONO16)))
+    second = await asyncio.wait_for(channel.next_event(), 5)
+    assert (first, second) == (OpenStream(1, "a", MONO16), OpenStream(2, "b", MONO16))
+
+
+async def test_a_stalled_process_gives_a_silent_peer_a_whole_timeout_again(
+    pair: tuple[Channel, Connection, asyncio.StreamWriter],
+) -> None:
+    """Silence the process could not have heard does not count: a peer that speaks
+    within the timeout after the stall stays; one that stays silent times out."""
+    channel, client, writer = pair
+    read = asyncio.create_task(channel.next_event())
+    await asyncio.sleep(0.05)  # the read is pending
+    _stall_the_process(STALL)
+    await asyncio.sleep(TIMEOUT / 3)  # the peer speaks within a timeout of the stall
+    writer.write(client.send(OpenStream(1, "a", MONO16)))
+    assert await asyncio.wait_for(read, 5) == OpenStream(1, "a", MONO16)
     started = time.monotonic()
     with pytest.raises(ConnectionClosed) as caught:
         await asyncio.wait_for(channel.next_event(), 5)

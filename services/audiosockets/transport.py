@@ -510,19 +510,35 @@ class _SilenceWatchdog:
     cancellation per read (6 µs on the loaded dev machine; the relay reads once
     per chunk per publisher). Only waiting counts: a channel whose owner is not
     reading (backpressure) is never timed out.
+
+    Only silence the loop could have heard counts. When the timer fires more
+    than ``STALL_SECONDS`` late, the process itself was not running (SIGSTOP, a
+    swapped-out or starved host, a long collection): whatever the peer sent
+    meanwhile is still unread in the socket, so the peer gets a whole timeout
+    again from now. A timer that finds bytes received and not yet read does
+    not fire either.
     """
+
+    #: Lateness (seconds) of the timer that marks a stalled loop rather than a
+    #: busy one: a loaded 2-core host runs timers up to a few hundred ms late.
+    STALL_SECONDS = 1.0
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
         self._started: float | None = None  # loop time the pending read began
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0  # loop time the timer is due
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        self._due = loop.time() + delay
+        self._timer = loop.call_later(delay, self._check)
 
     async def read(self) -> bytes:
         channel = self._channel
         loop = asyncio.get_running_loop()
         self._started = loop.time()
         if self._timer is None:
-            self._timer = loop.call_later(channel.heartbeat_timeout, self._check)
+            self._arm(loop, channel.heartbeat_timeout)
         try:
             return await channel.reader.read(READ_SIZE)
         finally:
@@ -539,7 +555,13 @@ class _SilenceWatchdog:
         if self._started is None or channel.closed:
             return  # not waiting to read: the next read arms the timer again
         loop = asyncio.get_running_loop()
-        waited = loop.time() - self._started
+        now = loop.time()
+        if now - self._due > self.STALL_SECONDS or getattr(channel.reader, "pending", 0) > 0:
+            # Stalled, or the peer's bytes are here and the read has not woken yet.
+            self._started = now
+            self._arm(loop, channel.heartbeat_timeout)
+            return
+        waited = now - self._started
         if waited >= channel.heartbeat_timeout:
             # The pending read raises this (StreamReader hands it to its waiter).
             channel.reader.set_exception(
@@ -549,4 +571,4 @@ class _SilenceWatchdog:
                 )
             )
         else:
-            self._timer = loop.call_later(channel.heartbeat_timeout - waited, self._check)
+            self._arm(loop, channel.heartbeat_timeout - waited)
