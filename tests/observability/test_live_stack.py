@@ -603,8 +603,28 @@ def test_every_panel_query_returns_data(live: Live) -> None:
             # (whether a 1 m ratio window catches a short burst of relay loss is
             # a race of this scenario; see the closing note of issue 17).
             continue
-        empty[query.label()] = expr
-    assert empty == {}
+        empty[query.label()] = f"{expr}\n    why: {why_empty(prom, expr, at)}"
+    assert empty == {}, "\n".join(f"{k}: {v}" for k, v in empty.items())
+
+
+def why_empty(prom: Prometheus, expr: str, at: float) -> dict[str, Any]:
+    """What an empty panel's recording rules did over the run: each rule's health,
+    last error and evaluation time, and the largest value its series ever held."""
+    found: dict[str, Any] = {}
+    for group in prom.api("rules")["groups"]:
+        for rule in group["rules"]:
+            name = rule["name"]
+            if rule.get("type") != "recording" or name.split(":")[1:2] != expr.split(":")[1:2]:
+                continue
+            rows = prom.query_range(f"max({name})", prom.started_at, at, 1)
+            peak = max((float(v) for r in rows for _, v in r["values"]), default=None)
+            found[name] = {
+                "health": rule.get("health"),
+                "lastError": rule.get("lastError"),
+                "evaluationTime": rule.get("evaluationTime"),
+                "peak": peak,
+            }
+    return found
 
 
 def test_every_template_variable_lists_the_streams_and_instances(live: Live) -> None:
