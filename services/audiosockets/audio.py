@@ -104,6 +104,44 @@ class AudioFormat:
     def __str__(self) -> str:
         return f"{self.rate} Hz, {self.channels} ch, {self.sample_type.label}"
 
+    def payload(
+        self, samples: npt.NDArray[np.generic] | bytes | memoryview, max_bytes: int
+    ) -> bytes:
+        """The wire payload of one chunk in this format: interleaved, little-endian PCM.
+
+        ``samples``: a numpy array of this format's dtype, shape (frames,) or
+        (frames, channels), or raw PCM bytes; ``max_bytes``: the largest payload
+        the transport carries (the relay's frame limit minus the chunk head).
+
+        Raises:
+            ValueError: wrong dtype or channel count, no frame or a partial one, or
+                more than ``max_bytes``: a publisher refuses such a chunk before it
+                enters its spool, so one bad block cannot poison the spool or the
+                session.
+        """
+        if isinstance(samples, np.ndarray):
+            if samples.dtype != self.dtype:
+                raise ValueError(f"samples are {samples.dtype}, the stream's are {self.dtype}")
+            if samples.ndim == 2 and samples.shape[1] != self.channels:
+                raise ValueError(
+                    f"samples have {samples.shape[1]} channels, the stream has {self.channels}"
+                )
+            data = samples.tobytes()
+        else:
+            data = bytes(samples)
+        if not data:
+            raise ValueError("a chunk carries at least one frame; this one is empty")
+        if len(data) % self.frame_bytes:
+            raise ValueError(
+                f"payload of {len(data)} bytes is not a whole number of "
+                f"{self.frame_bytes}-byte frames"
+            )
+        if len(data) > max_bytes:
+            raise ValueError(
+                f"chunk of {len(data)} bytes is larger than the {max_bytes}-byte frame limit"
+            )
+        return data
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:

@@ -108,29 +108,9 @@ class PublishedStream:
                 chunk larger than ``Limits.max_frame_size`` minus the 20-byte
                 chunk head (the relay would refuse the frame).
         """
-        if isinstance(samples, np.ndarray):
-            if samples.dtype != self.format.dtype:
-                raise ValueError(
-                    f"samples are {samples.dtype}, stream {self.name!r} is {self.format.dtype}"
-                )
-            if samples.ndim == 2 and samples.shape[1] != self.format.channels:
-                raise ValueError(
-                    f"samples have {samples.shape[1]} channels, stream has {self.format.channels}"
-                )
-            payload = samples.tobytes()
-        else:
-            payload = bytes(samples)
-        if not payload:
-            raise ValueError("a chunk carries at least one frame; this one is empty")
-        if len(payload) % self.format.frame_bytes:
-            raise ValueError("payload is not a whole number of frames")
-        limit = self.publisher.limits.max_frame_size - CHUNK_HEAD.size
-        if len(payload) > limit:
-            # The relay would refuse the frame; refusing here keeps one bad
-            # block from poisoning the history and the session.
-            raise ValueError(
-                f"chunk of {len(payload)} bytes is larger than the {limit}-byte frame limit"
-            )
+        payload = self.format.payload(
+            samples, self.publisher.limits.max_frame_size - CHUNK_HEAD.size
+        )
         seq = self.next_seq
         self.next_seq += 1
         seconds = len(payload) / (self.format.frame_bytes * self.format.rate)

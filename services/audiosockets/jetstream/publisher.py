@@ -114,24 +114,7 @@ class JetStreamStream:
         refused = self.publisher.refused
         if refused is not None:
             raise refused
-        if isinstance(samples, np.ndarray):
-            if samples.dtype != self.format.dtype:
-                raise ValueError(
-                    f"samples are {samples.dtype}, stream {self.name!r} is {self.format.dtype}"
-                )
-            if samples.ndim == 2 and samples.shape[1] != self.format.channels:
-                raise ValueError(
-                    f"samples have {samples.shape[1]} channels, stream has {self.format.channels}"
-                )
-            payload = samples.tobytes()
-        else:
-            payload = bytes(samples)
-        if len(payload) % self.format.frame_bytes:
-            raise ValueError("payload is not a whole number of frames")
-        if len(payload) > MAX_CHUNK_BYTES:
-            raise ValueError(
-                f"chunk of {len(payload)} bytes is larger than the {MAX_CHUNK_BYTES}-byte limit"
-            )
+        payload = self.format.payload(samples, MAX_CHUNK_BYTES)
         seq = self.next_seq
         self.next_seq += 1
         seconds = len(payload) / (self.format.frame_bytes * self.format.rate)
