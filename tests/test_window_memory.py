@@ -110,16 +110,3 @@ def test_the_budget_levels_windows_when_trimming_one_would_pass_the_next() -> No
     lengths = sorted(len(s.window) for s in streams)
     assert lengths[1] - lengths[0] <= 1, lengths  # equal windows lose equally
     assert ledger.held <= budget - budget // 16
-
-
-def test_refusals_are_logged_once_per_reason_per_interval() -> None:
-    from audiosockets.relay.lograte import LogRateLimit
-
-    now = [0.0]
-    limit = LogRateLimit(10.0, clock=lambda: now[0])
-    assert limit.allow("empty_chunk") == (True, 0)
-    assert [limit.allow("empty_chunk") for _ in range(49)] == [(False, 0)] * 49
-    assert limit.allow("frame_timeout") == (True, 0)  # another reason has its own line
-    now[0] = 10.0
-    assert limit.allow("empty_chunk") == (True, 49)  # the next line says how many were held
-    assert limit.allow("empty_chunk") == (False, 0)

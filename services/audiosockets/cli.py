@@ -242,8 +242,16 @@ def status(
     "--spool-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Keep the spool on disk here (memory then holds at most 10 s); "
+    help="Keep the spool on disk here (memory then holds at most --spool-memory-seconds); "
     "audio left at exit is sent first by the next run.",
+)
+@click.option(
+    "--spool-memory-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="With --spool-dir: audio held in memory before the rest goes to disk "
+    "[default: 10]. A SIGKILL or power cut loses up to this much; keep it above the "
+    "relay's heartbeat timeout (6 s by default) or a half-open connection loses more.",
 )
 @click.option(
     "--flush-seconds",
@@ -269,6 +277,7 @@ def record(
     block_ms: float,
     spool_seconds: float,
     spool_dir: Path | None,
+    spool_memory_seconds: float | None,
     flush_seconds: float,
     name: str | None,
     token: str | None,
@@ -296,6 +305,7 @@ def record(
         block_ms=block_ms,
         spool_seconds=spool_seconds,
         spool_dir=spool_dir,
+        memory_seconds=spool_memory_seconds,
         flush_timeout=flush_seconds,
         name=name,
         token=security.read_token(token, token_file),

@@ -17,11 +17,17 @@ Invariants:
   disk, new blocks go to disk too (order is kept), and a drain task moves them to
   the Publisher a batch at a time, each batch after the relay took the previous
   one. Audio still on disk at exit is sent first by the next run.
+- What a crash loses (README, "Spool"): a clean stop moves the memory part to disk
+  (``keep_unsent_on_disk``); a SIGKILL cannot, so it loses what the Publisher held
+  and the relay had not confirmed, at most ``history_seconds``. Disk records are
+  flushed to the OS one by one, never fsynced: they survive a process kill, not
+  necessarily a power cut.
 - Stopping: ``stop()`` sets an event; ``run`` then cancels capture, flushes what the
   relay takes within ``flush_timeout`` and closes the Publisher.
 
 State: the source, the Publisher and its stream handle, the disk spool live on the
-``Recorder``; metrics live on ``RecorderMetrics`` (on the service's registry).
+``Recorder``; metrics live on ``RecorderMetrics`` (``recorder_metrics.py``, on the
+service's registry).
 """
 
 from __future__ import annotations
@@ -36,9 +42,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from .audio import AudioFormat, DTypeName, SampleType
@@ -46,16 +51,15 @@ from .audio_diagnose import explain_capture_failure
 from .client.interfaces import SpoolingStream
 from .errors import ConfigError, DeviceError, Refused
 from .filenames import stream_stem
-from .metrics import LATENCY_BUCKETS, CallbackCollector, Metrics, gauge_family
+from .metrics import CallbackCollector, Metrics
 from .protocol import CHUNK_HEAD, Limits
+from .recorder_metrics import RecorderMetrics, spool_gauges
 from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
 from .urls import check_url, redact
 
 if TYPE_CHECKING:
-    from prometheus_client.core import Metric
-
     from .metrics_http import MetricsEndpoint
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,10 @@ class PublisherLike(Protocol):
     async def close(self, timeout: float = ..., *, drop_unsent: bool = ...) -> None: ...
 
 
+#: With ``--spool-dir``, the audio the Publisher holds in memory unless told otherwise.
+DEFAULT_MEMORY_SECONDS: Final = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class RecorderConfig:
     """Everything ``audiosockets record`` takes."""
@@ -87,8 +95,9 @@ class RecorderConfig:
     spool_seconds: float = 60.0
     #: Optional directory for a disk spool (then ``spool_seconds`` is on disk).
     spool_dir: Path | None = None
-    #: With ``spool_dir``: the most audio the Publisher keeps in memory.
-    memory_seconds: float = 10.0
+    #: With ``spool_dir``: the most audio the Publisher keeps in memory (None:
+    #: ``DEFAULT_MEMORY_SECONDS``); a SIGKILL or power cut loses up to this much.
+    memory_seconds: float | None = None
     name: str | None = None
     token: str | None = None
     #: The TLS context for a ``tls://`` relay (``tls.client_context``); None: defaults.
@@ -110,10 +119,12 @@ class RecorderConfig:
 
     @property
     def history_seconds(self) -> float:
-        """What the Publisher keeps in memory."""
+        """Seconds of audio the Publisher keeps in memory: ``spool_seconds`` without
+        ``spool_dir``, else ``memory_seconds`` clamped to ``spool_seconds``."""
         if self.spool_dir is None:
             return self.spool_seconds
-        return min(self.spool_seconds, self.memory_seconds)
+        memory = DEFAULT_MEMORY_SECONDS if self.memory_seconds is None else self.memory_seconds
+        return min(self.spool_seconds, memory)
 
     @property
     def client_name(self) -> str:
@@ -138,6 +149,16 @@ class RecorderConfig:
         )
         if not self.spool_seconds > 0:
             raise ConfigError(f"--spool-seconds must be positive, got {self.spool_seconds:g}")
+        if self.memory_seconds is not None:
+            if self.spool_dir is None:
+                raise ConfigError(
+                    "--spool-memory-seconds needs --spool-dir (without it the whole "
+                    "--spool-seconds is held in memory)"
+                )
+            if not self.memory_seconds > 0:
+                raise ConfigError(
+                    f"--spool-memory-seconds must be positive, got {self.memory_seconds:g}"
+                )
         self.format  # noqa: B018 - validates rate/channels/dtype
         chunk_bytes = self.block_frames * self.format.frame_bytes
         room = Limits().max_frame_size - CHUNK_HEAD.size
@@ -147,53 +168,6 @@ class RecorderConfig:
                 f"{self.dtype} is {chunk_bytes} bytes; a frame carries at most {room}: "
                 "lower --block-ms"
             )
-
-
-class RecorderMetrics:
-    """The recorder's own metrics (names in ARCHITECTURE.md), on the service registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.frames_captured = Counter(
-            "audiosockets_frames_captured",
-            "Audio frames (one sample per channel) taken from the source.",
-            ["stream"],
-            registry=registry,
-        )
-        self.input_overflows = Counter(
-            "audiosockets_input_overflows",
-            "Times PortAudio reported that input was lost before we could copy it.",
-            ["stream"],
-            registry=registry,
-        )
-        self.capture_to_send_latency = Histogram(
-            "audiosockets_capture_to_send_latency_seconds",
-            "From the end of a block's capture to its hand-off to the publisher.",
-            ["stream"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.capture_gaps = Counter(
-            "audiosockets_capture_gaps",
-            "Interruptions of capture (a device lost and reopened).",
-            ["stream"],
-            registry=registry,
-        )
-        self.capture_gap_seconds = Counter(
-            "audiosockets_capture_gap_seconds",
-            "Seconds of audio not captured because the device was away.",
-            ["stream"],
-            registry=registry,
-        )
-
-    def declare_stream(self, stream: str) -> None:
-        for family in (
-            self.frames_captured,
-            self.input_overflows,
-            self.capture_to_send_latency,
-            self.capture_gaps,
-            self.capture_gap_seconds,
-        ):
-            family.labels(stream)
 
 
 def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
@@ -273,11 +247,12 @@ class Recorder:
             self.disk = DiskSpool(
                 config.spool_dir / _safe_name(config.stream), self.format, config.spool_seconds
             )
+            _explain_memory_part(config)
         name = config.stream
         self.metrics.declare_stream(name)
         self.recorder_metrics.declare_stream(name)
         self.metrics.registry.register(
-            CallbackCollector(lambda: _spool_gauges(name, *self.spool_depth()))
+            CallbackCollector(lambda: spool_gauges(name, *self.spool_depth()))
         )
 
     # --- lifecycle -------------------------------------------------------------
@@ -516,22 +491,6 @@ class Recorder:
         return chunks, seconds
 
 
-def _spool_gauges(stream: str, depth: int, depth_seconds: float) -> Iterable[Metric]:
-    chunks = gauge_family(
-        "audiosockets_spool_depth_chunks",
-        "Chunks captured but not yet taken by the relay (the spool).",
-        ["stream"],
-    )
-    seconds = gauge_family(
-        "audiosockets_spool_depth_seconds",
-        "Seconds of audio captured but not yet taken by the relay.",
-        ["stream"],
-    )
-    chunks.add_metric([stream], float(depth))
-    seconds.add_metric([stream], depth_seconds)
-    return [chunks, seconds]
-
-
 # --- entry points for the CLI ---------------------------------------------------
 
 
@@ -579,6 +538,25 @@ def in_recorder_terms(failure: BaseException, config: RecorderConfig) -> BaseExc
         f"the relay takes at most {limit} bytes of audio per chunk ({fits} frames of "
         f"{fmt}), but a {config.block_ms:g} ms block is "
         f"{config.block_frames * fmt.frame_bytes} bytes; {advice}"
+    )
+
+
+def _explain_memory_part(config: RecorderConfig) -> None:
+    """Say how much audio a SIGKILL can lose, and whether the memory part was clamped."""
+    asked = config.memory_seconds
+    if asked is not None and asked > config.spool_seconds:
+        log.warning(
+            "--spool-memory-seconds %g is more than --spool-seconds %g: memory holds %g s",
+            asked,
+            config.spool_seconds,
+            config.history_seconds,
+        )
+    log.info(
+        "spool: up to %g s in memory, then up to %g s on disk in %s; a SIGKILL or power cut "
+        "loses what is in memory (--spool-memory-seconds)",
+        config.history_seconds,
+        config.spool_seconds,
+        config.spool_dir,
     )
 
 

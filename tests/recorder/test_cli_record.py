@@ -4,6 +4,7 @@ for signals, as a real process): one line per error, named exit codes, no traceb
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from audiosockets.audio import Chunk
 from audiosockets.cli import main
 from audiosockets.client import Subscriber
 from audiosockets.errors import AddressInUse, ConfigError, DeviceError
+from audiosockets.recorder import Recorder, RecorderConfig
 from audiosockets.relay import Relay
 
 
@@ -269,6 +271,59 @@ def test_record_unusable_spool_dir_is_a_config_error(tmp_path: Path) -> None:
         str(blocker / "x"),
     )
     assert_one_line_error(result, ConfigError.exit_code, "cannot use spool directory")
+
+
+def test_record_spool_memory_seconds_needs_a_spool_dir(tmp_path: Path) -> None:
+    wav = write_pcm_wav(tmp_path / "a.wav", np.zeros((320, 1), np.int16), 16000)
+    result = invoke(  # a finite source: without the check this ends, exit 0
+        "record",
+        "--relay",
+        "tcp://127.0.0.1:1",
+        "--flush-seconds",
+        "0",
+        "--source",
+        f"file:{wav}",
+        env={
+            "AUDIOSOCKETS_RECORD_SPOOL_MEMORY_SECONDS": "2",
+            "AUDIOSOCKETS_RECORD_METRICS_PORT": "0",
+        },
+    )
+    assert_one_line_error(result, ConfigError.exit_code, "--spool-memory-seconds needs --spool-dir")
+
+
+def test_record_spool_memory_seconds_must_be_positive(tmp_path: Path) -> None:
+    result = invoke(
+        "record",
+        "--metrics-port",
+        "0",
+        "--source",
+        "synth:noise",
+        "--spool-dir",
+        str(tmp_path),
+        "--spool-memory-seconds",
+        "0",
+    )
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--spool-memory-seconds'" in result.stderr
+
+
+def test_a_memory_part_beyond_the_spool_is_clamped_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = RecorderConfig(
+        source="synth:noise", spool_seconds=4.0, spool_dir=tmp_path, memory_seconds=30.0
+    )
+    assert config.history_seconds == 4.0
+    assert RecorderConfig(spool_dir=tmp_path, memory_seconds=0.5).history_seconds == 0.5
+    assert RecorderConfig(spool_dir=tmp_path).history_seconds == 10.0
+    caplog.set_level(logging.INFO, "audiosockets.recorder")
+    recorder = Recorder(config)
+    assert recorder.disk is not None
+    recorder.disk.close()
+    assert (
+        "--spool-memory-seconds 30 is more than --spool-seconds 4: memory holds 4 s" in caplog.text
+    )
+    assert "a SIGKILL or power cut loses what is in memory" in caplog.text
 
 
 def test_record_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import IO, TYPE_CHECKING, Final, Protocol, runtime_checkable
 from ..audio import Chunk
 from ..errors import ConfigError, HandlerError
 from ..handlers import HandlerOptions
+from ..lograte import LogRateLimit
 from ..metrics import Metrics
 from ..names import fit_name
 from ..service import STOP_SIGNALS, run_service
@@ -57,22 +58,6 @@ class GroupShare(Protocol):
     @property
     def assigned(self) -> AbstractSet[str]:
         """Names of the streams currently assigned to this member."""
-
-
-class _RateLimitedLog:
-    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
-        self.interval = interval
-        self.clock = clock
-        self._last: float | None = None
-        self.suppressed = 0
-
-    def ready(self) -> bool:
-        now = self.clock()
-        if self._last is None or now - self._last >= self.interval:
-            self._last = now
-            return True
-        self.suppressed += 1
-        return False
 
 
 @dataclass(slots=True)
@@ -130,7 +115,7 @@ class Processor:
         self.exit_after = exit_after
         self.drain_timeout = drain_timeout
         self.stats = ProcessorStats()
-        self._errlog = _RateLimitedLog(LOG_INTERVAL, clock)
+        self._errlog = LogRateLimit(LOG_INTERVAL, clock)
         gauge = self.pm.handler_failing.labels(self.spec.name)
         self._failures = FailureTracker(self.spec.name, failing_after, exit_after, clock, gauge.set)
         self._stop = asyncio.Event()
@@ -366,9 +351,8 @@ class Processor:
         stats.errors += 1
         in_a_row = self._failures.failed(stream)  # per stream: see failures.py
         pm.handler_errors.labels(name).inc()
-        if self._errlog.ready():
-            more = self._errlog.suppressed
-            self._errlog.suppressed = 0
+        now, more = self._errlog.allow("handler_error")
+        if now:
             note = f" ({more} more since the last report)" if more else ""
             log.error("%s failed on %s seq %d: %s%s", name, stream, chunk.seq, out.error, note)
             if out.trace:

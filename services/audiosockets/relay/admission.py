@@ -3,16 +3,16 @@
 - ``LimitCounters``: the counters every limit of the relay reports to, each
   with a ``reason`` label, created at zero so a scrape shows them before the
   first refusal.
-- ``RateLimitedLog``: one log line per reason per interval, the rest counted
-  into the next line ("and N more"), so a flood of refusals cannot flood the
-  log.
 - ``Admission``: the session caps, relay-wide and per source address,
   checked when a connection is accepted (before anything is read from it, so
   a refused client costs a descriptor for the time it takes to say why).
 - ``raise_nofile``: the soft descriptor limit raised to the hard one at start,
   and the session cap held below it.
 - ``Guard``: the relay's limits at run time, built on the above: admission at
-  accept, stream caps at OPEN_STREAM, cutting a session, accept errors.
+  accept, stream caps at OPEN_STREAM, cutting a session, accept errors; its
+  log lines go through ``lograte.LogRateLimit`` (one per reason per interval,
+  the rest counted into the next line), so a flood of refusals cannot flood
+  the log.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final
 from prometheus_client import CollectorRegistry, Counter
 
 from ..errors import ErrorCode
+from ..lograte import LogRateLimit
 from ..protocol import Connection, ErrorFrame, Goodbye
 
 if TYPE_CHECKING:
@@ -105,38 +106,6 @@ class LimitCounters:
                 counter.labels(reason)
 
 
-class RateLimitedLog:
-    """At most one warning per ``key`` per ``interval`` seconds of ``clock``;
-    the lines held back are counted and reported with the next one."""
-
-    def __init__(
-        self, logger: logging.Logger, clock: Callable[[], float], interval: float = 10.0
-    ) -> None:
-        self._log = logger
-        self._clock = clock
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._held = Tally[str]()
-
-    def warning(self, key: str, message: str, *args: object) -> bool:
-        """Log ``message % args`` unless ``key`` was logged less than
-        ``interval`` ago (then count it); returns whether it was logged."""
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._held[key] += 1
-            return False
-        self._last[key] = now
-        held = self._held.pop(key, 0)
-        if held:
-            self._log.warning(
-                message + " (and %d more like it since the last such line)", *args, held
-            )
-        else:
-            self._log.warning(message, *args)
-        return True
-
-
 class Admission:
     """Session caps: ``max_sessions`` relay-wide and ``per_address`` per source
     address (IP, port ignored). ``admit`` takes a place or says why not;
@@ -211,7 +180,7 @@ class StreamRefused(Exception):
 class Guard:
     """The limits of one relay at run time (``relay.guard``).
 
-    ``counters`` (``LimitCounters``), ``log`` (``RateLimitedLog``, one line
+    ``counters`` (``LimitCounters``), ``logged`` (``LogRateLimit``, one line
     per kind of refusal per 10 s), ``admission`` (session caps). ``start``
     raises the descriptor limit and installs the accept-error handler;
     ``stop`` restores the loop's previous handler.
@@ -221,7 +190,7 @@ class Guard:
         self.relay = relay
         cfg = relay.config
         self.counters = LimitCounters(relay.metrics.registry)
-        self.log = RateLimitedLog(log, relay.clock)
+        self.logged = LogRateLimit(10.0, relay.clock)
         self.admission = Admission(cfg.max_sessions, cfg.max_sessions_per_address)
         self._restore: Callable[[], None] = lambda: None
 
@@ -247,7 +216,9 @@ class Guard:
             message = str(context.get("message", ""))
             if "accept" in message and isinstance(context.get("exception"), OSError):
                 self.counters.accept_errors.inc()
-                self.log.warning("accept", "cannot accept connections: %s", context["exception"])
+                self.logged.warning(
+                    log, "accept", "cannot accept connections: %s", context["exception"]
+                )
             elif previous is not None:
                 previous(loop, context)
             else:
@@ -273,8 +244,8 @@ class Guard:
             why = f"the relay holds its maximum of {self.admission.max_sessions} sessions"
         else:
             why = f"{self.admission.per_address} sessions from {address} already"
-        self.log.warning(
-            f"refuse:{reason}", "refused a connection from %s (%s): %s", address, reason, why
+        self.logged.warning(
+            log, f"refuse:{reason}", "refused a connection from %s (%s): %s", address, reason, why
         )
         frame = ErrorFrame(ErrorCode.OVERLOADED, f"{why}; retry later")
         with contextlib.suppress(Exception):
@@ -337,7 +308,8 @@ class Guard:
         ``farewell`` sent and the connection closed."""
         session.cut_reason = reason
         self.counters.sessions_cut.labels(reason).inc()
-        self.log.warning(
+        self.logged.warning(
+            log,
             f"cut:{reason}",
             "closing %s %r from %s (%s): %s",
             session.role.label,

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..audio import AudioFormat
 from ..errors import AddressInUse, ErrorCode, RelayRefused
+from ..lograte import LogRateLimit
 from ..metrics import CallbackCollector, Metrics
 from ..names import name_problem
 from ..protocol import (
@@ -50,7 +51,6 @@ from .budget import InputBudget, MemoryLedger, hold_frame
 from .connections import serve_connection
 from .expiry import Housekeeping
 from .groups import Group
-from .lograte import LogRateLimit
 from .sessions import PublisherSession, Session, SubscriberSession
 from .status import StatusCache, collect_gauges, status_report
 from .streams import StreamState

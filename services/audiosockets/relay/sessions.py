@@ -192,7 +192,8 @@ class PublisherSession(Session):
                 stream = self.relay.open_stream(self, event.name, event.format)
             except StreamRefused as exc:
                 self.channel.send(CloseStream(event.stream_id, CloseReason.REFUSED))
-                self.relay.guard.log.warning(
+                self.relay.guard.logged.warning(
+                    log,
                     f"stream:{exc.reason}",
                     "refused stream %r of publisher %r from %s: %s",
                     event.name,
