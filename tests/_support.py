@@ -41,13 +41,20 @@ async def wait_until(
 
 
 def wait_until_sync(
-    predicate: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition"
+    predicate: Callable[[], bool],
+    *,
+    timeout: float = 10.0,
+    what: str = "condition",
+    every: float = 0.02,
 ) -> None:
+    """Call ``predicate`` every ``every`` seconds until it is true; AssertionError
+    naming ``what`` after ``timeout`` seconds. A predicate that scrapes a service
+    should poll slower (0.2 s): each scrape costs the service under test CPU."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(every)
 
 
 async def gather_with_timeout(*aws: Awaitable[object], timeout: float = 10.0) -> list[object]:

@@ -63,6 +63,9 @@ STALL_WINDOW_SECONDS = 62
 #: Seconds without a chunk after which a stream reads STOPPED (the panels' threshold).
 STOPPED_AFTER = 10
 RATE_INTERVAL = "15s"
+#: How often the fixture polls a condition: every poll scrapes a service or
+#: queries Prometheus, so polling fast loads the stack it measures.
+POLL_SECONDS = 0.2
 RECORDING = ("rec-1", "rec-2", "rec-3", "slow")
 
 
@@ -243,7 +246,9 @@ def inject_faults(live: Live) -> None:
     prom = live.prometheus
     seen = live.seen
     slow = live.slow.service.instance
-    wait_until_sync(prom.targets_up, timeout=30, what="every target up in Prometheus")
+    wait_until_sync(
+        prom.targets_up, timeout=30, what="every target up in Prometheus", every=POLL_SECONDS
+    )
 
     # Fault 1: a stalled processor among five. Wait until the drops started a
     # whole rate window ago, so the alert's ratio is the stall's alone.
@@ -252,6 +257,7 @@ def inject_faults(live: Live) -> None:
         lambda: live.prom_has(f"sum({overrun} offset {STALL_WINDOW_SECONDS}s) > 0"),
         timeout=STALL_WINDOW_SECONDS + 45,
         what=f"{STALL_WINDOW_SECONDS} s of overruns in Prometheus",
+        every=POLL_SECONDS,
     )
     seen.steady_at = time.time()
     seen.alerts = [
@@ -272,6 +278,7 @@ def inject_faults(live: Live) -> None:
         ),
         timeout=30,
         what="Stream state to read SOUND for speech and SILENT for silence",
+        every=POLL_SECONDS,
     )
     seen.state_at = time.time()
 
@@ -282,28 +289,38 @@ def inject_faults(live: Live) -> None:
             lambda: not any(live.connected(r, "publisher") for r in live.recorders.values()),
             timeout=20,
             what="recorders to notice the relay hangs",
+            every=POLL_SECONDS,
         )
         wait_until_sync(
             lambda: all(live.spool_full(s) > 0 for s in STREAMS),
             timeout=SPOOL_SECONDS + 20,
             what="both recorders' spools to overflow",
+            every=POLL_SECONDS,
         )
         stream_live = _target("overview.json", "Stream live")
         wait_until_sync(
             lambda: [float(r["value"][1]) for r in prom.query(stream_live)] == [0.0, 0.0],
             timeout=STOPPED_AFTER + 20,
             what="Stream live to read STOPPED for both streams",
+            every=POLL_SECONDS,
         )
         seen.down_at = time.time()
         seen.spool_full_while_down = {s: live.spool_full(s) for s in STREAMS}
     finally:
         live.relay.thaw()
     live.stall_file.unlink()
-    wait_until_sync(live.everyone_connected, timeout=30, what="every client back on the relay")
+    wait_until_sync(
+        live.everyone_connected,
+        timeout=30,
+        what="every client back on the relay",
+        every=POLL_SECONDS,
+    )
 
     # Fault 3's books: once every processor has caught up with live audio,
     # nothing is lost any more; each processor's gaps are final.
-    wait_until_sync(live.caught_up, timeout=40, what="every processor to catch up")
+    wait_until_sync(
+        live.caught_up, timeout=40, what="every processor to catch up", every=POLL_SECONDS
+    )
     seen.settled_at = time.time()
     seen.counters = live.counters()
     seen.status = live.relay_status()
@@ -315,7 +332,9 @@ def inject_faults(live: Live) -> None:
         fresh = prom.query(f"timestamp(up == 1) > {seen.settled_at}")
         return len(fresh) == len(live.stack.services)
 
-    wait_until_sync(all_scraped_since_settled, timeout=30, what="every target scraped")
+    wait_until_sync(
+        all_scraped_since_settled, timeout=30, what="every target scraped", every=POLL_SECONDS
+    )
     # A scrape that reaches the relay in the instant it thaws can still carry
     # its state from before the hang (last chunk 10 s old): wait until
     # Prometheus holds a relay scrape with both streams live again.
@@ -324,6 +343,7 @@ def inject_faults(live: Live) -> None:
         lambda: [float(r["value"][1]) for r in prom.query(stream_live)] == [1.0, 1.0],
         timeout=30,
         what="Stream live to read LIVE for both streams again",
+        every=POLL_SECONDS,
     )
 
     # Likewise for the recorders: their spool_full counters, as Prometheus holds
@@ -337,7 +357,9 @@ def inject_faults(live: Live) -> None:
         }
         return all(got.get(s, -1.0) >= seen.spool_full_while_down[s] for s in STREAMS)
 
-    wait_until_sync(spool_losses_scraped, timeout=30, what="the recorders' losses scraped")
+    wait_until_sync(
+        spool_losses_scraped, timeout=30, what="the recorders' losses scraped", every=POLL_SECONDS
+    )
     seen.checked_at = time.time()
     write_summary(live)
 
@@ -609,7 +631,8 @@ def test_every_panel_query_returns_data(live: Live) -> None:
 
 def why_empty(prom: Prometheus, expr: str, at: float) -> dict[str, Any]:
     """What an empty panel's recording rules did over the run: each rule's health,
-    last error and evaluation time, and the largest value its series ever held."""
+    last error and evaluation time, the largest value its series ever held, and
+    for how many seconds each target could not be scraped."""
     found: dict[str, Any] = {}
     for group in prom.api("rules")["groups"]:
         for rule in group["rules"]:
@@ -624,6 +647,10 @@ def why_empty(prom: Prometheus, expr: str, at: float) -> dict[str, Any]:
                 "evaluationTime": rule.get("evaluationTime"),
                 "peak": peak,
             }
+    # Scrapes that failed over the run, per target (a loss that happened while
+    # its counter could not be scraped shows no rate).
+    down = prom.query_range("up == 0", prom.started_at, at, 1)
+    found["failed_scrape_seconds"] = {r["metric"]["instance"]: len(r["values"]) for r in down}
     return found
 
 
