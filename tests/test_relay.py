@@ -4,6 +4,7 @@ restarts, and bad input that must close one connection and nothing else."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 import struct
@@ -652,6 +653,25 @@ async def test_replicas_sharing_a_name_give_one_metric_series(
     ]
     assert len(lines) == len(set(lines)), "duplicate series"
     assert sample(relay, "audiosockets_group_streams", group="g", member="same") == 4
+    for s in subs:
+        await s.close()
+
+
+async def test_two_subscribers_with_one_name_are_pointed_out_once(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Per-subscriber counters are keyed by client name: the operator is told, once
+    per interval, that two sessions share one and which addresses they come from."""
+    caplog.set_level(logging.WARNING, logger="audiosockets.relay")
+    subs = [await start_subscriber(relay, "*", name="proc\u00e9") for _ in range(3)]
+    subs.append(await start_subscriber(relay, "*", name="other"))
+    await wait_until(lambda: len(relay.subscribers) == 4)
+    lines = [
+        r.getMessage() for r in caplog.records if "two subscribers are named" in r.getMessage()
+    ]
+    assert len(lines) == 1, lines
+    assert "'proc\u00e9'" in lines[0]
+    assert "give each its own --name" in lines[0]
     for s in subs:
         await s.close()
 

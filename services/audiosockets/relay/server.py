@@ -448,6 +448,18 @@ class Relay:
     def subscribe(self, session: SubscriberSession) -> None:
         """``session`` sent SUBSCRIBE: join its group (and rebalance it) or
         attach every matching stream at its resume point."""
+        twin = next((s for s in self.subscribers if s.name == session.name), None)
+        if twin is not None:
+            # Per-subscriber series and status rows are keyed by client name.
+            self.refusals_logged.warning(
+                log,
+                "duplicate_subscriber_name",
+                "two subscribers are named %r (from %s and %s): their per-subscriber "
+                "counters and status rows add up as one; give each its own --name",
+                session.name,
+                twin.channel.peer,
+                session.channel.peer,
+            )
         self.subscribers.add(session)
         group_name = session.group_name
         if group_name:
