@@ -448,18 +448,7 @@ class Relay:
     def subscribe(self, session: SubscriberSession) -> None:
         """``session`` sent SUBSCRIBE: join its group (and rebalance it) or
         attach every matching stream at its resume point."""
-        twin = next((s for s in self.subscribers if s.name == session.name), None)
-        if twin is not None:
-            # Per-subscriber series and status rows are keyed by client name.
-            self.refusals_logged.warning(
-                log,
-                "duplicate_subscriber_name",
-                "two subscribers are named %r (from %s and %s): their per-subscriber "
-                "counters and status rows add up as one; give each its own --name",
-                session.name,
-                twin.channel.peer,
-                session.channel.peer,
-            )
+        _point_out_a_shared_name(self, session)
         self.subscribers.add(session)
         group_name = session.group_name
         if group_name:
@@ -533,3 +522,19 @@ class Relay:
             hangup = (signal.SIGHUP,)  # reload --credentials; sessions stay
         with signal_handlers(self.reload_credentials, hangup):
             await run_service(self, ready=ready, signals=signals)
+
+
+def _point_out_a_shared_name(relay: Relay, session: SubscriberSession) -> None:
+    """Log (once per interval) that ``session`` takes a client name another live
+    subscriber has: per-subscriber series and status rows are keyed by name."""
+    twin = next((s for s in relay.subscribers if s.name == session.name), None)
+    if twin is not None:
+        relay.refusals_logged.warning(
+            log,
+            "duplicate_subscriber_name",
+            "two subscribers are named %r (from %s and %s): their per-subscriber "
+            "counters and status rows add up as one; give each its own --name",
+            session.name,
+            twin.channel.peer,
+            session.channel.peer,
+        )
