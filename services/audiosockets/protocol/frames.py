@@ -494,6 +494,7 @@ class FrameDecoder:
         size = len(buf)
         chunks: list[ReceivedChunk] = []
         chunk_type = FrameType.CHUNK
+        view = memoryview(buf)  # one per run: tobytes() per frame is then one copy
         while len(chunks) < limit and size - pos >= CHUNK_START:
             magic, version, ftype, length, stream_id, seq, captured_ns = (
                 _FULL_HEADER_CHUNK.unpack_from(buf, pos)
@@ -510,8 +511,9 @@ class FrameDecoder:
                 or audio % frame_bytes[stream_id]
             ):
                 break
-            chunks.append((stream_id, seq, captured_ns, bytes(buf[pos + CHUNK_START : end])))
+            chunks.append((stream_id, seq, captured_ns, view[pos + CHUNK_START : end].tobytes()))
             pos = end
+        view.release()  # before the buffer may be resized
         if chunks:
             self.frames += len(chunks)
             self._admitted = -1
