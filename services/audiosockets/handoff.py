@@ -40,6 +40,11 @@ class Handoff(Generic[T]):
     def full(self) -> bool:
         return len(self._items) >= self.limit
 
+    @property
+    def room(self) -> int:
+        """Items that may be ``put`` before the hand-off is full (0 when full)."""
+        return max(0, self.limit - len(self._items))
+
     def put(self, item: T) -> None:
         """Append one item of a batch; the consumer is woken by ``publish``.
 

@@ -42,6 +42,7 @@ from .protocol import (
     NeedData,
     Ping,
     Pong,
+    ReceivedChunk,
 )
 
 log = logging.getLogger(__name__)
@@ -333,6 +334,12 @@ class Channel:
                 self.pings.answered(event.nonce)
                 continue
             return event
+
+    def poll_chunks(self, limit: int) -> list[ReceivedChunk]:
+        """Up to ``limit`` CHUNKs in a row already received, as ``(stream id, seq,
+        captured_ns, audio)`` (``Connection.next_chunks``); never reads. ``[]``
+        when the next frame is anything else: ``poll_event`` takes that one."""
+        return self.conn.next_chunks(limit)
 
     @property
     def held_bytes(self) -> int:

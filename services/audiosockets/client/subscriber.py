@@ -34,6 +34,7 @@ from ..protocol import (
     Goodbye,
     Limits,
     OpenStream,
+    ReceivedChunk,
     Role,
     StartPosition,
     Subscribe,
@@ -148,8 +149,7 @@ class Subscriber(ReconnectingClient):
         self._acks = GroupAcks(lambda: self.channel, self._ids)
         self.acked = self._acks.acked  # stream name -> the last seq ACKed
         self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
-        self._gap_logged: dict[str, float] = {}
-        self._gap_pending: dict[str, int] = {}
+        self._gap_log = _GapLog()
 
     async def __aenter__(self) -> Subscriber:
         """``start()`` and return self; connecting goes on in the background."""
@@ -270,11 +270,14 @@ class Subscriber(ReconnectingClient):
         handoff = self._handoff
         while True:
             # Every event of one read, then one wake-up for the consumer; a full
-            # hand-off stops the reading (the rest stays in the socket).
+            # hand-off stops the reading (the rest stays in the socket). Runs of
+            # CHUNKs come out of the codec as plain fields (poll_chunks), as many
+            # as the hand-off has room for; any other frame through poll_event.
             event: Event | None = await channel.next_event()
             try:
                 while event is not None:
                     self._receive(event, streams)
+                    self._deliver_run(channel.poll_chunks(handoff.room), streams)
                     if handoff.full():
                         break
                     event = channel.poll_event()
@@ -286,7 +289,7 @@ class Subscriber(ReconnectingClient):
     def _receive(self, event: Event, streams: dict[int, tuple[str, AudioFormat]]) -> None:
         if isinstance(event, ChunkData):
             name, fmt = streams[event.stream_id]
-            self._deliver(name, fmt, event.seq, event.captured_ns, event.payload)
+            self._deliver(name, fmt, event.seq, event.captured_ns, event.payload, time.time_ns())
         elif isinstance(event, OpenStream):
             streams[event.stream_id] = (event.name, event.format)
             self._ids[event.name] = event.stream_id
@@ -298,12 +301,25 @@ class Subscriber(ReconnectingClient):
         elif isinstance(event, Goodbye | ErrorFrame):
             raise ConnectionClosed(f"relay ended the session: {event.message}", event.code)
 
+    def _deliver_run(
+        self, chunks: list[ReceivedChunk], streams: dict[int, tuple[str, AudioFormat]]
+    ) -> None:
+        """``_deliver`` each chunk of a run decoded from one read; they share
+        one receipt time (they came off the socket together)."""
+        if chunks:
+            now = time.time_ns()
+            deliver = self._deliver
+            for stream_id, seq, captured_ns, payload in chunks:
+                name, fmt = streams[stream_id]
+                deliver(name, fmt, seq, captured_ns, payload, now)
+
     # -- delivery: independent of the wire, shared by any transport ------------
 
     def _deliver(
-        self, name: str, fmt: AudioFormat, seq: int, captured_ns: int, payload: bytes
+        self, name: str, fmt: AudioFormat, seq: int, captured_ns: int, payload: bytes, now: int
     ) -> None:
-        """Suppress a duplicate, count a gap, hand the chunk to the application.
+        """Suppress a duplicate, count a gap, hand the chunk (received at ``now``,
+        wall-clock ns) to the application.
 
         The caller checks ``_handoff.full()`` first and waits for space when it
         is full: that is the backpressure.
@@ -318,9 +334,8 @@ class Subscriber(ReconnectingClient):
             missing = seq - last - 1
             self.gaps += missing
             m.sequence_gaps.labels(name).inc(missing)
-            self._log_gap(name, missing, seq)
+            self._gap_log.missing(name, missing, seq)
         self.received[name] = seq
-        now = time.time_ns()
         chunk = Chunk(name, seq, captured_ns, fmt, payload, now)
         received, nbytes, latency, depth = self._child(name)
         received.inc()
@@ -342,18 +357,29 @@ class Subscriber(ReconnectingClient):
             # Behind the chunks still queued for the application, never ahead of them.
             self._handoff.put_marker(_StreamEnded(name))
 
-    def _log_gap(self, stream: str, missing: int, seq: int) -> None:
-        # Rate-limited: a slow consumer can see thousands of gaps a second;
-        # the counter has them all, the log says so once per interval.
-        now = time.monotonic()
-        pending = self._gap_pending.get(stream, 0) + missing
-        if now - self._gap_logged.get(stream, -1e9) < 5.0:
-            self._gap_pending[stream] = pending
-            return
-        self._gap_logged[stream] = now
-        self._gap_pending[stream] = 0
-        log.warning("stream %r: %d chunks missing (latest gap before seq %d)", stream, pending, seq)
-
     def _session_ended(self) -> None:
         self._assigned.clear()
         self._ids.clear()
+
+
+class _GapLog:
+    """Warns of missing chunks per stream, at most once per ``INTERVAL`` seconds:
+    a slow consumer can see thousands of gaps a second; the counter has them
+    all, the log says so once per interval with the sum since the last line."""
+
+    INTERVAL = 5.0
+
+    def __init__(self) -> None:
+        self._logged: dict[str, float] = {}  # stream -> monotonic time of its last line
+        self._pending: dict[str, int] = {}  # stream -> chunks missing since then
+
+    def missing(self, stream: str, missing: int, seq: int) -> None:
+        """``missing`` chunks of ``stream`` did not arrive before ``seq``."""
+        now = time.monotonic()
+        pending = self._pending.get(stream, 0) + missing
+        if now - self._logged.get(stream, -1e9) < self.INTERVAL:
+            self._pending[stream] = pending
+            return
+        self._logged[stream] = now
+        self._pending[stream] = 0
+        log.warning("stream %r: %d chunks missing (latest gap before seq %d)", stream, pending, seq)

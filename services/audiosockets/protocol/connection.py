@@ -52,6 +52,7 @@ from .frames import (
     CHUNK_HEAD,
     FrameDecoder,
     FrameType,
+    ReceivedChunk,
     decode_payload,
     encode,
     encode_chunk,
@@ -109,19 +110,23 @@ _TYPE_OF: Final[dict[type, FrameType]] = {
 class _Streams:
     """Streams declared on one connection, in one direction."""
 
-    limit: int
+    limits: Limits
     by_id: dict[int, OpenStream] = field(default_factory=dict)
-    # Per declared id, the bytes of one frame: checked against every chunk, so
-    # looked up once here rather than derived from the format each time.
+    # Per declared id, the bytes of one frame and the most payload bytes a
+    # CHUNK may have (``max_chunk_payload``): needed for every chunk, so
+    # worked out once here rather than derived from the format each time.
     frame_bytes: dict[int, int] = field(default_factory=dict)
+    max_payload: dict[int, int] = field(default_factory=dict)
 
     def declare(
         self, event: OpenStream, error: type[LocalProtocolError | RemoteProtocolError]
     ) -> None:
-        if event.stream_id not in self.by_id and len(self.by_id) >= self.limit:
-            raise error(f"more than {self.limit} streams on one connection")
+        limit = self.limits.max_streams
+        if event.stream_id not in self.by_id and len(self.by_id) >= limit:
+            raise error(f"more than {limit} streams on one connection")
         self.by_id[event.stream_id] = event
         self.frame_bytes[event.stream_id] = event.format.frame_bytes
+        self.max_payload[event.stream_id] = max_chunk_payload(event.format, self.limits)
 
     def check_chunk(
         self,
@@ -195,12 +200,12 @@ def _admit(conn: Connection, ftype: FrameType, stream_id: int | None) -> int:
     format allows, ``max_chunk_payload``)."""
     _check_incoming_type(conn, ftype)
     if ftype is FrameType.CHUNK and stream_id is not None:
-        opened = conn.their_streams.by_id.get(stream_id)
-        if opened is None:
+        limit = conn.their_streams.max_payload.get(stream_id)
+        if limit is None:
             raise RemoteProtocolError(
                 f"chunk for undeclared stream id {stream_id}", ErrorCode.UNKNOWN_STREAM
             )
-        return max_chunk_payload(opened.format, conn.limits)
+        return limit
     return conn._payload_limits[ftype]
 
 
@@ -234,8 +239,8 @@ class Connection:
         self._eof = False
         self._error: LocalProtocolError | RemoteProtocolError | None = None
         self._farewell_sent = False
-        self.our_streams = _Streams(self.limits.max_streams)
-        self.their_streams = _Streams(self.limits.max_streams)
+        self.our_streams = _Streams(self.limits)
+        self.their_streams = _Streams(self.limits)
 
     @property
     def error(self) -> LocalProtocolError | RemoteProtocolError | None:
@@ -336,6 +341,28 @@ class Connection:
             self._fail(exc)
             raise
         return event
+
+    def next_chunks(self, limit: int) -> list[ReceivedChunk]:
+        """Up to ``limit`` CHUNKs in a row from the buffered bytes, each as
+        ``(stream id, seq, captured_ns, audio bytes)``, without building events:
+        the receiving hot path (``FrameDecoder.next_chunks``).
+
+        Returns only what ``next_event`` would return as ``ChunkData`` in the
+        same order, and ``[]`` when the next frame is anything else or the
+        session may not receive chunks now: ``next_event`` then returns or
+        raises for it as usual. Never raises.
+        """
+        if self.state is not State.OPEN or not self._receives_chunks:
+            return []
+        streams = self.their_streams
+        return self._decoder.next_chunks(streams.max_payload, streams.frame_bytes, limit)
+
+    @property
+    def _receives_chunks(self) -> bool:
+        if self.role is None:
+            return False
+        allowed = _FROM_CLIENT if self.side == "relay" else _FROM_RELAY
+        return FrameType.CHUNK in allowed[self.role]
 
     def discard_input(self) -> None:
         """Free every byte buffered and not yet parsed (the connection is being cut)."""

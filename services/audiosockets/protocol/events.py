@@ -46,6 +46,12 @@ class CloseReason(enum.IntEnum):
     REFUSED = 4  # relay -> publisher: a stream cap was reached; the stream is not open
 
 
+_U32_MAX: Final = (1 << 32) - 1
+_U64_MAX: Final = (1 << 64) - 1
+_I64_MIN: Final = -(1 << 63)
+_I64_MAX: Final = (1 << 63) - 1
+
+
 def _check_u(name: str, value: int, bits: int) -> None:
     if not 0 <= value < (1 << bits):
         raise LocalProtocolError(f"{name}={value} does not fit in u{bits}")
@@ -140,9 +146,15 @@ class ChunkData:
     payload: bytes
 
     def __post_init__(self) -> None:
-        _check_u("stream_id", self.stream_id, 32)
-        _check_u("seq", self.seq, 64)
-        if not -(1 << 63) <= self.captured_ns < (1 << 63):
+        # One chained comparison on the per-chunk path (every decoded CHUNK is
+        # built here); the field-by-field checks only find which value is bad.
+        if not (
+            0 <= self.stream_id <= _U32_MAX
+            and 0 <= self.seq <= _U64_MAX
+            and _I64_MIN <= self.captured_ns <= _I64_MAX
+        ):
+            _check_u("stream_id", self.stream_id, 32)
+            _check_u("seq", self.seq, 64)
             raise LocalProtocolError("captured_ns does not fit in i64")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from ..audio import AudioFormat, SampleType
@@ -88,6 +88,7 @@ _NONCE = struct.Struct(">Q")
 _CODE = struct.Struct(">H")
 
 _FULL_HEADER_CHUNK = struct.Struct(">2sBBIIQq")
+CHUNK_START: Final = _FULL_HEADER_CHUNK.size  # 28: where a CHUNK frame's audio begins
 _STREAM_ID = struct.Struct(">I")
 
 #: Bytes a control frame may carry beyond its layout's largest value: room for
@@ -137,6 +138,10 @@ def max_chunk_payload(fmt: AudioFormat, limits: Limits) -> int:
     frames = max(frames, 4096 // fmt.frame_bytes)
     return min(limits.max_frame_size, CHUNK_HEAD.size + frames * fmt.frame_bytes)
 
+
+ReceivedChunk = tuple[int, int, int, bytes]
+"""A CHUNK frame decoded on the hot path (``FrameDecoder.next_chunks``):
+``(stream id, seq, captured_ns, audio bytes)``, the fields of ``ChunkData``."""
 
 Admit = Callable[[FrameType, int | None], int]
 """Called once per frame when its header (and, for a CHUNK, its stream id)
@@ -438,26 +443,29 @@ class FrameDecoder:
         end = pos + HEADER_SIZE + length
         if self._admit is not None and self._admitted != pos:
             stream_id = None
-            if ftype == FrameType.CHUNK and length >= _STREAM_ID.size:
+            if frame_type is FrameType.CHUNK and length >= _STREAM_ID.size:
                 if len(buf) < pos + HEADER_SIZE + _STREAM_ID.size:
                     self._admit(FrameType.CHUNK, None)  # is a CHUNK allowed at all?
                     self._compact()
                     return None
                 (stream_id,) = _STREAM_ID.unpack_from(buf, pos + HEADER_SIZE)
-            limit = self._admit(FrameType(ftype), stream_id)
+            limit = self._admit(frame_type, stream_id)
             if length > limit:
                 raise RemoteProtocolError(
-                    f"{FrameType(ftype).name} frame of {length} bytes exceeds the limit of "
+                    f"{frame_type.name} frame of {length} bytes exceeds the limit of "
                     f"{limit} for its type",
                     ErrorCode.FRAME_TOO_LARGE,
-                    "chunk_too_long" if ftype == FrameType.CHUNK else "control_frame_too_large",
+                    "chunk_too_long"
+                    if frame_type is FrameType.CHUNK
+                    else "control_frame_too_large",
                 )
             self._admitted = pos
         if len(buf) < end:
             self._compact()
             return None
-        with memoryview(buf) as view:  # one copy, not a bytearray slice and then bytes
-            payload = bytes(view[pos + HEADER_SIZE : end])
+        # A slice and bytes(): two copies of a few hundred bytes cost less than
+        # a memoryview's creation and release (measured: 0.4 against 0.9 µs).
+        payload = bytes(buf[pos + HEADER_SIZE : end])
         self._pos = end
         self._admitted = -1
         self.frames += 1
@@ -465,6 +473,55 @@ class FrameDecoder:
             buf.clear()
             self._pos = 0
         return frame_type, payload
+
+    def next_chunks(
+        self, max_payload: Mapping[int, int], frame_bytes: Mapping[int, int], limit: int
+    ) -> list[ReceivedChunk]:
+        """Up to ``limit`` complete CHUNK frames in a row from the buffer, each as
+        ``(stream id, seq, captured_ns, audio)``: the receiving hot path, one
+        unpack (header and chunk head together) and one copy per frame, no event.
+
+        Takes only the frames ``next_frame`` and the connection's checks accept
+        as they are: a CHUNK of a declared stream (``max_payload``: stream id ->
+        the most payload bytes its CHUNKs may have) within that limit, its
+        audio a whole, non-zero number of frames (``frame_bytes``: stream id ->
+        bytes per frame). The first frame that is anything else (another type,
+        incomplete, malformed) ends the run and stays buffered for
+        ``next_frame``, which returns or refuses it as usual. Never raises.
+        """
+        buf = self._buf
+        pos = self._pos
+        size = len(buf)
+        chunks: list[ReceivedChunk] = []
+        chunk_type = FrameType.CHUNK
+        view = memoryview(buf)  # one per run: tobytes() per frame is then one copy
+        while len(chunks) < limit and size - pos >= CHUNK_START:
+            magic, version, ftype, length, stream_id, seq, captured_ns = (
+                _FULL_HEADER_CHUNK.unpack_from(buf, pos)
+            )
+            end = pos + HEADER_SIZE + length
+            audio = length - CHUNK_HEAD.size
+            if (
+                end > size
+                or ftype != chunk_type
+                or magic != MAGIC
+                or version != PROTOCOL_VERSION
+                or length > max_payload.get(stream_id, -1)
+                or audio <= 0
+                or audio % frame_bytes[stream_id]
+            ):
+                break
+            chunks.append((stream_id, seq, captured_ns, view[pos + CHUNK_START : end].tobytes()))
+            pos = end
+        view.release()  # before the buffer may be resized
+        if chunks:
+            self.frames += len(chunks)
+            self._admitted = -1
+            if pos == size:
+                buf.clear()
+                pos = 0
+            self._pos = pos
+        return chunks
 
     def _compact(self) -> None:
         if self._pos:

@@ -176,8 +176,9 @@ async def _read_events(session: Session) -> None:
 
     Every event of one read is handled before the next read, without an await
     per event, and a publisher's chunks (nearly every event) go to
-    ``PublisherSession.on_chunk`` directly. Every ``FAIR_SHARE`` events it
-    yields to the other sessions."""
+    ``PublisherSession.on_chunk`` directly, runs of them decoded together
+    (``Channel.poll_chunks``). Every ``FAIR_SHARE`` events it yields to the
+    other sessions."""
     channel = session.channel
     clock = session.relay.clock
     on_chunk = session.on_chunk if isinstance(session, PublisherSession) else None
@@ -196,6 +197,12 @@ async def _read_events(session: Session) -> None:
             else:
                 await session.handle(event)
             handled += 1
+            if on_chunk is not None and handled % FAIR_SHARE:
+                # The CHUNKs right behind it, within this turn's fair share,
+                # decoded as a run (Channel.poll_chunks), not one event each.
+                for fields in channel.poll_chunks(FAIR_SHARE - handled % FAIR_SHARE):
+                    on_chunk(ChunkData(*fields))
+                    handled += 1
             if handled % FAIR_SHARE == 0:
                 # A client whose frames arrive faster than we handle them would
                 # keep the loop to itself for a whole read (thousands of frames):
