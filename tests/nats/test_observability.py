@@ -11,6 +11,8 @@ processor's consumer has pending.
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 import math
 import time
@@ -22,7 +24,9 @@ from nats_harness import NatsServer, free_port
 
 from _support import require_binary, wait_until_sync
 from observability.dashboards import NATS_ROW, load_dashboards, panel_queries, substitute
+from observability.render import render_dashboard
 from observability.stack import Prometheus, Stack, finite, http_get, scrape
+from observability.support import OUTPUT_DIR
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.timeout(120)]
 
@@ -143,4 +147,20 @@ def test_nats_row_has_data_and_the_lag_is_the_servers(nats_stack: NatsStack) -> 
         if not any(math.isfinite(float(v)) for r in rows for _, v in r["values"]):
             empty.append(f"{query.label()}: {expr}")
     assert empty == []
-    assert finite(prom.query('audiosockets_queue_depth_chunks{job="processor"}'))
+    draw_row_opened(prom, at)
+
+
+def draw_row_opened(prom: Prometheus, at: float) -> None:
+    """tests/_output/nats-jetstream.png: the row as an operator sees it opened."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    dashboard = load_dashboards()["processors.json"]
+    (row,) = [p for p in dashboard["panels"] if p["title"] == NATS_ROW]
+    top = min(p["gridPos"]["y"] for p in row["panels"])
+    panels = copy.deepcopy(row["panels"])
+    for panel in panels:
+        panel["gridPos"]["y"] -= top
+    opened = {"title": f"{dashboard['title']} / {NATS_ROW}", "panels": panels}
+    render_dashboard(
+        prom, opened, prom.started_at, at, OUTPUT_DIR / "nats-jetstream.png", VARIABLES
+    )
