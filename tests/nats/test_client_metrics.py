@@ -90,5 +90,10 @@ async def test_lag_gauge_is_the_servers_num_pending_per_stream(nats_server: Nats
                 said = await server_says()
             assert {k: gauge(k) for k in said} == said
             assert all(0 < v < CHUNKS + 1 for v in said.values()), said
+            # A stream this member no longer reads (moved to another member)
+            # loses its series; the other keeps it.
+            await sub.stop_reader("lag-a")
+            await wait_until(lambda: gauge("lag-a") is None, timeout=5, what="lag-a removed")
+            assert gauge("lag-b") == said["lag-b"]
     finally:
         await client.close()
