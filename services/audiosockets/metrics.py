@@ -469,6 +469,25 @@ class Metrics:
             registry=r,
         )
 
+        # The JetStream binding (jetstream/) only: no series on the relay binding.
+        self.jetstream_pending = Gauge(
+            "audiosockets_jetstream_consumer_pending_chunks",
+            "Messages JetStream holds for this subscriber's consumer and has not delivered "
+            "yet (consumer info num_pending: chunks, and an ended stream's end marker), "
+            "refreshed every lag_interval seconds; per stream, or per pattern for a "
+            "fan-out subscriber whose pattern is a glob (one consumer reads them all).",
+            ["stream"],
+            registry=r,
+        )
+        # Observed once per chunk by the JetStream publisher: lock-free.
+        self.jetstream_ack_latency = LiveHistogram(
+            "audiosockets_jetstream_publish_ack_latency_seconds",
+            "Time from publishing a chunk to JetStream's acknowledgement (PubAck), by stream.",
+            ["stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
     # Label children are created on first use of a stream so the zero shows
     # up in the first scrape after the stream appears.
     def declare_stream(self, stream: str, reasons: Iterable[str] = DROP_REASONS) -> None:

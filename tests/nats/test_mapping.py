@@ -105,6 +105,8 @@ def test_nats_urls() -> None:
         "nats://h?replicas=x",
         "nats://h?stream=a.b",
         "nats://h?max_age=0",
+        "nats://h?lag_interval=-1",
+        "nats://h?lag_interval=x",
         "nats://h?bogus=1",
         "nats://h?stream=A&stream=B",
         "ws://h:1",

@@ -78,6 +78,7 @@ class PanelQuery:
     ref_id: str
     expr: str
     legend: str
+    row: str = ""  # the title of the collapsed row holding the panel ("": none)
 
     def label(self) -> str:
         return f"{self.dashboard} / {self.panel} [{self.ref_id}]"
@@ -107,6 +108,17 @@ def iter_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from panel.get("panels", [])
 
 
+#: The collapsed row of panels that only a site on NATS JetStream fills.
+NATS_ROW = "NATS JetStream"
+
+
+def _panels_with_rows(dashboard: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for panel in dashboard.get("panels", []):
+        yield "", panel
+        for inner in panel.get("panels", []):
+            yield str(panel.get("title", "?")), inner
+
+
 def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
     return [
         PanelQuery(
@@ -116,8 +128,9 @@ def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
             ref_id=str(target.get("refId", "?")),
             expr=str(target.get("expr", "")),
             legend=str(target.get("legendFormat", "")),
+            row=row,
         )
-        for panel in iter_panels(dashboard)
+        for row, panel in _panels_with_rows(dashboard)
         for target in panel.get("targets", [])
         if not target.get("hide", False)
     ]

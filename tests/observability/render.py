@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .dashboards import iter_panels, substitute
+from .dashboards import substitute
 from .stack import Prometheus
 
 GRAFANA_COLORS = {
@@ -206,7 +206,8 @@ def render_dashboard(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(iter_panels(dashboard))
+    # What Grafana shows on opening: a collapsed row is its title bar alone.
+    panels = list(dashboard["panels"])
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
     height = rows * GRID_ROW_INCHES + 0.6
     fig = plt.figure(figsize=(WIDTH_INCHES, height), facecolor=BACKGROUND)
@@ -224,6 +225,9 @@ def render_dashboard(
         width = grid["w"] / 24 - pad_x * (1.1 if panel["type"] == "timeseries" else 0.4)
         bottom = top * (1 - (grid["y"] + grid["h"]) / rows) + pad_y
         ax_height = top * grid["h"] / rows - pad_y * 1.6
+        if panel["type"] == "row":  # one grid row: a title bar, no axes
+            fig.text(left, bottom + ax_height / 2, f"> {panel['title']}", color=TEXT, fontsize=10)
+            continue
         ax = fig.add_axes((left, bottom, width, ax_height))
         _style(ax, panel["title"])
         if panel["type"] == "timeseries":

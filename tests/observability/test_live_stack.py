@@ -42,7 +42,7 @@ import pytest
 
 from _support import wait_until_sync
 
-from .dashboards import iter_panels, load_dashboards, panel_queries, substitute
+from .dashboards import NATS_ROW, iter_panels, load_dashboards, panel_queries, substitute
 from .render import render_dashboard
 from .stack import Prometheus, Service, Stack, finite, scrape
 from .support import OUTPUT_DIR, require_binary, require_module
@@ -411,8 +411,12 @@ def panel_values(live: Live, dashboard: str, title: str, at: float) -> list[dict
     return rows
 
 
+# The NATS JetStream row stays empty on the relay binding; test_nats_stack.py fills it.
 ALL_QUERIES = [
-    query for dashboard in load_dashboards().values() for query in panel_queries(dashboard)
+    query
+    for dashboard in load_dashboards().values()
+    for query in panel_queries(dashboard)
+    if query.row != NATS_ROW
 ]
 
 

@@ -5,7 +5,8 @@ Same public API and guarantees as ``audiosockets.client`` (ARCHITECTURE.md,
 Needs the ``nats`` extra (nats-py). Modules: ``mapping`` (pure: subjects,
 headers, settings), ``connection`` (the reconnecting link), ``publisher``,
 ``reader`` (one disposable pull consumer), ``subscriber``, ``groups``
-(membership and assignment in key-value buckets), ``admin`` (init, status).
+(membership and assignment in key-value buckets), ``admin`` (init, status),
+``lag`` (each consumer's ``num_pending``, polled off the hot path).
 """
 
 from __future__ import annotations

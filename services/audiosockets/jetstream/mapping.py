@@ -225,6 +225,8 @@ class NatsSettings:
     JetStream domain to use (a leaf node's or the hub's). ``create``: create the
     stream with these settings when it is missing. ``ca``: a PEM file of CA
     certificates to verify ``nats+tls://`` servers with (default: the system's).
+    ``lag_interval``: seconds between a subscriber's consumer-info requests (one
+    per consumer) for ``audiosockets_jetstream_consumer_pending_chunks``; 0: none.
     """
 
     stream: str = "AUDIOSOCKETS"
@@ -236,6 +238,7 @@ class NatsSettings:
     domain: str | None = None
     create: bool = True
     ca: str | None = None
+    lag_interval: float = 5.0
 
     def __post_init__(self) -> None:
         if not _STREAM_NAME.fullmatch(self.stream):
@@ -250,13 +253,18 @@ class NatsSettings:
             )
         if not self.duplicate_window > 0:
             raise ConfigError("NATS duplicate_window must be positive")
+        if not (self.lag_interval >= 0 and math.isfinite(self.lag_interval)):
+            raise ConfigError(
+                f"NATS lag_interval must be 0 (off) or seconds, not {self.lag_interval}"
+            )
         if self.storage not in ("file", "memory"):
             raise ConfigError(f"NATS storage must be file or memory, not {self.storage!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> NatsSettings:
         """From a URL query: ``stream``, ``prefix``, ``replicas``, ``max_age``,
-        ``duplicate_window``, ``storage``, ``domain``, ``create`` (0/1), ``ca``."""
+        ``duplicate_window``, ``storage``, ``domain``, ``create`` (0/1), ``ca``,
+        ``lag_interval``."""
         known = {
             "stream",
             "prefix",
@@ -267,6 +275,7 @@ class NatsSettings:
             "domain",
             "create",
             "ca",
+            "lag_interval",
         }
         unknown = sorted(set(options) - known)
         if unknown:
@@ -278,7 +287,7 @@ class NatsSettings:
             for key, value in options.items():
                 if key in ("replicas",):
                     kwargs[key] = int(value)
-                elif key in ("max_age", "duplicate_window"):
+                elif key in ("max_age", "duplicate_window", "lag_interval"):
                     kwargs[key] = float(value)
                 elif key == "create":
                     if value not in ("0", "1", "true", "false"):

@@ -9,6 +9,10 @@ Where the state lives:
   server's PubAck before the next one: JetStream stores a stream's chunks in
   seq order even when a publish fails half way (a cluster electing a leader),
   which pipelining could not promise. Streams publish concurrently.
+- ``audiosockets_jetstream_publish_ack_latency_seconds{stream}``: each
+  successful publish, from the call to its PubAck. The chunks not acknowledged
+  yet are the spool, ``audiosockets_queue_depth_chunks{stream}`` (at most one of
+  them in flight per stream).
 - every chunk carries ``Nats-Msg-Id`` = (publisher identity, stream, seq); the
   identity is random per ``JetStreamPublisher`` and kept across reconnects, so a
   re-send whose first PubAck was lost is stored once (the server's duplicate
@@ -89,6 +93,7 @@ class JetStreamStream:
         self._bytes = m.bytes_sent.labels(name)
         self._dropped = m.chunks_dropped.labels(name, "spool_full")
         self._depth = m.queue_depth.labels(name)
+        self._ack_latency = m.jetstream_ack_latency.labels(name)
 
     @property
     def unsent(self) -> int:
@@ -379,6 +384,7 @@ class JetStreamPublisher:
                     await self._sync(stream)
                 entry = stream.history[0]
                 stream._inflight = entry.seq
+                sent_at = time.perf_counter()
                 try:
                     ack = await js.publish(
                         stream.subject,
@@ -421,6 +427,7 @@ class JetStreamPublisher:
                 await asyncio.sleep(delay)
                 delay = min(self.retry.cap, delay * 2)
                 continue
+            stream._ack_latency.observe(time.perf_counter() - sent_at)
             delay = self.retry.initial
             if ack.duplicate:
                 log.debug("stream %r seq %d was already stored", stream.name, entry.seq)

@@ -74,6 +74,11 @@ class Reader:
         self._consumer: str | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def consumer(self) -> str | None:
+        """The name of the consumer reading now (None while one is being created)."""
+        return self._consumer
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"read {self.filter_subject}")
 

@@ -10,6 +10,8 @@ Where the state lives:
   seq handed to the application), ``acked`` (last seq the application finished).
   The bounded hand-off queue survives everything; a chunk at or below
   ``received`` is a duplicate (suppressed, counted), a jump is a gap (counted).
+- what JetStream still holds for each reader: lag.py's task, every
+  ``lag_interval`` seconds (``audiosockets_jetstream_consumer_pending_chunks``).
 
 Invariants: the application's pace is the pull's pace (a full queue stops the
 reader, JetStream keeps the rest: no loss, no unbounded buffer); a message that
@@ -36,6 +38,7 @@ from ..errors import Refused, RemoteProtocolError
 from ..metrics import Metrics
 from ..urls import NatsAddress
 from .connection import NatsLink, address_of, settings_of
+from .lag import start_watching, stop_watching
 from .mapping import ChunkMessage, NatsSettings, decode_message, pattern_subject
 from .reader import Reader
 
@@ -166,6 +169,7 @@ class JetStreamSubscriber:
         await self.link.close()
 
     async def _run(self) -> None:
+        lag: asyncio.Task[None] | None = None
         try:
             await self.link.connect()
             delay = self.retry.initial
@@ -179,6 +183,7 @@ class JetStreamSubscriber:
                     log.warning("subscriber %r: JetStream not ready: %s", self.name, exc)
                     await asyncio.sleep(delay)
                     delay = min(self.retry.cap, delay * 2)
+            lag = start_watching(self.link, self._readers, self.pattern, self.metrics)
             if self.group:
                 from .groups import GroupMember
 
@@ -193,6 +198,8 @@ class JetStreamSubscriber:
         except Exception as exc:
             self._fail(exc)
             raise
+        finally:
+            await stop_watching(lag)
 
     def _fail(self, exc: Exception) -> None:
         """End the subscription: the application's next chunk raises ``exc``."""
