@@ -4,6 +4,7 @@ restarts, and bad input that must close one connection and nothing else."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 import struct
@@ -550,6 +551,27 @@ async def test_error_frame_in_reply_is_decodable(relay: Relay) -> None:
     event = client.next_event()
     assert isinstance(event, ErrorFrame)
     assert "magic" in event.message
+
+
+async def test_a_long_goodbye_message_is_clipped_in_the_log(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GOODBYE's message is free text up to 64 KiB: one frame per connection must
+    not write that much into the relay's log."""
+    port = relay.address.port  # type: ignore[union-attr]
+    goodbye = frame(FrameType.GOODBYE, struct.pack(">HH", 0, 60_000) + b"y" * 60_000)
+
+    def farewell() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(hello_bytes(Role.OBSERVER) + goodbye)
+            read_reply(sock)
+
+    with caplog.at_level(logging.INFO, logger="audiosockets.relay"):
+        await asyncio.to_thread(farewell)
+        await wait_until(lambda: any("said goodbye" in r.getMessage() for r in caplog.records))
+    line = next(r.getMessage() for r in caplog.records if "said goodbye" in r.getMessage())
+    assert len(line) < 400, f"{len(line)} characters logged for one GOODBYE"
+    assert "59800 more characters" in line
 
 
 @pytest.mark.parametrize("relay_config", [RelayConfig(port=0, replay_seconds=1.0)])

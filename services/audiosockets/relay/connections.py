@@ -19,6 +19,7 @@ from ..credentials import Identity, Refusal, may_open
 from ..errors import ConnectionClosed, ErrorCode, RelayRefused, RemoteProtocolError
 from ..protocol import ChunkData, Connection, ErrorFrame, Event, Goodbye, Hello, Welcome
 from ..transport import Channel, WriteBufferFull, tune_socket
+from ..untrusted import clip
 from .access import RequestRefused, source_address, token_digest
 from .sessions import SESSION_TYPES, PublisherSession, Session, SubscriberSession
 
@@ -186,7 +187,9 @@ async def _read_events(session: Session) -> None:
         event: Event | None = await channel.next_event()
         while event is not None:
             if isinstance(event, _FAREWELL):
-                log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
+                log.info(
+                    "%s %r said goodbye: %s", session.role.label, session.name, clip(event.message)
+                )
                 if isinstance(session, SubscriberSession) and session.writer is not None:
                     session.writer.cancel()
                 return
