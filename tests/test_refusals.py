@@ -419,6 +419,22 @@ async def test_process_with_a_wrong_token_exits_1_at_once(relay: Relay) -> None:
 @pytest.mark.parametrize(
     "relay_config", [RelayConfig(host="127.0.0.1", port=0, token="right-token")]
 )
+async def test_loadtest_with_a_wrong_token_exits_1_with_one_line(relay: Relay) -> None:
+    """It printed a child process's traceback and "Aborted!"."""
+    code, err = await finish(
+        spawn_status(
+            "--relay", relay.url, "--token", "wrong", "--streams", "1", "--subscribers", "1",
+            "--duration", "1", command="loadtest",
+        ),
+        timeout=30,
+    )  # fmt: skip
+    assert code == 1
+    assert "refused the session: bad token" in error_line(err)
+
+
+@pytest.mark.parametrize(
+    "relay_config", [RelayConfig(host="127.0.0.1", port=0, token="right-token")]
+)
 async def test_status_with_a_wrong_or_overlong_token_is_one_line(relay: Relay) -> None:
     code, err = await finish(spawn_status("--relay", relay.url, "--token", "wrong"))
     assert code == 1
@@ -428,9 +444,9 @@ async def test_status_with_a_wrong_or_overlong_token_is_one_line(relay: Relay) -
     assert "--token" in error_line(err)
 
 
-def spawn_status(*args: str) -> subprocess.Popen[bytes]:
+def spawn_status(*args: str, command: str = "status") -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "audiosockets", "status", *args],
+        [sys.executable, "-m", "audiosockets", command, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from .. import loops
+from ..errors import AudiosocketsError, Refused
 
 if TYPE_CHECKING:
     from . import LoadTestConfig
@@ -24,8 +25,14 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return loops.run(coro, "auto")
+def _run(coro: Coroutine[Any, Any, T], pipe: Pipe) -> T | None:
+    """Run a child's ``main``; a refusal or other error of ours goes to the parent as
+    one sentence (``{"error", "refused"}``) instead of a traceback."""
+    try:
+        return loops.run(coro, "auto")
+    except AudiosocketsError as err:
+        pipe.send({"error": str(err), "refused": isinstance(err, Refused)})
+        return None
 
 
 # --- child: relay -----------------------------------------------------------
@@ -74,7 +81,7 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
             }
         )
 
-    _run(main())
+    _run(main(), pipe)
 
 
 # --- child: publishers ------------------------------------------------------
@@ -153,7 +160,7 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
         await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # "stop"
         await asyncio.gather(*(p.close(1) for p in pubs))
 
-    _run(main())
+    _run(main(), pipe)
 
 
 # --- child: subscribers -----------------------------------------------------
@@ -267,7 +274,7 @@ def subscriber_process(
         for s in subs:
             await s.close()
 
-    _run(main())
+    _run(main(), pipe)
 
 
 def raw_subscriber_process(
@@ -396,4 +403,4 @@ def raw_subscriber_process(
         last_rx = max(st["last_rx"] for st in stats)
         pipe.send({"subs": per_sub, "out_of_order": 0, "latency_ns": lat, "last_rx_ns": last_rx})
 
-    _run(main())
+    _run(main(), pipe)
