@@ -20,6 +20,7 @@ import pytest
 from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import PublishedStream, Publisher, RetryPolicy, Subscriber
+from audiosockets.connect import fetch_status
 from audiosockets.errors import ErrorCode
 from audiosockets.metrics import Metrics
 from audiosockets.protocol import (
@@ -402,6 +403,21 @@ async def test_relay_exits_zero_on_sigterm() -> None:
     proc = await asyncio.to_thread(spawn_relay, free_port())
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 10) == 0
+
+
+async def test_sighup_without_credentials_leaves_the_relay_running() -> None:
+    """SIGHUP's default action killed a relay run without --credentials (exit 129),
+    every stream with it, for a habitual `kill -HUP` (logrotate, the README's reload)."""
+    port = free_port()
+    proc = await asyncio.to_thread(spawn_relay, port)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        report = await fetch_status(f"tcp://127.0.0.1:{port}")
+        assert report["server"] == "audiosockets-relay"
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 0
 
 
 # --- bad input --------------------------------------------------------------
