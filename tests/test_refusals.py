@@ -419,14 +419,16 @@ async def test_process_with_a_wrong_token_exits_1_at_once(relay: Relay) -> None:
 @pytest.mark.parametrize(
     "relay_config", [RelayConfig(host="127.0.0.1", port=0, token="right-token")]
 )
-async def test_loadtest_with_a_wrong_token_exits_1_with_one_line(relay: Relay) -> None:
-    """It printed a child process's traceback and "Aborted!"."""
+@pytest.mark.parametrize("client", ["library", "raw"])
+async def test_loadtest_with_a_wrong_token_exits_1_with_one_line(relay: Relay, client: str) -> None:
+    """It printed a child process's traceback and "Aborted!" (library), or waited 30 s
+    and exited 2 with "the subscribers did not answer" (raw)."""
     code, err = await finish(
         spawn_status(
-            "--relay", relay.url, "--token", "wrong", "--streams", "1", "--subscribers", "1",
-            "--duration", "1", command="loadtest",
+            "--relay", relay.url, "--token", "wrong", "--streams", "1", "--subscribers", "2",
+            "--duration", "1", "--client", client, command="loadtest",
         ),
-        timeout=30,
+        timeout=20,
     )  # fmt: skip
     assert code == 1
     assert "refused the session: bad token" in error_line(err)

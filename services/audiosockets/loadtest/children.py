@@ -285,10 +285,12 @@ def raw_subscriber_process(
     The handshake goes through the sans-I/O ``Connection``; after that each
     CHUNK costs one header unpack. Latency is sampled on every 8th chunk.
     """
+    from ..errors import RelayRefused
     from ..protocol import (
         CHUNK_HEAD,
         HEADER,
         Connection,
+        ErrorFrame,
         FrameType,
         Hello,
         Limits,
@@ -313,12 +315,17 @@ def raw_subscriber_process(
         )
         conn = Connection("client")
         writer.write(conn.send(Hello(Role.SUBSCRIBER, name, cfg.token)))
-        while conn.welcome is None:
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("relay closed during the handshake")
-            conn.receive_data(data)
-            conn.next_event()
+        try:
+            while conn.welcome is None:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError("relay closed during the handshake")
+                conn.receive_data(data)
+                event = conn.next_event()
+                if isinstance(event, ErrorFrame):
+                    raise RelayRefused(f"relay {url} refused the session: {event.message}")
+        finally:
+            ready.set()  # main() then finds this task failed instead of waiting
         group = cfg.group
         writer.write(conn.send(Subscribe("load-*", group, StartPosition.EARLIEST)))
         ready.set()
@@ -373,6 +380,12 @@ def raw_subscriber_process(
             for n, st, r in zip(names, stats, readies, strict=True)
         ]
         await asyncio.gather(*(r.wait() for r in readies))
+        # Every failure is retrieved (no "exception never retrieved" traceback); the
+        # first is the answer.
+        failures = [t.exception() for t in tasks if t.done() and not t.cancelled()]
+        for failure in failures:
+            if failure is not None:
+                raise failure
         pipe.send("ready")
         loop = asyncio.get_running_loop()
         final: dict[str, int] = await loop.run_in_executor(None, pipe.recv)
