@@ -289,6 +289,15 @@ async def test_process_names_over_the_wire_limit_exit_2() -> None:
     assert "--group" in error_line(err)
 
 
+async def test_process_with_an_empty_stream_pattern_exits_2() -> None:
+    """An empty --stream (e.g. an empty AUDIOSOCKETS_PROCESS_STREAM) reconnected forever,
+    a traceback every attempt ("subscription pattern must not be empty")."""
+    process = spawn("process", "--relay", "tcp://127.0.0.1:9", "--handler", "level", "--stream=")
+    code, err = await finish(process)
+    assert code == 2
+    assert "--stream must not be empty" in error_line(err)
+
+
 @pytest.mark.parametrize(
     "relay_config", [RelayConfig(host="127.0.0.1", port=0, token="right-token")]
 )
