@@ -188,6 +188,30 @@ async def test_another_publisher_run_is_refused_while_the_holder_is_connected(
     await pub2.close(1.0)
 
 
+async def test_claims_on_a_held_stream_are_counted_and_logged_at_a_rate_limit(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refused claim was a WARNING line and counted nowhere: a hijacker
+    retrying in a loop flooded the log and left no trace in the metrics."""
+    address = parse_url(relay.url)
+    holder = await connect(address, Hello(Role.PUBLISHER, "rec-a", "", 1))
+    holder.send(OpenStream(1, "held-2", FMT))
+    assert isinstance(await holder.next_event(), StreamAccepted)
+    caplog.set_level(logging.INFO, logger="audiosockets.relay")
+    for attempt in range(5):
+        claimant = await connect(address, Hello(Role.PUBLISHER, "rec-a", "", 100 + attempt))
+        claimant.send(OpenStream(1, "held-2", FMT))
+        refusal = await claimant.next_event()
+        assert isinstance(refusal, ErrorFrame)
+        assert refusal.code is ErrorCode.STREAM_IN_USE
+        claimant.abort()
+    refused = value(relay.metrics, "audiosockets_refusals_total", reason="stream_owned")
+    assert refused == 5
+    lines = [r for r in caplog.records if "already published by" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    holder.abort()
+
+
 async def test_a_restarted_publishers_first_chunks_are_not_taken_as_duplicates(
     relay: Relay,
 ) -> None:

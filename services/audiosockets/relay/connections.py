@@ -122,8 +122,15 @@ async def serve_connection(
         else:
             relay.guard.counters.sessions_cut.labels("write_buffer_full").inc()
     except RelayRefused as exc:  # e.g. a stream another publisher holds
-        who = f"{session.role.label} {session.name!r}" if session else "client"
-        log.warning("refused %s from %s: %s", who, channel.peer, exc)
+        if exc.code == ErrorCode.STREAM_IN_USE:  # another run (or identity) owns it
+            relay.metrics.refusals.labels("stream_owned").inc()
+        # A client retrying a refused claim must not flood the log: one line per
+        # code per interval, the counter has every one.
+        now, held = relay.refusals_logged.allow(f"refused_{exc.code.name.lower()}")
+        if now:
+            who = f"{session.role.label} {session.name!r}" if session else "client"
+            more = f" ({held} more like it since the last line)" if held else ""
+            log.warning("refused %s from %s: %s%s", who, channel.peer, exc, more)
         await channel.close(ErrorFrame(exc.code, str(exc)))
     except ConnectionClosed as exc:
         if session is not None:
