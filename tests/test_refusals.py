@@ -188,6 +188,30 @@ async def test_another_publisher_run_is_refused_while_the_holder_is_connected(
     await pub2.close(1.0)
 
 
+async def test_claims_on_a_held_stream_are_counted_and_logged_at_a_rate_limit(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refused claim was a WARNING line and counted nowhere: a hijacker
+    retrying in a loop flooded the log and left no trace in the metrics."""
+    address = parse_url(relay.url)
+    holder = await connect(address, Hello(Role.PUBLISHER, "rec-a", "", 1))
+    holder.send(OpenStream(1, "held-2", FMT))
+    assert isinstance(await holder.next_event(), StreamAccepted)
+    caplog.set_level(logging.INFO, logger="audiosockets.relay")
+    for attempt in range(5):
+        claimant = await connect(address, Hello(Role.PUBLISHER, "rec-a", "", 100 + attempt))
+        claimant.send(OpenStream(1, "held-2", FMT))
+        refusal = await claimant.next_event()
+        assert isinstance(refusal, ErrorFrame)
+        assert refusal.code is ErrorCode.STREAM_IN_USE
+        claimant.abort()
+    refused = value(relay.metrics, "audiosockets_refusals_total", reason="stream_owned")
+    assert refused == 5
+    lines = [r for r in caplog.records if "already published by" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    holder.abort()
+
+
 async def test_a_restarted_publishers_first_chunks_are_not_taken_as_duplicates(
     relay: Relay,
 ) -> None:
@@ -287,6 +311,15 @@ async def test_process_names_over_the_wire_limit_exit_2() -> None:
     code, err = await finish(process)
     assert code == 2
     assert "--group" in error_line(err)
+
+
+async def test_process_with_an_empty_stream_pattern_exits_2() -> None:
+    """An empty --stream (e.g. an empty AUDIOSOCKETS_PROCESS_STREAM) reconnected forever,
+    a traceback every attempt ("subscription pattern must not be empty")."""
+    process = spawn("process", "--relay", "tcp://127.0.0.1:9", "--handler", "level", "--stream=")
+    code, err = await finish(process)
+    assert code == 2
+    assert "--stream must not be empty" in error_line(err)
 
 
 @pytest.mark.parametrize(
@@ -419,6 +452,24 @@ async def test_process_with_a_wrong_token_exits_1_at_once(relay: Relay) -> None:
 @pytest.mark.parametrize(
     "relay_config", [RelayConfig(host="127.0.0.1", port=0, token="right-token")]
 )
+@pytest.mark.parametrize("client", ["library", "raw"])
+async def test_loadtest_with_a_wrong_token_exits_1_with_one_line(relay: Relay, client: str) -> None:
+    """It printed a child process's traceback and "Aborted!" (library), or waited 30 s
+    and exited 2 with "the subscribers did not answer" (raw)."""
+    code, err = await finish(
+        spawn_status(
+            "--relay", relay.url, "--token", "wrong", "--streams", "1", "--subscribers", "2",
+            "--duration", "1", "--client", client, command="loadtest",
+        ),
+        timeout=20,
+    )  # fmt: skip
+    assert code == 1
+    assert "refused the session: bad token" in error_line(err)
+
+
+@pytest.mark.parametrize(
+    "relay_config", [RelayConfig(host="127.0.0.1", port=0, token="right-token")]
+)
 async def test_status_with_a_wrong_or_overlong_token_is_one_line(relay: Relay) -> None:
     code, err = await finish(spawn_status("--relay", relay.url, "--token", "wrong"))
     assert code == 1
@@ -428,9 +479,9 @@ async def test_status_with_a_wrong_or_overlong_token_is_one_line(relay: Relay) -
     assert "--token" in error_line(err)
 
 
-def spawn_status(*args: str) -> subprocess.Popen[bytes]:
+def spawn_status(*args: str, command: str = "status") -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "audiosockets", "status", *args],
+        [sys.executable, "-m", "audiosockets", command, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

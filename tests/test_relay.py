@@ -20,6 +20,7 @@ import pytest
 from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import PublishedStream, Publisher, RetryPolicy, Subscriber
+from audiosockets.connect import fetch_status
 from audiosockets.errors import ErrorCode
 from audiosockets.metrics import Metrics
 from audiosockets.protocol import (
@@ -404,6 +405,21 @@ async def test_relay_exits_zero_on_sigterm() -> None:
     assert await asyncio.to_thread(proc.wait, 10) == 0
 
 
+async def test_sighup_without_credentials_leaves_the_relay_running() -> None:
+    """SIGHUP's default action killed a relay run without --credentials (exit 129),
+    every stream with it, for a habitual `kill -HUP` (logrotate, the README's reload)."""
+    port = free_port()
+    proc = await asyncio.to_thread(spawn_relay, port)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        report = await fetch_status(f"tcp://127.0.0.1:{port}")
+        assert report["server"] == "audiosockets-relay"
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+
+
 # --- bad input --------------------------------------------------------------
 
 
@@ -551,6 +567,27 @@ async def test_error_frame_in_reply_is_decodable(relay: Relay) -> None:
     event = client.next_event()
     assert isinstance(event, ErrorFrame)
     assert "magic" in event.message
+
+
+async def test_a_long_goodbye_message_is_clipped_in_the_log(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GOODBYE's message is free text up to 64 KiB: one frame per connection must
+    not write that much into the relay's log."""
+    port = relay.address.port  # type: ignore[union-attr]
+    goodbye = frame(FrameType.GOODBYE, struct.pack(">HH", 0, 60_000) + b"y" * 60_000)
+
+    def farewell() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(hello_bytes(Role.OBSERVER) + goodbye)
+            read_reply(sock)
+
+    with caplog.at_level(logging.INFO, logger="audiosockets.relay"):
+        await asyncio.to_thread(farewell)
+        await wait_until(lambda: any("said goodbye" in r.getMessage() for r in caplog.records))
+    line = next(r.getMessage() for r in caplog.records if "said goodbye" in r.getMessage())
+    assert len(line) < 400, f"{len(line)} characters logged for one GOODBYE"
+    assert "59800 more characters" in line
 
 
 @pytest.mark.parametrize("relay_config", [RelayConfig(port=0, replay_seconds=1.0)])

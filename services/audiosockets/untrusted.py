@@ -43,6 +43,20 @@ def escape(text: str) -> str:
     return "".join(out)
 
 
+#: Characters of a peer's free text (a GOODBYE or ERROR message) a log line keeps.
+CLIP_CHARS = 200
+
+
+def clip(text: str, limit: int = CLIP_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how many were left out.
+
+    For free text a peer chose (up to 64 KiB on the wire), so one frame cannot
+    write that much into a log line."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def escape_all(value: Any) -> Any:
     """``value`` (a JSON-like tree: dicts, lists, strings, numbers) with every string
     and dict key ``escape``d; for a report that came from the network."""

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import ConfigError, GateFailed
+from ..errors import AudiosocketsError, ConfigError, GateFailed, Refused
 from .children import (
     publisher_process,
     raw_subscriber_process,
@@ -134,9 +134,12 @@ def _spawn(ctx: Any, target: Callable[..., None], *args: Any) -> tuple[Any, Pipe
 def _expect(pipe: Pipe, what: str, timeout: float = 30.0) -> Any:
     if not pipe.poll(timeout):
         raise ConfigError(f"load test: {what} did not answer within {timeout:g} s")
-    msg = pipe.recv()
+    try:
+        msg = pipe.recv()
+    except EOFError:
+        raise AudiosocketsError(f"load test: {what} exited without an answer") from None
     if isinstance(msg, dict) and "error" in msg:
-        raise ConfigError(f"load test: {msg['error']}")
+        raise (Refused if msg.get("refused") else ConfigError)(f"load test: {msg['error']}")
     return msg
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from .. import loops
+from ..errors import AudiosocketsError, Refused
 
 if TYPE_CHECKING:
     from . import LoadTestConfig
@@ -24,8 +25,14 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return loops.run(coro, "auto")
+def _run(coro: Coroutine[Any, Any, T], pipe: Pipe) -> T | None:
+    """Run a child's ``main``; a refusal or other error of ours goes to the parent as
+    one sentence (``{"error", "refused"}``) instead of a traceback."""
+    try:
+        return loops.run(coro, "auto")
+    except AudiosocketsError as err:
+        pipe.send({"error": str(err), "refused": isinstance(err, Refused)})
+        return None
 
 
 # --- child: relay -----------------------------------------------------------
@@ -74,7 +81,7 @@ def relay_process(pipe: Pipe, replay_seconds: float, queue_seconds: float) -> No
             }
         )
 
-    _run(main())
+    _run(main(), pipe)
 
 
 # --- child: publishers ------------------------------------------------------
@@ -153,7 +160,7 @@ def publisher_process(pipe: Pipe, url: str, cfg: LoadTestConfig) -> None:
         await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # "stop"
         await asyncio.gather(*(p.close(1) for p in pubs))
 
-    _run(main())
+    _run(main(), pipe)
 
 
 # --- child: subscribers -----------------------------------------------------
@@ -267,7 +274,7 @@ def subscriber_process(
         for s in subs:
             await s.close()
 
-    _run(main())
+    _run(main(), pipe)
 
 
 def raw_subscriber_process(
@@ -278,10 +285,12 @@ def raw_subscriber_process(
     The handshake goes through the sans-I/O ``Connection``; after that each
     CHUNK costs one header unpack. Latency is sampled on every 8th chunk.
     """
+    from ..errors import RelayRefused
     from ..protocol import (
         CHUNK_HEAD,
         HEADER,
         Connection,
+        ErrorFrame,
         FrameType,
         Hello,
         Limits,
@@ -306,12 +315,17 @@ def raw_subscriber_process(
         )
         conn = Connection("client")
         writer.write(conn.send(Hello(Role.SUBSCRIBER, name, cfg.token)))
-        while conn.welcome is None:
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("relay closed during the handshake")
-            conn.receive_data(data)
-            conn.next_event()
+        try:
+            while conn.welcome is None:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError("relay closed during the handshake")
+                conn.receive_data(data)
+                event = conn.next_event()
+                if isinstance(event, ErrorFrame):
+                    raise RelayRefused(f"relay {url} refused the session: {event.message}")
+        finally:
+            ready.set()  # main() then finds this task failed instead of waiting
         group = cfg.group
         writer.write(conn.send(Subscribe("load-*", group, StartPosition.EARLIEST)))
         ready.set()
@@ -366,6 +380,12 @@ def raw_subscriber_process(
             for n, st, r in zip(names, stats, readies, strict=True)
         ]
         await asyncio.gather(*(r.wait() for r in readies))
+        # Every failure is retrieved (no "exception never retrieved" traceback); the
+        # first is the answer.
+        failures = [t.exception() for t in tasks if t.done() and not t.cancelled()]
+        for failure in failures:
+            if failure is not None:
+                raise failure
         pipe.send("ready")
         loop = asyncio.get_running_loop()
         final: dict[str, int] = await loop.run_in_executor(None, pipe.recv)
@@ -396,4 +416,4 @@ def raw_subscriber_process(
         last_rx = max(st["last_rx"] for st in stats)
         pipe.send({"subs": per_sub, "out_of_order": 0, "latency_ns": lat, "last_rx_ns": last_rx})
 
-    _run(main())
+    _run(main(), pipe)

@@ -416,6 +416,8 @@ class ProcessorConfig:
             raise ConfigError(f"--max-open-segments must be >= 1, got {self.max_open_segments}")
         if self.exit_after < 0:
             raise ConfigError(f"--max-failures must be >= 0, got {self.exit_after}")
+        if not self.stream:
+            raise ConfigError("--stream must not be empty (a stream name or pattern: 'mic-*')")
         from ..client import check_wire_names
 
         check_wire_names(  # every name this processor sends: the relay would refuse it

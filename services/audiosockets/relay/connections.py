@@ -19,6 +19,7 @@ from ..credentials import Identity, Refusal, may_open
 from ..errors import ConnectionClosed, ErrorCode, RelayRefused, RemoteProtocolError
 from ..protocol import ChunkData, Connection, ErrorFrame, Event, Goodbye, Hello, Welcome
 from ..transport import Channel, WriteBufferFull, tune_socket
+from ..untrusted import clip
 from .access import RequestRefused, source_address, token_digest
 from .sessions import SESSION_TYPES, PublisherSession, Session, SubscriberSession
 
@@ -121,8 +122,15 @@ async def serve_connection(
         else:
             relay.guard.counters.sessions_cut.labels("write_buffer_full").inc()
     except RelayRefused as exc:  # e.g. a stream another publisher holds
-        who = f"{session.role.label} {session.name!r}" if session else "client"
-        log.warning("refused %s from %s: %s", who, channel.peer, exc)
+        if exc.code == ErrorCode.STREAM_IN_USE:  # another run (or identity) owns it
+            relay.metrics.refusals.labels("stream_owned").inc()
+        # A client retrying a refused claim must not flood the log: one line per
+        # code per interval, the counter has every one.
+        now, held = relay.refusals_logged.allow(f"refused_{exc.code.name.lower()}")
+        if now:
+            who = f"{session.role.label} {session.name!r}" if session else "client"
+            more = f" ({held} more like it since the last line)" if held else ""
+            log.warning("refused %s from %s: %s%s", who, channel.peer, exc, more)
         await channel.close(ErrorFrame(exc.code, str(exc)))
     except ConnectionClosed as exc:
         if session is not None:
@@ -187,7 +195,9 @@ async def _read_events(session: Session) -> None:
         event: Event | None = await channel.next_event()
         while event is not None:
             if isinstance(event, _FAREWELL):
-                log.info("%s %r said goodbye: %s", session.role.label, session.name, event.message)
+                log.info(
+                    "%s %r said goodbye: %s", session.role.label, session.name, clip(event.message)
+                )
                 if isinstance(session, SubscriberSession) and session.writer is not None:
                     session.writer.cancel()
                 return

@@ -517,10 +517,11 @@ class Relay:
         as we announce ourselves is handled; the previous handlers are restored on
         the way out. Raises ``AddressInUse`` as ``start`` does.
         """
-        hangup: tuple[signal.Signals, ...] = ()
-        if self.access.credentials_path is not None and hasattr(signal, "SIGHUP"):
-            hangup = (signal.SIGHUP,)  # reload --credentials; sessions stay
-        with signal_handlers(self.reload_credentials, hangup):
+        # SIGHUP reloads --credentials (sessions stay). Without them it is handled
+        # too: its default action would kill the relay (and every stream) for a
+        # habitual `kill -HUP` (logrotate, an operator following the README).
+        hangup = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
+        with signal_handlers(lambda: _on_hangup(self), hangup):
             await run_service(self, ready=ready, signals=signals)
 
 
@@ -538,3 +539,11 @@ def _point_out_a_shared_name(relay: Relay, session: SubscriberSession) -> None:
             twin.channel.peer,
             session.channel.peer,
         )
+
+
+def _on_hangup(relay: Relay) -> None:
+    """SIGHUP: reload ``--credentials``, or say there are none to reload."""
+    if relay.access.credentials_path is None:
+        log.info("SIGHUP: nothing to reload (the relay runs without --credentials)")
+    else:
+        relay.reload_credentials()
