@@ -206,6 +206,13 @@ def test_hello_carries_the_publisher_instance_after_the_token_when_flag_bit_0_is
         Hello(Role.PUBLISHER, "rec", instance=2**64)
 
 
+def test_hello_with_the_instance_flag_and_instance_0_is_a_malformed_frame() -> None:
+    body = b"\x01\x01" + u16_str(b"rec") + u16_str(b"") + b"\x00" * 8
+    error = remote_error(Connection("relay"), raw_frame(FrameType.HELLO, body))
+    assert error.code is ErrorCode.MALFORMED_FRAME
+    assert "instance is 0" in str(error)
+
+
 def test_unknown_error_code_from_a_newer_peer_reads_as_internal() -> None:
     frame = raw_frame(FrameType.GOODBYE, struct.pack(">H", 999) + u16_str(b"why"))
     assert decode_all(frame) == [Goodbye(ErrorCode.INTERNAL, "why")]

@@ -315,6 +315,9 @@ def _decode(ftype: FrameType, r: _Reader) -> Event:
             raise RemoteProtocolError(f"unknown role {role}")
         name, token = r.string("client name"), r.string("token")
         instance = r.unpack(_SEQ)[0] if flags & HELLO_HAS_INSTANCE else 0
+        if flags & HELLO_HAS_INSTANCE and not instance:
+            # 0 means "no instance"; a peer that sets the flag must send a real one.
+            raise RemoteProtocolError("HELLO flag bit 0 is set but its instance is 0")
         event = Hello(Role(role), name, token, instance)
     elif ftype is FrameType.WELCOME:
         hb, max_frame, window = r.unpack(_WELCOME)
