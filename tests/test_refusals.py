@@ -304,6 +304,25 @@ async def test_record_over_the_relays_frame_limit_exits_2_naming_the_block_that_
     assert not errors  # the recorder never sent a frame the relay would refuse
 
 
+@pytest.mark.parametrize(
+    "relay_config",
+    [RelayConfig(host="127.0.0.1", port=0, limits=Limits(max_chunk_seconds=0.5))],
+)
+async def test_record_over_the_relays_chunk_seconds_exits_2_naming_them_and_the_block_that_fits(
+    relay: Relay,
+) -> None:
+    """WELCOME does not carry --max-chunk-seconds: the relay's ERROR sentence does."""
+    code, err = await finish(
+        spawn_record(
+            "--relay", relay.url, "--rate", "8000", "--block-ms", "600", "--source", "synth:noise"
+        )
+    )
+    assert code == 2
+    line = error_line(err)
+    assert "the relay takes at most 0.5 s of audio per chunk (its --max-chunk-seconds" in line
+    assert "use --block-ms 500 or less, or raise the relay's --max-chunk-seconds" in line
+
+
 async def test_process_names_over_the_wire_limit_exit_2() -> None:
     process = spawn(
         "process", "--relay", "tcp://127.0.0.1:9", "--handler", "level", "--group", "g" * 201

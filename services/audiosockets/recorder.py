@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import signal
 import ssl
 import time
@@ -520,25 +521,46 @@ async def record(
 
 def in_recorder_terms(failure: BaseException, config: RecorderConfig) -> BaseException:
     """The publisher's failure as the recorder's user can act on it: a chunk over the
-    relay's frame limit (``fits_frames``) becomes a ``ConfigError`` naming the
-    ``--block-ms`` that fits (rounded down to 0.1 ms); anything else is unchanged."""
-    fits = getattr(failure, "fits_frames", None)
-    if not isinstance(fits, int):
-        return failure
+    relay's frame limit (``fits_frames``) or refused by the relay for its seconds (its
+    ``--max-chunk-seconds``, read from the FRAME_TOO_LARGE sentence) becomes a
+    ``ConfigError`` naming the ``--block-ms`` that fits (rounded down to 0.1 ms);
+    anything else is unchanged."""
     fmt = config.format
-    limit = getattr(failure, "max_payload", 0)
-    block_ms = math.floor(fits * 1000 / fmt.rate * 10) / 10
-    if block_ms > 0 and block_frames_for(fmt.rate, block_ms) > fits:
+    block_bytes = config.block_frames * fmt.frame_bytes
+    fits = getattr(failure, "fits_frames", None)
+    if isinstance(fits, int):
+        limit = getattr(failure, "max_payload", 0)
+        return ConfigError(
+            f"the relay takes at most {limit} bytes of audio per chunk ({fits} frames of "
+            f"{fmt}), but a {config.block_ms:g} ms block is {block_bytes} bytes; "
+            f"{_block_advice(fits, fmt.rate, '--max-frame-bytes')}"
+        )
+    found = _CHUNK_SECONDS.search(str(failure))
+    if not isinstance(failure, Refused) or found is None:
+        return failure
+    fits = (int(found["limit"]) - CHUNK_HEAD.size) // fmt.frame_bytes
+    return ConfigError(
+        f"the relay takes at most {found['seconds']} s of audio per chunk (its "
+        f"--max-chunk-seconds; {fits} frames of {fmt}), but a {config.block_ms:g} ms block is "
+        f"{config.block_frames} frames; {_block_advice(fits, fmt.rate, '--max-chunk-seconds')}"
+    )
+
+
+#: The relay's FRAME_TOO_LARGE sentence for a CHUNK over its stream's seconds
+#: (``protocol.frames.CHUNK_SECONDS_TEXT``; WELCOME does not carry them).
+_CHUNK_SECONDS = re.compile(
+    r"limit of (?P<limit>\d+) for its stream: at most (?P<seconds>[0-9.e+-]+) s of audio"
+)
+
+
+def _block_advice(fits: int, rate: int, relay_flag: str) -> str:
+    """Which ``--block-ms`` fits ``fits`` frames at ``rate`` (rounded down to 0.1 ms)."""
+    block_ms = math.floor(fits * 1000 / rate * 10) / 10
+    if block_ms > 0 and block_frames_for(rate, block_ms) > fits:
         block_ms -= 0.1  # rounding to 0.1 ms went over
     if block_ms < 1:
-        advice = "a block of even 1 ms does not fit: raise the relay's --max-frame-bytes"
-    else:
-        advice = f"use --block-ms {block_ms:g} or less, or raise the relay's --max-frame-bytes"
-    return ConfigError(
-        f"the relay takes at most {limit} bytes of audio per chunk ({fits} frames of "
-        f"{fmt}), but a {config.block_ms:g} ms block is "
-        f"{config.block_frames * fmt.frame_bytes} bytes; {advice}"
-    )
+        return f"a block of even 1 ms does not fit: raise the relay's {relay_flag}"
+    return f"use --block-ms {block_ms:g} or less, or raise the relay's {relay_flag}"
 
 
 def _explain_memory_part(config: RecorderConfig) -> None:

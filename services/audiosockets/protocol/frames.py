@@ -130,6 +130,11 @@ def payload_limits(limits: Limits) -> dict[FrameType, int]:
     return out
 
 
+#: How a refused CHUNK's sentence names ``Limits.max_chunk_seconds`` (FRAME_TOO_LARGE):
+#: WELCOME does not announce it, so a publisher reads it back from this text.
+CHUNK_SECONDS_TEXT = "at most {:g} s of audio per chunk (max_chunk_seconds)"
+
+
 def max_chunk_payload(fmt: AudioFormat, limits: Limits) -> int:
     """The most payload bytes a CHUNK of a stream in ``fmt`` may have: the
     chunk head and ``limits.max_chunk_seconds`` of audio (at least 4 KiB of
@@ -454,9 +459,16 @@ class FrameDecoder:
                 (stream_id,) = _STREAM_ID.unpack_from(buf, pos + HEADER_SIZE)
             limit = self._admit(frame_type, stream_id)
             if length > limit:
+                # Under max_frame_size, a CHUNK's limit is its stream's seconds: the
+                # peer cannot learn them from WELCOME, so the sentence carries them.
+                why = (
+                    f"its stream: {CHUNK_SECONDS_TEXT.format(self.limits.max_chunk_seconds)}"
+                    if frame_type is FrameType.CHUNK
+                    else "its type"
+                )
                 raise RemoteProtocolError(
                     f"{frame_type.name} frame of {length} bytes exceeds the limit of "
-                    f"{limit} for its type",
+                    f"{limit} for {why}",
                     ErrorCode.FRAME_TOO_LARGE,
                     "chunk_too_long"
                     if frame_type is FrameType.CHUNK
