@@ -164,3 +164,24 @@ def handshake_failure(exc: BaseException) -> HandshakeFailure:
 def describe_verify_failure(exc: ssl.SSLCertVerificationError) -> str:
     """The reason OpenSSL gave for not trusting a certificate, as one phrase."""
     return exc.verify_message or exc.reason or str(exc)
+
+
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = frozenset({62, 64})
+
+
+def untrusted_relay(address: object, host: str, exc: ssl.SSLCertVerificationError) -> str:
+    """The sentence for a relay certificate we refused: for a name mismatch, that the
+    certificate does not name ``host`` (the CA was fine: --tls-ca is no help); else
+    which CA to give."""
+    if exc.verify_code in _NAME_MISMATCH:
+        flag = "--dns" if exc.verify_code == 62 else "--ip"
+        return (
+            f"relay {address} is not trusted: its certificate does not name {host} "
+            f"({describe_verify_failure(exc)}); dial it by a name its certificate has, "
+            f"or reissue it with 'audiosockets certs issue DIR NAME {flag} {host}'"
+        )
+    return (
+        f"relay {address} is not trusted: {describe_verify_failure(exc)} "
+        "(give the CA that signed its certificate with --tls-ca)"
+    )

@@ -169,8 +169,13 @@ async def test_the_relay_host_name_is_checked(site: Site, tls: ssl.SSLContext) -
         host="127.0.0.1", port=0, tls=server_context(cert=other.cert, key=other.key)
     )
     async with Relay(config, metrics=Metrics()) as relay:
-        with pytest.raises(Refused, match=r"is not trusted: .*(mismatch|elsewhere)"):
+        with pytest.raises(Refused, match=r"is not trusted: .*(mismatch|elsewhere)") as caught:
             await fetch_status(relay.url, tls=tls)
+    # The CA was given and is right: the sentence is about the name, not --tls-ca.
+    message = str(caught.value)
+    assert "its certificate does not name 127.0.0.1" in message
+    assert "certs issue DIR NAME --ip 127.0.0.1" in message
+    assert "--tls-ca" not in message
 
 
 async def test_a_client_hello_sent_before_the_relay_gets_to_the_connection_is_not_lost(
@@ -357,6 +362,8 @@ async def test_reload_keeps_allowed_sessions_and_closes_the_others(
         stream.send(block(seq), captured_ns=time.time_ns())
     # A broken file changes nothing.
     write(credentials_file, "[[client]]\nname = 1\n")
+    assert not relay.reload_credentials()
+    write(credentials_file, "\n")  # an empty file (truncated mid-edit) locks no one out
     assert not relay.reload_credentials()
     # rec-2 may now publish only "rec2-*"; the others are unchanged.
     write(

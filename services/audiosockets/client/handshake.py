@@ -16,7 +16,7 @@ from ..errors import (
     RemoteProtocolError,
 )
 from ..protocol import Connection, ErrorFrame, Goodbye, Hello, Limits, Welcome
-from ..tls import TLS_REFUSED, client_context, describe_verify_failure
+from ..tls import TLS_REFUSED, client_context, untrusted_relay
 from ..transport import READ_SIZE, Channel, Clock, tune_socket
 from ..urls import RelayAddress
 
@@ -60,10 +60,7 @@ async def connect(
     except ConnectionRefusedError as exc:
         raise RelayUnreachable(f"cannot reach relay {address}: connection refused") from exc
     except ssl.SSLCertVerificationError as exc:
-        raise RelayRefused(
-            f"relay {address} is not trusted: {describe_verify_failure(exc)} "
-            "(give the CA that signed its certificate with --tls-ca)"
-        ) from exc
+        raise RelayRefused(untrusted_relay(address, address.host, exc)) from exc
     except ssl.SSLError as exc:
         raise RelayUnreachable(f"TLS with relay {address} failed: {exc.reason or exc}") from exc
     except OSError as exc:
