@@ -294,7 +294,8 @@ def load_credentials(path: Path) -> Credentials:
     Raises ConfigError with one line naming the file and the entry or line
     at fault: unreadable file, TOML syntax (with its line), a missing or
     unknown field, a role not in publish/subscribe/admin, a token hash that is
-    not 64 hex digits, a name or token hash used twice.
+    not 64 hex digits, a name or token hash used twice, no [[client]] at all
+    (an empty or whitespace-only file).
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -318,6 +319,9 @@ def parse_credentials(text: str, *, source: str = "<credentials>") -> Credential
     entries = document.get("client", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"{source}: 'client' must be [[client]] tables")
+    if not entries:
+        # An empty file is more likely truncated mid-edit than meant to lock everyone out.
+        raise ConfigError(f"{source}: no [[client]] tables: the file admits no one")
     clients: list[Client] = []
     names: set[str] = set()
     digests: set[bytes] = set()

@@ -268,6 +268,8 @@ def test_every_glob_admits_itself_and_star_admits_all(glob: str) -> None:
         ),
         ("[client]\nname='x'", r"'client' must be \[\[client\]\] tables"),
         ("token = 'x'", r"unknown top-level key 'token'"),
+        ("", r"no \[\[client\]\] tables: the file admits no one"),  # truncated mid-edit
+        (" \n\t\n", r"no \[\[client\]\] tables"),
     ],
 )
 def test_bad_files_are_one_line_config_errors_naming_file_and_entry(
