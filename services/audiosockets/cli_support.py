@@ -100,6 +100,11 @@ def listen_address(value: str) -> tuple[str, int]:
 
 
 def format_status(report: dict[str, Any]) -> str:
+    from .untrusted import quote_blank as q
+
+    def names(values: list[str]) -> str:
+        return ", ".join(q(v) for v in values) or "-"
+
     lines = [
         f"relay {report['server']} {report['version']}, up {report['uptime_s']} s, "
         f"replay {report['replay_seconds']} s, queue {report['queue_seconds']} s",
@@ -109,9 +114,10 @@ def format_status(report: dict[str, Any]) -> str:
     for s in report["streams"]:
         fmt = s["format"]
         fmt_text = f"{fmt['rate']} Hz {fmt['channels']}ch {fmt['sample_type']}"
+        publisher = "-" if s["publisher"] is None else q(s["publisher"])
         lines.append(
-            f"{s['name']:<24} {fmt_text:<22} {s['publisher'] or '-':<16} {s['rate_chunks_per_s']:>8} "
-            f"{s['last_seq']:>10} {s['window_seconds']:>9}  {', '.join(s['subscribers']) or '-'}"
+            f"{q(s['name']):<24} {fmt_text:<22} {publisher:<16} {s['rate_chunks_per_s']:>8} "
+            f"{s['last_seq']:>10} {s['window_seconds']:>9}  {names(s['subscribers'])}"
         )
     if not report["streams"]:
         lines.append("(no streams)")
@@ -121,16 +127,16 @@ def format_status(report: dict[str, Any]) -> str:
     ]
     for sub in report["subscribers"]:
         lines.append(
-            f"{sub['name']:<24} {sub['pattern']:<12} {sub['group'] or '-':<12} {sub['lag_chunks']:>6} "
-            f"{sub['dropped']:>8}  {', '.join(sub['streams']) or '-'}"
+            f"{q(sub['name']):<24} {q(sub['pattern']):<12} {q(sub['group']) if sub['group'] else '-':<12} "
+            f"{sub['lag_chunks']:>6} {sub['dropped']:>8}  {names(sub['streams'])}"
         )
     if not report["subscribers"]:
         lines.append("(no subscribers)")
     for name, group in report["groups"].items():
         lines.append("")
-        lines.append(f"group {name}: members {', '.join(group['members']) or '-'}")
+        lines.append(f"group {q(name)}: members {names(group['members'])}")
         for stream, member in group["assignment"].items():
-            lines.append(f"  {stream} -> {member}")
+            lines.append(f"  {q(stream)} -> {q(member)}")
     drops = report["drops"]
     lines.append("")
     lines.append(

@@ -43,6 +43,15 @@ def escape(text: str) -> str:
     return "".join(out)
 
 
+def quote_blank(text: str) -> str:
+    """An ``escape``d name as one visible table cell: quoted (``"..."``, inner ``"``
+    as ``\\"``) when it is empty, has leading or trailing whitespace, or starts
+    with a quote; otherwise unchanged. A stream named " " would print as a blank cell."""
+    if text and text.strip() == text and not text.startswith('"'):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
+
+
 #: Characters of a peer's free text (a GOODBYE or ERROR message) a log line keeps.
 CLIP_CHARS = 200
 

@@ -97,3 +97,36 @@ def test_status_table_prints_hostile_names_escaped() -> None:
     assert "\x07" not in text
     assert "forged line" in text
     assert not any(line.startswith("2026-01-01 ERROR") for line in text.splitlines())
+
+
+def test_status_table_quotes_names_that_would_print_as_blank_or_padded_cells() -> None:
+    report = {
+        "server": "r",
+        "version": "1",
+        "uptime_s": 1,
+        "replay_seconds": 30,
+        "queue_seconds": 2,
+        "streams": [
+            {
+                "name": name,
+                "format": {"rate": 16000, "channels": 1, "sample_type": "int16"},
+                "publisher": "rec",
+                "rate_chunks_per_s": 50,
+                "last_seq": 1,
+                "window_seconds": 1,
+                "subscribers": [""],
+            }
+            for name in (" ", " mic ", '"quoted"', "mic-1")
+        ],
+        "subscribers": [],
+        "groups": {},
+        "drops": {},
+    }
+    rows = format_status(escape_all(report)).splitlines()[3:7]
+    assert [row.split("  16000")[0].rstrip() for row in rows] == [
+        '" "',
+        '" mic "',
+        '"\\"quoted\\""',
+        "mic-1",
+    ]
+    assert all(row.endswith('  ""') for row in rows)  # an empty subscriber name, visible
