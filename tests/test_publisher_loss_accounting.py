@@ -9,6 +9,8 @@ Without sockets: the stream's spool is driven directly.
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 
 from audiosockets.audio import AudioFormat, SampleType
@@ -77,3 +79,46 @@ def test_an_outage_within_the_spool_resends_instead_of_counting() -> None:
     stream.resume_from(25)
     assert spool_full(pub) == 0
     assert [e.seq for e in stream.take(1 << 30)] == list(range(25, 45))
+
+
+def test_the_spool_is_bounded_in_bytes_too_whichever_is_reached_first() -> None:
+    """A wide stream must not fill memory within its seconds (640 B a chunk here)."""
+    pub = Publisher(
+        "tcp://127.0.0.1:1",
+        name="rec",
+        history_seconds=60,
+        history_bytes=10 * 640,
+        metrics=Metrics(),
+    )
+    stream = pub.stream("mic", FMT)
+    for seq in range(25):  # 0.5 s, far within 60 s: only the byte bound applies
+        stream.send(block(seq))
+    assert [e.seq for e in stream.history] == list(range(15, 25))
+    assert stream.history_bytes == 10 * 640
+    assert spool_full(pub) == 15 == stream.dropped  # never sent: counted
+    # The seconds bound still holds when it is reached first.
+    pub.history_seconds = 0.1  # 5 chunks
+    stream.send(block(25))
+    assert [e.seq for e in stream.history] == list(range(21, 26))
+    assert spool_full(pub) == 15 + 6
+
+
+def test_what_the_spool_dropped_is_freed_at_once() -> None:
+    """Trimmed chunks must not linger until the history compacts (1024 chunks later)."""
+    pub = Publisher(
+        "tcp://127.0.0.1:1",
+        name="rec",
+        history_seconds=60,
+        history_bytes=1 << 20,
+        metrics=Metrics(),
+    )
+    stream = pub.stream("mic", FMT)
+    tracemalloc.start()
+    try:
+        for seq in range(600):
+            stream.send(bytes([seq % 256]) * (64 << 10))  # 2 s of FMT: 16 fill the bound
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stream.history_bytes <= 1 << 20
+    assert held < 4 << 20  # the bound, not 600 - 16 dropped chunks of 64 KiB

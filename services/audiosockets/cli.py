@@ -254,6 +254,13 @@ def status(
     "relay's heartbeat timeout (6 s by default) or a half-open connection loses more.",
 )
 @click.option(
+    "--spool-max-mib",
+    type=click.FloatRange(0, min_open=True),
+    default=512.0,
+    help="Most audio held in memory, in MiB, with the seconds: whichever is reached first "
+    "drops the oldest (counted spool_full).",
+)
+@click.option(
     "--flush-seconds",
     type=click.FloatRange(0),
     default=2.0,
@@ -278,6 +285,7 @@ def record(
     spool_seconds: float,
     spool_dir: Path | None,
     spool_memory_seconds: float | None,
+    spool_max_mib: float,
     flush_seconds: float,
     name: str | None,
     token: str | None,
@@ -306,6 +314,7 @@ def record(
         spool_seconds=spool_seconds,
         spool_dir=spool_dir,
         memory_seconds=spool_memory_seconds,
+        spool_max_mib=spool_max_mib,
         flush_timeout=flush_seconds,
         name=name,
         token=security.read_token(token, token_file),

@@ -99,6 +99,9 @@ class RecorderConfig:
     #: With ``spool_dir``: the most audio the Publisher keeps in memory (None:
     #: ``DEFAULT_MEMORY_SECONDS``); a SIGKILL or power cut loses up to this much.
     memory_seconds: float | None = None
+    #: The most audio the Publisher keeps in memory in MiB, with the seconds above:
+    #: whichever is reached first drops the oldest (``spool_full``).
+    spool_max_mib: float = 512.0
     name: str | None = None
     token: str | None = None
     #: The TLS context for a ``tls://`` relay (``tls.client_context``); None: defaults.
@@ -162,6 +165,11 @@ class RecorderConfig:
                 )
         self.format  # noqa: B018 - validates rate/channels/dtype
         chunk_bytes = self.block_frames * self.format.frame_bytes
+        if chunk_bytes > self.spool_max_mib * 2**20:
+            raise ConfigError(
+                f"one chunk of --block-ms {self.block_ms:g} is {chunk_bytes} bytes, more than "
+                f"--spool-max-mib {self.spool_max_mib:g} holds: raise it or lower --block-ms"
+            )
         room = Limits().max_frame_size - CHUNK_HEAD.size
         if chunk_bytes > room:
             raise ConfigError(
@@ -178,6 +186,7 @@ def _make_publisher(config: RecorderConfig, metrics: Metrics) -> PublisherLike:
         config.relay,
         name=config.client_name,
         history_seconds=config.history_seconds,
+        history_bytes=int(config.spool_max_mib * 2**20),
         metrics=metrics,
         token=config.token or "",
         tls=config.tls,

@@ -307,6 +307,24 @@ def test_record_spool_memory_seconds_must_be_positive(tmp_path: Path) -> None:
     assert "Invalid value for '--spool-memory-seconds'" in result.stderr
 
 
+def test_record_refuses_a_chunk_larger_than_the_memory_spool_bound() -> None:
+    # 5 ms of 64 ch float32 at 768 kHz is 983040 bytes; the bound is 0.5 MiB.
+    result = invoke(
+        *("record", "--metrics-port", "0", "--source", "synth:noise", "--rate", "768000"),
+        *("--channels", "64", "--dtype", "float32", "--block-ms", "5"),
+        env={"AUDIOSOCKETS_RECORD_SPOOL_MAX_MIB": "0.5"},
+    )
+    assert_one_line_error(
+        result, ConfigError.exit_code, "is 983040 bytes, more than --spool-max-mib 0.5 holds"
+    )
+
+
+def test_the_recorders_publisher_holds_at_most_spool_max_mib() -> None:
+    recorder = Recorder(RecorderConfig(relay="tcp://127.0.0.1:9", spool_max_mib=2))
+    assert getattr(recorder.publisher, "history_bytes", None) == 2 << 20
+    assert RecorderConfig().spool_max_mib == 512  # an edge PC's worth
+
+
 def test_a_memory_part_beyond_the_spool_is_clamped_and_said(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

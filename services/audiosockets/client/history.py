@@ -22,6 +22,10 @@ class SpooledChunk:
     seconds: float
 
 
+#: What a popped slot holds until the list is compacted (not the chunk: its payload).
+_GONE = SpooledChunk(-1, 0, b"", 0.0)
+
+
 class History:
     """A stream's spool: oldest entry first, O(1) append, popleft and indexing.
 
@@ -66,6 +70,9 @@ class History:
         if not len(self):
             raise IndexError("pop from an empty history")
         entry = self._items[self._head]
+        # Let go of it now: a compaction may be 1024 chunks away, and a wide
+        # stream's 1024 chunks are a gigabyte the byte bound promised to free.
+        self._items[self._head] = _GONE
         self._head += 1
         if self._head > 1024 and self._head * 2 > len(self._items):
             del self._items[: self._head]

@@ -1,7 +1,7 @@
 """``Publisher`` and its ``PublishedStream``s: send never blocks, the history is the spool.
 
 Per stream, a ``History`` of the last ``history_seconds`` of chunks (sent or
-not) is kept. While the relay is away, ``send`` keeps appending and the oldest
+not) is kept, and at most ``history_bytes`` of their PCM. While the relay is away, ``send`` keeps appending and the oldest
 unsent chunks beyond the history are dropped and counted
 (``reason="spool_full"``). On every (re)connect the relay answers each
 OPEN_STREAM with the next sequence number it expects, and the publisher
@@ -74,6 +74,7 @@ class PublishedStream:
         self.format = fmt
         self.history = History()
         self.history_seconds = 0.0
+        self.history_bytes = 0  # PCM bytes in ``history``
         self._unsent = 0  # entries at the right end of history not yet written
         self._unsent_seconds = 0.0
         self.next_seq = 0
@@ -100,7 +101,7 @@ class PublishedStream:
         (frames, channels), or raw PCM bytes (interleaved, little-endian), a
         whole number of frames. ``captured_ns``: capture time of the first
         sample, wall clock in ns (default: now). When the spool holds more than
-        ``history_seconds`` the oldest chunks go; unsent ones are counted as
+        ``history_seconds`` or ``history_bytes`` the oldest chunks go; unsent ones are counted as
         dropped (``reason="spool_full"``).
 
         Raises:
@@ -117,6 +118,7 @@ class PublishedStream:
         when = time.time_ns() if captured_ns is None else captured_ns
         self.history.append(SpooledChunk(seq, when, payload, seconds))
         self.history_seconds += seconds
+        self.history_bytes += len(payload)
         self._unsent += 1
         self._unsent_seconds += seconds
         self._trim()
@@ -126,10 +128,14 @@ class PublishedStream:
 
     def _trim(self) -> None:
         limit = self.publisher.history_seconds
+        max_bytes = self.publisher.history_bytes or float("inf")
         history = self.history
-        while len(history) > 1 and self.history_seconds - history[0].seconds >= limit:
+        while len(history) > 1 and (
+            self.history_seconds - history[0].seconds >= limit or self.history_bytes > max_bytes
+        ):
             entry = history.popleft()
             self.history_seconds -= entry.seconds
+            self.history_bytes -= len(entry.payload)
             if self._unsent > len(history):  # it was never sent: audio lost
                 self._unsent -= 1
                 self._unsent_seconds -= entry.seconds
@@ -267,6 +273,8 @@ class Publisher(ReconnectingClient):
         name: this client's name in HELLO and the relay's status report.
         history_seconds: audio kept per stream for re-sending after a
             reconnect (the spool), in seconds; > 0, else ValueError.
+        history_bytes: the most PCM bytes that history may hold per stream,
+            whichever of the two is reached first (None: seconds only).
         token: HELLO token: the relay's shared ``--token``, or this client's
             token from its ``--credentials`` file.
         tls: the ``ssl.SSLContext`` for a ``tls://`` relay
@@ -295,6 +303,7 @@ class Publisher(ReconnectingClient):
         *,
         name: str = "publisher",
         history_seconds: float = 60.0,
+        history_bytes: int | None = None,
         token: str = "",
         tls: ssl.SSLContext | None = None,
         metrics: Metrics | None = None,
@@ -319,6 +328,7 @@ class Publisher(ReconnectingClient):
         #: Largest PCM payload per CHUNK, from the relay's WELCOME once connected.
         self.max_payload: int | None = None
         self.history_seconds = history_seconds
+        self.history_bytes = history_bytes
         self.max_batch_bytes = max_batch_bytes
         self.streams: dict[str, PublishedStream] = {}
         self._by_id: dict[int, PublishedStream] = {}

@@ -3,8 +3,8 @@
 Where the state lives:
 - per stream, ``history``: the chunks JetStream has not acknowledged yet, oldest
   first (the spool). ``send`` appends and never blocks; beyond
-  ``history_seconds`` of unacknowledged audio the oldest not-in-flight chunks are
-  dropped and counted (``reason="spool_full"``).
+  ``history_seconds`` (or ``history_bytes``) of unacknowledged audio the oldest
+  not-in-flight chunks are dropped and counted (``reason="spool_full"``).
 - one pump task per stream publishes the head of its spool and waits for the
   server's PubAck before the next one: JetStream stores a stream's chunks in
   seq order even when a publish fails half way (a cluster electing a leader),
@@ -80,6 +80,7 @@ class JetStreamStream:
         self.subject = publisher.settings.subject(name)
         self.history: deque[SpooledChunk] = deque()
         self._seconds = 0.0
+        self._bytes_held = 0  # PCM bytes in ``history``
         self.next_seq = 0
         self.dropped = 0
         self.accepted = False  # synced with the server on this connection
@@ -126,6 +127,7 @@ class JetStreamStream:
         when = time.time_ns() if captured_ns is None else captured_ns
         self.history.append(SpooledChunk(seq, when, payload, seconds))
         self._seconds += seconds
+        self._bytes_held += len(payload)
         self._trim()
         self._depth.set(len(self.history))
         self.wake.set()
@@ -133,15 +135,19 @@ class JetStreamStream:
 
     def _trim(self) -> None:
         limit = self.publisher.history_seconds
+        max_bytes = self.publisher.history_bytes or float("inf")
         history = self.history
         while True:
             # The chunk in flight stays: its PubAck may still come.
             i = 1 if history and history[0].seq == self._inflight else 0
-            if len(history) <= i + 1 or self._seconds - history[i].seconds < limit:
+            if len(history) <= i + 1 or (
+                self._seconds - history[i].seconds < limit and self._bytes_held <= max_bytes
+            ):
                 return
             entry = history[i]
             del history[i]
             self._seconds -= entry.seconds
+            self._bytes_held -= len(entry.payload)
             self.dropped += 1
             self._dropped.inc()
 
@@ -152,11 +158,13 @@ class JetStreamStream:
         while history and history[0].seq <= seq:
             entry = history.popleft()
             self._seconds -= entry.seconds
+            self._bytes_held -= len(entry.payload)
             self._sent.inc()
             self._bytes.inc(len(entry.payload))
             n += 1
         if not history:
             self._seconds = 0.0
+            self._bytes_held = 0
         self._depth.set(len(history))
         return n
 
@@ -187,6 +195,7 @@ class JetStreamPublisher:
         *,
         name: str = "publisher",
         history_seconds: float = 60.0,
+        history_bytes: int | None = None,
         token: str = "",
         metrics: Metrics | None = None,
         retry: RetryPolicy | None = None,
@@ -201,6 +210,8 @@ class JetStreamPublisher:
         self.metrics = metrics or Metrics()
         self.retry = retry or RetryPolicy()
         self.history_seconds = history_seconds
+        #: PCM bytes the spool may hold per stream, with ``history_seconds`` (None: no bound).
+        self.history_bytes = history_bytes
         self.publish_timeout = publish_timeout
         #: Random per instance, kept across reconnects: half of every Nats-Msg-Id.
         self.identity = secrets.token_hex(8)
@@ -309,6 +320,7 @@ class JetStreamPublisher:
                 stream.dropped += n
                 stream.history.clear()
                 stream._seconds = 0.0
+                stream._bytes_held = 0
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
