@@ -275,6 +275,11 @@ class LiveHistogramChild:
         self.sum += value
 
 
+#: A subscriber's per-stream children: chunks_received, bytes_received,
+#: end_to_end_latency, queue_depth (``Metrics.receive_children``).
+ReceiveChildren = tuple[LiveCounterChild, LiveCounterChild, LiveHistogramChild, LiveGaugeChild]
+
+
 class LiveHistogram(Collector):
     """A labelled Histogram for per-chunk paths; ``labels(...).observe(v)`` without a lock.
 
@@ -486,6 +491,18 @@ class Metrics:
             ["stream"],
             buckets=LATENCY_BUCKETS,
             registry=r,
+        )
+
+    def receive_children(self, stream: str) -> ReceiveChildren:
+        """A subscriber's per-chunk children of ``stream``: (chunks_received,
+        bytes_received, end_to_end_latency, queue_depth), after declaring the
+        stream's zeros. Callers cache the tuple: ``labels()`` costs a lookup."""
+        self.declare_stream(stream)
+        return (
+            self.chunks_received.labels(stream),
+            self.bytes_received.labels(stream),
+            self.end_to_end_latency.labels(stream),
+            self.queue_depth.labels(stream),
         )
 
     # Label children are created on first use of a stream so the zero shows

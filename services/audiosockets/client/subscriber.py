@@ -20,12 +20,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from ..audio import AudioFormat, Chunk
 from ..errors import AudiosocketsError, ConnectionClosed
 from ..handoff import Handoff
-from ..metrics import Metrics
+from ..metrics import Metrics, ReceiveChildren
 from ..protocol import (
     ChunkData,
     CloseStream,
@@ -148,7 +148,7 @@ class Subscriber(ReconnectingClient):
         self.manual_ack = manual_ack
         self._acks = GroupAcks(lambda: self.channel, self._ids)
         self.acked = self._acks.acked  # stream name -> the last seq ACKed
-        self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._children: dict[str, ReceiveChildren] = {}
         self._gap_log = _GapLog()
 
     async def __aenter__(self) -> Subscriber:
@@ -239,18 +239,10 @@ class Subscriber(ReconnectingClient):
         if chunk is not None:
             self.ack(chunk.stream, chunk.seq)
 
-    def _child(self, stream: str) -> tuple[Any, Any, Any, Any]:
+    def _child(self, stream: str) -> ReceiveChildren:
         child = self._children.get(stream)
         if child is None:
-            m = self.metrics
-            m.declare_stream(stream)
-            child = (
-                m.chunks_received.labels(stream),
-                m.bytes_received.labels(stream),
-                m.end_to_end_latency.labels(stream),
-                m.queue_depth.labels(stream),
-            )
-            self._children[stream] = child
+            child = self._children[stream] = self.metrics.receive_children(stream)
         return child
 
     async def _session(self, channel: Channel) -> None:

@@ -35,7 +35,7 @@ from nats.aio.msg import Msg
 from ..audio import AudioFormat, Chunk
 from ..client import RetryPolicy
 from ..errors import Refused, RemoteProtocolError
-from ..metrics import Metrics
+from ..metrics import Metrics, ReceiveChildren
 from ..urls import NatsAddress
 from .connection import NatsLink, address_of, settings_of
 from .lag import start_watching, stop_watching
@@ -112,7 +112,7 @@ class JetStreamSubscriber:
         self._queue: asyncio.Queue[Chunk | None] = asyncio.Queue(maxsize=queue_chunks)
         self._unacked: Chunk | None = None
         self._on_stream_closed = on_stream_closed
-        self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._children: dict[str, ReceiveChildren] = {}
         self._fresh: set[str] = set()  # streams whose next chunk follows a (re)start
         self._readers: dict[str, Reader] = {}
         self._task: asyncio.Task[None] | None = None
@@ -272,18 +272,10 @@ class JetStreamSubscriber:
 
     # --- delivery ------------------------------------------------------------------
 
-    def _child(self, stream: str) -> tuple[Any, Any, Any, Any]:
+    def _child(self, stream: str) -> ReceiveChildren:
         child = self._children.get(stream)
         if child is None:
-            m = self.metrics
-            m.declare_stream(stream)
-            child = (
-                m.chunks_received.labels(stream),
-                m.bytes_received.labels(stream),
-                m.end_to_end_latency.labels(stream),
-                m.queue_depth.labels(stream),
-            )
-            self._children[stream] = child
+            child = self._children[stream] = self.metrics.receive_children(stream)
         return child
 
     def _hole(self, name: str, prev: int | None, start: int) -> bool:
