@@ -133,6 +133,19 @@ def test_record_rate_mismatch_names_the_fix(tmp_path: Path) -> None:
     assert_one_line_error(result, ConfigError.exit_code, "pass --rate 44100 --channels 2")
 
 
+@pytest.mark.parametrize("options", ["?loop=1&convert=1", "?convert=1"])
+def test_record_a_file_too_short_for_one_chunk_exits_2_at_once(
+    tmp_path: Path, options: str
+) -> None:
+    wav = write_pcm_wav(tmp_path / "one.wav", np.zeros((1, 1), np.int16), 48000)
+    result = invoke(
+        "record", "--metrics-port", "0", "--rate", "8000", "--source", f"file:{wav}{options}"
+    )
+    assert_one_line_error(
+        result, ConfigError.exit_code, "holds 1 frame(s) at 48000 Hz, too few for one frame"
+    )
+
+
 def test_record_flags_are_environment_variables() -> None:
     result = invoke(
         "record",
