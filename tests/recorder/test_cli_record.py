@@ -239,7 +239,12 @@ async def test_sigterm_with_the_relay_away_exits_zero_within_the_flush_deadline(
     assert b"Traceback" not in err
 
 
-async def test_sigterm_flushes_everything_captured_to_the_relay(relay: Relay) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_sigterm_flushes_everything_captured_to_the_relay(
+    relay: Relay, stop: signal.Signals
+) -> None:
+    """SIGHUP (the terminal closed) stops it like SIGTERM: its default action exited
+    129 at once and lost the in-memory spool."""
     received: list[Chunk] = []
     async with Subscriber(relay.url, pattern="term-*", name="term-sub", start="earliest") as sub:
 
@@ -251,7 +256,7 @@ async def test_sigterm_flushes_everything_captured_to_the_relay(relay: Relay) ->
         process = spawn_record("--relay", relay.url, "--stream", "term-1", "--source", "synth:sine")
         try:
             await wait_until(lambda: len(received) >= 10, timeout=20, what="ten chunks")
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop)
             _, err = await asyncio.to_thread(process.communicate, timeout=15)
             assert process.returncode == 0, err.decode()
             # The publisher says goodbye after its flush: the relay has the last chunk.
