@@ -127,7 +127,11 @@ def relay(
     metrics_endpoint: MetricsEndpoint,
     **limits: Any,
 ) -> None:
-    """Run the relay: publishers in, fan-out and groups out."""
+    """Run the relay: publishers in, fan-out and groups out.
+
+    SIGTERM and SIGINT stop it (goodbye to every client, exit 0); SIGHUP reloads
+    --credentials and keeps running.
+    """
     from .health import Health
     from .metrics import Metrics, serve_metrics
     from .protocol import Limits
@@ -264,7 +268,7 @@ def status(
     "--flush-seconds",
     type=click.FloatRange(0),
     default=2.0,
-    help="On SIGTERM, how long to wait for the relay to take the backlog.",
+    help="On SIGTERM/SIGINT/SIGHUP, how long to wait for the relay to take the backlog.",
 )
 @click.option("--name", default=None, help="Client name the relay shows (default recorder-STREAM).")
 @token_option
@@ -297,7 +301,12 @@ def record(
     loop_name: LoopName,
     metrics_endpoint: MetricsEndpoint,
 ) -> None:
-    """Capture audio and publish it; keeps recording whatever the relay does."""
+    """Capture audio and publish it; keeps recording whatever the relay does.
+
+    SIGTERM, SIGINT and SIGHUP (the terminal closed, kill -HUP) all stop it cleanly:
+    it gives the relay up to --flush-seconds to take the backlog (with --spool-dir the
+    rest goes to disk), then exits 0.
+    """
     from .recorder import RecorderConfig
     from .recorder import record as run_recorder
 
@@ -421,7 +430,11 @@ def process(
     loop_name: LoopName,
     metrics_endpoint: MetricsEndpoint,
 ) -> None:
-    """Run a handler on every chunk of the matching streams."""
+    """Run a handler on every chunk of the matching streams.
+
+    SIGTERM, SIGINT and SIGHUP (the terminal closed, kill -HUP) all stop it cleanly:
+    it stops receiving, finishes the chunks it holds, then exits 0.
+    """
     from .processor import ProcessorConfig, serve
 
     config = configure(

@@ -387,7 +387,7 @@ class Recorder:
         ready: Callable[[Recorder], object] | None = None,
         signals: Iterable[signal.Signals] = STOP_SIGNALS,
     ) -> bool:
-        """``start``, ``serve_forever``, ``stop`` with SIGINT/SIGTERM handling
+        """``start``, ``serve_forever``, ``stop`` with SIGINT/SIGTERM/SIGHUP handling
         (``run_service``); returns whether the final flush completed."""
         await run_service(self, ready=ready, signals=signals)
         return self._closed is True
@@ -507,7 +507,7 @@ class Recorder:
 async def record(
     config: RecorderConfig, *, metrics_port: int = 0, endpoint: MetricsEndpoint | None = None
 ) -> bool:
-    """Run a recorder until SIGTERM/SIGINT or the end of a finite source.
+    """Run a recorder until SIGTERM/SIGINT/SIGHUP or the end of a finite source.
 
     ``metrics_port`` 0 disables the metrics endpoint; ``endpoint`` says where
     (host, default 127.0.0.1) and whether over TLS. Returns whether the final

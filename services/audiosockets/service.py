@@ -10,7 +10,9 @@ Every long-running service (relay, recorder, processor) has the same shape:
   service's own timeout, and releases everything ``start()`` acquired. It may
   be called more than once and before ``serve_forever`` returned.
 
-``run_service`` wraps the three with SIGINT/SIGTERM handling; ``signal_handlers``
+``run_service`` wraps the three with SIGINT/SIGTERM/SIGHUP handling (SIGHUP: the
+terminal closed or ``kill -HUP``; its default action would end the process on the
+spot, losing the recorder's in-memory spool); ``signal_handlers``
 installs callbacks on the running loop and restores the handlers that were in
 place before (a Python handler, ``SIG_IGN``, the default, or the callbacks of
 an enclosing ``signal_handlers`` on the same loop).
@@ -28,8 +30,15 @@ from typing import Any, Final, Protocol, TypeVar
 
 log = logging.getLogger("audiosockets.service")
 
-#: The signals that ask a service to stop and drain.
-STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+#: SIGHUP where the platform has one (not on Windows).
+HANGUP_SIGNALS: Final[tuple[signal.Signals, ...]] = (
+    (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
+)
+#: Interrupt and terminate: the signals that stop every service, the relay too.
+TERMINATE_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+#: The signals that ask a service to stop and drain. A service that gives SIGHUP
+#: another meaning (the relay reloads its credentials) uses ``TERMINATE_SIGNALS``.
+STOP_SIGNALS: Final = (*TERMINATE_SIGNALS, *HANGUP_SIGNALS)
 #: Seconds ``serve_forever`` gets to return once ``stop()`` returned (stop already drained).
 STOP_GRACE: Final = 5.0
 
@@ -165,4 +174,12 @@ async def _settle(service: Service, serving: asyncio.Future[object]) -> None:
             await serving
 
 
-__all__ = ["STOP_GRACE", "STOP_SIGNALS", "Service", "run_service", "signal_handlers"]
+__all__ = [
+    "HANGUP_SIGNALS",
+    "STOP_GRACE",
+    "STOP_SIGNALS",
+    "TERMINATE_SIGNALS",
+    "Service",
+    "run_service",
+    "signal_handlers",
+]

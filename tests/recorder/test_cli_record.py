@@ -133,6 +133,19 @@ def test_record_rate_mismatch_names_the_fix(tmp_path: Path) -> None:
     assert_one_line_error(result, ConfigError.exit_code, "pass --rate 44100 --channels 2")
 
 
+@pytest.mark.parametrize("options", ["?loop=1&convert=1", "?convert=1"])
+def test_record_a_file_too_short_for_one_chunk_exits_2_at_once(
+    tmp_path: Path, options: str
+) -> None:
+    wav = write_pcm_wav(tmp_path / "one.wav", np.zeros((1, 1), np.int16), 48000)
+    result = invoke(
+        "record", "--metrics-port", "0", "--rate", "8000", "--source", f"file:{wav}{options}"
+    )
+    assert_one_line_error(
+        result, ConfigError.exit_code, "holds 1 frame(s) at 48000 Hz, too few for one frame"
+    )
+
+
 def test_record_flags_are_environment_variables() -> None:
     result = invoke(
         "record",
@@ -226,7 +239,12 @@ async def test_sigterm_with_the_relay_away_exits_zero_within_the_flush_deadline(
     assert b"Traceback" not in err
 
 
-async def test_sigterm_flushes_everything_captured_to_the_relay(relay: Relay) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_sigterm_flushes_everything_captured_to_the_relay(
+    relay: Relay, stop: signal.Signals
+) -> None:
+    """SIGHUP (the terminal closed) stops it like SIGTERM: its default action exited
+    129 at once and lost the in-memory spool."""
     received: list[Chunk] = []
     async with Subscriber(relay.url, pattern="term-*", name="term-sub", start="earliest") as sub:
 
@@ -238,7 +256,7 @@ async def test_sigterm_flushes_everything_captured_to_the_relay(relay: Relay) ->
         process = spawn_record("--relay", relay.url, "--stream", "term-1", "--source", "synth:sine")
         try:
             await wait_until(lambda: len(received) >= 10, timeout=20, what="ten chunks")
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop)
             _, err = await asyncio.to_thread(process.communicate, timeout=15)
             assert process.returncode == 0, err.decode()
             # The publisher says goodbye after its flush: the relay has the last chunk.

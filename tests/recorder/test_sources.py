@@ -261,6 +261,49 @@ async def test_a_stereo_int16_file_at_100_is_a_mono_stream_at_the_same_level(
     assert np.all(signal == np.asarray(expected, dtype=fmt.dtype))
 
 
+# (source rate, stream rate, frames): too few frames for one output frame at the
+# stream's rate; the file would be looped modulo 0, or end before its first chunk.
+TOO_SHORT = [
+    (48000, 8000, 1),
+    (48000, 8000, 5),
+    (44100, 8000, 5),
+    (22050, 8000, 2),
+    (48000, 16000, 2),
+]
+
+
+@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize(("src_rate", "dst_rate", "frames"), TOO_SHORT)
+def test_a_file_too_short_for_one_output_frame_is_a_config_error(
+    tmp_path: Path, loop: bool, src_rate: int, dst_rate: int, frames: int
+) -> None:
+    wav = write_pcm_wav(tmp_path / "short.wav", ramp(frames), src_rate)
+    needed = -(-src_rate // dst_rate)
+    with pytest.raises(ConfigError) as caught:
+        FileSource(AudioFormat(dst_rate, 1), 160, wav, loop=loop, convert=True)
+    assert str(caught.value) == (
+        f"{wav} holds {frames} frame(s) at {src_rate} Hz, too few for one frame at the "
+        f"stream's {dst_rate} Hz: it needs at least {needed} frames"
+    )
+
+
+@pytest.mark.parametrize(
+    ("src_rate", "dst_rate", "frames", "out_frames"),
+    [(48000, 8000, 6, 1), (44100, 8000, 6, 1), (48000, 8000, 13, 2), (8000, 48000, 1, 6)],
+)
+async def test_a_file_just_long_enough_yields_its_frames_plain_and_looped(
+    tmp_path: Path, src_rate: int, dst_rate: int, frames: int, out_frames: int
+) -> None:
+    wav = write_pcm_wav(tmp_path / "short.wav", np.full((frames, 1), 1000, np.int16), src_rate)
+    fmt = AudioFormat(dst_rate, 1)
+    plain = await read_all(FileSource(fmt, 160, wav, convert=True, clock=FakeClock()))
+    assert [b.frames for b in plain] == [out_frames]
+    looped = FileSource(fmt, 160, wav, loop=True, convert=True, clock=FakeClock())
+    blocks = await read_all(looped, limit=3)
+    assert [b.frames for b in blocks] == [160, 160, 160]
+    assert np.all(np.concatenate([b.samples for b in blocks]) == 1000)
+
+
 def test_convert_refuses_stereo_to_six_channels(tmp_path: Path) -> None:
     wav = write_pcm_wav(tmp_path / "s.wav", ramp(100, 2), 16000)
     with pytest.raises(ConfigError, match="only to or from mono"):

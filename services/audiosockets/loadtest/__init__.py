@@ -12,28 +12,37 @@ subscriber, or exactly one member of a group) or counted as lost;
 duplicates and out-of-order deliveries are counted separately; latency is
 capture timestamp to arrival at the subscriber process, wall clock.
 
+Children never outlive the parent: each asks the kernel to kill it when the
+parent dies (``children.die_with_parent``), and a SIGTERM of the parent kills
+them before it exits (143).
+
 Modules: this one (config, orchestration, report, gates) and ``children``
 (the relay, publisher and subscriber processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import ssl
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal
 
 import numpy as np
 
 from ..errors import AudiosocketsError, ConfigError, GateFailed, Refused
 from .children import (
+    child_main,
     publisher_process,
     raw_subscriber_process,
     relay_process,
@@ -126,7 +135,7 @@ class Report:
 
 def _spawn(ctx: Any, target: Callable[..., None], *args: Any) -> tuple[Any, Pipe]:
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+    proc = ctx.Process(target=child_main, args=(os.getpid(), target, child, *args), daemon=True)
     proc.start()
     return proc, parent
 
@@ -143,10 +152,37 @@ def _expect(pipe: Pipe, what: str, timeout: float = 30.0) -> Any:
     return msg
 
 
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """Within: SIGTERM raises ``SystemExit(143)``, so ``run_loadtest`` kills its
+    children on the way out instead of the process vanishing without a word to
+    them. Only in the main thread (the only one Python delivers signals to)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_loadtest(cfg: LoadTestConfig, *, progress: Callable[[str], None] | None = None) -> Report:
+    """Run the load test (see the module docstring); every child is gone when it returns
+    or raises. SIGTERM of this process (main thread) kills the children, exit 143."""
+    with _sigterm_exits():
+        return _run_loadtest(cfg, progress)
+
+
+def _run_loadtest(cfg: LoadTestConfig, progress: Callable[[str], None] | None) -> Report:
     ctx = mp.get_context("spawn")
     procs = []
     relay_pipe: Pipe | None = None
+    finished = False
     try:
         if cfg.relay_url:
             url = cfg.relay_url
@@ -194,11 +230,16 @@ def run_loadtest(cfg: LoadTestConfig, *, progress: Callable[[str], None] | None 
         if relay_pipe is not None:
             relay_pipe.send("stop")
             relay_result = _expect(relay_pipe, "the relay")
+        finished = True
     finally:
+        # Done: each child is ending by itself. Failed or interrupted: kill at once.
         for proc in procs:
-            proc.join(timeout=5)
+            if finished:
+                proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
+        for proc in procs:
+            proc.join(timeout=5)
     return _report(cfg, pub_result, sub_results, relay_result)
 
 

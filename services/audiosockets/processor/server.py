@@ -211,7 +211,7 @@ class Processor:
         ready: Callable[[Processor], object] | None = None,
         signals: Iterable[signal.Signals] = STOP_SIGNALS,
     ) -> None:
-        """``start``, ``serve_forever``, ``stop`` with SIGINT/SIGTERM handling
+        """``start``, ``serve_forever``, ``stop`` with SIGINT/SIGTERM/SIGHUP handling
         (``run_service``); raises ``HandlerError`` on give-up."""
         if chunks is not None:
             self.source = chunks
@@ -443,7 +443,7 @@ async def serve(
     metrics: Metrics | None = None,
     started: Callable[[Processor], None] | None = None,
 ) -> None:
-    """Run a processor against a relay until SIGINT/SIGTERM (or handler give-up).
+    """Run a processor against a relay until SIGINT/SIGTERM/SIGHUP (or handler give-up).
 
     ``started`` is called with the ``Processor`` before it connects (its
     ``request_stop()`` ends the run like a signal; tests use that). Raises

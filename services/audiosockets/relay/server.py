@@ -41,7 +41,7 @@ from ..protocol import (
     Limits,
     encode_chunk,
 )
-from ..service import STOP_SIGNALS, run_service, signal_handlers
+from ..service import HANGUP_SIGNALS, TERMINATE_SIGNALS, run_service, signal_handlers
 from ..transport import AccountedReader, start_accounted_server
 from ..urls import RelayAddress
 from .access import AccessControl, TLSListener, reload_credentials, start_tls_server
@@ -508,7 +508,7 @@ class Relay:
         self,
         *,
         ready: Callable[[Relay], None] | None = None,
-        signals: Iterable[signal.Signals] = STOP_SIGNALS,
+        signals: Iterable[signal.Signals] = TERMINATE_SIGNALS,
     ) -> None:
         """Serve until SIGINT/SIGTERM (or ``stop()``), then drain and return.
 
@@ -520,8 +520,7 @@ class Relay:
         # SIGHUP reloads --credentials (sessions stay). Without them it is handled
         # too: its default action would kill the relay (and every stream) for a
         # habitual `kill -HUP` (logrotate, an operator following the README).
-        hangup = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
-        with signal_handlers(lambda: _on_hangup(self), hangup):
+        with signal_handlers(lambda: _on_hangup(self), HANGUP_SIGNALS):
             await run_service(self, ready=ready, signals=signals)
 
 

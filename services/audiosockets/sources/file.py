@@ -136,6 +136,14 @@ class FileSource(PacedSource):
         )
         # Frames of output the whole file yields at the stream's rate.
         self.output_frames = self.info.frames * fmt.rate // src.rate
+        if self.output_frames == 0:
+            # Downsampled to nothing: a looped file would wrap modulo 0, a plain one
+            # end before its first chunk. Neither is what anyone asked for.
+            needed = -(-src.rate // fmt.rate)  # ceil: frames * fmt.rate >= src.rate
+            raise ConfigError(
+                f"{path} holds {self.info.frames} frame(s) at {src.rate} Hz, too few for "
+                f"one frame at the stream's {fmt.rate} Hz: it needs at least {needed} frames"
+            )
 
     @property
     def description(self) -> str:
