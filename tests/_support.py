@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,26 @@ def wait_until_sync(
 async def gather_with_timeout(*aws: Awaitable[object], timeout: float = 10.0) -> list[object]:
     async with asyncio.timeout(timeout):
         return list(await asyncio.gather(*aws))
+
+
+def children_of(pid: int) -> set[int]:
+    """The pids whose parent is ``pid`` (zombies excluded)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        state, ppid = text[text.rindex(")") + 2 :].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found.add(int(text.split(" ", 1)[0]))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2] != "Z"

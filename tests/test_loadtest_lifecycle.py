@@ -11,39 +11,15 @@ import contextlib
 import os
 import signal
 import sys
-from pathlib import Path
 
 import pytest
 
-from _support import wait_until
+from _support import alive, children_of, wait_until
 from audiosockets.relay import Relay
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's"
 )
-
-
-def children_of(pid: int) -> set[int]:
-    """The pids whose parent is ``pid`` (zombies excluded)."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # gone meanwhile
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        state, ppid = text[text.rindex(")") + 2 :].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            found.add(int(text.split(" ", 1)[0]))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return text[text.rindex(")") + 2] != "Z"
 
 
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])

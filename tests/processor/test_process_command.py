@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _support import wait_until
+from _support import alive, children_of, wait_until
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import Publisher, RetryPolicy
 from audiosockets.relay import Relay
@@ -71,3 +72,52 @@ async def test_process_command_with_two_workers_stops_cleanly_on_sigterm(
     assert {e["rate"] for e in got} == {16000}
     assert len({e["pid"] for e in got}) == 2  # both worker processes took chunks
     assert "Traceback" not in stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+async def test_a_killed_processor_leaves_no_worker_process_behind(
+    relay: Relay, tmp_path: Path
+) -> None:
+    """SIGKILL gives the processor no chance to stop its workers: the kernel ends
+    them (they used to keep running, orphaned, holding the handler's resources)."""
+    handler = tmp_path / "tagger.py"
+    handler.write_text(HANDLER)
+    events = tmp_path / "events.jsonl"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "audiosockets", "--log-level", "warning", "process",
+        "--relay", relay.url, "--stream", "mic", "--handler", f"{handler}:handle",
+        "--workers", "2", "--events", str(events), "--metrics-port", "0", "--start", "earliest",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    pub = Publisher(relay.url, name="rec", retry=RetryPolicy(initial=0.02, cap=0.2, jitter=0.02))
+    workers: set[int] = set()
+    try:
+        await pub.start()
+        stream = pub.stream("mic", AudioFormat(16000, 1, SampleType.INT16))
+        for seq in range(20):
+            stream.send(np.full((320, 1), seq, np.int16))
+        assert await pub.flush(5)
+
+        def worker_pids() -> set[int]:
+            text = events.read_text() if events.exists() else ""
+            return {json.loads(line)["pid"] for line in text.splitlines()}
+
+        await wait_until(lambda: len(worker_pids()) == 2, timeout=60, what="both workers busy")
+        workers = worker_pids()
+        assert workers <= children_of(proc.pid)
+        proc.kill()
+        await proc.wait()
+        await wait_until(
+            lambda: not any(alive(pid) for pid in workers),
+            timeout=5,
+            what=f"workers {sorted(workers)} to end with the processor",
+        )
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        await pub.close(0.5)

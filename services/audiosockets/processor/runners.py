@@ -35,6 +35,7 @@ import numpy as np
 from ..audio import AudioFormat, Chunk, SampleType
 from ..errors import HandlerError
 from ..handlers import HandlerContext, HandlerOptions, MetricOp, MetricSink
+from ..orphans import die_with_parent
 from .api import Handler, SetsUp, TearsDown
 from .loading import HandlerSpec, _one_line, check_handler, load_target
 
@@ -280,8 +281,11 @@ class HandlerThread(Executor):
 _WORKER_RUNNER: HandlerRunner | None = None
 
 
-def _worker_init(spec: HandlerSpec, options: HandlerOptions, checked: bool) -> None:
+def _worker_init(
+    spec: HandlerSpec, options: HandlerOptions, checked: bool, parent_pid: int
+) -> None:
     global _WORKER_RUNNER
+    die_with_parent(parent_pid)  # a killed processor leaves no worker behind
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     from ..untrusted import configure_logging
 
@@ -373,7 +377,7 @@ class HandlerPool:
             1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
-            initargs=(self.spec, self.options, self.checked),
+            initargs=(self.spec, self.options, self.checked, os.getpid()),
         )
 
     async def process(self, index: int, chunk: Chunk) -> Outcome:
