@@ -466,7 +466,7 @@ async def test_every_processor_metric_in_the_architecture_note_is_exported() -> 
     text = ARCHITECTURE.read_text()
     section = text[text.index("Processor: ") : text.index("Drop reasons")]
     names = set(re.findall(r"`(audiosockets_[a-z_]+)", section))
-    assert len(names) == 14
+    assert len(names) == 17
     m = Metrics()
     x = sine(440, 0.5, RATE, 0.5)
     for spec in ("level", "vad", "spectrum"):
