@@ -26,12 +26,17 @@ def handle(chunk):
 """
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize(
+    ("stop", "group"),
+    [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGHUP, True)],
+    ids=["SIGTERM", "SIGHUP", "SIGHUP-to-the-group"],
+)
 async def test_process_command_with_two_workers_stops_cleanly_on_sigterm(
-    relay: Relay, tmp_path: Path, stop: signal.Signals
+    relay: Relay, tmp_path: Path, stop: signal.Signals, group: bool
 ) -> None:
     """SIGHUP (``kill -HUP``) drains like SIGTERM and exits 0; its default action
-    exited 129 with the chunks in flight unhandled."""
+    exited 129 with the chunks in flight unhandled. A closing terminal sends it to
+    the whole process group: the workers leave stopping to the processor."""
     handler = tmp_path / "tagger.py"
     handler.write_text(HANDLER)
     events = tmp_path / "events.jsonl"
@@ -41,6 +46,7 @@ async def test_process_command_with_two_workers_stops_cleanly_on_sigterm(
         "--workers", "2", "--events", str(events), "--metrics-port", "0", "--start", "earliest",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=group,
     )  # fmt: skip
     pub = Publisher(relay.url, name="rec", retry=RetryPolicy(initial=0.02, cap=0.2, jitter=0.02))
     try:
@@ -57,7 +63,10 @@ async def test_process_command_with_two_workers_stops_cleanly_on_sigterm(
             )
 
         await wait_until(lambda: len(lines()) == n, timeout=60, what="all events written")
-        proc.send_signal(stop)
+        if group:
+            os.killpg(proc.pid, stop)
+        else:
+            proc.send_signal(stop)
         rc = await asyncio.wait_for(proc.wait(), 20)
     finally:
         if proc.returncode is None:

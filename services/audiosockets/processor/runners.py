@@ -277,6 +277,20 @@ class HandlerThread(Executor):
             self._thread.join()
 
 
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (a helper process the first pool
+    needs) with SIGHUP blocked; the blocked mask is inherited. It ignores SIGINT and
+    SIGTERM itself but died on the SIGHUP a closing terminal sends to the whole
+    process group, and the pool then failed mid-drain. Idempotent."""
+    from multiprocessing import resource_tracker
+
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 # Worker-process side: one HandlerRunner per process, built by the initializer.
 _WORKER_RUNNER: HandlerRunner | None = None
 
@@ -286,7 +300,10 @@ def _worker_init(
 ) -> None:
     global _WORKER_RUNNER
     die_with_parent(parent_pid)  # a killed processor leaves no worker behind
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    # The parent decides when we stop: Ctrl-C and a closing terminal signal the
+    # whole process group, and the processor drains its workers on those itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from ..untrusted import configure_logging
 
     # A spawned worker starts with no logging: a handler's log lines (which may
@@ -373,6 +390,7 @@ class HandlerPool:
             raise HandlerError(f"handler {self.spec.name}: worker process failed to start") from exc
 
     def _new_pool(self) -> ProcessPoolExecutor:
+        _start_resource_tracker()
         return ProcessPoolExecutor(
             1,
             mp_context=multiprocessing.get_context("spawn"),
