@@ -119,16 +119,16 @@ async def test_a_stalled_process_reads_what_the_peer_sent_meanwhile(
     assert (first, second) == (OpenStream(1, "a", MONO16), OpenStream(2, "b", MONO16))
 
 
-async def test_a_stalled_process_gives_a_silent_peer_a_whole_timeout_again(
+async def test_a_peer_heard_right_after_a_stall_stays(
     pair: tuple[Channel, Connection, asyncio.StreamWriter],
 ) -> None:
     """Silence the process could not have heard does not count: a peer that speaks
-    within the timeout after the stall stays; one that stays silent times out."""
+    just after the stall (within the grace) stays; later silence times out as usual."""
     channel, client, writer = pair
     read = asyncio.create_task(channel.next_event())
     await asyncio.sleep(0.05)  # the read is pending
     _stall_the_process(STALL)
-    await asyncio.sleep(TIMEOUT / 3)  # the peer speaks within a timeout of the stall
+    await asyncio.sleep(TIMEOUT / 3)  # the peer speaks within the grace
     writer.write(client.send(OpenStream(1, "a", MONO16)))
     assert await asyncio.wait_for(read, 5) == OpenStream(1, "a", MONO16)
     started = time.monotonic()
@@ -136,3 +136,27 @@ async def test_a_stalled_process_gives_a_silent_peer_a_whole_timeout_again(
         await asyncio.wait_for(channel.next_event(), 5)
     assert caught.value.code is ErrorCode.HEARTBEAT_TIMEOUT
     assert time.monotonic() - started >= TIMEOUT * 0.9
+
+
+async def test_a_loop_that_stays_slow_still_times_a_dead_peer_out(
+    pair: tuple[Channel, Connection, asyncio.StreamWriter],
+) -> None:
+    """Every iteration blocks longer than the stall threshold, so every timer fires
+    late: the dead peer gets one grace, not one per late timer (it used to be kept
+    for as long as the load lasted)."""
+    channel, _client, _writer = pair
+    stop = asyncio.Event()
+
+    async def hog() -> None:
+        while not stop.is_set():
+            _stall_the_process(STALL)
+            await asyncio.sleep(0)
+
+    hogging = asyncio.create_task(hog())
+    try:
+        with pytest.raises(ConnectionClosed) as caught:
+            await asyncio.wait_for(channel.next_event(), 8 * STALL)
+    finally:
+        stop.set()
+        await hogging
+    assert caught.value.code is ErrorCode.HEARTBEAT_TIMEOUT

@@ -520,10 +520,12 @@ class _SilenceWatchdog:
 
     Only silence the loop could have heard counts. When the timer fires more
     than ``STALL_SECONDS`` late, the process itself was not running (SIGSTOP, a
-    swapped-out or starved host, a long collection): whatever the peer sent
-    meanwhile is still unread in the socket, so the peer gets a whole timeout
-    again from now. A timer that finds bytes received and not yet read does
-    not fire either.
+    swapped-out or starved host, a long collection): whatever a live peer sent
+    meanwhile (its PINGs at least) is still unread in the socket, and the loop
+    reads it in its next iteration. So the timer looks once more after a grace of
+    ``min(STALL_SECONDS, heartbeat_timeout)``, once per read: a loop that stays
+    slow cannot keep a dead peer's session open. A timer that finds bytes
+    received and not yet read does not fire either.
     """
 
     #: Lateness (seconds) of the timer that marks a stalled loop rather than a
@@ -535,6 +537,7 @@ class _SilenceWatchdog:
         self._started: float | None = None  # loop time the pending read began
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0  # loop time the timer is due
+        self._forgave = False  # this read already had its grace after a stall
 
     def _arm(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
         self._due = loop.time() + delay
@@ -544,6 +547,7 @@ class _SilenceWatchdog:
         channel = self._channel
         loop = asyncio.get_running_loop()
         self._started = loop.time()
+        self._forgave = False
         if self._timer is None:
             self._arm(loop, channel.heartbeat_timeout)
         try:
@@ -563,10 +567,15 @@ class _SilenceWatchdog:
             return  # not waiting to read: the next read arms the timer again
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if now - self._due > self.STALL_SECONDS or getattr(channel.reader, "pending", 0) > 0:
-            # Stalled, or the peer's bytes are here and the read has not woken yet.
+        if getattr(channel.reader, "pending", 0) > 0:
+            # The peer's bytes are here; the read has not woken yet.
             self._started = now
             self._arm(loop, channel.heartbeat_timeout)
+            return
+        if now - self._due > self.STALL_SECONDS and not self._forgave:
+            # Stalled: look again once the loop has read the socket.
+            self._forgave = True
+            self._arm(loop, min(self.STALL_SECONDS, channel.heartbeat_timeout))
             return
         waited = now - self._started
         if waited >= channel.heartbeat_timeout:
