@@ -277,20 +277,6 @@ class HandlerThread(Executor):
             self._thread.join()
 
 
-def _start_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker (a helper process the first pool
-    needs) with SIGHUP blocked; the blocked mask is inherited. It ignores SIGINT and
-    SIGTERM itself but died on the SIGHUP a closing terminal sends to the whole
-    process group, and the pool then failed mid-drain. Idempotent."""
-    from multiprocessing import resource_tracker
-
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
 # Worker-process side: one HandlerRunner per process, built by the initializer.
 _WORKER_RUNNER: HandlerRunner | None = None
 
@@ -303,7 +289,8 @@ def _worker_init(
     # The parent decides when we stop: Ctrl-C and a closing terminal signal the
     # whole process group, and the processor drains its workers on those itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # discards one pending since the spawn
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # see _new_pool
     from ..untrusted import configure_logging
 
     # A spawned worker starts with no logging: a handler's log lines (which may
@@ -390,13 +377,32 @@ class HandlerPool:
             raise HandlerError(f"handler {self.spec.name}: worker process failed to start") from exc
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        _start_resource_tracker()
-        return ProcessPoolExecutor(
-            1,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(self.spec, self.options, self.checked, os.getpid()),
-        )
+        """A one-worker pool whose process starts now, with SIGHUP blocked.
+
+        A closing terminal sends SIGHUP to the whole process group; the processor
+        drains on it, and its workers must leave that to it. A spawned worker
+        ignores SIGHUP only once ``_worker_init`` runs, after the interpreter and
+        numpy loaded; multiprocessing's resource tracker (a helper process the
+        first pool starts) never does. Both are therefore started here with
+        SIGHUP blocked (the mask is inherited across exec): ``submit`` spawns the
+        worker in this thread, at once. Without this either died, and the pool
+        broke at start or mid-drain.
+        """
+        from multiprocessing import resource_tracker
+
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            resource_tracker.ensure_running()
+            pool = ProcessPoolExecutor(
+                1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(self.spec, self.options, self.checked, os.getpid()),
+            )
+            pool.submit(os.getpid)  # spawns the worker under the mask
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return pool
 
     async def process(self, index: int, chunk: Chunk) -> Outcome:
         """Handle ``chunk`` in the thread, or in worker ``index`` (0 <= index < workers).
