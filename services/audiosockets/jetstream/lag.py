@@ -13,8 +13,10 @@ ack-pending counts are always 0 and are not exported; what a processor holds
 after delivery is ``audiosockets_queue_depth_chunks``.
 
 State: the gauge's children, one per reader key still read (a group member's
-stream that moved away loses its series). A reader whose consumer is being
-(re)created, or a failed request, leaves the last value as it was.
+stream that moved away loses its series; while the link is down there are
+none: the lag is unknown, not what it was). A reader whose consumer is being
+(re)created, or a failed request, leaves the last value as it was; a fault in
+a round is logged and the next round runs.
 """
 
 from __future__ import annotations
@@ -78,8 +80,12 @@ async def watch_lag(
     are gone are removed."""
     exported: set[str] = set()
     while True:
-        exported |= await poll_lag(link, readers, label, metrics, timeout=min(2.0, interval))
-        current = {label(key) for key in list(readers)}
+        try:
+            exported |= await poll_lag(link, readers, label, metrics, timeout=min(2.0, interval))
+        except Exception:  # a fault of ours must not freeze the gauge silently
+            log.exception("polling the consumers' lag failed; trying again in %g s", interval)
+        # Disconnected, the lag is unknown: no series rather than a stale one.
+        current = {label(key) for key in list(readers)} if link.connected.is_set() else set()
         for name in exported - current:
             with contextlib.suppress(KeyError):
                 metrics.jetstream_pending.remove(name)
