@@ -1,7 +1,7 @@
 """Who may do what at the relay: identities, roles, stream and group scopes.
 
 Pure: no I/O beyond reading the credentials file, no asyncio. The relay asks
-``Authenticator.authenticate(token)`` once per HELLO and the ``may_*``
+``Authenticator.authenticate(token, certificate)`` once per HELLO and the ``may_*``
 functions per request; each returns ``None`` (allowed) or a ``Refusal`` whose
 ``reason`` is the metric label and whose ``message`` is the sentence the
 client prints before exiting with status 1.
@@ -18,6 +18,7 @@ Three modes, one interface:
       [[client]]
       name = "rec-kitchen"              # the identity; owns the streams it publishes
       token_sha256 = "9f86d0..."        # hex SHA-256 of the token (the file holds no secret)
+      certificate = "rec-kitchen"       # and/or: the subject CN of its client certificate
       roles = ["publish"]               # any of publish, subscribe, admin
       streams = ["kitchen-*"]           # globs it may publish or subscribe to (default none)
       groups = ["archivers"]            # groups it may join (absent: none, fan-out only)
@@ -25,6 +26,16 @@ Three modes, one interface:
 Tokens are matched by hashing the presented token and comparing it with every
 entry's hash with ``hmac.compare_digest`` (all entries, so the time taken does
 not say which entry came close).
+
+A ``certificate`` entry is matched against the subject common name (CN) of the
+client certificate the TLS handshake verified (``--tls-client-ca``; see
+``certificate_name``), exactly and case-sensitively. The CN, not a subject
+alternative name: ``audiosockets certs issue DIR NAME`` always makes NAME the
+CN, while its DNS names are host names (``--dns``) that a client certificate
+need not carry; and a certificate has one CN but may list many SANs, so one
+certificate names at most one entry. An entry is identified by its
+certificate, by its token, or by either when it names both; when a connection
+brings both, they must name the same entry (``certificate_mismatch``).
 """
 
 from __future__ import annotations
@@ -52,6 +63,8 @@ RefusalReason = Literal[
     "group_not_allowed",
     "stream_owned",  # a live stream another identity publishes
     "certificate_required",  # mutual TLS and the client sent no certificate
+    "certificate_unknown",  # a verified certificate no entry names, and no token
+    "certificate_mismatch",  # a certificate naming one entry, a token not of that entry
 ]
 REFUSAL_REASONS: tuple[RefusalReason, ...] = (
     "bad_token",
@@ -60,6 +73,8 @@ REFUSAL_REASONS: tuple[RefusalReason, ...] = (
     "group_not_allowed",
     "stream_owned",
     "certificate_required",
+    "certificate_unknown",
+    "certificate_mismatch",
 )
 
 #: The permission each session role needs in HELLO.
@@ -110,17 +125,19 @@ BAD_TOKEN = Refusal("bad_token", "bad token: the relay does not know this token"
 
 
 class Authenticator(Protocol):
-    """Turns HELLO's token into an identity, or refuses it."""
+    """Turns HELLO's token (and the verified client certificate) into an identity, or refuses it."""
 
-    def authenticate(self, token: str) -> Identity | Refusal:
-        """The identity ``token`` stands for, or ``BAD_TOKEN``."""
+    def authenticate(self, token: str, certificate: str | None = None) -> Identity | Refusal:
+        """The identity ``token`` stands for, or the refusal. ``certificate``: the
+        subject CN of the client certificate the TLS handshake verified (None:
+        none); only ``Credentials`` use it."""
         ...
 
 
 class OpenAccess:
     """No authentication: everyone is ``EVERYONE``."""
 
-    def authenticate(self, token: str) -> Identity | Refusal:
+    def authenticate(self, token: str, certificate: str | None = None) -> Identity | Refusal:
         return EVERYONE
 
 
@@ -132,17 +149,19 @@ class SharedToken:
             raise ConfigError("the shared token must not be empty")
         self._digest = hashlib.sha256(token.encode()).digest()
 
-    def authenticate(self, token: str) -> Identity | Refusal:
+    def authenticate(self, token: str, certificate: str | None = None) -> Identity | Refusal:
         presented = hashlib.sha256(token.encode()).digest()
         return EVERYONE if hmac.compare_digest(presented, self._digest) else BAD_TOKEN
 
 
 @dataclass(frozen=True, slots=True)
 class Client:
-    """One ``[[client]]`` entry: the identity and the SHA-256 of its token."""
+    """One ``[[client]]`` entry: the identity, the SHA-256 of its token and the
+    name (CN) of its certificate; at least one of the two is not None."""
 
     identity: Identity
-    token_sha256: bytes
+    token_sha256: bytes | None
+    certificate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,18 +171,51 @@ class Credentials:
     clients: tuple[Client, ...]
     source: str = "<credentials>"
 
-    def authenticate(self, token: str) -> Identity | Refusal:
-        if not token:
-            return BAD_TOKEN
-        return self.identify(hashlib.sha256(token.encode()).digest())
+    def authenticate(self, token: str, certificate: str | None = None) -> Identity | Refusal:
+        digest = hashlib.sha256(token.encode()).digest() if token else None
+        return self.identify(digest, certificate)
 
-    def identify(self, token_sha256: bytes) -> Identity | Refusal:
-        """The identity whose ``token_sha256`` this is (``authenticate`` without the token)."""
-        found: Identity | None = None
-        for client in self.clients:  # every entry, whichever matches
+    def identify(
+        self, token_sha256: bytes | None, certificate: str | None = None
+    ) -> Identity | Refusal:
+        """The identity of a token's SHA-256 (None: no token) and a verified
+        certificate's CN (None: no certificate); ``authenticate`` without the token.
+
+        A certificate an entry names gives that entry, and a token sent with it
+        must be that entry's (else ``certificate_mismatch``). Otherwise the token
+        decides (``bad_token`` when it is unknown or missing); a certificate no
+        entry names with no token at all is ``certificate_unknown``.
+        """
+        by_token = None if token_sha256 is None else self._by_token(token_sha256)
+        by_certificate = None
+        if certificate is not None:
+            by_certificate = next((c for c in self.clients if c.certificate == certificate), None)
+        if by_certificate is not None:
+            if token_sha256 is None or by_token is by_certificate:
+                return by_certificate.identity
+            return Refusal(
+                "certificate_mismatch",
+                f"certificate and token disagree: the certificate is client "
+                f"{by_certificate.identity.name!r}'s and the token is not",
+            )
+        if by_token is not None:
+            return by_token.identity
+        if token_sha256 is None and certificate is not None:
+            return Refusal(
+                "certificate_unknown",
+                f"unknown certificate: no client of this relay has certificate "
+                f"{certificate!r}, and no token was given",
+            )
+        return BAD_TOKEN
+
+    def _by_token(self, token_sha256: bytes) -> Client | None:
+        found: Client | None = None
+        for client in self.clients:  # every entry with a token, whichever matches
+            if client.token_sha256 is None:
+                continue
             if hmac.compare_digest(token_sha256, client.token_sha256) and found is None:
-                found = client.identity
-        return BAD_TOKEN if found is None else found
+                found = client
+        return found
 
     def names(self) -> frozenset[str]:
         """Every identity name in the file."""
@@ -285,7 +337,7 @@ def _verb(permission: Permission) -> str:
 
 # -- the file -------------------------------------------------------------------
 
-_FIELDS = frozenset({"name", "token_sha256", "roles", "streams", "groups"})
+_FIELDS = frozenset({"name", "token_sha256", "certificate", "roles", "streams", "groups"})
 
 
 def load_credentials(path: Path) -> Credentials:
@@ -294,8 +346,9 @@ def load_credentials(path: Path) -> Credentials:
     Raises ConfigError with one line naming the file and the entry or line
     at fault: unreadable file, TOML syntax (with its line), a missing or
     unknown field, a role not in publish/subscribe/admin, a token hash that is
-    not 64 hex digits, a name or token hash used twice, no [[client]] at all
-    (an empty or whitespace-only file).
+    not 64 hex digits, a certificate that is not a non-empty string, an entry
+    with neither, a name, token hash or certificate used twice, no [[client]]
+    at all (an empty or whitespace-only file).
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -325,17 +378,26 @@ def parse_credentials(text: str, *, source: str = "<credentials>") -> Credential
     clients: list[Client] = []
     names: set[str] = set()
     digests: set[bytes] = set()
+    certificates: set[str] = set()
     for number, entry in enumerate(entries, 1):
         client = _parse_client(entry, f"{source}: [[client]] #{number}")
         name = client.identity.name
         if name in names:
             raise ConfigError(f"{source}: [[client]] #{number}: name {name!r} is used twice")
-        if client.token_sha256 in digests:
+        if client.token_sha256 is not None and client.token_sha256 in digests:
             raise ConfigError(
                 f"{source}: [[client]] #{number} ({name!r}): token_sha256 is used twice"
             )
+        if client.certificate is not None and client.certificate in certificates:
+            raise ConfigError(
+                f"{source}: [[client]] #{number} ({name!r}): certificate "
+                f"{client.certificate!r} is used twice"
+            )
         names.add(name)
-        digests.add(client.token_sha256)
+        if client.token_sha256 is not None:
+            digests.add(client.token_sha256)
+        if client.certificate is not None:
+            certificates.add(client.certificate)
         clients.append(client)
     return Credentials(tuple(clients), source)
 
@@ -348,11 +410,21 @@ def _parse_client(entry: dict[str, Any], where: str) -> Client:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{where}: 'name' must be a non-empty string")
     where = f"{where} ({name!r})"
+    if "token_sha256" not in entry and "certificate" not in entry:
+        raise ConfigError(f"{where}: give 'token_sha256', 'certificate' or both")
     digest = entry.get("token_sha256")
-    if not isinstance(digest, str) or not _HEX_SHA256.fullmatch(digest.lower()):
+    if digest is not None and (
+        not isinstance(digest, str) or not _HEX_SHA256.fullmatch(digest.lower())
+    ):
         raise ConfigError(
             f"{where}: 'token_sha256' must be the SHA-256 of the token as 64 hex digits "
             "(printf %s TOKEN | sha256sum)"
+        )
+    certificate = entry.get("certificate")
+    if certificate is not None and (not isinstance(certificate, str) or not certificate.strip()):
+        raise ConfigError(
+            f"{where}: 'certificate' must be a non-empty string "
+            "(the common name of the client's certificate)"
         )
     roles = _strings(entry, "roles", where, required=True)
     for role in roles:
@@ -366,7 +438,7 @@ def _parse_client(entry: dict[str, Any], where: str) -> Client:
         tuple(streams),
         tuple(groups),
     )
-    return Client(identity, bytes.fromhex(digest))
+    return Client(identity, None if digest is None else bytes.fromhex(digest), certificate)
 
 
 def _strings(entry: dict[str, Any], field: str, where: str, *, required: bool) -> list[str]:

@@ -456,13 +456,15 @@ class Metrics:
         )
         self.auth_failures = Counter(
             "audiosockets_auth_failures",
-            "Connections refused because the token was missing or wrong.",
+            "Connections refused because neither the token nor the client certificate "
+            "identifies a client (bad_token, certificate_unknown, certificate_mismatch).",
             registry=r,
         )
         self.refusals = Counter(
             "audiosockets_refusals",
             "Handshakes and requests the relay refused, by the rule that refused them "
-            "(bad_token, role_not_allowed, stream_not_allowed, group_not_allowed, stream_owned).",
+            "(bad_token, role_not_allowed, stream_not_allowed, group_not_allowed, stream_owned, "
+            "certificate_required, certificate_unknown, certificate_mismatch).",
             ["reason"],
             registry=r,
         )

@@ -161,6 +161,27 @@ def handshake_failure(exc: BaseException) -> HandshakeFailure:
     return "handshake_failed"
 
 
+def verified_client_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The subject common name (CN) of the client certificate the handshake verified.
+
+    Read from the standard library's ``getpeercert()``, which is empty unless
+    the certificate was verified (``--tls-client-ca``). None without TLS, without
+    a verified certificate, or when its subject has no CN or more than one.
+    """
+    peer = ssl_object.getpeercert() if ssl_object is not None else None
+    if not peer:
+        return None
+    subject = peer.get("subject", ())  # ((("commonName", "rec-1"),), ...): one tuple per RDN
+    names = [
+        pair[1]
+        for rdn in subject
+        if isinstance(rdn, tuple)
+        for pair in rdn
+        if isinstance(pair, tuple) and pair[0] == "commonName"
+    ]
+    return names[0] if len(names) == 1 else None
+
+
 def describe_verify_failure(exc: ssl.SSLCertVerificationError) -> str:
     """The reason OpenSSL gave for not trusting a certificate, as one phrase."""
     return exc.verify_message or exc.reason or str(exc)

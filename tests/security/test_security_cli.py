@@ -111,7 +111,7 @@ PROCESS = ["process", "--handler", "level", "--metrics-port", "0"]
     [
         ([*RECORD, "--stream", "hall"], "rec-1", "stream not allowed: client 'rec-1' may not publish 'hall'"),
         ([*RECORD, "--stream", "mic-1"], "listener", "role not allowed: client 'listener' may not publish"),
-        ([*RECORD, "--stream", "mic-1"], None, "bad token"),
+        ([*RECORD, "--stream", "mic-1"], None, "unknown certificate: no client of this relay has certificate 'rec-1', and no token was given"),
         ([*PROCESS, "--stream", "*"], "listener", "stream not allowed: client 'listener' may not subscribe to '*'"),
         ([*PROCESS, "--stream", "mic-*", "--group", "analysts"], "archiver", "group not allowed: client 'archiver' may not join group 'analysts'"),
         ([*PROCESS, "--stream", "mic-*"], "rec-1", "role not allowed: client 'rec-1' may not subscribe"),

@@ -4,7 +4,9 @@ The decisions are the pure functions of ``credentials``; this module applies
 them to connections and sessions:
 
 * ``accept_tls``: the TLS handshake of one connection (``--tls-cert``), and
-  with ``--tls-client-ca`` the check that the client presented a certificate.
+  with ``--tls-client-ca`` the check that the client presented a certificate,
+  whose subject CN may itself identify the client (``certificate`` entries of
+  the credentials file).
   A failed handshake (plain TCP on the TLS port, an untrusted certificate) is
   counted in ``audiosockets_tls_handshake_failures_total{reason}`` and logged
   at a rate limit per source address.
@@ -49,7 +51,12 @@ from ..credentials import (
 )
 from ..errors import ConfigError, ErrorCode
 from ..protocol import ErrorFrame
-from ..tls import HANDSHAKE_FAILURES, handshake_failure, requires_client_certificate
+from ..tls import (
+    HANDSHAKE_FAILURES,
+    handshake_failure,
+    requires_client_certificate,
+    verified_client_name,
+)
 from ..transport import LISTEN_BACKLOG
 
 if TYPE_CHECKING:
@@ -58,6 +65,10 @@ if TYPE_CHECKING:
     from .sessions import Session
 
 log = logging.getLogger("audiosockets.relay")
+
+#: Refusals of a client neither its token nor its certificate identifies:
+#: ``audiosockets_auth_failures_total``, and the throttle's delay.
+_UNIDENTIFIED = frozenset({"bad_token", "certificate_unknown", "certificate_mismatch"})
 
 Clock = Callable[[], float]
 
@@ -187,17 +198,26 @@ class AccessControl:
             return "credentials"
         return "token" if isinstance(self.authenticator, SharedToken) else "open"
 
-    def identify(self, token: str) -> Identity | Refusal:
-        """The identity HELLO's ``token`` stands for, or the refusal."""
-        return self.authenticator.authenticate(token)
+    def identify(self, token: str, certificate: str | None = None) -> Identity | Refusal:
+        """The identity HELLO's ``token`` and the verified client certificate's CN
+        (``certificate_name``; None: none) stand for, or the refusal."""
+        return self.authenticator.authenticate(token, certificate)
+
+    def certificate_name(self, writer: asyncio.StreamWriter) -> str | None:
+        """The subject CN of the client certificate this connection's handshake
+        verified; None without ``--tls-client-ca`` or without a certificate."""
+        if not requires_client_certificate(self.tls):
+            return None
+        ssl_object = writer.get_extra_info("ssl_object")
+        return verified_client_name(ssl_object) if ssl_object is not None else None
 
     async def refuse(self, address: str, refusal: Refusal, who: str) -> None:
         """Count ``refusal``, log it (rate-limited per address) and, for a bad
         token, wait the throttle's delay before the caller answers."""
         self.metrics.refusals.labels(refusal.reason).inc()
-        if refusal.reason == "bad_token":
+        if refusal.reason in _UNIDENTIFIED:
             self.metrics.auth_failures.inc()
-        failed_auth = refusal.reason in ("bad_token", "certificate_required")
+        failed_auth = refusal.reason in _UNIDENTIFIED or refusal.reason == "certificate_required"
         penalty = self.throttle.refused(address, failed_auth=failed_auth)
         if penalty.log:
             more = (
@@ -221,9 +241,11 @@ class AccessControl:
         """Is ``session`` still allowed under the reloaded credentials? Updates its
         identity when it is; returns the refusal (to close it with) when not."""
         assert isinstance(self.authenticator, Credentials), "recheck after reload only"
-        found = self.authenticator.identify(session.token_sha256)
+        found = self.authenticator.identify(session.token_sha256 or None, session.certificate)
         if isinstance(found, Refusal):
-            return Refusal(found.reason, "credentials reloaded: this token is no longer valid")
+            if found.reason == "bad_token":
+                return Refusal(found.reason, "credentials reloaded: this token is no longer valid")
+            return Refusal(found.reason, f"credentials reloaded: {found.message}")
         refusal = may_open(found, session.role)
         from .sessions import PublisherSession, SubscriberSession
 
@@ -374,8 +396,9 @@ async def start_tls_server(
 
 
 def token_digest(token: str) -> bytes:
-    """The SHA-256 a session keeps of its token (for rechecks; never the token)."""
-    return hashlib.sha256(token.encode()).digest()
+    """The SHA-256 a session keeps of its token (for rechecks; never the token);
+    ``b""`` for no token."""
+    return hashlib.sha256(token.encode()).digest() if token else b""
 
 
 def reload_credentials(relay: Relay) -> bool:

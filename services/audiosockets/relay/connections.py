@@ -82,14 +82,16 @@ async def serve_connection(
         max_write_buffer=cfg.write_buffer_limit,
     )
     session: Session | None = None
+    certificate = relay.access.certificate_name(writer)
     try:
-        admitted = await _handshake(relay, channel)
+        admitted = await _handshake(relay, channel, certificate)
         if admitted is None:
             return
         hello, identity = admitted
         session = SESSION_TYPES[hello.role](relay, channel, hello, next(relay.session_ids))
         session.identity = identity
         session.token_sha256 = token_digest(hello.token)
+        session.certificate = certificate
         relay.sessions.add(session)
         relay.metrics.connected_clients.labels(session.role.label).inc()
         log.info("%s %r connected from %s", session.role.label, session.name, channel.peer)
@@ -149,8 +151,11 @@ async def serve_connection(
         await channel.close()
 
 
-async def _handshake(relay: Relay, channel: Channel) -> tuple[Hello, Identity] | None:
-    """Read HELLO, identify the client and check its role, answer WELCOME,
+async def _handshake(
+    relay: Relay, channel: Channel, certificate: str | None
+) -> tuple[Hello, Identity] | None:
+    """Read HELLO, identify the client (by its token and ``certificate``, the
+    verified client certificate's CN) and check its role, answer WELCOME,
     start heartbeats. None when the client left; ``RequestRefused`` when a
     rule refuses it (its certificate, token or role)."""
     cfg = relay.config
@@ -167,7 +172,7 @@ async def _handshake(relay: Relay, channel: Channel) -> tuple[Hello, Identity] |
     access = relay.access
     found: Identity | Refusal | None = access.client_certificate_refusal(channel.writer)
     if found is None:
-        found = access.identify(hello.token)
+        found = access.identify(hello.token, certificate)
     if isinstance(found, Identity):
         found = may_open(found, hello.role) or found
     if isinstance(found, Refusal):

@@ -58,7 +58,8 @@ class Session:
     a relay-wide session number, ``connected_at`` Unix seconds, ``identity``
     who the client is and what it may do (``credentials.Identity``; set after
     the handshake, replaced when the credentials are reloaded),
-    ``token_sha256`` the SHA-256 of its token (to recheck it). ``tasks`` is
+    ``token_sha256`` the SHA-256 of its token (``b""``: none) and ``certificate``
+    its verified client certificate's CN (None: none), to recheck them. ``tasks`` is
     the session's task group, set by the relay while the session runs: tasks
     started there end with the session, and an unexpected exception in one of
     them ends the session as an internal error.
@@ -74,6 +75,7 @@ class Session:
         self.connected_at = time.time()
         self.identity = EVERYONE
         self.token_sha256 = b""
+        self.certificate: str | None = None
         self.tasks: asyncio.TaskGroup | None = None
         self.last_active = relay.clock()  # relay clock at the last request (not PING)
         self.cut_reason = ""  # set when the relay ends the session to protect itself
