@@ -17,6 +17,7 @@ from audiosockets.credentials import (
     Credentials,
     Identity,
     OpenAccess,
+    Refusal,
     SharedToken,
     load_credentials,
     may_open,
@@ -266,6 +267,23 @@ def test_every_glob_admits_itself_and_star_admits_all(glob: str) -> None:
             f"[[client]]\nname='y'\ntoken_sha256='{sha('t')}'\nroles=['publish']",
             r"#2 \('y'\): token_sha256 is used twice",
         ),
+        (
+            "[[client]]\nname='x'\nroles=['publish']",
+            r"#1 \('x'\): give 'token_sha256', 'certificate'",
+        ),
+        (
+            "[[client]]\nname='x'\ncertificate=''\nroles=['publish']",
+            r"'certificate' must be a non-empty",
+        ),
+        (
+            "[[client]]\nname='x'\ncertificate=['x']\nroles=['publish']",
+            r"'certificate' must be a non-empty",
+        ),
+        (
+            "[[client]]\nname='x'\ncertificate='cam'\nroles=['publish']\n"
+            "[[client]]\nname='y'\ncertificate='cam'\nroles=['publish']",
+            r"#2 \('y'\): certificate 'cam' is used twice",
+        ),
         ("[client]\nname='x'", r"'client' must be \[\[client\]\] tables"),
         ("token = 'x'", r"unknown top-level key 'token'"),
         ("", r"no \[\[client\]\] tables: the file admits no one"),  # truncated mid-edit
@@ -296,3 +314,61 @@ def test_uppercase_hex_is_accepted() -> None:
         f"[[client]]\nname='x'\ntoken_sha256='{sha('t').upper()}'\nroles=['publish']\n"
     )
     assert identity(creds, "t").name == "x"
+
+
+# -- certificates ------------------------------------------------------------------------------
+
+CERTIFICATES = f"""
+[[client]]
+name = "cam"
+certificate = "cam-7"
+roles = ["publish"]
+streams = ["cam-*"]
+
+[[client]]
+name = "both"
+certificate = "both-cert"
+token_sha256 = "{sha("both-secret")}"
+roles = ["subscribe"]
+
+[[client]]
+name = "tok"
+token_sha256 = "{sha("tok-secret")}"
+roles = ["publish"]
+"""
+
+
+def test_a_certificate_names_its_entry_and_a_token_must_agree() -> None:
+    creds = parse_credentials(CERTIFICATES)
+    cam = creds.authenticate("", "cam-7")
+    assert isinstance(cam, Identity)
+    assert cam.name == "cam"
+    assert cam.streams == ("cam-*",)
+    # An entry naming both: either one identifies it, both together too.
+    pairs = [("both-secret", None), ("", "both-cert"), ("both-secret", "both-cert")]
+    for token, certificate in pairs:
+        found = creds.authenticate(token, certificate)
+        assert isinstance(found, Identity), (token, certificate)
+        assert found.name == "both"
+    # A certificate no entry names leaves the token to decide.
+    found = creds.authenticate("tok-secret", "stranger")
+    assert isinstance(found, Identity)
+    assert found.name == "tok"
+    for token in ["tok-secret", "both-secret", "wrong"]:
+        refusal = creds.authenticate(token, "cam-7")
+        assert refusal == Refusal(
+            "certificate_mismatch",
+            "certificate and token disagree: the certificate is client 'cam''s and the token is not",
+        ), token
+    unknown = creds.authenticate("", "stranger")
+    assert isinstance(unknown, Refusal)
+    assert unknown.reason == "certificate_unknown"
+    assert "'stranger'" in unknown.message
+    # No certificate: a certificate-only entry cannot be reached.
+    assert creds.authenticate("", None) == BAD_TOKEN
+    assert creds.authenticate("wrong", "stranger") == BAD_TOKEN
+    # Certificate names are matched exactly.
+    assert isinstance(creds.authenticate("", "CAM-7"), Refusal)
+    # The open and shared-token modes ignore certificates.
+    assert OpenAccess().authenticate("", "cam-7") is EVERYONE
+    assert SharedToken("s").authenticate("", "cam-7") == BAD_TOKEN
