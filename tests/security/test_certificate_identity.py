@@ -8,6 +8,7 @@ entry's grants, and a token sent beside it must be the same entry's.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.certs import Issued, issue
 from audiosockets.client import Publisher, RetryPolicy, Subscriber
-from audiosockets.errors import Refused
+from audiosockets.errors import ConfigError, Refused
 from audiosockets.metrics import Metrics
 from audiosockets.relay import Relay, RelayConfig
 from audiosockets.tls import client_context, server_context
@@ -155,20 +156,40 @@ async def test_a_token_of_another_entry_with_a_certificate_is_refused(
     assert relay.metrics.registry.get_sample_value("audiosockets_auth_failures_total") == 1
 
 
-async def test_without_a_verified_certificate_a_certificate_entry_is_unreachable(
-    site: Site, credentials_file: Path, rec_cert: Issued
+async def test_a_relay_that_asks_for_no_certificate_refuses_certificate_only_entries(
+    site: Site, credentials_file: Path, tmp_path: Path
 ) -> None:
-    """TLS without --tls-client-ca: the client's certificate is not even asked for."""
+    """TLS without --tls-client-ca never sees a client certificate: an entry only a
+    certificate identifies could never log in, so the relay says so at start."""
     tls = server_context(cert=site.relay.cert, key=site.relay.key)
-    relay = await running(
-        RelayConfig(host="127.0.0.1", port=0, tls=tls, credentials=credentials_file)
-    )
+    with pytest.raises(ConfigError, match=r"'rec-cert' can only log in with a client certificate"):
+        Relay(
+            RelayConfig(host="127.0.0.1", port=0, tls=tls, credentials=credentials_file),
+            metrics=Metrics(),
+        )
+    # Plain TCP as well; an entry with a token too is fine, and reached by its token.
+    both = tmp_path / "both.toml"
+    both.write_text(credentials_toml() + CERT_ONLY.replace(
+        'certificate = "rec-cert"',
+        f'certificate = "rec-cert"\ntoken_sha256 = "{hashlib.sha256(b"cert-token").hexdigest()}"',
+    ))  # fmt: skip
+    with pytest.raises(ConfigError, match="'rec-cert'"):
+        Relay(RelayConfig(host="127.0.0.1", port=0, credentials=credentials_file))
+    relay = await running(RelayConfig(host="127.0.0.1", port=0, tls=tls, credentials=both))
     try:
-        pub = cert_publisher(relay, site, rec_cert)
-        pub.stream("mic-cert-1", FMT)
-        error = await refused(pub)
-        assert "bad token" in str(error)
-        assert count(relay, "bad_token") == 1
+        pub = Publisher(
+            relay.url, name="rec-cert", token="cert-token", tls=client_context(ca=site.ca),
+            retry=FAST_RETRY, metrics=Metrics(),
+        )  # fmt: skip
+        stream = pub.stream("mic-cert-1", FMT)
+        await pub.start()
+        stream.send(np.zeros(320, np.int16))
+        assert await pub.flush(5)
+        assert relay.streams["mic-cert-1"].owner is not None
+        await pub.close()
+        # A reload that would strand an entry keeps the credentials in force.
+        both.write_text(credentials_toml() + CERT_ONLY)
+        assert relay.reload_credentials() is False
     finally:
         await relay.stop()
 

@@ -179,7 +179,7 @@ class AccessControl:
         self.credentials_path = credentials
         self.authenticator: Authenticator
         if credentials is not None:
-            self.authenticator = load_credentials(credentials)
+            self.authenticator = self._reachable(load_credentials(credentials))
         elif token:
             self.authenticator = SharedToken(token)
         else:
@@ -233,8 +233,28 @@ class AccessControl:
         """Read the credentials file again; raises ConfigError (the old ones stay)."""
         if self.credentials_path is None:
             raise ConfigError("the relay has no --credentials file to reload")
-        credentials = load_credentials(self.credentials_path)
+        credentials = self._reachable(load_credentials(self.credentials_path))
         self.authenticator = credentials
+        return credentials
+
+    def _reachable(self, credentials: Credentials) -> Credentials:
+        """``credentials`` if every entry can log in on this relay; ConfigError
+        naming the entries that only a client certificate identifies when the relay
+        asks for none (without ``--tls-client-ca`` no certificate is ever seen)."""
+        if requires_client_certificate(self.tls):
+            return credentials
+        stranded = [
+            c.identity.name
+            for c in credentials.clients
+            if c.certificate is not None and c.token_sha256 is None
+        ]
+        if stranded:
+            raise ConfigError(
+                f"{credentials.source}: {', '.join(map(repr, stranded))} can only log in "
+                "with a client certificate, but the relay asks for none: give it "
+                "--tls-client-ca (and --tls-cert/--tls-key), or a token_sha256 to the "
+                f"entr{'y' if len(stranded) == 1 else 'ies'}"
+            )
         return credentials
 
     def recheck(self, session: Session) -> Refusal | None:
