@@ -355,9 +355,12 @@ async def test_a_subscriber_with_a_wrong_token_ends_its_iteration_with_the_refus
     assert sub.attempts == 1
 
 
-async def refusing_relay(first_chunk_answer: ErrorFrame | None) -> asyncio.Server:
+async def refusing_relay(
+    first_chunk_answer: ErrorFrame | None, answered: asyncio.Event | None = None
+) -> asyncio.Server:
     """A relay that accepts the session and the stream, then answers the first CHUNK
-    with ``first_chunk_answer`` (None: takes every chunk, answers PING)."""
+    with ``first_chunk_answer`` and sets ``answered`` (None: takes every chunk,
+    answers PING)."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection("relay")
@@ -378,6 +381,8 @@ async def refusing_relay(first_chunk_answer: ErrorFrame | None) -> asyncio.Serve
                 elif isinstance(event, ChunkData) and first_chunk_answer is not None:
                     writer.write(conn.send(first_chunk_answer))
                     await writer.drain()
+                    if answered is not None:
+                        answered.set()
                     return
         finally:
             writer.close()
@@ -412,31 +417,8 @@ async def test_a_relay_ending_a_streaming_session_logs_no_internal_error(
     writer used to hit the closed session and log "session failed: cannot send CHUNK:
     the session is not open" as an internal error, with a traceback."""
     ended = asyncio.Event()
-
-    async def refuse_a_chunk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Connection("relay")
-        try:
-            while True:
-                event = conn.next_event()
-                if isinstance(event, NeedData):
-                    data = await reader.read(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                elif isinstance(event, Hello):
-                    writer.write(conn.send(Welcome("strict", 2000, 1 << 20, 0)))
-                elif isinstance(event, OpenStream):
-                    writer.write(conn.send(StreamAccepted(event.stream_id, 0)))
-                elif isinstance(event, ChunkData):
-                    writer.write(conn.send(ErrorFrame(ErrorCode.INTERNAL, "no thanks")))
-                    await writer.drain()
-                    ended.set()
-                    return
-        finally:
-            writer.close()
-
     caplog.set_level(logging.DEBUG, logger="audiosockets")
-    server = await asyncio.start_server(refuse_a_chunk, "127.0.0.1", 0)
+    server = await refusing_relay(ErrorFrame(ErrorCode.INTERNAL, "no thanks"), ended)
     port = server.sockets[0].getsockname()[1]
     async with server:
         pub = Publisher(f"tcp://127.0.0.1:{port}", name="rec", retry=FAST)

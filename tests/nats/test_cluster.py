@@ -8,10 +8,16 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from nats_harness import NatsServer, ProcessMember, archived_chunks, cluster
-from test_groups import BLOCK, FMT, _poll, assignment, block_of
+from nats_harness import NatsServer, ProcessMember, cluster
+from test_groups import (
+    FMT,
+    _poll,
+    assert_archive_exact,
+    assignment,
+    block_of,
+    every_chunk_archived,
+)
 
-from _support import wait_until
 from audiosockets.connect import connect_publisher, fetch_status
 from audiosockets.jetstream import JetStreamPublisher
 
@@ -63,25 +69,11 @@ async def test_first_listed_node_killed_and_restarted(
         nodes[0].start()
         await publish(100)
         assert await pub.flush(30), "the publisher never got everything acknowledged"
-        held: dict[str, dict[int, bytes]] = {}
-
-        def complete() -> bool:
-            nonlocal held
-            held = archived_chunks(archive, BLOCK * 2)
-            return all(len(held.get(s, {})) >= sent for s in STREAMS)
-
-        try:
-            await wait_until(complete, timeout=120, what="every chunk archived")
-        except AssertionError as exc:
-            missing = {s: sorted(set(range(sent)) - set(held.get(s, {}))) for s in STREAMS}
-            raise AssertionError(f"{exc}; missing: {_summary(missing)}") from None
+        held = await every_chunk_archived(archive, STREAMS, sent)
     finally:
         await pub.close()
         codes = [m.stop() for m in members]
-    for i, s in enumerate(STREAMS):
-        assert sorted(held[s]) == list(range(sent)), s
-        for seq in range(sent):
-            assert held[s][seq] == block_of(i, seq).tobytes(), (s, seq)
+    assert_archive_exact(held, STREAMS, sent)
     reconnects = pub.metrics.registry.get_sample_value(
         "audiosockets_reconnects_total", {"role": "publisher"}
     )
@@ -89,7 +81,3 @@ async def test_first_listed_node_killed_and_restarted(
     # (A clean SIGTERM exit is test_groups.py's to check: here a drain after the
     # catch-up can outlast the harness's patience on a loaded machine.)
     del codes
-
-
-def _summary(missing: dict[str, list[int]]) -> str:
-    return ", ".join(f"{s}: {len(m)} ({m[:3]}..{m[-3:]})" for s, m in missing.items() if m)

@@ -88,25 +88,11 @@ async def test_group_of_three_survives_a_member_sigkill(
         await _poll(lambda: balanced(2), 30, "the killed member's streams handed over")
         await publish(50)
         assert await pub.flush(10)
-        held: dict[str, dict[int, bytes]] = {}
-
-        def complete() -> bool:
-            nonlocal held
-            held = archived_chunks(archive, BLOCK * 2)
-            return all(len(held.get(s, {})) >= sent for s in STREAMS)
-
-        try:
-            await wait_until(complete, timeout=120, what="every chunk archived")
-        except AssertionError as exc:
-            missing = {s: sorted(set(range(sent)) - set(held.get(s, {}))) for s in STREAMS}
-            raise AssertionError(f"{exc}; missing: {_summary(missing)}") from None
+        held = await every_chunk_archived(archive, STREAMS, sent)
     finally:
         await pub.close()
         codes = [m.stop() for m in members]
-    for i, s in enumerate(STREAMS):
-        assert sorted(held[s]) == list(range(sent)), s
-        for seq in range(sent):
-            assert held[s][seq] == block_of(i, seq).tobytes(), (s, seq)
+    assert_archive_exact(held, STREAMS, sent)
     assert [codes[0], codes[2]] == [0, 0], [m.log.read_text()[-2000:] for m in members]
 
 
@@ -163,5 +149,30 @@ def test_plan_is_balanced_and_sticky_with_one_pattern(
     assert max(loads.values(), default=0) - min((loads.get(m, 0) for m in grown), default=0) <= 1
 
 
-def _summary(missing: dict[str, list[int]]) -> str:
-    return ", ".join(f"{s}: {len(m)} ({m[:3]}..{m[-3:]})" for s, m in missing.items() if m)
+async def every_chunk_archived(
+    archive: Path, streams: list[str], sent: int
+) -> dict[str, dict[int, bytes]]:
+    """Wait until the group archive holds chunks 0..``sent``-1 of every stream;
+    returns them by stream and seq. On timeout the error names what is missing."""
+    held: dict[str, dict[int, bytes]] = {}
+
+    def complete() -> bool:
+        nonlocal held
+        held = archived_chunks(archive, BLOCK * 2)
+        return all(len(held.get(s, {})) >= sent for s in streams)
+
+    try:
+        await wait_until(complete, timeout=120, what="every chunk archived")
+    except AssertionError as exc:
+        missing = {s: sorted(set(range(sent)) - set(held.get(s, {}))) for s in streams}
+        summary = ", ".join(f"{s}: {len(m)} ({m[:3]}..{m[-3:]})" for s, m in missing.items() if m)
+        raise AssertionError(f"{exc}; missing: {summary}") from None
+    return held
+
+
+def assert_archive_exact(held: dict[str, dict[int, bytes]], streams: list[str], sent: int) -> None:
+    """Every stream's archive is chunks 0..``sent``-1, each sample for sample as sent."""
+    for i, s in enumerate(streams):
+        assert sorted(held[s]) == list(range(sent)), s
+        for seq in range(sent):
+            assert held[s][seq] == block_of(i, seq).tobytes(), (s, seq)

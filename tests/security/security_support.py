@@ -1,11 +1,14 @@
-"""Helpers of the security tests: the test site's files."""
+"""Helpers of the security tests: the test site's files, and waiting for a refusal."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
 from audiosockets.certs import Issued
+from audiosockets.client import Publisher, Subscriber
+from audiosockets.errors import Refused
 
 
 @dataclass(frozen=True)
@@ -56,3 +59,18 @@ def credentials_toml(**overrides: str) -> str:
 def write(path: Path, text: str) -> None:
     """Replace a file's text (out of the async tests' bodies: a blocking call)."""
     path.write_text(text)
+
+
+async def refused(client: Publisher | Subscriber) -> Refused:
+    """Start ``client`` and wait for its refusal (it must come, and it must be final)."""
+    await client.start()
+    async with asyncio.timeout(10):
+        await client.failed.wait()
+    error = client.failure
+    assert isinstance(error, Refused)
+    assert error.exit_code == 1
+    attempts = client.attempts
+    await asyncio.sleep(0.3)  # pacing: a client that kept retrying would add attempts here
+    assert client.attempts == attempts, "a refused client must not retry"
+    await client.close()
+    return error

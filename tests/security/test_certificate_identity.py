@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from security_support import TOKENS, Site, credentials_toml, write
+from security_support import TOKENS, Site, credentials_toml, refused, write
 
 from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
@@ -80,21 +80,6 @@ def count(relay: Relay, reason: str) -> float:
         "audiosockets_refusals_total", {"reason": reason}
     )
     return 0.0 if value is None else value
-
-
-async def refused(client: Publisher) -> Refused:
-    """Start ``client`` and wait for its final refusal (exit status 1, no retry)."""
-    await client.start()
-    async with asyncio.timeout(10):
-        await client.failed.wait()
-    error = client.failure
-    assert isinstance(error, Refused)
-    assert error.exit_code == 1
-    attempts = client.attempts
-    await asyncio.sleep(0.3)  # pacing: a client that kept retrying would add attempts here
-    assert client.attempts == attempts, "a refused client must not retry"
-    await client.close()
-    return error
 
 
 async def test_a_certificate_only_identity_publishes_its_stream(

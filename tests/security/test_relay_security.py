@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from security_support import TOKENS, Site, credentials_toml, write
+from security_support import TOKENS, Site, credentials_toml, refused, write
 
 from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
@@ -91,21 +91,6 @@ def subscriber(
         metrics=Metrics(),
         start="earliest",
     )
-
-
-async def refused(client: Publisher | Subscriber) -> Refused:
-    """Start ``client`` and wait for its refusal (it must come, and it must be final)."""
-    await client.start()
-    async with asyncio.timeout(10):
-        await client.failed.wait()
-    error = client.failure
-    assert isinstance(error, Refused)
-    assert error.exit_code == 1
-    attempts = client.attempts
-    await asyncio.sleep(0.3)  # pacing: a client that kept retrying would add attempts here
-    assert client.attempts == attempts, "a refused client must not retry"
-    await client.close()
-    return error
 
 
 # -- TLS and mutual TLS ------------------------------------------------------------------------
