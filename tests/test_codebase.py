@@ -156,3 +156,24 @@ def test_no_module_or_class_too_long_to_read() -> None:
                 if length > MAX_CLASS_LINES:
                     too_long.append(f"{path.relative_to(ROOT)}: class {node.name} {length} lines")
     assert not too_long, "split along the seams:\n" + "\n".join(too_long)
+
+
+def test_the_package_does_not_use_asyncio_wait_for() -> None:
+    """On Python 3.11 ``asyncio.wait_for`` drops a cancellation that arrives in the
+    loop turn its awaitable completes in, and the task runs on: a reader that
+    then blocked made a processor ignore SIGTERM (tests/nats/test_reader_stop.py).
+    ``async with asyncio.timeout(...)`` keeps the cancellation; ``tasks.cancel_and_wait``
+    stops a task that swallowed one anyway."""
+    found = []
+    for path in sorted((ROOT / "services").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = (
+                node.attr
+                if isinstance(node, ast.Attribute)
+                else node.name
+                if isinstance(node, ast.alias)
+                else None
+            )
+            if name == "wait_for":
+                found.append(f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}")
+    assert not found, "use asyncio.timeout instead of wait_for:\n" + "\n".join(found)

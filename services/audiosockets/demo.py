@@ -245,7 +245,8 @@ async def run_demo(
         with signal_handlers(stop.set):
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), config.refresh)
+                    async with asyncio.timeout(config.refresh):
+                        await stop.wait()
                 if any(t.done() for t in runs):
                     break  # a processor gave up: stop and let run() raise below
                 elapsed = time.monotonic() - t0

@@ -33,7 +33,6 @@ service's registry).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
@@ -58,6 +57,7 @@ from .recorder_metrics import RecorderMetrics, spool_gauges
 from .service import STOP_SIGNALS, run_service
 from .sources import Clock, DeviceLost, Source, block_frames_for, parse_source
 from .spool import DiskSpool
+from .tasks import cancel_and_wait
 from .urls import check_url, redact
 
 if TYPE_CHECKING:
@@ -332,14 +332,9 @@ class Recorder:
         self._closed = False
         self._stopping.set()
         if self._capture is not None and not self._capture.done():
-            self._capture.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._capture
+            await cancel_and_wait(self._capture)
         await self.source.close()
-        if self._drain is not None:
-            self._drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drain
+        await cancel_and_wait(self._drain)
         flushed = False
         deadline = time.monotonic() + self.config.flush_timeout
         try:

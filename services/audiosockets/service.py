@@ -28,6 +28,8 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Protocol, TypeVar
 
+from .tasks import cancel_and_wait
+
 log = logging.getLogger("audiosockets.service")
 
 #: SIGHUP where the platform has one (not on Windows).
@@ -169,9 +171,8 @@ async def _settle(service: Service, serving: asyncio.Future[object]) -> None:
         log.error(
             "%s: serve_forever did not return after stop(); cancelled", type(service).__name__
         )
-        serving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(serving)
 
 
 __all__ = [

@@ -44,6 +44,7 @@ from ..protocol import (
     Limits,
     Role,
 )
+from ..tasks import cancel_and_wait
 from ..transport import Channel
 from ..urls import RelayAddress, parse_url
 from .handshake import connect
@@ -321,11 +322,9 @@ class ReconnectingClient:
         channel = self.channel
         if channel is not None and farewell:
             await channel.close(Goodbye(ErrorCode.NORMAL, "bye"))
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(self._task)
+        self._task = None
 
 
 def _refusal_sentence(exc: ConnectionClosed, address: RelayAddress | None) -> str:

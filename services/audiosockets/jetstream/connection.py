@@ -30,6 +30,7 @@ import nats
 
 from ..errors import ConfigError, Refused
 from ..metrics import Metrics
+from ..tasks import cancel_and_wait
 from ..urls import NatsAddress, parse_nats_url
 from .mapping import NatsSettings
 
@@ -143,9 +144,8 @@ class NatsLink:
         finally:
             refused.cancel()
         if not connecting.done():
-            connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await connecting
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(connecting)
         if self.fatal is not None:
             raise self.fatal
         try:

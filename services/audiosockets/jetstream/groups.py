@@ -39,6 +39,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from ..errors import RemoteProtocolError
+from ..tasks import cancel_and_wait
 from .mapping import stream_name_of, subject_token
 
 if TYPE_CHECKING:
@@ -138,9 +139,7 @@ class GroupMember:
                     log.debug("group %s member %s: %s", self.sub.group, self.id, exc)
                 await asyncio.sleep(self.ttl / 4)
         finally:
-            acks.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await acks
+            await cancel_and_wait(acks)
 
     async def leave(self) -> None:
         """Release every stream (acked points flushed) and drop out of the group."""

@@ -30,6 +30,7 @@ import nats.errors
 import nats.js.errors
 
 from ..metrics import Metrics
+from ..tasks import cancel_and_wait
 from .connection import NatsLink
 from .reader import Reader
 
@@ -108,7 +109,4 @@ def start_watching(
 
 
 async def stop_watching(task: asyncio.Task[None] | None) -> None:
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await cancel_and_wait(task)

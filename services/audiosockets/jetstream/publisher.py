@@ -45,6 +45,7 @@ from ..audio import AudioFormat
 from ..client import RetryPolicy, SpooledChunk
 from ..errors import ConfigError, Refused
 from ..metrics import Metrics
+from ..tasks import cancel_and_wait
 from ..urls import NatsAddress
 from .connection import NatsLink, address_of, settings_of
 from .mapping import MSG_ID, SEQ, NatsSettings, chunk_headers, end_headers
@@ -294,8 +295,8 @@ class JetStreamPublisher:
         for task in self._pumps.values():
             task.cancel()
         for task in list(self._pumps.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(task)
         self._pumps.clear()
         js = self.link.js
         if js is not None and self._ready.is_set() and not self._pending():
@@ -321,11 +322,9 @@ class JetStreamPublisher:
                 stream.history.clear()
                 stream._seconds = 0.0
                 stream._bytes_held = 0
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(self._task)
+        self._task = None
         await self.link.close()
 
     async def __aenter__(self) -> JetStreamPublisher:

@@ -27,6 +27,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from ..tasks import cancel_and_wait
 from .connection import NatsLink
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,8 @@ class Reader:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(task)
         await self._delete_consumer()
 
     async def _delete_consumer(self) -> None:
@@ -188,7 +187,8 @@ class Reader:
                 msg = None
             try:
                 if msg is None:
-                    msg = await asyncio.wait_for(arrived.get(), 3 * self.heartbeat)
+                    async with asyncio.timeout(3 * self.heartbeat):
+                        msg = await arrived.get()
             except TimeoutError:
                 # No message and no heartbeat: the request or the consumer is lost.
                 silent += 1

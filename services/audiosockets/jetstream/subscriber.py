@@ -36,6 +36,7 @@ from ..audio import AudioFormat, Chunk
 from ..client import RetryPolicy
 from ..errors import Refused, RemoteProtocolError
 from ..metrics import Metrics, ReceiveChildren
+from ..tasks import cancel_and_wait
 from ..urls import NatsAddress
 from .connection import NatsLink, address_of, settings_of
 from .lag import start_watching, stop_watching
@@ -154,11 +155,9 @@ class JetStreamSubscriber:
         streams go and leaves the group (its streams move on at once)."""
         self._ack_previous()
         # The membership loop first: it must not put our key back after we left.
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(self._task)
+        self._task = None
         if self._member is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5.0):

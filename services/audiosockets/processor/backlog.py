@@ -165,7 +165,8 @@ async def make_room(
     while backlog.over_limit:
         room.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(room.wait(), backlog.seconds_until_stale())
+            async with asyncio.timeout(backlog.seconds_until_stale()):
+                await room.wait()
         drop(backlog.evict_stale())
 
 

@@ -22,6 +22,7 @@ from ..lograte import LogRateLimit
 from ..metrics import Metrics
 from ..names import fit_name
 from ..service import STOP_SIGNALS, run_service
+from ..tasks import cancel_and_wait
 from ..urls import check_url
 from .backlog import ChunkBacklog, CompletionOrder, StreamClosed, make_room
 from .failures import FailureTracker
@@ -229,10 +230,11 @@ class Processor:
         self, receiver: asyncio.Task[None], drain_timeout: float | None
     ) -> BaseException | None:
         """Stop receiving, drain the backlog, tear down; returns the receiver's error."""
-        receiver.cancel()
         received_error: BaseException | None = None
-        with contextlib.suppress(asyncio.CancelledError):
-            received_error = (await asyncio.gather(receiver, return_exceptions=True))[0]
+        try:
+            await cancel_and_wait(receiver)
+        except Exception as exc:  # the source's error, raised by serve_forever
+            received_error = exc
         self._closing = True
         self._wake.set()
         try:
@@ -252,7 +254,7 @@ class Processor:
             await self.pool.shutdown(self.drain_timeout)
         finally:
             self._done.set()
-        return None if isinstance(received_error, asyncio.CancelledError) else received_error
+        return received_error
 
     def _apply_teardown(self, result: Outcome | BaseException, what: str) -> None:
         if isinstance(result, BaseException):

@@ -340,7 +340,8 @@ class Relay:
             await asyncio.wait(list(self._tasks), timeout=timeout)
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._server.wait_closed()
         self._stopped.set()
 
     async def __aenter__(self) -> Relay:

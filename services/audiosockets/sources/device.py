@@ -216,7 +216,8 @@ class DeviceSource(Source):
                 self._waiting = False
                 break
             try:
-                await asyncio.wait_for(self._wake.wait(), self._stall_timeout)
+                async with asyncio.timeout(self._stall_timeout):
+                    await self._wake.wait()
             except TimeoutError:
                 raise DeviceLost(
                     f"input device {self.name} delivered no audio for {self._stall_timeout:g} s"
