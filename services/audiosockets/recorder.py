@@ -20,8 +20,8 @@ Invariants:
 - What a crash loses (README, "Spool"): a clean stop moves the memory part to disk
   (``keep_unsent_on_disk``); a SIGKILL cannot, so it loses what the Publisher held
   and the relay had not confirmed, at most ``history_seconds``. Disk records are
-  flushed to the OS one by one, never fsynced: they survive a process kill, not
-  necessarily a power cut.
+  flushed to the OS one by one and fsynced only at a clean stop: they survive a
+  process kill, and a power cut after a clean stop, not necessarily one mid-run.
 - Stopping: ``stop()`` sets an event; ``run`` then cancels capture, flushes what the
   relay takes within ``flush_timeout`` and closes the Publisher.
 

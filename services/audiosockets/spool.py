@@ -17,6 +17,9 @@ Invariants:
   seconds still unread); ``chunks``/``seconds`` are their sums.
 
 All I/O is small buffered appends and sequential reads on the caller's thread.
+Appends are flushed to the OS one by one but not fsynced (a process kill loses
+nothing written, a power cut may lose the kernel's unwritten tail); ``prepend``
+and ``close`` write durably (``durable.py``), so a clean stop survives a power cut.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import BinaryIO
 import numpy as np
 
 from .audio import AudioFormat, SampleType
+from .durable import fsync_dir, fsync_path, write_durably
 from .errors import ConfigError
 from .sources import CapturedBlock
 
@@ -69,6 +73,8 @@ class DiskSpool:
         self.dropped = 0
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob(f"*{_SUFFIX}.tmp"):  # a rewrite cut short
+                stale.unlink()
             found = sorted(p for p in directory.iterdir() if p.suffix == _SUFFIX)
         except OSError as err:
             raise ConfigError(
@@ -141,7 +147,7 @@ class DiskSpool:
             segment.chunks += 1
             segment.seconds += frames / fmt.rate
         try:
-            path.write_bytes(b"".join(parts))
+            write_durably(path, b"".join(parts))
         except OSError as err:
             raise ConfigError(f"cannot write to spool {path}: {err.strerror or err}") from err
         segment.written_seconds = segment.seconds
@@ -252,6 +258,7 @@ class DiskSpool:
 
         A partly read segment is rewritten without its read part, so a clean stop
         never sends a chunk twice (after a crash, that segment's head may be).
+        Everything is fsynced: what a clean stop leaves survives a power cut.
         """
         for handle in (self._writer, self._reader):
             if handle is not None:
@@ -264,7 +271,8 @@ class DiskSpool:
                 segment.path.unlink(missing_ok=True)
             elif segment.read_offset > _HEADER.size:
                 data = segment.path.read_bytes()
-                tmp = segment.path.with_suffix(".tmp")
-                tmp.write_bytes(data[: _HEADER.size] + data[segment.read_offset :])
-                tmp.replace(segment.path)
+                write_durably(segment.path, data[: _HEADER.size] + data[segment.read_offset :])
                 segment.read_offset = _HEADER.size
+            else:
+                fsync_path(segment.path)
+        fsync_dir(self.directory)  # the unlinks, and the last segment's own entry

@@ -4,6 +4,7 @@ crashes; and the recorder using it through a relay outage and a restart."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from pathlib import Path
 
@@ -75,6 +76,51 @@ def test_what_a_clean_stop_left_is_read_by_the_next_run(tmp_path: Path) -> None:
     assert again.chunks == 42
     again.append(chunk(50), 50)
     assert [i for i, _ in drain(again)] == [-2, -1, *range(10, 51)]
+
+
+def test_what_a_clean_stop_left_was_fsynced_after_its_last_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut after a clean stop loses nothing: every spool file, and the
+    directory (renames, deletions), was fsynced with its final content."""
+    synced: set[tuple[int, int, int]] = set()
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        real_fsync(fd)
+        st = os.fstat(fd)
+        synced.add((st.st_ino, st.st_size, st.st_mtime_ns))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    spool = DiskSpool(tmp_path, FMT, max_seconds=60, segment_seconds=0.25)
+    for i in range(70):  # five segments, the last one still being written
+        spool.append(chunk(i), i)
+    drain_n(spool, 20)  # the first segment read whole, the second in part
+    assert not synced, "appends are not fsynced one by one"
+    spool.prepend([(chunk(-1).tobytes(), -1)])
+    spool.close()
+    left = [tmp_path, *tmp_path.iterdir()]
+    assert len(left) == 1 + 5  # the prepended segment and four unread ones
+    unsynced = [
+        p.name for p in left if ((st := p.stat()).st_ino, st.st_size, st.st_mtime_ns) not in synced
+    ]
+    assert not unsynced, f"not fsynced after their last change: {unsynced}"
+    again = DiskSpool(tmp_path, FMT, max_seconds=60, segment_seconds=0.25)
+    assert [i for i, _ in drain(again)] == [-1, *range(20, 70)]
+
+
+def test_a_rewrite_cut_short_is_cleared_and_the_segment_kept(tmp_path: Path) -> None:
+    spool = DiskSpool(tmp_path, FMT, max_seconds=60)
+    for i in range(5):
+        spool.append(chunk(i), i)
+    spool.close()
+    (segment,) = tmp_path.glob("*.spool")
+    # The process died while close() rewrote this segment: the old file is whole.
+    stale = segment.with_name(segment.name + ".tmp")
+    stale.write_bytes(segment.read_bytes()[:50])
+    again = DiskSpool(tmp_path, FMT, max_seconds=60)
+    assert not stale.exists()
+    assert [i for i, _ in drain(again)] == list(range(5))
 
 
 def drain_n(spool: DiskSpool, n: int) -> list[tuple[int, int]]:

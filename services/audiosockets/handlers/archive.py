@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from ..audio import AudioFormat, Chunk, SampleType
+from ..durable import write_durably
 from ..errors import HandlerError
 from ..filenames import stem_budget, stream_stem
 from . import HandlerContext
@@ -113,17 +114,6 @@ def claimed_name(name: str, writer: str) -> str:
     return f"{path.stem}_{writer}{path.suffix}"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 #: Who writes, in temp names: replicas of a group may share DIR (containers
 #: can even share a pid), and two of them can hold the same segment during an
 #: at-least-once handover. Neither may truncate or overwrite the other's file.
@@ -166,12 +156,7 @@ def _publish(tmp: Path, path: Path, writer: str) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(part_name(path.name, WRITER))
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_durably(path, data, tmp=path.with_name(part_name(path.name, WRITER)))
 
 
 @dataclass(slots=True)
@@ -408,8 +393,8 @@ class Archive:
             "gap_before": seg.gap_before,
             "gap_after": gap_after,
         }
+        # The directory fsync in it also makes the segment's rename above durable.
         _write_atomic(seg.path.with_suffix(".json"), json.dumps(sidecar, indent=2).encode() + b"\n")
-        _fsync_dir(self.dir)
         self.ctx.sink.inc("archive_segments", (self.ctx.stream,))
 
     def teardown(self) -> None:
