@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from security_support import Site
 
-from audiosockets.certs import init_site, issue
+from audiosockets.certs import Issued, init_site, issue
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +19,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
     other_ca = init_site(other)
     stranger = issue(other, "intruder")
     return Site(ca.cert, relay, client, other_ca.cert, stranger, home)
+
+
+@pytest.fixture(scope="session")
+def rec_cert(site: Site) -> Issued:
+    """A client certificate of the site's CA with CN ``rec-cert`` (``certs issue``)."""
+    return issue(site.home, "rec-cert")

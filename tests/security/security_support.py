@@ -34,6 +34,17 @@ TOKENS = {
 }
 
 
+#: A credentials entry that only a client certificate identifies (CN ``rec-cert``:
+#: the ``rec_cert`` fixture), no token.
+CERT_ONLY = """
+[[client]]
+name = "rec-cert"
+certificate = "rec-cert"
+roles = ["publish"]
+streams = ["mic-cert-*"]
+"""
+
+
 def credentials_toml(**overrides: str) -> str:
     """The site's credentials file; ``overrides`` replace a client's whole table body."""
     import hashlib

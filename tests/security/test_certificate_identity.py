@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from security_support import TOKENS, Site, credentials_toml, refused, write
+from security_support import CERT_ONLY, TOKENS, Site, credentials_toml, refused, write
 
 from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
-from audiosockets.certs import Issued, issue
+from audiosockets.certs import Issued
 from audiosockets.client import Publisher, RetryPolicy, Subscriber
 from audiosockets.errors import ConfigError, Refused
 from audiosockets.metrics import Metrics
@@ -28,20 +28,6 @@ from audiosockets.tls import client_context, server_context
 
 FMT = AudioFormat(16000, 1, SampleType.INT16)
 FAST_RETRY = RetryPolicy(initial=0.02, cap=0.2, jitter=0.02, connect_timeout=1.0)
-
-CERT_ONLY = """
-[[client]]
-name = "rec-cert"
-certificate = "rec-cert"
-roles = ["publish"]
-streams = ["mic-cert-*"]
-"""
-
-
-@pytest.fixture(scope="module")
-def rec_cert(site: Site) -> Issued:
-    """A client certificate of the site's CA with CN ``rec-cert`` (``certs issue``)."""
-    return issue(site.home, "rec-cert")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ credentials; names from the network reach terminals and logs escaped.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from security_support import TOKENS, Site, credentials_toml, write
+from security_support import CERT_ONLY, TOKENS, Site, credentials_toml, write
 
 from audiosockets.audio import AudioFormat, SampleType
+from audiosockets.certs import Issued
 from audiosockets.client import Publisher
 from audiosockets.client.handshake import connect
 from audiosockets.errors import ErrorCode
@@ -158,8 +160,6 @@ def test_sighup_reloads_the_credentials(relay: RelayProcess, site: Site) -> None
 
 
 def test_loadtest_runs_over_mutual_tls_with_credentials(relay: RelayProcess, site: Site) -> None:
-    import json
-
     result = cli(
         relay, site, "loadtest", "--streams", "2", "--subscribers", "1", "--duration", "1",
         "--json", who="loader",
@@ -167,6 +167,43 @@ def test_loadtest_runs_over_mutual_tls_with_credentials(relay: RelayProcess, sit
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["chunks_received"] == report["chunks_expected"] > 0
+
+
+def test_record_with_only_a_client_certificate_publishes_within_its_entry(
+    relay: RelayProcess, site: Site, rec_cert: Issued
+) -> None:
+    """The certificate is the whole identity: no token, the entry's grants, exit 0 on SIGTERM."""
+    write(relay.credentials, credentials_toml() + CERT_ONLY)
+    os.kill(relay.process.pid, signal.SIGHUP)
+    wait_for(lambda: "credentials reloaded" in relay.log_text(), "the reload")
+    own_cert = [
+        "--relay", relay.url, "--tls-ca", str(site.ca),
+        "--tls-cert", str(rec_cert.cert), "--tls-key", str(rec_cert.key),
+    ]  # fmt: skip
+    record = subprocess.Popen(
+        [*CLI, *RECORD, "--stream", "mic-cert-7", *own_cert],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def published() -> bool:
+            status = cli(relay, site, "status", "--json", who="ops")
+            assert status.returncode == 0, status.stderr
+            streams = {s["name"]: s for s in json.loads(status.stdout)["streams"]}
+            return streams.get("mic-cert-7", {}).get("last_seq", -1) >= 10
+
+        wait_for(published, "mic-cert-7 to reach seq 10", timeout=30)
+    finally:
+        record.send_signal(signal.SIGTERM)
+        _, stderr = record.communicate(timeout=30)
+    assert record.returncode == 0, stderr.decode(errors="replace")
+    # The same certificate, a stream outside its entry: refused at once, exit 1.
+    result = subprocess.run(
+        [*CLI, *RECORD, "--stream", "hall", *own_cert], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1, result.stderr
+    assert "stream not allowed: client 'rec-cert' may not publish 'hall'" in result.stderr
 
 
 HOSTILE = "mic-\x1b]0;pwned\x07\nFORGED LINE\x1b[2J"
