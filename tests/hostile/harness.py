@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import json
 import os
+import resource
 import selectors
 import signal
 import subprocess
@@ -166,13 +167,20 @@ async def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str) 
 
 
 @contextlib.contextmanager
-def relay_process(**config: Any) -> Iterator[RelayProcess]:
+def relay_process(*, nofile: int | None = None, **config: Any) -> Iterator[RelayProcess]:
     """A relay in a child process on a free loopback port, stopped on exit.
 
     ``config``: ``RelayConfig`` fields (``limits`` as a dict of ``Limits``
     fields); ``host``/``port`` default to 127.0.0.1 and a free port.
+    ``nofile``: the child's descriptor limit, soft and hard (``ulimit -n``), so
+    the relay cannot raise it.
     """
     config = {"host": "127.0.0.1", "port": 0, **config}
+
+    def limit_descriptors() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     with tempfile.TemporaryDirectory(prefix="hostile-relay-") as tmp:
         log_path = Path(tmp) / "relay.log"
         with log_path.open("w") as log_file:
@@ -181,6 +189,7 @@ def relay_process(**config: Any) -> Iterator[RelayProcess]:
                 stdout=subprocess.PIPE,
                 stderr=log_file,
                 text=True,
+                preexec_fn=limit_descriptors if nofile is not None else None,
             )
         relay = None
         try:
