@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("nats", reason="the nats extra")
 
 from _support import wait_until
-from audiosockets.jetstream.lag import watch_lag
+from audiosockets.jetstream.lag import STALE_ROUNDS, watch_lag
 from audiosockets.metrics import Metrics
 
 GAUGE = "audiosockets_jetstream_consumer_pending_chunks"
@@ -74,6 +74,40 @@ async def test_a_fault_in_one_round_is_logged_and_the_next_round_runs(
             timeout=5,
             what="no stale lag while disconnected",
         )
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_lag_that_cannot_be_read_for_three_rounds_is_removed_then_comes_back() -> None:
+    metrics = Metrics()
+    rounds: list[str] = []  # what each request did
+    failing = asyncio.Event()
+
+    async def consumer_info(stream: str, consumer: str) -> Any:
+        if failing.is_set():
+            rounds.append("failed")
+            raise TimeoutError("the server is too busy to answer")
+        rounds.append("ok")
+        return SimpleNamespace(num_pending=7)
+
+    link = stub_link(0)
+    link.js = SimpleNamespace(consumer_info=consumer_info)
+
+    def lag() -> float | None:
+        return metrics.registry.get_sample_value(GAUGE, {"stream": "mic"})
+
+    task = asyncio.create_task(watch_lag(link, Readers(faults=0), str, metrics, interval=0.05))
+    try:
+        await wait_until(lambda: lag() == 7, timeout=5, what="the first lag")
+        failing.set()
+        await wait_until(lambda: "failed" in rounds, timeout=5, what="a failed request")
+        assert lag() == 7  # one miss keeps the value
+        await wait_until(lambda: lag() is None, timeout=5, what="the stale lag removed")
+        misses = len(rounds) - rounds.index("failed")
+        assert misses >= STALE_ROUNDS  # it kept the value through shorter trouble
+        failing.clear()
+        await wait_until(lambda: lag() == 7, timeout=5, what="the lag back")
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

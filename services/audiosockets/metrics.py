@@ -482,7 +482,8 @@ class Metrics:
             "Messages JetStream holds for this subscriber's consumer and has not delivered "
             "yet (consumer info num_pending: chunks, and an ended stream's end marker), "
             "refreshed every lag_interval seconds; per stream, or per pattern for a "
-            "fan-out subscriber whose pattern is a glob (one consumer reads them all).",
+            "fan-out subscriber whose pattern is a glob (one consumer reads them all). "
+            "Absent while unknown (disconnected, or 3 requests in a row failed).",
             ["stream"],
             registry=r,
         )

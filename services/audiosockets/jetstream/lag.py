@@ -15,8 +15,11 @@ after delivery is ``audiosockets_queue_depth_chunks``.
 State: the gauge's children, one per reader key still read (a group member's
 stream that moved away loses its series; while the link is down there are
 none: the lag is unknown, not what it was). A reader whose consumer is being
-(re)created, or a failed request, leaves the last value as it was; a fault in
-a round is logged and the next round runs.
+(re)created, or a failed request, leaves the last value as it was for up to
+``STALE_ROUNDS - 1`` rounds; after ``STALE_ROUNDS`` such rounds in a row its
+series is removed until a request succeeds again (a server too busy to answer
+must not leave a lag frozen on the dashboard). A fault in a round is logged and
+the next round runs.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from .reader import Reader
 log = logging.getLogger(__name__)
 
 _FAILED = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+#: Rounds in a row without a lag for a reader before its series is removed.
+STALE_ROUNDS = 3
 
 
 async def poll_lag(
@@ -78,19 +83,26 @@ async def watch_lag(
     interval: float,
 ) -> None:
     """``poll_lag`` every ``interval`` seconds, forever; series of readers that
-    are gone are removed."""
+    are gone, or without a lag for ``STALE_ROUNDS`` rounds in a row, are removed."""
     exported: set[str] = set()
+    missed: dict[str, int] = {}  # rounds in a row without a lag, per exported series
     while True:
+        seen: set[str] = set()
         try:
-            exported |= await poll_lag(link, readers, label, metrics, timeout=min(2.0, interval))
+            seen = await poll_lag(link, readers, label, metrics, timeout=min(2.0, interval))
         except Exception:  # a fault of ours must not freeze the gauge silently
             log.exception("polling the consumers' lag failed; trying again in %g s", interval)
+        exported |= seen
+        for name in exported:
+            missed[name] = 0 if name in seen else missed.get(name, 0) + 1
         # Disconnected, the lag is unknown: no series rather than a stale one.
         current = {label(key) for key in list(readers)} if link.connected.is_set() else set()
-        for name in exported - current:
-            with contextlib.suppress(KeyError):
-                metrics.jetstream_pending.remove(name)
-        exported &= current
+        for name in exported:
+            if name not in current or missed[name] >= STALE_ROUNDS:
+                with contextlib.suppress(KeyError):
+                    metrics.jetstream_pending.remove(name)
+                missed.pop(name, None)
+        exported &= set(missed)
         await asyncio.sleep(interval)
 
 
