@@ -20,6 +20,7 @@ from . import __version__
 from . import cli_security as security
 from .audio import DTypeName
 from .cli_nats import nats_group
+from .cli_security import ClientAuth
 from .cli_support import (
     LoopName,
     choice,
@@ -31,7 +32,6 @@ from .cli_support import (
     relay_limit_options,
     relay_option,
     run_async,
-    token_option,
     user_errors,
 )
 from .cli_tools import demo, loadtest
@@ -180,29 +180,18 @@ def relay(
 @click.option(
     "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait."
 )
-@token_option
-@security.token_file_option
-@security.client_tls_options
+@security.client_auth_options()
 @loop_option
 @user_errors
 def status(
-    relay_url: str,
-    as_json: bool,
-    timeout: float,
-    token: str | None,
-    token_file: Path | None,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    loop_name: LoopName,
+    relay_url: str, as_json: bool, timeout: float, auth: ClientAuth, loop_name: LoopName
 ) -> None:
     """Show a relay's streams, clients, groups and drops."""
     from .connect import fetch_status
     from .untrusted import escape_all
 
-    tls = security.client_tls(relay_url, tls_ca, tls_cert, tls_key)
-    secret = security.read_token(token, token_file)
-    report = run_async(fetch_status(relay_url, timeout=timeout, token=secret, tls=tls), loop_name)
+    fetch = fetch_status(relay_url, timeout=timeout, token=auth.token, tls=auth.tls)
+    report = run_async(fetch, loop_name)
     if as_json:
         click.echo(json.dumps(report, indent=2))  # JSON escapes control characters itself
         return
@@ -271,9 +260,7 @@ def status(
     help="On SIGTERM/SIGINT/SIGHUP, how long to wait for the relay to take the backlog.",
 )
 @click.option("--name", default=None, help="Client name the relay shows (default recorder-STREAM).")
-@token_option
-@security.token_file_option
-@security.client_tls_options
+@security.client_auth_options()
 @metrics_port_option(9401)
 @loop_option
 @security.metrics_endpoint_options("127.0.0.1")
@@ -292,11 +279,7 @@ def record(
     spool_max_mib: float,
     flush_seconds: float,
     name: str | None,
-    token: str | None,
-    token_file: Path | None,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
+    auth: ClientAuth,
     metrics_port: int,
     loop_name: LoopName,
     metrics_endpoint: MetricsEndpoint,
@@ -326,8 +309,8 @@ def record(
         spool_max_mib=spool_max_mib,
         flush_timeout=flush_seconds,
         name=name,
-        token=security.read_token(token, token_file),
-        tls=security.client_tls(relay_url, tls_ca, tls_cert, tls_key),
+        token=auth.token,
+        tls=auth.tls,
     )
     run_async(run_recorder(config, metrics_port=metrics_port, endpoint=metrics_endpoint), loop_name)
 
@@ -401,9 +384,7 @@ def devices() -> None:
 @click.option(
     "--name", default=None, help="Client name at the relay (default process-HANDLER@HOSTNAME)."
 )
-@token_option
-@security.token_file_option
-@security.client_tls_options
+@security.client_auth_options()
 @metrics_port_option(9402)
 @loop_option
 @security.metrics_endpoint_options("127.0.0.1")
@@ -421,11 +402,7 @@ def process(
     max_failures: int,
     start: StartName,
     name: str | None,
-    token: str | None,
-    token_file: Path | None,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
+    auth: ClientAuth,
     metrics_port: int,
     loop_name: LoopName,
     metrics_endpoint: MetricsEndpoint,
@@ -454,8 +431,8 @@ def process(
         max_open_segments=max_open_segments,
         exit_after=max_failures,
         start=start,
-        token=security.read_token(token, token_file),
-        tls=security.client_tls(relay_url, tls_ca, tls_cert, tls_key),
+        token=auth.token,
+        tls=auth.tls,
     )
     run_async(serve(config), loop_name)  # checks the handler once, before connecting
 

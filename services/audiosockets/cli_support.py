@@ -5,13 +5,15 @@
 - ``configure``: the one path a command's configuration is built and validated.
 - ``run_async``: every command's coroutine runs here, on the ``--loop`` asked for.
 - ``choice``: ``click.Choice`` from a ``Literal`` alias.
+- ``option_group``: several options declared once, handed to the command as one value.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar, get_args, runtime_checkable
 
 import click
@@ -24,6 +26,7 @@ from .urls import parse_url
 P = ParamSpec("P")
 T = TypeVar("T")
 C = TypeVar("C")
+V = TypeVar("V")
 
 #: Exit codes (beyond the error classes' own): 130 after Ctrl-C.
 EXIT_INTERRUPTED = 130
@@ -205,6 +208,57 @@ def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
 
 # --- options shared by several commands --------------------------------------
 
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class OptionDecorator(Protocol):
+    """What ``click.option(...)`` returns: adds one option to a command function."""
+
+    def __call__(self, func: F, /) -> F: ...
+
+
+def option_group(
+    into: str,
+    build: Callable[..., V],
+    options: Sequence[OptionDecorator],
+    *,
+    reads: tuple[str, ...] = (),
+) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """Declare ``options`` (in help order) and hand the command one value for them.
+
+    When the command runs, the options' values (named as ``build``'s positional
+    parameters; keyword-only ones are not options) are taken out of its keyword
+    arguments and ``build(**values)`` becomes the
+    keyword argument ``into``; the names in ``reads`` (another option's value,
+    e.g. ``relay_url``) are passed to ``build`` too and left to the command.
+    ``build`` validates, before the command's body runs; its errors end the
+    command as the body's would (``user_errors``: ``ConfigError`` is one line,
+    exit 2).
+    """
+    names = [
+        name
+        for name, param in inspect.signature(build).parameters.items()
+        if param.kind is param.POSITIONAL_OR_KEYWORD and name not in reads
+    ]
+    checked_build = user_errors(build)
+
+    def decorate(func: Callable[P, T]) -> Callable[P, T]:
+        command: Callable[..., T] = func
+
+        @functools.wraps(func)
+        def wrapper(*args: object, **kwargs: object) -> T:
+            values = {name: kwargs.pop(name) for name in names}
+            values.update({name: kwargs[name] for name in reads})
+            kwargs[into] = checked_build(**values)
+            return command(*args, **kwargs)
+
+        decorated: Callable[..., T] = wrapper
+        for option in reversed(options):
+            decorated = option(decorated)
+        return decorated
+
+    return decorate
+
 
 def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, T]]:
     """``--metrics-port`` with the service's own default port."""
@@ -223,9 +277,6 @@ def relay_option(
     return click.option("--relay", "relay_url", default=default, help=help)
 
 
-token_option = click.option(
-    "--token", default=None, help="Shared secret, if the relay requires one."
-)
 loop_option = click.option(
     "--loop",
     "loop_name",
