@@ -23,6 +23,7 @@ from .cli_nats import nats_group
 from .cli_security import ClientAuth
 from .cli_support import (
     LoopName,
+    ServiceRuntime,
     choice,
     configure,
     format_status,
@@ -32,11 +33,11 @@ from .cli_support import (
     relay_limit_options,
     relay_option,
     run_async,
+    service_options,
     user_errors,
 )
 from .cli_tools import demo, loadtest
 from .client import StartName
-from .metrics_http import MetricsEndpoint
 from .urls import check_url
 
 P = ParamSpec("P")
@@ -106,12 +107,10 @@ def main(log_level: LogLevel) -> None:
 )
 @security.relay_security_options
 @relay_limit_options
-@loop_option
-@security.metrics_endpoint_options("the --listen host")
+@service_options(metrics_port=None, metrics_host="the --listen host")
 @user_errors
 def relay(
     listen: str,
-    metrics_port: int,
     replay_seconds: float,
     queue_seconds: float,
     heartbeat_seconds: float,
@@ -123,8 +122,7 @@ def relay(
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_client_ca: Path | None,
-    loop_name: LoopName,
-    metrics_endpoint: MetricsEndpoint,
+    runtime: ServiceRuntime,
     **limits: Any,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out.
@@ -154,18 +152,19 @@ def relay(
         **limits,
     )
     metrics = Metrics()
-    metrics_tls = metrics_endpoint.context()  # unusable files: exit 2 before listening
+    metrics_tls = runtime.metrics.context()  # unusable files: exit 2 before listening
 
     def ready(server: Relay) -> None:
-        if metrics_port:
+        if runtime.metrics_port:
             # Called on the loop once the socket is bound: listening is ready.
             health = Health.watch_running_loop(server.readiness)
-            where = metrics_endpoint.host or host
-            serve_metrics(metrics_port, metrics.registry, where, health=health, tls=metrics_tls)
+            where = runtime.metrics.host or host
+            port = runtime.metrics_port
+            serve_metrics(port, metrics.registry, where, health=health, tls=metrics_tls)
         click.echo(f"relay listening on {server.url}", err=True)
 
     server = Relay(config, metrics=metrics)  # reads --credentials: a bad file is exit 2
-    run_async(server.run(ready=ready), loop_name)
+    run_async(server.run(ready=ready), runtime.loop)
 
 
 @main.command()
@@ -261,9 +260,7 @@ def status(
 )
 @click.option("--name", default=None, help="Client name the relay shows (default recorder-STREAM).")
 @security.client_auth_options()
-@metrics_port_option(9401)
-@loop_option
-@security.metrics_endpoint_options("127.0.0.1")
+@service_options(metrics_port=9401, metrics_host="127.0.0.1")
 @user_errors
 def record(
     relay_url: str,
@@ -280,9 +277,7 @@ def record(
     flush_seconds: float,
     name: str | None,
     auth: ClientAuth,
-    metrics_port: int,
-    loop_name: LoopName,
-    metrics_endpoint: MetricsEndpoint,
+    runtime: ServiceRuntime,
 ) -> None:
     """Capture audio and publish it; keeps recording whatever the relay does.
 
@@ -312,7 +307,8 @@ def record(
         token=auth.token,
         tls=auth.tls,
     )
-    run_async(run_recorder(config, metrics_port=metrics_port, endpoint=metrics_endpoint), loop_name)
+    recording = run_recorder(config, metrics_port=runtime.metrics_port, endpoint=runtime.metrics)
+    run_async(recording, runtime.loop)
 
 
 @main.command()
@@ -385,9 +381,7 @@ def devices() -> None:
     "--name", default=None, help="Client name at the relay (default process-HANDLER@HOSTNAME)."
 )
 @security.client_auth_options()
-@metrics_port_option(9402)
-@loop_option
-@security.metrics_endpoint_options("127.0.0.1")
+@service_options(metrics_port=9402, metrics_host="127.0.0.1")
 @user_errors
 def process(
     relay_url: str,
@@ -403,9 +397,7 @@ def process(
     start: StartName,
     name: str | None,
     auth: ClientAuth,
-    metrics_port: int,
-    loop_name: LoopName,
-    metrics_endpoint: MetricsEndpoint,
+    runtime: ServiceRuntime,
 ) -> None:
     """Run a handler on every chunk of the matching streams.
 
@@ -422,9 +414,9 @@ def process(
         group=group,
         name=name,
         workers=workers,
-        metrics_port=metrics_port,
-        metrics_host=metrics_endpoint.host or "127.0.0.1",
-        metrics_tls=metrics_endpoint.context(),
+        metrics_port=runtime.metrics_port,
+        metrics_host=runtime.metrics.host or "127.0.0.1",
+        metrics_tls=runtime.metrics.context(),
         backlog_seconds=backlog_seconds,
         events=events,
         segment_seconds=segment_seconds,
@@ -434,7 +426,7 @@ def process(
         token=auth.token,
         tls=auth.tls,
     )
-    run_async(serve(config), loop_name)  # checks the handler once, before connecting
+    run_async(serve(config), runtime.loop)  # checks the handler once, before connecting
 
 
 # --- loadtest, demo: cli_tools.py ------------------------------------------------

@@ -11,7 +11,6 @@ decorator and turns them into the same objects:
   are refused). A token typed on the command line is visible to every local
   user (``/proc/PID/cmdline``): prefer the file or the variable.
 * ``relay_security_options``: the relay's token file, credentials and TLS files.
-* ``metrics_endpoint_options``: where and how a service serves its metrics.
 """
 
 from __future__ import annotations
@@ -25,24 +24,15 @@ from typing import ParamSpec, TypeVar
 
 import click
 
-from .cli_support import OptionDecorator, option_group, user_errors
+from .cli_support import OptionDecorator, file_option, option_group, user_errors
 from .errors import ConfigError
-from .metrics_http import MetricsEndpoint
 from .urls import parse_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
-_FILE = click.Path(dir_okay=False, path_type=Path)
-
-
-def _file_option(flag: str, help: str) -> OptionDecorator:
-    """An optional ``FILE`` option (a ``Path``; None when not given)."""
-    return click.option(flag, type=_FILE, default=None, help=help)
-
-
-token_file_option = _file_option(
+token_file_option = file_option(
     "--token-file", "Read the token from this file (first line; keeps it off the command line)."
 )
 
@@ -95,15 +85,15 @@ def client_auth(
 CLIENT_AUTH_OPTIONS: list[OptionDecorator] = [
     click.option("--token", default=None, help="Shared secret, if the relay requires one."),
     token_file_option,
-    _file_option(
+    file_option(
         "--tls-ca",
         "CA certificate(s) (PEM) to verify a tls:// relay with "
         "(default: the system's trust store).",
     ),
-    _file_option(
+    file_option(
         "--tls-cert", "Client certificate (PEM) for a relay that requires one (mutual TLS)."
     ),
-    _file_option("--tls-key", "Key of --tls-cert (PEM; omit when the certificate file holds it)."),
+    file_option("--tls-key", "Key of --tls-cert (PEM; omit when the certificate file holds it)."),
 ]
 
 
@@ -169,18 +159,18 @@ def relay_security_options(func: Callable[P, T]) -> Callable[P, T]:
     ``--tls-client-ca``."""
     options = [
         token_file_option,
-        _file_option(
+        file_option(
             "--credentials",
             "TOML file of [[client]] identities with roles, streams and groups "
             "(instead of --token); reloaded on SIGHUP.",
         ),
-        _file_option(
+        file_option(
             "--tls-cert", "Serve TLS with this certificate (PEM); clients then use tls://."
         ),
-        _file_option(
+        file_option(
             "--tls-key", "Key of --tls-cert (PEM; omit when the certificate file holds it)."
         ),
-        _file_option(
+        file_option(
             "--tls-client-ca", "Require client certificates signed by this CA (PEM): mutual TLS."
         ),
     ]
@@ -204,40 +194,6 @@ def relay_tls(
             raise ConfigError(f"{flag} needs --tls-cert (the relay's certificate)")
         return None
     return server_context(cert=cert, key=key, client_ca=client_ca)
-
-
-def metrics_endpoint(
-    metrics_host: str | None,
-    metrics_tls_cert: Path | None,
-    metrics_tls_key: Path | None,
-    metrics_tls_client_ca: Path | None,
-) -> MetricsEndpoint:
-    """The ``MetricsEndpoint`` of the ``--metrics-*`` options (files not read yet)."""
-    return MetricsEndpoint(metrics_host, metrics_tls_cert, metrics_tls_key, metrics_tls_client_ca)
-
-
-def metrics_endpoint_options(default_host: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
-    """``--metrics-host`` and ``--metrics-tls-cert/-key/-client-ca``, handed to the
-    command as one ``metrics_endpoint: MetricsEndpoint`` argument.
-
-    ``default_host`` is said in the help; the command resolves a missing host
-    (the relay: its ``--listen`` host). Files are checked when the command
-    calls ``context()``.
-    """
-    options: list[OptionDecorator] = [
-        click.option(
-            "--metrics-host",
-            default=None,
-            help=f"Address to serve metrics on (default: {default_host}; "
-            "0.0.0.0 or :: for every interface).",
-        ),
-        _file_option("--metrics-tls-cert", "Serve metrics over HTTPS."),
-        _file_option("--metrics-tls-key", "Key of --metrics-tls-cert."),
-        _file_option(
-            "--metrics-tls-client-ca", "Require scrapers' client certificates signed by this CA."
-        ),
-    ]
-    return option_group("metrics_endpoint", metrics_endpoint, options)
 
 
 # -- audiosockets certs ---------------------------------------------------------
