@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from audiosockets.audio import DTypeName
 from audiosockets.cli import LogLevel, LoopName, configure, format_status, main
+from audiosockets.cli_support import option_group, user_errors
 from audiosockets.client import StartName
 from audiosockets.errors import AddressInUse, ConfigError, GateFailed, RelayUnreachable
 from audiosockets.loadtest import ClientName, RateName
@@ -155,6 +156,40 @@ def test_every_client_command_reads_its_token_and_tls_files_before_it_starts(
         result = CliRunner().invoke(main, ["loadtest", "--token-file", str(token_file)])
         assert result.exit_code == ConfigError.exit_code, result.output
         assert "need --relay" in result.output
+
+
+def test_an_option_group_hands_one_value_built_before_the_command_runs() -> None:
+    """option_group: the group's options leave the command's arguments, build()
+    gets them (and reads another option without taking it), and a ConfigError
+    from build() is one line and exit 2, before the command's body runs."""
+    ran: list[tuple[str, str]] = []
+
+    def build(target: str, first: str, second: str) -> str:
+        if first == "bad":
+            raise ConfigError(f"--first {first} cannot reach {target}")
+        return f"{first}+{second}@{target}"
+
+    pair = option_group(
+        "pair",
+        build,
+        [click.option("--first", default="a"), click.option("--second", default="b")],
+        reads=("target",),
+    )
+
+    @click.command()
+    @click.option("--target", default="t")
+    @pair
+    @user_errors
+    def command(target: str, pair: str) -> None:
+        ran.append((target, pair))
+
+    assert [p.name for p in command.params] == ["target", "first", "second"]
+    assert CliRunner().invoke(command, ["--second", "c"]).exit_code == 0
+    assert ran == [("t", "a+c@t")]
+    result = CliRunner().invoke(command, ["--first", "bad"])
+    assert result.exit_code == ConfigError.exit_code
+    assert result.output == "audiosockets: error: --first bad cannot reach t\n"
+    assert len(ran) == 1
 
 
 def test_env_var_reaches_a_renamed_parameter() -> None:
