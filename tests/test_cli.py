@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import get_args
 
 import click
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 
 from audiosockets.audio import DTypeName
 from audiosockets.cli import LogLevel, LoopName, configure, format_status, main
+from audiosockets.cli_support import option_group, user_errors
 from audiosockets.client import StartName
 from audiosockets.errors import AddressInUse, ConfigError, GateFailed, RelayUnreachable
 from audiosockets.loadtest import ClientName, RateName
@@ -96,6 +98,98 @@ def test_env_var_names_match_the_flags() -> None:
             if param.envvar != expected:
                 wrong.append(f"{name} {max(param.opts, key=len)}: {param.envvar} != {expected}")
     assert not wrong, wrong
+
+
+def test_every_option_of_every_command_shows_its_env_var_in_help() -> None:
+    """Options declared once and shared (the client's --token/--tls-*, the
+    metrics endpoint) still reach each command's --help with that command's
+    env var, in the order the command declares them."""
+    assert isinstance(main, click.Group)
+    for name, command in main.commands.items():
+        if isinstance(command, click.Group):
+            continue  # certs, nats: subcommands with arguments, not services
+        result = CliRunner().invoke(main, [name, "--help"], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.output.split())
+        declared = []
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                flag = max(param.opts, key=len)
+                assert f"env var: {param.envvar}" in text, f"{name} {flag}"
+                declared.append(flag)
+        shown = [
+            line.split()[0]
+            for line in result.output.splitlines()
+            if line.startswith("  --") and line.split()[0] != "--help"
+        ]
+        assert shown == declared, name
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status", "--timeout", "1"],
+        ["record", "--source", "synth:sine", "--metrics-port", "0"],
+        ["process", "--handler", "level", "--metrics-port", "0"],
+        ["loadtest"],
+    ],
+)
+def test_every_client_command_reads_its_token_and_tls_files_before_it_starts(
+    command: list[str], tmp_path: Path
+) -> None:
+    """--token, --token-file and --tls-* are one declaration shared by the
+    client commands: each refuses the same bad values in the same words."""
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    relay = ["--relay", "tcp://127.0.0.1:1"]
+    cases = [
+        (["--token-file", str(tmp_path / "missing")], "cannot read token file"),
+        (["--token", "x", "--token-file", str(token_file)], "not both"),
+        (["--tls-ca", str(token_file)], "--tls-ca needs a tls:// relay URL"),
+        (["--relay", "tls://127.0.0.1:1", "--tls-ca", str(tmp_path / "no.pem")], "TLS CA file"),
+    ]
+    for args, words in cases:
+        result = CliRunner().invoke(main, [*command, *relay, *args])
+        assert result.exit_code == ConfigError.exit_code, result.output
+        assert words in result.output
+    if command == ["loadtest"]:  # no --relay: its own open relay takes no token
+        result = CliRunner().invoke(main, ["loadtest", "--token-file", str(token_file)])
+        assert result.exit_code == ConfigError.exit_code, result.output
+        assert "need --relay" in result.output
+
+
+def test_an_option_group_hands_one_value_built_before_the_command_runs() -> None:
+    """option_group: the group's options leave the command's arguments, build()
+    gets them (and reads another option without taking it), and a ConfigError
+    from build() is one line and exit 2, before the command's body runs."""
+    ran: list[tuple[str, str]] = []
+
+    def build(target: str, first: str, second: str) -> str:
+        if first == "bad":
+            raise ConfigError(f"--first {first} cannot reach {target}")
+        return f"{first}+{second}@{target}"
+
+    pair = option_group(
+        "pair",
+        build,
+        [click.option("--first", default="a"), click.option("--second", default="b")],
+        reads=("target",),
+    )
+
+    @click.command()
+    @click.option("--target", default="t")
+    @pair
+    @user_errors
+    def command(target: str, pair: str) -> None:
+        ran.append((target, pair))
+
+    assert [p.name for p in command.params] == ["target", "first", "second"]
+    assert CliRunner().invoke(command, ["--second", "c"]).exit_code == 0
+    assert ran == [("t", "a+c@t")]
+    result = CliRunner().invoke(command, ["--first", "bad"])
+    assert result.exit_code == ConfigError.exit_code
+    assert result.output == "audiosockets: error: --first bad cannot reach t\n"
+    assert len(ran) == 1
 
 
 def test_env_var_reaches_a_renamed_parameter() -> None:

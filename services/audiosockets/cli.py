@@ -20,8 +20,10 @@ from . import __version__
 from . import cli_security as security
 from .audio import DTypeName
 from .cli_nats import nats_group
+from .cli_security import ClientAuth
 from .cli_support import (
     LoopName,
+    ServiceRuntime,
     choice,
     configure,
     format_status,
@@ -31,12 +33,11 @@ from .cli_support import (
     relay_limit_options,
     relay_option,
     run_async,
-    token_option,
+    service_options,
     user_errors,
 )
 from .cli_tools import demo, loadtest
 from .client import StartName
-from .metrics_http import MetricsEndpoint
 from .urls import check_url
 
 P = ParamSpec("P")
@@ -106,12 +107,10 @@ def main(log_level: LogLevel) -> None:
 )
 @security.relay_security_options
 @relay_limit_options
-@loop_option
-@security.metrics_endpoint_options("the --listen host")
+@service_options(metrics_port=None, metrics_host="the --listen host")
 @user_errors
 def relay(
     listen: str,
-    metrics_port: int,
     replay_seconds: float,
     queue_seconds: float,
     heartbeat_seconds: float,
@@ -123,8 +122,7 @@ def relay(
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_client_ca: Path | None,
-    loop_name: LoopName,
-    metrics_endpoint: MetricsEndpoint,
+    runtime: ServiceRuntime,
     **limits: Any,
 ) -> None:
     """Run the relay: publishers in, fan-out and groups out.
@@ -154,18 +152,19 @@ def relay(
         **limits,
     )
     metrics = Metrics()
-    metrics_tls = metrics_endpoint.context()  # unusable files: exit 2 before listening
+    metrics_tls = runtime.metrics.context()  # unusable files: exit 2 before listening
 
     def ready(server: Relay) -> None:
-        if metrics_port:
+        if runtime.metrics_port:
             # Called on the loop once the socket is bound: listening is ready.
             health = Health.watch_running_loop(server.readiness)
-            where = metrics_endpoint.host or host
-            serve_metrics(metrics_port, metrics.registry, where, health=health, tls=metrics_tls)
+            where = runtime.metrics.host or host
+            port = runtime.metrics_port
+            serve_metrics(port, metrics.registry, where, health=health, tls=metrics_tls)
         click.echo(f"relay listening on {server.url}", err=True)
 
     server = Relay(config, metrics=metrics)  # reads --credentials: a bad file is exit 2
-    run_async(server.run(ready=ready), loop_name)
+    run_async(server.run(ready=ready), runtime.loop)
 
 
 @main.command()
@@ -180,29 +179,18 @@ def relay(
 @click.option(
     "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait."
 )
-@token_option
-@security.token_file_option
-@security.client_tls_options
+@security.client_auth_options()
 @loop_option
 @user_errors
 def status(
-    relay_url: str,
-    as_json: bool,
-    timeout: float,
-    token: str | None,
-    token_file: Path | None,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    loop_name: LoopName,
+    relay_url: str, as_json: bool, timeout: float, auth: ClientAuth, loop_name: LoopName
 ) -> None:
     """Show a relay's streams, clients, groups and drops."""
     from .connect import fetch_status
     from .untrusted import escape_all
 
-    tls = security.client_tls(relay_url, tls_ca, tls_cert, tls_key)
-    secret = security.read_token(token, token_file)
-    report = run_async(fetch_status(relay_url, timeout=timeout, token=secret, tls=tls), loop_name)
+    fetch = fetch_status(relay_url, timeout=timeout, token=auth.token, tls=auth.tls)
+    report = run_async(fetch, loop_name)
     if as_json:
         click.echo(json.dumps(report, indent=2))  # JSON escapes control characters itself
         return
@@ -271,12 +259,8 @@ def status(
     help="On SIGTERM/SIGINT/SIGHUP, how long to wait for the relay to take the backlog.",
 )
 @click.option("--name", default=None, help="Client name the relay shows (default recorder-STREAM).")
-@token_option
-@security.token_file_option
-@security.client_tls_options
-@metrics_port_option(9401)
-@loop_option
-@security.metrics_endpoint_options("127.0.0.1")
+@security.client_auth_options()
+@service_options(metrics_port=9401, metrics_host="127.0.0.1")
 @user_errors
 def record(
     relay_url: str,
@@ -292,14 +276,8 @@ def record(
     spool_max_mib: float,
     flush_seconds: float,
     name: str | None,
-    token: str | None,
-    token_file: Path | None,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    metrics_port: int,
-    loop_name: LoopName,
-    metrics_endpoint: MetricsEndpoint,
+    auth: ClientAuth,
+    runtime: ServiceRuntime,
 ) -> None:
     """Capture audio and publish it; keeps recording whatever the relay does.
 
@@ -326,10 +304,11 @@ def record(
         spool_max_mib=spool_max_mib,
         flush_timeout=flush_seconds,
         name=name,
-        token=security.read_token(token, token_file),
-        tls=security.client_tls(relay_url, tls_ca, tls_cert, tls_key),
+        token=auth.token,
+        tls=auth.tls,
     )
-    run_async(run_recorder(config, metrics_port=metrics_port, endpoint=metrics_endpoint), loop_name)
+    recording = run_recorder(config, metrics_port=runtime.metrics_port, endpoint=runtime.metrics)
+    run_async(recording, runtime.loop)
 
 
 @main.command()
@@ -401,12 +380,8 @@ def devices() -> None:
 @click.option(
     "--name", default=None, help="Client name at the relay (default process-HANDLER@HOSTNAME)."
 )
-@token_option
-@security.token_file_option
-@security.client_tls_options
-@metrics_port_option(9402)
-@loop_option
-@security.metrics_endpoint_options("127.0.0.1")
+@security.client_auth_options()
+@service_options(metrics_port=9402, metrics_host="127.0.0.1")
 @user_errors
 def process(
     relay_url: str,
@@ -421,14 +396,8 @@ def process(
     max_failures: int,
     start: StartName,
     name: str | None,
-    token: str | None,
-    token_file: Path | None,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    metrics_port: int,
-    loop_name: LoopName,
-    metrics_endpoint: MetricsEndpoint,
+    auth: ClientAuth,
+    runtime: ServiceRuntime,
 ) -> None:
     """Run a handler on every chunk of the matching streams.
 
@@ -445,19 +414,19 @@ def process(
         group=group,
         name=name,
         workers=workers,
-        metrics_port=metrics_port,
-        metrics_host=metrics_endpoint.host or "127.0.0.1",
-        metrics_tls=metrics_endpoint.context(),
+        metrics_port=runtime.metrics_port,
+        metrics_host=runtime.metrics.host or "127.0.0.1",
+        metrics_tls=runtime.metrics.context(),
         backlog_seconds=backlog_seconds,
         events=events,
         segment_seconds=segment_seconds,
         max_open_segments=max_open_segments,
         exit_after=max_failures,
         start=start,
-        token=security.read_token(token, token_file),
-        tls=security.client_tls(relay_url, tls_ca, tls_cert, tls_key),
+        token=auth.token,
+        tls=auth.tls,
     )
-    run_async(serve(config), loop_name)  # checks the handler once, before connecting
+    run_async(serve(config), runtime.loop)  # checks the handler once, before connecting
 
 
 # --- loadtest, demo: cli_tools.py ------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Literal
 
 import click
 
-from .cli_support import run_async, user_errors
+from .cli_support import relay_option, run_async, user_errors
 from .errors import ConfigError
 from .urls import check_url
 
@@ -21,12 +21,7 @@ def nats_group() -> None:
 
 
 @nats_group.command("init")
-@click.option(
-    "--relay",
-    "relay_url",
-    default="nats://127.0.0.1:4222",
-    help="NATS servers (comma-separated).",
-)
+@relay_option("NATS servers (comma-separated).", default="nats://127.0.0.1:4222")
 @click.option("--stream", default="AUDIOSOCKETS", help="JetStream stream name.")
 @click.option(
     "--subject-prefix", default="audiosockets", help="One subject per audio stream below it."

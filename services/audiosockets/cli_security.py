@@ -3,14 +3,14 @@
 Kept apart from ``cli.py`` so each command takes the same options through one
 decorator and turns them into the same objects:
 
-* ``client_tls_options``: ``--tls-ca``, ``--tls-cert``, ``--tls-key`` for
-  clients (``record``, ``process``, ``status``, ``loadtest``);
-  ``client_tls(relay_url, ...)`` builds the ``ssl.SSLContext`` (None for
-  ``tcp://``) and refuses TLS files given for a ``tcp://`` relay.
-* ``token_file_option``: ``--token-file FILE``; ``read_token`` picks the
-  token from ``--token``, ``--token-file`` or their environment variables.
-  A token typed on the command line is visible to every local user
-  (``/proc/PID/cmdline``): prefer the file or the variable.
+* ``client_auth_options``: ``--token``, ``--token-file``, ``--tls-ca``,
+  ``--tls-cert``, ``--tls-key`` for clients (``record``, ``process``,
+  ``status``, ``loadtest``), handed to the command as one ``auth: ClientAuth``:
+  the token (``read_token``) and the ``ssl.SSLContext`` for its ``--relay``
+  (``client_tls``: None for ``tcp://``; TLS files given for a ``tcp://`` relay
+  are refused). A token typed on the command line is visible to every local
+  user (``/proc/PID/cmdline``): prefer the file or the variable.
+* ``relay_security_options``: the relay's token file, credentials and TLS files.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from __future__ import annotations
 import functools
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import click
 
-from .cli_support import user_errors
+from .cli_support import OptionDecorator, file_option, option_group, user_errors
 from .errors import ConfigError
 from .urls import parse_url
 
@@ -31,30 +32,80 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-_FILE = click.Path(dir_okay=False, path_type=Path)
+token_file_option = file_option(
+    "--token-file", "Read the token from this file (first line; keeps it off the command line)."
+)
 
 
-def client_tls_options(func: Callable[P, T]) -> Callable[P, T]:
-    """``--tls-ca``, ``--tls-cert``, ``--tls-key`` (PEM files) for a client command."""
-    func = click.option(
-        "--tls-key",
-        type=_FILE,
-        default=None,
-        help="Key of --tls-cert (PEM; omit when the certificate file holds it).",
-    )(func)
-    func = click.option(
-        "--tls-cert",
-        type=_FILE,
-        default=None,
-        help="Client certificate (PEM) for a relay that requires one (mutual TLS).",
-    )(func)
-    return click.option(
+# -- clients: --token, --token-file, --tls-ca, --tls-cert, --tls-key --------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuth:
+    """What a client command presents to its relay, built once from its options.
+
+    ``token``: the HELLO token ("" for none). ``tls``: the context for a
+    ``tls://`` relay (None for ``tcp://``, NATS, or no relay). ``tls_ca``,
+    ``tls_cert``, ``tls_key``: the files as given (None: not given), for a
+    config that crosses into child processes and builds its own context there.
+    """
+
+    token: str
+    tls: ssl.SSLContext | None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+def client_auth(
+    relay_url: str,
+    token: str | None,
+    token_file: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    *,
+    own_relay: bool = False,
+) -> ClientAuth:
+    """The token (``read_token``), then the TLS context for ``relay_url``
+    (``client_tls``); their ConfigErrors as they say.
+
+    ``own_relay`` (loadtest): an empty ``relay_url`` means the command starts
+    its own open relay; then a token or TLS file is a ConfigError.
+    """
+    secret = read_token(token, token_file)
+    if own_relay and not relay_url:
+        if secret or tls_ca or tls_cert or tls_key:
+            raise ConfigError("--token and --tls-* need --relay (loadtest's own relay has neither)")
+        return ClientAuth(secret, None)
+    tls = client_tls(relay_url, tls_ca, tls_cert, tls_key)
+    return ClientAuth(secret, tls, tls_ca, tls_cert, tls_key)
+
+
+CLIENT_AUTH_OPTIONS: list[OptionDecorator] = [
+    click.option("--token", default=None, help="Shared secret, if the relay requires one."),
+    token_file_option,
+    file_option(
         "--tls-ca",
-        type=_FILE,
-        default=None,
-        help="CA certificate(s) (PEM) to verify a tls:// relay with "
+        "CA certificate(s) (PEM) to verify a tls:// relay with "
         "(default: the system's trust store).",
-    )(func)
+    ),
+    file_option(
+        "--tls-cert", "Client certificate (PEM) for a relay that requires one (mutual TLS)."
+    ),
+    file_option("--tls-key", "Key of --tls-cert (PEM; omit when the certificate file holds it)."),
+]
+
+
+def client_auth_options(*, own_relay: bool = False) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """``--token``, ``--token-file``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``,
+    handed to the command as one ``auth: ClientAuth`` for its ``relay_url``.
+
+    ``own_relay``: an empty ``--relay`` means the command's own relay (see
+    ``client_auth``). Errors (ConfigError, exit 2) come before the command runs.
+    """
+    build = functools.partial(client_auth, own_relay=own_relay)
+    return option_group("auth", build, CLIENT_AUTH_OPTIONS, reads=("relay_url",))
 
 
 def client_tls(
@@ -72,24 +123,13 @@ def client_tls(
         return None
     address = parse_url(relay_url)
     if not address.tls:
-        given = [
-            flag for flag, v in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)) if v
-        ]
-        if given:
+        if files:
             raise ConfigError(
-                f"{given[0]} needs a tls:// relay URL (got {address}); "
+                f"{files[0]} needs a tls:// relay URL (got {address}); "
                 f"use tls://{str(address).removeprefix('tcp://')}"
             )
         return None
     return client_context(ca=ca, cert=cert, key=key)
-
-
-token_file_option = click.option(
-    "--token-file",
-    type=_FILE,
-    default=None,
-    help="Read the token from this file (first line; keeps it off the command line).",
-)
 
 
 def read_token(token: str | None, token_file: Path | None) -> str:
@@ -117,32 +157,26 @@ def read_token(token: str | None, token_file: Path | None) -> str:
 def relay_security_options(func: Callable[P, T]) -> Callable[P, T]:
     """The relay's ``--token-file``, ``--credentials``, ``--tls-cert``, ``--tls-key``,
     ``--tls-client-ca``."""
-    func = click.option(
-        "--tls-client-ca",
-        type=_FILE,
-        default=None,
-        help="Require client certificates signed by this CA (PEM): mutual TLS.",
-    )(func)
-    func = click.option(
-        "--tls-key",
-        type=_FILE,
-        default=None,
-        help="Key of --tls-cert (PEM; omit when the certificate file holds it).",
-    )(func)
-    func = click.option(
-        "--tls-cert",
-        type=_FILE,
-        default=None,
-        help="Serve TLS with this certificate (PEM); clients then use tls://.",
-    )(func)
-    func = click.option(
-        "--credentials",
-        type=_FILE,
-        default=None,
-        help="TOML file of [[client]] identities with roles, streams and groups "
-        "(instead of --token); reloaded on SIGHUP.",
-    )(func)
-    return token_file_option(func)
+    options = [
+        token_file_option,
+        file_option(
+            "--credentials",
+            "TOML file of [[client]] identities with roles, streams and groups "
+            "(instead of --token); reloaded on SIGHUP.",
+        ),
+        file_option(
+            "--tls-cert", "Serve TLS with this certificate (PEM); clients then use tls://."
+        ),
+        file_option(
+            "--tls-key", "Key of --tls-cert (PEM; omit when the certificate file holds it)."
+        ),
+        file_option(
+            "--tls-client-ca", "Require client certificates signed by this CA (PEM): mutual TLS."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
 
 def relay_tls(
@@ -160,74 +194,6 @@ def relay_tls(
             raise ConfigError(f"{flag} needs --tls-cert (the relay's certificate)")
         return None
     return server_context(cert=cert, key=key, client_ca=client_ca)
-
-
-def loadtest_security(
-    relay_url: str,
-    token: str | None,
-    token_file: Path | None,
-    ca: Path | None,
-    cert: Path | None,
-    key: Path | None,
-) -> str:
-    """``loadtest``'s token, after checking its TLS files now (exit 2 before any
-    process starts). Without ``--relay`` it starts its own open relay: then
-    token and TLS options are a ConfigError."""
-    secret = read_token(token, token_file)
-    if relay_url:
-        client_tls(relay_url, ca, cert, key)
-    elif secret or ca or cert or key:
-        raise ConfigError("--token and --tls-* need --relay (loadtest's own relay has neither)")
-    return secret
-
-
-def metrics_endpoint_options(default_host: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
-    """``--metrics-host`` and ``--metrics-tls-cert/-key/-client-ca``, handed to the
-    command as one ``metrics_endpoint: MetricsEndpoint`` argument.
-
-    ``default_host`` is said in the help; the command resolves a missing host
-    (the relay: its ``--listen`` host). Files are checked when the command
-    calls ``context()``.
-    """
-    from .metrics_http import MetricsEndpoint
-
-    def decorate(func: Callable[P, T]) -> Callable[P, T]:
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> T:
-            kwargs["metrics_endpoint"] = MetricsEndpoint(
-                kwargs.pop("metrics_host"),
-                kwargs.pop("metrics_tls_cert"),
-                kwargs.pop("metrics_tls_key"),
-                kwargs.pop("metrics_tls_client_ca"),
-            )
-            return func(*args, **kwargs)
-
-        options = [
-            click.option(
-                "--metrics-host",
-                default=None,
-                help=f"Address to serve metrics on (default: {default_host}; "
-                "0.0.0.0 or :: for every interface).",
-            ),
-            click.option(
-                "--metrics-tls-cert", type=_FILE, default=None, help="Serve metrics over HTTPS."
-            ),
-            click.option(
-                "--metrics-tls-key", type=_FILE, default=None, help="Key of --metrics-tls-cert."
-            ),
-            click.option(
-                "--metrics-tls-client-ca",
-                type=_FILE,
-                default=None,
-                help="Require scrapers' client certificates signed by this CA.",
-            ),
-        ]
-        decorated: Callable[..., T] = wrapper
-        for option in reversed(options):
-            decorated = option(decorated)
-        return decorated
-
-    return decorate
 
 
 # -- audiosockets certs ---------------------------------------------------------

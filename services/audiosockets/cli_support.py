@@ -5,13 +5,18 @@
 - ``configure``: the one path a command's configuration is built and validated.
 - ``run_async``: every command's coroutine runs here, on the ``--loop`` asked for.
 - ``choice``: ``click.Choice`` from a ``Literal`` alias.
+- ``option_group``: several options declared once, handed to the command as one value;
+  ``service_options``: the loop and metrics endpoint of a service, as one ``ServiceRuntime``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar, get_args, runtime_checkable
 
 import click
@@ -19,11 +24,13 @@ import click
 from . import loops
 from .errors import AudiosocketsError, ConfigError
 from .loops import LoopName as LoopName
+from .metrics_http import MetricsEndpoint
 from .urls import parse_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
 C = TypeVar("C")
+V = TypeVar("V")
 
 #: Exit codes (beyond the error classes' own): 130 after Ctrl-C.
 EXIT_INTERRUPTED = 130
@@ -205,8 +212,60 @@ def relay_limit_options(func: Callable[P, T]) -> Callable[P, T]:
 
 # --- options shared by several commands --------------------------------------
 
+F = TypeVar("F", bound=Callable[..., object])
 
-def metrics_port_option(default: int) -> Callable[[Callable[P, T]], Callable[P, T]]:
+
+class OptionDecorator(Protocol):
+    """What ``click.option(...)`` returns: adds one option to a command function."""
+
+    def __call__(self, func: F, /) -> F: ...
+
+
+def option_group(
+    into: str,
+    build: Callable[..., V],
+    options: Sequence[OptionDecorator],
+    *,
+    reads: tuple[str, ...] = (),
+) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """Declare ``options`` (in help order) and hand the command one value for them.
+
+    When the command runs, the options' values (named as ``build``'s positional
+    parameters; keyword-only ones are not options) are taken out of its keyword
+    arguments and ``build(**values)`` becomes the keyword argument ``into``. The
+    names in ``reads`` (another option's value, e.g. ``relay_url``) are passed to
+    ``build`` too and left to the command. A parameter of ``build`` that is not
+    in ``options`` is an option the command declares elsewhere in its help.
+    ``build`` validates, before the command's body runs; its errors end the
+    command as the body's would (``user_errors``: ``ConfigError`` is one line,
+    exit 2).
+    """
+    names = [
+        name
+        for name, param in inspect.signature(build).parameters.items()
+        if param.kind is param.POSITIONAL_OR_KEYWORD and name not in reads
+    ]
+    checked_build = user_errors(build)
+
+    def decorate(func: Callable[P, T]) -> Callable[P, T]:
+        command: Callable[..., T] = func
+
+        @functools.wraps(func)
+        def wrapper(*args: object, **kwargs: object) -> T:
+            values = {name: kwargs.pop(name) for name in names}
+            values.update({name: kwargs[name] for name in reads})
+            kwargs[into] = checked_build(**values)
+            return command(*args, **kwargs)
+
+        decorated: Callable[..., T] = wrapper
+        for option in reversed(options):
+            decorated = option(decorated)
+        return decorated
+
+    return decorate
+
+
+def metrics_port_option(default: int) -> OptionDecorator:
     """``--metrics-port`` with the service's own default port."""
     return click.option(
         "--metrics-port",
@@ -223,9 +282,6 @@ def relay_option(
     return click.option("--relay", "relay_url", default=default, help=help)
 
 
-token_option = click.option(
-    "--token", default=None, help="Shared secret, if the relay requires one."
-)
 loop_option = click.option(
     "--loop",
     "loop_name",
@@ -233,3 +289,73 @@ loop_option = click.option(
     default="auto",
     help="Event loop implementation.",
 )
+
+_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+def file_option(flag: str, help: str) -> OptionDecorator:
+    """An optional ``FILE`` option: a ``Path`` (not read yet), None when not given."""
+    return click.option(flag, type=_FILE, default=None, help=help)
+
+
+# --- a service's event loop and metrics endpoint -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRuntime:
+    """How a service command runs: its event loop and where it serves metrics.
+
+    ``metrics_port``: 0 serves none. ``metrics``: ``--metrics-host`` (None: the
+    service's default) and the TLS files, read when the command calls
+    ``metrics.context()`` (unusable files: ConfigError).
+    """
+
+    loop: LoopName
+    metrics_port: int
+    metrics: MetricsEndpoint
+
+
+def service_runtime(
+    metrics_port: int,
+    loop_name: LoopName,
+    metrics_host: str | None,
+    metrics_tls_cert: Path | None,
+    metrics_tls_key: Path | None,
+    metrics_tls_client_ca: Path | None,
+) -> ServiceRuntime:
+    """The ``ServiceRuntime`` of its options, as given (nothing to refuse yet)."""
+    endpoint = MetricsEndpoint(
+        metrics_host, metrics_tls_cert, metrics_tls_key, metrics_tls_client_ca
+    )
+    return ServiceRuntime(loop_name, metrics_port, endpoint)
+
+
+def service_options(
+    *, metrics_port: int | None, metrics_host: str
+) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """``--metrics-port``, ``--loop``, ``--metrics-host`` and
+    ``--metrics-tls-cert/-key/-client-ca``, handed to the command as one
+    ``runtime: ServiceRuntime``.
+
+    ``metrics_port``: the service's default port; None when the command declares
+    ``--metrics-port`` itself elsewhere in its help (``metrics_port_option``: the
+    relay's stands by ``--listen``). ``metrics_host`` is the default the help
+    names; the command resolves a missing host (the relay: its ``--listen`` host).
+    """
+    options: list[OptionDecorator] = [
+        loop_option,
+        click.option(
+            "--metrics-host",
+            default=None,
+            help=f"Address to serve metrics on (default: {metrics_host}; "
+            "0.0.0.0 or :: for every interface).",
+        ),
+        file_option("--metrics-tls-cert", "Serve metrics over HTTPS."),
+        file_option("--metrics-tls-key", "Key of --metrics-tls-cert."),
+        file_option(
+            "--metrics-tls-client-ca", "Require scrapers' client certificates signed by this CA."
+        ),
+    ]
+    if metrics_port is not None:
+        options.insert(0, metrics_port_option(metrics_port))
+    return option_group("runtime", service_runtime, options)

@@ -7,7 +7,6 @@ commands; ``cli.py`` registers these on the ``audiosockets`` group.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -20,7 +19,6 @@ from .cli_support import (
     loop_option,
     relay_option,
     run_async,
-    token_option,
     user_errors,
 )
 from .errors import ConfigError
@@ -89,9 +87,7 @@ from .urls import check_url, is_nats_url
     envvar="AUDIOSOCKETS_LOADTEST_JSON",
     help="Print one JSON object on stdout.",
 )
-@token_option
-@security.token_file_option
-@security.client_tls_options
+@security.client_auth_options(own_relay=True)
 @user_errors
 def loadtest(
     streams: int,
@@ -107,16 +103,11 @@ def loadtest(
     max_loss: float | None,
     max_p99_ms: float | None,
     as_json: bool,
-    token: str | None,
-    token_file: Path | None,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
+    auth: security.ClientAuth,
 ) -> None:
     """Drive synthetic publishers and subscribers; report loss and latency."""
     from .loadtest import LoadTestConfig, check_gates, format_report, run_loadtest
 
-    secret = security.loadtest_security(relay_url, token, token_file, tls_ca, tls_cert, tls_key)
     if relay_url:
         check_url(relay_url)
         if client == "raw" and is_nats_url(relay_url):
@@ -135,10 +126,10 @@ def loadtest(
         chunk_ms=chunk_ms,
         subscriber_processes=subscriber_processes,
         client=client,
-        token=secret,
-        tls_ca=tls_ca,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
+        token=auth.token,
+        tls_ca=auth.tls_ca,
+        tls_cert=auth.tls_cert,
+        tls_key=auth.tls_key,
     )
     show = sys.stderr.isatty()
 
