@@ -255,7 +255,12 @@ class ProcessMember:
 def archived_chunks(directory: Path, chunk_bytes: int) -> dict[str, dict[int, bytes]]:
     """Every chunk the archive holds (closed segments and a killed writer's
     ``.part`` files), per stream and seq. A seq archived twice (at-least-once
-    across a handover) must hold the same bytes both times."""
+    across a handover) must hold the same bytes both times.
+
+    Safe to call while members write: a ``.part`` file listed here and then
+    published (renamed to its final name) before it is read is skipped; its
+    chunks are missing from this answer and found under the final name by the
+    next call (a caller polls until every chunk is there)."""
     out: dict[str, dict[int, bytes]] = {}
 
     def add(stream: str, first: int, data: bytes) -> None:
@@ -275,6 +280,11 @@ def archived_chunks(directory: Path, chunk_bytes: int) -> dict[str, dict[int, by
     )
     for part in sorted(directory.glob(".*.wav*.part")):
         m = part_name.fullmatch(part.name)
-        if m is not None:
-            add(m["stream"], int(m["first"]), part.read_bytes()[44:])
+        if m is None:
+            continue
+        try:
+            data = part.read_bytes()
+        except FileNotFoundError:
+            continue  # published since it was listed
+        add(m["stream"], int(m["first"]), data[44:])
     return out

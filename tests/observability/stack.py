@@ -22,6 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,24 @@ class Prometheus:
         result = self.query(expr, at)
         assert len(result) == 1, f"{expr}: {result}"
         return float(result[0]["value"][1])
+
+    def rules_evaluated_after(self, since: float) -> bool:
+        """Every rule group has finished an evaluation whose evaluation time is
+        after ``since`` (epoch seconds), so recorded series and alerts include
+        every sample Prometheus held at ``since``.
+
+        A group's ``lastEvaluation`` is the wall time its latest evaluation
+        started, reported once that evaluation has finished; the evaluation
+        time itself is the group's slot, up to one interval before the start
+        when the group runs late. A start one interval after ``since`` puts
+        the slot after it.
+        """
+        groups = self.api("rules")["groups"]
+        return bool(groups) and all(
+            datetime.fromisoformat(group["lastEvaluation"]).timestamp()
+            >= since + float(group["interval"])
+            for group in groups
+        )
 
     def targets_up(self) -> bool:
         active = self.api("targets", state="active")["activeTargets"]

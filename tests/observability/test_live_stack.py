@@ -360,6 +360,20 @@ def inject_faults(live: Live) -> None:
     wait_until_sync(
         spool_losses_scraped, timeout=30, what="the recorders' losses scraped", every=POLL_SECONDS
     )
+    # The loss panels read recording rules, evaluated on their own 1 s clock:
+    # a scrape that lands just before this point reaches them up to an
+    # interval later (more when Prometheus runs late). When the recorders'
+    # first scrape with spool losses is that late one (missed scrapes while
+    # the relay hung, or losses that ended between two scrapes), "Lost at
+    # source" had never been above zero at checked_at. Wait for an
+    # evaluation after everything above was in Prometheus.
+    scraped_at = time.time()
+    wait_until_sync(
+        lambda: prom.rules_evaluated_after(scraped_at),
+        timeout=30,
+        what="every rule group evaluated after the final scrapes",
+        every=POLL_SECONDS,
+    )
     seen.checked_at = time.time()
     write_summary(live)
 
