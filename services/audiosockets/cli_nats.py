@@ -10,7 +10,7 @@ from typing import Literal
 
 import click
 
-from .cli_support import run_async, user_errors
+from .cli_support import FloatRange, run_async, user_errors
 from .errors import ConfigError
 from .urls import check_url
 
@@ -40,7 +40,7 @@ def nats_group() -> None:
 )
 @click.option(
     "--max-age",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     default=600.0,
     help="Seconds of audio kept: the replay window.",
 )
