@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from audiosockets.cli import main
+from audiosockets.protocol import Limits
 from audiosockets.relay import Relay, RelayConfig
 
 
@@ -102,3 +104,59 @@ def test_max_open_segments_reaches_the_processor_config(monkeypatch: pytest.Monk
     result = CliRunner().invoke(main, args, env={"AUDIOSOCKETS_PROCESS_MAX_OPEN_SEGMENTS": "32"})
     assert result.exit_code == 0, result.output
     assert [c.max_open_segments for c in built] == [64, 32]
+
+
+def float_options() -> list[tuple[list[str], str]]:
+    """(command path with its required options, flag) for every float flag of every command."""
+    import click
+
+    def commands(group: click.Group, path: list[str]) -> Iterator[tuple[list[str], click.Command]]:
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from commands(command, [*path, name])
+            else:
+                yield [*path, name], command
+
+    found = []
+    for path, command in commands(main, []):
+        required = ["--handler", "level"] if path == ["process"] else []
+        for param in command.params:
+            if isinstance(param.type, click.FloatRange):
+                found.append(([*path, *required], param.opts[0]))
+    return found
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize(("command", "flag"), float_options())
+def test_no_float_flag_takes_a_value_that_is_not_finite(
+    command: list[str], flag: str, value: str
+) -> None:
+    """nan passes every range check and inf reaches int(): each used to start a
+    service that failed later (a traceback, a relay that failed every handshake)."""
+    result = CliRunner().invoke(main, [*command, f"{flag}={value}"])
+    assert result.exit_code == 2, result.output
+    assert "is not a finite number" in result.output or "not in the range" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_every_command_has_float_flags_checked() -> None:
+    assert len(float_options()) >= 20  # the walk found the commands' float flags
+
+
+@pytest.mark.parametrize(
+    ("flag", "field"),
+    [("--heartbeat-seconds", "heartbeat_interval"), ("--replay-seconds", "replay_seconds")],
+)
+def test_a_time_too_long_for_welcome_is_a_configuration_error(flag: str, field: str) -> None:
+    """WELCOME carries both in u32 milliseconds: a longer one made every handshake fail."""
+    result = CliRunner().invoke(main, ["relay", "--metrics-port", "0", flag, "4294968"])
+    assert result.exit_code == 2, result.output
+    assert f"{field} must be at most 4294967 s" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_relay_config_refuses_times_that_are_not_finite() -> None:
+    with pytest.raises(ValueError, match="queue_seconds must be a finite number"):
+        RelayConfig(queue_seconds=float("nan"))
+    with pytest.raises(ValueError, match="max_chunk_seconds"):
+        Limits(max_chunk_seconds=float("nan"))

@@ -21,7 +21,17 @@ from _support import wait_until
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import Publisher, RetryPolicy, Subscriber
 from audiosockets.metrics import Metrics
-from audiosockets.protocol import Connection, Hello, Role, Subscribe, Welcome
+from audiosockets.protocol import (
+    ChunkData,
+    Connection,
+    Hello,
+    NeedData,
+    Ping,
+    Pong,
+    Role,
+    Subscribe,
+    Welcome,
+)
 from audiosockets.relay import Relay, RelayConfig
 
 FMT = AudioFormat(16000, 1, SampleType.INT16)
@@ -219,3 +229,101 @@ def test_the_window_remembers_what_it_trimmed_not_the_gaps_between() -> None:
     assert window.trimmed_after(5) == (9, 54)  # 6..9 and 50..54
     assert window.trimmed_after(20) == (5, 54)  # not 21..49
     assert window.trimmed_after(54) == (0, 54)
+
+
+#: Another format for the same stream name: 20 ms is 7680 bytes, so a few
+#: seconds of it are more than one batch the relay writes to a subscriber.
+FMT_WIDE = AudioFormat(48000, 2, SampleType.FLOAT32)
+
+
+def silence(fmt: AudioFormat) -> np.ndarray:
+    """20 ms of zeros in ``fmt``."""
+    return np.zeros((fmt.rate // 50, fmt.channels), dtype=fmt.dtype)
+
+
+async def publish_then_change_format(
+    relay: Relay, old: int, new: int, first_format: AudioFormat = FMT
+) -> None:
+    """``old`` 20 ms chunks of "mic" in ``first_format`` from one publisher
+    run, then, once that run has left, ``new`` chunks in FMT_WIDE (or FMT when
+    that was the first) from another; the numbering goes on."""
+    second_format = FMT if first_format == FMT_WIDE else FMT_WIDE
+    first = Publisher(relay.url, name="rec-a", retry=FAST_RETRY, metrics=Metrics())
+    await first.start()
+    stream = first.stream("mic", first_format)
+    for _ in range(old):
+        stream.send(silence(first_format))
+    await wait_until(
+        lambda: value(relay, "audiosockets_chunks_received_total", stream="mic") == old,
+        what="the relay to take the first format's chunks",
+    )
+    await first.close(timeout=2.0)
+    second = Publisher(relay.url, name="rec-b", retry=FAST_RETRY, metrics=Metrics())
+    await second.start()
+    stream = second.stream("mic", second_format)
+    for _ in range(new):
+        stream.send(silence(second_format))
+    await wait_until(
+        lambda: value(relay, "audiosockets_chunks_received_total", stream="mic") == old + new,
+        what="the relay to take the second format's chunks",
+    )
+    await second.close(timeout=2.0)
+
+
+@pytest.mark.parametrize("relay_config", [RelayConfig(port=0, replay_seconds=60.0)])
+async def test_a_format_change_charges_a_resume_into_the_old_audio(relay: Relay) -> None:
+    """The old format's audio leaves the window at the change: a subscriber
+    resuming into it gets the new audio and the relay counts what it held and
+    dropped, as for any trim (it used to count nothing)."""
+    await publish_then_change_format(relay, old=30, new=5)
+    sub = Subscriber(relay.url, "mic", name="late", retry=FAST_RETRY, metrics=Metrics())
+    sub.received["mic"] = 9  # it had 0..9 before
+    await sub.start()
+    got = await read_until(sub, 34)
+    assert got == list(range(30, 35))
+    assert relay_lost(relay, "late") == 20  # 10..29: held by the relay, never sent
+    assert sub.gaps == 20
+    await sub.close()
+
+
+@pytest.mark.parametrize(
+    "relay_config", [RelayConfig(port=0, replay_seconds=60.0, max_inflight_seconds=0.1)]
+)
+async def test_a_format_change_charges_a_reader_not_yet_sent_the_old_audio(relay: Relay) -> None:
+    """A subscriber that has not read (its receive buffer full, the relay holding
+    the rest in the window) when the format changes: what it gets plus what the
+    relay counts for it is everything published."""
+    conn = Connection("client")
+    assert relay.address is not None
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before connect: no autotuning
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(raw, (relay.address.host, relay.address.port))
+    await loop.sock_sendall(raw, conn.send(Hello(Role.SUBSCRIBER, "stalled")))
+    async with asyncio.timeout(5):
+        while not isinstance(conn.next_event(), Welcome):  # NEED_DATA until it came
+            conn.receive_data(await loop.sock_recv(raw, 1 << 16))
+    await loop.sock_sendall(raw, conn.send(Subscribe("mic")))
+    await wait_until(
+        lambda: any(s.subscription for s in relay.subscribers if s.name == "stalled"),
+        what="the relay to register the subscription",
+    )
+    # 4 s, 1.5 MB: far past 0.1 s in flight and one 256 KiB batch
+    await publish_then_change_format(relay, old=200, new=5, first_format=FMT_WIDE)
+    seqs: list[int] = []
+    with raw:
+        async with asyncio.timeout(10):
+            while not seqs or seqs[-1] < 204:
+                data = await loop.sock_recv(raw, 1 << 16)
+                assert data, "the relay closed the connection"
+                conn.receive_data(data)
+                while not isinstance(event := conn.next_event(), NeedData):
+                    if isinstance(event, ChunkData):
+                        seqs.append(event.seq)
+                    elif isinstance(event, Ping):
+                        await loop.sock_sendall(raw, conn.send(Pong(event.nonce)))
+    lost = relay_lost(relay, "stalled")
+    assert seqs == sorted(set(seqs))
+    assert len(seqs) + lost == 205
+    assert lost > 0, "the relay sent everything before the change: the test proves nothing"

@@ -22,6 +22,7 @@ from .audio import DTypeName
 from .cli_nats import nats_group
 from .cli_security import ClientAuth
 from .cli_support import (
+    FloatRange,
     LoopName,
     ServiceRuntime,
     choice,
@@ -71,19 +72,19 @@ def main(log_level: LogLevel) -> None:
 @metrics_port_option(9400)
 @click.option(
     "--replay-seconds",
-    type=click.FloatRange(0),
+    type=FloatRange(0),
     default=30.0,
     help="Audio kept per stream for resuming subscribers.",
 )
 @click.option(
     "--queue-seconds",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     default=2.0,
     help="How far a subscriber may fall behind live audio before its oldest chunks drop.",
 )
 @click.option(
     "--heartbeat-seconds",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     default=2.0,
     help="PING interval; a peer silent for 3 intervals is dead.",
 )
@@ -95,7 +96,7 @@ def main(log_level: LogLevel) -> None:
 )
 @click.option(
     "--max-chunk-seconds",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     default=2.0,
     help="Audio one CHUNK may carry, in seconds of its stream's format.",
 )
@@ -176,9 +177,7 @@ def relay(
     envvar="AUDIOSOCKETS_STATUS_JSON",
     help="Print the report as JSON.",
 )
-@click.option(
-    "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, help="Seconds to wait."
-)
+@click.option("--timeout", type=FloatRange(0, min_open=True), default=5.0, help="Seconds to wait.")
 @security.client_auth_options()
 @loop_option
 @user_errors
@@ -223,10 +222,10 @@ def status(
     default="int16",
     help="Sample type on the wire.",
 )
-@click.option("--block-ms", type=click.FloatRange(1, 1000), default=20.0, help="Chunk length (ms).")
+@click.option("--block-ms", type=FloatRange(1, 1000), default=20.0, help="Chunk length (ms).")
 @click.option(
     "--spool-seconds",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     default=60.0,
     help="Audio kept while the relay is unreachable; older unsent audio is dropped.",
 )
@@ -239,7 +238,7 @@ def status(
 )
 @click.option(
     "--spool-memory-seconds",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     default=None,
     help="With --spool-dir: audio held in memory before the rest goes to disk "
     "[default: 10]. A SIGKILL or power cut loses up to this much; keep it above the "
@@ -247,14 +246,14 @@ def status(
 )
 @click.option(
     "--spool-max-mib",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     default=512.0,
     help="Most audio held in memory, in MiB, with the seconds: whichever is reached first "
     "drops the oldest (counted spool_full).",
 )
 @click.option(
     "--flush-seconds",
-    type=click.FloatRange(0),
+    type=FloatRange(0),
     default=2.0,
     help="On SIGTERM/SIGINT/SIGHUP, how long to wait for the relay to take the backlog.",
 )
@@ -342,7 +341,7 @@ def devices() -> None:
 )
 @click.option(
     "--backlog-seconds",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     default=10.0,
     help="Audio waiting for the handler; beyond it the oldest chunks are dropped.",
 )
@@ -354,7 +353,7 @@ def devices() -> None:
 )
 @click.option(
     "--segment-seconds",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     default=60.0,
     help="archive: length of one WAV segment.",
 )

@@ -10,7 +10,7 @@ from typing import Literal
 
 import click
 
-from .cli_support import relay_option, run_async, user_errors
+from .cli_support import FloatRange, relay_option, run_async, user_errors
 from .errors import ConfigError
 from .urls import check_url
 
@@ -35,7 +35,7 @@ def nats_group() -> None:
 )
 @click.option(
     "--max-age",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     default=600.0,
     help="Seconds of audio kept: the replay window.",
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -89,6 +90,19 @@ def configure(factory: Callable[P, C], /, *args: P.args, **kwargs: P.kwargs) -> 
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     return config
+
+
+class FloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf``: click parses
+    both, ``nan`` passes every bound, and either would reach a service as a
+    duration or a size (an ``int(inf)`` traceback, a relay that fails every
+    handshake). Every float flag of every command uses this one."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def choice(alias: Any) -> click.Choice[str]:
@@ -171,33 +185,33 @@ RELAY_LIMITS: list[tuple[str, click.ParamType[Any], float, str]] = [
     ),
     (
         "--frame-timeout",
-        click.FloatRange(0, min_open=True),
+        FloatRange(0, min_open=True),
         10.0,
         "Seconds a frame may take from its first byte to its last.",
     ),
     (
         "--max-capture-ahead",
-        click.FloatRange(0, min_open=True),
+        FloatRange(0, min_open=True),
         300.0,
         "Seconds a chunk's capture time may be ahead of the relay's clock.",
     ),
     (
         "--max-capture-age",
-        click.FloatRange(0, min_open=True),
+        FloatRange(0, min_open=True),
         3650 * 86400.0,
         "Seconds a chunk's capture time may be behind the relay's clock.",
     ),
     ("--max-streams", click.IntRange(1), 1024, "Stream names held at once."),
     ("--max-streams-per-publisher", click.IntRange(1), 64, "Names one publisher may declare."),
-    ("--stream-grace-seconds", click.FloatRange(0), 60.0, "Keep an abandoned empty stream."),
+    ("--stream-grace-seconds", FloatRange(0), 60.0, "Keep an abandoned empty stream."),
     ("--max-sessions", click.IntRange(1), 1024, "Connections at once (below the fd limit)."),
     ("--max-sessions-per-address", click.IntRange(1), 256, "Connections from one address."),
-    ("--idle-timeout", click.FloatRange(0, min_open=True), 60.0, "Close sessions holding nothing."),
+    ("--idle-timeout", FloatRange(0, min_open=True), 60.0, "Close sessions holding nothing."),
     ("--max-write-buffer-bytes", click.IntRange(1), 4 << 20, "Replies queued to a non-reader."),
-    ("--status-interval", click.FloatRange(0), 1.0, "Least seconds between STATUS replies."),
+    ("--status-interval", FloatRange(0), 1.0, "Least seconds between STATUS replies."),
     (
         "--max-inflight-seconds",
-        click.FloatRange(0, min_open=True),
+        FloatRange(0, min_open=True),
         1.0,
         "Audio written to a subscriber, not yet acknowledged.",
     ),

@@ -12,6 +12,7 @@ import click
 
 from . import cli_security as security
 from .cli_support import (
+    FloatRange,
     LoopName,
     choice,
     configure,
@@ -38,7 +39,7 @@ from .urls import check_url, is_nats_url
 )
 @click.option(
     "--duration",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     default=10.0,
     help="Seconds of publishing.",
 )
@@ -52,9 +53,7 @@ from .urls import check_url, is_nats_url
 @click.option(
     "--sample-rate", type=click.IntRange(1), default=16000, help="Synthetic stream sample rate."
 )
-@click.option(
-    "--chunk-ms", type=click.FloatRange(0, min_open=True), default=20.0, help="Chunk duration."
-)
+@click.option("--chunk-ms", type=FloatRange(0, min_open=True), default=20.0, help="Chunk duration.")
 @click.option(
     "--subscriber-processes",
     type=click.IntRange(1),
@@ -70,13 +69,13 @@ from .urls import check_url, is_nats_url
 )
 @click.option(
     "--max-loss",
-    type=click.FloatRange(0, 1),
+    type=FloatRange(0, 1),
     default=None,
     help="Fail (exit 7) when the lost fraction exceeds this.",
 )
 @click.option(
     "--max-p99-ms",
-    type=click.FloatRange(0),
+    type=FloatRange(0),
     default=None,
     help="Fail (exit 7) when p99 latency exceeds this many ms.",
 )
@@ -158,7 +157,7 @@ def loadtest(
 )
 @click.option(
     "--seconds",
-    type=click.FloatRange(0),
+    type=FloatRange(0),
     default=0.0,
     help="Stop after this many seconds (0: run until Ctrl-C).",
 )

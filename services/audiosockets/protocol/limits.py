@@ -6,6 +6,7 @@ the two in step); a relay or client may lower or raise them per connection.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -42,7 +43,7 @@ class Limits:
             raise ValueError("max_frame_size must be between 64 and 2**32-1")
         if not 1 <= self.max_name_length <= 0xFFFF:
             raise ValueError("max_name_length must be between 1 and 65535")
-        if self.handshake_timeout <= 0:
+        if not self.handshake_timeout > 0:  # not "<= 0": nan must fail too
             raise ValueError("handshake_timeout must be positive")
-        if self.max_chunk_seconds <= 0:
-            raise ValueError("max_chunk_seconds must be positive")
+        if not 0 < self.max_chunk_seconds < math.inf:
+            raise ValueError("max_chunk_seconds must be a positive finite number")

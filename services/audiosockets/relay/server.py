@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import signal
 import socket
 import ssl
@@ -60,6 +61,21 @@ log = logging.getLogger("audiosockets.relay")
 
 Clock = Callable[[], float]
 """A monotonic clock in seconds, ``time.monotonic`` unless a test drives one."""
+
+
+#: ``RelayConfig``'s fields in seconds: each must be finite.
+FLOAT_FIELDS = (
+    "replay_seconds",
+    "queue_seconds",
+    "heartbeat_interval",
+    "frame_timeout",
+    "max_capture_ahead",
+    "max_capture_age",
+    "stream_grace_seconds",
+    "idle_timeout",
+    "status_interval",
+    "max_inflight_seconds",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +125,8 @@ class RelayConfig:
     ``max_inflight_seconds``: audio written to one subscriber that its host
     has not acknowledged, beyond which nothing more is written (s, > 0;
     ``inflight``). Raises ``ValueError`` for a
-    value out of range.
+    value out of range, a time that is not finite, or a heartbeat or replay
+    window too long for WELCOME's u32 milliseconds (4294967 s).
     """
 
     host: str = "127.0.0.1"
@@ -141,6 +158,12 @@ class RelayConfig:
     max_inflight_seconds: float = 1.0  # audio written to a subscriber, not yet acknowledged
 
     def __post_init__(self) -> None:
+        for name in FLOAT_FIELDS:
+            if not math.isfinite(getattr(self, name)):  # nan passes every comparison below
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("heartbeat_interval", "replay_seconds"):  # WELCOME: u32 milliseconds
+            if getattr(self, name) * 1000 > 0xFFFF_FFFF:
+                raise ValueError(f"{name} must be at most {0xFFFF_FFFF // 1000} s")
         if self.replay_seconds < 0:
             raise ValueError("replay_seconds must be >= 0")
         if self.queue_seconds <= 0:

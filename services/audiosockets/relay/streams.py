@@ -75,16 +75,20 @@ class StreamState:
 
     def change_format(self, fmt: AudioFormat, readers: Iterable[Cursor]) -> None:
         """The publisher re-opened the stream with another format: the window
-        is cleared (its audio cannot be mixed with the new) and every reader is
-        sent OPEN_STREAM again before the next chunk."""
+        is emptied (its audio cannot be mixed with the new) and every reader is
+        sent OPEN_STREAM again before the next chunk.
+
+        The old audio goes as a trim, not a silent clear: the window remembers
+        the numbers it dropped, so a reader not yet sent them (its cursor stays
+        behind the window) and a subscriber resuming into them later are each
+        charged ``replay_window_exceeded`` once, as for any other trim."""
         log.warning(
             "stream %r changed format %s -> %s; replay window cleared", self.name, self.format, fmt
         )
         self.format = fmt
-        self.window.clear()
+        self.window.drop_oldest(len(self.window))
         for cursor in readers:
             cursor.declared = False
-            cursor.next_ord = self.window.end
 
     def rate(self, now: float, span: float = 5.0) -> float:
         """Chunks per second that arrived in the last ``span`` seconds before
