@@ -75,6 +75,20 @@ def test_port_in_use_is_one_line() -> None:
     assert "already in use" in one_error_line(result.stderr)
 
 
+@pytest.mark.parametrize(
+    ("listen", "words"),
+    [
+        ("tcp://nosuchhost.invalid:7400", "cannot listen on nosuchhost.invalid:7400"),
+        ("tcp://192.0.2.1:7400", "cannot listen on 192.0.2.1:7400: "),  # not this host's
+    ],
+)
+def test_an_address_this_host_cannot_listen_on_is_a_config_error(listen: str, words: str) -> None:
+    """Exit 2 (fix the configuration), not 4 (another program holds the port)."""
+    result = run_cli("relay", "--listen", listen, "--metrics-port", "0")
+    assert result.returncode == ConfigError.exit_code
+    assert words in one_error_line(result.stderr)
+
+
 def test_every_flag_is_an_env_var() -> None:
     # click's auto_envvar_prefix: AUDIOSOCKETS_<COMMAND>_<OPTION>
     result = run_cli(

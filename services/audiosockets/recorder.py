@@ -350,20 +350,26 @@ class Recorder:
                 self.disk.close()
         if flushed:
             log.info(
-                "recorder stopped: %d chunks captured, all taken by the relay",
+                "recorder stopped: %d chunk(s) captured, all taken by the relay",
                 self.blocks_captured,
             )
         else:
             kept = f"; {self.disk.seconds:.1f} s stay on disk" if self.disk else ""
             refused = getattr(self.publisher, "failure", None) is not None
-            log.warning(
-                "recorder stopped: %d chunks captured, the relay did not take all%s%s",
-                self.blocks_captured,
+            why = (
                 " (it refused the session)"
                 if refused
-                else f" within {self.config.flush_timeout:g} s",
-                kept,
+                else f" within {self.config.flush_timeout:g} s"
             )
+            if self.blocks_captured == 0:
+                log.warning("recorder stopped before it captured any audio")
+            else:
+                log.warning(
+                    "recorder stopped: %d chunk(s) captured, the relay did not take all%s%s",
+                    self.blocks_captured,
+                    why,
+                    kept,
+                )
         self._closed = flushed
         return flushed
 

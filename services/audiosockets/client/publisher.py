@@ -199,7 +199,7 @@ class PublishedStream:
         self.dropped += lost
         self._dropped.inc(lost)
         log.warning(
-            "stream %r: %d chunks sent before the connection broke never reached the relay "
+            "stream %r: %d chunk(s) sent before the connection broke never reached the relay "
             "and have left the spool",
             self.name,
             lost,
@@ -433,7 +433,7 @@ class Publisher(ReconnectingClient):
         for stream in self.streams.values():
             if stream.unsent and drop_unsent:
                 log.warning(
-                    "stream %r: %d chunks never reached the relay", stream.name, stream.unsent
+                    "stream %r: %d chunk(s) never reached the relay", stream.name, stream.unsent
                 )
                 self.metrics.chunks_dropped.labels(stream.name, "closed_unsent").inc(stream.unsent)
                 stream.dropped += stream.unsent

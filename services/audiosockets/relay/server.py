@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..audio import AudioFormat
-from ..errors import AddressInUse, ErrorCode, RelayRefused
+from ..errors import AddressInUse, ConfigError, ErrorCode, RelayRefused
 from ..lograte import LogRateLimit
 from ..metrics import CallbackCollector, Metrics
 from ..names import name_problem
@@ -227,7 +227,9 @@ async def listen(
 
     The IPv6 wildcard ``::`` is one dual-stack socket (``IPV6_V6ONLY=0``: IPv4
     clients too) where the OS allows it; asyncio alone would bind it IPv6-only.
-    Raises ``AddressInUse`` (one sentence) when it cannot listen there.
+    Raises ``AddressInUse`` (one sentence) when another program holds the
+    address, ``ConfigError`` when this host cannot listen there at all (a name
+    that does not resolve, an address it does not have, a port it may not bind).
     """
     try:
         if access is not None and access.tls is not None:
@@ -247,7 +249,9 @@ async def listen(
         where = str(RelayAddress(host, port)).removeprefix("tcp://")
         if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
             raise AddressInUse(f"cannot listen on {where}: address already in use") from exc
-        raise AddressInUse(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        # A name that does not resolve, an address not on this host, a port we may
+        # not bind: the configuration is wrong, not the moment (exit 2, not 4).
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
 
 
 class Relay:
@@ -323,7 +327,7 @@ class Relay:
             "tcp" if self.access.tls is None else "tls",
         )
         self.housekeeping.start()
-        log.info("relay listening on %s", self.address)
+        log.debug("relay listening on %s", self.address)  # the CLI announces it
         return self.address
 
     @property
