@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -33,6 +34,7 @@ from audiosockets.protocol import (
     Welcome,
 )
 from audiosockets.relay import Relay, RelayConfig
+from audiosockets.relay.inflight import peer_closed
 
 FMT = AudioFormat(16000, 1, SampleType.INT16)
 BLOCK = 320  # 20 ms
@@ -327,3 +329,44 @@ async def test_a_format_change_charges_a_reader_not_yet_sent_the_old_audio(relay
     assert seqs == sorted(set(seqs))
     assert len(seqs) + lost == 205
     assert lost > 0, "the relay sent everything before the change: the test proves nothing"
+
+
+async def test_a_session_the_client_closed_while_the_relay_hung_is_not_charged(
+    relay: Relay,
+) -> None:
+    """A client closes a session while the relay cannot read (hung, stalled):
+    its FIN waits in the socket behind what the client sent before. When the
+    relay runs again, the session's writer can run before the relay has read
+    that end, and a write into the half-closed socket succeeds. What the
+    session lost meanwhile the client's next session resumes; it must not be
+    charged to the client. (The live stack's books were one chunk over when a
+    dead session was charged subscriber_slow this way.)"""
+    assert relay.address is not None
+    conn = Connection("client")
+    raw = socket.create_connection((relay.address.host, relay.address.port))
+    try:
+        raw.sendall(conn.send(Hello(Role.SUBSCRIBER, "gone")))
+        while not isinstance(conn.next_event(), Welcome):
+            conn.receive_data(await asyncio.to_thread(raw.recv, 65536))
+        raw.sendall(conn.send(Subscribe("mic")))
+        await wait_until(
+            lambda: any(s.subscription for s in relay.subscribers if s.name == "gone"),
+            what="the relay to register the subscription",
+        )
+        (session,) = [s for s in relay.subscribers if s.name == "gone"]
+    finally:
+        raw.close()  # a FIN: the client read everything the relay sent
+    # From here until the first await the relay's loop does not run, as if hung.
+    deadline = time.monotonic() + 5
+    while not peer_closed(session.channel):  # the FIN reached the relay's kernel
+        assert time.monotonic() < deadline, "the close never reached the relay's socket"
+        time.sleep(0.001)  # noqa: ASYNC251 - the loop must not run: the relay hangs
+    session.count_drop("mic", "subscriber_slow", 1)  # what went stale during the hang
+    await wait_until(
+        lambda: session not in relay.subscribers, what="the relay to end the closed session"
+    )
+    assert relay_lost(relay, "gone") == 0
+    assert (
+        value(relay, "audiosockets_chunks_dropped_total", stream="mic", reason="subscriber_slow")
+        == 0
+    )

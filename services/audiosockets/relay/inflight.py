@@ -14,12 +14,17 @@ in the window and is dropped as ``subscriber_slow`` after ``queue_seconds``,
 counted as it is skipped. The peer's own receive buffer is the peer's: the
 library subscriber keeps it small (``socket_buffer_bytes``) and counts its
 own drops.
+
+The kernel also knows before the event loop when the peer has closed the
+connection (``peer_closed``): a session closed while the relay could not read
+is not charged for what its client's next session resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import socket
 import struct
 import termios
 from collections import deque
@@ -38,6 +43,33 @@ def unacknowledged_bytes(channel: Channel) -> int:
             raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
             queued += struct.unpack("i", raw)[0]
     return queued
+
+
+#: ``tcpi_state`` of a connection both ends still hold (linux/include/net/tcp_states.h).
+_TCP_ESTABLISHED = 1
+
+
+def peer_closed(channel: Channel) -> bool:
+    """Whether the TCP peer of ``channel`` has ended the connection (its FIN
+    or RST reached the kernel), even if the relay has not yet read up to it.
+
+    The event loop learns of a close only when it reads past what the peer
+    sent before it, and a write into the half-closed socket still succeeds
+    meanwhile; the kernel knows at once: the connection has left
+    ``ESTABLISHED`` (Linux ``TCP_INFO``). False where that cannot be asked
+    (not TCP, not Linux); True when the socket is already gone.
+    """
+    sock = channel.writer.get_extra_info("socket")
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if sock is None or tcp_info is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0]
+    except OSError:
+        return True
+    except (AttributeError, ValueError, TypeError):  # a socket-like object that cannot say
+        return False
+    return bool(state != _TCP_ESTABLISHED)
 
 
 class InFlight:

@@ -36,7 +36,7 @@ from ..protocol import (
 from ..transport import Channel
 from .access import RequestRefused
 from .admission import StreamRefused
-from .inflight import InFlight
+from .inflight import InFlight, peer_closed
 from .plausible import check_capture_time, check_seq, clamp
 from .streams import StreamState
 from .subscriptions import Cursor
@@ -478,13 +478,21 @@ class SubscriberSession(Session):
     def count_drop(self, stream: str, reason: str, n: int) -> None:
         """``n`` chunks of ``stream`` the relay held are lost to this subscriber:
         counted once the session has shown it is alive (its next write went
-        out), so an abandoned session (a handshake the client gave up on, a
-        connection reset while the relay hung) is not charged for chunks the
+        out on a connection the client had not closed), so an abandoned
+        session (a handshake the client gave up on, a connection the client
+        reset or closed while the relay hung) is not charged for chunks the
         client's next session gets, or is charged for itself."""
         self._losses.append((stream, reason, n))
         self.wake.set()
 
     def _commit_losses(self) -> None:
+        if not self._losses:
+            return
+        if peer_closed(self.channel):
+            # The client closed this session while the relay could not read
+            # (a hang, a stall): what it lost here its next session resumes.
+            # Kept uncommitted; they go with the session.
+            return
         losses, self._losses = self._losses, []
         for stream, reason, n in losses:
             self.dropped += n
