@@ -272,7 +272,9 @@ async def test_sigterm_flushes_everything_captured_to_the_relay(
     assert last is not None
     assert last >= 10
     # Everything the recorder captured before SIGTERM reached the relay.
-    assert f"recorder stopped: {int(last)} chunk(s) captured, all taken by the relay" in err.decode()
+    assert (
+        f"recorder stopped: {int(last)} chunk(s) captured, all taken by the relay" in err.decode()
+    )
     assert [c.seq for c in received] == list(range(int(last)))
 
 
