@@ -85,6 +85,30 @@ _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSignals] = (
     weakref.WeakKeyDictionary()
 )
 
+#: SIGHUPs that arrived while ``hold_hangups`` held them, before a service's own
+#: handlers were in (the command line's start: about a second of imports).
+_held_hangups: list[int] = []
+
+
+def _hold_hangup(signum: int, frame: object) -> None:
+    _held_hangups.append(signum)
+
+
+def hold_hangups() -> None:
+    """Keep a SIGHUP that arrives while the command line starts (imports, reading
+    its configuration) for the service to handle once its handlers are in.
+
+    SIGHUP's default action ends the process on the spot: a relay sent a reload
+    right after it was started, or a terminal closed as a recorder starts, would
+    die (exit 129) instead of reloading or stopping cleanly. The first
+    ``signal_handlers`` for SIGHUP on a loop then gets the held signal (once, on
+    the loop). A command that runs no service ignores it. A Python-level handler,
+    so it is not inherited by the processes a command starts (``exec`` resets it).
+    Call it first thing, before the slow imports; a no-op without SIGHUP.
+    """
+    for sig in HANGUP_SIGNALS:
+        signal.signal(sig, _hold_hangup)
+
 
 @contextlib.contextmanager
 def signal_handlers(
@@ -110,6 +134,9 @@ def signal_handlers(
             except (NotImplementedError, RuntimeError, ValueError):
                 continue  # not the main thread, or no signal support on this loop
             state.previous[sig] = previous
+            if previous is _hold_hangup and _held_hangups:
+                _held_hangups.clear()
+                loop.call_soon(state.dispatch, sig)  # the hang-up that came before us
         callbacks.append(callback)
         installed.append(sig)
     try:
@@ -181,6 +208,7 @@ __all__ = [
     "STOP_SIGNALS",
     "TERMINATE_SIGNALS",
     "Service",
+    "hold_hangups",
     "run_service",
     "signal_handlers",
 ]
