@@ -11,6 +11,8 @@ Modules:
 - ``events``: the event dataclasses and the enums they carry.
 - ``frames``: the frame header, ``encode``, ``decode_payload``, ``FrameDecoder``.
 - ``connection``: ``Connection``, the per-session state machine.
+- ``boundary``: ``FrameBoundary``, where the last complete frame ends in
+  bytes not yet parsed (the relay charges its input budget with the rest).
 
 Invariants:
 - Every frame is an 8-byte header (magic ``AS``, version, type, payload
@@ -24,6 +26,7 @@ Invariants:
 
 from __future__ import annotations
 
+from .boundary import FrameBoundary
 from .connection import Connection, Side, State
 from .events import (
     END_OF_STREAM,
@@ -80,6 +83,7 @@ __all__ = [
     "EndOfStream",
     "ErrorFrame",
     "Event",
+    "FrameBoundary",
     "FrameDecoder",
     "FrameType",
     "Goodbye",
