@@ -10,10 +10,10 @@ only time the peer's silence counts: a consumer that stops reading on purpose
 
 A frame once begun must be complete within ``frame_timeout`` (when given):
 trickling a byte now and then keeps a connection alive, not a half-sent
-frame. What is buffered of incomplete frames is reported to an
-``InputAccount`` (the relay's relay-wide budget), which may ``cut`` this or
-another channel; a cut channel ends with the ``RemoteProtocolError`` it was
-given, from wherever its reader is waiting.
+frame. What is received of frames not yet complete is reported to an
+``InputAccount`` (the relay's relay-wide budget) as it arrives, which may
+``cut`` this or another channel; a cut channel ends with the
+``RemoteProtocolError`` it was given, from wherever its reader is waiting.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .protocol import (
     EndOfStream,
     ErrorFrame,
     Event,
+    FrameBoundary,
     Goodbye,
     NeedData,
     Ping,
@@ -76,14 +77,16 @@ class InputAccount(Protocol):
 
 
 class AccountedReader(asyncio.StreamReader):
-    """A ``StreamReader`` that reports what it holds the moment bytes arrive.
+    """A ``StreamReader`` that reports what it holds of frames not yet
+    complete the moment bytes arrive.
 
     asyncio reads up to 256 KiB per socket per loop iteration into each
-    reader before any task runs; with hundreds of connections that is
-    hundreds of MiB no task has seen yet. This reader tells the
-    ``InputAccount`` at once (bytes here plus the codec's partial frame, via
-    its ``owner`` channel), so a budget can cut a hoarder before the next
-    socket is read.
+    reader before any task runs. This reader follows its stream's frame
+    boundaries (``FrameBoundary``) and tells the ``InputAccount`` at once what
+    lies after the last complete frame (here or in its ``owner`` channel's
+    codec), so a budget can cut a hoarder before the next socket is read.
+    Complete frames a starved loop has not read yet are not charged: past
+    ``2 * limit`` unread bytes the reader pauses its socket (backpressure).
     """
 
     def __init__(self, limit: int, account: InputAccount) -> None:
@@ -91,12 +94,22 @@ class AccountedReader(asyncio.StreamReader):
         self.account = account
         self.owner: Channel | None = None
         self.pending = 0  # bytes received and not yet read
+        self.frames = FrameBoundary()  # every byte received, complete frames or not
+        self._charged = 0  # what ``account`` was last told
 
     def feed_data(self, data: Iterable[SupportsIndex]) -> None:
         super().feed_data(data)
         self.pending += len(data)  # type: ignore[arg-type]  # bytes from the protocol
-        if self.owner is not None:
-            self.account.hold(self.owner, self.owner.held_bytes)
+        if self.frames.feed(data) != self._charged:  # type: ignore[arg-type]
+            self.charge()
+
+    def charge(self) -> None:
+        """Tell the account what the owner holds of frames not yet complete
+        (not before it has an owner, nor once that is closed)."""
+        owner = self.owner
+        if owner is not None and not owner.closed:
+            self._charged = self.frames.incomplete
+            self.account.hold(owner, self._charged)
 
     async def read(self, n: int = -1) -> bytes:
         data = await super().read(n)
@@ -109,6 +122,7 @@ class AccountedReader(asyncio.StreamReader):
         task next runs. (StreamReader keeps them in ``_buffer``.)"""
         self._buffer = bytearray()
         self.pending = 0
+        self._charged = 0
 
 
 #: Connections the kernel queues before a server accepts them (capped by somaxconn):
@@ -196,8 +210,8 @@ class Channel:
     """A framed, heartbeated session over one TCP connection.
 
     ``frame_timeout``: seconds a frame may take from its first byte to its
-    last (None: no limit); ``input_account``: told after every read how many
-    bytes of incomplete frames this channel holds.
+    last (None: no limit); ``input_account``: where its ``AccountedReader``
+    charges its bytes of frames not yet complete (told 0 once it closes).
     ``max_write_buffer`` (bytes, 0: no limit) bounds what ``send`` may leave
     queued for a peer that does not read (replies such as PONG and STATUS):
     past it ``send`` raises ``WriteBufferFull`` instead of queueing more.
@@ -236,6 +250,7 @@ class Channel:
         self._cut: RemoteProtocolError | None = None
         if isinstance(reader, AccountedReader):
             reader.owner = self
+            reader.charge()  # what came before its owner
         self._pings = 0  # PINGs answered
         self._yield_due = False  # poll_event asks next_event to yield the loop once
         self._watchdog = _SilenceWatchdog(self)
@@ -342,9 +357,10 @@ class Channel:
         return self.conn.next_chunks(limit)
 
     @property
-    def held_bytes(self) -> int:
-        """Bytes received and not yet part of a complete frame handed out."""
-        return getattr(self.reader, "pending", 0) + self.conn.buffered
+    def pending_frame_length(self) -> int:
+        """Payload bytes the header of the frame in flight announced (0: none)."""
+        frames = getattr(self.reader, "frames", None)
+        return self.conn.pending_frame_length if frames is None else int(frames.announced)
 
     def cut(self, error: RemoteProtocolError) -> None:
         """End this channel with ``error``: its reader raises it as soon as it
@@ -366,8 +382,6 @@ class Channel:
     async def _read(self) -> None:
         if self._cut is not None:
             raise self._cut
-        if self._input_account is not None:  # complete frames were drained
-            self._input_account.hold(self, self.held_bytes)
         timeout = self.heartbeat_timeout
         frame_deadline = None
         if self.frame_timeout is not None and self.conn.buffered:
@@ -399,11 +413,7 @@ class Channel:
             raise self._cut
         if data:
             self.bytes_received += len(data)
-            self.conn.receive_data(data)
-            if self._input_account is not None:
-                self._input_account.hold(self, self.held_bytes)
-                if self._cut is not None:
-                    raise self._cut
+            self.conn.receive_data(data)  # the reader charged these bytes on arrival
         else:
             # The codec decides whether the stream ended cleanly or mid-frame.
             self.conn.receive_eof()

@@ -7,7 +7,8 @@ scan. ``trim_windows`` enforces ``RelayConfig.max_window_memory``: the oldest
 audio of the largest window goes first, down to 15/16 of the budget (so the
 scan over windows runs once per sixteenth of the budget, not once per chunk).
 ``InputBudget`` enforces ``RelayConfig.max_input_bytes`` over the partial
-frames of every connection.
+frames of every connection (not the complete frames a busy relay has not read
+yet: those are its own backlog, bounded per connection by backpressure).
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ def readers_lose(stream: StreamState, n: int, readers: Mapping[SubscriberSession
 
 class InputBudget:
     """The bytes every connection holds of frames not yet complete, relay-wide
-    (``RelayConfig.max_input_bytes``). Channels report after each read
-    (``transport.InputAccount``); when the total passes ``max_bytes`` the
+    (``RelayConfig.max_input_bytes``): what lies after its last complete frame,
+    read or not. Readers report as bytes arrive (``transport.AccountedReader``);
+    when the total passes ``max_bytes`` the
     channel holding, or announcing in a frame in progress, the most is cut
     (ERROR MALFORMED_FRAME, counted ``reason="input_budget"``), then the next,
     until it fits. A healthy client holds at most a part of one small frame;
@@ -132,7 +134,7 @@ class InputBudget:
             # healthy client whose turn on the loop came late.
             victim = max(
                 self._by_channel,
-                key=lambda c: max(c.conn.pending_frame_length, self._by_channel[c]),
+                key=lambda c: max(c.pending_frame_length, self._by_channel[c]),
             )
             self.held -= self._by_channel.pop(victim)
             self.cuts += 1

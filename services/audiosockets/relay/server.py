@@ -92,8 +92,10 @@ class RelayConfig:
     it the oldest audio of the largest window goes first, counted
     ``window_memory_exceeded`` for each reader that had not been sent it);
     ``max_input_bytes``: what all connections together may hold of frames
-    not yet complete (bytes; over it the connection holding the most is cut,
-    ``protocol_errors_total{reason="input_budget"}``); ``frame_timeout``:
+    not yet complete (bytes after each one's last complete frame; over it the
+    connection holding the most is cut, ``protocol_errors_total{reason=
+    "input_budget"}``; complete frames not yet read are bounded per
+    connection by pausing its socket instead); ``frame_timeout``:
     seconds a frame may take from its first byte to its last (then ERROR,
     ``reason="frame_timeout"``); ``max_capture_ahead``/``max_capture_age``:
     how far a CHUNK's capture time may be from the relay's wall clock (s;
