@@ -250,26 +250,21 @@ async def publish_then_change_format(
     run, then, once that run has left, ``new`` chunks in FMT_WIDE (or FMT when
     that was the first) from another; the numbering goes on."""
     second_format = FMT if first_format == FMT_WIDE else FMT_WIDE
-    first = Publisher(relay.url, name="rec-a", retry=FAST_RETRY, metrics=Metrics())
-    await first.start()
-    stream = first.stream("mic", first_format)
-    for _ in range(old):
-        stream.send(silence(first_format))
-    await wait_until(
-        lambda: value(relay, "audiosockets_chunks_received_total", stream="mic") == old,
-        what="the relay to take the first format's chunks",
-    )
-    await first.close(timeout=2.0)
-    second = Publisher(relay.url, name="rec-b", retry=FAST_RETRY, metrics=Metrics())
-    await second.start()
-    stream = second.stream("mic", second_format)
-    for _ in range(new):
-        stream.send(silence(second_format))
-    await wait_until(
-        lambda: value(relay, "audiosockets_chunks_received_total", stream="mic") == old + new,
-        what="the relay to take the second format's chunks",
-    )
-    await second.close(timeout=2.0)
+    taken = 0
+    for name, fmt, n in (("rec-a", first_format, old), ("rec-b", second_format, new)):
+        publisher = Publisher(relay.url, name=name, retry=FAST_RETRY, metrics=Metrics())
+        await publisher.start()
+        stream = publisher.stream("mic", fmt)
+        for _ in range(n):
+            stream.send(silence(fmt))
+        taken += n
+        await wait_until(
+            lambda expected=taken: (
+                value(relay, "audiosockets_chunks_received_total", stream="mic") == expected
+            ),
+            what=f"the relay to take {name}'s chunks",
+        )
+        await publisher.close(timeout=2.0)
 
 
 @pytest.mark.parametrize("relay_config", [RelayConfig(port=0, replay_seconds=60.0)])
