@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -84,3 +87,27 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return text[text.rindex(")") + 2] != "Z"
+
+
+async def wait_gone(pids: set[int], what: str, timeout: float = 5.0) -> None:
+    """Wait until none of ``pids`` runs any more (a zombie counts as gone)."""
+    await wait_until(lambda: not any(alive(pid) for pid in pids), timeout=timeout, what=what)
+
+
+async def end_for_good(parent: asyncio.subprocess.Process, children: set[int]) -> None:
+    """Cleanup after a process-lifecycle test: ``parent`` killed and reaped if it
+    still runs, and every one of ``children`` still running SIGKILLed (a broken
+    fix must not leave them behind)."""
+    if parent.returncode is None:
+        parent.kill()
+        await parent.wait()
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -10,11 +10,12 @@ entry point (``audiosockets.entry.main``) runs the command.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from _support import free_port
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")
 
@@ -38,12 +39,6 @@ main()
 
 def command(*args: str) -> list[str]:
     return [sys.executable, "-c", HUNG_UP_WHILE_IMPORTING, *args]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_a_relay_hung_up_while_it_starts_reloads_and_keeps_running() -> None:

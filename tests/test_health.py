@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from _support import wait_until_sync
+from _support import free_port, wait_until_sync
 from audiosockets.health import Health, Heartbeat, Verdict, serve_http, session_ready
 from audiosockets.metrics import Metrics, serve_metrics
 
@@ -175,12 +174,6 @@ def test_without_health_the_probe_paths_are_not_found() -> None:
 
 
 # --- the services wire it -----------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(*args: str) -> subprocess.Popen[str]:

@@ -7,14 +7,12 @@ The parent runs as a real process against a relay in this test; its children
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
 import sys
 
 import pytest
 
-from _support import alive, children_of, wait_until
+from _support import children_of, end_for_good, wait_gone, wait_until
 from audiosockets.relay import Relay
 
 pytestmark = pytest.mark.skipif(
@@ -48,16 +46,7 @@ async def test_children_die_with_a_killed_loadtest(relay: Relay, kill: signal.Si
         assert len(children) >= 2, children  # a subscriber and a publisher process
         parent.send_signal(kill)
         rc = await asyncio.wait_for(parent.wait(), 10)
-        await wait_until(
-            lambda: not any(alive(pid) for pid in children),
-            timeout=5,
-            what=f"children {sorted(children)} to end with their parent",
-        )
+        await wait_gone(children, f"children {sorted(children)} to end with their parent")
     finally:
-        if parent.returncode is None:
-            parent.kill()
-            await parent.wait()
-        for pid in children:  # without the fix: do not leave them running
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        await end_for_good(parent, children)
     assert rc == (-signal.SIGKILL if kill == signal.SIGKILL else 128 + signal.SIGTERM)

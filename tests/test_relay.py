@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from _support import wait_until
+from _support import free_port, wait_until
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import PublishedStream, Publisher, RetryPolicy, Subscriber
 from audiosockets.connect import fetch_status
@@ -290,12 +290,6 @@ async def test_stalled_subscriber_loses_only_its_own_chunks_counted_exactly(
     )
     await healthy.close()
     await stalled.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def stream_through_restart(url: str, restart: object, *, chunks: int = 150) -> None:

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from _support import wait_until
 from audiosockets.tasks import cancel_and_wait
 
 
@@ -92,7 +93,7 @@ async def test_the_callers_cancellation_propagates_and_cancels_the_task_again() 
     inner = asyncio.create_task(slow_to_stop())
     await asyncio.sleep(0)
     outer = asyncio.create_task(cancel_and_wait(inner, timeout=30))
-    await asyncio.sleep(0.05)  # outer has cancelled inner once and waits
+    await wait_until(lambda: cancels == 1, timeout=5, what="the first cancellation")
     assert cancels == 1
     assert not outer.done()
     outer.cancel()

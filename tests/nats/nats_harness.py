@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _support import require
+from _support import free_port, require
 
 
 def nats_server_binary() -> str:
@@ -34,13 +34,6 @@ def nats_server_binary() -> str:
     )
     assert path is not None
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

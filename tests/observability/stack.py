@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,17 +27,11 @@ from typing import Any
 
 import yaml
 
-from _support import wait_until_sync
+from _support import free_port, wait_until_sync
 
 from .support import PROMETHEUS_DIR
 
 PROMETHEUS_SCRAPE_SECONDS = 1
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 2.0) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _support import alive, children_of, wait_until
+from _support import children_of, end_for_good, wait_gone, wait_until
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import Publisher, RetryPolicy
 from audiosockets.relay import Relay
@@ -26,6 +26,25 @@ def handle(chunk):
 """
 
 
+async def start_tagger(
+    relay: Relay, tmp_path: Path, stderr: int, new_session: bool = False
+) -> tuple[asyncio.subprocess.Process, Path]:
+    """``audiosockets process`` with the tagging ``HANDLER`` on two workers, reading
+    "mic" from the start; returns the process and its events file."""
+    handler = tmp_path / "tagger.py"
+    handler.write_text(HANDLER)
+    events = tmp_path / "events.jsonl"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "audiosockets", "--log-level", "warning", "process",
+        "--relay", relay.url, "--stream", "mic", "--handler", f"{handler}:handle",
+        "--workers", "2", "--events", str(events), "--metrics-port", "0", "--start", "earliest",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
+        start_new_session=new_session,
+    )  # fmt: skip
+    return proc, events
+
+
 @pytest.mark.parametrize(
     ("stop", "group"),
     [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGHUP, True)],
@@ -37,17 +56,7 @@ async def test_process_command_with_two_workers_stops_cleanly_on_sigterm(
     """SIGHUP (``kill -HUP``) drains like SIGTERM and exits 0; its default action
     exited 129 with the chunks in flight unhandled. A closing terminal sends it to
     the whole process group: the workers leave stopping to the processor."""
-    handler = tmp_path / "tagger.py"
-    handler.write_text(HANDLER)
-    events = tmp_path / "events.jsonl"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "audiosockets", "--log-level", "warning", "process",
-        "--relay", relay.url, "--stream", "mic", "--handler", f"{handler}:handle",
-        "--workers", "2", "--events", str(events), "--metrics-port", "0", "--start", "earliest",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=group,
-    )  # fmt: skip
+    proc, events = await start_tagger(relay, tmp_path, asyncio.subprocess.PIPE, group)
     pub = Publisher(relay.url, name="rec", retry=RetryPolicy(initial=0.02, cap=0.2, jitter=0.02))
     try:
         await pub.start()
@@ -89,16 +98,7 @@ async def test_a_killed_processor_leaves_no_worker_process_behind(
 ) -> None:
     """SIGKILL gives the processor no chance to stop its workers: the kernel ends
     them (they used to keep running, orphaned, holding the handler's resources)."""
-    handler = tmp_path / "tagger.py"
-    handler.write_text(HANDLER)
-    events = tmp_path / "events.jsonl"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "audiosockets", "--log-level", "warning", "process",
-        "--relay", relay.url, "--stream", "mic", "--handler", f"{handler}:handle",
-        "--workers", "2", "--events", str(events), "--metrics-port", "0", "--start", "earliest",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    proc, events = await start_tagger(relay, tmp_path, asyncio.subprocess.DEVNULL)
     pub = Publisher(relay.url, name="rec", retry=RetryPolicy(initial=0.02, cap=0.2, jitter=0.02))
     workers: set[int] = set()
     try:
@@ -117,16 +117,7 @@ async def test_a_killed_processor_leaves_no_worker_process_behind(
         assert workers <= children_of(proc.pid)
         proc.kill()
         await proc.wait()
-        await wait_until(
-            lambda: not any(alive(pid) for pid in workers),
-            timeout=5,
-            what=f"workers {sorted(workers)} to end with the processor",
-        )
+        await wait_gone(workers, f"workers {sorted(workers)} to end with the processor")
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        for pid in workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        await end_for_good(proc, workers)
         await pub.close(0.5)

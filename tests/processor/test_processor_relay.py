@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
 import wave
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import handlers_for_tests as hft
 import numpy as np
 import pytest
 
-from _support import wait_until
+from _support import free_port, wait_until
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.client import Publisher, RetryPolicy, Subscriber
 from audiosockets.handlers import HandlerOptions
@@ -40,12 +39,6 @@ def value(m: Metrics, name: str, **labels: str) -> float:
 def payloads(n: int) -> list[bytes]:
     rng = np.random.default_rng(11)
     return [rng.integers(-20000, 20000, BLOCK, dtype=np.int16).tobytes() for _ in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_slow_processor_drops_counted_exactly_fast_one_gets_everything(relay: Relay) -> None:

@@ -4,6 +4,8 @@ a publisher that records what it is given, and the skip-or-fail rule for tools."
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,14 @@ class FakeClock:
     async def sleep_until(self, monotonic_ns: int) -> None:
         self.deadlines.append(monotonic_ns)
         self.now = max(self.now, monotonic_ns)
+
+
+def noise_wav(path: Path, frames: int, seed: int = 7, rate: int = 16000) -> np.ndarray:
+    """``frames`` of mono int16 noise (seeded: the same data every run) written to
+    ``path`` as a WAV file at ``rate``; returns the samples, shaped (frames, 1)."""
+    data = np.random.default_rng(seed).integers(-20000, 20000, (frames, 1), dtype=np.int16)
+    write_pcm_wav(path, data, rate)
+    return data
 
 
 def write_pcm_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
@@ -130,3 +140,15 @@ class FakePublisher:
 
     async def close(self, timeout: float = 2.0, *, drop_unsent: bool = True) -> None:
         self.closed = True
+
+
+def spawn_record(*args: str, stdout: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """``audiosockets record --metrics-port 0 --loop asyncio ARGS`` as a child
+    process (stdin closed, stderr piped)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "audiosockets", "record", "--metrics-port", "0",
+         "--loop", "asyncio", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip

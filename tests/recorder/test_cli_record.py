@@ -7,8 +7,6 @@ import asyncio
 import logging
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-from recorder_fakes import write_pcm_wav
+from recorder_fakes import spawn_record, write_pcm_wav
 
 from _support import wait_until
 from audiosockets import audio_diagnose, sources
@@ -199,25 +197,6 @@ def test_record_busy_device_is_a_device_error(monkeypatch: pytest.MonkeyPatch) -
 
 
 # --- record: signals, as a real process -------------------------------------------------------
-
-
-def spawn_record(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "audiosockets",
-            "record",
-            "--metrics-port",
-            "0",
-            "--loop",
-            "asyncio",
-            *args,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 async def test_sigterm_with_the_relay_away_exits_zero_within_the_flush_deadline() -> None:

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pulse_harness import PulseServer, start_pulse
 
-from _support import require, wait_until
+from _support import free_port, require, wait_until
 from audiosockets.audio import Chunk
 from audiosockets.client import Subscriber
 from audiosockets.relay import Relay
@@ -107,14 +107,6 @@ def stop_recorder(process: subprocess.Popen[bytes]) -> tuple[int, str]:
         process.kill()
         _, err = process.communicate()
     return process.returncode, (err or b"").decode(errors="replace")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

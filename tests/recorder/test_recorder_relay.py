@@ -13,20 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from recorder_fakes import FakeClock, write_pcm_wav
+from recorder_fakes import FakeClock, noise_wav
 
-from _support import wait_until
+from _support import free_port, wait_until
 from audiosockets.audio import Chunk
 from audiosockets.client import Subscriber
 from audiosockets.metrics import Metrics
 from audiosockets.recorder import Recorder, RecorderConfig
 from audiosockets.relay import Relay, RelayConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> bool:
@@ -35,12 +29,6 @@ def listening(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def noise_wav(path: Path, frames: int, seed: int = 7) -> np.ndarray:
-    data = np.random.default_rng(seed).integers(-20000, 20000, (frames, 1), dtype=np.int16)
-    write_pcm_wav(path, data, 16000)
-    return data
 
 
 class RelayProcess:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
-from recorder_fakes import FakeClock, write_pcm_wav
+from recorder_fakes import FakeClock, noise_wav
 
-from _support import wait_until
+from _support import free_port, wait_until
 from audiosockets.audio import AudioFormat, Chunk, SampleType
 from audiosockets.client import Subscriber
 from audiosockets.errors import ConfigError
@@ -165,18 +164,6 @@ def test_an_unusable_directory_is_a_config_error(tmp_path: Path) -> None:
 # --- through the recorder and a relay ------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def noise_wav(path: Path, chunks: int, seed: int) -> np.ndarray:
-    data = np.random.default_rng(seed).integers(-20000, 20000, (chunks * FRAMES, 1), np.int16)
-    write_pcm_wav(path, data, 16000)
-    return data
-
-
 def disk_config(url: str, wav: Path, spool_dir: Path, **kw: float) -> RecorderConfig:
     return RecorderConfig(
         relay=url,
@@ -196,7 +183,7 @@ async def collect(sub: Subscriber, into: list[Chunk]) -> None:
 
 
 async def test_an_outage_beyond_memory_goes_to_disk_and_arrives_whole(tmp_path: Path) -> None:
-    data = noise_wav(tmp_path / "a.wav", 200, seed=3)
+    data = noise_wav(tmp_path / "a.wav", 200 * FRAMES, seed=3)
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     metrics = Metrics()
@@ -234,8 +221,8 @@ async def test_an_outage_beyond_memory_goes_to_disk_and_arrives_whole(tmp_path: 
 
 
 async def test_audio_left_on_disk_is_sent_first_by_the_next_run(tmp_path: Path) -> None:
-    first = noise_wav(tmp_path / "first.wav", 60, seed=4)
-    second = noise_wav(tmp_path / "second.wav", 10, seed=5)
+    first = noise_wav(tmp_path / "first.wav", 60 * FRAMES, seed=4)
+    second = noise_wav(tmp_path / "second.wav", 10 * FRAMES, seed=5)
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     spool_dir = tmp_path / "spool"
@@ -271,7 +258,7 @@ def test_look_alike_streams_never_share_a_spool_directory(tmp_path: Path) -> Non
     """``mic 1`` and ``mic_1`` used to share ``spool/mic_1``: one recorder would send the
     other's audio as its own. Each stream gets its own directory, within NAME_MAX."""
     wav = tmp_path / "in.wav"
-    noise_wav(wav, 2, seed=1)
+    noise_wav(wav, 2 * FRAMES, seed=1)
     dirs = []
     for stream in ("mic 1", "mic_1", "mic/1", "m" * 190):  # recorder-m…: 199 bytes
         config = RecorderConfig(

@@ -5,15 +5,14 @@ a relay that is away for the first run and up for the second."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-from recorder_fakes import write_pcm_wav
+import recorder_fakes
+from recorder_fakes import noise_wav
 
-from _support import wait_until
+from _support import free_port, wait_until
 from audiosockets.audio import AudioFormat, Chunk, SampleType
 from audiosockets.client import Subscriber
 from audiosockets.metrics import Metrics
@@ -26,47 +25,13 @@ FMT = AudioFormat(RATE, 1, SampleType.INT16)
 MEMORY_SECONDS = 0.5  # 32 chunks; the recorder diverts to disk at half of it unsent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def noise_wav(path: Path, chunks: int, seed: int) -> np.ndarray:
-    data = np.random.default_rng(seed).integers(-20000, 20000, (chunks * FRAMES, 1), np.int16)
-    write_pcm_wav(path, data, RATE)
-    return data
-
-
 def spawn_record(url: str, wav: Path, spool_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "audiosockets",
-            "record",
-            "--metrics-port",
-            "0",
-            "--loop",
-            "asyncio",
-            "--relay",
-            url,
-            "--stream",
-            "kill-1",
-            "--source",
-            f"file:{wav}",
-            "--block-ms",
-            str(1000 * FRAMES / RATE),
-            "--spool-dir",
-            str(spool_dir),
-            "--spool-memory-seconds",
-            str(MEMORY_SECONDS),
-            *extra,
-        ],
-        stdin=subprocess.DEVNULL,
+    return recorder_fakes.spawn_record(
+        "--relay", url, "--stream", "kill-1", "--source", f"file:{wav}",
+        "--block-ms", str(1000 * FRAMES / RATE), "--spool-dir", str(spool_dir),
+        "--spool-memory-seconds", str(MEMORY_SECONDS), *extra,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    )  # fmt: skip
 
 
 def on_disk(spool_dir: Path) -> int:
@@ -78,8 +43,8 @@ def on_disk(spool_dir: Path) -> int:
 async def test_a_sigkill_loses_at_most_the_memory_part_and_nothing_on_disk(
     tmp_path: Path,
 ) -> None:
-    first = noise_wav(tmp_path / "first.wav", 64 * 60, seed=7)  # a minute: never ends here
-    second = noise_wav(tmp_path / "second.wav", 32, seed=8)
+    first = noise_wav(tmp_path / "first.wav", 64 * 60 * FRAMES, seed=7)  # a minute: never ends here
+    second = noise_wav(tmp_path / "second.wav", 32 * FRAMES, seed=8)
     spool_dir = tmp_path / "spool"
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"

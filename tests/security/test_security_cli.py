@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from security_support import CERT_ONLY, TOKENS, Site, credentials_toml, write
 
+from _support import free_port
 from audiosockets.audio import AudioFormat, SampleType
 from audiosockets.certs import Issued
 from audiosockets.client import Publisher
@@ -33,12 +34,6 @@ from audiosockets.tls import client_context
 from audiosockets.urls import parse_url
 
 CLI = [sys.executable, "-m", "audiosockets"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
